@@ -1,0 +1,580 @@
+"""optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
+
+``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` take torch.optim's arguments,
+defaults and error messages, and follow torch.optim's update formulas and operation order::
+
+    import numpy as np, optirs
+    w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
+    opt = optirs.Adam([w, b], lr=1e-3)
+    opt.step([gw, gb])      # w and b are updated in place
+
+One call into Rust per ``step()`` covers every parameter of every group: it validates every
+array first (so a step that raises changes nothing), then releases the GIL and updates in
+parallel. ``optirs.torch`` (imported separately) wraps the same core for ``torch.Tensor``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import _core, _spec
+from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Optimizer",
+    "ParamState",
+    "RMSprop",
+    "__version__",
+    "get_num_threads",
+    "set_num_threads",
+    "set_simd_level",
+    "simd_level",
+    "simd_levels",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_EMPTY: Mapping[str, Any] = {}
+
+
+class _Required:
+    """Marks a hyperparameter every param group must give (torch's ``required``)."""
+
+    def __repr__(self) -> str:
+        return "<required parameter>"
+
+
+required = _Required()
+
+
+class ParamState(MutableMapping):
+    """``opt.state``: each parameter's state dict, keyed by the parameter array itself.
+
+    ndarrays are not hashable, so lookups go by identity: ``opt.state[w]`` is the state of that
+    very array object (a view or copy of it has none).
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
+
+    def __getitem__(self, param: np.ndarray) -> dict[str, Any]:
+        try:
+            return self._items[id(param)][1]
+        except KeyError:
+            raise KeyError("this array has no optimizer state (it has not been stepped)") from None
+
+    def __setitem__(self, param: np.ndarray, value: dict[str, Any]) -> None:
+        self._items[id(param)] = (param, value)
+
+    def __delitem__(self, param: np.ndarray) -> None:
+        del self._items[id(param)]
+
+    def __contains__(self, param: object) -> bool:
+        return id(param) in self._items
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (p for p, _ in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, param: np.ndarray, default: Any = None) -> Any:
+        """The state of ``param``, or ``default`` when it has none."""
+        item = self._items.get(id(param))
+        return default if item is None else item[1]
+
+    def __repr__(self) -> str:
+        return f"ParamState({len(self)} parameters)"
+
+    # Keys are object ids, which change across pickling: store pairs, rebuild the ids.
+    def __getstate__(self) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        return list(self._items.values())
+
+    def __setstate__(self, pairs: list[tuple[np.ndarray, dict[str, Any]]]) -> None:
+        self._items = {id(p): (p, s) for p, s in pairs}
+
+
+def _check_param(p: Any) -> np.ndarray:
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"optimizer can only optimize ndarrays, but one of the params is {_tn(p)}")
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"optimizer can only optimize float32 and float64 arrays, but one of the params "
+            f"has dtype {p.dtype}"
+        )
+    if not p.flags.c_contiguous:
+        raise ValueError("optimizer parameters must be C-contiguous arrays (use np.ascontiguousarray)")
+    if not p.flags.writeable:
+        raise ValueError("optimizer parameters must be writeable arrays, got a read-only one")
+    return p
+
+
+def _tn(x: Any) -> str:
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+class Optimizer:
+    """Base class of the NumPy optimizers: param groups, state, ``step`` and state dicts.
+
+    Subclasses set ``_spec`` (the update rule and its state layout) and pass their defaults.
+    """
+
+    _spec: ClassVar[_spec.Spec]
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self.defaults = defaults
+        self.state = ParamState()
+        self.param_groups: list[dict[str, Any]] = []
+        if isinstance(params, np.ndarray):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of ndarrays or "
+                f"dicts, but got {_tn(params)}"
+            )
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs. Please use a list instead."
+            )
+        try:
+            param_groups = list(params)
+        except TypeError:
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of ndarrays or "
+                f"dicts, but got {_tn(params)}"
+            ) from None
+        if len(param_groups) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(param_groups[0], dict):
+            param_groups = [{"params": param_groups}]
+        for group in param_groups:
+            self.add_param_group(group)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(k for k in group if k != "params"):
+                lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group of parameters with its own hyperparameters (defaults fill the rest).
+
+        Raises TypeError/ValueError, changing nothing, for a group torch would refuse, a
+        parameter that is not a float32/float64 C-contiguous writeable ndarray, or a parameter
+        that is already in this optimizer.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {_tn(param_group)}")
+        params = param_group.get("params")
+        if isinstance(params, np.ndarray):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs. Please use a list instead."
+            )
+        elif params is None:
+            raise ValueError("param_group must have a 'params' entry")
+        else:
+            params = list(params)
+        params = [_check_param(p) for p in params]
+        group = dict(param_group)
+        group["params"] = params
+        for name, default in self.defaults.items():
+            if default is required and name not in group:
+                raise ValueError(
+                    "parameter group didn't specify a value of required optimization "
+                    f"parameter {name}"
+                )
+            group.setdefault(name, default)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        self._spec.validate(group)
+        ids = {id(p) for p in params}
+        if len(ids) != len(params):
+            raise ValueError("optimizer contains a parameter group with duplicate parameters")
+        existing = {id(p) for g in self.param_groups for p in g["params"]}
+        if not existing.isdisjoint(ids):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(group)
+        self._init_group_state(group)
+
+    def _init_group_state(self, group: dict[str, Any]) -> None:
+        """State created when a group is added (only Adagrad creates any)."""
+
+    def _new_state(self, p: np.ndarray, group: Mapping[str, Any], name: str) -> np.ndarray:
+        """A fresh state buffer for ``p`` (zeros unless the optimizer says otherwise)."""
+        return np.zeros_like(p)
+
+    def step(self, grads: Iterable[Any]) -> None:
+        """Updates every parameter in place from its gradient.
+
+        ``grads`` holds one entry per parameter, in ``param_groups`` order (flattened across
+        groups): an ndarray of the parameter's shape and dtype, or ``None`` to leave that
+        parameter and its state alone this step. Hyperparameters changed in ``param_groups``
+        since the last step are validated first. On any error (TypeError/ValueError naming the
+        offending array) no parameter or state is modified.
+        """
+        if grads is None or isinstance(grads, np.ndarray):
+            raise TypeError(
+                "grads must be a sequence with one gradient (or None) per parameter, got "
+                f"{_tn(grads)}"
+            )
+        grads = list(grads)
+        spec = self._spec
+        groups = self.param_groups
+        params: list[Any] = []
+        owners: list[Mapping[str, Any]] = []
+        for group in groups:
+            spec.validate(group)
+            params.extend(group["params"])
+            owners.extend([group] * len(group["params"]))
+        if len(grads) != len(params):
+            raise ValueError(
+                f"expected {len(params)} gradients (one per parameter, in param_groups order; "
+                f"None for a parameter without a gradient), got {len(grads)}"
+            )
+        names = spec.buffers
+        buffers: list[Any] = []
+        steps: list[Any] = []
+        fresh: list[bool] = []
+        created: list[tuple[np.ndarray, dict[str, Any]]] = []
+        for p, g, group in zip(params, grads, owners):
+            if g is None:
+                buffers.append(None)
+                steps.append(None)
+                fresh.append(False)
+                continue
+            state = self.state.get(p, _EMPTY)
+            need = spec.needs(group)
+            missing = [n for n, want in zip(names, need) if want and state.get(n) is None]
+            if spec.counts_steps and "step" not in state:
+                missing.append("step")
+            if missing:
+                # Built aside and kept only if the step succeeds.
+                state = dict(state)
+                for n in missing:
+                    if n == "step":
+                        state[n] = np.zeros((), np.float32)
+                    else:
+                        state[n] = self._new_state(p, group, n)
+                created.append((p, state))
+            buffers.append(tuple(state.get(n) for n in names))
+            steps.append(state.get("step"))
+            fresh.append("momentum_buffer" in missing)
+        _core.step(spec.kind, groups, params, grads, buffers, steps, fresh)
+        for p, state in created:
+            self.state[p] = state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state in torch's layout, as copies.
+
+        ``{"state": {index: {name: value}}, "param_groups": [{..., "params": [index, ...]}]}``,
+        with parameters numbered in order across groups.
+        """
+        index: dict[int, int] = {}
+        packed_groups = []
+        for group in self.param_groups:
+            packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            packed["params"] = []
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+                packed["params"].append(index[id(p)])
+            packed_groups.append(packed)
+        state = {}
+        for p, s in self.state.items():
+            if id(p) in index:
+                state[index[id(p)]] = {k: _copy_value(v) for k, v in s.items()}
+        return {"state": dict(sorted(state.items())), "param_groups": packed_groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores a ``state_dict()`` (this optimizer's, or a torch.optim one's, by position).
+
+        Floating state is cast to each parameter's dtype and copied, as torch does. A dict that
+        does not fit (group count or sizes, unknown or missing state, wrong shapes or dtypes,
+        invalid hyperparameters) raises ValueError or TypeError and changes nothing.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {_tn(state_dict)}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"loaded state dict has no '{key}' entry")
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError(f"state_dict['state'] must be a mapping, got {_tn(saved_state)}")
+        groups = self.param_groups
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(
+            not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"])
+            for g, s in zip(groups, saved_groups)
+        ):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of "
+                "optimizer's group"
+            )
+
+        spec = self._spec
+        new_groups: list[dict[str, Any]] = []
+        by_index: dict[Any, tuple[np.ndarray, dict[str, Any]]] = {}
+        for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+            new = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+            for name in self.defaults:
+                if name not in new:
+                    raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
+            if isinstance(new.get("betas"), list):
+                new["betas"] = tuple(new["betas"])
+            new["params"] = group["params"]
+            spec.validate(new)
+            new_groups.append(new)
+            for i, p in zip(saved["params"], group["params"]):
+                by_index[i] = (p, new)
+
+        new_state = ParamState()
+        known = {*spec.buffers, "step"} if spec.counts_steps else set(spec.buffers)
+        for i, saved in saved_state.items():
+            if i not in by_index:
+                raise ValueError(f"loaded state dict has state for unknown parameter index {i!r}")
+            p, group = by_index[i]
+            where = f"loaded state[{i!r}]"
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"{where} must be a mapping, got {_tn(saved)}")
+            unknown = sorted(set(saved) - known, key=str)
+            if unknown:
+                raise ValueError(
+                    f"{where} has unexpected entries {unknown}; {type(self).__name__} keeps "
+                    f"{sorted(known)}"
+                )
+            entry: dict[str, Any] = {}
+            for name, value in saved.items():
+                if name == "step":
+                    entry[name] = _load_step(value, where)
+                elif value is not None or name != "momentum_buffer":
+                    entry[name] = _load_buffer(value, p, f"{where}['{name}']")
+            required_names = list(spec.required(group))
+            if spec.kind == "sgd":
+                required_names = []  # a missing buffer is made from the next gradient, as torch
+            elif spec.counts_steps:
+                required_names.append("step")
+            missing = [n for n in required_names if n not in entry]
+            if entry and missing:
+                raise ValueError(f"{where} is missing {missing}")
+            new_state[p] = entry
+        self.param_groups = new_groups
+        self.state = new_state
+
+
+def _copy_value(v: Any) -> Any:
+    return v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v)
+
+
+def _load_step(value: Any, where: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{where}['step'] must be a real number or 0-d array, got {_tn(value)}"
+            + (f" of shape {arr.shape} and dtype {arr.dtype}" if isinstance(value, np.ndarray) else "")
+        )
+    return np.array(_spec.check_step_value(arr, f"{where}['step']"), dtype=np.float32)
+
+
+def _load_buffer(value: Any, p: np.ndarray, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except Exception as e:
+        raise TypeError(f"{where} must be an array, got {_tn(value)}") from e
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{where} must be a floating-point array, got dtype {arr.dtype}")
+    if arr.shape != p.shape:
+        raise ValueError(
+            f"{where} has shape {arr.shape}, but its parameter has shape {p.shape}"
+        )
+    # Cast to the parameter's dtype and copy, as torch's load_state_dict does.
+    return np.array(arr, dtype=p.dtype, order="C", copy=True)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, with optional momentum, dampening, Nesterov momentum and
+    weight decay: ``torch.optim.SGD``'s update over NumPy arrays.
+
+    State: ``momentum_buffer`` (when momentum != 0), set to the first gradient on the first step.
+    """
+
+    _spec = _spec.SGD
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        _spec.SGD.validate(defaults)
+        super().__init__(params, defaults)
+
+
+class Adam(Optimizer):
+    """Adam (and, with ``decoupled_weight_decay=True``, AdamW), optionally AMSGrad:
+    ``torch.optim.Adam``'s update over NumPy arrays.
+
+    State: ``step`` (0-d float32), ``exp_avg``, ``exp_avg_sq`` and, with amsgrad,
+    ``max_exp_avg_sq``.
+    """
+
+    _spec = _spec.ADAM
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        _spec.ADAM.validate(defaults)
+        super().__init__(params, defaults)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (``p *= 1 - lr * weight_decay`` before the Adam update):
+    ``torch.optim.AdamW``'s update over NumPy arrays. Default ``weight_decay`` is 1e-2.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=True,
+        )
+
+
+class RMSprop(Optimizer):
+    """RMSprop, optionally centered and with momentum: ``torch.optim.RMSprop``'s update over
+    NumPy arrays.
+
+    State: ``step`` (0-d float32), ``square_avg``, ``momentum_buffer`` (momentum > 0) and
+    ``grad_avg`` (centered).
+    """
+
+    _spec = _spec.RMSPROP
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+        )
+        _spec.RMSPROP.validate(defaults)
+        super().__init__(params, defaults)
+
+
+class Adagrad(Optimizer):
+    """Adagrad with learning-rate decay: ``torch.optim.Adagrad``'s (dense) update over NumPy
+    arrays.
+
+    State, created at construction as torch does: ``step`` (0-d float32) and ``sum`` (filled
+    with ``initial_accumulator_value``).
+    """
+
+    _spec = _spec.ADAGRAD
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            maximize=maximize,
+        )
+        _spec.ADAGRAD.validate(defaults)
+        super().__init__(params, defaults)
+
+    def _new_state(self, p: np.ndarray, group: Mapping[str, Any], name: str) -> np.ndarray:
+        return np.full_like(p, group["initial_accumulator_value"])
+
+    def _init_group_state(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p not in self.state:
+                self.state[p] = {
+                    "step": np.zeros((), np.float32),
+                    "sum": self._new_state(p, group, "sum"),
+                }

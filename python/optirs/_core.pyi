@@ -1,0 +1,45 @@
+"""Type stubs of the Rust extension ``optirs._core``. Keep in step with ``src/bindings.rs``."""
+
+from collections.abc import Sequence
+from typing import Any
+
+
+__version__: str
+#: elements per work item a step is cut into (results do not depend on it)
+CHUNK_ELEMS: int
+
+def step(
+    kind: str,
+    groups: Sequence[Any],
+    params: list[Any],
+    grads: list[Any],
+    buffers: list[Any],
+    steps: list[Any],
+    fresh: list[bool],
+) -> None:
+    """Runs one optimizer step over every parameter of every group, in place.
+
+    ``kind`` is "sgd", "adam", "rmsprop" or "adagrad". ``groups`` are the param-group mappings
+    (hyperparameters under torch's names; ``len(group["params"])`` maps flat indices to groups).
+    ``params``, ``grads``, ``buffers`` (a tuple of state arrays per parameter, in the order of
+    ``optirs._spec``), ``steps`` (0-d float32 counters) and ``fresh`` (SGD: the momentum buffer
+    was just created; may be empty) are flat, one entry per parameter; a ``None`` gradient skips
+    that parameter. Everything is validated before anything is written: TypeError or
+    ValueError, naming the array, and nothing modified.
+    """
+
+def simd_level() -> str:
+    """The SIMD level in use: "avx512", "avx2" or the baseline ("sse2", "neon")."""
+
+def simd_levels() -> list[str]:
+    """The levels this CPU can run, lowest first."""
+
+def set_simd_level(level: str) -> str:
+    """Forces a SIMD level (clamped to what the CPU has); returns the level now in use."""
+
+def get_num_threads() -> int:
+    """The number of threads a step uses."""
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads steps use (at least 1)."""
+

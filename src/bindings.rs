@@ -1,0 +1,85 @@
+//! The `optirs._core` extension module: thin wrappers that hand over to [`crate::step`].
+
+use pyo3::prelude::*;
+
+#[pymodule]
+pub mod _core {
+    use pyo3::exceptions::PyValueError;
+    use pyo3::prelude::*;
+
+    use crate::kernels::simd::{self, SimdLevel};
+    use crate::pool;
+    use crate::step as stepper;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("CHUNK_ELEMS", stepper::CHUNK_ELEMS)?;
+        Ok(())
+    }
+
+    /// Runs one optimizer step over every parameter of every group.
+    #[pyfunction]
+    #[pyo3(signature = (kind, groups, params, grads, buffers, steps, fresh))]
+    #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
+    fn step(
+        py: Python<'_>,
+        kind: &str,
+        groups: &Bound<'_, PyAny>,
+        params: Vec<Bound<'_, PyAny>>,
+        grads: Vec<Bound<'_, PyAny>>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        steps: Vec<Bound<'_, PyAny>>,
+        fresh: Vec<bool>,
+    ) -> PyResult<()> {
+        stepper::run(py, kind, groups, params, grads, buffers, steps, fresh).map_err(PyErr::from)
+    }
+
+    /// The SIMD level in use: "avx512", "avx2" or the baseline ("sse2", "neon").
+    #[pyfunction]
+    fn simd_level() -> &'static str {
+        simd::active().name()
+    }
+
+    /// The levels this CPU can run, lowest first.
+    #[pyfunction]
+    fn simd_levels() -> Vec<&'static str> {
+        SimdLevel::ALL
+            .iter()
+            .filter(|l| l.supported())
+            .map(|l| l.name())
+            .collect()
+    }
+
+    /// Forces a SIMD level (clamped to what the CPU has); returns the level now in use.
+    #[pyfunction]
+    fn set_simd_level(level: &str) -> PyResult<&'static str> {
+        match SimdLevel::parse(level) {
+            Some(l) => Ok(simd::set_active(l).name()),
+            None => Err(PyValueError::new_err(format!(
+                "unknown SIMD level {level:?}; expected one of 'avx512', 'avx2', 'baseline'"
+            ))),
+        }
+    }
+
+    /// The number of threads a step uses.
+    #[pyfunction]
+    fn get_num_threads() -> usize {
+        pool::num_threads()
+    }
+
+    /// Sets the number of threads steps use (at least 1).
+    #[pyfunction]
+    fn set_num_threads(n: usize) -> PyResult<()> {
+        if n == 0 {
+            return Err(PyValueError::new_err(
+                "set_num_threads: n must be at least 1",
+            ));
+        }
+        pool::set_num_threads(n);
+        Ok(())
+    }
+}
+
+#[allow(unused_imports)]
+use pyo3 as _;

@@ -1,0 +1,65 @@
+//! Adagrad (dense gradients), following `torch.optim.adagrad._single_tensor_adagrad`.
+
+use super::float::Float;
+
+/// Hyperparameters of one Adagrad param group, as torch stores them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdagradHyper {
+    pub lr: f64,
+    pub lr_decay: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    pub maximize: bool,
+}
+
+impl Default for AdagradHyper {
+    fn default() -> Self {
+        AdagradHyper {
+            lr: 1e-2,
+            lr_decay: 0.0,
+            weight_decay: 0.0,
+            eps: 1e-10,
+            maximize: false,
+        }
+    }
+}
+
+/// Per-step scalars of one parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdagradScalars<T> {
+    pub maximize: bool,
+    pub weight_decay: Option<T>,
+    pub eps: T,
+    /// `-clr` with `clr = lr / (1 + (step - 1) * lr_decay)`.
+    pub neg_clr: T,
+}
+
+impl<T: Float> AdagradScalars<T> {
+    /// `step` is the count after this step's increment, as torch reads it back.
+    #[must_use]
+    pub fn new(h: &AdagradHyper, step: f64) -> Self {
+        let clr = h.lr / (1.0 + (step - 1.0) * h.lr_decay);
+        AdagradScalars {
+            maximize: h.maximize,
+            weight_decay: (h.weight_decay != 0.0).then(|| T::from_f64(h.weight_decay)),
+            eps: T::from_f64(h.eps),
+            neg_clr: T::from_f64(-clr),
+        }
+    }
+}
+
+/// One Adagrad step over one parameter (or a chunk of it).
+#[inline(always)]
+pub fn update<T: Float>(k: &AdagradScalars<T>, param: &mut [T], grad: &[T], sum: &mut [T]) {
+    for ((p, &g), s) in param.iter_mut().zip(grad).zip(sum.iter_mut()) {
+        let g = if k.maximize { -g } else { g };
+        let g = match k.weight_decay {
+            Some(wd) => g + wd * *p,
+            None => g,
+        };
+        // addcmul(g, g, value=1): (1 * g) * g is exactly g * g
+        *s = *s + g * g;
+        let std = s.sqrt() + k.eps;
+        *p = *p + k.neg_clr * g / std;
+    }
+}

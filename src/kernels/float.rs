@@ -1,0 +1,116 @@
+//! The two element types the kernels are generic over.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// `f32` or `f64`: the arithmetic the update rules need, all correctly rounded IEEE operations.
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + std::fmt::Debug
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// Rounds an `f64` to this type, as torch does when a Python float meets a tensor.
+    fn from_f64(x: f64) -> Self;
+    /// Widens to `f64` (exact).
+    fn to_f64(self) -> f64;
+    /// Correctly rounded square root.
+    #[must_use]
+    fn sqrt(self) -> Self;
+    /// True for NaN.
+    fn is_nan(self) -> bool;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+}
+
+/// `torch.maximum`: the larger value, NaN if either is NaN.
+#[inline(always)]
+pub fn maximum<T: Float>(a: T, b: T) -> T {
+    if b > a || b.is_nan() {
+        b
+    } else {
+        a
+    }
+}
+
+/// `torch.lerp(start, end, weight)` with torch's two-branch formula, which keeps the result
+/// exact at both ends. `small` is `weight < 0.5` and `one_minus` is `1 - weight` in `T`, both
+/// hoisted out of the element loop by the caller.
+#[inline(always)]
+pub fn lerp<T: Float>(start: T, end: T, weight: T, one_minus: T, small: bool) -> T {
+    if small {
+        start + weight * (end - start)
+    } else {
+        end - (end - start) * one_minus
+    }
+}
+
+/// The weight of a `lerp` prepared once per step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LerpWeight<T> {
+    pub weight: T,
+    pub one_minus: T,
+    pub small: bool,
+}
+
+impl<T: Float> LerpWeight<T> {
+    /// `weight` arrives as torch sees it: a Python float rounded to `T`.
+    #[must_use]
+    pub fn new(weight: f64) -> Self {
+        let w = T::from_f64(weight);
+        // torch computes `1 - weight` in the tensor's type, from the already rounded weight.
+        LerpWeight {
+            weight: w,
+            one_minus: T::ONE - w,
+            small: w.to_f64().abs() < 0.5,
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Pure-Rust optimizer math over flat slices. Nothing in here knows about Python.
+//!
+//! Each update rule is written once as a scalar loop over zipped slices (see the optimizer
+//! modules). [`simd`] compiles the same loops for several instruction sets and picks one at run
+//! time. The loops use no `mul_add` and no approximate reciprocals, so every SIMD level and every
+//! chunking of the work produces bitwise identical results.
+
+pub mod adagrad;
+pub mod adam;
+pub mod float;
+pub mod rmsprop;
+pub mod sgd;
+pub mod simd;
+
+pub use float::Float;
+pub use simd::SimdLevel;
+
+/// The per-step scalars of one parameter: everything a kernel needs besides the slices.
+#[derive(Clone, Copy, Debug)]
+pub enum Rule<T> {
+    Sgd(sgd::SgdScalars<T>),
+    Adam(adam::AdamScalars<T>),
+    RmsProp(rmsprop::RmsPropScalars<T>),
+    Adagrad(adagrad::AdagradScalars<T>),
+}
+
+/// The memory one parameter's update touches. `bufs` holds the state buffers in the order the
+/// rule documents; buffers a rule does not use are `None`.
+#[derive(Debug)]
+pub struct Slices<'a, T> {
+    pub param: &'a mut [T],
+    pub grad: &'a [T],
+    pub bufs: [Option<&'a mut [T]>; 3],
+}
+
+impl<T> Slices<'_, T> {
+    /// Number of elements of the parameter.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    /// True when the parameter has no elements.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.param.is_empty()
+    }
+
+    /// Splits off the first `n` elements (of the parameter, gradient and every buffer).
+    ///
+    /// # Panics
+    /// When `n` exceeds the length or a buffer is shorter than the parameter.
+    #[must_use]
+    pub fn split_at(self, n: usize) -> (Self, Self) {
+        let (p0, p1) = self.param.split_at_mut(n);
+        let (g0, g1) = self.grad.split_at(n);
+        let [b0, b1, b2] = self.bufs.map(|b| b.map(|s| s.split_at_mut(n)));
+        let (b0a, b0b) = unzip(b0);
+        let (b1a, b1b) = unzip(b1);
+        let (b2a, b2b) = unzip(b2);
+        (
+            Slices {
+                param: p0,
+                grad: g0,
+                bufs: [b0a, b1a, b2a],
+            },
+            Slices {
+                param: p1,
+                grad: g1,
+                bufs: [b0b, b1b, b2b],
+            },
+        )
+    }
+
+    /// Cuts the update into pieces of at most `chunk` elements (the last may be shorter).
+    /// Elementwise rules give the same bits whatever the cut.
+    ///
+    /// # Panics
+    /// When `chunk` is 0.
+    pub fn chunks(self, chunk: usize, out: &mut Vec<Self>) {
+        assert!(chunk > 0, "chunk size must be positive");
+        let mut rest = self;
+        while rest.len() > chunk {
+            let (head, tail) = rest.split_at(chunk);
+            out.push(head);
+            rest = tail;
+        }
+        out.push(rest);
+    }
+
+    /// Checks that the gradient and every buffer have the parameter's length.
+    #[must_use]
+    pub fn lengths_match(&self) -> bool {
+        let n = self.param.len();
+        self.grad.len() == n && self.bufs.iter().flatten().all(|b| b.len() == n)
+    }
+}
+
+fn unzip<A, B>(x: Option<(A, B)>) -> (Option<A>, Option<B>) {
+    match x {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    }
+}
+
+/// Applies `rule` to the slices with plain (baseline) code generation.
+///
+/// This is the body that [`simd::apply`] compiles once per instruction set; call that instead
+/// unless a test needs the baseline explicitly.
+#[inline(always)]
+pub(crate) fn apply_inline<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+    debug_assert!(s.lengths_match());
+    let Slices {
+        param,
+        grad,
+        bufs: [b0, b1, b2],
+    } = s;
+    match rule {
+        Rule::Sgd(k) => sgd::update(k, param, grad, b0),
+        Rule::Adam(k) => {
+            if let (Some(m), Some(v)) = (b0, b1) {
+                adam::update(k, param, grad, m, v, b2);
+            }
+        }
+        Rule::RmsProp(k) => {
+            if let Some(sq) = b0 {
+                rmsprop::update(k, param, grad, sq, b1, b2);
+            }
+        }
+        Rule::Adagrad(k) => {
+            if let Some(sum) = b0 {
+                adagrad::update(k, param, grad, sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,143 @@
+//! Run-time choice of instruction set.
+//!
+//! The same update code ([`super::apply_inline`]) is compiled once per level with
+//! `#[target_feature]`; the wheel itself targets baseline x86-64. Because the kernels use only
+//! correctly rounded IEEE operations and no fused multiply-add, every level gives the same bits.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use super::{Float, Rule, Slices};
+
+/// An instruction-set level the kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    /// Whatever the build target guarantees (SSE2 on x86-64, NEON on aarch64).
+    Baseline = 1,
+    Avx2 = 2,
+    Avx512 = 3,
+}
+
+impl SimdLevel {
+    /// Every level, lowest first.
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512];
+
+    /// The name used by `optirs.simd_level()` and the `OPTIRS_SIMD` variable.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Baseline => {
+                if cfg!(target_arch = "aarch64") {
+                    "neon"
+                } else if cfg!(target_arch = "x86_64") {
+                    "sse2"
+                } else {
+                    "scalar"
+                }
+            }
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a level name (case-insensitive); every baseline spelling maps to `Baseline`.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<SimdLevel> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "baseline" | "scalar" | "sse2" | "neon" | "none" => Some(SimdLevel::Baseline),
+            "avx2" => Some(SimdLevel::Avx2),
+            "avx512" | "avx-512" | "avx512f" => Some(SimdLevel::Avx512),
+            _ => None,
+        }
+    }
+
+    /// The best level this CPU supports.
+    #[must_use]
+    pub fn detect() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return SimdLevel::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Baseline
+    }
+
+    /// True when this CPU can run code compiled for `self`.
+    #[must_use]
+    pub fn supported(self) -> bool {
+        self <= SimdLevel::detect()
+    }
+}
+
+static ACTIVE: AtomicU8 = AtomicU8::new(0);
+
+/// The level in use: the best the CPU has, lowered by `OPTIRS_SIMD` when that names a lower
+/// one (a higher or unknown name is ignored: forcing an unsupported level would crash).
+#[must_use]
+pub fn active() -> SimdLevel {
+    match ACTIVE.load(Ordering::Relaxed) {
+        1 => SimdLevel::Baseline,
+        2 => SimdLevel::Avx2,
+        3 => SimdLevel::Avx512,
+        _ => {
+            let best = SimdLevel::detect();
+            let chosen = std::env::var("OPTIRS_SIMD")
+                .ok()
+                .and_then(|v| SimdLevel::parse(&v))
+                .map_or(best, |wanted| wanted.min(best));
+            ACTIVE.store(chosen as u8, Ordering::Relaxed);
+            chosen
+        }
+    }
+}
+
+/// Forces a level for the rest of the process (clamped to what the CPU supports) and returns
+/// the level now in use.
+pub fn set_active(level: SimdLevel) -> SimdLevel {
+    let chosen = level.min(SimdLevel::detect());
+    ACTIVE.store(chosen as u8, Ordering::Relaxed);
+    chosen
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn apply_avx512<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+    super::apply_inline(rule, s);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn apply_avx2<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+    super::apply_inline(rule, s);
+}
+
+fn apply_baseline<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+    super::apply_inline(rule, s);
+}
+
+/// Applies one update rule to one parameter (or chunk) with the code of `level`.
+///
+/// A level the CPU lacks falls back to the best one it has, so this never executes an
+/// unsupported instruction.
+///
+/// # Panics
+/// When the gradient or a buffer is not as long as the parameter.
+pub fn apply<T: Float>(level: SimdLevel, rule: &Rule<T>, s: Slices<'_, T>) {
+    assert!(
+        s.lengths_match(),
+        "gradient and state buffers must match the parameter's length"
+    );
+    let level = level.min(SimdLevel::detect());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `level` is at most what `detect()` found on this CPU.
+        SimdLevel::Avx512 => unsafe { apply_avx512(rule, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { apply_avx2(rule, s) },
+        _ => apply_baseline(rule, s),
+    }
+}

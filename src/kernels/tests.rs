@@ -1,0 +1,550 @@
+//! Each fused kernel against a reference written the way torch's for-loop runs it: one
+//! whole-array operation at a time, in torch's order. No FMA on either side, so they must agree
+//! bit for bit, at every SIMD level and whatever the chunking.
+
+use super::adagrad::{AdagradHyper, AdagradScalars};
+use super::adam::{AdamHyper, AdamScalars};
+use super::rmsprop::{RmsPropHyper, RmsPropScalars};
+use super::sgd::{SgdHyper, SgdScalars};
+use super::simd::{apply, SimdLevel};
+use super::{Float, Rule, Slices};
+
+const LENGTHS: [usize; 16] = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 1000, 4099];
+
+/// xorshift64*: deterministic test data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+        bits as f64 / (1u64 << 53) as f64
+    }
+
+    /// Roughly normal values, with a few NaN, ±inf, ±0 and tiny ones mixed in.
+    fn values<T: Float>(&mut self, n: usize, specials: bool) -> Vec<T> {
+        (0..n)
+            .map(|_| {
+                let u = self.next_f64();
+                if specials && u < 0.02 {
+                    let pick = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -0.0, 1e-39];
+                    return T::from_f64(pick[(u * 300.0) as usize % pick.len()]);
+                }
+                let x = (0..4).map(|_| self.next_f64()).sum::<f64>() - 2.0;
+                T::from_f64(x * 1.7)
+            })
+            .collect()
+    }
+}
+
+// ---- whole-array operations, as torch's ops -------------------------------------------------
+
+fn neg<T: Float>(a: &[T]) -> Vec<T> {
+    a.iter().map(|&x| -x).collect()
+}
+/// `a.add(b, alpha=s)`
+fn add_alpha<T: Float>(a: &[T], b: &[T], s: T) -> Vec<T> {
+    a.iter().zip(b).map(|(&x, &y)| x + s * y).collect()
+}
+fn mul_scalar<T: Float>(a: &[T], s: T) -> Vec<T> {
+    a.iter().map(|&x| x * s).collect()
+}
+fn div_scalar<T: Float>(a: &[T], s: T) -> Vec<T> {
+    a.iter().map(|&x| x / s).collect()
+}
+fn add_scalar<T: Float>(a: &[T], s: T) -> Vec<T> {
+    a.iter().map(|&x| x + s).collect()
+}
+fn sqrt<T: Float>(a: &[T]) -> Vec<T> {
+    a.iter().map(|&x| x.sqrt()).collect()
+}
+/// `a.addcmul(b, c, value=s)`: a + (s * b) * c
+fn addcmul<T: Float>(a: &[T], b: &[T], c: &[T], s: T) -> Vec<T> {
+    a.iter()
+        .zip(b)
+        .zip(c)
+        .map(|((&x, &y), &z)| x + s * y * z)
+        .collect()
+}
+/// `a.addcdiv(b, c, value=s)`: a + (s * b) / c
+fn addcdiv<T: Float>(a: &[T], b: &[T], c: &[T], s: T) -> Vec<T> {
+    a.iter()
+        .zip(b)
+        .zip(c)
+        .map(|((&x, &y), &z)| x + s * y / z)
+        .collect()
+}
+/// `a.lerp(b, w)` with the weight given as a Python float.
+fn lerp<T: Float>(a: &[T], b: &[T], w: f64) -> Vec<T> {
+    let w = T::from_f64(w);
+    let small = w.to_f64().abs() < 0.5;
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            if small {
+                x + w * (y - x)
+            } else {
+                y - (y - x) * (T::ONE - w)
+            }
+        })
+        .collect()
+}
+fn maximum<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            if x.is_nan() || y.is_nan() {
+                if x.is_nan() {
+                    x
+                } else {
+                    y
+                }
+            } else if y > x {
+                y
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+fn t<T: Float>(x: f64) -> T {
+    T::from_f64(x)
+}
+
+// ---- references, transcribed from torch.optim's _single_tensor_* ----------------------------
+
+struct State<T> {
+    p: Vec<T>,
+    bufs: [Option<Vec<T>>; 3],
+    step: f32,
+}
+
+fn ref_sgd<T: Float>(h: &SgdHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    if h.momentum != 0.0 {
+        let buf = match s.bufs[0].take() {
+            None => g.clone(),
+            Some(b) => add_alpha(&mul_scalar(&b, t(h.momentum)), &g, t(1.0 - h.dampening)),
+        };
+        g = if h.nesterov {
+            add_alpha(&g, &buf, t(h.momentum))
+        } else {
+            buf.clone()
+        };
+        s.bufs[0] = Some(buf);
+    }
+    s.p = add_alpha(&s.p, &g, t(-h.lr));
+}
+
+fn ref_adam<T: Float>(h: &AdamHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    if h.weight_decay != 0.0 {
+        if h.decoupled {
+            s.p = mul_scalar(&s.p, t(1.0 - h.lr * h.weight_decay));
+        } else {
+            g = add_alpha(&g, &s.p, t(h.weight_decay));
+        }
+    }
+    let [m, v, vmax] = &mut s.bufs;
+    let m = m.as_mut().unwrap();
+    let v = v.as_mut().unwrap();
+    *m = lerp(m, &g, 1.0 - h.beta1);
+    *v = addcmul(&mul_scalar(v, t(h.beta2)), &g, &g, t(1.0 - h.beta2));
+    let step = f64::from(s.step);
+    let bc1 = 1.0 - h.beta1.powf(step);
+    let bc2 = 1.0 - h.beta2.powf(step);
+    let step_size = h.lr / bc1;
+    let bc2_sqrt = bc2.powf(0.5);
+    let second = if h.amsgrad {
+        let vm = vmax.as_mut().unwrap();
+        *vm = maximum(vm, v);
+        vm.clone()
+    } else {
+        v.clone()
+    };
+    let denom = add_scalar(&div_scalar(&sqrt(&second), t(bc2_sqrt)), t(h.eps));
+    s.p = addcdiv(&s.p, m, &denom, t(-step_size));
+}
+
+fn ref_rmsprop<T: Float>(h: &RmsPropHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    let [sq, buf, ga] = &mut s.bufs;
+    let sq = sq.as_mut().unwrap();
+    *sq = addcmul(&mul_scalar(sq, t(h.alpha)), &g, &g, t(1.0 - h.alpha));
+    let avg = if h.centered {
+        let ga = ga.as_mut().unwrap();
+        *ga = lerp(ga, &g, 1.0 - h.alpha);
+        sqrt(&addcmul(sq, ga, ga, t(-1.0)))
+    } else {
+        sqrt(sq)
+    };
+    let avg = add_scalar(&avg, t(h.eps));
+    if h.momentum > 0.0 {
+        let buf = buf.as_mut().unwrap();
+        *buf = addcdiv(&mul_scalar(buf, t(h.momentum)), &g, &avg, T::ONE);
+        s.p = add_alpha(&s.p, buf, t(-h.lr));
+    } else {
+        s.p = addcdiv(&s.p, &g, &avg, t(-h.lr));
+    }
+}
+
+fn ref_adagrad<T: Float>(h: &AdagradHyper, s: &mut State<T>, grad: &[T]) {
+    s.step += 1.0;
+    let step = f64::from(s.step);
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    let clr = h.lr / (1.0 + (step - 1.0) * h.lr_decay);
+    let sum = s.bufs[0].as_mut().unwrap();
+    *sum = addcmul(sum, &g, &g, T::ONE);
+    let std = add_scalar(&sqrt(sum), t(h.eps));
+    s.p = addcdiv(&s.p, &g, &std, t(-clr));
+}
+
+// ---- the harness ------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Case {
+    Sgd(SgdHyper),
+    Adam(AdamHyper),
+    RmsProp(RmsPropHyper),
+    Adagrad(AdagradHyper),
+}
+
+impl Case {
+    fn needs(&self) -> [bool; 3] {
+        match self {
+            Case::Sgd(h) => [h.momentum != 0.0, false, false],
+            Case::Adam(h) => [true, true, h.amsgrad],
+            Case::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
+            Case::Adagrad(_) => [true, false, false],
+        }
+    }
+
+    fn reference<T: Float>(&self, s: &mut State<T>, grad: &[T]) {
+        match self {
+            Case::Sgd(h) => ref_sgd(h, s, grad),
+            Case::Adam(h) => ref_adam(h, s, grad),
+            Case::RmsProp(h) => ref_rmsprop(h, s, grad),
+            Case::Adagrad(h) => ref_adagrad(h, s, grad),
+        }
+    }
+
+    /// The fused kernel, at `level`, cut into `chunk`-element pieces.
+    fn fused<T: Float>(&self, s: &mut State<T>, grad: &[T], level: SimdLevel, chunk: usize) {
+        let fresh = s.bufs[0].is_none();
+        let n = s.p.len();
+        let needs = self.needs();
+        for (b, need) in s.bufs.iter_mut().zip(needs) {
+            if need && b.is_none() {
+                *b = Some(vec![T::ZERO; n]);
+            }
+        }
+        let rule = match self {
+            Case::Sgd(h) => Rule::Sgd(SgdScalars::new(h, fresh)),
+            Case::Adam(h) => {
+                s.step += 1.0;
+                Rule::Adam(AdamScalars::new(h, f64::from(s.step)))
+            }
+            Case::RmsProp(h) => {
+                s.step += 1.0;
+                Rule::RmsProp(RmsPropScalars::new(h))
+            }
+            Case::Adagrad(h) => {
+                s.step += 1.0;
+                Rule::Adagrad(AdagradScalars::new(h, f64::from(s.step)))
+            }
+        };
+        let [b0, b1, b2] = &mut s.bufs;
+        let slices = Slices {
+            param: &mut s.p,
+            grad,
+            bufs: [b0.as_deref_mut(), b1.as_deref_mut(), b2.as_deref_mut()],
+        };
+        let mut pieces = Vec::new();
+        slices.chunks(chunk, &mut pieces);
+        for piece in pieces {
+            apply(level, &rule, piece);
+        }
+    }
+}
+
+#[allow(clippy::too_many_lines)] // one flat table reads better than several
+fn cases() -> Vec<Case> {
+    let sgd = SgdHyper::default();
+    let adam = AdamHyper::default();
+    let rms = RmsPropHyper::default();
+    let ada = AdagradHyper::default();
+    vec![
+        Case::Sgd(sgd),
+        Case::Sgd(SgdHyper {
+            lr: 1e-2,
+            weight_decay: 0.5,
+            ..sgd
+        }),
+        Case::Sgd(SgdHyper {
+            momentum: 0.9,
+            ..sgd
+        }),
+        Case::Sgd(SgdHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..sgd
+        }),
+        Case::Sgd(SgdHyper {
+            momentum: 0.9,
+            dampening: 0.5,
+            ..sgd
+        }),
+        Case::Sgd(SgdHyper {
+            momentum: 0.9,
+            weight_decay: 0.1,
+            ..sgd
+        }),
+        Case::Sgd(SgdHyper {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.1,
+            ..sgd
+        }),
+        Case::Sgd(SgdHyper {
+            momentum: 0.9,
+            nesterov: true,
+            maximize: true,
+            ..sgd
+        }),
+        Case::Adam(adam),
+        Case::Adam(AdamHyper { lr: 0.01, ..adam }),
+        Case::Adam(AdamHyper {
+            weight_decay: 0.1,
+            ..adam
+        }),
+        Case::Adam(AdamHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..adam
+        }),
+        Case::Adam(AdamHyper {
+            weight_decay: 0.1,
+            amsgrad: true,
+            ..adam
+        }),
+        Case::Adam(AdamHyper {
+            weight_decay: 0.1,
+            decoupled: true,
+            ..adam
+        }),
+        Case::Adam(AdamHyper {
+            weight_decay: 0.1,
+            decoupled: true,
+            amsgrad: true,
+            maximize: true,
+            ..adam
+        }),
+        // beta1 > 0.5 makes lerp's weight 1 - beta1 small; beta1 < 0.5 takes the other branch
+        Case::Adam(AdamHyper {
+            beta1: 0.3,
+            beta2: 0.5,
+            ..adam
+        }),
+        Case::RmsProp(rms),
+        Case::RmsProp(RmsPropHyper { lr: 1e-3, ..rms }),
+        Case::RmsProp(RmsPropHyper {
+            weight_decay: 0.1,
+            ..rms
+        }),
+        Case::RmsProp(RmsPropHyper {
+            maximize: true,
+            weight_decay: 0.1,
+            ..rms
+        }),
+        Case::RmsProp(RmsPropHyper {
+            weight_decay: 0.1,
+            centered: true,
+            ..rms
+        }),
+        Case::RmsProp(RmsPropHyper {
+            weight_decay: 0.1,
+            centered: true,
+            momentum: 0.1,
+            ..rms
+        }),
+        Case::RmsProp(RmsPropHyper {
+            weight_decay: 0.1,
+            centered: true,
+            momentum: 0.1,
+            maximize: true,
+            ..rms
+        }),
+        Case::RmsProp(RmsPropHyper {
+            momentum: 0.9,
+            ..rms
+        }),
+        Case::RmsProp(RmsPropHyper {
+            alpha: 0.0,
+            centered: true,
+            ..rms
+        }),
+        Case::Adagrad(ada),
+        Case::Adagrad(AdagradHyper {
+            weight_decay: 0.1,
+            ..ada
+        }),
+        Case::Adagrad(AdagradHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..ada
+        }),
+        Case::Adagrad(AdagradHyper { lr: 0.1, ..ada }),
+        Case::Adagrad(AdagradHyper {
+            lr: 0.1,
+            lr_decay: 0.5,
+            weight_decay: 0.1,
+            ..ada
+        }),
+    ]
+}
+
+fn bits<T: Float>(v: &[T]) -> Vec<u64> {
+    // NaN payloads may differ between a negation and a multiply; compare NaN as one value.
+    v.iter()
+        .map(|x| {
+            if x.is_nan() {
+                u64::MAX
+            } else {
+                x.to_f64().to_bits()
+            }
+        })
+        .collect()
+}
+
+fn check<T: Float>(specials: bool) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for case in cases() {
+        for &n in &LENGTHS {
+            let init = rng.values::<T>(n, false);
+            let grads: Vec<Vec<T>> = (0..4).map(|_| rng.values::<T>(n, specials)).collect();
+            let mut want = State {
+                p: init.clone(),
+                bufs: [None, None, None],
+                step: 0.0,
+            };
+            for (i, need) in case.needs().into_iter().enumerate() {
+                // SGD's buffer starts absent (first step copies the gradient); others at zero.
+                if need && !matches!(case, Case::Sgd(_)) {
+                    want.bufs[i] = Some(vec![T::ZERO; n]);
+                }
+            }
+            for g in &grads {
+                case.reference(&mut want, g);
+            }
+            for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+                for chunk in [1, 5, 16, 1 << 14] {
+                    let mut got = State {
+                        p: init.clone(),
+                        bufs: [None, None, None],
+                        step: 0.0,
+                    };
+                    for g in &grads {
+                        case.fused(&mut got, g, level, chunk);
+                    }
+                    let ctx = format!("{case:?} n={n} level={level:?} chunk={chunk}");
+                    assert_eq!(bits(&got.p), bits(&want.p), "param differs: {ctx}");
+                    for (a, b) in got.bufs.iter().zip(&want.bufs) {
+                        assert_eq!(
+                            a.as_deref().map(bits),
+                            b.as_deref().map(bits),
+                            "state differs: {ctx}"
+                        );
+                    }
+                    assert_eq!(got.step, want.step, "{ctx}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_match_reference_f32() {
+    check::<f32>(false);
+}
+
+#[test]
+fn kernels_match_reference_f64() {
+    check::<f64>(false);
+}
+
+#[test]
+fn non_finite_gradients_propagate_as_reference_f32() {
+    check::<f32>(true);
+}
+
+#[test]
+fn non_finite_gradients_propagate_as_reference_f64() {
+    check::<f64>(true);
+}
+
+#[test]
+fn baseline_and_best_level_agree_on_a_long_array() {
+    // 1_000_003 elements: every vector width with a remainder.
+    let n = 1_000_003;
+    let mut rng = Rng(7);
+    let init = rng.values::<f32>(n, false);
+    let grad = rng.values::<f32>(n, true);
+    let case = Case::Adam(AdamHyper {
+        weight_decay: 0.1,
+        amsgrad: true,
+        ..AdamHyper::default()
+    });
+    let run = |level| {
+        let mut s = State {
+            p: init.clone(),
+            bufs: [None, None, None],
+            step: 0.0,
+        };
+        for _ in 0..3 {
+            case.fused(&mut s, &grad, level, super::super::step::CHUNK_ELEMS);
+        }
+        bits(&s.p)
+    };
+    assert_eq!(run(SimdLevel::Baseline), run(SimdLevel::detect()));
+}
+
+#[test]
+fn simd_level_names_round_trip() {
+    for level in SimdLevel::ALL {
+        assert_eq!(SimdLevel::parse(level.name()), Some(level));
+    }
+    assert_eq!(SimdLevel::parse("AVX2"), Some(SimdLevel::Avx2));
+    assert_eq!(SimdLevel::parse("sse4"), None);
+}
+
+#[test]
+fn split_and_chunks_cover_every_element_once() {
+    let mut p = vec![0.0f32; 10];
+    let g = vec![0.0f32; 10];
+    let mut b = vec![0.0f32; 10];
+    let s = Slices {
+        param: &mut p,
+        grad: &g,
+        bufs: [Some(&mut b), None, None],
+    };
+    let mut out = Vec::new();
+    s.chunks(4, &mut out);
+    assert_eq!(
+        out.iter().map(Slices::len).collect::<Vec<_>>(),
+        vec![4, 4, 2]
+    );
+    assert!(out.iter().all(Slices::lengths_match));
+}

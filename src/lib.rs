@@ -1,0 +1,12 @@
+//! optirs: torch.optim's update rules as fused, SIMD, multi-threaded Rust kernels.
+//!
+//! [`kernels`] is the pure math; the other modules are the Python bindings.
+
+pub mod kernels;
+
+mod bindings;
+mod errors;
+mod pool;
+mod step;
+
+pub use bindings::_core;

@@ -1,0 +1,338 @@
+"""Public API behaviour: in-place updates, state access, defaults, signatures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import optirs
+import pytest
+import torch
+from conftest import (
+    DTYPE_IDS,
+    FLOAT_DTYPES,
+    FULL_STATE_KWARGS,
+    HYPERPARAMETERS,
+    OPTIMIZER_NAMES,
+    assert_bitwise_equal_params,
+    flat_params,
+    optirs_class,
+    random_array,
+    torch_class,
+)
+
+
+def test_version_is_a_string():
+    assert isinstance(optirs.__version__, str)
+    assert optirs.__version__
+
+
+def data_pointer(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_step_updates_in_place_and_returns_none(name, dtype, rng):
+    params = [random_array(rng, s, dtype) for s in [(7,), (3, 5), ()]]
+    ids, pointers = [id(p) for p in params], [data_pointer(p) for p in params]
+    before = [p.copy() for p in params]
+    opt = optirs_class(name)(params, **FULL_STATE_KWARGS[name])
+
+    assert opt.step([random_array(rng, p.shape, dtype) for p in params]) is None
+
+    assert [id(p) for p in flat_params(opt)] == ids
+    assert [data_pointer(p) for p in params] == pointers
+    for p, b in zip(params, before):
+        assert p.dtype == dtype and p.shape == b.shape
+        assert not np.array_equal(p, b)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_grads_may_be_list_or_tuple(name, rng):
+    a = [random_array(rng, (5,), np.float32)]
+    b = [a[0].copy()]
+    opt_a = optirs_class(name)(a, **FULL_STATE_KWARGS[name])
+    opt_b = optirs_class(name)(b, **FULL_STATE_KWARGS[name])
+    g = random_array(rng, (5,), np.float32)
+    opt_a.step([g])
+    opt_b.step((g,))
+    assert_bitwise_equal_params(a, b)
+
+
+@pytest.mark.parametrize(
+    "make_params",
+    [
+        lambda ps: ps,
+        lambda ps: tuple(ps),
+        lambda ps: iter(ps),
+        lambda ps: (p for p in ps),
+        lambda ps: [{"params": ps}],
+        lambda ps: [{"params": ps[:1]}, {"params": tuple(ps[1:])}],
+    ],
+    ids=["list", "tuple", "iterator", "generator", "one_group", "two_groups"],
+)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_params_accept_iterables_and_groups(name, make_params, rng):
+    params = [random_array(rng, (4,), np.float64) for _ in range(3)]
+    opt = optirs_class(name)(make_params(params))
+    assert all(a is b for a, b in zip(flat_params(opt), params))
+    assert len(flat_params(opt)) == 3
+    for group in opt.param_groups:
+        assert isinstance(group, dict)
+        assert set(HYPERPARAMETERS[name]) <= set(group)
+
+
+# (optimizer, kwargs, state keys after a step)
+STATE_KEYS = [
+    ("SGD", {}, None),
+    ("SGD", {"momentum": 0.9}, {"momentum_buffer"}),
+    ("SGD", {"momentum": 0.9, "nesterov": True}, {"momentum_buffer"}),
+    ("SGD", {"dampening": 0.5}, None),
+    ("Adam", {}, {"step", "exp_avg", "exp_avg_sq"}),
+    ("Adam", {"amsgrad": True}, {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    (
+        "Adam",
+        {"decoupled_weight_decay": True, "weight_decay": 0.1},
+        {"step", "exp_avg", "exp_avg_sq"},
+    ),
+    ("AdamW", {}, {"step", "exp_avg", "exp_avg_sq"}),
+    ("AdamW", {"amsgrad": True}, {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    ("RMSprop", {}, {"step", "square_avg"}),
+    ("RMSprop", {"momentum": 0.5}, {"step", "square_avg", "momentum_buffer"}),
+    ("RMSprop", {"centered": True}, {"step", "square_avg", "grad_avg"}),
+    (
+        "RMSprop",
+        {"momentum": 0.5, "centered": True},
+        {"step", "square_avg", "momentum_buffer", "grad_avg"},
+    ),
+    ("Adagrad", {}, {"step", "sum"}),
+    ("Adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.3}, {"step", "sum"}),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    ("name", "kwargs", "keys"),
+    STATE_KEYS,
+    ids=[f"{n}-" + "-".join(kw) if kw else f"{n}-default" for n, kw, _ in STATE_KEYS],
+)
+def test_state_keys_and_types(name, kwargs, keys, dtype, rng):
+    p, q = random_array(rng, (3, 4), dtype), random_array(rng, (6,), dtype)
+    opt = optirs_class(name)([p, q], **kwargs)
+    for _ in range(3):
+        opt.step([random_array(rng, p.shape, dtype), None])
+
+    # q never had a gradient: no state (Adagrad: its construction-time state, step 0)
+    if name == "Adagrad":
+        assert float(opt.state[q]["step"]) == 0.0
+        assert len(opt.state) == 2
+    else:
+        assert q not in opt.state
+    if keys is None:
+        assert p not in opt.state
+        assert len(opt.state) == 0
+        return
+    assert p in opt.state
+    assert set(opt.state[p]) == keys
+    for key, value in opt.state[p].items():
+        assert isinstance(value, np.ndarray)
+        if key == "step":
+            assert value.shape == () and value.dtype == np.float32 and float(value) == 3.0
+        else:
+            assert value.shape == p.shape and value.dtype == dtype
+            assert not np.shares_memory(value, p)
+
+
+def test_state_is_looked_up_by_identity(rng):
+    p = random_array(rng, (4,), np.float32)
+    opt = optirs.Adam([p])
+    opt.step([np.ones(4, np.float32)])
+    assert p in opt.state
+    assert p.copy() not in opt.state
+    assert p[:] not in opt.state
+    assert len(opt.state) == 1
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_state_at_construction(name, rng):
+    p = random_array(rng, (4,), np.float64)
+    opt = optirs_class(name)([p], **FULL_STATE_KWARGS[name])
+    if name != "Adagrad":
+        assert len(opt.state) == 0
+        return
+    iav = FULL_STATE_KWARGS[name]["initial_accumulator_value"]
+    assert set(opt.state[p]) == {"step", "sum"}
+    assert float(opt.state[p]["step"]) == 0.0
+    np.testing.assert_array_equal(opt.state[p]["sum"], np.full(4, iav))
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_defaults_match_torch(name):
+    opt = optirs_class(name)([np.zeros(3, np.float32)])
+    torch_defaults = torch_class(name)([torch.zeros(3)]).defaults
+    group = opt.param_groups[0]
+    for key in HYPERPARAMETERS[name]:
+        expected, actual = torch_defaults[key], group[key]
+        if key == "betas":
+            actual = tuple(actual)
+        assert actual == expected, key
+        if isinstance(expected, bool):
+            assert isinstance(actual, bool), key
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_constructor_values_reach_param_groups(name):
+    values = {
+        "SGD": {
+            "lr": 0.3,
+            "momentum": 0.7,
+            "dampening": 0.1,
+            "weight_decay": 0.2,
+            "maximize": True,
+        },
+        "Adam": {
+            "lr": 0.3,
+            "betas": (0.7, 0.8),
+            "eps": 1e-5,
+            "weight_decay": 0.2,
+            "amsgrad": True,
+            "maximize": True,
+            "decoupled_weight_decay": True,
+        },
+        "AdamW": {
+            "lr": 0.3,
+            "betas": (0.7, 0.8),
+            "eps": 1e-5,
+            "weight_decay": 0.2,
+            "amsgrad": True,
+            "maximize": True,
+        },
+        "RMSprop": {
+            "lr": 0.3,
+            "alpha": 0.7,
+            "eps": 1e-5,
+            "weight_decay": 0.2,
+            "momentum": 0.4,
+            "centered": True,
+            "maximize": True,
+        },
+        "Adagrad": {
+            "lr": 0.3,
+            "lr_decay": 0.7,
+            "weight_decay": 0.2,
+            "initial_accumulator_value": 0.4,
+            "eps": 1e-5,
+            "maximize": True,
+        },
+    }[name]
+    opt = optirs_class(name)([np.zeros(3)], **values)
+    group = opt.param_groups[0]
+    for key, value in values.items():
+        assert (tuple(group[key]) if key == "betas" else group[key]) == value, key
+
+
+# Positional arguments in torch's order.
+POSITIONAL = {
+    "SGD": (
+        (0.3, 0.7, 0.1, 0.2, False),
+        ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+    ),
+    "Adam": ((0.3, (0.7, 0.8), 1e-5, 0.2, True), ("lr", "betas", "eps", "weight_decay", "amsgrad")),
+    "AdamW": (
+        (0.3, (0.7, 0.8), 1e-5, 0.2, True),
+        ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+    ),
+    "RMSprop": (
+        (0.3, 0.7, 1e-5, 0.2, 0.4, True),
+        ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
+    ),
+    "Adagrad": (
+        (0.3, 0.7, 0.2, 0.4, 1e-5),
+        ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_positional_arguments_follow_torch(name):
+    args, keys = POSITIONAL[name]
+    opt = optirs_class(name)([np.zeros(3)], *args)
+    group = opt.param_groups[0]
+    for key, value in zip(keys, args):
+        assert (tuple(group[key]) if key == "betas" else group[key]) == value, key
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_maximize_is_keyword_only(name):
+    args, _ = POSITIONAL[name]
+    with pytest.raises(TypeError):
+        optirs_class(name)([np.zeros(3)], *args, True)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_repr_does_not_crash(name):
+    opt = optirs_class(name)([np.zeros(3), np.zeros((2, 2), np.float32)])
+    text = repr(opt)
+    assert isinstance(text, str)
+    assert name in text
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_result_does_not_depend_on_position_in_the_array(name, dtype):
+    """Elementwise update: one 1_000_003-element parameter gives bitwise the same values as the
+    same data cut into awkwardly sized pieces (SIMD body vs tail, parallel chunk boundaries)."""
+    rng = np.random.default_rng(21)
+    n = 1_000_003
+    cuts = [1, 8, 15, 4099, 65_536, 500_001]
+    whole = random_array(rng, (n,), dtype)
+    pieces = [piece.copy() for piece in np.split(whole, cuts)]
+    opt_whole = optirs_class(name)([whole], **FULL_STATE_KWARGS[name])
+    opt_pieces = optirs_class(name)(pieces, **FULL_STATE_KWARGS[name])
+    for _ in range(3):
+        g = random_array(rng, (n,), dtype)
+        opt_whole.step([g])
+        opt_pieces.step([piece.copy() for piece in np.split(g, cuts)])
+    assert np.concatenate(pieces).tobytes() == whole.tobytes()
+    for key, value in opt_whole.state[whole].items():
+        if key == "step":
+            continue
+        joined = np.concatenate([opt_pieces.state[piece][key] for piece in pieces])
+        assert joined.tobytes() == value.tobytes(), key
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_step_works_in_a_forked_child(name):
+    """DataLoader-style workers fork after the parent used the optimizer's thread pool."""
+    n = 1_000_003
+    parent = optirs_class(name)([np.zeros(n, np.float32)], **FULL_STATE_KWARGS[name])
+    parent.step([np.ones(n, np.float32)])
+
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            p = np.zeros(n, np.float32)
+            child = optirs_class(name)([p], **FULL_STATE_KWARGS[name])
+            child.step([np.ones(n, np.float32)])
+            parent.step([np.ones(n, np.float32)])
+            code = 0 if np.all(np.isfinite(p)) and p[0] != 0 else 2
+        finally:
+            os._exit(code)
+
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("optimizer step deadlocked in a forked child")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
