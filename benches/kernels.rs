@@ -1,1 +1,87 @@
-fn main() {}
+//! Criterion benchmarks of the fused kernels: throughput in bytes of memory traffic per step,
+//! from cache-resident sizes to main memory, single-threaded, at the best SIMD level and at the
+//! baseline. `cargo bench --bench kernels` (or `make bench-rust`); `OPTIRS_BENCH_MAX=100000000`
+//! adds the 10^8-element size.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use optirs::kernels::adagrad::{AdagradHyper, AdagradScalars};
+use optirs::kernels::adam::{AdamHyper, AdamScalars};
+use optirs::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
+use optirs::kernels::sgd::{SgdHyper, SgdScalars};
+use optirs::kernels::simd::{apply, SimdLevel};
+use optirs::kernels::{Rule, Slices};
+
+/// (name, rule, buffers used, bytes moved per element: reads + writes of 4-byte floats)
+fn rules() -> Vec<(&'static str, Rule<f32>, usize, u64)> {
+    let sgd = SgdHyper { momentum: 0.9, ..SgdHyper::default() };
+    let rms = RmsPropHyper::default();
+    let rms_cm = RmsPropHyper { centered: true, momentum: 0.9, ..rms };
+    vec![
+        ("sgd_momentum", Rule::Sgd(SgdScalars::new(&sgd, false)), 1, 20),
+        ("adam", Rule::Adam(AdamScalars::new(&AdamHyper::default(), 10.0)), 2, 28),
+        (
+            "adamw",
+            Rule::Adam(AdamScalars::new(
+                &AdamHyper { weight_decay: 1e-2, decoupled: true, ..AdamHyper::default() },
+                10.0,
+            )),
+            2,
+            28,
+        ),
+        ("rmsprop", Rule::RmsProp(RmsPropScalars::new(&rms)), 1, 20),
+        ("rmsprop_centered_momentum", Rule::RmsProp(RmsPropScalars::new(&rms_cm)), 3, 36),
+        ("adagrad", Rule::Adagrad(AdagradScalars::new(&AdagradHyper::default(), 10.0)), 1, 20),
+    ]
+}
+
+fn sizes() -> Vec<usize> {
+    let max: usize = std::env::var("OPTIRS_BENCH_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    [1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000]
+        .into_iter()
+        .filter(|&n| n <= max)
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let levels: Vec<SimdLevel> = {
+        let best = SimdLevel::detect();
+        if best == SimdLevel::Baseline {
+            vec![best]
+        } else {
+            vec![SimdLevel::Baseline, best]
+        }
+    };
+    for (name, rule, nbufs, bytes) in rules() {
+        let mut group = c.benchmark_group(name);
+        for n in sizes() {
+            if n >= 10_000_000 {
+                group.sample_size(10);
+            }
+            group.throughput(Throughput::Bytes(bytes * n as u64));
+            let mut p = vec![0.5f32; n];
+            let g = vec![0.25f32; n];
+            let mut bufs: Vec<Vec<f32>> = (0..3).map(|_| vec![0.1f32; n]).collect();
+            for &level in &levels {
+                group.bench_with_input(BenchmarkId::new(level.name(), n), &n, |b, _| {
+                    b.iter(|| {
+                        let [b0, b1, b2] = &mut bufs[..] else { unreachable!() };
+                        let used = [Some(b0), (nbufs > 1).then_some(b1), (nbufs > 2).then_some(b2)];
+                        let s = Slices {
+                            param: &mut p,
+                            grad: &g,
+                            bufs: used.map(|b| b.map(Vec::as_mut_slice)),
+                        };
+                        apply(level, &rule, s);
+                    });
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
