@@ -13,24 +13,55 @@ use optirs::kernels::{Rule, Slices};
 
 /// (name, rule, buffers used, bytes moved per element: reads + writes of 4-byte floats)
 fn rules() -> Vec<(&'static str, Rule<f32>, usize, u64)> {
-    let sgd = SgdHyper { momentum: 0.9, ..SgdHyper::default() };
+    let sgd = SgdHyper {
+        momentum: 0.9,
+        ..SgdHyper::default()
+    };
     let rms = RmsPropHyper::default();
-    let rms_cm = RmsPropHyper { centered: true, momentum: 0.9, ..rms };
+    let rms_cm = RmsPropHyper {
+        centered: true,
+        momentum: 0.9,
+        ..rms
+    };
     vec![
-        ("sgd_momentum", Rule::Sgd(SgdScalars::new(&sgd, false)), 1, 20),
-        ("adam", Rule::Adam(AdamScalars::new(&AdamHyper::default(), 10.0)), 2, 28),
+        (
+            "sgd_momentum",
+            Rule::Sgd(SgdScalars::new(&sgd, false)),
+            1,
+            20,
+        ),
+        (
+            "adam",
+            Rule::Adam(AdamScalars::new(&AdamHyper::default(), 10.0)),
+            2,
+            28,
+        ),
         (
             "adamw",
             Rule::Adam(AdamScalars::new(
-                &AdamHyper { weight_decay: 1e-2, decoupled: true, ..AdamHyper::default() },
+                &AdamHyper {
+                    weight_decay: 1e-2,
+                    decoupled: true,
+                    ..AdamHyper::default()
+                },
                 10.0,
             )),
             2,
             28,
         ),
         ("rmsprop", Rule::RmsProp(RmsPropScalars::new(&rms)), 1, 20),
-        ("rmsprop_centered_momentum", Rule::RmsProp(RmsPropScalars::new(&rms_cm)), 3, 36),
-        ("adagrad", Rule::Adagrad(AdagradScalars::new(&AdagradHyper::default(), 10.0)), 1, 20),
+        (
+            "rmsprop_centered_momentum",
+            Rule::RmsProp(RmsPropScalars::new(&rms_cm)),
+            3,
+            36,
+        ),
+        (
+            "adagrad",
+            Rule::Adagrad(AdagradScalars::new(&AdagradHyper::default(), 10.0)),
+            1,
+            20,
+        ),
     ]
 }
 
@@ -67,8 +98,14 @@ fn bench(c: &mut Criterion) {
             for &level in &levels {
                 group.bench_with_input(BenchmarkId::new(level.name(), n), &n, |b, _| {
                     b.iter(|| {
-                        let [b0, b1, b2] = &mut bufs[..] else { unreachable!() };
-                        let used = [Some(b0), (nbufs > 1).then_some(b1), (nbufs > 2).then_some(b2)];
+                        let [b0, b1, b2] = &mut bufs[..] else {
+                            unreachable!()
+                        };
+                        let used = [
+                            Some(b0),
+                            (nbufs > 1).then_some(b1),
+                            (nbufs > 2).then_some(b2),
+                        ];
                         let s = Slices {
                             param: &mut p,
                             grad: &g,

@@ -4,7 +4,7 @@
 //! Nothing is written until every check has passed, so a step that raises leaves all
 //! parameters, gradients and state exactly as they were.
 
-use numpy::npyffi::NPY_ARRAY_WRITEABLE;
+use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE};
 use numpy::{
     dtype, Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
@@ -264,9 +264,29 @@ fn dtype_str(a: &Bound<'_, PyUntypedArray>) -> String {
     a.dtype().to_string()
 }
 
-fn is_writeable(a: &Bound<'_, PyUntypedArray>) -> bool {
+fn flags(a: &Bound<'_, PyUntypedArray>) -> i32 {
     // SAFETY: `a` is a live ndarray; reading its flags field has no side effects.
-    unsafe { (*a.as_array_ptr()).fields.flags & NPY_ARRAY_WRITEABLE != 0 }
+    unsafe { (*a.as_array_ptr()).fields.flags }
+}
+
+fn is_writeable(a: &Bound<'_, PyUntypedArray>) -> bool {
+    flags(a) & NPY_ARRAY_WRITEABLE != 0
+}
+
+/// Contiguous and aligned to its dtype: what a Rust slice over its memory needs.
+fn check_layout(a: &Bound<'_, PyUntypedArray>, what: &dyn Fn() -> String) -> Result<(), StepError> {
+    if !a.is_c_contiguous() {
+        return value_err!("{} must be C-contiguous", what());
+    }
+    if flags(a) & NPY_ARRAY_ALIGNED == 0 {
+        return value_err!(
+            "{} is not aligned to its dtype (its address is not a multiple of {} bytes); \
+             pass an aligned copy, e.g. np.require(x, requirements='CA')",
+            what(),
+            a.dtype().itemsize()
+        );
+    }
+    Ok(())
 }
 
 /// The bytes an array covers: `[start, end)`. Only meaningful for contiguous arrays.
@@ -301,10 +321,7 @@ fn check_buffer(
             shape
         );
     }
-    if !a.is_c_contiguous() {
-        return value_err!("{} must be C-contiguous", what());
-    }
-    Ok(())
+    check_layout(a, what)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -396,9 +413,7 @@ fn check_param<'a, 'py>(
             dtype_str(param)
         );
     };
-    if !param.is_c_contiguous() {
-        return value_err!("{} must be C-contiguous", at.param());
-    }
+    check_layout(param, &|| at.param())?;
     if !is_writeable(param) {
         return value_err!("{} is read-only (its writeable flag is False)", at.param());
     }
@@ -431,14 +446,15 @@ fn check_param<'a, 'py>(
             return value_err!("{} is missing", what());
         }
         let s = as_array(step, &what)?;
-        if float_dtype(s) != Some(DType::F32) || s.ndim() != 0 {
+        if float_dtype(s).is_none() || s.ndim() != 0 {
             return type_err!(
-                "{} must be a 0-d float32 array, got dtype {} with shape {:?}",
+                "{} must be a 0-d float32 (or float64) array, got dtype {} with shape {:?}",
                 what(),
                 dtype_str(s),
                 s.shape()
             );
         }
+        check_layout(s, &what)?;
         if !is_writeable(s) {
             return value_err!("{} is read-only (its writeable flag is False)", what());
         }
@@ -487,12 +503,60 @@ impl Checked<'_, '_> {
     }
 }
 
+/// A borrowed step counter and the value it takes once the step is applied. torch keeps it in
+/// float32, or in float64 when the default dtype is float64.
+enum Counter<'py> {
+    F32(PyReadwriteArrayDyn<'py, f32>, f32),
+    F64(PyReadwriteArrayDyn<'py, f64>, f64),
+}
+
+/// Where a counter's new value goes once every check has passed.
+enum CounterSlot<'a> {
+    F32(&'a mut f32, f32),
+    F64(&'a mut f64, f64),
+}
+
+impl CounterSlot<'_> {
+    fn write(self) {
+        match self {
+            CounterSlot::F32(slot, v) => *slot = v,
+            CounterSlot::F64(slot, v) => *slot = v,
+        }
+    }
+}
+
+/// Borrows a counter and computes torch's `step_t += 1` in the counter's own dtype; returns it
+/// with the new count as torch reads it back (`step_t.item()`).
+fn borrow_counter<'py>(
+    s: &Bound<'py, PyUntypedArray>,
+    what: &dyn Fn() -> String,
+) -> Result<(Counter<'py>, f64), StepError> {
+    fn first<T: Element + Copy>(
+        rw: &PyReadwriteArrayDyn<'_, T>,
+        what: &dyn Fn() -> String,
+    ) -> Result<T, StepError> {
+        match rw.as_slice().ok().and_then(|s| s.first()) {
+            Some(&v) => Ok(v),
+            None => value_err!("{} must hold one value", what()),
+        }
+    }
+    if float_dtype(s) == Some(DType::F64) {
+        let rw = borrow_rw::<f64>(s, what)?;
+        let new = first(&rw, what)? + 1.0;
+        Ok((Counter::F64(rw, new), new))
+    } else {
+        let rw = borrow_rw::<f32>(s, what)?;
+        let new = first(&rw, what)? + 1.0;
+        Ok((Counter::F32(rw, new), f64::from(new)))
+    }
+}
+
 /// A borrowed parameter with its per-step scalars.
 struct Borrowed<'py, T: Element> {
     param: PyReadwriteArrayDyn<'py, T>,
     grad: PyReadonlyArrayDyn<'py, T>,
     bufs: [Option<PyReadwriteArrayDyn<'py, T>>; 3],
-    step: Option<(PyReadwriteArrayDyn<'py, f32>, f32)>,
+    step: Option<Counter<'py>>,
     rule: Rule<T>,
 }
 
@@ -529,13 +593,8 @@ fn borrow<'py, T: Float + Element>(
     }
     let (step, step_value) = match c.step {
         Some(s) => {
-            let rw = borrow_rw::<f32>(s, &|| at.state("step"))?;
-            let Some(&old) = rw.as_slice().ok().and_then(|s| s.first()) else {
-                return value_err!("{} must hold one value", at.state("step"));
-            };
-            // torch: `step_t += 1` on a float32 tensor, then reads it back as a Python float.
-            let new = old + 1.0;
-            (Some((rw, new)), f64::from(new))
+            let (counter, value) = borrow_counter(s, &|| at.state("step"))?;
+            (Some(counter), value)
         }
         None => (None, 0.0),
     };
@@ -577,7 +636,7 @@ fn push_items<'a, T: Float + Element>(
     entries: &'a mut [Borrowed<'_, T>],
     wrap: fn(Rule<T>, Slices<'a, T>) -> Item<'a>,
     items: &mut Vec<Item<'a>>,
-    steps: &mut Vec<(&'a mut f32, f32)>,
+    steps: &mut Vec<CounterSlot<'a>>,
 ) -> Result<(), StepError> {
     let mut pieces = Vec::new();
     for e in entries {
@@ -608,11 +667,24 @@ fn push_items<'a, T: Float + Element>(
         if !slices.lengths_match() {
             return value_err!("a gradient or state buffer does not match its parameter");
         }
-        if let Some((counter, new)) = step {
-            match counter.as_slice_mut().ok().and_then(|s| s.first_mut()) {
-                Some(slot) => steps.push((slot, *new)),
-                None => return value_err!("a step counter holds no value"),
-            }
+        let has_counter = step.is_some();
+        let slot = match step {
+            Some(Counter::F32(rw, new)) => rw
+                .as_slice_mut()
+                .ok()
+                .and_then(|s| s.first_mut())
+                .map(|v| CounterSlot::F32(v, *new)),
+            Some(Counter::F64(rw, new)) => rw
+                .as_slice_mut()
+                .ok()
+                .and_then(|s| s.first_mut())
+                .map(|v| CounterSlot::F64(v, *new)),
+            None => None,
+        };
+        match slot {
+            Some(slot) => steps.push(slot),
+            None if has_counter => return value_err!("a step counter holds no value"),
+            None => {}
         }
         slices.chunks(CHUNK_ELEMS, &mut pieces);
         items.extend(pieces.drain(..).map(|s| wrap(*rule, s)));
@@ -722,8 +794,8 @@ pub fn run(
     py.detach(|| {
         let total: usize = items.iter().map(Item::len).sum();
         pool::for_each(items, total, |it| it.run(level));
-        for (slot, value) in counters {
-            *slot = value;
+        for slot in counters {
+            slot.write();
         }
     });
     Ok(())

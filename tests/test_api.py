@@ -336,3 +336,33 @@ def test_step_works_in_a_forked_child(name):
             pytest.fail("optimizer step deadlocked in a forked child")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _trajectory(name, dtype):
+    rng = np.random.default_rng(33)
+    params = [random_array(rng, (n,), dtype) for n in (1, 7, 17, 100_003)]
+    opt = optirs_class(name)(params, **FULL_STATE_KWARGS[name])
+    for _ in range(3):
+        opt.step([random_array(rng, p.shape, dtype) for p in params])
+    state = [{k: v.tobytes() for k, v in opt.state[p].items()} for p in params]
+    return [p.tobytes() for p in params], state
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_same_bits_for_every_simd_level_and_thread_count(name, dtype):
+    """Runtime dispatch and parallel chunking must not change a single bit."""
+    level, threads = optirs.simd_level(), optirs.get_num_threads()
+    try:
+        results = {}
+        for candidate in optirs.simd_levels():
+            for n in (1, 3):
+                assert optirs.set_simd_level(candidate) == candidate
+                optirs.set_num_threads(n)
+                results[candidate, n] = _trajectory(name, dtype)
+    finally:
+        optirs.set_simd_level(level)
+        optirs.set_num_threads(threads)
+    reference = next(iter(results.values()))
+    for key, result in results.items():
+        assert result == reference, key

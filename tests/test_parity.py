@@ -100,6 +100,20 @@ COMBOS = [
     ("Adagrad", "lr_decay_iav", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.5}),
     ("Adagrad", "eps_maximize_lr_decay", {"eps": 1e-3, "maximize": True, "lr_decay": 0.1}),
 ]
+# Large learning rates: updates of order 0.1..1 per step, so that atol (1e-5 / 1e-7) is tiny
+# next to one update and a small error in the update rule cannot hide below it.
+COMBOS += [
+    ("SGD", "high_lr", {"lr": 0.5, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
+    ("SGD", "high_lr_nesterov", {"lr": 0.5, "momentum": 0.5, "nesterov": True}),
+    ("Adam", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
+    ("Adam", "high_lr_amsgrad", {"lr": 0.5, "amsgrad": True, "betas": (0.8, 0.9)}),
+    ("AdamW", "high_lr", {"lr": 0.5, "weight_decay": 0.5}),
+    ("AdamW", "high_lr_amsgrad", {"lr": 0.5, "weight_decay": 0.1, "amsgrad": True}),
+    ("RMSprop", "high_lr", {"lr": 0.1, "weight_decay": 0.1}),
+    ("RMSprop", "high_lr_centered_momentum", {"lr": 0.1, "momentum": 0.5, "centered": True}),
+    ("Adagrad", "high_lr", {"lr": 1.0, "lr_decay": 0.1, "weight_decay": 0.1}),
+    ("Adagrad", "high_lr_iav", {"lr": 1.0, "initial_accumulator_value": 0.5, "eps": 1e-6}),
+]
 COMBO_IDS = [f"{name}-{cid}" for name, cid, _ in COMBOS]
 
 SHAPES = [(), (0,), (7,), (17,), (4099,), (3, 5)]

@@ -320,11 +320,7 @@ def _resize_groups(sd):
 
 def _drop_state_key(key):
     def corrupt(sd, name):
-        if name == "SGD":
-            pytest.skip("torch's SGD makes a missing momentum_buffer from the next gradient")
         keys = FULL_STATE_KEYS[name] if key != "buffer" else FULL_STATE_KEYS[name] - {"step"}
-        if key != "buffer" and key not in keys:
-            pytest.skip(f"{name} has no {key!r}")
         del sd["state"][3][sorted(keys)[-1] if key == "buffer" else key]
         return sd
 
@@ -344,8 +340,6 @@ def _wrong_shape(sd, name):
 
 
 def _step_not_scalar(sd, name):
-    if name == "SGD":
-        pytest.skip("SGD keeps no step")
     sd["state"][3]["step"] = np.zeros(3, np.float32)
     return sd
 
@@ -374,8 +368,21 @@ BAD_DICTS = [
 ]
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-@pytest.mark.parametrize("corrupt", [c for _, c in BAD_DICTS], ids=[i for i, _ in BAD_DICTS])
+def _applies(corruption: str, name: str) -> bool:
+    """SGD keeps no step, and torch's SGD makes a missing momentum_buffer from the next gradient
+    (tested as accepted in test_load_accepts_sgd_without_momentum_buffer)."""
+    return name != "SGD" or corruption not in {"missing_buffer", "missing_step", "step_not_scalar"}
+
+
+@pytest.mark.parametrize(
+    ("name", "corrupt"),
+    [
+        pytest.param(name, c, id=f"{i}-{name}")
+        for i, c in BAD_DICTS
+        for name in OPTIMIZER_NAMES
+        if _applies(i, name)
+    ],
+)
 def test_load_refuses_dict_that_does_not_fit(name, corrupt):
     rng = np.random.default_rng(10)
     source = optirs_class(name)(make_groups(np.float32, seed=4), **FULL_STATE_KWARGS[name])
@@ -394,6 +401,30 @@ def test_load_refuses_dict_that_does_not_fit(name, corrupt):
     with pytest.raises(exc):
         target.load_state_dict(sd)
     assert_snapshot_equal(before, snapshot(target))
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["key_absent", "value_none"])
+def test_load_accepts_sgd_without_momentum_buffer(drop):
+    """torch's SGD treats a missing (or None) momentum_buffer as 'no buffer yet': the next step
+    starts it from that step's gradient. optirs does the same, matching an SGD that never
+    stepped that parameter."""
+    rng = np.random.default_rng(12)
+    kwargs = FULL_STATE_KWARGS["SGD"]
+    source = optirs_class("SGD")(make_groups(np.float32, seed=4), **kwargs)
+    for step in range(3):
+        source.step(grads_for(rng, step, flat_params(source)))
+    sd = source.state_dict()
+    if drop:
+        del sd["state"][3]["momentum_buffer"]
+    else:
+        sd["state"][3]["momentum_buffer"] = None
+    target = optirs_class("SGD")(make_groups(np.float32, seed=4), **kwargs)
+    target.load_state_dict(sd)
+    assert "momentum_buffer" not in target.state[flat_params(target)[3]]
+    grads = grads_for(rng, 5, flat_params(target))
+    target.step(grads)
+    p3 = flat_params(target)[3]
+    np.testing.assert_array_equal(target.state[p3]["momentum_buffer"], grads[3])
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

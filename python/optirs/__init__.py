@@ -112,7 +112,14 @@ def _check_param(p: Any) -> np.ndarray:
             f"has dtype {p.dtype}"
         )
     if not p.flags.c_contiguous:
-        raise ValueError("optimizer parameters must be C-contiguous arrays (use np.ascontiguousarray)")
+        raise ValueError(
+            "optimizer parameters must be C-contiguous arrays (use np.ascontiguousarray)"
+        )
+    if not p.flags.aligned:
+        raise ValueError(
+            "optimizer parameters must be aligned to their dtype; pass "
+            "np.require(x, requirements='CA')"
+        )
     if not p.flags.writeable:
         raise ValueError("optimizer parameters must be writeable arrays, got a read-only one")
     return p
@@ -386,7 +393,11 @@ def _load_step(value: Any, where: str) -> np.ndarray:
     if arr.ndim != 0 or arr.dtype.kind not in "iuf":
         raise TypeError(
             f"{where}['step'] must be a real number or 0-d array, got {_tn(value)}"
-            + (f" of shape {arr.shape} and dtype {arr.dtype}" if isinstance(value, np.ndarray) else "")
+            + (
+                f" of shape {arr.shape} and dtype {arr.dtype}"
+                if isinstance(value, np.ndarray)
+                else ""
+            )
         )
     return np.array(_spec.check_step_value(arr, f"{where}['step']"), dtype=np.float32)
 
@@ -399,9 +410,7 @@ def _load_buffer(value: Any, p: np.ndarray, where: str) -> np.ndarray:
     if arr.dtype.kind != "f":
         raise TypeError(f"{where} must be a floating-point array, got dtype {arr.dtype}")
     if arr.shape != p.shape:
-        raise ValueError(
-            f"{where} has shape {arr.shape}, but its parameter has shape {p.shape}"
-        )
+        raise ValueError(f"{where} has shape {arr.shape}, but its parameter has shape {p.shape}")
     # Cast to the parameter's dtype and copy, as torch's load_state_dict does.
     return np.array(arr, dtype=p.dtype, order="C", copy=True)
 

@@ -242,7 +242,7 @@ def _parse_sizes(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"not a size: {tok!r}") from None
         if value != int(value) or not 1 <= value <= MAX_SIZE:
             raise argparse.ArgumentTypeError(
-                f"size {tok!r} must be a whole number from 1 to {MAX_SIZE:.0e}"
+                f"size {tok!r} must be a whole number from 1 to {_fmt_count(MAX_SIZE)}"
             )
         sizes.append(int(value))
     return sizes
@@ -380,7 +380,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         json_path=args.json,
         plot_path=args.plot,
-        argv=list(sys.argv),
+        argv=["python -m optirs", *sys.argv[1:]],
     )
 
 
@@ -711,17 +711,21 @@ def _table(runs: list[dict[str, Any]]) -> str:
 def _print_notes(cases: list[OptimizerCase]) -> None:
     """Explains the table's columns."""
     traffic = ", ".join(f"{c.name} {c.bytes_per_elem}" for c in cases)
-    print(
-        "\nms: median time of one step. x <path>: median over rounds of (torch time / optirs "
-        "time)\n  in the same round; > 1 means optirs is faster. '-': path not available "
-        "(no fused RMSprop).\n"
-        f"GB/s: optirs's effective bandwidth, float32 bytes read + written per element per "
-        f"step\n  ({traffic}) x elements / time.\n"
-        "copy GB/s: a copy-bandwidth REFERENCE, not a hard ceiling: the faster of np.copyto "
-        "and torch\n  copy_ (read + write bytes) on buffers sized like the run's working set "
-        f"(2 x {DRAM_BUFFER_BYTES >> 20} MiB\n  when it exceeds {CACHE_WORKING_SET_BYTES >> 20} "
-        "MiB), at the run's thread count. % copy = GB/s / copy GB/s."
-    )
+    notes = [
+        "",
+        "ms: median time of one step. x <path>: median over rounds of (torch time / optirs time)",
+        "  in the same round; > 1 means optirs is faster. '-': no such path (torch has no fused",
+        "  RMSprop).",
+        "GB/s: optirs's effective bandwidth = float32 bytes read + written per element per step",
+        f"  ({traffic}) x elements / time.",
+        "copy GB/s: a copy-bandwidth REFERENCE, not a hard ceiling: the faster of np.copyto and",
+        "  torch copy_ (counting read + write bytes) at the run's thread count, on buffers sized",
+        f"  like the run's working set (2 x {DRAM_BUFFER_BYTES >> 20} MiB once it exceeds "
+        f"{CACHE_WORKING_SET_BYTES >> 20} MiB).",
+        "% copy = GB/s / copy GB/s. It can pass 100%: a copy's stores also read the destination",
+        "  (write-allocate), which an in-place update does not need.",
+    ]
+    print("\n".join(notes))
 
 
 def _write_plot(path: Path, runs: list[dict[str, Any]], copies: list[dict[str, Any]]) -> None:
@@ -746,7 +750,7 @@ def _write_plot(path: Path, runs: list[dict[str, Any]], copies: list[dict[str, A
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
-    styles = {"optirs": "-", "for-loop": ":", "foreach": "--", "fused": "-."}
+    styles = {"optirs": "o-", "for-loop": "s:", "foreach": "^--", "fused": "D-."}
     dram = {c["threads"]: c["gbps"] for c in copies if c["buffer_bytes"] >= DRAM_BUFFER_BYTES}
     for ax, name in zip(axes.flat, names):
         for t_i, t in enumerate(threads):
@@ -757,9 +761,7 @@ def _write_plot(path: Path, runs: list[dict[str, Any]], copies: list[dict[str, A
             for impl in IMPLS:
                 pts = [(r["numel"], r["impls"][impl]["gbps"]) for r in mine if impl in r["impls"]]
                 if pts:
-                    ax.plot(
-                        *zip(*pts), styles[impl], marker="o", color=f"C{t_i}", label=f"{impl} t={t}"
-                    )
+                    ax.plot(*zip(*pts), styles[impl], color=f"C{t_i}", label=f"{impl} t={t}")
             if t in dram:
                 ax.axhline(
                     dram[t], color=f"C{t_i}", lw=0.8, alpha=0.5, label=f"DRAM copy ref t={t}"
@@ -830,6 +832,57 @@ def _summarize(
     }
 
 
+def _copy_reference(
+    torch: Any,
+    config: BenchConfig,
+    working_set: int,
+    threads: int,
+    copies: dict[tuple[int, int], dict[str, Any]],
+    progress: _Progress,
+) -> dict[str, Any]:
+    """The copy-bandwidth reference for this working set and thread count (measured once)."""
+    key = (_copy_buffer_bytes(working_set), threads)
+    if key not in copies:
+        progress.show(f"copy reference {key[0] / 2**20:.1f} MiB t={threads}")
+        copies[key] = measure_copy_bandwidth(torch, key[0], config.repeats, config.sample_s)
+        copies[key]["threads"] = threads
+    return copies[key]
+
+
+def _run_case(
+    torch: Any,
+    config: BenchConfig,
+    workload: Workload,
+    case: OptimizerCase,
+    impls: dict[str, _Impl],
+    missing: dict[str, str],
+    copies: dict[tuple[int, int], dict[str, Any]],
+    progress: _Progress,
+) -> list[dict[str, Any]]:
+    """Times one optimizer on one workload at each thread count; one result per count."""
+    results = []
+    diffs: dict[str, float] = {}
+    steps = {name: impl.step for name, impl in impls.items()}
+    for i, threads in enumerate(config.threads):
+        _set_threads(torch, threads)
+        working_set = case.arrays * workload.numel * FLOAT32_BYTES
+        copy = _copy_reference(torch, config, working_set, threads, copies, progress)
+        progress.show(f"{case.name} {workload.name} t={threads}")
+        for step in steps.values():
+            for _ in range(config.warmup):
+                step()
+        if i == 0:  # every implementation has taken the same number of steps so far
+            diffs = _check_agreement(impls, case, workload)
+        batches = {name: _calibrate(step, config.sample_s) for name, step in steps.items()}
+        times = _interleaved(steps, batches, config.repeats)
+        result = _summarize(case, workload, threads, times, batches, copy)
+        result["max_abs_diff_vs_optirs"] = diffs
+        result["unavailable"] = missing
+        results.append(result)
+        progress.advance()
+    return results
+
+
 def run(config: BenchConfig) -> dict[str, Any]:
     """Runs the benchmark described by ``config``, prints the table and writes the outputs.
 
@@ -854,43 +907,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 if avail is not None and need > 0.9 * avail:
                     reason = f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
                     print(f"\nskipping {case.name} {workload.name}: {reason}", file=sys.stderr)
+                    tag = {"optimizer": case.name, "workload": workload.name, "reason": reason}
                     for t in config.threads:
-                        skipped.append(
-                            {
-                                "optimizer": case.name,
-                                "workload": workload.name,
-                                "threads": t,
-                                "reason": reason,
-                            }
-                        )
+                        skipped.append({**tag, "threads": t})
                         progress.advance()
                     continue
                 impls, missing = _build_impls(torch, case, init, grads, torch_grads)
-                diffs: dict[str, float] = {}
-                for i, threads in enumerate(config.threads):
-                    _set_threads(torch, threads)
-                    ws = case.arrays * workload.numel * FLOAT32_BYTES
-                    key = (_copy_buffer_bytes(ws), threads)
-                    if key not in copies:
-                        progress.show(f"copy reference {key[0] / 2**20:.1f} MiB t={threads}")
-                        copies[key] = measure_copy_bandwidth(
-                            torch, key[0], config.repeats, config.sample_s
-                        )
-                        copies[key]["threads"] = threads
-                    progress.show(f"{case.name} {workload.name} t={threads}")
-                    steps = {name: impl.step for name, impl in impls.items()}
-                    for step in steps.values():
-                        for _ in range(config.warmup):
-                            step()
-                    if i == 0:  # every implementation has taken the same number of steps
-                        diffs = _check_agreement(impls, case, workload)
-                    batches = {name: _calibrate(s, config.sample_s) for name, s in steps.items()}
-                    times = _interleaved(steps, batches, config.repeats)
-                    result = _summarize(case, workload, threads, times, batches, copies[key])
-                    result["unavailable"] = missing
-                    result["max_abs_diff_vs_optirs"] = diffs
-                    runs.append(result)
-                    progress.advance()
+                runs += _run_case(torch, config, workload, case, impls, missing, copies, progress)
                 del impls
                 gc.collect()
             del init, grads, torch_grads

@@ -3,7 +3,6 @@
 from collections.abc import Sequence
 from typing import Any
 
-
 __version__: str
 #: elements per work item a step is cut into (results do not depend on it)
 CHUNK_ELEMS: int
@@ -42,4 +41,3 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Sets the number of threads steps use (at least 1)."""
-

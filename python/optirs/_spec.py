@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 
 def _real(name: str, value: Any) -> float:
@@ -145,7 +146,9 @@ def check_step_value(value: Any, where: str) -> float:
     try:
         s = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{where}: 'step' must be a real number, got {type(value).__name__}")
+        raise TypeError(
+            f"{where}: 'step' must be a real number, got {type(value).__name__}"
+        ) from None
     if not (math.isfinite(s) and s >= 0):
         raise ValueError(f"{where}: 'step' must be finite and non-negative, got {s}")
     return s
