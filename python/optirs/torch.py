@@ -1,0 +1,358 @@
+"""optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
+
+``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` subclass the
+``torch.optim`` classes of the same name, so construction, validation, param groups,
+``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
+``step`` differs: one call into optirs's Rust core updates every parameter in place, through
+zero-copy NumPy views of the tensors' storage::
+
+    import torch, optirs.torch
+    opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
+
+State keeps torch's exact format (``step`` a 0-d float32 tensor, buffers of the parameter's
+dtype), so state dicts move freely between ``torch.optim.X`` and ``optirs.torch.X``.
+
+Supported: CPU tensors of dtype float32 and float64, dense gradients. Anything else raises a
+clear error before anything is modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import _core, _spec
+
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _refuse(name: str, **options: bool) -> None:
+    for option, value in options.items():
+        if value:
+            raise ValueError(
+                f"optirs.torch.{name} does not support {option}=True: it steps outside "
+                f"autograd and CUDA graphs; use torch.optim.{name} for that"
+            )
+
+
+class _Bridge:
+    """The ``step`` shared by every optirs.torch optimizer (mixed in before the torch class)."""
+
+    _spec: ClassVar[_spec.Spec]
+    #: torch's message for a sparse gradient, where torch refuses them too
+    _sparse_message: ClassVar[str | None] = None
+    state: Any
+    param_groups: list[dict[str, Any]]
+
+    def _after_init(self) -> None:
+        # torch's GradScaler hands grad_scale/found_inf to optimizers that claim AMP support
+        # (fused ones). optirs lets the scaler unscale and skip steps itself instead.
+        self._step_supports_amp_scaling = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step; returns the closure's loss, as torch.optim does.
+
+        Every parameter, gradient and state tensor is checked first; on any error nothing is
+        modified.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._optirs_step()
+        return loss
+
+    def _check(self, p: torch.Tensor, g: torch.Tensor, gi: int, i: int) -> None:
+        name = type(self).__name__
+        where = f"param_groups[{gi}]['params'][{i}]"
+        if g.is_sparse:
+            if self._sparse_message is not None:
+                raise RuntimeError(self._sparse_message)
+            raise TypeError(
+                f"optirs.torch.{name} does not support sparse gradients ({where} has one); "
+                f"torch.optim.{name} does"
+            )
+        for t, what in ((p, where), (g, f"the gradient of {where}")):
+            if t.device.type != "cpu":
+                raise ValueError(
+                    f"optirs.torch.{name} updates CPU tensors only; {what} is on {t.device}"
+                )
+        if p.is_complex():
+            raise TypeError(
+                f"optirs.torch.{name} does not support complex parameters ({where} has dtype "
+                f"{p.dtype}); use torch.optim.{name}"
+            )
+        if p.dtype not in _DTYPES:
+            raise TypeError(
+                f"optirs.torch.{name} updates float32 and float64 parameters; {where} has "
+                f"dtype {p.dtype}"
+            )
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"the gradient of {where} has dtype {g.dtype}, but the parameter has {p.dtype}"
+            )
+
+    def _optirs_step(self) -> None:
+        spec = self._spec
+        names = spec.buffers
+        params: list[Any] = []
+        grads: list[Any] = []
+        buffers: list[Any] = []
+        steps: list[Any] = []
+        fresh: list[bool] = []
+        created: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        for gi, group in enumerate(self.param_groups):
+            spec.validate(group)
+            need = spec.needs(group)
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    params.append(None)
+                    grads.append(None)
+                    buffers.append(None)
+                    steps.append(None)
+                    fresh.append(False)
+                    continue
+                self._check(p, g, gi, i)
+                state = self.state.get(p) or {}
+                missing = [n for n, want in zip(names, need) if want and state.get(n) is None]
+                if spec.counts_steps and "step" not in state:
+                    missing.append("step")
+                if missing:
+                    # Made aside; kept only when the step succeeds.
+                    state = dict(state)
+                    for n in missing:
+                        state[n] = (
+                            torch.tensor(0.0, dtype=_get_scalar_dtype())
+                            if n == "step"
+                            else self._new_buffer(p, group, n)
+                        )
+                    created.append((p, state))
+                params.append(_view(p, where=f"param_groups[{gi}]['params'][{i}]"))
+                grads.append(_view(g, where=f"the gradient of param_groups[{gi}]['params'][{i}]"))
+                buffers.append(tuple(_maybe_view(state.get(n), n) for n in names))
+                steps.append(_maybe_view(state.get("step"), "step"))
+                fresh.append("momentum_buffer" in missing)
+        _core.step(spec.kind, self.param_groups, params, grads, buffers, steps, fresh)
+        for p, state in created:
+            self.state[p] = state
+
+    def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _view(t: torch.Tensor, where: str) -> Any:
+    """A NumPy array over the tensor's own memory (no copy)."""
+    try:
+        return t.detach().numpy()
+    except (RuntimeError, TypeError) as e:
+        raise TypeError(f"{where} cannot be handed to optirs: {e}") from None
+
+
+def _maybe_view(t: Any, name: str) -> Any:
+    if isinstance(t, torch.Tensor):
+        if t.device.type != "cpu":
+            raise ValueError(f"optirs.torch updates CPU tensors only; state '{name}' is on {t.device}")
+        return _view(t, where=f"state '{name}'")
+    return t
+
+
+class SGD(_Bridge, torch.optim.SGD):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay, maximize) stepped by
+    optirs. Same signature; ``differentiable=True`` is refused."""
+
+    _spec = _spec.SGD
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _refuse("SGD", differentiable=differentiable)
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._after_init()
+
+
+class Adam(_Bridge, torch.optim.Adam):
+    """``torch.optim.Adam`` (amsgrad, maximize, weight decay, decoupled_weight_decay) stepped by
+    optirs. Same signature; ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.ADAM
+    _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        _refuse(type(self).__name__, differentiable=differentiable, capturable=capturable)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._after_init()
+
+
+class AdamW(_Bridge, torch.optim.AdamW):
+    """``torch.optim.AdamW`` stepped by optirs. Same signature (default weight_decay 1e-2);
+    ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.ADAM
+    _sparse_message = Adam._sparse_message
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _refuse("AdamW", differentiable=differentiable, capturable=capturable)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._after_init()
+
+
+class RMSprop(_Bridge, torch.optim.RMSprop):
+    """``torch.optim.RMSprop`` (centered, momentum, weight decay, maximize) stepped by optirs.
+    Same signature; ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.RMSPROP
+    _sparse_message = "RMSprop does not support sparse gradients"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        _refuse("RMSprop", differentiable=differentiable, capturable=capturable)
+        super().__init__(
+            params,
+            lr,
+            alpha,
+            eps,
+            weight_decay,
+            momentum,
+            centered,
+            capturable,
+            foreach,
+            maximize,
+            differentiable,
+        )
+        self._after_init()
+
+
+class Adagrad(_Bridge, torch.optim.Adagrad):
+    """``torch.optim.Adagrad`` (lr_decay, weight decay, initial accumulator, maximize) stepped
+    by optirs, for dense gradients. Same signature; ``differentiable=True`` is refused."""
+
+    _spec = _spec.ADAGRAD
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _refuse("Adagrad", differentiable=differentiable)
+        super().__init__(
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._after_init()
+
+    def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
+        return torch.full_like(
+            p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+        )
