@@ -17,7 +17,9 @@ use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use crate::kernels::adam::{AdamHyper, AdamScalars};
 use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
 use crate::kernels::sgd::{SgdHyper, SgdScalars};
-use crate::kernels::{simd, Float, Rule, Slices};
+use half::slice::HalfBitsSliceExt;
+
+use crate::kernels::{simd, Float, Rule, Slices, Storage};
 use crate::pool;
 
 /// Which update rule a step runs.
@@ -223,10 +225,14 @@ impl Where {
     }
 }
 
+/// The element types the core updates. NumPy has no bfloat16: such arrays arrive as their
+/// uint16 bit patterns (the torch bridge passes `tensor.view(torch.uint16)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DType {
     F32,
     F64,
+    F16,
+    Bf16,
 }
 
 impl DType {
@@ -234,6 +240,8 @@ impl DType {
         match self {
             DType::F32 => "float32",
             DType::F64 => "float64",
+            DType::F16 => "float16",
+            DType::Bf16 => "uint16 (bfloat16 bits)",
         }
     }
 }
@@ -255,6 +263,10 @@ fn float_dtype(a: &Bound<'_, PyUntypedArray>) -> Option<DType> {
         Some(DType::F32)
     } else if d.is_equiv_to(&dtype::<f64>(py)) {
         Some(DType::F64)
+    } else if d.is_equiv_to(&dtype::<half::f16>(py)) {
+        Some(DType::F16)
+    } else if d.is_equiv_to(&dtype::<u16>(py)) {
+        Some(DType::Bf16)
     } else {
         None
     }
@@ -408,7 +420,7 @@ fn check_param<'a, 'py>(
     let param = as_array(param, &|| at.param())?;
     let Some(dtype) = float_dtype(param) else {
         return type_err!(
-            "{} has dtype {}; optirs updates float32 and float64 arrays",
+            "{} has dtype {}; optirs updates float32, float64, float16 and bfloat16 arrays",
             at.param(),
             dtype_str(param)
         );
@@ -446,7 +458,7 @@ fn check_param<'a, 'py>(
             return value_err!("{} is missing", what());
         }
         let s = as_array(step, &what)?;
-        if float_dtype(s).is_none() || s.ndim() != 0 {
+        if !matches!(float_dtype(s), Some(DType::F32 | DType::F64)) || s.ndim() != 0 {
             return type_err!(
                 "{} must be a 0-d float32 (or float64) array, got dtype {} with shape {:?}",
                 what(),
@@ -551,13 +563,14 @@ fn borrow_counter<'py>(
     }
 }
 
-/// A borrowed parameter with its per-step scalars.
-struct Borrowed<'py, T: Element> {
-    param: PyReadwriteArrayDyn<'py, T>,
-    grad: PyReadonlyArrayDyn<'py, T>,
-    bufs: [Option<PyReadwriteArrayDyn<'py, T>>; 3],
+/// A borrowed parameter with its per-step scalars: elements of type `E` as NumPy holds
+/// them, arithmetic in `C`.
+struct Borrowed<'py, E: Element, C> {
+    param: PyReadwriteArrayDyn<'py, E>,
+    grad: PyReadonlyArrayDyn<'py, E>,
+    bufs: [Option<PyReadwriteArrayDyn<'py, E>>; 3],
     step: Option<Counter<'py>>,
-    rule: Rule<T>,
+    rule: Rule<C>,
 }
 
 fn borrow_rw<'py, T: Element>(
@@ -573,10 +586,10 @@ fn borrow_rw<'py, T: Element>(
     }
 }
 
-fn borrow<'py, T: Float + Element>(
+fn borrow<'py, T: Element, C: Float>(
     c: &Checked<'_, 'py>,
     names: &[&'static str],
-) -> Result<Borrowed<'py, T>, StepError> {
+) -> Result<Borrowed<'py, T, C>, StepError> {
     let at = c.at;
     let Ok(grad) = c.grad.cast::<PyArrayDyn<T>>() else {
         return type_err!("{} has an unexpected dtype", at.grad());
@@ -603,7 +616,7 @@ fn borrow<'py, T: Float + Element>(
         grad,
         bufs,
         step,
-        rule: c.hyper.rule::<T>(step_value, c.fresh),
+        rule: c.hyper.rule::<C>(step_value, c.fresh),
     })
 }
 
@@ -611,6 +624,8 @@ fn borrow<'py, T: Float + Element>(
 enum Item<'a> {
     F32(Rule<f32>, Slices<'a, f32>),
     F64(Rule<f64>, Slices<'a, f64>),
+    F16(Rule<f32>, Slices<'a, half::f16>),
+    Bf16(Rule<f32>, Slices<'a, half::bf16>),
 }
 
 impl Item<'_> {
@@ -618,6 +633,8 @@ impl Item<'_> {
         match self {
             Item::F32(_, s) => s.len(),
             Item::F64(_, s) => s.len(),
+            Item::F16(_, s) => s.len(),
+            Item::Bf16(_, s) => s.len(),
         }
     }
 
@@ -625,16 +642,42 @@ impl Item<'_> {
         match self {
             Item::F32(r, s) => simd::apply(level, &r, s),
             Item::F64(r, s) => simd::apply(level, &r, s),
+            Item::F16(r, s) => simd::apply(level, &r, s),
+            Item::Bf16(r, s) => simd::apply(level, &r, s),
         }
+    }
+}
+
+/// How a borrowed NumPy element slice becomes the storage type a kernel runs over.
+trait AsStorage<S>: Element {
+    fn cast(s: &[Self]) -> &[S];
+    fn cast_mut(s: &mut [Self]) -> &mut [S];
+}
+
+impl<T: Element + Storage> AsStorage<T> for T {
+    fn cast(s: &[T]) -> &[T] {
+        s
+    }
+    fn cast_mut(s: &mut [T]) -> &mut [T] {
+        s
+    }
+}
+
+impl AsStorage<half::bf16> for u16 {
+    fn cast(s: &[u16]) -> &[half::bf16] {
+        s.reinterpret_cast()
+    }
+    fn cast_mut(s: &mut [u16]) -> &mut [half::bf16] {
+        s.reinterpret_cast_mut()
     }
 }
 
 /// Elements per work item: a chunk's parameter, gradient and state stay within L2 together.
 pub const CHUNK_ELEMS: usize = 1 << 14;
 
-fn push_items<'a, T: Float + Element>(
-    entries: &'a mut [Borrowed<'_, T>],
-    wrap: fn(Rule<T>, Slices<'a, T>) -> Item<'a>,
+fn push_items<'a, E: AsStorage<S>, S: Storage>(
+    entries: &'a mut [Borrowed<'_, E, S::Compute>],
+    wrap: fn(Rule<S::Compute>, Slices<'a, S>) -> Item<'a>,
     items: &mut Vec<Item<'a>>,
     steps: &mut Vec<CounterSlot<'a>>,
 ) -> Result<(), StepError> {
@@ -650,11 +693,12 @@ fn push_items<'a, T: Float + Element>(
         let (Ok(param), Ok(grad)) = (param.as_slice_mut(), grad.as_slice()) else {
             return value_err!("a parameter or gradient is not contiguous");
         };
-        let mut b: [Option<&mut [T]>; 3] = [None, None, None];
+        let (param, grad) = (E::cast_mut(param), E::cast(grad));
+        let mut b: [Option<&mut [S]>; 3] = [None, None, None];
         for (slot, buf) in b.iter_mut().zip(bufs.iter_mut()) {
             if let Some(buf) = buf {
                 match buf.as_slice_mut() {
-                    Ok(s) => *slot = Some(s),
+                    Ok(s) => *slot = Some(E::cast_mut(s)),
                     Err(_) => return value_err!("a state buffer is not contiguous"),
                 }
             }
@@ -776,18 +820,24 @@ pub fn run(
 
     // Borrow (rust-numpy's borrow checker double-checks the aliasing rules) and compute the
     // per-parameter scalars. Still nothing written.
-    let mut f32s: Vec<Borrowed<'_, f32>> = Vec::new();
-    let mut f64s: Vec<Borrowed<'_, f64>> = Vec::new();
+    let mut f32s: Vec<Borrowed<'_, f32, f32>> = Vec::new();
+    let mut f64s: Vec<Borrowed<'_, f64, f64>> = Vec::new();
+    let mut f16s: Vec<Borrowed<'_, half::f16, f32>> = Vec::new();
+    let mut bf16s: Vec<Borrowed<'_, u16, f32>> = Vec::new();
     for c in &checked {
         match c.dtype {
-            DType::F32 => f32s.push(borrow::<f32>(c, names)?),
-            DType::F64 => f64s.push(borrow::<f64>(c, names)?),
+            DType::F32 => f32s.push(borrow(c, names)?),
+            DType::F64 => f64s.push(borrow(c, names)?),
+            DType::F16 => f16s.push(borrow(c, names)?),
+            DType::Bf16 => bf16s.push(borrow(c, names)?),
         }
     }
     let mut items = Vec::new();
     let mut counters = Vec::new();
     push_items(&mut f32s, Item::F32, &mut items, &mut counters)?;
     push_items(&mut f64s, Item::F64, &mut items, &mut counters)?;
+    push_items(&mut f16s, Item::F16, &mut items, &mut counters)?;
+    push_items(&mut bf16s, Item::Bf16, &mut items, &mut counters)?;
 
     // Every check passed: from here on nothing can fail.
     let level = simd::active();

@@ -1,6 +1,6 @@
 //! Adagrad (dense gradients), following `torch.optim.adagrad._single_tensor_adagrad`.
 
-use super::float::Float;
+use super::float::{Float, Storage};
 
 /// Hyperparameters of one Adagrad param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,18 +48,27 @@ impl<T: Float> AdagradScalars<T> {
     }
 }
 
-/// One Adagrad step over one parameter (or a chunk of it).
+/// One Adagrad step over one parameter (or a chunk of it). Arithmetic runs in `S::Compute`,
+/// rounded to `S` once when stored.
 #[inline(always)]
-pub fn update<T: Float>(k: &AdagradScalars<T>, param: &mut [T], grad: &[T], sum: &mut [T]) {
+pub fn update<S: Storage>(
+    k: &AdagradScalars<S::Compute>,
+    param: &mut [S],
+    grad: &[S],
+    sum: &mut [S],
+) {
     for ((p, &g), s) in param.iter_mut().zip(grad).zip(sum.iter_mut()) {
+        let pv = p.load();
+        let g = g.load();
         let g = if k.maximize { -g } else { g };
         let g = match k.weight_decay {
-            Some(wd) => g + wd * *p,
+            Some(wd) => g + wd * pv,
             None => g,
         };
         // addcmul(g, g, value=1): (1 * g) * g is exactly g * g
-        *s = *s + g * g;
-        let std = s.sqrt() + k.eps;
-        *p = *p + k.neg_clr * g / std;
+        let s_new = s.load() + g * g;
+        *s = S::store(s_new);
+        let std = s_new.sqrt() + k.eps;
+        *p = S::store(pv + k.neg_clr * g / std);
     }
 }

@@ -1,6 +1,6 @@
 //! Adam and AdamW, following `torch.optim.adam._single_tensor_adam` (non-capturable path).
 
-use super::float::{lerp, maximum, Float, LerpWeight};
+use super::float::{lerp, maximum, Float, LerpWeight, Storage};
 
 /// Hyperparameters of one Adam/AdamW param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,21 +76,23 @@ impl<T: Float> AdamScalars<T> {
 }
 
 /// One Adam step over one parameter (or a chunk of it): updates `param`, `exp_avg`,
-/// `exp_avg_sq` and, with amsgrad, `max_exp_avg_sq` in a single pass.
+/// `exp_avg_sq` and, with amsgrad, `max_exp_avg_sq` in a single pass. Arithmetic runs in
+/// `S::Compute`; every value is rounded to `S` once, when stored.
 #[inline(always)]
-pub fn update<T: Float>(
-    k: &AdamScalars<T>,
-    param: &mut [T],
-    grad: &[T],
-    exp_avg: &mut [T],
-    exp_avg_sq: &mut [T],
-    max_exp_avg_sq: Option<&mut [T]>,
+pub fn update<S: Storage>(
+    k: &AdamScalars<S::Compute>,
+    param: &mut [S],
+    grad: &[S],
+    exp_avg: &mut [S],
+    exp_avg_sq: &mut [S],
+    max_exp_avg_sq: Option<&mut [S]>,
 ) {
-    // The slices are zipped, so the loops below index nothing out of bounds whatever the
-    // lengths; the bindings guarantee they are equal.
-    let elem = |p: &mut T, g: T, m: &mut T, v: &mut T, vmax: Option<&mut T>| {
+    // The slices are zipped, so nothing is indexed out of bounds whatever the lengths; the
+    // bindings guarantee they are equal.
+    let elem = |p: &mut S, g: S, m: &mut S, v: &mut S, vmax: Option<&mut S>| {
+        let g = g.load();
         let mut g = if k.maximize { -g } else { g };
-        let mut pv = *p;
+        let mut pv = p.load();
         if let Some(decay) = k.param_decay {
             pv = pv * decay;
         }
@@ -98,19 +100,22 @@ pub fn update<T: Float>(
             g = g + wd * pv;
         }
         let w = &k.beta1;
-        *m = lerp(*m, g, w.weight, w.one_minus, w.small);
+        let m_new = lerp(m.load(), g, w.weight, w.one_minus, w.small);
+        *m = S::store(m_new);
         // addcmul: v * beta2 + ((1 - beta2) * g) * g
-        *v = *v * k.beta2 + k.one_minus_beta2 * g * g;
+        let v_new = v.load() * k.beta2 + k.one_minus_beta2 * g * g;
+        *v = S::store(v_new);
         let second = match vmax {
             Some(vmax) => {
-                *vmax = maximum(*vmax, *v);
-                *vmax
+                let x = maximum(vmax.load(), v_new);
+                *vmax = S::store(x);
+                x
             }
-            None => *v,
+            None => v_new,
         };
         let denom = second.sqrt() / k.bias_correction2_sqrt + k.eps;
         // addcdiv: p + (value * m) / denom
-        *p = pv + k.neg_step_size * *m / denom;
+        *p = S::store(pv + k.neg_step_size * m_new / denom);
     };
     match max_exp_avg_sq {
         Some(vmax) if k.amsgrad => {

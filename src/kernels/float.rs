@@ -71,6 +71,66 @@ impl Float for f64 {
     }
 }
 
+/// How an element is kept in memory, and the type its arithmetic runs in.
+///
+/// `f32` and `f64` compute in themselves. `bf16` and `f16` compute in `f32` and round once when
+/// stored, as torch's fused CPU optimizers do with reduced-precision parameters.
+pub trait Storage: Copy + Send + Sync + std::fmt::Debug + 'static {
+    type Compute: Float;
+    fn load(self) -> Self::Compute;
+    fn store(x: Self::Compute) -> Self;
+}
+
+impl Storage for f32 {
+    type Compute = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(x: f32) -> f32 {
+        x
+    }
+}
+
+impl Storage for f64 {
+    type Compute = f64;
+    #[inline(always)]
+    fn load(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn store(x: f64) -> f64 {
+        x
+    }
+}
+
+impl Storage for half::bf16 {
+    type Compute = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    /// Round to nearest, ties to even (torch's `c10::BFloat16` conversion).
+    #[inline(always)]
+    fn store(x: f32) -> half::bf16 {
+        half::bf16::from_f32(x)
+    }
+}
+
+impl Storage for half::f16 {
+    type Compute = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    /// Round to nearest, ties to even, with subnormals, overflow to infinity.
+    #[inline(always)]
+    fn store(x: f32) -> half::f16 {
+        half::f16::from_f32(x)
+    }
+}
+
 /// `torch.maximum`: the larger value, NaN if either is NaN.
 #[inline(always)]
 pub fn maximum<T: Float>(a: T, b: T) -> T {

@@ -12,7 +12,7 @@ pub mod rmsprop;
 pub mod sgd;
 pub mod simd;
 
-pub use float::Float;
+pub use float::{Float, Storage};
 pub use simd::SimdLevel;
 
 /// The per-step scalars of one parameter: everything a kernel needs besides the slices.
@@ -108,7 +108,7 @@ fn unzip<A, B>(x: Option<(A, B)>) -> (Option<A>, Option<B>) {
 /// This is the body that [`simd::apply`] compiles once per instruction set; call that instead
 /// unless a test needs the baseline explicitly.
 #[inline(always)]
-pub(crate) fn apply_inline<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+pub(crate) fn apply_inline<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     debug_assert!(s.lengths_match());
     let Slices {
         param,

@@ -1,7 +1,7 @@
 //! RMSprop (plain, centered, with momentum), following
 //! `torch.optim.rmsprop._single_tensor_rmsprop`.
 
-use super::float::{lerp, Float, LerpWeight};
+use super::float::{lerp, Float, LerpWeight, Storage};
 
 /// Hyperparameters of one RMSprop param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -62,42 +62,49 @@ impl<T: Float> RmsPropScalars<T> {
 }
 
 /// One RMSprop step. `momentum_buffer` must be `Some` when `k.momentum` is, `grad_avg` when
-/// `k.centered` is.
+/// `k.centered` is. Arithmetic runs in `S::Compute`, rounded to `S` once when stored.
 #[inline(always)]
-pub fn update<T: Float>(
-    k: &RmsPropScalars<T>,
-    param: &mut [T],
-    grad: &[T],
-    square_avg: &mut [T],
-    momentum_buffer: Option<&mut [T]>,
-    grad_avg: Option<&mut [T]>,
+pub fn update<S: Storage>(
+    k: &RmsPropScalars<S::Compute>,
+    param: &mut [S],
+    grad: &[S],
+    square_avg: &mut [S],
+    momentum_buffer: Option<&mut [S]>,
+    grad_avg: Option<&mut [S]>,
 ) {
-    // Returns the preconditioned gradient's parts: (g, avg) with avg = sqrt(..) + eps.
-    let core = |p: T, g: T, sq: &mut T, ga: Option<&mut T>| {
+    // The preconditioned gradient's parts: (g, avg) with avg = sqrt(..) + eps.
+    let core = |p: S::Compute, g: S, sq: &mut S, ga: Option<&mut S>| {
+        let g = g.load();
         let g = if k.maximize { -g } else { g };
         let g = match k.weight_decay {
             Some(wd) => g + wd * p,
             None => g,
         };
-        *sq = *sq * k.alpha + k.one_minus_alpha * g * g;
+        let sq_new = sq.load() * k.alpha + k.one_minus_alpha * g * g;
+        *sq = S::store(sq_new);
         let avg = match (ga, &k.centered) {
             (Some(ga), Some(w)) => {
-                *ga = lerp(*ga, g, w.weight, w.one_minus, w.small);
+                let ga_new = lerp(ga.load(), g, w.weight, w.one_minus, w.small);
+                *ga = S::store(ga_new);
                 // addcmul(ga, ga, value=-1): sq + (-ga) * ga, which is exactly sq - ga * ga
-                (*sq - *ga * *ga).sqrt()
+                (sq_new - ga_new * ga_new).sqrt()
             }
-            _ => sq.sqrt(),
+            _ => sq_new.sqrt(),
         };
         (g, avg + k.eps)
     };
-    let finish = |p: &mut T, g: T, avg: T, buf: Option<&mut T>| match (buf, k.momentum) {
-        (Some(buf), Some(mu)) => {
-            // addcdiv(g, avg) with value 1, then add(buf, alpha=-lr)
-            *buf = *buf * mu + g / avg;
-            *p = *p + k.neg_lr * *buf;
-        }
-        _ => *p = *p + k.neg_lr * g / avg,
-    };
+    let finish =
+        |p: &mut S, pv: S::Compute, g: S::Compute, avg: S::Compute, buf: Option<&mut S>| {
+            match (buf, k.momentum) {
+                (Some(buf), Some(mu)) => {
+                    // addcdiv(g, avg) with value 1, then add(buf, alpha=-lr)
+                    let b = buf.load() * mu + g / avg;
+                    *buf = S::store(b);
+                    *p = S::store(pv + k.neg_lr * b);
+                }
+                _ => *p = S::store(pv + k.neg_lr * g / avg),
+            }
+        };
     let with_mom = k.momentum.is_some();
     let centered = k.centered.is_some();
     match (momentum_buffer, grad_avg) {
@@ -109,8 +116,9 @@ pub fn update<T: Float>(
                 .zip(bufs.iter_mut())
                 .zip(gas.iter_mut())
             {
-                let (g, avg) = core(*p, g, sq, Some(ga));
-                finish(p, g, avg, Some(buf));
+                let pv = p.load();
+                let (g, avg) = core(pv, g, sq, Some(ga));
+                finish(p, pv, g, avg, Some(buf));
             }
         }
         (Some(bufs), _) if with_mom => {
@@ -120,8 +128,9 @@ pub fn update<T: Float>(
                 .zip(square_avg.iter_mut())
                 .zip(bufs.iter_mut())
             {
-                let (g, avg) = core(*p, g, sq, None);
-                finish(p, g, avg, Some(buf));
+                let pv = p.load();
+                let (g, avg) = core(pv, g, sq, None);
+                finish(p, pv, g, avg, Some(buf));
             }
         }
         (_, Some(gas)) if centered => {
@@ -131,14 +140,16 @@ pub fn update<T: Float>(
                 .zip(square_avg.iter_mut())
                 .zip(gas.iter_mut())
             {
-                let (g, avg) = core(*p, g, sq, Some(ga));
-                finish(p, g, avg, None);
+                let pv = p.load();
+                let (g, avg) = core(pv, g, sq, Some(ga));
+                finish(p, pv, g, avg, None);
             }
         }
         _ => {
             for ((p, &g), sq) in param.iter_mut().zip(grad).zip(square_avg.iter_mut()) {
-                let (g, avg) = core(*p, g, sq, None);
-                finish(p, g, avg, None);
+                let pv = p.load();
+                let (g, avg) = core(pv, g, sq, None);
+                finish(p, pv, g, avg, None);
             }
         }
     }

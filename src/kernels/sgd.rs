@@ -1,7 +1,7 @@
 //! SGD with momentum, dampening, Nesterov and weight decay, following
 //! `torch.optim.sgd._single_tensor_sgd`.
 
-use super::float::Float;
+use super::float::{Float, Storage};
 
 /// Hyperparameters of one SGD param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,15 +58,16 @@ impl<T: Float> SgdScalars<T> {
 }
 
 /// One SGD step over one parameter (or a chunk of it). `momentum_buffer` must be `Some` when
-/// `k.momentum` is.
+/// `k.momentum` is. Arithmetic runs in `S::Compute`, rounded to `S` once when stored.
 #[inline(always)]
-pub fn update<T: Float>(
-    k: &SgdScalars<T>,
-    param: &mut [T],
-    grad: &[T],
-    momentum_buffer: Option<&mut [T]>,
+pub fn update<S: Storage>(
+    k: &SgdScalars<S::Compute>,
+    param: &mut [S],
+    grad: &[S],
+    momentum_buffer: Option<&mut [S]>,
 ) {
-    let prep = |p: T, g: T| {
+    let prep = |p: S::Compute, g: S| {
+        let g = g.load();
         let g = if k.maximize { -g } else { g };
         match k.weight_decay {
             Some(wd) => g + wd * p,
@@ -76,20 +77,23 @@ pub fn update<T: Float>(
     match (k.momentum, momentum_buffer) {
         (Some(mu), Some(bufs)) => {
             for ((p, &g), buf) in param.iter_mut().zip(grad).zip(bufs.iter_mut()) {
-                let g = prep(*p, g);
-                *buf = if k.first_step {
+                let pv = p.load();
+                let g = prep(pv, g);
+                let b = if k.first_step {
                     g
                 } else {
-                    *buf * mu + k.one_minus_dampening * g
+                    buf.load() * mu + k.one_minus_dampening * g
                 };
-                let d = if k.nesterov { g + mu * *buf } else { *buf };
-                *p = *p + k.neg_lr * d;
+                *buf = S::store(b);
+                let d = if k.nesterov { g + mu * b } else { b };
+                *p = S::store(pv + k.neg_lr * d);
             }
         }
         _ => {
             for (p, &g) in param.iter_mut().zip(grad) {
-                let g = prep(*p, g);
-                *p = *p + k.neg_lr * g;
+                let pv = p.load();
+                let g = prep(pv, g);
+                *p = S::store(pv + k.neg_lr * g);
             }
         }
     }

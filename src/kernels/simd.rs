@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::{Float, Rule, Slices};
+use super::{Rule, Slices, Storage};
 
 /// An instruction-set level the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -104,17 +104,17 @@ pub fn set_active(level: SimdLevel) -> SimdLevel {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn apply_avx512<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+unsafe fn apply_avx512<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     super::apply_inline(rule, s);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn apply_avx2<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+unsafe fn apply_avx2<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     super::apply_inline(rule, s);
 }
 
-fn apply_baseline<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
+fn apply_baseline<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     super::apply_inline(rule, s);
 }
 
@@ -125,7 +125,7 @@ fn apply_baseline<T: Float>(rule: &Rule<T>, s: Slices<'_, T>) {
 ///
 /// # Panics
 /// When the gradient or a buffer is not as long as the parameter.
-pub fn apply<T: Float>(level: SimdLevel, rule: &Rule<T>, s: Slices<'_, T>) {
+pub fn apply<S: Storage>(level: SimdLevel, rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     assert!(
         s.lengths_match(),
         "gradient and state buffers must match the parameter's length"

@@ -7,7 +7,7 @@ use super::adam::{AdamHyper, AdamScalars};
 use super::rmsprop::{RmsPropHyper, RmsPropScalars};
 use super::sgd::{SgdHyper, SgdScalars};
 use super::simd::{apply, SimdLevel};
-use super::{Float, Rule, Slices};
+use super::{Float, Rule, Slices, Storage};
 
 const LENGTHS: [usize; 16] = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 1000, 4099];
 
@@ -232,7 +232,23 @@ impl Case {
         }
     }
 
-    fn reference<T: Float>(&self, s: &mut State<T>, grad: &[T]) {
+    /// One reference step on stored values: load into the compute type, run torch's op
+    /// sequence there, round once when storing (how fused reduced-precision steps work).
+    fn reference<S: Storage>(&self, s: &mut State<S>, grad: &[S]) {
+        let load = |v: &[S]| v.iter().map(|x| x.load()).collect::<Vec<_>>();
+        let store = |v: &[S::Compute]| v.iter().map(|&x| S::store(x)).collect::<Vec<_>>();
+        let mut c = State {
+            p: load(&s.p),
+            bufs: [0, 1, 2].map(|i| s.bufs[i].as_deref().map(load)),
+            step: s.step,
+        };
+        self.reference_compute(&mut c, &load(grad));
+        s.p = store(&c.p);
+        s.bufs = [0, 1, 2].map(|i| c.bufs[i].as_deref().map(store));
+        s.step = c.step;
+    }
+
+    fn reference_compute<T: Float>(&self, s: &mut State<T>, grad: &[T]) {
         match self {
             Case::Sgd(h) => ref_sgd(h, s, grad),
             Case::Adam(h) => ref_adam(h, s, grad),
@@ -242,13 +258,13 @@ impl Case {
     }
 
     /// The fused kernel, at `level`, cut into `chunk`-element pieces.
-    fn fused<T: Float>(&self, s: &mut State<T>, grad: &[T], level: SimdLevel, chunk: usize) {
+    fn fused<S: Storage>(&self, s: &mut State<S>, grad: &[S], level: SimdLevel, chunk: usize) {
         let fresh = s.bufs[0].is_none();
         let n = s.p.len();
         let needs = self.needs();
         for (b, need) in s.bufs.iter_mut().zip(needs) {
             if need && b.is_none() {
-                *b = Some(vec![T::ZERO; n]);
+                *b = Some(vec![S::store(S::Compute::ZERO); n]);
             }
         }
         let rule = match self {
@@ -416,9 +432,10 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
+fn bits<S: Storage>(v: &[S]) -> Vec<u64> {
     // NaN payloads may differ between a negation and a multiply; compare NaN as one value.
     v.iter()
+        .map(|x| x.load())
         .map(|x| {
             if x.is_nan() {
                 u64::MAX
@@ -429,12 +446,16 @@ fn bits<T: Float>(v: &[T]) -> Vec<u64> {
         .collect()
 }
 
-fn check<T: Float>(specials: bool) {
+fn stored<S: Storage>(v: Vec<S::Compute>) -> Vec<S> {
+    v.into_iter().map(S::store).collect()
+}
+
+fn check<S: Storage>(specials: bool) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for case in cases() {
         for &n in &LENGTHS {
-            let init = rng.values::<T>(n, false);
-            let grads: Vec<Vec<T>> = (0..4).map(|_| rng.values::<T>(n, specials)).collect();
+            let init: Vec<S> = stored(rng.values(n, false));
+            let grads: Vec<Vec<S>> = (0..4).map(|_| stored(rng.values(n, specials))).collect();
             let mut want = State {
                 p: init.clone(),
                 bufs: [None, None, None],
@@ -443,7 +464,7 @@ fn check<T: Float>(specials: bool) {
             for (i, need) in case.needs().into_iter().enumerate() {
                 // SGD's buffer starts absent (first step copies the gradient); others at zero.
                 if need && !matches!(case, Case::Sgd(_)) {
-                    want.bufs[i] = Some(vec![T::ZERO; n]);
+                    want.bufs[i] = Some(vec![S::store(S::Compute::ZERO); n]);
                 }
             }
             for g in &grads {
@@ -496,12 +517,36 @@ fn non_finite_gradients_propagate_as_reference_f64() {
 }
 
 #[test]
+fn kernels_match_reference_bf16() {
+    check::<half::bf16>(false);
+    check::<half::bf16>(true);
+}
+
+#[test]
+fn kernels_match_reference_f16() {
+    check::<half::f16>(false);
+    check::<half::f16>(true);
+}
+
+#[test]
+fn reduced_precision_rounds_to_nearest_even() {
+    use half::{bf16, f16};
+    // 1 + 2^-8 lies halfway between two bfloat16 values: ties go to the even one (1.0).
+    assert_eq!(bf16::store(1.0 + 2f32.powi(-8)).to_bits(), 0x3F80);
+    assert_eq!(bf16::store(1.0 + 3.0 * 2f32.powi(-8)).to_bits(), 0x3F82);
+    assert!(bf16::store(f32::NAN).load().is_nan());
+    assert_eq!(f16::store(65520.0).load(), f32::INFINITY);
+    assert_eq!(f16::store(2f32.powi(-24)).to_bits(), 1); // smallest subnormal
+    assert_eq!(f16::store(2f32.powi(-25)).to_bits(), 0); // halfway to zero: even
+}
+
+#[test]
 fn baseline_and_best_level_agree_on_a_long_array() {
     // 1_000_003 elements: every vector width with a remainder.
     let n = 1_000_003;
     let mut rng = Rng(7);
-    let init = rng.values::<f32>(n, false);
-    let grad = rng.values::<f32>(n, true);
+    let init: Vec<f32> = rng.values(n, false);
+    let grad: Vec<f32> = rng.values(n, true);
     let case = Case::Adam(AdamHyper {
         weight_decay: 0.1,
         amsgrad: true,
