@@ -5,8 +5,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
-# pyo3 builds against the venv's interpreter, for maturin and cargo alike.
+# The wheel under test is installed into this fresh venv; see `test`.
+TEST_VENV := .venv-test
+# pyo3 builds against the venv's interpreter, for maturin and cargo alike; zig (the linker
+# that targets old glibc) is found on PATH.
 export PYO3_PYTHON := $(abspath $(PY))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,21 +31,42 @@ venv: $(DEPS) ## create .venv and install the test and build dependencies
 develop: $(DEPS) ## build the extension (release) into .venv
 	$(VENV)/bin/maturin develop --release
 
+.PHONY: wheel
+wheel: $(DEPS) ## build the release abi3 wheel (manylinux2014, baseline x86-64) into dist/
+	rm -f dist/optirs-*.whl
+	maturin build --release --zig --compatibility manylinux2014 --out dist
+
+.PHONY: sdist
+sdist: $(DEPS) ## build the source distribution into dist/
+	rm -f dist/optirs-*.tar.gz
+	maturin sdist --out dist
+
 .PHONY: test
-test: develop ## everything CI runs: cargo test, pytest
-	cargo test --release --lib --tests
-	$(PY) -m pytest -q
+test: wheel sdist ## everything CI runs: cargo test, then pytest against the installed wheel
+	cargo test --release --lib
+	@# A fresh venv holds optirs, installed from the wheel and nothing else; the third-party
+	@# test dependencies are read from .venv through a .pth file, which Python searches after
+	@# the venv's own site-packages, so the source tree never stands in for the package.
+	rm -rf $(TEST_VENV)
+	python3 -m venv --without-pip $(TEST_VENV)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+		> "$$($(TEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_optirs_test_deps.pth"
+	$(PY) -m pip --python $(TEST_VENV)/bin/python install -q --no-index --no-deps --ignore-installed dist/optirs-*.whl
+	$(PY) -m pip --python $(TEST_VENV)/bin/python check
+	OPTIRS_WHEEL="$$(ls dist/optirs-*.whl)" OPTIRS_SDIST="$$(ls dist/optirs-*.tar.gz)" \
+		$(TEST_VENV)/bin/python -m pytest -q
 
 .PHONY: test-rust
 test-rust: $(DEPS) ## only the Rust kernel tests
 	cargo test --release --lib --tests
 
 .PHONY: lint
-lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff
+lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff, workflow schema
 	cargo fmt --check
 	cargo clippy --all-targets --release -- -D warnings
-	$(VENV)/bin/ruff check python tests
-	$(VENV)/bin/ruff format --check python tests
+	ruff check python tests examples
+	ruff format --check python tests examples
+	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 .PHONY: format
 format: $(DEPS) ## apply cargo fmt and ruff format
@@ -49,7 +74,7 @@ format: $(DEPS) ## apply cargo fmt and ruff format
 	$(VENV)/bin/ruff format python tests
 
 .PHONY: bench
-bench: develop ## comparative benchmark against torch.optim (quick default)
+bench: develop ## comparative benchmark against torch.optim (quick default; BENCH_ARGS=...)
 	$(PY) -m optirs bench $(BENCH_ARGS)
 
 .PHONY: bench-rust
@@ -59,4 +84,4 @@ bench-rust: ## criterion benchmarks of the kernels
 .PHONY: clean
 clean: ## remove build outputs (keeps .venv)
 	cargo clean
-	rm -rf dist python/optirs/*.so
+	rm -rf dist $(TEST_VENV) python/optirs/*.so

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 pub mod _core {
     use pyo3::exceptions::PyValueError;
     use pyo3::prelude::*;
+    use pyo3::types::PyDict;
 
     use crate::kernels::simd::{self, SimdLevel};
     use crate::pool;
@@ -60,6 +61,31 @@ pub mod _core {
                 "unknown SIMD level {level:?}; expected one of 'avx512', 'avx2', 'baseline'"
             ))),
         }
+    }
+
+    /// How this extension was built, for bug reports (`python -m optirs info`).
+    #[pyfunction]
+    fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+        d.set_item("profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
+        d.set_item("target_arch", std::env::consts::ARCH)?;
+        d.set_item("target_os", std::env::consts::OS)?;
+        // What the build itself assumed of the CPU (baseline for wheels); the SIMD level in use
+        // is chosen at run time on top of it.
+        let static_features: Vec<&str> = [
+            ("sse2", cfg!(target_feature = "sse2")),
+            ("avx2", cfg!(target_feature = "avx2")),
+            ("fma", cfg!(target_feature = "fma")),
+            ("avx512f", cfg!(target_feature = "avx512f")),
+            ("neon", cfg!(target_feature = "neon")),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        d.set_item("compiled_target_features", static_features)?;
+        d.set_item("simd_levels_compiled", SimdLevel::ALL.map(SimdLevel::name).to_vec())?;
+        Ok(d)
     }
 
     /// The number of threads a step uses.

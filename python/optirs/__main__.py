@@ -2,15 +2,59 @@
 
 Commands:
   bench   time optirs against torch.optim's for-loop, foreach and fused CPU paths
+  info    versions, SIMD level, threads and build details, for bug reports
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
 
-from . import __version__, _bench
+from . import __version__, _bench, _core, get_num_threads, simd_level, simd_levels
+
+
+def info() -> dict[str, Any]:
+    """What ``python -m optirs info`` reports, as a dict."""
+    build = _core.build_info()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    packages = {}
+    for name in ("numpy", "torch"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = "not installed"
+    return {
+        "optirs": __version__,
+        "location": os.path.dirname(os.path.abspath(__file__)),
+        "simd_level": simd_level(),
+        "simd_levels_available": simd_levels(),
+        "OPTIRS_SIMD": os.environ.get("OPTIRS_SIMD", ""),
+        "threads": get_num_threads(),
+        "OPTIRS_NUM_THREADS": os.environ.get("OPTIRS_NUM_THREADS", ""),
+        "cpus_available": cpus,
+        "build_profile": build["profile"],
+        "build_target": f"{build['target_arch']}-{build['target_os']}",
+        "build_target_features": ",".join(build["compiled_target_features"]) or "none",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        **packages,
+    }
+
+
+def _print_info(args: argparse.Namespace) -> int:
+    for key, value in info().items():
+        if isinstance(value, list):
+            value = ", ".join(value)
+        print(f"{key + ':':<24}{value}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _bench.add_arguments(bench)
     bench.set_defaults(func=_bench.run_from_args)
+    info_cmd = commands.add_parser(
+        "info",
+        help="print versions, SIMD level, threads and build details (for bug reports)",
+        description="Print what a bug report about optirs needs.",
+    )
+    info_cmd.set_defaults(func=_print_info)
     return parser
 
 

@@ -3,6 +3,18 @@
 from collections.abc import Sequence
 from typing import Any
 
+__all__ = [
+    "CHUNK_ELEMS",
+    "__version__",
+    "build_info",
+    "get_num_threads",
+    "set_num_threads",
+    "set_simd_level",
+    "simd_level",
+    "simd_levels",
+    "step",
+]
+
 __version__: str
 #: elements per work item a step is cut into (results do not depend on it)
 CHUNK_ELEMS: int
@@ -35,6 +47,9 @@ def simd_levels() -> list[str]:
 
 def set_simd_level(level: str) -> str:
     """Forces a SIMD level (clamped to what the CPU has); returns the level now in use."""
+
+def build_info() -> dict[str, Any]:
+    """How this extension was built: version, profile, target, compiled target features."""
 
 def get_num_threads() -> int:
     """The number of threads a step uses."""

@@ -1,0 +1,197 @@
+"""What people install: the wheel's tags, its glibc needs, its contents, the stubs, the sdist.
+
+`make test` builds the wheel and the sdist, installs the wheel into a fresh virtual environment
+and runs the whole suite there, with OPTIRS_WHEEL and OPTIRS_SDIST naming the two files. Run
+outside `make test` (no wheel was built), the checks of the files themselves are skipped; the
+checks of the installed package still run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import optirs
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEEL = os.environ.get("OPTIRS_WHEEL")
+SDIST = os.environ.get("OPTIRS_SDIST")
+needs_wheel = pytest.mark.skipif(not WHEEL, reason="needs OPTIRS_WHEEL: run through `make test`")
+needs_sdist = pytest.mark.skipif(not SDIST, reason="needs OPTIRS_SDIST: run through `make test`")
+
+# Shared libraries a manylinux wheel may link against without bundling them (PEP 599/600).
+MANYLINUX_LIBS = {
+    "libc.so.6",
+    "libm.so.6",
+    "libdl.so.2",
+    "libpthread.so.0",
+    "librt.so.1",
+    "libgcc_s.so.1",
+    "libutil.so.1",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+}
+# Largest the wheel may grow before someone looks at why (it is about 1 MB).
+MAX_WHEEL_BYTES = 4 * 1024 * 1024
+
+
+def cargo_version() -> str:
+    text = (ROOT / "Cargo.toml").read_text()
+    return re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE).group(1)
+
+
+def test_version_is_single_sourced_from_cargo_toml():
+    assert optirs.__version__ == cargo_version()
+    assert metadata.version("optirs") == optirs.__version__
+    assert optirs._core.build_info()["version"] == optirs.__version__
+
+
+@needs_wheel
+def test_tests_run_against_the_installed_wheel_not_the_source_tree():
+    installed = Path(optirs.__file__).resolve()
+    assert ROOT / "python" not in installed.parents, installed
+    assert "site-packages" in installed.parts
+
+
+def test_release_build():
+    assert optirs._core.build_info()["profile"] == "release"
+
+
+@needs_wheel
+def test_wheel_is_abi3_manylinux_and_not_pure():
+    name = Path(WHEEL).name
+    assert re.fullmatch(r"optirs-[\w.]+-cp39-abi3-(manylinux[\w.]+)\.whl", name), name
+    with zipfile.ZipFile(WHEEL) as z:
+        wheel_meta = z.read(f"optirs-{optirs.__version__}.dist-info/WHEEL").decode()
+    assert "Root-Is-Purelib: false" in wheel_meta
+    tags = re.findall(r"^Tag: (\S+)$", wheel_meta, re.MULTILINE)
+    assert tags and all(t.startswith("cp39-abi3-manylinux") for t in tags), tags
+
+
+def _manylinux_glibc(name: str) -> tuple[int, int]:
+    """The oldest glibc a wheel's manylinux tags promise to run on."""
+    versions = [(2, 17)] if "manylinux2014" in name else []
+    versions += [(int(a), int(b)) for a, b in re.findall(r"manylinux_(\d+)_(\d+)", name)]
+    assert versions, name
+    return min(versions)
+
+
+@needs_wheel
+def test_glibc_symbol_versions_fit_the_manylinux_tag(tmp_path):
+    """An auditwheel-style check: every versioned glibc symbol the extension imports exists in
+    the glibc its tag names, and it links only libraries every manylinux system has."""
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump (binutils) is needed to read the extension's symbol versions"
+    with zipfile.ZipFile(WHEEL) as z:
+        [so] = [n for n in z.namelist() if n.startswith("optirs/_core") and n.endswith(".so")]
+        z.extract(so, tmp_path)
+    lib = tmp_path / so
+    symbols = subprocess.run(
+        [objdump, "-T", str(lib)], check=True, capture_output=True, text=True
+    ).stdout
+    needed = [tuple(map(int, v.split("."))) for v in re.findall(r"GLIBC_([0-9.]+)", symbols)]
+    assert needed, "no versioned glibc symbols found: is this really the extension?"
+    limit = _manylinux_glibc(Path(WHEEL).name)
+    assert max(needed)[:2] <= limit, f"needs GLIBC_{max(needed)}, tag promises {limit}"
+    dynamic = subprocess.run(
+        [objdump, "-p", str(lib)], check=True, capture_output=True, text=True
+    ).stdout
+    libs = set(re.findall(r"NEEDED\s+(\S+)", dynamic))
+    assert libs <= MANYLINUX_LIBS, libs - MANYLINUX_LIBS
+
+
+@needs_wheel
+def test_wheel_contents_and_size():
+    with zipfile.ZipFile(WHEEL) as z:
+        names = set(z.namelist())
+    for required in (
+        "optirs/__init__.py",
+        "optirs/torch.py",
+        "optirs/_core.pyi",
+        "optirs/py.typed",
+    ):
+        assert required in names
+    assert any(re.fullmatch(r"optirs/_core\.abi3\.so", n) for n in names), names
+    assert not any(n.startswith(("tests/", "src/", "target/")) for n in names)
+    assert os.path.getsize(WHEEL) <= MAX_WHEEL_BYTES
+
+
+def test_stubs_match_the_extension():
+    """mypy's stubtest compares optirs/_core.pyi with the compiled module as installed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "optirs._core"],
+        capture_output=True,
+        text=True,
+        cwd=Path(optirs.__file__).parents[1],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_info_command_reports_what_a_bug_report_needs():
+    result = subprocess.run(
+        [sys.executable, "-m", "optirs", "info"], capture_output=True, text=True, check=True
+    )
+    for key in ("optirs:", "simd_level:", "threads:", "build_profile:", "numpy:", "torch:"):
+        assert key in result.stdout
+    assert optirs.__version__ in result.stdout
+    assert optirs.simd_level() in result.stdout
+
+
+@needs_sdist
+def test_sdist_builds_and_installs(tmp_path):
+    """The sdist carries everything a build needs, and pip builds a working package from it."""
+    with tarfile.open(SDIST) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    for required in (
+        "Cargo.toml",
+        "Cargo.lock",
+        "pyproject.toml",
+        "LICENSE",
+        "README.md",
+        "src/lib.rs",
+        "src/kernels/adam.rs",
+        "python/optirs/__init__.py",
+        "python/optirs/_core.pyi",
+        "python/optirs/py.typed",
+    ):
+        assert required in names, required
+    target = tmp_path / "site"
+    env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / "sdist-check"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            SDIST,
+        ],
+        check=True,
+        env=env,
+    )
+    check = (
+        "import numpy as np, optirs; w = np.ones(9, np.float32); "
+        "optirs.Adam([w], lr=0.5).step([np.ones(9, np.float32)]); "
+        f"assert optirs.__file__.startswith({str(target)!r}), optirs.__file__; print(w[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        env=dict(os.environ, PYTHONPATH=str(target)),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == pytest.approx(0.5)
