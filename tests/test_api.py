@@ -366,3 +366,14 @@ def test_same_bits_for_every_simd_level_and_thread_count(name, dtype):
     reference = next(iter(results.values()))
     for key, result in results.items():
         assert result == reference, key
+
+
+def test_import_optirs_does_not_import_torch():
+    """torch is an optional dependency: only `import optirs.torch` may load it."""
+    import subprocess
+    import sys
+
+    code = "import sys, optirs; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = "import sys, optirs.torch; sys.exit('torch' not in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

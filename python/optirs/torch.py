@@ -12,8 +12,10 @@ zero-copy NumPy views of the tensors' storage::
 State keeps torch's exact format (``step`` a 0-d float32 tensor, buffers of the parameter's
 dtype), so state dicts move freely between ``torch.optim.X`` and ``optirs.torch.X``.
 
-Supported: CPU tensors of dtype float32 and float64, dense gradients. Anything else raises a
-clear error before anything is modified.
+Supported: CPU tensors of dtype float32 and float64, and float16/bfloat16 computed in float32
+and stored in the parameter's dtype (as torch's fused CPU path does); dense gradients; any
+dense memory layout (contiguous, transposed, channels_last) shared by a parameter, its gradient
+and its state. Anything else raises a clear error before anything is modified.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _core, _spec
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
 
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _refuse(name: str, **options: bool) -> None:
@@ -90,8 +93,8 @@ class _Bridge:
             )
         if p.dtype not in _DTYPES:
             raise TypeError(
-                f"optirs.torch.{name} updates float32 and float64 parameters; {where} has "
-                f"dtype {p.dtype}"
+                f"optirs.torch.{name} updates float32, float64, float16 and bfloat16 "
+                f"parameters; {where} has dtype {p.dtype}"
             )
         if g.dtype != p.dtype:
             raise TypeError(
@@ -107,6 +110,7 @@ class _Bridge:
         steps: list[Any] = []
         fresh: list[bool] = []
         created: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        written: list[torch.Tensor] = []
         for gi, group in enumerate(self.param_groups):
             spec.validate(group)
             need = spec.needs(group)
@@ -129,38 +133,108 @@ class _Bridge:
                     state = dict(state)
                     for n in missing:
                         state[n] = (
-                            torch.tensor(0.0, dtype=_get_scalar_dtype())
+                            torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=group.get("fused")))
                             if n == "step"
                             else self._new_buffer(p, group, n)
                         )
                     created.append((p, state))
-                params.append(_view(p, where=f"param_groups[{gi}]['params'][{i}]"))
-                grads.append(_view(g, where=f"the gradient of param_groups[{gi}]['params'][{i}]"))
-                buffers.append(tuple(_maybe_view(state.get(n), n) for n in names))
-                steps.append(_maybe_view(state.get("step"), "step"))
+                where = f"param_groups[{gi}]['params'][{i}]"
+                bufs = [state.get(n) for n in names]
+                layout = _Layout(p, where)
+                params.append(layout.view(p, where))
+                grads.append(layout.view(g, f"the gradient of {where}"))
+                buffers.append(
+                    tuple(
+                        None if b is None else layout.view(b, f"state['{n}'] of {where}")
+                        for b, n in zip(bufs, names)
+                    )
+                )
+                step = state.get("step")
+                steps.append(None if step is None else _scalar_view(step, where))
                 fresh.append("momentum_buffer" in missing)
+                written.append(p)
+                written.extend(b for b in bufs if b is not None)
+                if step is not None:
+                    written.append(step)
         _core.step(spec.kind, self.param_groups, params, grads, buffers, steps, fresh)
         for p, state in created:
             self.state[p] = state
+        # The core wrote through NumPy views, which autograd cannot see: bump the version
+        # counters as torch's in-place ops would, so a graph that saved an old value refuses
+        # to backpropagate through it instead of silently using the new one.
+        if written:
+            increment_version(written)
 
     def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _view(t: torch.Tensor, where: str) -> Any:
-    """A NumPy array over the tensor's own memory (no copy)."""
-    try:
-        return t.detach().numpy()
-    except (RuntimeError, TypeError) as e:
-        raise TypeError(f"{where} cannot be handed to optirs: {e}") from None
+class _Layout:
+    """How one parameter's tensors are handed to the core.
 
+    A contiguous parameter goes as it is (its gradient and state must then be contiguous too).
+    A parameter whose memory is dense but ordered differently (transposed, channels_last) is
+    updated in memory order: every tensor of that parameter is passed as a flat view of its
+    memory, which is only right when they all share the parameter's strides, so that is checked.
+    """
 
-def _maybe_view(t: Any, name: str) -> Any:
-    if isinstance(t, torch.Tensor):
+    def __init__(self, p: torch.Tensor, where: str) -> None:
+        self.strides: tuple[int, ...] | None = None
+        if not p.is_contiguous():
+            if not _is_dense(p):
+                raise ValueError(
+                    f"{where} must be contiguous or at least dense in memory (no gaps or "
+                    f"overlaps between elements), got shape {tuple(p.shape)} with strides "
+                    f"{p.stride()}"
+                )
+            self.strides = p.stride()
+
+    def view(self, t: torch.Tensor, what: str) -> Any:
+        """A NumPy array over ``t``'s own memory (no copy)."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type != "cpu":
-            raise ValueError(f"optirs.torch updates CPU tensors only; state '{name}' is on {t.device}")
-        return _view(t, where=f"state '{name}'")
-    return t
+            raise ValueError(f"optirs.torch updates CPU tensors only; {what} is on {t.device}")
+        t = t.detach()
+        if self.strides is not None:
+            if t.stride() != self.strides:
+                raise ValueError(
+                    f"{what} has strides {t.stride()} but its parameter has {self.strides}: "
+                    "a non-contiguous parameter's gradient and state must share its memory "
+                    "layout (make it contiguous, or give it a matching gradient)"
+                )
+            t = torch.as_strided(t, (t.numel(),), (1,))
+        return _numpy(t, what)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when the elements fill one block of memory, in some order of the dimensions."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _numpy(t: torch.Tensor, what: str) -> Any:
+    if t.dtype == torch.bfloat16:
+        # NumPy has no bfloat16: the core takes its bit patterns as uint16.
+        t = t.view(torch.uint16)
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError) as e:
+        raise TypeError(f"{what} cannot be handed to optirs: {e}") from None
+
+
+def _scalar_view(t: Any, where: str) -> Any:
+    what = f"state['step'] of {where}"
+    if not isinstance(t, torch.Tensor):
+        # An old state dict may hold a number; the core refuses it, naming it.
+        return t
+    if t.device.type != "cpu":
+        raise ValueError(f"optirs.torch updates CPU tensors only; {what} is on {t.device}")
+    return _numpy(t.detach(), what)
 
 
 class SGD(_Bridge, torch.optim.SGD):
@@ -353,6 +427,8 @@ class Adagrad(_Bridge, torch.optim.Adagrad):
         self._after_init()
 
     def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
+        # torch.optim.Adagrad fills a lazily created `sum` from the optimizer's defaults, not
+        # from the group (its `_init_group`); a drop-in replacement does the same.
         return torch.full_like(
-            p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+            p, self.defaults["initial_accumulator_value"], memory_format=torch.preserve_format
         )
