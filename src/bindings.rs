@@ -68,7 +68,14 @@ pub mod _core {
     fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("version", env!("CARGO_PKG_VERSION"))?;
-        d.set_item("profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
+        d.set_item(
+            "profile",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+        )?;
         d.set_item("target_arch", std::env::consts::ARCH)?;
         d.set_item("target_os", std::env::consts::OS)?;
         // What the build itself assumed of the CPU (baseline for wheels); the SIMD level in use
@@ -84,7 +91,10 @@ pub mod _core {
         .filter_map(|(name, on)| on.then_some(name))
         .collect();
         d.set_item("compiled_target_features", static_features)?;
-        d.set_item("simd_levels_compiled", SimdLevel::ALL.map(SimdLevel::name).to_vec())?;
+        d.set_item(
+            "simd_levels_compiled",
+            SimdLevel::ALL.map(SimdLevel::name).to_vec(),
+        )?;
         Ok(d)
     }
 

@@ -4,7 +4,7 @@
 //! its threads, and the first parallel call would wait forever. The pool therefore remembers the
 //! process that built it, and a forked child builds its own on first use.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -22,17 +22,20 @@ struct Pool {
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 static REQUESTED: Mutex<Option<usize>> = Mutex::new(None);
 
-/// The thread count a new pool gets: `set_num_threads`, else `OPTIRS_NUM_THREADS`, else the
-/// CPUs this process may run on.
+/// The thread count steps use: `set_num_threads`, else `OPTIRS_NUM_THREADS` (read once, like
+/// `OMP_NUM_THREADS`), else the CPUs this process may run on.
 fn wanted_threads() -> usize {
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
     if let Some(n) = *REQUESTED.lock().unwrap_or_else(PoisonError::into_inner) {
         return n;
     }
-    std::env::var("OPTIRS_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    *DEFAULT.get_or_init(|| {
+        std::env::var("OPTIRS_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    })
 }
 
 fn current() -> Option<Arc<ThreadPool>> {

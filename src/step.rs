@@ -5,20 +5,15 @@
 //! parameters, gradients and state exactly as they were.
 
 use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE};
-use numpy::{
-    dtype, Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
-    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
-};
+use numpy::{dtype, PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyAnyMethods;
+use pyo3::types::{PyAnyMethods, PyTuple, PyTupleMethods};
 
 use crate::errors::{type_err, value_err, StepError};
 use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use crate::kernels::adam::{AdamHyper, AdamScalars};
 use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
 use crate::kernels::sgd::{SgdHyper, SgdScalars};
-use half::slice::HalfBitsSliceExt;
-
 use crate::kernels::{simd, Float, Rule, Slices, Storage};
 use crate::pool;
 
@@ -236,6 +231,14 @@ enum DType {
 }
 
 impl DType {
+    fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             DType::F32 => "float32",
@@ -256,19 +259,36 @@ fn as_array<'a, 'py>(
     }
 }
 
-fn float_dtype(a: &Bound<'_, PyUntypedArray>) -> Option<DType> {
-    let py = a.py();
-    let d = a.dtype();
-    if d.is_equiv_to(&dtype::<f32>(py)) {
-        Some(DType::F32)
-    } else if d.is_equiv_to(&dtype::<f64>(py)) {
-        Some(DType::F64)
-    } else if d.is_equiv_to(&dtype::<half::f16>(py)) {
-        Some(DType::F16)
-    } else if d.is_equiv_to(&dtype::<u16>(py)) {
-        Some(DType::Bf16)
-    } else {
-        None
+/// The descriptors of the dtypes the core takes, fetched once per step: most arrays share
+/// NumPy's builtin descriptors, so a pointer comparison settles their dtype.
+struct Dtypes<'py> {
+    known: [(Bound<'py, PyArrayDescr>, DType); 4],
+}
+
+impl<'py> Dtypes<'py> {
+    fn new(py: Python<'py>) -> Self {
+        Dtypes {
+            known: [
+                (dtype::<f32>(py), DType::F32),
+                (dtype::<f64>(py), DType::F64),
+                (dtype::<half::f16>(py), DType::F16),
+                (dtype::<u16>(py), DType::Bf16),
+            ],
+        }
+    }
+
+    fn of(&self, a: &Bound<'_, PyUntypedArray>) -> Option<DType> {
+        // SAFETY: `a` is a live ndarray; reading its descriptor pointer has no side effects.
+        let descr = unsafe { (*a.as_array_ptr()).fields.descr };
+        if let Some((_, dt)) = self.known.iter().find(|(d, _)| d.as_ptr().cast() == descr) {
+            return Some(*dt);
+        }
+        // Equal but distinct descriptors (e.g. made by np.dtype('<f4')).
+        let d = a.dtype();
+        self.known
+            .iter()
+            .find(|(k, _)| d.is_equiv_to(k))
+            .map(|(_, dt)| *dt)
     }
 }
 
@@ -283,6 +303,11 @@ fn flags(a: &Bound<'_, PyUntypedArray>) -> i32 {
 
 fn is_writeable(a: &Bound<'_, PyUntypedArray>) -> bool {
     flags(a) & NPY_ARRAY_WRITEABLE != 0
+}
+
+fn data_ptr(a: &Bound<'_, PyUntypedArray>) -> *mut u8 {
+    // SAFETY: as above, a plain field read.
+    unsafe { (*a.as_array_ptr()).fields.data.cast() }
 }
 
 /// Contiguous and aligned to its dtype: what a Rust slice over its memory needs.
@@ -301,36 +326,37 @@ fn check_layout(a: &Bound<'_, PyUntypedArray>, what: &dyn Fn() -> String) -> Res
     Ok(())
 }
 
-/// The bytes an array covers: `[start, end)`. Only meaningful for contiguous arrays.
-fn span(a: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
-    // SAFETY: as above, a plain field read.
-    let start = unsafe { (*a.as_array_ptr()).fields.data } as usize;
-    let bytes = a.len() * a.dtype().itemsize();
-    (start, start + bytes)
+/// The bytes an array of `dtype` covers: `[start, end)`. Only meaningful for contiguous arrays.
+fn span(a: &Bound<'_, PyUntypedArray>, dtype: DType) -> (usize, usize) {
+    let start = data_ptr(a) as usize;
+    (start, start + a.len() * dtype.size())
 }
 
-/// Checks one state buffer (or the parameter itself) against the parameter's dtype and shape.
+/// Checks a gradient or state buffer against its parameter's dtype and shape, and its layout.
 fn check_buffer(
     a: &Bound<'_, PyUntypedArray>,
+    dtypes: &Dtypes<'_>,
     want: DType,
     shape: &[usize],
     what: &dyn Fn() -> String,
-    of_param: &str,
+    at: Where,
 ) -> Result<(), StepError> {
-    if float_dtype(a) != Some(want) {
+    if dtypes.of(a) != Some(want) {
         return type_err!(
-            "{} has dtype {}, expected {} (the dtype of {of_param})",
+            "{} has dtype {}, expected {} (the dtype of {})",
             what(),
             dtype_str(a),
-            want.name()
+            want.name(),
+            at.param()
         );
     }
     if a.shape() != shape {
         return value_err!(
-            "{} has shape {:?}, expected {:?} (the shape of {of_param})",
+            "{} has shape {:?}, expected {:?} (the shape of {})",
             what(),
             a.shape(),
-            shape
+            shape,
+            at.param()
         );
     }
     check_layout(a, what)
@@ -365,11 +391,18 @@ impl Span {
 
 /// Refuses any overlap between an array the step writes and any other array it touches.
 /// Gradients may share memory with each other: they are only read.
-fn check_overlaps(spans: &mut [Span]) -> Result<(), StepError> {
-    spans.sort_unstable_by_key(|s| s.start);
-    let mut furthest_any: Option<Span> = None;
-    let mut furthest_written: Option<Span> = None;
-    for s in spans.iter() {
+fn check_overlaps(spans: &[Span]) -> Result<(), StepError> {
+    // Sorting (start, index) pairs moves far less memory than sorting the spans themselves.
+    let mut order: Vec<(usize, u32)> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.start, i as u32))
+        .collect();
+    order.sort_unstable();
+    let mut furthest_any: Option<&Span> = None;
+    let mut furthest_written: Option<&Span> = None;
+    for &(_, i) in &order {
+        let s = &spans[i as usize];
         let clash = if s.writes {
             furthest_any
         } else {
@@ -384,142 +417,70 @@ fn check_overlaps(spans: &mut [Span]) -> Result<(), StepError> {
             );
         }
         if furthest_any.is_none_or(|o| s.end > o.end) {
-            furthest_any = Some(*s);
+            furthest_any = Some(s);
         }
         if s.writes && furthest_written.is_none_or(|o| s.end > o.end) {
-            furthest_written = Some(*s);
+            furthest_written = Some(s);
         }
     }
     Ok(())
 }
 
-/// A validated parameter awaiting its borrow.
-struct Checked<'a, 'py> {
+/// A parameter that passed every check: where its arrays' elements are, and what to do.
+///
+/// Addresses, not borrows: the overlap check over every array of the step is stricter than
+/// rust-numpy's borrow tracking, and skipping five tracked borrows per parameter is most of
+/// the per-parameter cost of a step over many small tensors.
+struct Checked {
     dtype: DType,
-    param: &'a Bound<'py, PyUntypedArray>,
-    grad: &'a Bound<'py, PyUntypedArray>,
-    bufs: [Option<Bound<'py, PyUntypedArray>>; 3],
-    step: Option<&'a Bound<'py, PyUntypedArray>>,
-    hyper: Hyper,
-    fresh: bool,
-    at: Where,
+    len: usize,
+    param: *mut u8,
+    grad: *const u8,
+    bufs: [Option<*mut u8>; 3],
+    /// The step counter and its value once this step is applied. `'static` stands for "this
+    /// step": the counter's array is held alive by the caller's lists until `run` returns.
+    step: Option<CounterSlot<'static>>,
+    rule: RuleOf,
 }
 
-/// Validates one parameter that has a gradient: its own array, the gradient, the state buffers
-/// its group's options use and its step counter.
-fn check_param<'a, 'py>(
-    kind: Kind,
-    hyper: Hyper,
-    at: Where,
-    param: &'a Bound<'py, PyAny>,
-    grad: &'a Bound<'py, PyAny>,
-    buffers: &'a Bound<'py, PyAny>,
-    step: &'a Bound<'py, PyAny>,
-    fresh: bool,
-) -> Result<Checked<'a, 'py>, StepError> {
-    let param = as_array(param, &|| at.param())?;
-    let Some(dtype) = float_dtype(param) else {
-        return type_err!(
-            "{} has dtype {}; optirs updates float32, float64, float16 and bfloat16 arrays",
-            at.param(),
-            dtype_str(param)
-        );
-    };
-    check_layout(param, &|| at.param())?;
-    if !is_writeable(param) {
-        return value_err!("{} is read-only (its writeable flag is False)", at.param());
-    }
-    let shape = param.shape();
-    let pname = at.param();
-    let grad = as_array(grad, &|| at.grad())?;
-    check_buffer(grad, dtype, shape, &|| at.grad(), &pname)?;
-
-    let mut bufs = [None, None, None];
-    for (i, (name, need)) in kind.buffer_names().iter().zip(hyper.needs()).enumerate() {
-        if !need {
-            continue;
-        }
-        let what = || at.state(name);
-        let obj = match buffers.get_item(i) {
-            Ok(obj) if !obj.is_none() => obj,
-            _ => return value_err!("{} is missing", what()),
-        };
-        let arr = as_array(&obj, &what)?.clone();
-        check_buffer(&arr, dtype, shape, &what, &pname)?;
-        if !is_writeable(&arr) {
-            return value_err!("{} is read-only (its writeable flag is False)", what());
-        }
-        bufs[i] = Some(arr);
-    }
-
-    let step = if kind.counts_steps() {
-        let what = || at.state("step");
-        if step.is_none() {
-            return value_err!("{} is missing", what());
-        }
-        let s = as_array(step, &what)?;
-        if !matches!(float_dtype(s), Some(DType::F32 | DType::F64)) || s.ndim() != 0 {
-            return type_err!(
-                "{} must be a 0-d float32 (or float64) array, got dtype {} with shape {:?}",
-                what(),
-                dtype_str(s),
-                s.shape()
-            );
-        }
-        check_layout(s, &what)?;
-        if !is_writeable(s) {
-            return value_err!("{} is read-only (its writeable flag is False)", what());
-        }
-        Some(s)
-    } else {
-        None
-    };
-    Ok(Checked {
-        dtype,
-        param,
-        grad,
-        bufs,
-        step,
-        hyper,
-        fresh,
-        at,
-    })
+/// The per-step scalars, in the compute type of the parameter's dtype.
+#[derive(Clone, Copy)]
+enum RuleOf {
+    F32(Rule<f32>),
+    F64(Rule<f64>),
 }
 
-impl Checked<'_, '_> {
-    /// The memory this parameter's update reads and writes, for the overlap check.
-    fn spans(&self, names: &[&'static str], out: &mut Vec<Span>) {
-        let at = self.at;
-        let mut add = |a: &Bound<'_, PyUntypedArray>, writes: bool, role: Role| {
-            let (start, end) = span(a);
-            if end > start {
-                out.push(Span {
-                    start,
-                    end,
-                    writes,
-                    role,
-                    at,
-                });
-            }
-        };
-        add(self.param, true, Role::Param);
-        add(self.grad, false, Role::Grad);
-        for (b, name) in self.bufs.iter().zip(names) {
-            if let Some(b) = b {
-                add(b, true, Role::State(name));
+/// The last per-step scalars computed: the parameters of one group usually share their step
+/// count, so their bias corrections (three `pow` calls for Adam) are computed once.
+#[derive(Default)]
+struct RuleMemo {
+    last: Option<(usize, bool, u64, bool, RuleOf)>,
+}
+
+impl RuleMemo {
+    fn get(
+        &mut self,
+        group: usize,
+        hyper: &Hyper,
+        dtype: DType,
+        count: f64,
+        fresh: bool,
+    ) -> RuleOf {
+        let wide = dtype == DType::F64;
+        let key = (group, wide, count.to_bits(), fresh);
+        if let Some((g, w, c, f, rule)) = self.last {
+            if (g, w, c, f) == key {
+                return rule;
             }
         }
-        if let Some(s) = self.step {
-            add(s, true, Role::State("step"));
-        }
+        let rule = if wide {
+            RuleOf::F64(hyper.rule(count, fresh))
+        } else {
+            RuleOf::F32(hyper.rule(count, fresh))
+        };
+        self.last = Some((key.0, key.1, key.2, key.3, rule));
+        rule
     }
-}
-
-/// A borrowed step counter and the value it takes once the step is applied. torch keeps it in
-/// float32, or in float64 when the default dtype is float64.
-enum Counter<'py> {
-    F32(PyReadwriteArrayDyn<'py, f32>, f32),
-    F64(PyReadwriteArrayDyn<'py, f64>, f64),
 }
 
 /// Where a counter's new value goes once every check has passed.
@@ -537,87 +498,136 @@ impl CounterSlot<'_> {
     }
 }
 
-/// Borrows a counter and computes torch's `step_t += 1` in the counter's own dtype; returns it
-/// with the new count as torch reads it back (`step_t.item()`).
-fn borrow_counter<'py>(
-    s: &Bound<'py, PyUntypedArray>,
-    what: &dyn Fn() -> String,
-) -> Result<(Counter<'py>, f64), StepError> {
-    fn first<T: Element + Copy>(
-        rw: &PyReadwriteArrayDyn<'_, T>,
-        what: &dyn Fn() -> String,
-    ) -> Result<T, StepError> {
-        match rw.as_slice().ok().and_then(|s| s.first()) {
-            Some(&v) => Ok(v),
-            None => value_err!("{} must hold one value", what()),
-        }
+/// Validates one parameter that has a gradient: its own array, the gradient, the state buffers
+/// its group's options use and its step counter; records their memory for the overlap check.
+fn check_param(
+    kind: Kind,
+    hyper: &Hyper,
+    rules: &mut RuleMemo,
+    at: Where,
+    dtypes: &Dtypes<'_>,
+    objs: [&Bound<'_, PyAny>; 4],
+    fresh: bool,
+    spans: &mut Vec<Span>,
+) -> Result<Checked, StepError> {
+    let [param, grad, buffers, step] = objs;
+    let group = at.group;
+    let param = as_array(param, &|| at.param())?;
+    let Some(dtype) = dtypes.of(param) else {
+        return type_err!(
+            "{} has dtype {}; optirs updates float32, float64, float16 and bfloat16 arrays",
+            at.param(),
+            dtype_str(param)
+        );
+    };
+    check_layout(param, &|| at.param())?;
+    if !is_writeable(param) {
+        return value_err!("{} is read-only (its writeable flag is False)", at.param());
     }
-    if float_dtype(s) == Some(DType::F64) {
-        let rw = borrow_rw::<f64>(s, what)?;
-        let new = first(&rw, what)? + 1.0;
-        Ok((Counter::F64(rw, new), new))
+    let shape = param.shape();
+    let grad = as_array(grad, &|| at.grad())?;
+    check_buffer(grad, dtypes, dtype, shape, &|| at.grad(), at)?;
+
+    let mut add = |a: &Bound<'_, PyUntypedArray>, dt: DType, writes: bool, role: Role| {
+        let (start, end) = span(a, dt);
+        if end > start {
+            spans.push(Span {
+                start,
+                end,
+                writes,
+                role,
+                at,
+            });
+        }
+    };
+    add(param, dtype, true, Role::Param);
+    add(grad, dtype, false, Role::Grad);
+    // The state of one parameter usually comes as a tuple: index it directly.
+    let tuple = buffers.cast::<PyTuple>().ok();
+
+    let mut bufs = [None, None, None];
+    for (i, (name, need)) in kind.buffer_names().iter().zip(hyper.needs()).enumerate() {
+        if !need {
+            continue;
+        }
+        let what = || at.state(name);
+        let obj = match tuple.map_or_else(|| buffers.get_item(i), |t| t.get_item(i)) {
+            Ok(obj) if !obj.is_none() => obj,
+            _ => return value_err!("{} is missing", what()),
+        };
+        let arr = as_array(&obj, &what)?;
+        check_buffer(arr, dtypes, dtype, shape, &what, at)?;
+        if !is_writeable(arr) {
+            return value_err!("{} is read-only (its writeable flag is False)", what());
+        }
+        add(arr, dtype, true, Role::State(name));
+        bufs[i] = Some(data_ptr(arr));
+    }
+
+    let (step, count) = if kind.counts_steps() {
+        let what = || at.state("step");
+        if step.is_none() {
+            return value_err!("{} is missing", what());
+        }
+        let s = as_array(step, &what)?;
+        let counter = check_counter(s, dtypes, &what)?;
+        add(s, counter.2, true, Role::State("step"));
+        (Some(counter.0), counter.1)
     } else {
-        let rw = borrow_rw::<f32>(s, what)?;
-        let new = first(&rw, what)? + 1.0;
-        Ok((Counter::F32(rw, new), f64::from(new)))
-    }
-}
-
-/// A borrowed parameter with its per-step scalars: elements of type `E` as NumPy holds
-/// them, arithmetic in `C`.
-struct Borrowed<'py, E: Element, C> {
-    param: PyReadwriteArrayDyn<'py, E>,
-    grad: PyReadonlyArrayDyn<'py, E>,
-    bufs: [Option<PyReadwriteArrayDyn<'py, E>>; 3],
-    step: Option<Counter<'py>>,
-    rule: Rule<C>,
-}
-
-fn borrow_rw<'py, T: Element>(
-    a: &Bound<'py, PyUntypedArray>,
-    what: &dyn Fn() -> String,
-) -> Result<PyReadwriteArrayDyn<'py, T>, StepError> {
-    let Ok(typed) = a.cast::<PyArrayDyn<T>>() else {
-        return type_err!("{} has an unexpected dtype", what());
+        (None, 0.0)
     };
-    match typed.try_readwrite() {
-        Ok(b) => Ok(b),
-        Err(e) => value_err!("{} cannot be written: {e}", what()),
-    }
-}
-
-fn borrow<'py, T: Element, C: Float>(
-    c: &Checked<'_, 'py>,
-    names: &[&'static str],
-) -> Result<Borrowed<'py, T, C>, StepError> {
-    let at = c.at;
-    let Ok(grad) = c.grad.cast::<PyArrayDyn<T>>() else {
-        return type_err!("{} has an unexpected dtype", at.grad());
-    };
-    let grad = match grad.try_readonly() {
-        Ok(g) => g,
-        Err(e) => return value_err!("{} cannot be read: {e}", at.grad()),
-    };
-    let mut bufs: [Option<PyReadwriteArrayDyn<'py, T>>; 3] = [None, None, None];
-    for (slot, (b, name)) in bufs.iter_mut().zip(c.bufs.iter().zip(names)) {
-        if let Some(b) = b {
-            *slot = Some(borrow_rw::<T>(b, &|| at.state(name))?);
-        }
-    }
-    let (step, step_value) = match c.step {
-        Some(s) => {
-            let (counter, value) = borrow_counter(s, &|| at.state("step"))?;
-            (Some(counter), value)
-        }
-        None => (None, 0.0),
-    };
-    Ok(Borrowed {
-        param: borrow_rw::<T>(c.param, &|| at.param())?,
-        grad,
+    let rule = rules.get(group, hyper, dtype, count, fresh);
+    Ok(Checked {
+        dtype,
+        len: param.len(),
+        param: data_ptr(param),
+        grad: data_ptr(grad).cast_const(),
         bufs,
         step,
-        rule: c.hyper.rule::<C>(step_value, c.fresh),
+        rule,
     })
+}
+
+/// Checks a step counter; returns where its new value goes and that value as torch reads it
+/// back: `step_t += 1` in the counter's dtype, then `step_t.item()`.
+fn check_counter(
+    s: &Bound<'_, PyUntypedArray>,
+    dtypes: &Dtypes<'_>,
+    what: &dyn Fn() -> String,
+) -> Result<(CounterSlot<'static>, f64, DType), StepError> {
+    let counter_dtype = dtypes
+        .of(s)
+        .filter(|d| matches!(d, DType::F32 | DType::F64));
+    let (Some(counter_dtype), 0) = (counter_dtype, s.ndim()) else {
+        return type_err!(
+            "{} must be a 0-d float32 (or float64) array, got dtype {} with shape {:?}",
+            what(),
+            dtype_str(s),
+            s.shape()
+        );
+    };
+    check_layout(s, what)?;
+    if !is_writeable(s) {
+        return value_err!("{} is read-only (its writeable flag is False)", what());
+    }
+    // SAFETY: a 0-d array of that dtype, aligned (check_layout), holds exactly one element;
+    // the overlap check keeps any other array of the step away from it.
+    #[allow(clippy::cast_ptr_alignment)]
+    unsafe {
+        if counter_dtype == DType::F64 {
+            let p = data_ptr(s).cast::<f64>();
+            let new = *p + 1.0;
+            Ok((CounterSlot::F64(&mut *p, new), new, counter_dtype))
+        } else {
+            let p = data_ptr(s).cast::<f32>();
+            let new = *p + 1.0;
+            Ok((
+                CounterSlot::F32(&mut *p, new),
+                f64::from(new),
+                counter_dtype,
+            ))
+        }
+    }
 }
 
 /// One piece of work for a thread: a chunk of one parameter and its rule.
@@ -648,92 +658,70 @@ impl Item<'_> {
     }
 }
 
-/// How a borrowed NumPy element slice becomes the storage type a kernel runs over.
-trait AsStorage<S>: Element {
-    fn cast(s: &[Self]) -> &[S];
-    fn cast_mut(s: &mut [Self]) -> &mut [S];
-}
-
-impl<T: Element + Storage> AsStorage<T> for T {
-    fn cast(s: &[T]) -> &[T] {
-        s
-    }
-    fn cast_mut(s: &mut [T]) -> &mut [T] {
-        s
-    }
-}
-
-impl AsStorage<half::bf16> for u16 {
-    fn cast(s: &[u16]) -> &[half::bf16] {
-        s.reinterpret_cast()
-    }
-    fn cast_mut(s: &mut [u16]) -> &mut [half::bf16] {
-        s.reinterpret_cast_mut()
-    }
-}
-
 /// Elements per work item: a chunk's parameter, gradient and state stay within L2 together.
 pub const CHUNK_ELEMS: usize = 1 << 14;
 
-fn push_items<'a, E: AsStorage<S>, S: Storage>(
-    entries: &'a mut [Borrowed<'_, E, S::Compute>],
-    wrap: fn(Rule<S::Compute>, Slices<'a, S>) -> Item<'a>,
-    items: &mut Vec<Item<'a>>,
-    steps: &mut Vec<CounterSlot<'a>>,
-) -> Result<(), StepError> {
-    let mut pieces = Vec::new();
-    for e in entries {
-        let Borrowed {
-            param,
-            grad,
-            bufs,
-            step,
-            rule,
-        } = e;
-        let (Ok(param), Ok(grad)) = (param.as_slice_mut(), grad.as_slice()) else {
-            return value_err!("a parameter or gradient is not contiguous");
-        };
-        let (param, grad) = (E::cast_mut(param), E::cast(grad));
-        let mut b: [Option<&mut [S]>; 3] = [None, None, None];
-        for (slot, buf) in b.iter_mut().zip(bufs.iter_mut()) {
-            if let Some(buf) = buf {
-                match buf.as_slice_mut() {
-                    Ok(s) => *slot = Some(E::cast_mut(s)),
-                    Err(_) => return value_err!("a state buffer is not contiguous"),
+/// The slices of one checked parameter, as storage type `S`.
+///
+/// # Safety
+/// `c` must come from `check_param` in this step, with its arrays still alive and the overlap
+/// check passed, so that the memory is valid, aligned, of dtype `S`, and written through no
+/// other slice.
+unsafe fn slices<'a, S>(c: &Checked) -> Slices<'a, S> {
+    #[allow(clippy::cast_ptr_alignment)] // check_layout verified the alignment
+    unsafe fn mk<'a, S>(p: *mut u8, len: usize) -> &'a mut [S] {
+        if len == 0 {
+            // NumPy may give an empty array any address; a slice needs an aligned one.
+            &mut []
+        } else {
+            unsafe { std::slice::from_raw_parts_mut(p.cast::<S>(), len) }
+        }
+    }
+    unsafe {
+        Slices {
+            param: mk(c.param, c.len),
+            // Shared, never `&mut`: two parameters may read one gradient.
+            grad: if c.len == 0 {
+                &[]
+            } else {
+                std::slice::from_raw_parts(c.grad.cast(), c.len)
+            },
+            bufs: c.bufs.map(|b| b.map(|p| mk(p, c.len))),
+        }
+    }
+}
+
+/// Cuts every checked parameter into work items.
+fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
+    fn push<'a, S: Storage>(
+        s: Slices<'a, S>,
+        rule: Rule<S::Compute>,
+        wrap: fn(Rule<S::Compute>, Slices<'a, S>) -> Item<'a>,
+        items: &mut Vec<Item<'a>>,
+    ) {
+        let mut rest = s;
+        while rest.len() > CHUNK_ELEMS {
+            let (head, tail) = rest.split_at(CHUNK_ELEMS);
+            items.push(wrap(rule, head));
+            rest = tail;
+        }
+        items.push(wrap(rule, rest));
+    }
+    for c in checked {
+        // SAFETY: every entry of `checked` passed check_param and the overlap check, and the
+        // Python objects holding its arrays outlive the step (see `run`).
+        unsafe {
+            match (c.dtype, c.rule) {
+                (DType::F32, RuleOf::F32(r)) => push(slices::<f32>(c), r, Item::F32, items),
+                (DType::F16, RuleOf::F32(r)) => push(slices::<half::f16>(c), r, Item::F16, items),
+                (DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<half::bf16>(c), r, Item::Bf16, items);
                 }
+                (DType::F64, RuleOf::F64(r)) => push(slices::<f64>(c), r, Item::F64, items),
+                _ => unreachable!("check_param pairs each dtype with its compute type"),
             }
         }
-        let slices = Slices {
-            param,
-            grad,
-            bufs: b,
-        };
-        if !slices.lengths_match() {
-            return value_err!("a gradient or state buffer does not match its parameter");
-        }
-        let has_counter = step.is_some();
-        let slot = match step {
-            Some(Counter::F32(rw, new)) => rw
-                .as_slice_mut()
-                .ok()
-                .and_then(|s| s.first_mut())
-                .map(|v| CounterSlot::F32(v, *new)),
-            Some(Counter::F64(rw, new)) => rw
-                .as_slice_mut()
-                .ok()
-                .and_then(|s| s.first_mut())
-                .map(|v| CounterSlot::F64(v, *new)),
-            None => None,
-        };
-        match slot {
-            Some(slot) => steps.push(slot),
-            None if has_counter => return value_err!("a step counter holds no value"),
-            None => {}
-        }
-        slices.chunks(CHUNK_ELEMS, &mut pieces);
-        items.extend(pieces.drain(..).map(|s| wrap(*rule, s)));
     }
-    Ok(())
 }
 
 /// Runs one step. See `optirs._core.step` in the stubs for the contract.
@@ -793,8 +781,9 @@ pub fn run(
         return value_err!("expected {n} fresh flags, got {}", fresh.len());
     }
 
-    // Validate every array of every parameter that has a gradient.
-    let names = kind.buffer_names();
+    // Validate every array of every parameter that has a gradient; nothing is written yet.
+    let dtypes = Dtypes::new(py);
+    let mut rules = RuleMemo::default();
     let mut checked = Vec::with_capacity(n);
     let mut spans = Vec::with_capacity(n * 3);
     for (flat, grad) in grads.iter().enumerate() {
@@ -803,44 +792,26 @@ pub fn run(
         }
         let (group, index) = group_of[flat];
         let at = Where { flat, group, index };
-        let c = check_param(
+        checked.push(check_param(
             kind,
-            hypers[group],
+            &hypers[group],
+            &mut rules,
             at,
-            &params[flat],
-            grad,
-            &buffers[flat],
-            &steps[flat],
+            &dtypes,
+            [&params[flat], grad, &buffers[flat], &steps[flat]],
             fresh.get(flat).copied().unwrap_or(false),
-        )?;
-        c.spans(names, &mut spans);
-        checked.push(c);
+            &mut spans,
+        )?);
     }
-    check_overlaps(&mut spans)?;
+    check_overlaps(&spans)?;
 
-    // Borrow (rust-numpy's borrow checker double-checks the aliasing rules) and compute the
-    // per-parameter scalars. Still nothing written.
-    let mut f32s: Vec<Borrowed<'_, f32, f32>> = Vec::new();
-    let mut f64s: Vec<Borrowed<'_, f64, f64>> = Vec::new();
-    let mut f16s: Vec<Borrowed<'_, half::f16, f32>> = Vec::new();
-    let mut bf16s: Vec<Borrowed<'_, u16, f32>> = Vec::new();
-    for c in &checked {
-        match c.dtype {
-            DType::F32 => f32s.push(borrow(c, names)?),
-            DType::F64 => f64s.push(borrow(c, names)?),
-            DType::F16 => f16s.push(borrow(c, names)?),
-            DType::Bf16 => bf16s.push(borrow(c, names)?),
-        }
-    }
-    let mut items = Vec::new();
-    let mut counters = Vec::new();
-    push_items(&mut f32s, Item::F32, &mut items, &mut counters)?;
-    push_items(&mut f64s, Item::F64, &mut items, &mut counters)?;
-    push_items(&mut f16s, Item::F16, &mut items, &mut counters)?;
-    push_items(&mut bf16s, Item::Bf16, &mut items, &mut counters)?;
+    let mut items = Vec::with_capacity(checked.len());
+    make_items(&checked, &mut items);
+    let counters: Vec<CounterSlot<'_>> = checked.iter_mut().filter_map(|c| c.step.take()).collect();
 
     // Every check passed: from here on nothing can fail.
     let level = simd::active();
+    // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
     py.detach(|| {
         let total: usize = items.iter().map(Item::len).sum();
         pool::for_each(items, total, |it| it.run(level));

@@ -377,3 +377,103 @@ def test_import_optirs_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     code = "import sys, optirs.torch; sys.exit('torch' not in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# The step plan (flat argument lists reused across steps) must notice every change it depends on.
+
+
+def _adam_pair(seed=0):
+    rng = np.random.default_rng(seed)
+    ps = [rng.standard_normal(n).astype(np.float32) for n in (5, 33, 7)]
+    gs = [[rng.standard_normal(p.shape).astype(np.float32) for p in ps] for _ in range(4)]
+    return ps, gs
+
+
+def test_plan_sees_a_rebound_state_buffer():
+    ps, gs = _adam_pair()
+    opt = optirs.Adam(ps, lr=0.1)
+    opt.step(gs[0])
+    new = np.full_like(ps[1], 0.25)
+    opt.state[ps[1]]["exp_avg"] = new  # rebinding, not writing into the old array
+    old_sq = opt.state[ps[1]]["exp_avg_sq"].copy()
+    opt.step(gs[1])
+    assert opt.state[ps[1]]["exp_avg"] is new
+    expected = np.float32(0.25) + np.float32(0.1) * (gs[1][1] - np.float32(0.25))
+    np.testing.assert_allclose(new, expected, rtol=1e-6)
+    assert not np.array_equal(opt.state[ps[1]]["exp_avg_sq"], old_sq)
+
+
+@pytest.mark.parametrize("how", ["update", "pop_and_set", "setdefault_new_key"])
+def test_plan_sees_other_state_mutations(how):
+    ps, gs = _adam_pair(1)
+    opt = optirs.Adam(ps, lr=0.1)
+    opt.step(gs[0])
+    entry = opt.state[ps[0]]
+    replacement = np.zeros_like(ps[0])
+    if how == "update":
+        entry.update(exp_avg=replacement)
+    elif how == "pop_and_set":
+        entry.pop("exp_avg")
+        entry["exp_avg"] = replacement
+    else:
+        del entry["exp_avg"]
+        entry.setdefault("exp_avg", replacement)
+    opt.step(gs[1])
+    assert opt.state[ps[0]]["exp_avg"] is replacement
+    assert np.any(replacement != 0)
+
+
+def test_plan_sees_a_parameter_replaced_in_its_group():
+    ps, gs = _adam_pair(2)
+    opt = optirs.SGD(ps, lr=0.5)
+    opt.step(gs[0])
+    other = np.ones_like(ps[2])
+    opt.param_groups[0]["params"][2] = other
+    before = ps[2].copy()
+    opt.step(gs[1])
+    np.testing.assert_array_equal(ps[2], before)  # the old array is no longer a parameter
+    np.testing.assert_allclose(other, 1 - np.float32(0.5) * gs[1][2], rtol=1e-6)
+
+
+def test_plan_sees_options_that_change_the_state_layout():
+    ps, gs = _adam_pair(3)
+    opt = optirs.Adam(ps, lr=0.1)
+    opt.step(gs[0])
+    assert "max_exp_avg_sq" not in opt.state[ps[0]]
+    opt.param_groups[0]["amsgrad"] = True
+    opt.step(gs[1])
+    assert all("max_exp_avg_sq" in opt.state[p] for p in ps)
+    assert float(opt.state[ps[0]]["step"]) == 2.0
+
+
+def test_plan_sees_a_new_group_and_a_first_gradient():
+    ps, gs = _adam_pair(4)
+    opt = optirs.Adam(ps[:2], lr=0.1)
+    opt.step(gs[0][:2])
+    opt.add_param_group({"params": [ps[2]], "lr": 0.01})
+    opt.step([gs[1][0], gs[1][1], None])
+    assert ps[2] not in opt.state
+    opt.step(gs[2])
+    assert float(opt.state[ps[2]]["step"]) == 1.0
+    assert float(opt.state[ps[0]]["step"]) == 3.0
+
+
+def test_plan_sees_load_state_dict():
+    """step, save, step, load, step == step, step: the load must replace what the plan holds."""
+    ps, gs = _adam_pair(5)
+    ref = [p.copy() for p in ps]
+    opt = optirs.Adam(ps, lr=0.1)
+    opt.step(gs[0])
+    saved = opt.state_dict()
+    kept = [p.copy() for p in ps]
+    opt.step(gs[2])
+    for p, k in zip(ps, kept):
+        p[...] = k
+    opt.load_state_dict(saved)
+    opt.step(gs[1])
+    ref_opt = optirs.Adam(ref, lr=0.1)
+    ref_opt.step(gs[0])
+    ref_opt.step(gs[1])
+    for a, b in zip(ps, ref):
+        np.testing.assert_array_equal(a, b)
+    assert float(opt.state[ps[0]]["step"]) == 2.0

@@ -16,7 +16,9 @@ parallel. ``optirs.torch`` (imported separately) wraps the same core for ``torch
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from itertools import chain
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,6 +58,56 @@ class _Required:
 required = _Required()
 
 
+class _Entry(dict):
+    """One parameter's state dict. Rebinding or removing a key bumps its owner's version, so a
+    step never keeps updating an array the state no longer holds."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: ParamState, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner = owner
+
+    def _touch(self) -> None:
+        self._owner._version += 1
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._touch()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._touch()
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self._touch()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._touch()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._touch()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._touch()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._touch()
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> _Entry:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled and copied as a plain dict; ParamState wraps it again.
+        return (dict, (dict(self),))
+
+
 class ParamState(MutableMapping):
     """``opt.state``: each parameter's state dict, keyed by the parameter array itself.
 
@@ -64,7 +116,9 @@ class ParamState(MutableMapping):
     """
 
     def __init__(self) -> None:
-        self._items: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
+        self._items: dict[int, tuple[np.ndarray, _Entry]] = {}
+        #: bumped by every change, so cached step plans know when to look again
+        self._version = 0
 
     def __getitem__(self, param: np.ndarray) -> dict[str, Any]:
         try:
@@ -72,10 +126,12 @@ class ParamState(MutableMapping):
         except KeyError:
             raise KeyError("this array has no optimizer state (it has not been stepped)") from None
 
-    def __setitem__(self, param: np.ndarray, value: dict[str, Any]) -> None:
-        self._items[id(param)] = (param, value)
+    def __setitem__(self, param: np.ndarray, value: Mapping[str, Any]) -> None:
+        self._version += 1
+        self._items[id(param)] = (param, _Entry(self, value))
 
     def __delitem__(self, param: np.ndarray) -> None:
+        self._version += 1
         del self._items[id(param)]
 
     def __contains__(self, param: object) -> bool:
@@ -97,10 +153,79 @@ class ParamState(MutableMapping):
 
     # Keys are object ids, which change across pickling: store pairs, rebuild the ids.
     def __getstate__(self) -> list[tuple[np.ndarray, dict[str, Any]]]:
-        return list(self._items.values())
+        return [(p, dict(s)) for p, s in self._items.values()]
 
     def __setstate__(self, pairs: list[tuple[np.ndarray, dict[str, Any]]]) -> None:
-        self._items = {id(p): (p, s) for p, s in pairs}
+        self._version = 0
+        self._items = {id(p): (p, _Entry(self, s)) for p, s in pairs}
+
+
+class _Plan:
+    """The flat argument lists of ``_core.step``, kept from one step to the next.
+
+    Building them walks every parameter and its state in Python; reusing them costs one
+    identity comparison per parameter. ``fits`` says whether anything they were built from has
+    changed since.
+    """
+
+    __slots__ = (
+        "buffers",
+        "fresh",
+        "lens",
+        "lists",
+        "missing",
+        "needs",
+        "params",
+        "state",
+        "steps",
+        "version",
+    )
+
+    def __init__(self, opt: Optimizer, groups: list[dict[str, Any]]) -> None:
+        spec = opt._spec
+        names = spec.buffers
+        state = opt.state
+        self.state = state
+        self.version = state._version
+        self.lists = [g["params"] for g in groups]
+        self.lens = [len(ps) for ps in self.lists]
+        self.needs = [spec.needs(g) for g in groups]
+        self.params: list[Any] = []
+        self.buffers: list[Any] = []
+        self.steps: list[Any] = []
+        #: flat indices of parameters whose state is not complete yet
+        self.missing: list[int] = []
+        for ps, need in zip(self.lists, self.needs):
+            required = [n for n, want in zip(names, need) if want]
+            if spec.counts_steps:
+                required.append("step")
+            for p in ps:
+                entry = state.get(p, _EMPTY)
+                if any(entry.get(n) is None for n in required):
+                    self.missing.append(len(self.params))
+                    self.buffers.append(None)
+                    self.steps.append(None)
+                else:
+                    self.buffers.append(tuple(map(entry.get, names)))
+                    self.steps.append(entry.get("step"))
+                self.params.append(p)
+        self.fresh = [False] * len(self.params)
+
+    def fits(self, opt: Optimizer, groups: list[dict[str, Any]], grads: list[Any]) -> bool:
+        """True when the lists still describe ``groups`` and the state, and no parameter
+        whose state is incomplete has a gradient this step."""
+        if opt.state is not self.state or self.state._version != self.version:
+            return False
+        if len(groups) != len(self.lists):
+            return False
+        needs = opt._spec.needs
+        for g, ps, n, need in zip(groups, self.lists, self.lens, self.needs):
+            current = g["params"]
+            if current is not ps or len(current) != n or needs(g) != need:
+                return False
+        if not all(map(operator.is_, chain.from_iterable(self.lists), self.params)):
+            return False
+        return all(grads[i] is None for i in self.missing)
 
 
 def _check_param(p: Any) -> np.ndarray:
@@ -142,6 +267,7 @@ class Optimizer:
         self.defaults = defaults
         self.state = ParamState()
         self.param_groups: list[dict[str, Any]] = []
+        self._plan: _Plan | None = None
         if isinstance(params, np.ndarray):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of ndarrays or "
@@ -239,51 +365,61 @@ class Optimizer:
                 "grads must be a sequence with one gradient (or None) per parameter, got "
                 f"{_tn(grads)}"
             )
-        grads = list(grads)
+        if not isinstance(grads, list):
+            grads = list(grads)
         spec = self._spec
         groups = self.param_groups
-        params: list[Any] = []
-        owners: list[Mapping[str, Any]] = []
         for group in groups:
             spec.validate(group)
-            params.extend(group["params"])
-            owners.extend([group] * len(group["params"]))
-        if len(grads) != len(params):
-            raise ValueError(
-                f"expected {len(params)} gradients (one per parameter, in param_groups order; "
-                f"None for a parameter without a gradient), got {len(grads)}"
-            )
+        plan = self._plan
+        if plan is None or len(grads) != len(plan.params) or not plan.fits(self, groups, grads):
+            plan = self._plan = _Plan(self, groups)
+            if len(grads) != len(plan.params):
+                raise ValueError(
+                    f"expected {len(plan.params)} gradients (one per parameter, in param_groups "
+                    f"order; None for a parameter without a gradient), got {len(grads)}"
+                )
+            if any(grads[i] is not None for i in plan.missing):
+                self._step_creating_state(groups, plan, grads)
+                return
+        _core.step(spec.kind, groups, plan.params, grads, plan.buffers, plan.steps, plan.fresh)
+
+    def _step_creating_state(
+        self, groups: list[dict[str, Any]], plan: _Plan, grads: list[Any]
+    ) -> None:
+        """A step in which some parameters get their first state: it is made aside and kept
+        only when the step succeeds."""
+        spec = self._spec
         names = spec.buffers
-        buffers: list[Any] = []
-        steps: list[Any] = []
-        fresh: list[bool] = []
+        buffers = list(plan.buffers)
+        steps = list(plan.steps)
+        fresh = list(plan.fresh)
         created: list[tuple[np.ndarray, dict[str, Any]]] = []
-        for p, g, group in zip(params, grads, owners):
-            if g is None:
-                buffers.append(None)
-                steps.append(None)
-                fresh.append(False)
+        owners = [g for g, ps in zip(groups, plan.lists) for _ in ps]
+        for i in plan.missing:
+            if grads[i] is None:
                 continue
-            state = self.state.get(p, _EMPTY)
+            p, group = plan.params[i], owners[i]
+            state = dict(self.state.get(p, _EMPTY))
             need = spec.needs(group)
             missing = [n for n, want in zip(names, need) if want and state.get(n) is None]
             if spec.counts_steps and "step" not in state:
                 missing.append("step")
-            if missing:
-                # Built aside and kept only if the step succeeds.
-                state = dict(state)
-                for n in missing:
-                    if n == "step":
-                        state[n] = np.zeros((), np.float32)
-                    else:
-                        state[n] = self._new_state(p, group, n)
-                created.append((p, state))
-            buffers.append(tuple(state.get(n) for n in names))
-            steps.append(state.get("step"))
-            fresh.append("momentum_buffer" in missing)
-        _core.step(spec.kind, groups, params, grads, buffers, steps, fresh)
+            if not missing:
+                continue
+            for n in missing:
+                if n == "step":
+                    state[n] = np.zeros((), np.float32)
+                else:
+                    state[n] = self._new_state(p, group, n)
+            created.append((p, state))
+            buffers[i] = tuple(state.get(n) for n in names)
+            steps[i] = state.get("step")
+            fresh[i] = "momentum_buffer" in missing
+        _core.step(spec.kind, groups, plan.params, grads, buffers, steps, fresh)
         for p, state in created:
             self.state[p] = state
+        self._plan = None
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state in torch's layout, as copies.
@@ -382,6 +518,7 @@ class Optimizer:
             new_state[p] = entry
         self.param_groups = new_groups
         self.state = new_state
+        self._plan = None
 
 
 def _copy_value(v: Any) -> Any:
