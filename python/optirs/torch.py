@@ -20,7 +20,9 @@ and its state. Anything else raises a clear error before anything is modified.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -102,6 +104,19 @@ class _Bridge:
             )
 
     def _optirs_step(self) -> None:
+        groups = self.param_groups
+        for group in groups:
+            self._spec.validate(group)
+        plan = getattr(self, "_optirs_plan", None)
+        if plan is not None and plan.fits(self, groups) and plan.step(self):
+            return
+        self._optirs_plan = None
+        self._optirs_full_step()
+        self._optirs_plan = _Plan(self, groups)
+
+    def _optirs_full_step(self) -> None:
+        """A step that looks at everything afresh: state made where missing, every tensor
+        checked and viewed."""
         spec = self._spec
         names = spec.buffers
         params: list[Any] = []
@@ -112,7 +127,6 @@ class _Bridge:
         created: list[tuple[torch.Tensor, dict[str, Any]]] = []
         written: list[torch.Tensor] = []
         for gi, group in enumerate(self.param_groups):
-            spec.validate(group)
             need = spec.needs(group)
             for i, p in enumerate(group["params"]):
                 g = p.grad
@@ -167,6 +181,120 @@ class _Bridge:
 
     def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class _Cached:
+    """One parameter's views, kept while its storage, state entries and gradient stay put."""
+
+    __slots__ = ("grad", "grad_ptr", "grad_view", "items", "keys", "p", "ptr", "views", "where")
+
+    def __init__(self, p: torch.Tensor, ptr: int, keys: tuple[str, ...], items: tuple[Any, ...]):
+        self.p = p
+        self.ptr = ptr
+        self.keys = keys
+        self.items = items
+        self.views: tuple[Any, Any, Any] | None = None  # (param, buffers, step)
+        self.grad: torch.Tensor | None = None
+        self.grad_ptr = 0
+        self.grad_view: Any = None
+        self.where = ""
+
+
+class _Plan:
+    """What ``_optirs_full_step`` found, reused while it still holds.
+
+    Per parameter and step it costs a gradient lookup, two storage-pointer reads and one
+    identity comparison per state entry, instead of a fresh NumPy view of every tensor.
+    """
+
+    def __init__(self, opt: _Bridge, groups: list[dict[str, Any]]) -> None:
+        spec = opt._spec
+        self.state = opt.state
+        self.lists = [g["params"] for g in groups]
+        self.lens = [len(ps) for ps in self.lists]
+        self.needs = [spec.needs(g) for g in groups]
+        self.entries: list[_Cached | None] = []
+        self.params = []
+        for gi, (ps, need) in enumerate(zip(self.lists, self.needs)):
+            keys = tuple(n for n, want in zip(spec.buffers, need) if want)
+            keys += ("step",) if spec.counts_steps else ()
+            for i, p in enumerate(ps):
+                self.params.append(p)
+                state = opt.state.get(p) or {}
+                items = tuple(state.get(k) for k in keys)
+                ok = p.device.type == "cpu" and p.dtype in _DTYPES and not p.is_complex()
+                if not ok or any(not isinstance(t, torch.Tensor) for t in items):
+                    self.entries.append(None)  # not stepped yet, or something to refuse
+                    continue
+                where = f"param_groups[{gi}]['params'][{i}]"
+                try:
+                    layout = _Layout(p, where)
+                    bufs = tuple(
+                        None if state.get(n) is None else layout.view(state[n], n)
+                        for n in spec.buffers
+                    )
+                    step = state.get("step")
+                    e = _Cached(p, p.data_ptr(), keys, items)
+                    e.views = (
+                        layout.view(p, where),
+                        bufs,
+                        None if step is None else _scalar_view(step, where),
+                    )
+                except (TypeError, ValueError):
+                    self.entries.append(None)
+                    continue
+                e.where = where
+                self.entries.append(e)
+        self.written = [
+            [e.p, *(t for t in e.items if t is not None)] if e is not None else []
+            for e in self.entries
+        ]
+        self.fresh = [False] * len(self.entries)
+
+    def fits(self, opt: _Bridge, groups: list[dict[str, Any]]) -> bool:
+        """Groups, their parameter lists and layout-changing options are as they were."""
+        if opt.state is not self.state or len(groups) != len(self.lists):
+            return False
+        needs = opt._spec.needs
+        for g, ps, n, need in zip(groups, self.lists, self.lens, self.needs):
+            current = g["params"]
+            if current is not ps or len(current) != n or needs(g) != need:
+                return False
+        return all(map(operator.is_, chain.from_iterable(self.lists), self.params))
+
+    def step(self, opt: _Bridge) -> bool:
+        """Steps through the cached views; False (nothing done) when something changed."""
+        n = len(self.entries)
+        params: list[Any] = [None] * n
+        grads: list[Any] = [None] * n
+        buffers: list[Any] = [None] * n
+        steps: list[Any] = [None] * n
+        written: list[torch.Tensor] = []
+        state = self.state
+        for k, e in enumerate(self.entries):
+            p = self.params[k]
+            g = p.grad
+            if g is None:
+                continue
+            if e is None or p.data_ptr() != e.ptr:
+                return False
+            entry = state.get(p)
+            if entry is None or any(entry.get(key) is not t for key, t in zip(e.keys, e.items)):
+                return False
+            if g is not e.grad or g.data_ptr() != e.grad_ptr:
+                if g.is_sparse or g.dtype != p.dtype or g.device.type != "cpu":
+                    return False  # the full step raises the right error
+                if g.shape != p.shape:
+                    return False
+                e.grad_view = _Layout(p, e.where).view(g, f"the gradient of {e.where}")
+                e.grad, e.grad_ptr = g, g.data_ptr()
+            params[k], buffers[k], steps[k] = e.views
+            grads[k] = e.grad_view
+            written.extend(self.written[k])
+        _core.step(opt._spec.kind, opt.param_groups, params, grads, buffers, steps, self.fresh)
+        if written:
+            increment_version(written)
+        return True
 
 
 class _Layout:
