@@ -36,6 +36,18 @@ pub mod _core {
         stepper::run(py, kind, groups, params, grads, buffers, steps, fresh).map_err(PyErr::from)
     }
 
+    /// The memory-traffic ceiling probe: `read_write[k] ^= xor of read_only`, byte by byte,
+    /// over the same pool and chunking as a step (used by `python -m optirs bench`).
+    #[pyfunction]
+    #[allow(clippy::needless_pass_by_value)]
+    fn traffic(
+        py: Python<'_>,
+        read_only: Vec<Bound<'_, numpy::PyUntypedArray>>,
+        read_write: Vec<Bound<'_, numpy::PyUntypedArray>>,
+    ) -> PyResult<()> {
+        crate::probe::traffic(py, &read_only, &read_write).map_err(PyErr::from)
+    }
+
     /// The SIMD level in use: "avx512", "avx2" or the baseline ("sse2", "neon").
     #[pyfunction]
     fn simd_level() -> &'static str {

@@ -7,6 +7,7 @@ pub mod kernels;
 mod bindings;
 mod errors;
 mod pool;
+mod probe;
 mod step;
 
 pub use bindings::_core;

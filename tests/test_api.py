@@ -477,3 +477,16 @@ def test_plan_sees_load_state_dict():
     for a, b in zip(ps, ref):
         np.testing.assert_array_equal(a, b)
     assert float(opt.state[ps[0]]["step"]) == 2.0
+
+
+def test_traffic_probe_moves_the_bytes_it_claims():
+    """The benchmark's ceiling probe reads and writes every byte (checked by its XOR result)."""
+    rng = np.random.default_rng(3)
+    read = rng.integers(0, 2**32, 100_003, dtype=np.uint32).view(np.float32)
+    writes = [rng.integers(0, 2**32, 100_003, dtype=np.uint32).view(np.float32) for _ in range(3)]
+    expected = [(w.view(np.uint32) ^ read.view(np.uint32)) for w in writes]
+    optirs._core.traffic([read], writes)
+    for w, e in zip(writes, expected):
+        np.testing.assert_array_equal(w.view(np.uint32), e)
+    with pytest.raises(ValueError):
+        optirs._core.traffic([read], [writes[0], writes[0]])

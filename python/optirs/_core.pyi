@@ -13,6 +13,7 @@ __all__ = [
     "simd_level",
     "simd_levels",
     "step",
+    "traffic",
 ]
 
 __version__: str
@@ -38,6 +39,10 @@ def step(
     that parameter. Everything is validated before anything is written: TypeError or
     ValueError, naming the array, and nothing modified.
     """
+
+def traffic(read_only: list[Any], read_write: list[Any]) -> None:
+    """Memory-traffic ceiling probe: ``read_write[k] ^= xor of read_only``, byte by byte, over
+    the same pool and chunking as a step. Arrays: C-contiguous, equal size in bytes."""
 
 def simd_level() -> str:
     """The SIMD level in use: "avx512", "avx2" or the baseline ("sse2", "neon")."""
