@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 
 #[pymodule]
 pub mod _core {
-    use pyo3::exceptions::PyValueError;
+    use pyo3::exceptions::{PyRuntimeError, PyValueError};
     use pyo3::prelude::*;
     use pyo3::types::PyDict;
 
@@ -19,10 +19,19 @@ pub mod _core {
         Ok(())
     }
 
-    /// Runs one optimizer step over every parameter of every group.
+    /// Runs one optimizer step over every parameter of every group; returns whether it was
+    /// applied. A panic (a bug, never a user's mistake) surfaces as `RuntimeError`.
     #[pyfunction]
-    #[pyo3(signature = (kind, groups, params, grads, buffers, steps, fresh))]
-    #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
+    #[pyo3(signature = (
+        kind, groups, params, grads, buffers, steps, fresh, *,
+        skip_nonfinite = false, flush_denormals = false, _panic_for_tests = None
+    ))]
+    // The leading underscore keeps the test-only keyword out of sight in Python.
+    #[allow(
+        clippy::too_many_arguments,
+        clippy::needless_pass_by_value,
+        clippy::used_underscore_binding
+    )]
     fn step(
         py: Python<'_>,
         kind: &str,
@@ -32,8 +41,33 @@ pub mod _core {
         buffers: Vec<Bound<'_, PyAny>>,
         steps: Vec<Bound<'_, PyAny>>,
         fresh: Vec<bool>,
-    ) -> PyResult<()> {
-        stepper::run(py, kind, groups, params, grads, buffers, steps, fresh).map_err(PyErr::from)
+        skip_nonfinite: bool,
+        flush_denormals: bool,
+        _panic_for_tests: Option<String>,
+    ) -> PyResult<bool> {
+        let options = stepper::Options {
+            skip_nonfinite,
+            flush_denormals,
+            panic_for_tests: _panic_for_tests,
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            stepper::run(
+                py, kind, groups, params, grads, buffers, steps, fresh, &options,
+            )
+        }));
+        match result {
+            Ok(r) => r.map_err(PyErr::from),
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                Err(PyRuntimeError::new_err(format!(
+                    "optirs internal error (please report it): {msg}"
+                )))
+            }
+        }
     }
 
     /// The memory-traffic ceiling probe: `read_write[k] ^= xor of read_only`, byte by byte,

@@ -6,6 +6,7 @@ pub mod kernels;
 
 mod bindings;
 mod errors;
+mod fpenv;
 mod pool;
 mod probe;
 mod step;

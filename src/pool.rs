@@ -79,13 +79,27 @@ pub fn num_threads() -> usize {
     wanted_threads()
 }
 
+fn parallel(n_items: usize, total_elems: usize) -> Option<Arc<ThreadPool>> {
+    if n_items > 1 && total_elems >= PARALLEL_MIN_ELEMS && wanted_threads() > 1 {
+        current()
+    } else {
+        None
+    }
+}
+
 /// Runs `f` on every item, spread over the pool when the work is large enough.
 pub fn for_each<I: Send>(items: Vec<I>, total_elems: usize, f: impl Fn(I) + Send + Sync) {
-    if items.len() > 1 && total_elems >= PARALLEL_MIN_ELEMS && wanted_threads() > 1 {
-        if let Some(pool) = current() {
-            pool.install(|| items.into_par_iter().for_each(f));
-            return;
-        }
+    match parallel(items.len(), total_elems) {
+        Some(pool) => pool.install(|| items.into_par_iter().for_each(f)),
+        None => items.into_iter().for_each(f),
     }
-    items.into_iter().for_each(f);
+}
+
+/// True when `f` holds for every item (all items are looked at; the answer does not depend on
+/// the order or the number of threads).
+pub fn all<I: Sync>(items: &[I], total_elems: usize, f: impl Fn(&I) -> bool + Send + Sync) -> bool {
+    match parallel(items.len(), total_elems) {
+        Some(pool) => pool.install(|| items.par_iter().all(f)),
+        None => items.iter().all(f),
+    }
 }

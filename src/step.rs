@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyAnyMethods, PyTuple, PyTupleMethods};
 
 use crate::errors::{type_err, value_err, StepError};
+use crate::fpenv::FlushGuard;
 use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use crate::kernels::adam::{AdamHyper, AdamScalars};
 use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
@@ -639,6 +640,15 @@ enum Item<'a> {
 }
 
 impl Item<'_> {
+    fn grad_is_finite(&self) -> bool {
+        match self {
+            Item::F32(_, s) => s.grad_is_finite(),
+            Item::F64(_, s) => s.grad_is_finite(),
+            Item::F16(_, s) => s.grad_is_finite(),
+            Item::Bf16(_, s) => s.grad_is_finite(),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Item::F32(_, s) => s.len(),
@@ -724,7 +734,19 @@ fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
     }
 }
 
-/// Runs one step. See `optirs._core.step` in the stubs for the contract.
+/// Opt-in behaviours of a step.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Skip the whole step, changing nothing, when any gradient holds NaN or infinity.
+    pub skip_nonfinite: bool,
+    /// Flush denormals to zero on every thread of the step, for its duration.
+    pub flush_denormals: bool,
+    /// Test-only: panic at "validation" (before anything is written) or in a "worker".
+    pub panic_for_tests: Option<String>,
+}
+
+/// Runs one step. See `optirs._core.step` in the stubs for the contract. Returns whether the
+/// update was applied (false: skipped for a non-finite gradient, nothing written).
 ///
 /// # Errors
 /// A [`StepError`] for any input that does not fit; nothing has been written then.
@@ -738,7 +760,8 @@ pub fn run(
     buffers: Vec<Bound<'_, PyAny>>,
     steps: Vec<Bound<'_, PyAny>>,
     fresh: Vec<bool>,
-) -> Result<(), StepError> {
+    options: &Options,
+) -> Result<bool, StepError> {
     let kind = Kind::parse(kind)?;
     let n = params.len();
 
@@ -810,14 +833,31 @@ pub fn run(
     let counters: Vec<CounterSlot<'_>> = checked.iter_mut().filter_map(|c| c.step.take()).collect();
 
     // Every check passed: from here on nothing can fail.
+    if options.flush_denormals && !FlushGuard::supported() {
+        return value_err!("flush_denormals is only available on x86-64");
+    }
+    let panic_at = options.panic_for_tests.as_deref();
+    assert!(
+        panic_at != Some("validation"),
+        "test-only panic after validation"
+    );
     let level = simd::active();
+    let flush = options.flush_denormals;
     // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
-    py.detach(|| {
+    let applied = py.detach(|| {
         let total: usize = items.iter().map(Item::len).sum();
-        pool::for_each(items, total, |it| it.run(level));
+        if options.skip_nonfinite && !pool::all(&items, total, Item::grad_is_finite) {
+            return false;
+        }
+        pool::for_each(items, total, |it| {
+            let _flush = FlushGuard::new(flush);
+            assert!(panic_at != Some("worker"), "test-only panic in a worker");
+            it.run(level);
+        });
         for slot in counters {
             slot.write();
         }
+        true
     });
-    Ok(())
+    Ok(applied)
 }

@@ -95,12 +95,21 @@ def test_is_the_torch_class(name):
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_signature_is_torchs(name):
-    """Same parameter names, order, kinds and defaults (annotations may differ)."""
-    ours = inspect.signature(bridge_class(name).__init__).parameters
-    theirs = inspect.signature(torch_class(name).__init__).parameters
-    assert [(p.name, p.kind, p.default) for p in ours.values()] == [
-        (p.name, p.kind, p.default) for p in theirs.values()
+    """torch's parameters with the same names, order, kinds and defaults (annotations may
+    differ), followed only by optirs's own keyword-only options, off by default."""
+    ours = [
+        (p.name, p.kind, p.default)
+        for p in inspect.signature(bridge_class(name).__init__).parameters.values()
     ]
+    theirs = [
+        (p.name, p.kind, p.default)
+        for p in inspect.signature(torch_class(name).__init__).parameters.values()
+    ]
+    extras = [
+        ("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, False),
+        ("flush_denormals", inspect.Parameter.KEYWORD_ONLY, False),
+    ]
+    assert ours == theirs + extras
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -809,9 +818,9 @@ def test_foreach_and_fused_are_accepted_and_stepped_by_optirs(name, flag, rng, m
     calls = []
     core_step = optirs.torch._core.step
 
-    def counting_step(*args):
+    def counting_step(*args, **kwargs):
         calls.append(args[0])
-        return core_step(*args)
+        return core_step(*args, **kwargs)
 
     monkeypatch.setattr(optirs.torch._core, "step", counting_step)
     groups = [{"params": tensors(rng, [(7,), (4099,), ()])}]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from itertools import chain
 from typing import Any, ClassVar
@@ -263,11 +264,27 @@ class Optimizer:
 
     _spec: ClassVar[_spec.Spec]
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
+    ) -> None:
         self.defaults = defaults
         self.state = ParamState()
         self.param_groups: list[dict[str, Any]] = []
+        #: skip a whole step, changing nothing, when any gradient holds NaN or infinity
+        self.skip_nonfinite = bool(skip_nonfinite)
+        #: flush denormals to zero while a step runs (x86-64; changes results slightly)
+        self.flush_denormals = bool(flush_denormals)
+        #: steps skipped because of a non-finite gradient (with ``skip_nonfinite``)
+        self.skipped_steps = 0
+        #: whether the last ``step()`` was skipped
+        self.last_step_skipped = False
         self._plan: _Plan | None = None
+        self._lock = threading.Lock()
         if isinstance(params, np.ndarray):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of ndarrays or "
@@ -291,6 +308,16 @@ class Optimizer:
             param_groups = [{"params": param_groups}]
         for group in param_groups:
             self.add_param_group(group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"], state["_plan"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._plan = None
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -359,7 +386,21 @@ class Optimizer:
         parameter and its state alone this step. Hyperparameters changed in ``param_groups``
         since the last step are validated first. On any error (TypeError/ValueError naming the
         offending array) no parameter or state is modified.
+
+        Steps of one optimizer are serialised: two threads stepping it take turns. With
+        ``skip_nonfinite``, a step whose gradients hold NaN or infinity changes nothing and
+        counts in ``skipped_steps``.
         """
+        with self._lock:
+            applied = self._step(grads)
+        self.last_step_skipped = not applied
+        if not applied:
+            self.skipped_steps += 1
+
+    def _options(self) -> dict[str, bool]:
+        return {"skip_nonfinite": self.skip_nonfinite, "flush_denormals": self.flush_denormals}
+
+    def _step(self, grads: Iterable[Any]) -> bool:
         if grads is None or isinstance(grads, np.ndarray):
             raise TypeError(
                 "grads must be a sequence with one gradient (or None) per parameter, got "
@@ -380,13 +421,21 @@ class Optimizer:
                     f"order; None for a parameter without a gradient), got {len(grads)}"
                 )
             if any(grads[i] is not None for i in plan.missing):
-                self._step_creating_state(groups, plan, grads)
-                return
-        _core.step(spec.kind, groups, plan.params, grads, plan.buffers, plan.steps, plan.fresh)
+                return self._step_creating_state(groups, plan, grads)
+        return _core.step(
+            spec.kind,
+            groups,
+            plan.params,
+            grads,
+            plan.buffers,
+            plan.steps,
+            plan.fresh,
+            **self._options(),
+        )
 
     def _step_creating_state(
         self, groups: list[dict[str, Any]], plan: _Plan, grads: list[Any]
-    ) -> None:
+    ) -> bool:
         """A step in which some parameters get their first state: it is made aside and kept
         only when the step succeeds."""
         spec = self._spec
@@ -416,10 +465,14 @@ class Optimizer:
             buffers[i] = tuple(state.get(n) for n in names)
             steps[i] = state.get("step")
             fresh[i] = "momentum_buffer" in missing
-        _core.step(spec.kind, groups, plan.params, grads, buffers, steps, fresh)
-        for p, state in created:
-            self.state[p] = state
-        self._plan = None
+        applied = _core.step(
+            spec.kind, groups, plan.params, grads, buffers, steps, fresh, **self._options()
+        )
+        if applied:
+            for p, state in created:
+                self.state[p] = state
+            self._plan = None
+        return applied
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state in torch's layout, as copies.
@@ -571,6 +624,8 @@ class SGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -581,7 +636,9 @@ class SGD(Optimizer):
             maximize=maximize,
         )
         _spec.SGD.validate(defaults)
-        super().__init__(params, defaults)
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
+        )
 
 
 class Adam(Optimizer):
@@ -605,6 +662,8 @@ class Adam(Optimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -616,7 +675,9 @@ class Adam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         _spec.ADAM.validate(defaults)
-        super().__init__(params, defaults)
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
+        )
 
 
 class AdamW(Adam):
@@ -634,6 +695,8 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -644,6 +707,8 @@ class AdamW(Adam):
             amsgrad,
             maximize=maximize,
             decoupled_weight_decay=True,
+            skip_nonfinite=skip_nonfinite,
+            flush_denormals=flush_denormals,
         )
 
 
@@ -668,6 +733,8 @@ class RMSprop(Optimizer):
         centered: bool = False,
         *,
         maximize: bool = False,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -679,7 +746,9 @@ class RMSprop(Optimizer):
             maximize=maximize,
         )
         _spec.RMSPROP.validate(defaults)
-        super().__init__(params, defaults)
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
+        )
 
 
 class Adagrad(Optimizer):
@@ -702,6 +771,8 @@ class Adagrad(Optimizer):
         eps: float = 1e-10,
         *,
         maximize: bool = False,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -712,7 +783,9 @@ class Adagrad(Optimizer):
             maximize=maximize,
         )
         _spec.ADAGRAD.validate(defaults)
-        super().__init__(params, defaults)
+        super().__init__(
+            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
+        )
 
     def _new_state(self, p: np.ndarray, group: Mapping[str, Any], name: str) -> np.ndarray:
         return np.full_like(p, group["initial_accumulator_value"])

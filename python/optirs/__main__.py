@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmark optirs against torch.optim (for-loop, foreach, fused) on CPU",
         description=(
-            "Time optimizer steps of optirs and of torch.optim's three CPU paths on the same "
-            "data, interleaved round by round, and print medians, paired speed ratios and "
-            "effective bandwidth. Needs PyTorch."
+            "Time optimizer steps of optirs (NumPy API and/or the optirs.torch bridge) and of "
+            "torch.optim's three CPU paths on the same data, in float32 and/or bfloat16, "
+            "interleaved round by round with a memory-traffic ceiling (the same streams with "
+            "no math); print medians, paired speed ratios, effective GB/s and % of that "
+            "ceiling; write JSON and a PNG plot. Needs PyTorch (and matplotlib for the plot)."
         ),
     )
     _bench.add_arguments(bench)

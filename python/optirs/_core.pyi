@@ -28,7 +28,11 @@ def step(
     buffers: list[Any],
     steps: list[Any],
     fresh: list[bool],
-) -> None:
+    *,
+    skip_nonfinite: bool = False,
+    flush_denormals: bool = False,
+    _panic_for_tests: str | None = None,
+) -> bool:
     """Runs one optimizer step over every parameter of every group, in place.
 
     ``kind`` is "sgd", "adam", "rmsprop" or "adagrad". ``groups`` are the param-group mappings
@@ -37,7 +41,11 @@ def step(
     ``optirs._spec``), ``steps`` (0-d float32 counters) and ``fresh`` (SGD: the momentum buffer
     was just created; may be empty) are flat, one entry per parameter; a ``None`` gradient skips
     that parameter. Everything is validated before anything is written: TypeError or
-    ValueError, naming the array, and nothing modified.
+    ValueError, naming the array, and nothing modified. Returns False, with nothing modified,
+    when ``skip_nonfinite`` is set and a gradient holds NaN or infinity. ``flush_denormals``
+    flushes denormals to zero on every thread of the step, for its duration (x86-64).
+    ``_panic_for_tests`` ("validation" or "worker") makes the step panic, for tests: a panic
+    surfaces as RuntimeError.
     """
 
 def traffic(read_only: list[Any], read_write: list[Any]) -> None:

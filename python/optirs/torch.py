@@ -21,6 +21,7 @@ and its state. Anything else raises a clear error before anything is modified.
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, ClassVar
@@ -54,10 +55,36 @@ class _Bridge:
     state: Any
     param_groups: list[dict[str, Any]]
 
-    def _after_init(self) -> None:
+    def _after_init(self, skip_nonfinite: bool, flush_denormals: bool) -> None:
         # torch's GradScaler hands grad_scale/found_inf to optimizers that claim AMP support
         # (fused ones). optirs lets the scaler unscale and skip steps itself instead.
         self._step_supports_amp_scaling = False
+        #: skip a whole step, changing nothing, when any gradient holds NaN or infinity
+        self.skip_nonfinite = bool(skip_nonfinite)
+        #: flush denormals to zero while a step runs (x86-64; changes results slightly)
+        self.flush_denormals = bool(flush_denormals)
+        #: steps skipped because of a non-finite gradient (with ``skip_nonfinite``)
+        self.skipped_steps = 0
+        #: whether the last ``step()`` was skipped
+        self.last_step_skipped = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch pickles and deep-copies only defaults, state and param_groups.
+        super().__setstate__(state)  # type: ignore[misc]
+        self._after_init(False, False)
+
+    def _options(self) -> dict[str, bool]:
+        return {
+            "skip_nonfinite": getattr(self, "skip_nonfinite", False),
+            "flush_denormals": getattr(self, "flush_denormals", False),
+        }
+
+    def _lock(self) -> threading.Lock:
+        # Made on first use: torch's own pickling and deepcopy drop unknown attributes.
+        lock = self.__dict__.get("_optirs_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_optirs_lock", threading.Lock())
+        return lock
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -70,7 +97,11 @@ class _Bridge:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._optirs_step()
+        with self._lock():
+            applied = self._optirs_step()
+        self.last_step_skipped = not applied
+        if not applied:
+            self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
         return loss
 
     def _check(self, p: torch.Tensor, g: torch.Tensor, gi: int, i: int) -> None:
@@ -103,18 +134,22 @@ class _Bridge:
                 f"the gradient of {where} has dtype {g.dtype}, but the parameter has {p.dtype}"
             )
 
-    def _optirs_step(self) -> None:
+    def _optirs_step(self) -> bool:
         groups = self.param_groups
         for group in groups:
             self._spec.validate(group)
         plan = getattr(self, "_optirs_plan", None)
-        if plan is not None and plan.fits(self, groups) and plan.step(self):
-            return
+        if plan is not None and plan.fits(self, groups):
+            applied = plan.step(self)
+            if applied is not None:
+                return applied
         self._optirs_plan = None
-        self._optirs_full_step()
-        self._optirs_plan = _Plan(self, groups)
+        applied = self._optirs_full_step()
+        if applied:
+            self._optirs_plan = _Plan(self, groups)
+        return applied
 
-    def _optirs_full_step(self) -> None:
+    def _optirs_full_step(self) -> bool:
         """A step that looks at everything afresh: state made where missing, every tensor
         checked and viewed."""
         spec = self._spec
@@ -170,7 +205,11 @@ class _Bridge:
                 written.extend(b for b in bufs if b is not None)
                 if step is not None:
                     written.append(step)
-        _core.step(spec.kind, self.param_groups, params, grads, buffers, steps, fresh)
+        applied = _core.step(
+            spec.kind, self.param_groups, params, grads, buffers, steps, fresh, **self._options()
+        )
+        if not applied:
+            return False
         for p, state in created:
             self.state[p] = state
         # The core wrote through NumPy views, which autograd cannot see: bump the version
@@ -178,6 +217,7 @@ class _Bridge:
         # to backpropagate through it instead of silently using the new one.
         if written:
             increment_version(written)
+        return True
 
     def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -262,8 +302,9 @@ class _Plan:
                 return False
         return all(map(operator.is_, chain.from_iterable(self.lists), self.params))
 
-    def step(self, opt: _Bridge) -> bool:
-        """Steps through the cached views; False (nothing done) when something changed."""
+    def step(self, opt: _Bridge) -> bool | None:
+        """Steps through the cached views and returns whether the update was applied; None
+        (nothing done) when something changed and the full step must look again."""
         n = len(self.entries)
         params: list[Any] = [None] * n
         grads: list[Any] = [None] * n
@@ -277,24 +318,33 @@ class _Plan:
             if g is None:
                 continue
             if e is None or p.data_ptr() != e.ptr:
-                return False
+                return None
             entry = state.get(p)
             if entry is None or any(entry.get(key) is not t for key, t in zip(e.keys, e.items)):
-                return False
+                return None
             if g is not e.grad or g.data_ptr() != e.grad_ptr:
                 if g.is_sparse or g.dtype != p.dtype or g.device.type != "cpu":
-                    return False  # the full step raises the right error
+                    return None  # the full step raises the right error
                 if g.shape != p.shape:
-                    return False
+                    return None
                 e.grad_view = _Layout(p, e.where).view(g, f"the gradient of {e.where}")
                 e.grad, e.grad_ptr = g, g.data_ptr()
             params[k], buffers[k], steps[k] = e.views
             grads[k] = e.grad_view
             written.extend(self.written[k])
-        _core.step(opt._spec.kind, opt.param_groups, params, grads, buffers, steps, self.fresh)
-        if written:
+        applied = _core.step(
+            opt._spec.kind,
+            opt.param_groups,
+            params,
+            grads,
+            buffers,
+            steps,
+            self.fresh,
+            **opt._options(),
+        )
+        if applied and written:
             increment_version(written)
-        return True
+        return applied
 
 
 class _Layout:
@@ -384,6 +434,8 @@ class SGD(_Bridge, torch.optim.SGD):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         _refuse("SGD", differentiable=differentiable)
         super().__init__(
@@ -398,7 +450,7 @@ class SGD(_Bridge, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_init()
+        self._after_init(skip_nonfinite, flush_denormals)
 
 
 class Adam(_Bridge, torch.optim.Adam):
@@ -423,6 +475,8 @@ class Adam(_Bridge, torch.optim.Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         _refuse(type(self).__name__, differentiable=differentiable, capturable=capturable)
         super().__init__(
@@ -439,7 +493,7 @@ class Adam(_Bridge, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._after_init()
+        self._after_init(skip_nonfinite, flush_denormals)
 
 
 class AdamW(_Bridge, torch.optim.AdamW):
@@ -463,6 +517,8 @@ class AdamW(_Bridge, torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         _refuse("AdamW", differentiable=differentiable, capturable=capturable)
         super().__init__(
@@ -478,7 +534,7 @@ class AdamW(_Bridge, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_init()
+        self._after_init(skip_nonfinite, flush_denormals)
 
 
 class RMSprop(_Bridge, torch.optim.RMSprop):
@@ -501,6 +557,9 @@ class RMSprop(_Bridge, torch.optim.RMSprop):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         _refuse("RMSprop", differentiable=differentiable, capturable=capturable)
         super().__init__(
@@ -516,7 +575,7 @@ class RMSprop(_Bridge, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._after_init()
+        self._after_init(skip_nonfinite, flush_denormals)
 
 
 class Adagrad(_Bridge, torch.optim.Adagrad):
@@ -538,6 +597,8 @@ class Adagrad(_Bridge, torch.optim.Adagrad):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
     ) -> None:
         _refuse("Adagrad", differentiable=differentiable)
         super().__init__(
@@ -552,7 +613,7 @@ class Adagrad(_Bridge, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_init()
+        self._after_init(skip_nonfinite, flush_denormals)
 
     def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
         # torch.optim.Adagrad fills a lazily created `sum` from the optimizer's defaults, not

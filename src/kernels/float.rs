@@ -27,6 +27,8 @@ pub trait Float:
     fn sqrt(self) -> Self;
     /// True for NaN.
     fn is_nan(self) -> bool;
+    /// False for NaN and ±infinity.
+    fn is_finite(self) -> bool;
 }
 
 impl Float for f32 {
@@ -48,6 +50,10 @@ impl Float for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
 }
 
 impl Float for f64 {
@@ -68,6 +74,10 @@ impl Float for f64 {
     #[inline(always)]
     fn is_nan(self) -> bool {
         f64::is_nan(self)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
 }
 

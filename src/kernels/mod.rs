@@ -88,6 +88,18 @@ impl<T> Slices<'_, T> {
         out.push(rest);
     }
 
+    /// True when every gradient element is finite (no NaN, no infinity).
+    #[must_use]
+    pub fn grad_is_finite(&self) -> bool
+    where
+        T: Storage,
+    {
+        // A running AND the compiler vectorises, rather than an early exit it cannot.
+        self.grad
+            .iter()
+            .fold(true, |ok, g| ok & g.load().is_finite())
+    }
+
     /// Checks that the gradient and every buffer have the parameter's length.
     #[must_use]
     pub fn lengths_match(&self) -> bool {

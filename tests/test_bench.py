@@ -1,0 +1,130 @@
+"""Smoke tests of ``python -m optirs bench``: tiny sizes and few repeats, no timing assertions.
+
+They check that the command runs end to end and that its JSON carries, for every
+implementation it timed, the median time, effective GB/s and % of the memory-traffic ceiling,
+the ceiling itself, and a speed-up ratio against every torch path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import optirs
+import pytest
+from optirs import _bench
+from optirs.__main__ import main
+
+TINY = ["--sizes", "1e4", "--repeats", "2", "--warmup", "1", "--sample-ms", "1", "--threads", "1"]
+
+
+def _bench_json(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """Runs ``python -m optirs bench`` in-process with ``args`` and returns its JSON."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def _check_run(run: dict[str, Any]) -> None:
+    """Every timed path has times, GB/s and % of ceiling; every API a ratio per torch path."""
+    ceiling = run["ceiling"]
+    assert _positive(ceiling["median_s"]) and _positive(ceiling["gbps"])
+    assert len(ceiling["per_step_s"]) == 2
+    assert ceiling["read_streams"] == 1
+    assert ceiling["read_write_streams"] == _bench.CASES[run["optimizer"]].rw_streams
+    assert ceiling["variants"]
+    torch_paths = [p for p in _bench.TORCH_PATHS if p not in run["unavailable"]]
+    expected = {_bench.APIS[a] for a in run["apis"]} | set(torch_paths)
+    assert set(run["impls"]) == expected
+    for name, impl in run["impls"].items():
+        assert _positive(impl["median_s"]), name
+        assert _positive(impl["gbps"]), name
+        assert _positive(impl["pct_of_ceiling"]), name
+        assert len(impl["per_step_s"]) == 2
+        # GB/s is the bytes of one step over its median time
+        assert impl["gbps"] == pytest.approx(run["bytes_per_step"] / impl["median_s"] / 1e9)
+    assert set(run["ratios"]) == set(run["apis"])
+    for ratios in run["ratios"].values():
+        assert set(ratios) == set(torch_paths)
+        for r in ratios.values():
+            assert _positive(r["paired_median"]) and _positive(r["ratio_of_medians"])
+            assert len(r["paired"]) == 2
+
+
+def test_bench_float32_both_apis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "bench.png"
+    data = _bench_json(
+        tmp_path, "--optimizers", "adam,sgd,rmsprop", "--api", "numpy,torch", "--plot", str(png)
+    )
+    runs = data["runs"]
+    assert [(r["optimizer"], r["dtype"], r["threads"]) for r in runs] == [
+        ("adam", "float32", 1),
+        ("sgd", "float32", 1),
+        ("rmsprop", "float32", 1),
+    ]
+    for run in runs:
+        assert run["apis"] == ["numpy", "torch"]
+        assert run["bytes_per_elem"] == _bench.CASES[run["optimizer"]].bytes_per_elem
+        assert run["bytes_per_step"] == run["bytes_per_elem"] * 10_000
+        _check_run(run)
+        # both APIs drive the same core: the same bits after the same steps
+        assert run["max_abs_diff"]["optirs.torch"] == 0.0
+    assert "fused" in runs[0]["impls"] and "fused" in runs[2]["unavailable"]
+    meta = data["meta"]
+    assert meta["cpus_available"] >= 1 and meta["threads"] == [1]
+    assert meta["optirs_version"] == optirs.__version__
+    out = capsys.readouterr().out
+    assert "optirs.torch" in out and "ceiling" in out and "load average" in out
+    if meta["matplotlib_version"] is None:
+        assert meta["plot"] is None
+    else:
+        assert meta["plot"] == str(png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bfloat16_torch_bridge(tmp_path: Path) -> None:
+    data = _bench_json(
+        tmp_path,
+        "--optimizers",
+        "adam,sgd",
+        "--dtype",
+        "bfloat16",
+        "--api",
+        "torch",
+        "--plot",
+        "none",
+    )
+    assert data["meta"]["dtypes"] == ["bfloat16"]
+    for run in data["runs"]:
+        assert run["dtype"] == "bfloat16" and run["apis"] == ["torch"]
+        assert run["bytes_per_elem"] == _bench.CASES[run["optimizer"]].bytes_per_elem // 2
+        assert "optirs" not in run["impls"]
+        assert {"optirs.torch", "for-loop", "foreach", "fused"} <= set(run["impls"])
+        _check_run(run)
+
+
+def test_bench_many_tensors_ceiling_variants(tmp_path: Path) -> None:
+    """Several tensors: the ceiling is the faster of one probe call per tensor and one flat."""
+    data = _bench_json(tmp_path, "--sizes", "none", "--many", "--optimizers", "sgd")
+    (run,) = data["runs"]
+    assert run["tensors"] == 1000 and run["numel"] == 10**6
+    _check_run(run)
+    variants = run["ceiling"]["variants"]
+    assert set(variants) == {"ceiling:tensors", "ceiling:flat"}
+    fastest = min(v["median_s"] for v in variants.values())
+    assert run["ceiling"]["median_s"] <= fastest * (1 + 1e-9)
+
+
+def test_bench_options_are_validated() -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--dtype", "float16"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--api", "jax"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--sizes", "none"])
