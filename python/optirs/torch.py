@@ -149,9 +149,44 @@ class _Bridge:
             self._optirs_plan = _Plan(self, groups)
         return applied
 
-    def _optirs_full_step(self) -> bool:
+    def step_parameters(self, params: Iterable[torch.Tensor]) -> bool:
+        """Steps only ``params`` (each must belong to one of this optimizer's param groups),
+        with their groups' current hyperparameters; returns whether the update was applied.
+
+        For updates made as gradients become ready (``optirs.torch.step_in_backward``): one
+        call into the core for just these parameters, without looking at the others.
+        """
+        owner = self._optirs_owners()
+        groups = []
+        for p in params:
+            group = owner.get(id(p))
+            if group is None:
+                raise ValueError(
+                    "step_parameters: a tensor that is not in this optimizer's param_groups"
+                )
+            self._spec.validate(group)
+            groups.append({**group, "params": [p]})
+        with self._lock():
+            applied = self._optirs_full_step(groups)
+        self.last_step_skipped = not applied
+        if not applied:
+            self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+        return applied
+
+    def _optirs_owners(self) -> dict[int, dict[str, Any]]:
+        """id(param) -> its group, rebuilt when the groups' parameter lists change."""
+        key = [(id(g["params"]), len(g["params"])) for g in self.param_groups]
+        cached = self.__dict__.get("_optirs_owner_cache")
+        if cached is None or cached[0] != key:
+            owners = {id(p): g for g in self.param_groups for p in g["params"]}
+            cached = self.__dict__["_optirs_owner_cache"] = (key, owners)
+        return cached[1]
+
+    def _optirs_full_step(self, groups: list[dict[str, Any]] | None = None) -> bool:
         """A step that looks at everything afresh: state made where missing, every tensor
-        checked and viewed."""
+        checked and viewed. ``groups`` (default: all param groups) may be single-parameter
+        copies of them, as ``step_parameters`` makes."""
+        groups = self.param_groups if groups is None else groups
         spec = self._spec
         names = spec.buffers
         params: list[Any] = []
@@ -161,7 +196,7 @@ class _Bridge:
         fresh: list[bool] = []
         created: list[tuple[torch.Tensor, dict[str, Any]]] = []
         written: list[torch.Tensor] = []
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(groups):
             need = spec.needs(group)
             for i, p in enumerate(group["params"]):
                 g = p.grad
@@ -206,7 +241,7 @@ class _Bridge:
                 if step is not None:
                     written.append(step)
         applied = _core.step(
-            spec.kind, self.param_groups, params, grads, buffers, steps, fresh, **self._options()
+            spec.kind, groups, params, grads, buffers, steps, fresh, **self._options()
         )
         if not applied:
             return False
