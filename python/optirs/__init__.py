@@ -16,16 +16,15 @@ parallel. ``optirs.torch`` (imported separately) wraps the same core for ``torch
 from __future__ import annotations
 
 import copy
-import operator
 import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from itertools import chain
 from typing import Any, ClassVar
 
 import numpy as np
 
 from . import _core, _spec
 from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
+from ._plan import GroupsSnapshot
 
 __version__: str = _core.__version__
 
@@ -169,18 +168,7 @@ class _Plan:
     changed since.
     """
 
-    __slots__ = (
-        "buffers",
-        "fresh",
-        "lens",
-        "lists",
-        "missing",
-        "needs",
-        "params",
-        "state",
-        "steps",
-        "version",
-    )
+    __slots__ = ("buffers", "fresh", "groups", "missing", "params", "state", "steps", "version")
 
     def __init__(self, opt: Optimizer, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
@@ -188,28 +176,25 @@ class _Plan:
         state = opt.state
         self.state = state
         self.version = state._version
-        self.lists = [g["params"] for g in groups]
-        self.lens = [len(ps) for ps in self.lists]
-        self.needs = [spec.needs(g) for g in groups]
-        self.params: list[Any] = []
+        self.groups = GroupsSnapshot(spec, groups)
+        self.params = self.groups.params
         self.buffers: list[Any] = []
         self.steps: list[Any] = []
         #: flat indices of parameters whose state is not complete yet
         self.missing: list[int] = []
-        for ps, need in zip(self.lists, self.needs):
+        for ps, need in zip(self.groups.lists, self.groups.needs):
             required = [n for n, want in zip(names, need) if want]
             if spec.counts_steps:
                 required.append("step")
             for p in ps:
                 entry = state.get(p, _EMPTY)
                 if any(entry.get(n) is None for n in required):
-                    self.missing.append(len(self.params))
+                    self.missing.append(len(self.buffers))
                     self.buffers.append(None)
                     self.steps.append(None)
                 else:
                     self.buffers.append(tuple(map(entry.get, names)))
                     self.steps.append(entry.get("step"))
-                self.params.append(p)
         self.fresh = [False] * len(self.params)
 
     def fits(self, opt: Optimizer, groups: list[dict[str, Any]], grads: list[Any]) -> bool:
@@ -217,14 +202,7 @@ class _Plan:
         whose state is incomplete has a gradient this step."""
         if opt.state is not self.state or self.state._version != self.version:
             return False
-        if len(groups) != len(self.lists):
-            return False
-        needs = opt._spec.needs
-        for g, ps, n, need in zip(groups, self.lists, self.lens, self.needs):
-            current = g["params"]
-            if current is not ps or len(current) != n or needs(g) != need:
-                return False
-        if not all(map(operator.is_, chain.from_iterable(self.lists), self.params)):
+        if not self.groups.unchanged(opt._spec, groups):
             return False
         return all(grads[i] is None for i in self.missing)
 
@@ -444,7 +422,7 @@ class Optimizer:
         steps = list(plan.steps)
         fresh = list(plan.fresh)
         created: list[tuple[np.ndarray, dict[str, Any]]] = []
-        owners = [g for g, ps in zip(groups, plan.lists) for _ in ps]
+        owners = [g for g, ps in zip(groups, plan.groups.lists) for _ in ps]
         for i in plan.missing:
             if grads[i] is None:
                 continue

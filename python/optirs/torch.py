@@ -20,10 +20,8 @@ and its state. Anything else raises a clear error before anything is modified.
 
 from __future__ import annotations
 
-import operator
 import threading
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +29,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _core, _spec
+from ._plan import GroupsSnapshot
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
 
@@ -285,16 +284,13 @@ class _Plan:
     def __init__(self, opt: _Bridge, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
         self.state = opt.state
-        self.lists = [g["params"] for g in groups]
-        self.lens = [len(ps) for ps in self.lists]
-        self.needs = [spec.needs(g) for g in groups]
+        self.groups = GroupsSnapshot(spec, groups)
+        self.params = self.groups.params
         self.entries: list[_Cached | None] = []
-        self.params = []
-        for gi, (ps, need) in enumerate(zip(self.lists, self.needs)):
+        for gi, (ps, need) in enumerate(zip(self.groups.lists, self.groups.needs)):
             keys = tuple(n for n, want in zip(spec.buffers, need) if want)
             keys += ("step",) if spec.counts_steps else ()
             for i, p in enumerate(ps):
-                self.params.append(p)
                 state = opt.state.get(p) or {}
                 items = tuple(state.get(k) for k in keys)
                 ok = p.device.type == "cpu" and p.dtype in _DTYPES and not p.is_complex()
@@ -328,14 +324,7 @@ class _Plan:
 
     def fits(self, opt: _Bridge, groups: list[dict[str, Any]]) -> bool:
         """Groups, their parameter lists and layout-changing options are as they were."""
-        if opt.state is not self.state or len(groups) != len(self.lists):
-            return False
-        needs = opt._spec.needs
-        for g, ps, n, need in zip(groups, self.lists, self.lens, self.needs):
-            current = g["params"]
-            if current is not ps or len(current) != n or needs(g) != need:
-                return False
-        return all(map(operator.is_, chain.from_iterable(self.lists), self.params))
+        return opt.state is self.state and self.groups.unchanged(opt._spec, groups)
 
     def step(self, opt: _Bridge) -> bool | None:
         """Steps through the cached views and returns whether the update was applied; None
