@@ -29,9 +29,30 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _core, _spec
+from ._backward import StepInBackward, step_in_backward
 from ._plan import GroupsSnapshot
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
+
+def register_functional_optimizers() -> dict[type[torch.optim.Optimizer], Any]:
+    """Registers optirs's functional optimizers with ``torch.distributed.optim``, so that
+    ``ZeroRedundancyOptimizer(..., optimizer_class=optirs.torch.X, overlap_with_ddp=True)``
+    accepts them (torch's overlap hooks refuse the gloo backend, though: see the README's
+    "Scaling out"). Imported on demand: ``torch.distributed.optim`` is slow to import."""
+    from ._distributed import register_functional_optimizers as register
+
+    return register()
+
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "StepInBackward",
+    "register_functional_optimizers",
+    "step_in_backward",
+]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
