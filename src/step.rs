@@ -614,21 +614,27 @@ fn check_counter(
     // SAFETY: a 0-d array of that dtype, aligned (check_layout), holds exactly one element;
     // the overlap check keeps any other array of the step away from it.
     #[allow(clippy::cast_ptr_alignment)]
-    unsafe {
+    let (slot, old, new) = unsafe {
         if counter_dtype == DType::F64 {
             let p = data_ptr(s).cast::<f64>();
             let new = *p + 1.0;
-            Ok((CounterSlot::F64(&mut *p, new), new, counter_dtype))
+            (CounterSlot::F64(&mut *p, new), *p, new)
         } else {
             let p = data_ptr(s).cast::<f32>();
             let new = *p + 1.0;
-            Ok((
+            (
                 CounterSlot::F32(&mut *p, new),
+                f64::from(*p),
                 f64::from(new),
-                counter_dtype,
-            ))
+            )
         }
+    };
+    // A count below zero makes the bias corrections divide by zero or change sign: every
+    // parameter would turn to NaN or garbage.
+    if !(old.is_finite() && old >= 0.0) {
+        return value_err!("{} must be a finite step count >= 0, got {old}", what());
     }
+    Ok((slot, new, counter_dtype))
 }
 
 /// One piece of work for a thread: a chunk of one parameter and its rule.

@@ -93,14 +93,22 @@ def test_new_strided_gradient_is_refused_with_nothing_changed():
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
 
 
-def test_option_changing_the_state_layout_mid_run():
+def test_option_changing_the_state_layout_mid_run_is_refused_like_torch():
+    """torch.optim.Adam makes max_exp_avg_sq only with a parameter's first state, and fails
+    with a KeyError when amsgrad is switched on later; optirs.torch refuses it with a clear
+    error naming the entry, and nothing changes."""
     ours, theirs, opt, ref = _pair()
     _step(ours, theirs, opt, ref, 1)
     opt.param_groups[0]["amsgrad"] = True
-    for p in ours:  # torch.optim.Adam creates max_exp_avg_sq only with the first state
-        assert "max_exp_avg_sq" not in opt.state[p]
+    ref.param_groups[0]["amsgrad"] = True
     g = torch.Generator().manual_seed(5)
-    for a in ours:
+    for a, b in zip(ours, theirs):
         a.grad = torch.randn(a.shape, generator=g)
-    opt.step()
-    assert all("max_exp_avg_sq" in opt.state[p] for p in ours)
+        b.grad = a.grad.clone()
+    with pytest.raises(KeyError):
+        ref.step()
+    before = [t.detach().clone() for t in ours]
+    with pytest.raises(ValueError, match=r"state\['max_exp_avg_sq'\] of param_groups\[0\]"):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
+    assert all("max_exp_avg_sq" not in opt.state[p] for p in ours)

@@ -15,10 +15,13 @@ from typing import Any, Callable
 
 def _real(name: str, value: Any) -> float:
     # bool is an int subclass; torch takes True as 1.0 too, so it is accepted.
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if hasattr(value, "__float__") and getattr(value, "ndim", 0) == 0:
-        return float(value)  # 0-d arrays and tensors, numpy scalars
+    if isinstance(value, numbers.Real) or (
+        hasattr(value, "__float__") and getattr(value, "ndim", 0) == 0  # 0-d arrays, tensors
+    ):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"{name} is too large for a float: {value}") from None
     raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
 
 

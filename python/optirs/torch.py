@@ -218,6 +218,7 @@ class _Bridge:
         written: list[torch.Tensor] = []
         for gi, group in enumerate(groups):
             need = spec.needs(group)
+            need_names = {n for n, want in zip(names, need) if want}
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -228,10 +229,26 @@ class _Bridge:
                     fresh.append(False)
                     continue
                 self._check(p, g, gi, i)
+                where = f"param_groups[{gi}]['params'][{i}]"
                 state = self.state.get(p) or {}
                 missing = [n for n, want in zip(names, need) if want and state.get(n) is None]
-                if spec.counts_steps and "step" not in state:
+                if spec.counts_steps and state.get("step") is None:
                     missing.append("step")
+                # As torch: state is made when a parameter has none. A parameter with state
+                # that lacks an entry (a partial state dict, an option switched on later) is
+                # refused, naming it, where torch would fail with a KeyError; SGD's momentum
+                # buffer alone may be absent (torch's "no buffer yet").
+                lacking = [
+                    n
+                    for n in missing
+                    if state and not (spec.kind == "sgd" and n == "momentum_buffer")
+                ]
+                if lacking:
+                    raise ValueError(
+                        f"state['{lacking[0]}'] of {where} is missing or None, but the "
+                        f"parameter has other state ({sorted(state)}): load a complete state "
+                        "dict, or clear this parameter's state to start it afresh"
+                    )
                 if missing:
                     # Made aside; kept only when the step succeeds.
                     state = dict(state)
@@ -242,22 +259,22 @@ class _Bridge:
                             else self._new_buffer(p, group, n)
                         )
                     created.append((p, state))
-                where = f"param_groups[{gi}]['params'][{i}]"
                 bufs = [state.get(n) for n in names]
                 layout = _Layout(p, where)
                 params.append(layout.view(p, where))
                 grads.append(layout.view(g, f"the gradient of {where}"))
                 buffers.append(
                     tuple(
-                        None if b is None else layout.view(b, f"state['{n}'] of {where}")
+                        layout.view(b, f"state['{n}'] of {where}") if n in need_names else None
                         for b, n in zip(bufs, names)
                     )
                 )
-                step = state.get("step")
+                # SGD keeps no step: a stray entry is ignored, as torch.optim.SGD does.
+                step = state.get("step") if spec.counts_steps else None
                 steps.append(None if step is None else _scalar_view(step, where))
                 fresh.append("momentum_buffer" in missing)
                 written.append(p)
-                written.extend(b for b in bufs if b is not None)
+                written.extend(b for b, n in zip(bufs, names) if b is not None and n in need_names)
                 if step is not None:
                     written.append(step)
         applied = _core.step(
@@ -453,8 +470,9 @@ def _numpy(t: torch.Tensor, what: str) -> Any:
 def _scalar_view(t: Any, where: str) -> Any:
     what = f"state['step'] of {where}"
     if not isinstance(t, torch.Tensor):
-        # An old state dict may hold a number; the core refuses it, naming it.
-        return t
+        raise TypeError(
+            f"{what} must be a 0-d float32 tensor, as torch.optim keeps it; got {type(t).__name__}"
+        )
     if t.device.type != "cpu":
         raise ValueError(f"optirs.torch updates CPU tensors only; {what} is on {t.device}")
     return _numpy(t.detach(), what)
