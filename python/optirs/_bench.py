@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,12 +330,14 @@ def _parse_threads(text: str) -> list[int]:
     return out
 
 
-def _parse_names(text: str, choices: dict[str, Any], what: str) -> list[str]:
+def _parse_names(
+    text: str, choices: dict[str, Any], what: str, aliases: dict[str, str] | None = None
+) -> list[str]:
     """Parses a non-empty comma list of names from ``choices`` (or ``all``), without repeats."""
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if names == ["all"]:
         return list(choices)
-    names = [_DTYPE_ALIASES.get(n, n) if choices is DTYPES else n for n in names]
+    names = [(aliases or {}).get(n, n) for n in names]
     unknown = [n for n in names if n not in choices]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
@@ -350,7 +353,7 @@ def _parse_optimizers(text: str) -> list[OptimizerCase]:
 
 def _parse_dtypes(text: str) -> list[DType]:
     """Parses ``"float32,bfloat16"`` (also ``f32``, ``bf16``, ``all``)."""
-    return [DTYPES[n] for n in _parse_names(text, DTYPES, "dtype(s)")]
+    return [DTYPES[n] for n in _parse_names(text, DTYPES, "dtype(s)", _DTYPE_ALIASES)]
 
 
 def _parse_apis(text: str) -> list[str]:
@@ -358,8 +361,8 @@ def _parse_apis(text: str) -> list[str]:
     return _parse_names(text, APIS, "API(s)")
 
 
-def _parse_plot(text: str) -> Path | None:
-    """A PNG path, or None for ``none`` / ``""`` (no plot)."""
+def _parse_path(text: str) -> Path | None:
+    """An output path, or None for ``none`` / ``""`` (no such output)."""
     return None if text.strip().lower() in ("", "none") else Path(text)
 
 
@@ -439,7 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data")
     parser.add_argument(
         "--json",
-        type=_parse_plot,
+        type=_parse_path,
         default=DEFAULT_JSON,
         metavar="PATH",
         help=f"where to write raw timings, medians and metadata; 'none' for nowhere "
@@ -447,7 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--plot",
-        type=_parse_plot,
+        type=_parse_path,
         default=DEFAULT_PLOT,
         metavar="PATH",
         help=f"PNG of GB/s against size (float32, most threads), with the ceiling; needs "
@@ -928,13 +931,18 @@ def _print_tables(runs: list[dict[str, Any]], cases: list[OptimizerCase]) -> Non
     print()
     print(_bandwidth_table(runs))
     traffic = ", ".join(f"{c.name} {c.bytes_per_elem}" for c in cases)
+    gbps_note = textwrap.wrap(
+        f"GB/s: bytes read + written per element per step (float32: {traffic}; bfloat16: "
+        "half) x elements / median step time.",
+        width=90,
+        subsequent_indent="  ",
+    )
     notes = [
         "",
         "api numpy: optirs.X stepping ndarrays; api torch: optirs.torch.X stepping the same",
         "  tensors as torch (bfloat16 runs always use the torch bridge). x <path> > 1: optirs is",
         "  faster. '-': no such path (torch has no fused RMSprop).",
-        f"GB/s: bytes read + written per element per step (float32: {traffic};",
-        "  bfloat16: half) x elements / median step time.",
+        *gbps_note,
         "ceiling: optirs._core.traffic over the same streams (the gradient read; the parameter",
         "  and each state buffer read and written), thread pool, chunking and SIMD dispatch as a",
         "  step, one XOR per element instead of the math, timed in the same rounds. Several",
@@ -1032,7 +1040,7 @@ def _write_plot(path: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) ->
         fontsize=8.5,
         frameon=False,
     )
-    fig.tight_layout(rect=(0, 0.07 if nrows > 1 else 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 if nrows > 1 else 0.09, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1136,7 +1144,8 @@ def _run_case(
 ) -> list[dict[str, Any]]:
     """Times one optimizer on one workload at each thread count; one result per count."""
     results = []
-    ref, diffs = "", {}
+    ref = ""
+    diffs: dict[str, float] = {}
     steps = {name: impl.step for name, impl in impls.items()}
     steps.update(ceiling.steps)
     for i, threads in enumerate(config.threads):

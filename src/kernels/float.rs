@@ -117,14 +117,20 @@ impl Storage for f64 {
 
 impl Storage for half::bf16 {
     type Compute = f32;
+    /// Exact: a bfloat16 is the high half of a float32.
     #[inline(always)]
     fn load(self) -> f32 {
-        self.to_f32()
+        f32::from_bits(u32::from(self.to_bits()) << 16)
     }
-    /// Round to nearest, ties to even (torch's `c10::BFloat16` conversion).
+    /// Round to nearest, ties to even (torch's `c10::BFloat16` conversion), NaN kept quiet.
+    /// Written without branches so that it vectorises (`half`'s version does not).
     #[inline(always)]
     fn store(x: f32) -> half::bf16 {
-        half::bf16::from_f32(x)
+        let bits = x.to_bits();
+        let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
+        let quiet_nan = (bits >> 16) | 0x0040;
+        let is_nan = bits & 0x7FFF_FFFF > 0x7F80_0000;
+        half::bf16::from_bits((if is_nan { quiet_nan } else { rounded }) as u16)
     }
 }
 

@@ -529,6 +529,29 @@ fn kernels_match_reference_f16() {
 }
 
 #[test]
+fn bfloat16_conversion_matches_half_on_every_bit_pattern_class() {
+    // Every float32 whose low 16 bits take a few telling values, across all high halves:
+    // ties, just above and below ties, NaN payloads, infinities, subnormals, overflow.
+    for high in 0..=u32::from(u16::MAX) {
+        for low in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+            let x = f32::from_bits((high << 16) | low);
+            let ours = <half::bf16 as Storage>::store(x);
+            let theirs = half::bf16::from_f32(x);
+            assert_eq!(
+                ours.to_bits(),
+                theirs.to_bits(),
+                "{x:e} ({:#010x})",
+                x.to_bits()
+            );
+            assert_eq!(
+                <half::bf16 as Storage>::load(ours).to_bits(),
+                ours.to_f32().to_bits()
+            );
+        }
+    }
+}
+
+#[test]
 fn reduced_precision_rounds_to_nearest_even() {
     use half::{bf16, f16};
     // 1 + 2^-8 lies halfway between two bfloat16 values: ties go to the even one (1.0).
