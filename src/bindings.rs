@@ -162,6 +162,3 @@ pub mod _core {
         Ok(())
     }
 }
-
-#[allow(unused_imports)]
-use pyo3 as _;

@@ -7,11 +7,10 @@ finished accumulating a parameter's gradient, the hook updates that parameter al
 current hyperparameters) and then frees the gradient (``p.grad = None``)::
 
     import optirs.torch
-    from optirs._backward import step_in_backward
 
     opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
-    with step_in_backward(model, opt):
+    with optirs.torch.step_in_backward(model, opt):
         for x, y in loader:
             loss_fn(model(x), y).backward()   # updates every parameter; no zero_grad, no step
             sched.step()
