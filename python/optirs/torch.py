@@ -20,6 +20,7 @@ and its state. Anything else raises a clear error before anything is modified.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -382,7 +383,8 @@ class _Plan:
             if e is None or p.data_ptr() != e.ptr:
                 return None
             entry = state.get(p)
-            if entry is None or any(entry.get(key) is not t for key, t in zip(e.keys, e.items)):
+            # Identity, entry by entry, in C (never a tensor's elementwise __eq__).
+            if entry is None or not all(map(operator.is_, map(entry.get, e.keys), e.items)):
                 return None
             if g is not e.grad or g.data_ptr() != e.grad_ptr:
                 if g.is_sparse or g.dtype != p.dtype or g.device.type != "cpu":
