@@ -715,13 +715,7 @@ fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
         wrap: fn(Rule<S::Compute>, Slices<'a, S>) -> Item<'a>,
         items: &mut Vec<Item<'a>>,
     ) {
-        let mut rest = s;
-        while rest.len() > CHUNK_ELEMS {
-            let (head, tail) = rest.split_at(CHUNK_ELEMS);
-            items.push(wrap(rule, head));
-            rest = tail;
-        }
-        items.push(wrap(rule, rest));
+        items.extend(s.chunks(CHUNK_ELEMS).map(|piece| wrap(rule, piece)));
     }
     for c in checked {
         // SAFETY: every entry of `checked` passed check_param and the overlap check, and the

@@ -420,3 +420,16 @@ if __name__ == "__main__":
                     f"{setting:30} {mode:9} peak {r['peak_mib']:7.1f} MiB "
                     f"(gradients: {r['grad_mib']:.1f} MiB)"
                 )
+
+
+def test_step_parameters_errors_name_the_real_parameter():
+    """step_parameters runs one-parameter copies of the groups; its errors must still name
+    the parameter by its place in the optimizer's own param_groups."""
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(4, 6).t())  # dense, column-major
+    opt = optirs.torch.SGD([{"params": [a]}, {"params": [torch.nn.Parameter(torch.zeros(2)), b]}])
+    b.grad = torch.ones(6, 4)  # row-major: not the parameter's layout
+    before = b.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\]"):
+        opt.step_parameters([b])
+    assert torch.equal(b.detach(), before)

@@ -21,6 +21,7 @@ and its state. Anything else raises a clear error before anything is modified.
 from __future__ import annotations
 
 import operator
+import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -179,27 +180,45 @@ class _Bridge:
         """
         owner = self._optirs_owners()
         groups = []
+        positions = []
         for p in params:
-            group = owner.get(id(p))
-            if group is None:
+            found = owner.get(id(p))
+            if found is None:
                 raise ValueError(
                     "step_parameters: a tensor that is not in this optimizer's param_groups"
                 )
+            group, gi, i = found
             self._spec.validate(group)
             groups.append({**group, "params": [p]})
+            positions.append(f"param_groups[{gi}]['params'][{i}]")
         with self._lock():
-            applied = self._optirs_full_step(groups)
+            try:
+                applied = self._optirs_full_step(groups)
+            except (TypeError, ValueError) as e:
+                # The step ran over one-parameter copies of the groups: name each parameter
+                # by its place in the optimizer's own param_groups.
+                message = re.sub(
+                    r"param_groups\[(\d+)\]\['params'\]\[0\]",
+                    lambda m: positions[int(m.group(1))],
+                    str(e),
+                )
+                raise type(e)(message) from None
         self.last_step_skipped = not applied
         if not applied:
             self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
         return applied
 
-    def _optirs_owners(self) -> dict[int, dict[str, Any]]:
-        """id(param) -> its group, rebuilt when the groups' parameter lists change."""
+    def _optirs_owners(self) -> dict[int, tuple[dict[str, Any], int, int]]:
+        """id(param) -> (its group, group index, index in the group), rebuilt when the groups'
+        parameter lists change."""
         key = [(id(g["params"]), len(g["params"])) for g in self.param_groups]
         cached = self.__dict__.get("_optirs_owner_cache")
         if cached is None or cached[0] != key:
-            owners = {id(p): g for g in self.param_groups for p in g["params"]}
+            owners = {
+                id(p): (g, gi, i)
+                for gi, g in enumerate(self.param_groups)
+                for i, p in enumerate(g["params"])
+            }
             cached = self.__dict__["_optirs_owner_cache"] = (key, owners)
         return cached[1]
 
@@ -299,7 +318,18 @@ class _Bridge:
 class _Cached:
     """One parameter's views, kept while its storage, state entries and gradient stay put."""
 
-    __slots__ = ("grad", "grad_ptr", "grad_view", "items", "keys", "p", "ptr", "views", "where")
+    __slots__ = (
+        "grad",
+        "grad_ptr",
+        "grad_view",
+        "items",
+        "keys",
+        "layout",
+        "p",
+        "ptr",
+        "views",
+        "where",
+    )
 
     def __init__(self, p: torch.Tensor, ptr: int, keys: tuple[str, ...], items: tuple[Any, ...]):
         self.p = p
@@ -311,6 +341,7 @@ class _Cached:
         self.grad_ptr = 0
         self.grad_view: Any = None
         self.where = ""
+        self.layout: _Layout | None = None
 
 
 class _Plan:
@@ -354,6 +385,7 @@ class _Plan:
                     self.entries.append(None)
                     continue
                 e.where = where
+                e.layout = layout
                 self.entries.append(e)
         self.written = [
             [e.p, *(t for t in e.items if t is not None)] if e is not None else []
@@ -391,7 +423,7 @@ class _Plan:
                     return None  # the full step raises the right error
                 if g.shape != p.shape:
                     return None
-                e.grad_view = _Layout(p, e.where).view(g, f"the gradient of {e.where}")
+                e.grad_view = e.layout.view(g, f"the gradient of {e.where}")
                 e.grad, e.grad_ptr = g, g.data_ptr()
             params[k], buffers[k], steps[k] = e.views
             grads[k] = e.grad_view

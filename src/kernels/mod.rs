@@ -77,15 +77,19 @@ impl<T> Slices<'_, T> {
     ///
     /// # Panics
     /// When `chunk` is 0.
-    pub fn chunks(self, chunk: usize, out: &mut Vec<Self>) {
+    pub fn chunks(self, chunk: usize) -> impl Iterator<Item = Self> {
         assert!(chunk > 0, "chunk size must be positive");
-        let mut rest = self;
-        while rest.len() > chunk {
-            let (head, tail) = rest.split_at(chunk);
-            out.push(head);
-            rest = tail;
-        }
-        out.push(rest);
+        let mut rest = Some(self);
+        std::iter::from_fn(move || {
+            let s = rest.take()?;
+            if s.len() > chunk {
+                let (head, tail) = s.split_at(chunk);
+                rest = Some(tail);
+                Some(head)
+            } else {
+                Some(s)
+            }
+        })
     }
 
     /// True when every gradient element is finite (no NaN, no infinity).

@@ -288,9 +288,7 @@ impl Case {
             grad,
             bufs: [b0.as_deref_mut(), b1.as_deref_mut(), b2.as_deref_mut()],
         };
-        let mut pieces = Vec::new();
-        slices.chunks(chunk, &mut pieces);
-        for piece in pieces {
+        for piece in slices.chunks(chunk) {
             apply(level, &rule, piece);
         }
     }
@@ -608,8 +606,7 @@ fn split_and_chunks_cover_every_element_once() {
         grad: &g,
         bufs: [Some(&mut b), None, None],
     };
-    let mut out = Vec::new();
-    s.chunks(4, &mut out);
+    let out: Vec<_> = s.chunks(4).collect();
     assert_eq!(
         out.iter().map(Slices::len).collect::<Vec<_>>(),
         vec![4, 4, 2]
