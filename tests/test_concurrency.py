@@ -233,17 +233,25 @@ def test_another_thread_runs_during_a_long_step():
             count[0] += 1
             time.sleep(1e-4)  # gives the GIL back whenever the main thread asks for it
 
+    # The counter thread may miss one particular step's window (the scheduler decides); with
+    # the GIL held through the update it could never run. Up to 20 steps, one must show it.
+    progressed, steps = False, 1
     with _NoForcedSwitches():
         t, stop = _background(counter)
         try:
-            before = count[0]
-            opt.step([g])
-            after = count[0]
+            for _ in range(20):
+                before = count[0]
+                opt.step([g])
+                steps += 1
+                if count[0] > before:
+                    progressed = True
+                    break
         finally:
             stop.set()
             t.join(30)
-    assert after > before, "no other Python thread ran while the step was in progress"
-    assert p[0] == np.float32(-1.0) and p[-1] == np.float32(-1.0)
+    assert progressed, "no other Python thread ran while the step was in progress"
+    expected = np.float32(-0.5) * steps  # exact: multiples of 0.5
+    assert p[0] == expected and p[-1] == expected
 
 
 def test_another_optimizer_steps_during_a_long_step():
@@ -263,16 +271,23 @@ def test_another_optimizer_steps_during_a_long_step():
             done[0] += 1
             time.sleep(1e-4)
 
+    # Whether the other thread finishes a step inside one particular long step is up to the
+    # scheduler (2 cores, shared); a process-wide lock would keep it from ever doing so. So:
+    # up to 20 long steps, and at least one of them must see the other optimizer progress.
+    progressed = False
     with _NoForcedSwitches():
         t, stop = _background(stepper)
         try:
-            before = done[0]
-            big.step([g])
-            after = done[0]
+            for _ in range(20):
+                before = done[0]
+                big.step([g])
+                if done[0] > before:
+                    progressed = True
+                    break
         finally:
             stop.set()
             t.join(30)
-    assert after > before, "no other optimizer could step while a long step was running"
+    assert progressed, "no other optimizer could step while a long step was running"
     twin_p = np.zeros(1000, np.float32)
     twin = optirs.Adam([twin_p], lr=1e-3)
     for _ in range(done[0]):
