@@ -2,9 +2,30 @@
 
 use pyo3::prelude::*;
 
+/// Runs `f`, turning a panic (a bug, never a user's mistake) into `RuntimeError` instead of
+/// letting it unwind into Python.
+pub(crate) fn catch_panics<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "optirs internal error (please report it): {msg}"
+            )))
+        }
+    }
+}
+
 #[pymodule]
 pub mod _core {
-    use pyo3::exceptions::{PyRuntimeError, PyValueError};
+    #[pymodule_export]
+    use crate::torch_plan::TorchPlan;
+
+    use pyo3::exceptions::PyValueError;
     use pyo3::prelude::*;
     use pyo3::types::PyDict;
 
@@ -50,24 +71,12 @@ pub mod _core {
             flush_denormals,
             panic_for_tests: _panic_for_tests,
         };
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::bindings::catch_panics(|| {
             stepper::run(
                 py, kind, groups, params, grads, buffers, steps, fresh, &options,
             )
-        }));
-        match result {
-            Ok(r) => r.map_err(PyErr::from),
-            Err(payload) => {
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_owned());
-                Err(PyRuntimeError::new_err(format!(
-                    "optirs internal error (please report it): {msg}"
-                )))
-            }
-        }
+            .map_err(PyErr::from)
+        })
     }
 
     /// The memory-traffic ceiling probe: `read_write[k] ^= xor of read_only`, byte by byte,

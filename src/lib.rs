@@ -10,5 +10,6 @@ mod fpenv;
 mod pool;
 mod probe;
 mod step;
+mod torch_plan;
 
 pub use bindings::_core;

@@ -28,7 +28,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn parse(s: &str) -> Result<Kind, StepError> {
+    pub(crate) fn parse(s: &str) -> Result<Kind, StepError> {
         match s {
             "sgd" => Ok(Kind::Sgd),
             "adam" => Ok(Kind::Adam),
@@ -39,7 +39,7 @@ impl Kind {
     }
 
     /// The state buffers, in the order the kernels take them.
-    fn buffer_names(self) -> &'static [&'static str] {
+    pub(crate) fn buffer_names(self) -> &'static [&'static str] {
         match self {
             Kind::Sgd => &["momentum_buffer"],
             Kind::Adam => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
@@ -49,14 +49,14 @@ impl Kind {
     }
 
     /// SGD keeps no step counter; the others keep a 0-d float32 `step`.
-    fn counts_steps(self) -> bool {
+    pub(crate) fn counts_steps(self) -> bool {
         self != Kind::Sgd
     }
 }
 
 /// The hyperparameters of one param group.
 #[derive(Clone, Copy, Debug)]
-enum Hyper {
+pub(crate) enum Hyper {
     Sgd(SgdHyper),
     Adam(AdamHyper),
     RmsProp(RmsPropHyper),
@@ -64,7 +64,11 @@ enum Hyper {
 }
 
 impl Hyper {
-    fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hyper, StepError> {
+    pub(crate) fn read(
+        kind: Kind,
+        group: &Bound<'_, PyAny>,
+        gi: usize,
+    ) -> Result<Hyper, StepError> {
         let g = GroupReader { group, gi };
         Ok(match kind {
             Kind::Sgd => Hyper::Sgd(SgdHyper {
@@ -108,7 +112,7 @@ impl Hyper {
     }
 
     /// Which of the kind's buffers this group's options use.
-    fn needs(&self) -> [bool; 3] {
+    pub(crate) fn needs(&self) -> [bool; 3] {
         match self {
             Hyper::Sgd(h) => [h.momentum != 0.0, false, false],
             Hyper::Adam(h) => [true, true, h.amsgrad],
@@ -224,7 +228,7 @@ impl Where {
 /// The element types the core updates. NumPy has no bfloat16: such arrays arrive as their
 /// uint16 bit patterns (the torch bridge passes `tensor.view(torch.uint16)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DType {
+pub(crate) enum DType {
     F32,
     F64,
     F16,
@@ -232,7 +236,7 @@ enum DType {
 }
 
 impl DType {
-    fn size(self) -> usize {
+    pub(crate) fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F64 => 8,
@@ -432,21 +436,21 @@ fn check_overlaps(spans: &[Span]) -> Result<(), StepError> {
 /// Addresses, not borrows: the overlap check over every array of the step is stricter than
 /// rust-numpy's borrow tracking, and skipping five tracked borrows per parameter is most of
 /// the per-parameter cost of a step over many small tensors.
-struct Checked {
-    dtype: DType,
-    len: usize,
-    param: *mut u8,
-    grad: *const u8,
-    bufs: [Option<*mut u8>; 3],
+pub(crate) struct Checked {
+    pub(crate) dtype: DType,
+    pub(crate) len: usize,
+    pub(crate) param: *mut u8,
+    pub(crate) grad: *const u8,
+    pub(crate) bufs: [Option<*mut u8>; 3],
     /// The step counter and its value once this step is applied. `'static` stands for "this
     /// step": the counter's array is held alive by the caller's lists until `run` returns.
-    step: Option<CounterSlot<'static>>,
-    rule: RuleOf,
+    pub(crate) step: Option<CounterSlot<'static>>,
+    pub(crate) rule: RuleOf,
 }
 
 /// The per-step scalars, in the compute type of the parameter's dtype.
 #[derive(Clone, Copy)]
-enum RuleOf {
+pub(crate) enum RuleOf {
     F32(Rule<f32>),
     F64(Rule<f64>),
 }
@@ -454,12 +458,12 @@ enum RuleOf {
 /// The last per-step scalars computed: the parameters of one group usually share their step
 /// count, so their bias corrections (three `pow` calls for Adam) are computed once.
 #[derive(Default)]
-struct RuleMemo {
+pub(crate) struct RuleMemo {
     last: Option<(usize, bool, u64, bool, RuleOf)>,
 }
 
 impl RuleMemo {
-    fn get(
+    pub(crate) fn get(
         &mut self,
         group: usize,
         hyper: &Hyper,
@@ -485,7 +489,7 @@ impl RuleMemo {
 }
 
 /// Where a counter's new value goes once every check has passed.
-enum CounterSlot<'a> {
+pub(crate) enum CounterSlot<'a> {
     F32(&'a mut f32, f32),
     F64(&'a mut f64, f64),
 }
@@ -613,14 +617,31 @@ fn check_counter(
     }
     // SAFETY: a 0-d array of that dtype, aligned (check_layout), holds exactly one element;
     // the overlap check keeps any other array of the step away from it.
-    #[allow(clippy::cast_ptr_alignment)]
-    let (slot, old, new) = unsafe {
-        if counter_dtype == DType::F64 {
-            let p = data_ptr(s).cast::<f64>();
+    let (slot, old, new) = unsafe { counter_at(data_ptr(s), counter_dtype == DType::F64) };
+    // A count below zero makes the bias corrections divide by zero or change sign: every
+    // parameter would turn to NaN or garbage.
+    if !(old.is_finite() && old >= 0.0) {
+        return value_err!("{} must be a finite step count >= 0, got {old}", what());
+    }
+    Ok((slot, new, counter_dtype))
+}
+
+/// The step counter at `p` (float64 when `wide`, else float32): where its new value goes, its
+/// value now, and its value once this step is applied (`step_t += 1` in the counter's dtype,
+/// read back as torch's `step_t.item()` does).
+///
+/// # Safety
+/// `p` points to one aligned, initialised element of that dtype, which nothing else of the
+/// step reads or writes and which stays alive until the step returns.
+pub(crate) unsafe fn counter_at(p: *mut u8, wide: bool) -> (CounterSlot<'static>, f64, f64) {
+    #[allow(clippy::cast_ptr_alignment)] // the caller guarantees the alignment
+    unsafe {
+        if wide {
+            let p = p.cast::<f64>();
             let new = *p + 1.0;
             (CounterSlot::F64(&mut *p, new), *p, new)
         } else {
-            let p = data_ptr(s).cast::<f32>();
+            let p = p.cast::<f32>();
             let new = *p + 1.0;
             (
                 CounterSlot::F32(&mut *p, new),
@@ -628,13 +649,7 @@ fn check_counter(
                 f64::from(new),
             )
         }
-    };
-    // A count below zero makes the bias corrections divide by zero or change sign: every
-    // parameter would turn to NaN or garbage.
-    if !(old.is_finite() && old >= 0.0) {
-        return value_err!("{} must be a finite step count >= 0, got {old}", what());
     }
-    Ok((slot, new, counter_dtype))
 }
 
 /// One piece of work for a thread: a chunk of one parameter and its rule.
@@ -827,7 +842,21 @@ pub fn run(
         )?);
     }
     check_overlaps(&spans)?;
+    // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
+    execute(py, checked, options)
+}
 
+/// Updates every checked parameter with the GIL released; returns whether the update was
+/// applied (false: skipped for a non-finite gradient, nothing written).
+///
+/// The caller has validated everything `checked` points to (dtypes, lengths, alignment, no
+/// overlap between written memory and any other) and keeps that memory alive until this
+/// returns.
+pub(crate) fn execute(
+    py: Python<'_>,
+    mut checked: Vec<Checked>,
+    options: &Options,
+) -> Result<bool, StepError> {
     let mut items = Vec::with_capacity(checked.len());
     make_items(&checked, &mut items);
     let counters: Vec<CounterSlot<'_>> = checked.iter_mut().filter_map(|c| c.step.take()).collect();
@@ -843,7 +872,6 @@ pub fn run(
     );
     let level = simd::active();
     let flush = options.flush_denormals;
-    // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
     let applied = py.detach(|| {
         let total: usize = items.iter().map(Item::len).sum();
         if options.skip_nonfinite && !pool::all(&items, total, Item::grad_is_finite) {

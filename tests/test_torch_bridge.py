@@ -817,12 +817,20 @@ def test_adagrad_add_param_group_initial_accumulator_value_is_torchs(rng):
 def test_foreach_and_fused_are_accepted_and_stepped_by_optirs(name, flag, rng, monkeypatch):
     calls = []
     core_step = optirs.torch._core.step
+    plan_step = optirs.torch._Plan.step
 
     def counting_step(*args, **kwargs):
         calls.append(args[0])
         return core_step(*args, **kwargs)
 
+    def counting_plan_step(self, opt):
+        applied = plan_step(self, opt)
+        if applied is not None:
+            calls.append("plan")
+        return applied
+
     monkeypatch.setattr(optirs.torch._core, "step", counting_step)
+    monkeypatch.setattr(optirs.torch._Plan, "step", counting_plan_step)
     groups = [{"params": tensors(rng, [(7,), (4099,), ()])}]
     pair = run_pair(
         name, groups, steps=6, rng=rng, bridge_kwargs={flag: True}, **FULL_STATE_KWARGS[name]

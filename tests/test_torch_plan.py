@@ -1,7 +1,9 @@
-"""optirs.torch reuses its NumPy views across steps; every change they depend on must show.
+"""optirs.torch steps through a plan kept in the core (``_core.TorchPlan``) once a full step has
+looked at every tensor; every change the plan depends on must show.
 
-Each test makes the change between two steps and compares with torch.optim given the same
-change: the views must follow the parameter's storage, the state's tensors and the gradient.
+Each test makes the change between two steps and either compares with torch.optim given the
+same change (the plan must follow the parameter's storage, the state's tensors and the
+gradient) or, for a gradient optirs refuses, checks the refusal and that nothing changed.
 """
 
 from __future__ import annotations
@@ -112,3 +114,147 @@ def test_option_changing_the_state_layout_mid_run_is_refused_like_torch():
         opt.step()
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
     assert all("max_exp_avg_sq" not in opt.state[p] for p in ours)
+
+
+def test_later_steps_go_through_the_plan():
+    """The fast path is taken with a new gradient tensor every step (``zero_grad``'s default):
+    one call into the core per step, and no full step after the first."""
+    ours, theirs, opt, ref = _pair()
+    full_steps = []
+    core_step = optirs.torch._core.step
+
+    def counting(*args, **kwargs):
+        full_steps.append(args[0])
+        return core_step(*args, **kwargs)
+
+    optirs.torch._core.step = counting
+    try:
+        for seed in range(1, 6):
+            _step(ours, theirs, opt, ref, seed)
+    finally:
+        optirs.torch._core.step = core_step
+    assert full_steps == ["adam"]
+    assert len(opt._optirs_plan.core) == 2
+    _assert_same(ours, theirs, opt, ref)
+
+
+def test_state_tensor_repointed_with_data():
+    """``state[...].data = ...`` keeps the state dict's entry but moves its memory (a common
+    way to move optimizer state between devices)."""
+    ours, theirs, opt, ref = _pair()
+    _step(ours, theirs, opt, ref, 1)
+    for state in (opt.state[ours[1]], ref.state[theirs[1]]):
+        state["exp_avg_sq"].data = torch.full((33,), 0.25)
+        state["step"].data = torch.tensor(7.0)
+    _step(ours, theirs, opt, ref, 2)
+    _assert_same(ours, theirs, opt, ref)
+    assert float(opt.state[ours[1]]["step"]) == 8.0
+
+
+def test_parameter_state_dropped_mid_run():
+    ours, theirs, opt, ref = _pair()
+    _step(ours, theirs, opt, ref, 1)
+    del opt.state[ours[0]]
+    del ref.state[theirs[0]]
+    _step(ours, theirs, opt, ref, 2)
+    _assert_same(ours, theirs, opt, ref)
+
+
+def test_gradients_coming_and_going():
+    """A parameter without a gradient is skipped; one that gets its first gradient later
+    gets its state then, as in torch."""
+    ours, theirs, opt, ref = _pair()
+    ours[1].requires_grad_(False)
+    theirs[1].requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    for seed in range(1, 7):
+        grads = [torch.randn(t.shape, generator=g) for t in ours]
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            has = seed >= 4 or i == 0
+            a.grad = grads[i].clone() if has and seed % 3 else None
+            b.grad = a.grad.clone() if a.grad is not None else None
+        opt.step()
+        ref.step()
+        _assert_same(ours, theirs, opt, ref)
+
+
+def test_gradients_may_share_memory():
+    """Gradients are only read: two parameters may be given one gradient tensor."""
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(33, generator=g) for _ in range(2)]
+    ours = [nn.Parameter(t.clone()) for t in data]
+    theirs = [nn.Parameter(t.clone()) for t in data]
+    opt = optirs.torch.Adam(ours, lr=0.1)
+    ref = torch.optim.Adam(theirs, lr=0.1, foreach=False)
+    for _ in range(3):
+        shared = torch.randn(33, generator=g)
+        for a, b in zip(ours, theirs):
+            a.grad, b.grad = shared, shared.clone()
+        opt.step()
+        ref.step()
+    _assert_same(ours, theirs, opt, ref)
+
+
+def _refused_gradients():
+    """(id, make(param, optimizer) -> gradient to set, exception type, message pattern)."""
+    where = r"param_groups\[0\]\['params'\]\[1\]"
+    return [
+        ("expanded", lambda p, o: torch.ones(1).expand(33), ValueError, "contiguous"),
+        ("aliases_param", lambda p, o: p.detach(), ValueError, "share memory"),
+        (
+            "aliases_state",
+            lambda p, o: o.state[p]["exp_avg"],
+            ValueError,
+            "share memory",
+        ),
+        (
+            "aliases_part_of_state",
+            lambda p, o: torch.as_strided(o.state[p]["exp_avg_sq"], (33,), (1,), 0),
+            ValueError,
+            "share memory",
+        ),
+        ("negative_bit", lambda p, o: torch._neg_view(torch.ones(33)), TypeError, where),
+        # torch.optim.Adam's own error and message
+        ("sparse", lambda p, o: torch.ones(33).to_sparse(), RuntimeError, "sparse"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [case[1:] for case in _refused_gradients()],
+    ids=[case[0] for case in _refused_gradients()],
+)
+def test_refused_new_gradient_changes_nothing(make, error, match):
+    ours, theirs, opt, ref = _pair()
+    _step(ours, theirs, opt, ref, 1)
+    ours[0].grad = torch.ones(5)
+    ours[1].grad = make(ours[1], opt)
+    before = [t.detach().clone() for t in ours]
+    state_before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
+    after = opt.state_dict()
+    for k, entry in state_before["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][k][name], value), (k, name)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda g: torch.ones(33, dtype=torch.float64), TypeError, "dtype"),
+        (lambda g: torch.ones(11), ValueError, "shape"),
+        (lambda g: torch.ones(66)[::2], ValueError, "contiguous"),
+    ],
+    ids=["dtype", "shape", "strides"],
+)
+def test_gradient_changed_in_place_behind_torchs_checks(change, error, match):
+    """``p.grad.data = ...`` bypasses the checks of ``p.grad = ...``: the plan must see it."""
+    ours, theirs, opt, ref = _pair()
+    _step(ours, theirs, opt, ref, 1)
+    before = [t.detach().clone() for t in ours]
+    ours[1].grad.data = change(ours[1].grad)
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))

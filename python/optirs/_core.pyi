@@ -1,10 +1,11 @@
 """Type stubs of the Rust extension ``optirs._core``. Keep in step with ``src/bindings.rs``."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, final
 
 __all__ = [
     "CHUNK_ELEMS",
+    "TorchPlan",
     "__version__",
     "build_info",
     "get_num_threads",
@@ -47,6 +48,40 @@ def step(
     ``_panic_for_tests`` ("validation" or "worker") makes the step panic, for tests: a panic
     surfaces as RuntimeError.
     """
+
+@final
+class TorchPlan:
+    """The torch bridge's cached step (``optirs.torch``), built after a full step has checked
+    every tensor. Each later step re-checks in Rust what can change between steps and steps
+    through raw pointers, or returns None, having written nothing, for the full step to run."""
+
+    def __new__(
+        cls,
+        kind: str,
+        entries: list[Any],
+        tensor_type: type,
+        strided: Any,
+        increment_version: Any,
+    ) -> TorchPlan:
+        """``entries``: per parameter in param_groups order, the parameter itself (not stepped
+        by the full step) or ``(group, p, dtype_name, numel, strides_or_None, keys, items,
+        bufs, counter, counter_is_f64, storages)``; ``tensor_type`` is ``torch.Tensor``,
+        ``strided`` is ``torch.strided``, ``increment_version`` is autograd's."""
+
+    def step(
+        self,
+        groups: Sequence[Any],
+        state: Any,
+        *,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
+        _panic_for_tests: str | None = None,
+    ) -> bool | None:
+        """Steps every parameter that has a gradient; returns whether the update was applied,
+        or None when something changed since the plan was built (nothing written then)."""
+
+    def __len__(self) -> int:
+        """How many parameters the plan covers."""
 
 def traffic(read_only: list[Any], read_write: list[Any]) -> None:
     """Memory-traffic ceiling probe: ``read_write[k] ^= xor of read_only``, byte by byte, over

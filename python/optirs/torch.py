@@ -20,7 +20,6 @@ and its state. Anything else raises a clear error before anything is modified.
 
 from __future__ import annotations
 
-import operator
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -315,132 +314,65 @@ class _Bridge:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-class _Cached:
-    """One parameter's views, kept while its storage, state entries and gradient stay put."""
-
-    __slots__ = (
-        "grad",
-        "grad_ptr",
-        "grad_view",
-        "items",
-        "keys",
-        "layout",
-        "p",
-        "ptr",
-        "views",
-        "where",
-    )
-
-    def __init__(self, p: torch.Tensor, ptr: int, keys: tuple[str, ...], items: tuple[Any, ...]):
-        self.p = p
-        self.ptr = ptr
-        self.keys = keys
-        self.items = items
-        self.views: tuple[Any, Any, Any] | None = None  # (param, buffers, step)
-        self.grad: torch.Tensor | None = None
-        self.grad_ptr = 0
-        self.grad_view: Any = None
-        self.where = ""
-        self.layout: _Layout | None = None
-
-
 class _Plan:
-    """What ``_optirs_full_step`` found, reused while it still holds.
+    """What ``_optirs_full_step`` found, handed to the core (``_core.TorchPlan``) for the steps
+    that follow.
 
-    Per parameter and step it costs a gradient lookup, two storage-pointer reads and one
-    identity comparison per state entry, instead of a fresh NumPy view of every tensor.
+    Each later step is one call into Rust, which re-checks per parameter what can change
+    between steps (its data pointer, its state entries by identity and their data pointers, the
+    gradient's type, device, layout, dtype, shape, strides and memory) and steps through raw
+    pointers. When anything differs it writes nothing and returns None, and the full step runs:
+    it raises the precise error or builds a new plan. The plan holds the storage of every
+    parameter and state tensor it points into, so that memory outlives any re-pointing.
     """
+
+    __slots__ = ("core", "groups", "state")
 
     def __init__(self, opt: _Bridge, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
         self.state = opt.state
         self.groups = GroupsSnapshot(spec, groups)
-        self.params = self.groups.params
-        self.entries: list[_Cached | None] = []
+        entries: list[Any] = []
         for gi, (ps, need) in enumerate(zip(self.groups.lists, self.groups.needs)):
             keys = tuple(n for n, want in zip(spec.buffers, need) if want)
             keys += ("step",) if spec.counts_steps else ()
-            for i, p in enumerate(ps):
-                state = opt.state.get(p) or {}
-                items = tuple(state.get(k) for k in keys)
-                ok = p.device.type == "cpu" and p.dtype in _DTYPES and not p.is_complex()
-                if not ok or any(not isinstance(t, torch.Tensor) for t in items):
-                    self.entries.append(None)  # not stepped yet, or something to refuse
+            for p in ps:
+                # Only what the full step just checked: a parameter that had no gradient
+                # sends the next step it has one back to the full step.
+                if p.grad is None:
+                    entries.append(p)
                     continue
-                where = f"param_groups[{gi}]['params'][{i}]"
-                try:
-                    layout = _Layout(p, where)
-                    bufs = tuple(
-                        None if state.get(n) is None else layout.view(state[n], n)
-                        for n in spec.buffers
+                state = opt.state.get(p, {})
+                items = tuple(state[k] for k in keys)
+                bufs = tuple(state[n] if want else None for n, want in zip(spec.buffers, need))
+                counter = state["step"] if spec.counts_steps else None
+                entries.append(
+                    (
+                        gi,
+                        p,
+                        str(p.dtype).removeprefix("torch."),
+                        p.numel(),
+                        None if p.is_contiguous() else p.stride(),
+                        keys,
+                        items,
+                        bufs + (None,) * (3 - len(bufs)),
+                        counter,
+                        counter is not None and counter.dtype == torch.float64,
+                        tuple(t.untyped_storage() for t in (p, *items)),
                     )
-                    step = state.get("step")
-                    e = _Cached(p, p.data_ptr(), keys, items)
-                    e.views = (
-                        layout.view(p, where),
-                        bufs,
-                        None if step is None else _scalar_view(step, where),
-                    )
-                except (TypeError, ValueError):
-                    self.entries.append(None)
-                    continue
-                e.where = where
-                e.layout = layout
-                self.entries.append(e)
-        self.written = [
-            [e.p, *(t for t in e.items if t is not None)] if e is not None else []
-            for e in self.entries
-        ]
-        self.fresh = [False] * len(self.entries)
+                )
+        self.core = _core.TorchPlan(
+            spec.kind, entries, torch.Tensor, torch.strided, increment_version
+        )
 
     def fits(self, opt: _Bridge, groups: list[dict[str, Any]]) -> bool:
         """Groups, their parameter lists and layout-changing options are as they were."""
         return opt.state is self.state and self.groups.unchanged(opt._spec, groups)
 
     def step(self, opt: _Bridge) -> bool | None:
-        """Steps through the cached views and returns whether the update was applied; None
-        (nothing done) when something changed and the full step must look again."""
-        n = len(self.entries)
-        params: list[Any] = [None] * n
-        grads: list[Any] = [None] * n
-        buffers: list[Any] = [None] * n
-        steps: list[Any] = [None] * n
-        written: list[torch.Tensor] = []
-        state = self.state
-        for k, e in enumerate(self.entries):
-            p = self.params[k]
-            g = p.grad
-            if g is None:
-                continue
-            if e is None or p.data_ptr() != e.ptr:
-                return None
-            entry = state.get(p)
-            # Identity, entry by entry, in C (never a tensor's elementwise __eq__).
-            if entry is None or not all(map(operator.is_, map(entry.get, e.keys), e.items)):
-                return None
-            if g is not e.grad or g.data_ptr() != e.grad_ptr:
-                if g.is_sparse or g.dtype != p.dtype or g.device.type != "cpu":
-                    return None  # the full step raises the right error
-                if g.shape != p.shape:
-                    return None
-                e.grad_view = e.layout.view(g, f"the gradient of {e.where}")
-                e.grad, e.grad_ptr = g, g.data_ptr()
-            params[k], buffers[k], steps[k] = e.views
-            grads[k] = e.grad_view
-            written.extend(self.written[k])
-        applied = _core.step(
-            opt._spec.kind,
-            opt.param_groups,
-            params,
-            grads,
-            buffers,
-            steps,
-            self.fresh,
-            **opt._options(),
-        )
-        if applied and written:
-            increment_version(written)
-        return applied
+        """Steps through the plan and returns whether the update was applied; None (nothing
+        done) when something changed and the full step must look again."""
+        return self.core.step(opt.param_groups, opt.state, **opt._options())
 
 
 class _Layout:

@@ -1,0 +1,394 @@
+//! The torch bridge's fast step: one call per `optimizer.step()` that re-checks in Rust what may
+//! have changed since the bridge last looked at every tensor, then steps through raw pointers.
+//!
+//! The bridge's full path (Python, `optirs.torch`) validates every tensor, makes missing state
+//! and steps through NumPy views; after a successful full step it builds a [`TorchPlan`] of what
+//! it saw. Each later step asks the plan first. The plan re-reads, per parameter with a
+//! gradient: the parameter's data pointer (`p.data = ...` moves it), its state entries (by
+//! identity) and their data pointers, and the gradient (usually a new tensor every step: its
+//! type, device, layout, dtype, shape, strides, sign bit and memory are all checked, and it
+//! must not overlap memory the step writes). Anything unexpected makes the step return `None`
+//! having written nothing, and the bridge falls back to its full path, which raises the precise
+//! error or builds a new plan.
+//!
+//! Memory safety does not hang on those checks alone: the plan holds every parameter's and state
+//! tensor's storage (the bridge passes `untyped_storage()` objects), so the memory it points to
+//! stays allocated even if a tensor is re-pointed, and a matching data pointer can only mean the
+//! same memory.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::{intern, BoundObject};
+
+use crate::step::{self, Checked, DType, Hyper, Kind, Options, RuleMemo};
+
+/// Hashes a pointer-sized key by one multiplication: the keys are object addresses.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+/// One parameter as the full step last saw it.
+struct Entry {
+    group: usize,
+    p: Py<PyAny>,
+    dtype: DType,
+    len: usize,
+    /// `p.dtype` and `p.shape`: a new gradient must have the same.
+    dtype_obj: Py<PyAny>,
+    shape: Py<PyAny>,
+    /// `p.stride()` for a parameter that is dense but not contiguous; None when contiguous.
+    strides: Option<Py<PyAny>>,
+    param_ptr: usize,
+    /// The state entries the step uses, their tensors (checked by identity) and data pointers.
+    keys: Vec<Py<PyString>>,
+    items: Vec<Py<PyAny>>,
+    item_ptrs: Vec<usize>,
+    /// The kernels' state buffers (in `Kind::buffer_names` order) and the step counter.
+    bufs: [Option<usize>; 3],
+    counter: Option<(usize, bool)>,
+    /// Holds the memory behind every pointer above.
+    _storages: Py<PyAny>,
+}
+
+/// A cached step of the torch bridge; see the module documentation.
+#[pyclass(module = "optirs._core", frozen)]
+pub struct TorchPlan {
+    kind: Kind,
+    /// Per parameter: what the full step saw, or (`Err`) just the parameter, which was not
+    /// stepped then: if it has a gradient now, the full step must look at it.
+    entries: Vec<Result<Entry, Py<PyAny>>>,
+    /// `id(p)` -> its index in `entries`.
+    index: HashMap<usize, usize, BuildHasherDefault<AddressHasher>>,
+    /// Every byte range the step writes, sorted by start and disjoint.
+    written: Vec<(usize, usize)>,
+    tensor_type: Py<PyAny>,
+    strided: Py<PyAny>,
+    increment_version: Py<PyAny>,
+}
+
+fn data_ptr(t: &Bound<'_, PyAny>) -> PyResult<usize> {
+    t.call_method0(intern!(t.py(), "data_ptr"))?.extract()
+}
+
+fn parse_dtype(name: &str) -> PyResult<DType> {
+    Ok(match name {
+        "float32" => DType::F32,
+        "float64" => DType::F64,
+        "float16" => DType::F16,
+        "bfloat16" => DType::Bf16,
+        _ => return Err(PyValueError::new_err(format!("unknown dtype {name:?}"))),
+    })
+}
+
+impl TorchPlan {
+    /// Reads one entry tuple: `(group, p, dtype, numel, strides, keys, items, bufs, counter,
+    /// counter_is_f64, storages)`.
+    fn entry(t: &Bound<'_, PyTuple>, spans: &mut Vec<(usize, usize)>) -> PyResult<Entry> {
+        let py = t.py();
+        let p = t.get_item(1)?;
+        let dtype = parse_dtype(&t.get_item(2)?.extract::<String>()?)?;
+        let len: usize = t.get_item(3)?.extract()?;
+        let strides = t.get_item(4)?;
+        let keys = t.get_item(5)?.cast_into::<PyTuple>()?;
+        let items = t.get_item(6)?.cast_into::<PyTuple>()?;
+        let bufs = t.get_item(7)?.cast_into::<PyTuple>()?;
+        let counter = t.get_item(8)?;
+        let wide: bool = t.get_item(9)?.extract()?;
+        let bytes = len * dtype.size();
+
+        let param_ptr = data_ptr(&p)?;
+        spans.push((param_ptr, param_ptr + bytes));
+        let mut buf_ptrs = [None; 3];
+        for (slot, b) in buf_ptrs.iter_mut().zip(bufs.iter()) {
+            if !b.is_none() {
+                let ptr = data_ptr(&b)?;
+                spans.push((ptr, ptr + bytes));
+                *slot = Some(ptr);
+            }
+        }
+        let counter = if counter.is_none() {
+            None
+        } else {
+            let ptr = data_ptr(&counter)?;
+            spans.push((ptr, ptr + if wide { 8 } else { 4 }));
+            Some((ptr, wide))
+        };
+        let mut item_ptrs = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            item_ptrs.push(data_ptr(&item)?);
+        }
+        Ok(Entry {
+            group: t.get_item(0)?.extract()?,
+            dtype,
+            len,
+            dtype_obj: p.getattr(intern!(py, "dtype"))?.unbind(),
+            shape: p.getattr(intern!(py, "shape"))?.unbind(),
+            strides: if strides.is_none() {
+                None
+            } else {
+                Some(strides.unbind())
+            },
+            param_ptr,
+            keys: keys
+                .iter()
+                .map(|k| Ok(PyString::intern(py, &k.extract::<String>()?).unbind()))
+                .collect::<PyResult<_>>()?,
+            items: items.iter().map(BoundObject::unbind).collect(),
+            item_ptrs,
+            bufs: buf_ptrs,
+            counter,
+            _storages: t.get_item(10)?.unbind(),
+            p: p.unbind(),
+        })
+    }
+
+    /// Whether a gradient may be stepped with entry `e`'s parameter: exactly a dense CPU
+    /// `torch.Tensor` of the parameter's dtype, shape and strides, without a pending negation,
+    /// over aligned memory the step does not write. Returns its data pointer.
+    fn grad_ptr(&self, e: &Entry, g: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+        let py = g.py();
+        let ok = g.get_type().is(self.tensor_type.bind(py))
+            && g.getattr(intern!(py, "is_cpu"))?.is_truthy()?
+            && g.getattr(intern!(py, "layout"))?.is(self.strided.bind(py))
+            && g.getattr(intern!(py, "dtype"))?.is(e.dtype_obj.bind(py))
+            && !g.call_method0(intern!(py, "is_neg"))?.is_truthy()?
+            && g.getattr(intern!(py, "shape"))?.eq(e.shape.bind(py))?
+            && match &e.strides {
+                None => g.call_method0(intern!(py, "is_contiguous"))?.is_truthy()?,
+                Some(s) => g.call_method0(intern!(py, "stride"))?.eq(s.bind(py))?,
+            };
+        if !ok {
+            return Ok(None);
+        }
+        let ptr = data_ptr(g)?;
+        let bytes = e.len * e.dtype.size();
+        if bytes == 0 {
+            return Ok(Some(ptr));
+        }
+        if ptr == 0 || ptr % e.dtype.size() != 0 {
+            return Ok(None);
+        }
+        // The first written range that ends after the gradient starts is the only one that can
+        // overlap it: the ranges are disjoint, so their ends are sorted too.
+        let end = ptr + bytes;
+        let i = self.written.partition_point(|&(_, e)| e <= ptr);
+        if self.written.get(i).is_some_and(|&(s, _)| s < end) {
+            return Ok(None);
+        }
+        Ok(Some(ptr))
+    }
+
+    /// Checks everything and returns the work, or None when the full path must look.
+    #[allow(clippy::type_complexity)]
+    fn check<'py>(
+        &self,
+        groups: &Bound<'py, PyAny>,
+        state: &Bound<'py, PyAny>,
+    ) -> Result<Option<(Vec<Checked>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>)>, PyErr> {
+        let py = groups.py();
+        let n_groups = groups.len()?;
+        let mut hypers = Vec::with_capacity(n_groups);
+        for gi in 0..n_groups {
+            hypers.push(Hyper::read(self.kind, &groups.get_item(gi)?, gi)?);
+        }
+        let Ok(state) = state.cast::<PyDict>() else {
+            return Ok(None);
+        };
+        // One walk over the state dict instead of a lookup per parameter: looking a tensor up
+        // calls its Python-level __hash__.
+        let mut entry_of: Vec<Option<Bound<'py, PyAny>>> = vec![None; self.entries.len()];
+        for (key, value) in state.iter() {
+            if let Some(&k) = self.index.get(&(key.as_ptr() as usize)) {
+                entry_of[k] = Some(value);
+            }
+        }
+
+        let mut rules = RuleMemo::default();
+        let mut checked = Vec::with_capacity(self.entries.len());
+        let mut written = Vec::new();
+        let mut grads = Vec::with_capacity(self.entries.len());
+        for (k, e) in self.entries.iter().enumerate() {
+            let e = match e {
+                Ok(e) => e,
+                Err(p) => {
+                    if p.bind(py).getattr(intern!(py, "grad"))?.is_none() {
+                        continue;
+                    }
+                    return Ok(None);
+                }
+            };
+            let p = e.p.bind(py);
+            let g = p.getattr(intern!(py, "grad"))?;
+            if g.is_none() {
+                continue;
+            }
+            if data_ptr(p)? != e.param_ptr {
+                return Ok(None);
+            }
+            let entry = entry_of[k].as_ref().and_then(|v| v.cast::<PyDict>().ok());
+            if entry.is_none() && !e.keys.is_empty() {
+                return Ok(None);
+            }
+            for ((key, item), &ptr) in e.keys.iter().zip(&e.items).zip(&e.item_ptrs) {
+                let Some(entry) = entry else {
+                    return Ok(None);
+                };
+                let item = item.bind(py);
+                match entry.get_item(key.bind(py))? {
+                    Some(v) if v.is(item) => {}
+                    _ => return Ok(None),
+                }
+                if data_ptr(item)? != ptr {
+                    return Ok(None);
+                }
+            }
+            let Some(grad) = self.grad_ptr(e, &g)? else {
+                return Ok(None);
+            };
+            let (counter, count) = match e.counter {
+                Some((ptr, wide)) => {
+                    // SAFETY: the full step checked this counter (a 0-d, aligned float32 or
+                    // float64 array, apart from every other array it wrote), its storage is
+                    // held by the plan, and its data pointer is unchanged.
+                    let (slot, old, new) = unsafe { step::counter_at(ptr as *mut u8, wide) };
+                    if !(old.is_finite() && old >= 0.0) {
+                        return Ok(None);
+                    }
+                    (Some(slot), new)
+                }
+                None => (None, 0.0),
+            };
+            let Some(hyper) = hypers.get(e.group) else {
+                return Ok(None);
+            };
+            checked.push(Checked {
+                dtype: e.dtype,
+                len: e.len,
+                param: e.param_ptr as *mut u8,
+                grad: grad as *const u8,
+                bufs: e.bufs.map(|b| b.map(|ptr| ptr as *mut u8)),
+                step: counter,
+                rule: rules.get(e.group, hyper, e.dtype, count, false),
+            });
+            written.push(p.clone());
+            written.extend(e.items.iter().map(|t| t.bind(py).clone()));
+            grads.push(g);
+        }
+        Ok(Some((checked, written, grads)))
+    }
+}
+
+#[pymethods]
+impl TorchPlan {
+    /// Builds a plan from what the bridge's full step just checked and stepped.
+    ///
+    /// `entries` holds, per parameter in `param_groups` order, the parameter itself when that
+    /// full step did not step it, else `(group, p, dtype_name, numel, strides_or_None, keys,
+    /// items, bufs, counter, counter_is_f64, storages)`. `tensor_type` is `torch.Tensor`, `strided` is
+    /// `torch.strided`, and `increment_version` is autograd's.
+    #[new]
+    fn new(
+        kind: &str,
+        entries: &Bound<'_, PyList>,
+        tensor_type: Bound<'_, PyAny>,
+        strided: Bound<'_, PyAny>,
+        increment_version: Bound<'_, PyAny>,
+    ) -> PyResult<TorchPlan> {
+        let kind = Kind::parse(kind)?;
+        let mut spans = Vec::new();
+        let mut list = Vec::with_capacity(entries.len());
+        let mut index = HashMap::default();
+        for (k, item) in entries.iter().enumerate() {
+            match item.cast::<PyTuple>() {
+                Ok(t) => {
+                    let e = TorchPlan::entry(t, &mut spans)?;
+                    index.insert(e.p.as_ptr() as usize, k);
+                    list.push(Ok(e));
+                }
+                Err(_) => list.push(Err(item.unbind())),
+            }
+        }
+        spans.retain(|(s, e)| e > s);
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(PyValueError::new_err(
+                "TorchPlan: the tensors it would write overlap",
+            ));
+        }
+        Ok(TorchPlan {
+            kind,
+            entries: list,
+            index,
+            written: spans,
+            tensor_type: tensor_type.unbind(),
+            strided: strided.unbind(),
+            increment_version: increment_version.unbind(),
+        })
+    }
+
+    /// Steps every parameter that has a gradient; returns whether the update was applied, or
+    /// None (nothing written) when something changed and the full path must run instead.
+    #[pyo3(signature = (
+        groups, state, *, skip_nonfinite = false, flush_denormals = false,
+        _panic_for_tests = None
+    ))]
+    #[allow(clippy::used_underscore_binding)]
+    fn step(
+        &self,
+        groups: &Bound<'_, PyAny>,
+        state: &Bound<'_, PyAny>,
+        skip_nonfinite: bool,
+        flush_denormals: bool,
+        _panic_for_tests: Option<String>,
+    ) -> PyResult<Option<bool>> {
+        let py = groups.py();
+        let options = Options {
+            skip_nonfinite,
+            flush_denormals,
+            panic_for_tests: _panic_for_tests,
+        };
+        // An error while checking (a tensor that refuses `data_ptr()`, a group with a bad
+        // value) is the full path's to report, with its own words: fall back to it.
+        let checked = crate::bindings::catch_panics(|| Ok(self.check(groups, state).ok()))?;
+        let Some(Some((checked, written, grads))) = checked else {
+            return Ok(None);
+        };
+        // `written` (and the plan's storages) and `grads` hold every tensor stepped alive.
+        let applied = crate::bindings::catch_panics(|| {
+            step::execute(py, checked, &options).map_err(PyErr::from)
+        })?;
+        drop(grads);
+        if applied && !written.is_empty() {
+            // The core wrote behind autograd's back: bump the version counters as torch's
+            // in-place ops would, so a graph that saved an old value refuses to use it.
+            self.increment_version
+                .bind(py)
+                .call1((PyList::new(py, written)?,))?;
+        }
+        Ok(Some(applied))
+    }
+
+    /// How many parameters the plan covers (for tests).
+    fn __len__(&self) -> usize {
+        self.entries.iter().filter(|e| e.is_ok()).count()
+    }
+}
