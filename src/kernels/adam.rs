@@ -89,34 +89,6 @@ pub fn update<S: Storage>(
 ) {
     // The slices are zipped, so nothing is indexed out of bounds whatever the lengths; the
     // bindings guarantee they are equal.
-    let elem = |p: &mut S, g: S, m: &mut S, v: &mut S, vmax: Option<&mut S>| {
-        let g = g.load();
-        let mut g = if k.maximize { -g } else { g };
-        let mut pv = p.load();
-        if let Some(decay) = k.param_decay {
-            pv = pv * decay;
-        }
-        if let Some(wd) = k.grad_decay {
-            g = g + wd * pv;
-        }
-        let w = &k.beta1;
-        let m_new = lerp(m.load(), g, w.weight, w.one_minus, w.small);
-        *m = S::store(m_new);
-        // addcmul: v * beta2 + ((1 - beta2) * g) * g
-        let v_new = v.load() * k.beta2 + k.one_minus_beta2 * g * g;
-        *v = S::store(v_new);
-        let second = match vmax {
-            Some(vmax) => {
-                let x = maximum(vmax.load(), v_new);
-                *vmax = S::store(x);
-                x
-            }
-            None => v_new,
-        };
-        let denom = second.sqrt() / k.bias_correction2_sqrt + k.eps;
-        // addcdiv: p + (value * m) / denom
-        *p = S::store(pv + k.neg_step_size * m_new / denom);
-    };
     match max_exp_avg_sq {
         Some(vmax) if k.amsgrad => {
             for ((((p, &g), m), v), vm) in param
@@ -126,7 +98,7 @@ pub fn update<S: Storage>(
                 .zip(exp_avg_sq.iter_mut())
                 .zip(vmax)
             {
-                elem(p, g, m, v, Some(vm));
+                elem(k, p, g, m, v, Some(vm));
             }
         }
         _ => {
@@ -136,8 +108,47 @@ pub fn update<S: Storage>(
                 .zip(exp_avg.iter_mut())
                 .zip(exp_avg_sq.iter_mut())
             {
-                elem(p, g, m, v, None);
+                elem(k, p, g, m, v, None);
             }
         }
     }
+}
+
+/// One element of [`update`]. A function, not a closure, so that it can be inlined by force:
+/// LLVM left a closure this size as a call per element for float16, and nothing vectorised.
+#[inline(always)]
+fn elem<S: Storage>(
+    k: &AdamScalars<S::Compute>,
+    p: &mut S,
+    g: S,
+    m: &mut S,
+    v: &mut S,
+    vmax: Option<&mut S>,
+) {
+    let g = g.load();
+    let mut g = if k.maximize { -g } else { g };
+    let mut pv = p.load();
+    if let Some(decay) = k.param_decay {
+        pv = pv * decay;
+    }
+    if let Some(wd) = k.grad_decay {
+        g = g + wd * pv;
+    }
+    let w = &k.beta1;
+    let m_new = lerp(m.load(), g, w.weight, w.one_minus, w.small);
+    *m = S::store(m_new);
+    // addcmul: v * beta2 + ((1 - beta2) * g) * g
+    let v_new = v.load() * k.beta2 + k.one_minus_beta2 * g * g;
+    *v = S::store(v_new);
+    let second = match vmax {
+        Some(vmax) => {
+            let x = maximum(vmax.load(), v_new);
+            *vmax = S::store(x);
+            x
+        }
+        None => v_new,
+    };
+    let denom = second.sqrt() / k.bias_correction2_sqrt + k.eps;
+    // addcdiv: p + (value * m) / denom
+    *p = S::store(pv + k.neg_step_size * m_new / denom);
 }

@@ -136,14 +136,60 @@ impl Storage for half::bf16 {
 
 impl Storage for half::f16 {
     type Compute = f32;
+    /// Exact, NaN kept (made quiet), as `half`'s conversion. Written without branches so that it
+    /// vectorises (`half`'s does not: a scalar call per element).
     #[inline(always)]
     fn load(self) -> f32 {
-        self.to_f32()
+        let h = u32::from(self.to_bits());
+        let sign = (h & 0x8000) << 16;
+        // Exponent and mantissa moved to their float32 places.
+        let em = (h & 0x7FFF) << 13;
+        let exp = em & 0x0F80_0000;
+        let normal = em + ((127 - 15) << 23);
+        let quiet = if em & 0x007F_E000 != 0 {
+            0x0040_0000
+        } else {
+            0
+        };
+        let inf_nan = 0x7F80_0000 | (em & 0x007F_E000) | quiet;
+        // Zero and subnormals, m * 2^-24: (2^-14 + m * 2^-24) - 2^-14, both terms and the
+        // difference exact in float32.
+        let subnormal = (f32::from_bits(em + (113 << 23)) - f32::from_bits(113 << 23)).to_bits();
+        let bits = if exp == 0x0F80_0000 {
+            inf_nan
+        } else if exp == 0 {
+            subnormal
+        } else {
+            normal
+        };
+        f32::from_bits(bits | sign)
     }
-    /// Round to nearest, ties to even, with subnormals, overflow to infinity.
+    /// Round to nearest, ties to even, with subnormals, overflow to infinity, NaN kept (made
+    /// quiet): bit for bit `half`'s conversion, without branches so that it vectorises.
     #[inline(always)]
     fn store(x: f32) -> half::f16 {
-        half::f16::from_f32(x)
+        let bits = x.to_bits();
+        let sign = (bits >> 16) & 0x8000;
+        let a = bits & 0x7FFF_FFFF;
+        let nan = 0x7E00 | ((a & 0x007F_FFFF) >> 13);
+        // Normal results: rebias the exponent, then round the 13 dropped bits to nearest even
+        // (a carry out of the mantissa moves up the exponent, up to infinity at 65520).
+        let normal = (a.wrapping_sub((127 - 15) << 23) + 0x0FFF + ((a >> 13) & 1)) >> 13;
+        // Subnormal results: adding 0.5 lines the value's bits up with float16's subnormal
+        // mantissa, and the float addition rounds to nearest even on the way.
+        let subnormal = (f32::from_bits(a) + 0.5)
+            .to_bits()
+            .wrapping_sub(0x3F00_0000);
+        let h = if a > 0x7F80_0000 {
+            nan
+        } else if a >= 0x4780_0000 {
+            0x7C00 // 65536 and above, and infinity
+        } else if a >= 0x3880_0000 {
+            normal // 2^-14 and above
+        } else {
+            subnormal
+        };
+        half::f16::from_bits((h | sign) as u16)
     }
 }
 

@@ -550,6 +550,28 @@ fn bfloat16_conversion_matches_half_on_every_bit_pattern_class() {
 }
 
 #[test]
+fn float16_conversions_match_half_on_every_bit_pattern() {
+    use rayon::prelude::*;
+    // All 2^32 float32 values (split over threads by their high half), and all 2^16 float16.
+    (0..=u32::from(u16::MAX)).into_par_iter().for_each(|high| {
+        for low in 0..=u32::from(u16::MAX) {
+            let x = f32::from_bits((high << 16) | low);
+            let ours = <half::f16 as Storage>::store(x).to_bits();
+            let theirs = half::f16::from_f32(x).to_bits();
+            assert_eq!(ours, theirs, "{x:e} ({:#010x})", x.to_bits());
+        }
+    });
+    for bits in 0..=u16::MAX {
+        let h = half::f16::from_bits(bits);
+        assert_eq!(
+            <half::f16 as Storage>::load(h).to_bits(),
+            h.to_f32().to_bits(),
+            "{bits:#06x}"
+        );
+    }
+}
+
+#[test]
 fn reduced_precision_rounds_to_nearest_even() {
     use half::{bf16, f16};
     // 1 + 2^-8 lies halfway between two bfloat16 values: ties go to the even one (1.0).
