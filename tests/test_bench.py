@@ -88,21 +88,22 @@ def test_bench_float32_both_apis(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_bfloat16_torch_bridge(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bench_16_bit_runs_use_the_torch_bridge(tmp_path: Path, dtype: str) -> None:
     data = _bench_json(
         tmp_path,
         "--optimizers",
         "adam,sgd",
         "--dtype",
-        "bfloat16",
+        dtype,
         "--api",
         "torch",
         "--plot",
         "none",
     )
-    assert data["meta"]["dtypes"] == ["bfloat16"]
+    assert data["meta"]["dtypes"] == [dtype]
     for run in data["runs"]:
-        assert run["dtype"] == "bfloat16" and run["apis"] == ["torch"]
+        assert run["dtype"] == dtype and run["apis"] == ["torch"]
         assert run["bytes_per_elem"] == _bench.CASES[run["optimizer"]].bytes_per_elem // 2
         assert "optirs" not in run["impls"]
         assert {"optirs.torch", "for-loop", "foreach", "fused"} <= set(run["impls"])
@@ -123,7 +124,7 @@ def test_bench_many_tensors_ceiling_variants(tmp_path: Path) -> None:
 
 def test_bench_options_are_validated() -> None:
     with pytest.raises(SystemExit):
-        main(["bench", "--dtype", "float16"])
+        main(["bench", "--dtype", "int8"])
     with pytest.raises(SystemExit):
         main(["bench", "--api", "jax"])
     with pytest.raises(SystemExit):

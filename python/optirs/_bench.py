@@ -16,9 +16,9 @@ dispatch as a step, with one XOR per element in place of the math. Its time is w
 those bytes costs on this machine at that moment. "% of ceiling" is the median over rounds of
 (ceiling time / run time); effective GB/s is bytes moved per step / median step time.
 
-bfloat16 runs go through the torch bridge (NumPy has no bfloat16) against torch's bfloat16
-for-loop, foreach and fused paths; state buffers are bfloat16 as in torch, so a step moves half
-the float32 bytes.
+bfloat16 and float16 runs go through the torch bridge (NumPy has no bfloat16, and the NumPy API
+takes float32 and float64) against torch's for-loop, foreach and fused paths in that dtype;
+state buffers have the parameter's dtype as in torch, so a step moves half the float32 bytes.
 
 torch is imported lazily: the benchmark needs it, the package does not.
 """
@@ -105,9 +105,18 @@ class DType:
 DTYPES: dict[str, DType] = {
     "float32": DType("float32", "f32", 4, np.float32, ("numpy", "torch"), 1e-4),
     "bfloat16": DType("bfloat16", "bf16", 2, np.uint16, ("torch",), 2.0**-4),
+    # three more mantissa bits than bfloat16
+    "float16": DType("float16", "f16", 2, np.float16, ("torch",), 2.0**-7),
 }
 """The dtypes ``--dtype`` accepts."""
-_DTYPE_ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
+_DTYPE_ALIASES = {
+    "f32": "float32",
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "f16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 @dataclass(frozen=True)
@@ -352,7 +361,7 @@ def _parse_optimizers(text: str) -> list[OptimizerCase]:
 
 
 def _parse_dtypes(text: str) -> list[DType]:
-    """Parses ``"float32,bfloat16"`` (also ``f32``, ``bf16``, ``all``)."""
+    """Parses ``"float32,bfloat16,float16"`` (also ``f32``, ``bf16``, ``f16``, ``all``)."""
     return [DTYPES[n] for n in _parse_names(text, DTYPES, "dtype(s)", _DTYPE_ALIASES)]
 
 
@@ -397,8 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_parse_dtypes,
         default=[DTYPES["float32"]],
         metavar="LIST",
-        help="parameter dtypes from float32, bfloat16 (default: float32); bfloat16 runs use "
-        "the torch bridge, as NumPy has no bfloat16",
+        help="parameter dtypes from float32, bfloat16, float16 (default: float32); bfloat16 "
+        "and float16 runs use the torch bridge",
     )
     parser.add_argument(
         "--api",
@@ -621,7 +630,7 @@ def _make_data(workload: Workload, seed: int) -> tuple[list[np.ndarray], list[np
 
 
 def _torch_snapshot(tensors: list[Any]) -> Callable[[], list[np.ndarray]]:
-    """Reads ``tensors`` as float32 NumPy arrays (a copy for bfloat16, a view for float32)."""
+    """Reads ``tensors`` as float32 NumPy arrays (a copy for 16-bit types, a view for float32)."""
     return lambda: [t.detach().float().numpy() for t in tensors]
 
 
@@ -932,15 +941,15 @@ def _print_tables(runs: list[dict[str, Any]], cases: list[OptimizerCase]) -> Non
     print(_bandwidth_table(runs))
     traffic = ", ".join(f"{c.name} {c.bytes_per_elem}" for c in cases)
     gbps_note = textwrap.wrap(
-        f"GB/s: bytes read + written per element per step (float32: {traffic}; bfloat16: "
-        "half) x elements / median step time.",
+        f"GB/s: bytes read + written per element per step (float32: {traffic}; bfloat16 and "
+        "float16: half) x elements / median step time.",
         width=90,
         subsequent_indent="  ",
     )
     notes = [
         "",
         "api numpy: optirs.X stepping ndarrays; api torch: optirs.torch.X stepping the same",
-        "  tensors as torch (bfloat16 runs always use the torch bridge). x <path> > 1: optirs is",
+        "  tensors as torch (16-bit runs always use the torch bridge). x <path> > 1: optirs is",
         "  faster. '-': no such path (torch has no fused RMSprop).",
         *gbps_note,
         "ceiling: optirs._core.traffic over the same streams (the gradient read; the parameter",
