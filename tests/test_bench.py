@@ -129,3 +129,31 @@ def test_bench_options_are_validated() -> None:
         main(["bench", "--api", "jax"])
     with pytest.raises(SystemExit):
         main(["bench", "--sizes", "none"])
+
+
+def test_each_timed_sample_starts_after_the_settle_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sample of every implementation is preceded by one idle pause of --settle-ms."""
+    pauses: list[float] = []
+    events: list[str] = []
+    monkeypatch.setattr(_bench.time, "sleep", lambda s: (pauses.append(s), events.append("idle")))
+
+    def step(name: str):
+        return lambda: events.append(name)
+
+    times = _bench._interleaved({"a": step("a"), "b": step("b")}, {"a": 1, "b": 2}, 3, 0.02)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert pauses == [0.02] * 6
+    # idle, then the sample's steps: never two implementations' steps back to back
+    assert events[:5] == ["idle", "a", "idle", "b", "b"]
+    for before, after in zip(events, events[1:]):
+        assert not ({before, after} == {"a", "b"}), events
+    pauses.clear()
+    _bench._interleaved({"a": step("a")}, {"a": 1}, 2, 0.0)
+    assert pauses == []
+
+
+def test_settle_option_is_recorded_and_validated(tmp_path: Path) -> None:
+    data = _bench_json(tmp_path, "--settle-ms", "5", "--optimizers", "sgd", "--plot", "none")
+    assert data["meta"]["settle_s"] == pytest.approx(0.005)
+    with pytest.raises(SystemExit):
+        main(["bench", *TINY, "--settle-ms", "-1"])

@@ -80,6 +80,8 @@ ALIGN_BYTES = 64
 MAX_BATCH = 10_000
 DEFAULT_SIZES = "1e4,1e6,1e7"
 DEFAULT_REPEATS = 7
+#: idle before each timed sample (see ``_interleaved``)
+DEFAULT_SETTLE_MS = 20.0
 DEFAULT_PLOT = Path("bench-results/bench.png")
 DEFAULT_JSON = Path("bench-results/bench.json")
 NO_TORCH_MESSAGE = "the benchmark compares against PyTorch: pip install torch"
@@ -252,6 +254,7 @@ class BenchConfig:
     repeats: int = DEFAULT_REPEATS
     warmup: int = 3
     sample_s: float = 0.02
+    settle_s: float = DEFAULT_SETTLE_MS / 1e3
     seed: int = 0
     json_path: Path | None = DEFAULT_JSON
     plot_path: Path | None = DEFAULT_PLOT
@@ -448,6 +451,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps are batched so one timed sample lasts about this long; a slower step is "
         "timed alone (default: 20)",
     )
+    parser.add_argument(
+        "--settle-ms",
+        type=float,
+        default=DEFAULT_SETTLE_MS,
+        metavar="MS",
+        help="idle time before each timed sample, so that no implementation starts while the "
+        "one before it still occupies the CPUs (torch's OpenMP workers spin for milliseconds "
+        f"after each parallel region); 0 for none (default: {DEFAULT_SETTLE_MS:g})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data")
     parser.add_argument(
         "--json",
@@ -476,8 +488,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         workloads.append(Workload("gpt2-124M", "gpt2", gpt2_small_shapes()))
     if not workloads:
         raise SystemExit("nothing to run: give --sizes, --many or --gpt2")
-    if args.repeats < 1 or args.warmup < 1 or args.sample_ms <= 0:
-        raise SystemExit("--repeats and --warmup must be at least 1, --sample-ms positive")
+    if args.repeats < 1 or args.warmup < 1 or args.sample_ms <= 0 or args.settle_ms < 0:
+        raise SystemExit(
+            "--repeats and --warmup must be at least 1, --sample-ms positive, --settle-ms >= 0"
+        )
     return BenchConfig(
         cases=args.optimizers,
         workloads=workloads,
@@ -487,6 +501,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         repeats=args.repeats,
         warmup=args.warmup,
         sample_s=args.sample_ms / 1e3,
+        settle_s=args.settle_ms / 1e3,
         seed=args.seed,
         json_path=args.json,
         plot_path=args.plot,
@@ -530,9 +545,18 @@ def _calibrate(step: Callable[[], Any], sample_s: float) -> int:
 
 
 def _interleaved(
-    steps: dict[str, Callable[[], Any]], batches: dict[str, int], repeats: int
+    steps: dict[str, Callable[[], Any]],
+    batches: dict[str, int],
+    repeats: int,
+    settle_s: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Per-step seconds of each implementation in each round; the order rotates per round."""
+    """Per-step seconds of each implementation in each round; the order rotates per round.
+
+    Each sample starts after ``settle_s`` idle: torch's OpenMP workers spin-wait for a few
+    milliseconds after each parallel region (measured here: optirs's 2-thread Adam step on
+    10^6 elements ran 25-35% slower over the 15 ms right after torch's fused steps), so without
+    a pause whichever implementation follows torch's pays for torch's threads.
+    """
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
@@ -541,6 +565,8 @@ def _interleaved(
         for r in range(repeats):
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
+                if settle_s:
+                    time.sleep(settle_s)
                 times[name].append(_time_batch(steps[name], batches[name]))
     finally:
         if gc_was_enabled:
@@ -822,6 +848,7 @@ def _metadata(torch: Any, config: BenchConfig) -> dict[str, Any]:
         "repeats": config.repeats,
         "warmup": config.warmup,
         "sample_s": config.sample_s,
+        "settle_s": config.settle_s,
         "seed": config.seed,
         "ceiling": "optirs._core.traffic: 1 read-only stream (gradient) and 1 read-write stream "
         "per parameter/state buffer, same pool, chunking and SIMD dispatch as a step; per "
@@ -851,7 +878,8 @@ def _print_header(meta: dict[str, Any]) -> None:
         )
     print(
         f"{meta['repeats']} interleaved rounds per run (order rotated each round), "
-        f"samples of ~{meta['sample_s'] * 1e3:g} ms, {meta['warmup']} warm-up steps; "
+        f"samples of ~{meta['sample_s'] * 1e3:g} ms each after {meta['settle_s'] * 1e3:g} ms "
+        f"idle, {meta['warmup']} warm-up steps; "
         "medians over rounds"
     )
 
@@ -1166,7 +1194,7 @@ def _run_case(
         if i == 0:  # every implementation has taken the same number of steps so far
             ref, diffs = _check_agreement(impls, case, workload, dtype)
         batches = {name: _calibrate(step, config.sample_s) for name, step in steps.items()}
-        times = _interleaved(steps, batches, config.repeats)
+        times = _interleaved(steps, batches, config.repeats, config.settle_s)
         result = _summarize(case, workload, dtype, threads, apis, times, batches, ceiling)
         result["agreement_reference"] = ref
         result["max_abs_diff"] = diffs
