@@ -39,7 +39,7 @@ impl Kind {
     }
 
     /// The state buffers, in the order the kernels take them.
-    pub(crate) fn buffer_names(self) -> &'static [&'static str] {
+    fn buffer_names(self) -> &'static [&'static str] {
         match self {
             Kind::Sgd => &["momentum_buffer"],
             Kind::Adam => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
@@ -49,7 +49,7 @@ impl Kind {
     }
 
     /// SGD keeps no step counter; the others keep a 0-d float32 `step`.
-    pub(crate) fn counts_steps(self) -> bool {
+    fn counts_steps(self) -> bool {
         self != Kind::Sgd
     }
 }
@@ -112,7 +112,7 @@ impl Hyper {
     }
 
     /// Which of the kind's buffers this group's options use.
-    pub(crate) fn needs(&self) -> [bool; 3] {
+    fn needs(&self) -> [bool; 3] {
         match self {
             Hyper::Sgd(h) => [h.momentum != 0.0, false, false],
             Hyper::Adam(h) => [true, true, h.amsgrad],

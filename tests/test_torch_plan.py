@@ -258,3 +258,18 @@ def test_gradient_changed_in_place_behind_torchs_checks(change, error, match):
     with pytest.raises(error, match=match):
         opt.step()
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
+
+
+def test_a_plan_that_cannot_be_built_does_not_fail_the_step(monkeypatch):
+    """The plan is an optimisation: when it cannot be made, the step that was just applied
+    still returns normally and the next step takes the full path."""
+    ours, theirs, opt, ref = _pair()
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no plan")
+
+    monkeypatch.setattr(optirs.torch._core, "TorchPlan", refuse)
+    for seed in range(1, 4):
+        _step(ours, theirs, opt, ref, seed)
+        assert opt._optirs_plan is None
+    _assert_same(ours, theirs, opt, ref)

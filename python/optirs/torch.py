@@ -168,7 +168,12 @@ class _Bridge:
         self._optirs_plan = None
         applied = self._optirs_full_step()
         if applied:
-            self._optirs_plan = _Plan(self, groups)
+            try:
+                self._optirs_plan = _Plan(self, groups)
+            except (TypeError, ValueError, RuntimeError):
+                # The step is done; a plan only saves work on the next one, which will look
+                # at every tensor afresh instead.
+                self._optirs_plan = None
         return applied
 
     def step_parameters(self, params: Iterable[torch.Tensor]) -> bool:
