@@ -4,6 +4,8 @@
 //! Nothing is written until every check has passed, so a step that raises leaves all
 //! parameters, gradients and state exactly as they were.
 
+use std::sync::{Mutex, PoisonError};
+
 use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE};
 use numpy::{dtype, PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -431,6 +433,44 @@ fn check_overlaps(spans: &[Span]) -> Result<(), StepError> {
     Ok(())
 }
 
+/// What the last step that passed [`check_overlaps`] wrote: its written spans in the order it
+/// listed them, and sorted by start.
+struct Written {
+    listed: Vec<(usize, usize)>,
+    sorted: Vec<(usize, usize)>,
+}
+
+static LAST_WRITTEN: Mutex<Option<Written>> = Mutex::new(None);
+
+/// [`check_overlaps`], sped up for the usual step: the same parameters and state as the step
+/// before (so their spans are already known to be disjoint) and new gradients, each looked up
+/// among the sorted written spans. Any other case, and any overlap found, goes through the
+/// full check, which also words the error.
+fn check_overlaps_reusing(spans: &[Span]) -> Result<(), StepError> {
+    let listed: Vec<(usize, usize)> = spans
+        .iter()
+        .filter(|s| s.writes)
+        .map(|s| (s.start, s.end))
+        .collect();
+    let mut last = LAST_WRITTEN.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(w) = last.as_ref().filter(|w| w.listed == listed) {
+        let clear = spans.iter().filter(|s| !s.writes).all(|s| {
+            // The written spans are disjoint, so their ends are sorted too: the first one
+            // ending after this span starts is the only one that can overlap it.
+            let i = w.sorted.partition_point(|&(_, end)| end <= s.start);
+            w.sorted.get(i).is_none_or(|&(start, _)| start >= s.end)
+        });
+        if clear {
+            return Ok(());
+        }
+    }
+    check_overlaps(spans)?;
+    let mut sorted = listed.clone();
+    sorted.sort_unstable();
+    *last = Some(Written { listed, sorted });
+    Ok(())
+}
+
 /// A parameter that passed every check: where its arrays' elements are, and what to do.
 ///
 /// Addresses, not borrows: the overlap check over every array of the step is stricter than
@@ -841,7 +881,7 @@ pub fn run(
             &mut spans,
         )?);
     }
-    check_overlaps(&spans)?;
+    check_overlaps_reusing(&spans)?;
     // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
     execute(py, checked, options)
 }
