@@ -41,7 +41,7 @@ impl Kind {
     }
 
     /// The state buffers, in the order the kernels take them.
-    fn buffer_names(self) -> &'static [&'static str] {
+    pub(crate) fn buffer_names(self) -> &'static [&'static str] {
         match self {
             Kind::Sgd => &["momentum_buffer"],
             Kind::Adam => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
@@ -442,6 +442,14 @@ struct Written {
 
 static LAST_WRITTEN: Mutex<Option<Written>> = Mutex::new(None);
 
+/// Whether `[start, end)` overlaps any of `sorted`: byte ranges sorted by start and disjoint.
+pub(crate) fn touches(sorted: &[(usize, usize)], start: usize, end: usize) -> bool {
+    // Disjoint ranges sorted by start have their ends sorted too: the first one ending after
+    // `start` is the only one that can overlap.
+    let i = sorted.partition_point(|&(_, e)| e <= start);
+    sorted.get(i).is_some_and(|&(s, _)| s < end)
+}
+
 /// [`check_overlaps`], sped up for the usual step: the same parameters and state as the step
 /// before (so their spans are already known to be disjoint) and new gradients, each looked up
 /// among the sorted written spans. Any other case, and any overlap found, goes through the
@@ -454,12 +462,10 @@ fn check_overlaps_reusing(spans: &[Span]) -> Result<(), StepError> {
         .collect();
     let mut last = LAST_WRITTEN.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(w) = last.as_ref().filter(|w| w.listed == listed) {
-        let clear = spans.iter().filter(|s| !s.writes).all(|s| {
-            // The written spans are disjoint, so their ends are sorted too: the first one
-            // ending after this span starts is the only one that can overlap it.
-            let i = w.sorted.partition_point(|&(_, end)| end <= s.start);
-            w.sorted.get(i).is_none_or(|&(start, _)| start >= s.end)
-        });
+        let clear = spans
+            .iter()
+            .filter(|s| !s.writes)
+            .all(|s| !touches(&w.sorted, s.start, s.end));
         if clear {
             return Ok(());
         }

@@ -100,42 +100,49 @@ fn parse_dtype(name: &str) -> PyResult<DType> {
 }
 
 impl TorchPlan {
-    /// Reads one entry tuple: `(group, p, dtype, numel, strides, keys, items, bufs, counter,
-    /// counter_is_f64, storages)`.
-    fn entry(t: &Bound<'_, PyTuple>, spans: &mut Vec<(usize, usize)>) -> PyResult<Entry> {
+    /// Reads one entry tuple: `(group, p, dtype, numel, strides, keys, items, counter_is_f64,
+    /// storages)`. The kernels' buffers and the step counter are the items under their names.
+    fn entry(
+        kind: Kind,
+        t: &Bound<'_, PyTuple>,
+        spans: &mut Vec<(usize, usize)>,
+    ) -> PyResult<Entry> {
         let py = t.py();
         let p = t.get_item(1)?;
         let dtype = parse_dtype(&t.get_item(2)?.extract::<String>()?)?;
         let len: usize = t.get_item(3)?.extract()?;
         let strides = t.get_item(4)?;
-        let keys = t.get_item(5)?.cast_into::<PyTuple>()?;
+        let keys: Vec<String> = t.get_item(5)?.extract()?;
         let items = t.get_item(6)?.cast_into::<PyTuple>()?;
-        let bufs = t.get_item(7)?.cast_into::<PyTuple>()?;
-        let counter = t.get_item(8)?;
-        let wide: bool = t.get_item(9)?.extract()?;
+        let wide: bool = t.get_item(7)?.extract()?;
+        if items.len() != keys.len() {
+            return Err(PyValueError::new_err("TorchPlan: one item per key"));
+        }
         let bytes = len * dtype.size();
 
         let param_ptr = data_ptr(&p)?;
         spans.push((param_ptr, param_ptr + bytes));
-        let mut buf_ptrs = [None; 3];
-        for (slot, b) in buf_ptrs.iter_mut().zip(bufs.iter()) {
-            if !b.is_none() {
-                let ptr = data_ptr(&b)?;
-                spans.push((ptr, ptr + bytes));
-                *slot = Some(ptr);
-            }
-        }
-        let counter = if counter.is_none() {
-            None
-        } else {
-            let ptr = data_ptr(&counter)?;
-            spans.push((ptr, ptr + if wide { 8 } else { 4 }));
-            Some((ptr, wide))
-        };
         let mut item_ptrs = Vec::with_capacity(items.len());
-        for item in items.iter() {
-            item_ptrs.push(data_ptr(&item)?);
+        for (key, item) in keys.iter().zip(items.iter()) {
+            let ptr = data_ptr(&item)?;
+            let size = if key == "step" {
+                if wide {
+                    8
+                } else {
+                    4
+                }
+            } else {
+                bytes
+            };
+            spans.push((ptr, ptr + size));
+            item_ptrs.push(ptr);
         }
+        let ptr_of = |name: &str| keys.iter().position(|k| k == name).map(|i| item_ptrs[i]);
+        let mut bufs = [None; 3];
+        for (slot, name) in bufs.iter_mut().zip(kind.buffer_names()) {
+            *slot = ptr_of(name);
+        }
+        let counter = ptr_of("step").map(|ptr| (ptr, wide));
         Ok(Entry {
             group: t.get_item(0)?.extract()?,
             dtype,
@@ -150,13 +157,13 @@ impl TorchPlan {
             param_ptr,
             keys: keys
                 .iter()
-                .map(|k| Ok(PyString::intern(py, &k.extract::<String>()?).unbind()))
-                .collect::<PyResult<_>>()?,
+                .map(|k| PyString::intern(py, k).unbind())
+                .collect(),
             items: items.iter().map(BoundObject::unbind).collect(),
             item_ptrs,
-            bufs: buf_ptrs,
+            bufs,
             counter,
-            _storages: t.get_item(10)?.unbind(),
+            _storages: t.get_item(8)?.unbind(),
             p: p.unbind(),
         })
     }
@@ -187,11 +194,7 @@ impl TorchPlan {
         if ptr == 0 || ptr % e.dtype.size() != 0 {
             return Ok(None);
         }
-        // The first written range that ends after the gradient starts is the only one that can
-        // overlap it: the ranges are disjoint, so their ends are sorted too.
-        let end = ptr + bytes;
-        let i = self.written.partition_point(|&(_, e)| e <= ptr);
-        if self.written.get(i).is_some_and(|&(s, _)| s < end) {
+        if step::touches(&self.written, ptr, ptr + bytes) {
             return Ok(None);
         }
         Ok(Some(ptr))
@@ -303,7 +306,8 @@ impl TorchPlan {
     ///
     /// `entries` holds, per parameter in `param_groups` order, the parameter itself when that
     /// full step did not step it, else `(group, p, dtype_name, numel, strides_or_None, keys,
-    /// items, bufs, counter, counter_is_f64, storages)`. `tensor_type` is `torch.Tensor`, `strided` is
+    /// items, counter_is_f64, storages)`: `items` are the state tensors the step uses, under
+    /// the names in `keys` (buffers and "step"). `tensor_type` is `torch.Tensor`, `strided` is
     /// `torch.strided`, and `increment_version` is autograd's.
     #[new]
     fn new(
@@ -320,7 +324,7 @@ impl TorchPlan {
         for (k, item) in entries.iter().enumerate() {
             match item.cast::<PyTuple>() {
                 Ok(t) => {
-                    let e = TorchPlan::entry(t, &mut spans)?;
+                    let e = TorchPlan::entry(kind, t, &mut spans)?;
                     index.insert(e.p.as_ptr() as usize, k);
                     list.push(Ok(e));
                 }

@@ -219,6 +219,27 @@ def assert_bitwise_equal_state(opt_a, opt_b) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def assert_same_at_every_simd_level_and_thread_count(
+    run: Callable[[], Any], threads: Sequence[int] = (1, 2)
+) -> None:
+    """Runs ``run()`` at every SIMD level this CPU has and each thread count, and checks every
+    result equals the first; the process's level and thread count are restored after."""
+    saved_level, saved_threads = optirs.simd_level(), optirs.get_num_threads()
+    results = {}
+    try:
+        for level in optirs.simd_levels():
+            for n in threads:
+                assert optirs.set_simd_level(level) == level
+                optirs.set_num_threads(n)
+                results[level, n] = run()
+    finally:
+        optirs.set_simd_level(saved_level)
+        optirs.set_num_threads(saved_threads)
+    first = next(iter(results.values()))
+    for key, result in results.items():
+        assert result == first, key
+
+
 def _to_torch_group(group: dict[str, Any]) -> dict[str, Any]:
     out = dict(group)
     out["params"] = [torch.from_numpy(np.array(p, copy=True)) for p in group["params"]]

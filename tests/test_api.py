@@ -17,6 +17,7 @@ from conftest import (
     HYPERPARAMETERS,
     OPTIMIZER_NAMES,
     assert_bitwise_equal_params,
+    assert_same_at_every_simd_level_and_thread_count,
     flat_params,
     optirs_class,
     random_array,
@@ -352,20 +353,9 @@ def _trajectory(name, dtype):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_same_bits_for_every_simd_level_and_thread_count(name, dtype):
     """Runtime dispatch and parallel chunking must not change a single bit."""
-    level, threads = optirs.simd_level(), optirs.get_num_threads()
-    try:
-        results = {}
-        for candidate in optirs.simd_levels():
-            for n in (1, 3):
-                assert optirs.set_simd_level(candidate) == candidate
-                optirs.set_num_threads(n)
-                results[candidate, n] = _trajectory(name, dtype)
-    finally:
-        optirs.set_simd_level(level)
-        optirs.set_num_threads(threads)
-    reference = next(iter(results.values()))
-    for key, result in results.items():
-        assert result == reference, key
+    assert_same_at_every_simd_level_and_thread_count(
+        lambda: _trajectory(name, dtype), threads=(1, 3)
+    )
 
 
 def test_import_optirs_does_not_import_torch():

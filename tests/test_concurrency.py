@@ -221,6 +221,28 @@ def _background(body):
     return t, stop
 
 
+def _progresses_during(long_step, worker, count) -> tuple[bool, int]:
+    """Runs ``long_step()`` up to 20 times while ``worker(stop)`` runs in a thread, and returns
+    whether ``count[0]`` (which the worker increments) grew during one of them, and how many
+    long steps ran.
+
+    Whether the worker gets a turn inside one particular step is the scheduler's choice (2
+    cores, shared); a process-wide lock or a held GIL would keep it from ever doing so.
+    """
+    with _NoForcedSwitches():
+        t, stop = _background(worker)
+        try:
+            for steps in range(1, 21):
+                before = count[0]
+                long_step()
+                if count[0] > before:
+                    return True, steps
+            return False, 20
+        finally:
+            stop.set()
+            t.join(30)
+
+
 def test_another_thread_runs_during_a_long_step():
     p = np.zeros(LONG, np.float32)
     g = np.ones(LONG, np.float32)
@@ -233,24 +255,9 @@ def test_another_thread_runs_during_a_long_step():
             count[0] += 1
             time.sleep(1e-4)  # gives the GIL back whenever the main thread asks for it
 
-    # The counter thread may miss one particular step's window (the scheduler decides); with
-    # the GIL held through the update it could never run. Up to 20 steps, one must show it.
-    progressed, steps = False, 1
-    with _NoForcedSwitches():
-        t, stop = _background(counter)
-        try:
-            for _ in range(20):
-                before = count[0]
-                opt.step([g])
-                steps += 1
-                if count[0] > before:
-                    progressed = True
-                    break
-        finally:
-            stop.set()
-            t.join(30)
+    progressed, steps = _progresses_during(lambda: opt.step([g]), counter, count)
     assert progressed, "no other Python thread ran while the step was in progress"
-    expected = np.float32(-0.5) * steps  # exact: multiples of 0.5
+    expected = np.float32(-0.5) * (steps + 1)  # exact: multiples of 0.5
     assert p[0] == expected and p[-1] == expected
 
 
@@ -271,22 +278,7 @@ def test_another_optimizer_steps_during_a_long_step():
             done[0] += 1
             time.sleep(1e-4)
 
-    # Whether the other thread finishes a step inside one particular long step is up to the
-    # scheduler (2 cores, shared); a process-wide lock would keep it from ever doing so. So:
-    # up to 20 long steps, and at least one of them must see the other optimizer progress.
-    progressed = False
-    with _NoForcedSwitches():
-        t, stop = _background(stepper)
-        try:
-            for _ in range(20):
-                before = done[0]
-                big.step([g])
-                if done[0] > before:
-                    progressed = True
-                    break
-        finally:
-            stop.set()
-            t.join(30)
+    progressed, _ = _progresses_during(lambda: big.step([g]), stepper, done)
     assert progressed, "no other optimizer could step while a long step was running"
     twin_p = np.zeros(1000, np.float32)
     twin = optirs.Adam([twin_p], lr=1e-3)

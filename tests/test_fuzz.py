@@ -42,6 +42,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FULL_STATE_KWARGS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
@@ -425,14 +426,6 @@ def fuzz_core() -> None:
 # target: the NumPy optimizers
 # --------------------------------------------------------------------------------------------
 
-NUMPY_KWARGS = {
-    "SGD": {"lr": 0.01, "momentum": 0.9},
-    "Adam": {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1},
-    "AdamW": {"lr": 0.01, "amsgrad": True},
-    "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1},
-    "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
-}
-
 
 def _numpy_state_bytes(opt, params) -> list:
     """Bytes of every parameter and state array (ids of other state values)."""
@@ -447,7 +440,7 @@ def _numpy_state_bytes(opt, params) -> list:
 @st.composite
 def numpy_sessions(draw):
     box = Box(draw(st.integers(0, 2**32 - 1)))
-    name = draw(st.sampled_from(sorted(NUMPY_KWARGS)))
+    name = draw(st.sampled_from(sorted(FULL_STATE_KWARGS)))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     shapes = draw(
         st.lists(
@@ -475,7 +468,7 @@ def numpy_sessions(draw):
                     )
             actions.append(("step", grads))
         elif action == "group":
-            key = draw(st.sampled_from([*NUMPY_KWARGS[name], "betas", "maximize", "params"]))
+            key = draw(st.sampled_from([*FULL_STATE_KWARGS[name], "betas", "maximize", "params"]))
             actions.append(("group", key, draw(st.one_of(JUNK, odd_arrays(box)))))
         elif action == "state":
             key = draw(st.sampled_from(["step", "exp_avg", "momentum_buffer", "sum", "x"]))
@@ -557,7 +550,7 @@ def fuzz_numpy() -> None:
     @given(session=numpy_sessions())
     def run(session):
         name, params, warm, actions = session
-        opt = getattr(optirs, name)(params, **NUMPY_KWARGS[name])
+        opt = getattr(optirs, name)(params, **FULL_STATE_KWARGS[name])
         rng = np.random.default_rng(0)
         for _ in range(warm):
             opt.step([np.asarray(rng.standard_normal(p.shape), p.dtype) for p in params])
@@ -589,7 +582,7 @@ def fuzz_numpy() -> None:
                 assert after == before, f"{action[0]} raised {e!r} but changed something"
                 # Undo the deliberate damage, so that later actions test something new.
                 if action[0] == "group":
-                    opt = getattr(optirs, name)(params, **NUMPY_KWARGS[name])
+                    opt = getattr(optirs, name)(params, **FULL_STATE_KWARGS[name])
                 elif action[0] == "state":
                     opt.state[params[0]].pop(action[1], None)
 
@@ -657,7 +650,7 @@ def fuzz_bridge() -> None:
                         out.append((k, id(v)))
         return out
 
-    names = sorted(NUMPY_KWARGS)
+    names = sorted(FULL_STATE_KWARGS)
 
     @st.composite
     def sessions(draw):
@@ -686,7 +679,7 @@ def fuzz_bridge() -> None:
                 )
                 actions.append(("state", i, key, value))
             elif action == "group":
-                key = draw(st.sampled_from([*NUMPY_KWARGS[name], "betas", "maximize"]))
+                key = draw(st.sampled_from([*FULL_STATE_KWARGS[name], "betas", "maximize"]))
                 value = draw(st.one_of(JUNK, st.just(torch.tensor(0.1)), st.just(torch.ones(2))))
                 actions.append(("group", 0, key, value))
             else:
@@ -702,7 +695,7 @@ def fuzz_bridge() -> None:
     @given(session=sessions())
     def run(session):
         name, params, actions = session
-        opt = getattr(optirs.torch, name)(params, **NUMPY_KWARGS[name])
+        opt = getattr(optirs.torch, name)(params, **FULL_STATE_KWARGS[name])
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()

@@ -33,9 +33,12 @@ import math
 from typing import Any
 
 import numpy as np
-import optirs
 import pytest
-from conftest import optirs_class, tolerances
+from conftest import (
+    assert_same_at_every_simd_level_and_thread_count,
+    optirs_class,
+    tolerances,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
@@ -389,33 +392,17 @@ BIG = 70_001
 @settings(PROFILE, max_examples=60)
 @given(case=cases(max_steps=3))
 def test_same_bits_for_every_thread_count_and_simd_level(case):
-    levels = optirs.simd_levels()
-    saved_level, saved_threads = optirs.simd_level(), optirs.get_num_threads()
-    results = {}
-    try:
-        for level in levels:
-            for threads in (1, 2):
-                assert optirs.set_simd_level(level) == level
-                optirs.set_num_threads(threads)
-                big = np.asarray(
-                    np.random.default_rng(case["seed"]).standard_normal(BIG), case["dtype"]
-                )
-                groups, grads = _build(case, extra_params=[big])
-                opt = _run_optirs(case, groups, grads)
-                params = [p for g in opt.param_groups for p in g["params"]]
-                results[level, threads] = (
-                    [p.tobytes() for p in params],
-                    [
-                        {k: np.asarray(v).tobytes() for k, v in opt.state.get(p, {}).items()}
-                        for p in params
-                    ],
-                )
-    finally:
-        optirs.set_simd_level(saved_level)
-        optirs.set_num_threads(saved_threads)
-    first = next(iter(results.values()))
-    for key, result in results.items():
-        assert result == first, key
+    def run():
+        big = np.asarray(np.random.default_rng(case["seed"]).standard_normal(BIG), case["dtype"])
+        groups, grads = _build(case, extra_params=[big])
+        opt = _run_optirs(case, groups, grads)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        return (
+            [p.tobytes() for p in params],
+            [{k: np.asarray(v).tobytes() for k, v in opt.state.get(p, {}).items()} for p in params],
+        )
+
+    assert_same_at_every_simd_level_and_thread_count(run)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])

@@ -511,13 +511,6 @@ def _bridge_corruptions():
 
         return corrupt
 
-    def set_step(value):
-        def corrupt(sd, name):
-            sd["state"][3]["step"] = value
-            return sd
-
-        return corrupt
-
     refused = [
         ("buffer_longer", set_buffer(lambda v: torch.zeros(v.numel() + 1)), [r"shape"]),
         ("buffer_extra_axis", set_buffer(lambda v: v.reshape(*v.shape, 1).clone()), [r"shape"]),
@@ -533,7 +526,7 @@ def _bridge_corruptions():
         for name in OPTIMIZER_NAMES:
             yield pytest.param(name, corrupt, patterns, id=f"{i}-{name}")
     for name in ("Adam", "AdamW", "RMSprop", "Adagrad"):
-        corrupt = set_step(torch.tensor([2.0, 2.0]))
+        corrupt = _sd_step(torch.tensor([2.0, 2.0]))
         yield pytest.param(name, corrupt, [r"step"], id=f"step_vector-{name}")
     # Counts at which torch's own step raises: Adam's bias correction 1 - beta1**step is 0 at
     # step 0 (ZeroDivisionError) and negative before (complex sqrt, RuntimeError); Adagrad's
@@ -541,9 +534,9 @@ def _bridge_corruptions():
     # must not turn into NaN parameters.
     for name in ("Adam", "AdamW"):
         for value in (-1.0, -5.0):
-            corrupt = set_step(torch.tensor(value))
+            corrupt = _sd_step(torch.tensor(value))
             yield pytest.param(name, corrupt, [r"step"], id=f"step={value}-{name}")
-    corrupt = set_step(torch.tensor(-100.0))
+    corrupt = _sd_step(torch.tensor(-100.0))
     yield pytest.param("Adagrad", corrupt, [r"step"], id="step=-100-Adagrad")
     # Counts torch steps with, producing garbage or nothing meaningful (RMSprop ignores the
     # count; Adagrad's decay stays positive; inf gives bias corrections of exactly 1, NaN turns
@@ -553,7 +546,7 @@ def _bridge_corruptions():
         for label, value in (("inf", INF), ("nan", NAN), ("-1", -1.0), ("-5", -5.0)):
             if name in ("Adam", "AdamW") and label in ("-1", "-5"):
                 continue  # above
-            corrupt = set_step(torch.tensor(value))
+            corrupt = _sd_step(torch.tensor(value))
             yield pytest.param(name, corrupt, [r"step"], id=f"step={label}-{name}")
 
 

@@ -65,8 +65,9 @@ class TorchPlan:
     ) -> TorchPlan:
         """``entries``: per parameter in param_groups order, the parameter itself (not stepped
         by the full step) or ``(group, p, dtype_name, numel, strides_or_None, keys, items,
-        bufs, counter, counter_is_f64, storages)``; ``tensor_type`` is ``torch.Tensor``,
-        ``strided`` is ``torch.strided``, ``increment_version`` is autograd's."""
+        counter_is_f64, storages)``, ``items`` being the state tensors under ``keys``;
+        ``tensor_type`` is ``torch.Tensor``, ``strided`` is ``torch.strided``,
+        ``increment_version`` is autograd's."""
 
     def step(
         self,

@@ -350,8 +350,6 @@ class _Plan:
                     continue
                 state = opt.state.get(p, {})
                 items = tuple(state[k] for k in keys)
-                bufs = tuple(state[n] if want else None for n, want in zip(spec.buffers, need))
-                counter = state["step"] if spec.counts_steps else None
                 entries.append(
                     (
                         gi,
@@ -361,9 +359,7 @@ class _Plan:
                         None if p.is_contiguous() else p.stride(),
                         keys,
                         items,
-                        bufs + (None,) * (3 - len(bufs)),
-                        counter,
-                        counter is not None and counter.dtype == torch.float64,
+                        spec.counts_steps and state["step"].dtype == torch.float64,
                         tuple(t.untyped_storage() for t in (p, *items)),
                     )
                 )
