@@ -1,6 +1,7 @@
 //! Adagrad (dense gradients), following `torch.optim.adagrad._single_tensor_adagrad`.
 
 use super::float::{Float, Storage};
+use super::lanes::{stream, Arith, Elementwise, Lanes};
 
 /// Hyperparameters of one Adagrad param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,27 +49,33 @@ impl<T: Float> AdagradScalars<T> {
     }
 }
 
-/// One Adagrad step over one parameter (or a chunk of it). Arithmetic runs in `S::Compute`,
-/// rounded to `S` once when stored.
+/// One Adagrad step over one parameter (or a chunk of it), `L::W` elements at a time.
+/// Arithmetic runs in `S::Compute`, rounded to `S` once when stored.
+///
+/// # Safety
+/// The CPU has `L`'s instructions.
 #[inline(always)]
-pub fn update<S: Storage>(
+pub unsafe fn update<S: Storage, L: Lanes<S>>(
     k: &AdagradScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
     sum: &mut [S],
 ) {
-    for ((p, &g), s) in param.iter_mut().zip(grad).zip(sum.iter_mut()) {
-        let pv = p.load();
-        let g = g.load();
-        let g = if k.maximize { -g } else { g };
-        let g = match k.weight_decay {
-            Some(wd) => g + wd * pv,
+    unsafe { stream::<S, L, _, 1>(*k, param, grad, [sum]) }
+}
+
+/// Buffers `[sum]`.
+impl<T: Float> Elementwise<T, 1> for AdagradScalars<T> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [sum]: [V; 1]) -> (V, [V; 1]) {
+        let g = if self.maximize { -g } else { g };
+        let g = match self.weight_decay {
+            Some(wd) => g + V::splat(wd) * p,
             None => g,
         };
         // addcmul(g, g, value=1): (1 * g) * g is exactly g * g
-        let s_new = s.load() + g * g;
-        *s = S::store(s_new);
-        let std = s_new.sqrt() + k.eps;
-        *p = S::store(pv + k.neg_clr * g / std);
+        let sum = sum + g * g;
+        let std = sum.sqrt() + V::splat(self.eps);
+        (p + V::splat(self.neg_clr) * g / std, [sum])
     }
 }

@@ -1,6 +1,7 @@
 //! Adam and AdamW, following `torch.optim.adam._single_tensor_adam` (non-capturable path).
 
-use super::float::{lerp, maximum, Float, LerpWeight, Storage};
+use super::float::{lerp, Float, LerpWeight, Storage};
+use super::lanes::{stream, Arith, Elementwise, Lanes};
 
 /// Hyperparameters of one Adam/AdamW param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,10 +77,13 @@ impl<T: Float> AdamScalars<T> {
 }
 
 /// One Adam step over one parameter (or a chunk of it): updates `param`, `exp_avg`,
-/// `exp_avg_sq` and, with amsgrad, `max_exp_avg_sq` in a single pass. Arithmetic runs in
-/// `S::Compute`; every value is rounded to `S` once, when stored.
+/// `exp_avg_sq` and, with amsgrad, `max_exp_avg_sq` in a single pass, `L::W` elements at a
+/// time. Arithmetic runs in `S::Compute`; every value is rounded to `S` once, when stored.
+///
+/// # Safety
+/// The CPU has `L`'s instructions.
 #[inline(always)]
-pub fn update<S: Storage>(
+pub unsafe fn update<S: Storage, L: Lanes<S>>(
     k: &AdamScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
@@ -87,68 +91,66 @@ pub fn update<S: Storage>(
     exp_avg_sq: &mut [S],
     max_exp_avg_sq: Option<&mut [S]>,
 ) {
-    // The slices are zipped, so nothing is indexed out of bounds whatever the lengths; the
-    // bindings guarantee they are equal.
-    match max_exp_avg_sq {
-        Some(vmax) if k.amsgrad => {
-            for ((((p, &g), m), v), vm) in param
-                .iter_mut()
-                .zip(grad)
-                .zip(exp_avg.iter_mut())
-                .zip(exp_avg_sq.iter_mut())
-                .zip(vmax)
-            {
-                elem(k, p, g, m, v, Some(vm));
+    unsafe {
+        match max_exp_avg_sq {
+            Some(vmax) if k.amsgrad => {
+                stream::<S, L, _, 3>(*k, param, grad, [exp_avg, exp_avg_sq, vmax]);
             }
-        }
-        _ => {
-            for (((p, &g), m), v) in param
-                .iter_mut()
-                .zip(grad)
-                .zip(exp_avg.iter_mut())
-                .zip(exp_avg_sq.iter_mut())
-            {
-                elem(k, p, g, m, v, None);
-            }
+            _ => stream::<S, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]),
         }
     }
 }
 
-/// One element of [`update`]. A function, not a closure, so that it can be inlined by force:
-/// LLVM left a closure this size as a call per element for float16, and nothing vectorised.
-#[inline(always)]
-fn elem<S: Storage>(
-    k: &AdamScalars<S::Compute>,
-    p: &mut S,
-    g: S,
-    m: &mut S,
-    v: &mut S,
-    vmax: Option<&mut S>,
-) {
-    let g = g.load();
-    let mut g = if k.maximize { -g } else { g };
-    let mut pv = p.load();
-    if let Some(decay) = k.param_decay {
-        pv = pv * decay;
-    }
-    if let Some(wd) = k.grad_decay {
-        g = g + wd * pv;
-    }
-    let w = &k.beta1;
-    let m_new = lerp(m.load(), g, w.weight, w.one_minus, w.small);
-    *m = S::store(m_new);
-    // addcmul: v * beta2 + ((1 - beta2) * g) * g
-    let v_new = v.load() * k.beta2 + k.one_minus_beta2 * g * g;
-    *v = S::store(v_new);
-    let second = match vmax {
-        Some(vmax) => {
-            let x = maximum(vmax.load(), v_new);
-            *vmax = S::store(x);
-            x
+impl<T: Float> AdamScalars<T> {
+    /// The gradient after maximize and L2 decay, and the parameter after decoupled decay.
+    #[inline(always)]
+    fn prepare<V: Arith<T>>(&self, p: V, g: V) -> (V, V) {
+        let mut g = if self.maximize { -g } else { g };
+        let mut p = p;
+        if let Some(decay) = self.param_decay {
+            p = p * V::splat(decay);
         }
-        None => v_new,
-    };
-    let denom = second.sqrt() / k.bias_correction2_sqrt + k.eps;
-    // addcdiv: p + (value * m) / denom
-    *p = S::store(pv + k.neg_step_size * m_new / denom);
+        if let Some(wd) = self.grad_decay {
+            g = g + V::splat(wd) * p;
+        }
+        (p, g)
+    }
+
+    /// The new first and second moments.
+    #[inline(always)]
+    fn moments<V: Arith<T>>(&self, g: V, m: V, v: V) -> (V, V) {
+        let m = lerp(m, g, &self.beta1);
+        // addcmul: v * beta2 + ((1 - beta2) * g) * g
+        let v = v * V::splat(self.beta2) + V::splat(self.one_minus_beta2) * g * g;
+        (m, v)
+    }
+
+    /// The new parameter from the first moment and the second moment in use.
+    #[inline(always)]
+    fn descend<V: Arith<T>>(&self, p: V, m: V, second: V) -> V {
+        let denom = second.sqrt() / V::splat(self.bias_correction2_sqrt) + V::splat(self.eps);
+        // addcdiv: p + (value * m) / denom
+        p + V::splat(self.neg_step_size) * m / denom
+    }
+}
+
+/// Without amsgrad; buffers `[exp_avg, exp_avg_sq]`.
+impl<T: Float> Elementwise<T, 2> for AdamScalars<T> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [m, v]: [V; 2]) -> (V, [V; 2]) {
+        let (p, g) = self.prepare(p, g);
+        let (m, v) = self.moments(g, m, v);
+        (self.descend(p, m, v), [m, v])
+    }
+}
+
+/// With amsgrad; buffers `[exp_avg, exp_avg_sq, max_exp_avg_sq]`.
+impl<T: Float> Elementwise<T, 3> for AdamScalars<T> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [m, v, vmax]: [V; 3]) -> (V, [V; 3]) {
+        let (p, g) = self.prepare(p, g);
+        let (m, v) = self.moments(g, m, v);
+        let vmax = vmax.maximum(v);
+        (self.descend(p, m, vmax), [m, v, vmax])
+    }
 }

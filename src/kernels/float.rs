@@ -2,6 +2,8 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
+use super::lanes::Arith;
+
 /// `f32` or `f64`: the arithmetic the update rules need, all correctly rounded IEEE operations.
 pub trait Float:
     Copy
@@ -129,8 +131,7 @@ impl Storage for half::bf16 {
         let bits = x.to_bits();
         let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
         let quiet_nan = (bits >> 16) | 0x0040;
-        let is_nan = bits & 0x7FFF_FFFF > 0x7F80_0000;
-        half::bf16::from_bits((if is_nan { quiet_nan } else { rounded }) as u16)
+        half::bf16::from_bits((if x.is_nan() { quiet_nan } else { rounded }) as u16)
     }
 }
 
@@ -193,25 +194,14 @@ impl Storage for half::f16 {
     }
 }
 
-/// `torch.maximum`: the larger value, NaN if either is NaN.
-#[inline(always)]
-pub fn maximum<T: Float>(a: T, b: T) -> T {
-    if b > a || b.is_nan() {
-        b
-    } else {
-        a
-    }
-}
-
 /// `torch.lerp(start, end, weight)` with torch's two-branch formula, which keeps the result
-/// exact at both ends. `small` is `weight < 0.5` and `one_minus` is `1 - weight` in `T`, both
-/// hoisted out of the element loop by the caller.
+/// exact at both ends; the branch is taken once per step, on the weight.
 #[inline(always)]
-pub fn lerp<T: Float>(start: T, end: T, weight: T, one_minus: T, small: bool) -> T {
-    if small {
-        start + weight * (end - start)
+pub fn lerp<T: Float, V: Arith<T>>(start: V, end: V, w: &LerpWeight<T>) -> V {
+    if w.small {
+        start + V::splat(w.weight) * (end - start)
     } else {
-        end - (end - start) * one_minus
+        end - (end - start) * V::splat(w.one_minus)
     }
 }
 

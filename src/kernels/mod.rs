@@ -1,18 +1,23 @@
 //! Pure-Rust optimizer math over flat slices. Nothing in here knows about Python.
 //!
-//! Each update rule is written once as a scalar loop over zipped slices (see the optimizer
-//! modules). [`simd`] compiles the same loops for several instruction sets and picks one at run
-//! time. The loops use no `mul_add` and no approximate reciprocals, so every SIMD level and every
-//! chunking of the work produces bitwise identical results.
+//! Each update rule is written once, as the arithmetic of one element over a type that is either
+//! a scalar or a SIMD vector (see [`lanes`] and the optimizer modules). [`simd`] runs it with
+//! the vectors of the best instruction set the CPU has, picked at run time. The arithmetic uses
+//! no `mul_add` and no approximate reciprocals, so every SIMD level and every chunking of the
+//! work produces bitwise identical results.
 
 pub mod adagrad;
 pub mod adam;
 pub mod float;
+pub mod lanes;
 pub mod rmsprop;
 pub mod sgd;
 pub mod simd;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use float::{Float, Storage};
+use lanes::Lanes;
 pub use simd::SimdLevel;
 
 /// The per-step scalars of one parameter: everything a kernel needs besides the slices.
@@ -119,33 +124,40 @@ fn unzip<A, B>(x: Option<(A, B)>) -> (Option<A>, Option<B>) {
     }
 }
 
-/// Applies `rule` to the slices with plain (baseline) code generation.
+/// Applies `rule` to the slices, `L::W` elements at a time.
 ///
-/// This is the body that [`simd::apply`] compiles once per instruction set; call that instead
-/// unless a test needs the baseline explicitly.
+/// This is the body that [`simd::apply`] compiles once per instruction set; call that instead.
+///
+/// # Safety
+/// The CPU has `L`'s instructions.
 #[inline(always)]
-pub(crate) fn apply_inline<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
+pub(crate) unsafe fn apply_inline<S: Storage, L: Lanes<S>>(
+    rule: &Rule<S::Compute>,
+    s: Slices<'_, S>,
+) {
     debug_assert!(s.lengths_match());
     let Slices {
         param,
         grad,
         bufs: [b0, b1, b2],
     } = s;
-    match rule {
-        Rule::Sgd(k) => sgd::update(k, param, grad, b0),
-        Rule::Adam(k) => {
-            if let (Some(m), Some(v)) = (b0, b1) {
-                adam::update(k, param, grad, m, v, b2);
+    unsafe {
+        match rule {
+            Rule::Sgd(k) => sgd::update::<S, L>(k, param, grad, b0),
+            Rule::Adam(k) => {
+                if let (Some(m), Some(v)) = (b0, b1) {
+                    adam::update::<S, L>(k, param, grad, m, v, b2);
+                }
             }
-        }
-        Rule::RmsProp(k) => {
-            if let Some(sq) = b0 {
-                rmsprop::update(k, param, grad, sq, b1, b2);
+            Rule::RmsProp(k) => {
+                if let Some(sq) = b0 {
+                    rmsprop::update::<S, L>(k, param, grad, sq, b1, b2);
+                }
             }
-        }
-        Rule::Adagrad(k) => {
-            if let Some(sum) = b0 {
-                adagrad::update(k, param, grad, sum);
+            Rule::Adagrad(k) => {
+                if let Some(sum) = b0 {
+                    adagrad::update::<S, L>(k, param, grad, sum);
+                }
             }
         }
     }

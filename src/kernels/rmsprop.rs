@@ -2,6 +2,7 @@
 //! `torch.optim.rmsprop._single_tensor_rmsprop`.
 
 use super::float::{lerp, Float, LerpWeight, Storage};
+use super::lanes::{stream, Arith, Elementwise, Lanes};
 
 /// Hyperparameters of one RMSprop param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -61,10 +62,14 @@ impl<T: Float> RmsPropScalars<T> {
     }
 }
 
-/// One RMSprop step. `momentum_buffer` must be `Some` when `k.momentum` is, `grad_avg` when
-/// `k.centered` is. Arithmetic runs in `S::Compute`, rounded to `S` once when stored.
+/// One RMSprop step, `L::W` elements at a time. `momentum_buffer` must be `Some` when
+/// `k.momentum` is, `grad_avg` when `k.centered` is. Arithmetic runs in `S::Compute`, rounded
+/// to `S` once when stored.
+///
+/// # Safety
+/// The CPU has `L`'s instructions.
 #[inline(always)]
-pub fn update<S: Storage>(
+pub unsafe fn update<S: Storage, L: Lanes<S>>(
     k: &RmsPropScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
@@ -72,104 +77,125 @@ pub fn update<S: Storage>(
     momentum_buffer: Option<&mut [S]>,
     grad_avg: Option<&mut [S]>,
 ) {
-    let with_mom = k.momentum.is_some();
-    let centered = k.centered.is_some();
-    match (momentum_buffer, grad_avg) {
-        (Some(bufs), Some(gas)) if with_mom && centered => {
-            for ((((p, &g), sq), buf), ga) in param
-                .iter_mut()
-                .zip(grad)
-                .zip(square_avg.iter_mut())
-                .zip(bufs.iter_mut())
-                .zip(gas.iter_mut())
-            {
-                let pv = p.load();
-                let (g, avg) = core(k, pv, g, sq, Some(ga));
-                finish(k, p, pv, g, avg, Some(buf));
+    unsafe {
+        match (k.momentum, k.centered, momentum_buffer, grad_avg) {
+            (Some(mu), Some(w), Some(buf), Some(ga)) => {
+                let e = Rms { k: *k, mu, w };
+                stream::<S, L, _, 3>(e, param, grad, [square_avg, buf, ga]);
             }
-        }
-        (Some(bufs), _) if with_mom => {
-            for (((p, &g), sq), buf) in param
-                .iter_mut()
-                .zip(grad)
-                .zip(square_avg.iter_mut())
-                .zip(bufs.iter_mut())
-            {
-                let pv = p.load();
-                let (g, avg) = core(k, pv, g, sq, None);
-                finish(k, p, pv, g, avg, Some(buf));
+            (Some(mu), _, Some(buf), _) => {
+                let e = Rms { k: *k, mu, w: () };
+                stream::<S, L, _, 2>(e, param, grad, [square_avg, buf]);
             }
-        }
-        (_, Some(gas)) if centered => {
-            for (((p, &g), sq), ga) in param
-                .iter_mut()
-                .zip(grad)
-                .zip(square_avg.iter_mut())
-                .zip(gas.iter_mut())
-            {
-                let pv = p.load();
-                let (g, avg) = core(k, pv, g, sq, Some(ga));
-                finish(k, p, pv, g, avg, None);
+            (_, Some(w), _, Some(ga)) => {
+                let e = Rms { k: *k, mu: (), w };
+                stream::<S, L, _, 2>(e, param, grad, [square_avg, ga]);
             }
-        }
-        _ => {
-            for ((p, &g), sq) in param.iter_mut().zip(grad).zip(square_avg.iter_mut()) {
-                let pv = p.load();
-                let (g, avg) = core(k, pv, g, sq, None);
-                finish(k, p, pv, g, avg, None);
+            _ => {
+                let e = Rms {
+                    k: *k,
+                    mu: (),
+                    w: (),
+                };
+                stream::<S, L, _, 1>(e, param, grad, [square_avg]);
             }
         }
     }
 }
 
-/// The preconditioned gradient's parts of one element: (g, avg) with avg = sqrt(..) + eps.
-/// Functions, not closures, so that they can be inlined by force: LLVM left closures this
-/// size as a call per element for float16, and nothing vectorised.
-#[inline(always)]
-fn core<S: Storage>(
-    k: &RmsPropScalars<S::Compute>,
-    p: S::Compute,
-    g: S,
-    sq: &mut S,
-    ga: Option<&mut S>,
-) -> (S::Compute, S::Compute) {
-    let g = g.load();
-    let g = if k.maximize { -g } else { g };
-    let g = match k.weight_decay {
-        Some(wd) => g + wd * p,
-        None => g,
-    };
-    let sq_new = sq.load() * k.alpha + k.one_minus_alpha * g * g;
-    *sq = S::store(sq_new);
-    let avg = match (ga, &k.centered) {
-        (Some(ga), Some(w)) => {
-            let ga_new = lerp(ga.load(), g, w.weight, w.one_minus, w.small);
-            *ga = S::store(ga_new);
-            // addcmul(ga, ga, value=-1): sq + (-ga) * ga, which is exactly sq - ga * ga
-            (sq_new - ga_new * ga_new).sqrt()
-        }
-        _ => sq_new.sqrt(),
-    };
-    (g, avg + k.eps)
+/// RMSprop's scalars with the momentum factor (`M = T`, else `()`) and the centered lerp
+/// weight (`C = LerpWeight<T>`, else `()`): one element loop per combination.
+#[derive(Clone, Copy)]
+struct Rms<T: Float, M, C> {
+    k: RmsPropScalars<T>,
+    mu: M,
+    w: C,
 }
 
-/// The parameter's (and momentum buffer's) update of one element.
+impl<T: Float> RmsPropScalars<T> {
+    /// The gradient after maximize and weight decay, and the new square average.
+    #[inline(always)]
+    fn square<V: Arith<T>>(&self, p: V, g: V, sq: V) -> (V, V) {
+        let g = if self.maximize { -g } else { g };
+        let g = match self.weight_decay {
+            Some(wd) => g + V::splat(wd) * p,
+            None => g,
+        };
+        (
+            g,
+            sq * V::splat(self.alpha) + V::splat(self.one_minus_alpha) * g * g,
+        )
+    }
+
+    /// The new parameter without momentum.
+    #[inline(always)]
+    fn descend<V: Arith<T>>(&self, p: V, g: V, avg: V) -> V {
+        p + V::splat(self.neg_lr) * g / avg
+    }
+
+    /// The new momentum buffer and parameter.
+    #[inline(always)]
+    fn descend_momentum<V: Arith<T>>(&self, mu: T, p: V, g: V, avg: V, buf: V) -> (V, V) {
+        // addcdiv(g, avg) with value 1, then add(buf, alpha=-lr)
+        let b = buf * V::splat(mu) + g / avg;
+        (p + V::splat(self.neg_lr) * b, b)
+    }
+}
+
+/// `sqrt(square_avg - grad_avg^2) + eps` and the new grad_avg, for centered RMSprop.
 #[inline(always)]
-fn finish<S: Storage>(
-    k: &RmsPropScalars<S::Compute>,
-    p: &mut S,
-    pv: S::Compute,
-    g: S::Compute,
-    avg: S::Compute,
-    buf: Option<&mut S>,
-) {
-    match (buf, k.momentum) {
-        (Some(buf), Some(mu)) => {
-            // addcdiv(g, avg) with value 1, then add(buf, alpha=-lr)
-            let b = buf.load() * mu + g / avg;
-            *buf = S::store(b);
-            *p = S::store(pv + k.neg_lr * b);
-        }
-        _ => *p = S::store(pv + k.neg_lr * g / avg),
+fn centered<T: Float, V: Arith<T>>(
+    k: &RmsPropScalars<T>,
+    w: &LerpWeight<T>,
+    g: V,
+    sq: V,
+    ga: V,
+) -> (V, V) {
+    let ga = lerp(ga, g, w);
+    // addcmul(ga, ga, value=-1): sq + (-ga) * ga, which is exactly sq - ga * ga
+    ((sq - ga * ga).sqrt() + V::splat(k.eps), ga)
+}
+
+/// Plain; buffers `[square_avg]`.
+impl<T: Float> Elementwise<T, 1> for Rms<T, (), ()> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [sq]: [V; 1]) -> (V, [V; 1]) {
+        let (g, sq) = self.k.square(p, g, sq);
+        let avg = sq.sqrt() + V::splat(self.k.eps);
+        (self.k.descend(p, g, avg), [sq])
+    }
+}
+
+/// With momentum; buffers `[square_avg, momentum_buffer]`.
+#[allow(clippy::mismatching_type_param_order)] // `M` is the momentum's type: T itself
+impl<T: Float> Elementwise<T, 2> for Rms<T, T, ()> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [sq, buf]: [V; 2]) -> (V, [V; 2]) {
+        let (g, sq) = self.k.square(p, g, sq);
+        let avg = sq.sqrt() + V::splat(self.k.eps);
+        let (p, buf) = self.k.descend_momentum(self.mu, p, g, avg, buf);
+        (p, [sq, buf])
+    }
+}
+
+/// Centered; buffers `[square_avg, grad_avg]`.
+impl<T: Float> Elementwise<T, 2> for Rms<T, (), LerpWeight<T>> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [sq, ga]: [V; 2]) -> (V, [V; 2]) {
+        let (g, sq) = self.k.square(p, g, sq);
+        let (avg, ga) = centered(&self.k, &self.w, g, sq, ga);
+        (self.k.descend(p, g, avg), [sq, ga])
+    }
+}
+
+/// Centered with momentum; buffers `[square_avg, momentum_buffer, grad_avg]`.
+#[allow(clippy::mismatching_type_param_order)] // as above
+impl<T: Float> Elementwise<T, 3> for Rms<T, T, LerpWeight<T>> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [sq, buf, ga]: [V; 3]) -> (V, [V; 3]) {
+        let (g, sq) = self.k.square(p, g, sq);
+        let (avg, ga) = centered(&self.k, &self.w, g, sq, ga);
+        let (p, buf) = self.k.descend_momentum(self.mu, p, g, avg, buf);
+        (p, [sq, buf, ga])
     }
 }

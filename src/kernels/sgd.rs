@@ -2,6 +2,7 @@
 //! `torch.optim.sgd._single_tensor_sgd`.
 
 use super::float::{Float, Storage};
+use super::lanes::{stream, Arith, Elementwise, Lanes};
 
 /// Hyperparameters of one SGD param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,44 +58,64 @@ impl<T: Float> SgdScalars<T> {
     }
 }
 
-/// One SGD step over one parameter (or a chunk of it). `momentum_buffer` must be `Some` when
-/// `k.momentum` is. Arithmetic runs in `S::Compute`, rounded to `S` once when stored.
+/// One SGD step over one parameter (or a chunk of it), `L::W` elements at a time.
+/// `momentum_buffer` must be `Some` when `k.momentum` is. Arithmetic runs in `S::Compute`,
+/// rounded to `S` once when stored.
+///
+/// # Safety
+/// The CPU has `L`'s instructions.
 #[inline(always)]
-pub fn update<S: Storage>(
+pub unsafe fn update<S: Storage, L: Lanes<S>>(
     k: &SgdScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
     momentum_buffer: Option<&mut [S]>,
 ) {
-    let prep = |p: S::Compute, g: S| {
-        let g = g.load();
-        let g = if k.maximize { -g } else { g };
-        match k.weight_decay {
-            Some(wd) => g + wd * p,
+    unsafe {
+        match (k.momentum, momentum_buffer) {
+            (Some(mu), Some(buf)) => stream::<S, L, _, 1>(WithMomentum(*k, mu), param, grad, [buf]),
+            _ => stream::<S, L, _, 0>(*k, param, grad, []),
+        }
+    }
+}
+
+impl<T: Float> SgdScalars<T> {
+    /// The gradient after maximize and weight decay.
+    #[inline(always)]
+    fn prepare<V: Arith<T>>(&self, p: V, g: V) -> V {
+        let g = if self.maximize { -g } else { g };
+        match self.weight_decay {
+            Some(wd) => g + V::splat(wd) * p,
             None => g,
         }
-    };
-    match (k.momentum, momentum_buffer) {
-        (Some(mu), Some(bufs)) => {
-            for ((p, &g), buf) in param.iter_mut().zip(grad).zip(bufs.iter_mut()) {
-                let pv = p.load();
-                let g = prep(pv, g);
-                let b = if k.first_step {
-                    g
-                } else {
-                    buf.load() * mu + k.one_minus_dampening * g
-                };
-                *buf = S::store(b);
-                let d = if k.nesterov { g + mu * b } else { b };
-                *p = S::store(pv + k.neg_lr * d);
-            }
-        }
-        _ => {
-            for (p, &g) in param.iter_mut().zip(grad) {
-                let pv = p.load();
-                let g = prep(pv, g);
-                *p = S::store(pv + k.neg_lr * g);
-            }
-        }
+    }
+}
+
+/// Without momentum: no buffer.
+impl<T: Float> Elementwise<T, 0> for SgdScalars<T> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, []: [V; 0]) -> (V, [V; 0]) {
+        let g = self.prepare(p, g);
+        (p + V::splat(self.neg_lr) * g, [])
+    }
+}
+
+/// SGD's scalars with the momentum factor, for the loop over `momentum_buffer`.
+#[derive(Clone, Copy)]
+struct WithMomentum<T: Float>(SgdScalars<T>, T);
+
+impl<T: Float> Elementwise<T, 1> for WithMomentum<T> {
+    #[inline(always)]
+    fn elem<V: Arith<T>>(&self, p: V, g: V, [buf]: [V; 1]) -> (V, [V; 1]) {
+        let WithMomentum(ref k, mu) = *self;
+        let mu = V::splat(mu);
+        let g = k.prepare(p, g);
+        let b = if k.first_step {
+            g
+        } else {
+            buf * mu + V::splat(k.one_minus_dampening) * g
+        };
+        let d = if k.nesterov { g + mu * b } else { b };
+        (p + V::splat(k.neg_lr) * d, [b])
     }
 }

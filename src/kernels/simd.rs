@@ -1,11 +1,15 @@
 //! Run-time choice of instruction set.
 //!
 //! The same update code ([`super::apply_inline`]) is compiled once per level with
-//! `#[target_feature]`; the wheel itself targets baseline x86-64. Because the kernels use only
-//! correctly rounded IEEE operations and no fused multiply-add, every level gives the same bits.
+//! `#[target_feature]`, over that level's vectors; the wheel itself targets baseline x86-64.
+//! Because the kernels use only correctly rounded IEEE operations and no fused multiply-add,
+//! every level gives the same bits.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+#[cfg(target_arch = "x86_64")]
+use super::lanes::Lanes;
+use super::lanes::One;
 use super::{Rule, Slices, Storage};
 
 /// An instruction-set level the kernels are compiled for.
@@ -55,10 +59,14 @@ impl SimdLevel {
     pub fn detect() -> SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            // Every AVX2 processor has F16C (float16 conversions), and every AVX-512 one both,
+            // but a hypervisor may hide a feature: each level asks for all it uses.
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("f16c");
+            if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
                 return SimdLevel::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if avx2 {
                 return SimdLevel::Avx2;
             }
         }
@@ -104,19 +112,56 @@ pub fn set_active(level: SimdLevel) -> SimdLevel {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn apply_avx512<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
-    super::apply_inline(rule, s);
+unsafe fn apply_avx512<S: Storage, L: Lanes<S>>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
+    unsafe { super::apply_inline::<S, L>(rule, s) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn apply_avx2<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
-    super::apply_inline(rule, s);
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn apply_avx2<S: Storage, L: Lanes<S>>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
+    unsafe { super::apply_inline::<S, L>(rule, s) }
 }
 
 fn apply_baseline<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
-    super::apply_inline(rule, s);
+    // SAFETY: one element at a time, in plain code.
+    unsafe { super::apply_inline::<S, One>(rule, s) }
 }
+
+/// A storage type the kernels are compiled for at every level (f32, f64, bfloat16, float16).
+pub trait Element: Storage {
+    /// [`apply`] once the lengths are checked and `level` is clamped to what the CPU has.
+    #[doc(hidden)]
+    fn run(level: SimdLevel, rule: &Rule<Self::Compute>, s: Slices<'_, Self>);
+}
+
+/// The lanes each level runs a storage type with. At the AVX2 level, explicit AVX2 vectors
+/// (`super::x86`). At the AVX-512 level, the one-element loop, which the compiler vectorises
+/// to 512 bits itself, except for float16, which needs F16C's conversions and so runs the
+/// AVX2 vectors: explicit AVX-512 vectors are not written yet, for want of a machine with
+/// AVX-512 to test them on when the vectors were introduced.
+macro_rules! element {
+    ($($t:ty => $avx512:ty),* $(,)?) => {$(
+        impl Element for $t {
+            fn run(level: SimdLevel, rule: &Rule<Self::Compute>, s: Slices<'_, Self>) {
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `level` is at most what `detect()` found on this CPU, and the
+                    // AVX-512 level implies AVX2 and F16C (see `detect`).
+                    SimdLevel::Avx512 => unsafe { apply_avx512::<Self, $avx512>(rule, s) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    SimdLevel::Avx2 => unsafe { apply_avx2::<Self, super::x86::Avx2>(rule, s) },
+                    _ => apply_baseline(rule, s),
+                }
+            }
+        }
+    )*};
+}
+
+#[cfg(target_arch = "x86_64")]
+element!(f32 => One, f64 => One, half::bf16 => One, half::f16 => super::x86::Avx2);
+#[cfg(not(target_arch = "x86_64"))]
+element!(f32 => One, f64 => One, half::bf16 => One, half::f16 => One);
 
 /// Applies one update rule to one parameter (or chunk) with the code of `level`.
 ///
@@ -125,19 +170,10 @@ fn apply_baseline<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
 ///
 /// # Panics
 /// When the gradient or a buffer is not as long as the parameter.
-pub fn apply<S: Storage>(level: SimdLevel, rule: &Rule<S::Compute>, s: Slices<'_, S>) {
+pub fn apply<S: Element>(level: SimdLevel, rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     assert!(
         s.lengths_match(),
         "gradient and state buffers must match the parameter's length"
     );
-    let level = level.min(SimdLevel::detect());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `level` is at most what `detect()` found on this CPU.
-        SimdLevel::Avx512 => unsafe { apply_avx512(rule, s) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        SimdLevel::Avx2 => unsafe { apply_avx2(rule, s) },
-        _ => apply_baseline(rule, s),
-    }
+    S::run(level.min(SimdLevel::detect()), rule, s);
 }

@@ -6,7 +6,7 @@ use super::adagrad::{AdagradHyper, AdagradScalars};
 use super::adam::{AdamHyper, AdamScalars};
 use super::rmsprop::{RmsPropHyper, RmsPropScalars};
 use super::sgd::{SgdHyper, SgdScalars};
-use super::simd::{apply, SimdLevel};
+use super::simd::{apply, Element, SimdLevel};
 use super::{Float, Rule, Slices, Storage};
 
 const LENGTHS: [usize; 16] = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 1000, 4099];
@@ -258,7 +258,7 @@ impl Case {
     }
 
     /// The fused kernel, at `level`, cut into `chunk`-element pieces.
-    fn fused<S: Storage>(&self, s: &mut State<S>, grad: &[S], level: SimdLevel, chunk: usize) {
+    fn fused<S: Element>(&self, s: &mut State<S>, grad: &[S], level: SimdLevel, chunk: usize) {
         let fresh = s.bufs[0].is_none();
         let n = s.p.len();
         let needs = self.needs();
@@ -448,7 +448,7 @@ fn stored<S: Storage>(v: Vec<S::Compute>) -> Vec<S> {
     v.into_iter().map(S::store).collect()
 }
 
-fn check<S: Storage>(specials: bool) {
+fn check<S: Element>(specials: bool) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for case in cases() {
         for &n in &LENGTHS {
@@ -568,6 +568,101 @@ fn float16_conversions_match_half_on_every_bit_pattern() {
             h.to_f32().to_bits(),
             "{bits:#06x}"
         );
+    }
+}
+
+/// Stores `xs` (a multiple of `L::W` values) as `S` with `L`'s vector conversion.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn narrow_with<S, L>(xs: &[f32], out: &mut [S])
+where
+    S: Storage<Compute = f32>,
+    L: super::lanes::Lanes<S> + super::lanes::Lanes<f32, V = <L as super::lanes::Lanes<S>>::V>,
+{
+    let w = <L as super::lanes::Lanes<S>>::W;
+    for (x, o) in xs.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+        unsafe {
+            let v = <L as super::lanes::Lanes<f32>>::load(x.as_ptr());
+            <L as super::lanes::Lanes<S>>::store(o.as_mut_ptr(), v);
+        }
+    }
+}
+
+/// Loads `hs` (a multiple of `L::W` values) from `S` with `L`'s vector conversion.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn widen_with<S, L>(hs: &[S], out: &mut [f32])
+where
+    S: Storage<Compute = f32>,
+    L: super::lanes::Lanes<S> + super::lanes::Lanes<f32, V = <L as super::lanes::Lanes<S>>::V>,
+{
+    let w = <L as super::lanes::Lanes<S>>::W;
+    for (h, o) in hs.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+        unsafe {
+            let v = <L as super::lanes::Lanes<S>>::load(h.as_ptr());
+            <L as super::lanes::Lanes<f32>>::store(o.as_mut_ptr(), v);
+        }
+    }
+}
+
+/// The AVX2 vectors' 16-bit conversions against the scalar ones, on every input.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn avx2_conversions_agree<S: Storage<Compute = f32>>()
+where
+    super::x86::Avx2: super::lanes::Lanes<S>
+        + super::lanes::Lanes<f32, V = <super::x86::Avx2 as super::lanes::Lanes<S>>::V>,
+{
+    use rayon::prelude::*;
+    type L = super::x86::Avx2;
+    let bits16 = |s: S| -> u16 {
+        // SAFETY: both storage types are 16-bit patterns.
+        unsafe { std::mem::transmute_copy(&s) }
+    };
+    // Narrowing: all 2^32 float32 values, in blocks of 2^16 (split over threads).
+    (0..=u32::from(u16::MAX)).into_par_iter().for_each(|high| {
+        let xs: Vec<f32> = (0..=u32::from(u16::MAX))
+            .map(|low| f32::from_bits((high << 16) | low))
+            .collect();
+        let mut got = vec![S::store(0.0); xs.len()];
+        // SAFETY: the caller checked that the CPU has AVX2 and F16C.
+        unsafe { narrow_with::<S, L>(&xs, &mut got) };
+        for (x, g) in xs.iter().zip(&got) {
+            assert_eq!(
+                bits16(*g),
+                bits16(S::store(*x)),
+                "narrowing {x:e} ({:#010x})",
+                x.to_bits()
+            );
+        }
+    });
+    // Widening: all 2^16 patterns.
+    // SAFETY: S is a 16-bit pattern type (bf16 or f16).
+    let hs: Vec<S> = (0..=u16::MAX)
+        .map(|b| unsafe { std::mem::transmute_copy(&b) })
+        .collect();
+    let mut got = vec![0.0f32; hs.len()];
+    // SAFETY: as above.
+    unsafe { widen_with::<S, L>(&hs, &mut got) };
+    for (h, g) in hs.iter().zip(&got) {
+        assert_eq!(
+            g.to_bits(),
+            h.load().to_bits(),
+            "widening {:#06x}",
+            bits16(*h)
+        );
+    }
+}
+
+#[test]
+fn vector_16_bit_conversions_match_the_scalar_ones_on_every_input() {
+    #[cfg(target_arch = "x86_64")]
+    if SimdLevel::Avx2.supported() {
+        // SAFETY: AVX2 and F16C are there (the AVX2 level asks for both).
+        unsafe {
+            avx2_conversions_agree::<half::f16>();
+            avx2_conversions_agree::<half::bf16>();
+        }
     }
 }
 

@@ -1,0 +1,201 @@
+//! The element loop every update rule runs in, over lanes of any width.
+//!
+//! An update rule is written once, as a function of one element's values ([`Elementwise`]),
+//! generic over the arithmetic type [`Arith`]: a plain `f32`/`f64`, or a SIMD vector of them
+//! (`super::x86`). [`stream`] walks the arrays a vector of [`Lanes::W`] elements at a time,
+//! converting each array's storage type to the arithmetic type on the way in and back on the
+//! way out. With [`One`] (one element at a time, the baseline) the compiler vectorises the loop
+//! itself; the x86 lanes spell the vectors out, so that conversions the compiler cannot write
+//! (float16 through F16C) are one instruction, and nothing depends on the auto-vectoriser.
+//!
+//! Every operation is a correctly rounded IEEE operation and there is no fused multiply-add,
+//! so a lane computes exactly what the scalar code computes, whatever the width.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use super::float::{Float, Storage};
+
+/// What an update rule computes with: `T` itself, or a vector of `T`s operated on lane by lane.
+pub trait Arith<T: Float>:
+    Copy
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    /// `x` in every lane.
+    fn splat(x: T) -> Self;
+    /// Correctly rounded square root.
+    #[must_use]
+    fn sqrt(self) -> Self;
+    /// `torch.maximum`: the larger value, NaN where either is NaN.
+    #[must_use]
+    fn maximum(self, other: Self) -> Self;
+}
+
+impl<T: Float> Arith<T> for T {
+    #[inline(always)]
+    fn splat(x: T) -> T {
+        x
+    }
+    #[inline(always)]
+    fn sqrt(self) -> T {
+        Float::sqrt(self)
+    }
+    #[inline(always)]
+    fn maximum(self, other: T) -> T {
+        if other > self || other.is_nan() {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// One update rule at one element position, with `B` state buffers: takes the parameter, the
+/// gradient and the buffers' values there, returns the new parameter and buffer values.
+pub trait Elementwise<T: Float, const B: usize> {
+    fn elem<V: Arith<T>>(&self, p: V, g: V, bufs: [V; B]) -> (V, [V; B]);
+}
+
+/// How `W` consecutive elements stored as `S` become one arithmetic value and back.
+pub trait Lanes<S: Storage> {
+    type V: Arith<S::Compute>;
+    /// Elements per value.
+    const W: usize;
+    /// Reads `W` elements.
+    ///
+    /// # Safety
+    /// `src` points to `W` readable elements, and the CPU has this type's instructions.
+    unsafe fn load(src: *const S) -> Self::V;
+    /// Writes `W` elements.
+    ///
+    /// # Safety
+    /// `dst` points to `W` writable elements, and the CPU has this type's instructions.
+    unsafe fn store(dst: *mut S, v: Self::V);
+}
+
+/// One element at a time, in `S::Compute`.
+pub struct One;
+
+impl<S: Storage> Lanes<S> for One {
+    type V = S::Compute;
+    const W: usize = 1;
+    #[inline(always)]
+    unsafe fn load(src: *const S) -> S::Compute {
+        unsafe { (*src).load() }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut S, v: S::Compute) {
+        unsafe { *dst = S::store(v) }
+    }
+}
+
+/// Largest lane count of any [`Lanes`] type (AVX-512's 16 `f32`): the size of the padded
+/// block the last few elements go through.
+const MAX_W: usize = 16;
+
+/// Runs `e` over every element of `param`, `grad` and `bufs` (all of one length): `L::W` at a
+/// time, then the rest as one padded block, so that every element is computed by the same
+/// instructions whatever its position.
+///
+/// `e` comes by value: a local copy of the scalars cannot be written through the arrays'
+/// pointers, so the compiler keeps them in registers and takes the rule's option branches out
+/// of the loop (through a reference it reloaded and re-tested them every iteration).
+///
+/// # Safety
+/// The CPU has `L`'s instructions (the caller is compiled with them enabled).
+///
+/// # Panics
+/// When the lengths differ.
+#[inline(always)]
+pub unsafe fn stream<S, L, E, const B: usize>(
+    e: E,
+    param: &mut [S],
+    grad: &[S],
+    mut bufs: [&mut [S]; B],
+) where
+    S: Storage,
+    L: Lanes<S>,
+    E: Elementwise<S::Compute, B> + Copy,
+{
+    const { assert!(L::W <= MAX_W) };
+    let n = param.len();
+    assert!(grad.len() == n && bufs.iter().all(|b| b.len() == n));
+    if L::W == 1 {
+        // Indexing the slices (their lengths checked above) rather than stepping raw pointers:
+        // the form the compiler vectorises, where with pointers it kept some rules scalar.
+        for i in 0..n {
+            // SAFETY: one element of each array, at an index below every length.
+            unsafe {
+                let b = std::array::from_fn(|k| L::load(&raw const bufs[k][i]));
+                let (p_new, b_new) =
+                    e.elem(L::load(&raw const param[i]), L::load(&raw const grad[i]), b);
+                L::store(&raw mut param[i], p_new);
+                for k in 0..B {
+                    L::store(&raw mut bufs[k][i], b_new[k]);
+                }
+            }
+        }
+        return;
+    }
+    let full = n - n % L::W;
+    let p_ptr = param.as_mut_ptr();
+    let g_ptr = grad.as_ptr();
+    let b_ptrs: [*mut S; B] = std::array::from_fn(|k| bufs[k].as_mut_ptr());
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + W <= full <= n, the length of every array; distinct `&mut` slices do not
+        // overlap, and the gradient is only read.
+        unsafe { step::<S, L, E, B>(&e, p_ptr.add(i), g_ptr.add(i), b_ptrs.map(|b| b.add(i))) };
+        i += L::W;
+    }
+    if full < n {
+        // The last n - full (< W) elements, in a block padded with zeros; the padding's results
+        // are thrown away.
+        let r = n - full;
+        let zero = S::store(S::Compute::ZERO);
+        let mut p = [zero; MAX_W];
+        let mut g = [zero; MAX_W];
+        let mut b = [[zero; MAX_W]; B];
+        p[..r].copy_from_slice(&param[full..]);
+        g[..r].copy_from_slice(&grad[full..]);
+        for (bk, src) in b.iter_mut().zip(bufs.iter()) {
+            bk[..r].copy_from_slice(&src[full..]);
+        }
+        // SAFETY: each block holds MAX_W >= W elements.
+        unsafe {
+            step::<S, L, E, B>(
+                &e,
+                p.as_mut_ptr(),
+                g.as_ptr(),
+                std::array::from_fn(|k| b[k].as_mut_ptr()),
+            );
+        }
+        param[full..].copy_from_slice(&p[..r]);
+        for (dst, bk) in bufs.iter_mut().zip(b.iter()) {
+            dst[full..].copy_from_slice(&bk[..r]);
+        }
+    }
+}
+
+/// One value's worth of elements.
+///
+/// # Safety
+/// Each pointer has `W` elements behind it, and the CPU has `L`'s instructions.
+#[inline(always)]
+unsafe fn step<S, L, E, const B: usize>(e: &E, p: *mut S, g: *const S, b: [*mut S; B])
+where
+    S: Storage,
+    L: Lanes<S>,
+    E: Elementwise<S::Compute, B>,
+{
+    unsafe {
+        let (p_new, b_new) = e.elem(L::load(p), L::load(g), b.map(|x| L::load(x)));
+        L::store(p, p_new);
+        for k in 0..B {
+            L::store(b[k], b_new[k]);
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! x86-64 SIMD vectors for the element loop ([`super::lanes`]): AVX2 (8 `f32` or 4 `f64` a
+//! vector), with the conversions of each storage type.
+//!
+//! Each arithmetic operation is the single IEEE instruction the scalar code compiles to (add,
+//! sub, mul, div, sqrt; negation flips the sign bit, as `-x` does), so a lane gives the same
+//! bits as the scalar loop. The 16-bit conversions match `Storage::load`/`store` bit for bit on
+//! every input: float16 through F16C's `vcvtph2ps`/`vcvtps2ph` (round to nearest even, by the
+//! immediate), bfloat16 through the same integer rounding as the scalar code.
+
+#![allow(clippy::cast_ptr_alignment)] // every load and store here is an unaligned one
+
+use std::arch::x86_64::{
+    __m128i, __m256, __m256d, _mm256_add_epi32, _mm256_add_pd, _mm256_add_ps, _mm256_and_si256,
+    _mm256_blendv_epi8, _mm256_blendv_pd, _mm256_blendv_ps, _mm256_castps_si256,
+    _mm256_castsi256_ps, _mm256_castsi256_si128, _mm256_cmp_pd, _mm256_cmp_ps,
+    _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_div_pd, _mm256_div_ps,
+    _mm256_loadu_pd, _mm256_loadu_ps, _mm256_mul_pd, _mm256_mul_ps, _mm256_or_pd, _mm256_or_ps,
+    _mm256_or_si256, _mm256_packus_epi32, _mm256_permute4x64_epi64, _mm256_set1_epi32,
+    _mm256_set1_pd, _mm256_set1_ps, _mm256_slli_epi32, _mm256_sqrt_pd, _mm256_sqrt_ps,
+    _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps, _mm256_sub_pd, _mm256_sub_ps,
+    _mm256_xor_pd, _mm256_xor_ps, _mm_loadu_si128, _mm_storeu_si128, _CMP_GT_OQ, _CMP_UNORD_Q,
+    _MM_FROUND_TO_NEAREST_INT,
+};
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use super::lanes::{Arith, Lanes};
+use half::{bf16, f16};
+
+/// A vector newtype with its arithmetic, one intrinsic per operation.
+///
+/// Safety of the operator impls: these types are only created by the `Lanes` impls below,
+/// whose callers guarantee that the CPU has the instruction set (see `lanes::stream`).
+macro_rules! vector {
+    (
+        $name:ident($raw:ty, $t:ty),
+        add = $add:ident, sub = $sub:ident, mul = $mul:ident, div = $div:ident,
+        sqrt = $sqrt:ident, splat = $splat:ident, neg = |$x:ident| $neg:expr,
+        max = |$a:ident, $b:ident| $max:expr
+    ) => {
+        #[derive(Clone, Copy)]
+        #[repr(transparent)]
+        pub struct $name($raw);
+
+        impl Add for $name {
+            type Output = Self;
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                // SAFETY: see the macro's documentation.
+                $name(unsafe { $add(self.0, o.0) })
+            }
+        }
+        impl Sub for $name {
+            type Output = Self;
+            #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                // SAFETY: as above.
+                $name(unsafe { $sub(self.0, o.0) })
+            }
+        }
+        impl Mul for $name {
+            type Output = Self;
+            #[inline(always)]
+            fn mul(self, o: Self) -> Self {
+                // SAFETY: as above.
+                $name(unsafe { $mul(self.0, o.0) })
+            }
+        }
+        impl Div for $name {
+            type Output = Self;
+            #[inline(always)]
+            fn div(self, o: Self) -> Self {
+                // SAFETY: as above.
+                $name(unsafe { $div(self.0, o.0) })
+            }
+        }
+        impl Neg for $name {
+            type Output = Self;
+            #[inline(always)]
+            fn neg(self) -> Self {
+                let $x = self.0;
+                // SAFETY: as above.
+                $name(unsafe { $neg })
+            }
+        }
+        impl Arith<$t> for $name {
+            #[inline(always)]
+            fn splat(x: $t) -> Self {
+                // SAFETY: as above.
+                $name(unsafe { $splat(x) })
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                // SAFETY: as above.
+                $name(unsafe { $sqrt(self.0) })
+            }
+            #[inline(always)]
+            fn maximum(self, other: Self) -> Self {
+                let ($a, $b) = (self.0, other.0);
+                // SAFETY: as above.
+                $name(unsafe { $max })
+            }
+        }
+    };
+}
+
+// `maximum(a, b)`: b where `b > a` or b is NaN, else a (the scalar code's test, lane by lane).
+vector!(
+    F32x8(__m256, f32),
+    add = _mm256_add_ps,
+    sub = _mm256_sub_ps,
+    mul = _mm256_mul_ps,
+    div = _mm256_div_ps,
+    sqrt = _mm256_sqrt_ps,
+    splat = _mm256_set1_ps,
+    neg = |x| _mm256_xor_ps(x, _mm256_set1_ps(-0.0)),
+    max = |a, b| _mm256_blendv_ps(
+        a,
+        b,
+        _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(b, a),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(b, b)
+        )
+    )
+);
+vector!(
+    F64x4(__m256d, f64),
+    add = _mm256_add_pd,
+    sub = _mm256_sub_pd,
+    mul = _mm256_mul_pd,
+    div = _mm256_div_pd,
+    sqrt = _mm256_sqrt_pd,
+    splat = _mm256_set1_pd,
+    neg = |x| _mm256_xor_pd(x, _mm256_set1_pd(-0.0)),
+    max = |a, b| _mm256_blendv_pd(
+        a,
+        b,
+        _mm256_or_pd(
+            _mm256_cmp_pd::<_CMP_GT_OQ>(b, a),
+            _mm256_cmp_pd::<_CMP_UNORD_Q>(b, b)
+        )
+    )
+);
+/// AVX2 with F16C: 8 `f32` or 4 `f64` a vector.
+pub struct Avx2;
+
+// SAFETY of every `Lanes` impl: the caller guarantees the pointer has `W` elements behind it
+// and that the CPU has the instruction set; all loads and stores are unaligned ones.
+
+impl Lanes<f32> for Avx2 {
+    type V = F32x8;
+    const W: usize = 8;
+    #[inline(always)]
+    unsafe fn load(src: *const f32) -> F32x8 {
+        unsafe { F32x8(_mm256_loadu_ps(src)) }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut f32, v: F32x8) {
+        unsafe { _mm256_storeu_ps(dst, v.0) }
+    }
+}
+
+impl Lanes<f64> for Avx2 {
+    type V = F64x4;
+    const W: usize = 4;
+    #[inline(always)]
+    unsafe fn load(src: *const f64) -> F64x4 {
+        unsafe { F64x4(_mm256_loadu_pd(src)) }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut f64, v: F64x4) {
+        unsafe { _mm256_storeu_pd(dst, v.0) }
+    }
+}
+
+impl Lanes<f16> for Avx2 {
+    type V = F32x8;
+    const W: usize = 8;
+    #[inline(always)]
+    unsafe fn load(src: *const f16) -> F32x8 {
+        unsafe { F32x8(_mm256_cvtph_ps(_mm_loadu_si128(src.cast::<__m128i>()))) }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut f16, v: F32x8) {
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0);
+            _mm_storeu_si128(dst.cast::<__m128i>(), h);
+        }
+    }
+}
+
+impl Lanes<bf16> for Avx2 {
+    type V = F32x8;
+    const W: usize = 8;
+    #[inline(always)]
+    unsafe fn load(src: *const bf16) -> F32x8 {
+        // A bfloat16 is the high half of a float32.
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(src.cast::<__m128i>()));
+            F32x8(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut bf16, v: F32x8) {
+        unsafe {
+            let bits = _mm256_castps_si256(v.0);
+            let high = _mm256_srli_epi32::<16>(bits);
+            // (bits + 0x7FFF + lowest kept bit) >> 16: round to nearest even.
+            let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+            let biased = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+            let rounded = _mm256_srli_epi32::<16>(biased);
+            let quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x0040));
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v.0, v.0));
+            let h = _mm256_blendv_epi8(rounded, quiet_nan, nan);
+            // Every lane is below 2^16, so the saturating pack keeps it; the pack works within
+            // each 128-bit half, and the permute puts the two halves' results side by side.
+            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(h, h));
+            _mm_storeu_si128(dst.cast::<__m128i>(), _mm256_castsi256_si128(packed));
+        }
+    }
+}
