@@ -23,11 +23,13 @@ pub(crate) fn catch_panics<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 #[pymodule]
 pub mod _core {
     #[pymodule_export]
+    use crate::array_plan::ArrayPlan;
+    #[pymodule_export]
     use crate::torch_plan::TorchPlan;
 
     use pyo3::exceptions::PyValueError;
     use pyo3::prelude::*;
-    use pyo3::types::PyDict;
+    use pyo3::types::{PyBool, PyDict};
 
     use crate::kernels::simd::{self, SimdLevel};
     use crate::pool;
@@ -41,11 +43,12 @@ pub mod _core {
     }
 
     /// Runs one optimizer step over every parameter of every group; returns whether it was
-    /// applied. A panic (a bug, never a user's mistake) surfaces as `RuntimeError`.
+    /// applied, and with `plan` the plan of the steps after it: `(applied, ArrayPlan)`. A
+    /// panic (a bug, never a user's mistake) surfaces as `RuntimeError`.
     #[pyfunction]
     #[pyo3(signature = (
         kind, groups, params, grads, buffers, steps, fresh, *,
-        skip_nonfinite = false, flush_denormals = false, _panic_for_tests = None
+        skip_nonfinite = false, flush_denormals = false, plan = false, _panic_for_tests = None
     ))]
     // The leading underscore keeps the test-only keyword out of sight in Python.
     #[allow(
@@ -64,18 +67,22 @@ pub mod _core {
         fresh: Vec<bool>,
         skip_nonfinite: bool,
         flush_denormals: bool,
+        plan: bool,
         _panic_for_tests: Option<String>,
-    ) -> PyResult<bool> {
+    ) -> PyResult<Py<PyAny>> {
         let options = stepper::Options {
             skip_nonfinite,
             flush_denormals,
             panic_for_tests: _panic_for_tests,
         };
         crate::bindings::catch_panics(|| {
-            stepper::run(
-                py, kind, groups, params, grads, buffers, steps, fresh, &options,
-            )
-            .map_err(PyErr::from)
+            let (applied, made) = stepper::run(
+                py, kind, groups, params, grads, buffers, steps, fresh, &options, plan,
+            )?;
+            Ok(match made {
+                Some(p) => (applied, p).into_pyobject(py)?.into_any().unbind(),
+                None => PyBool::new(py, applied).to_owned().into_any().unbind(),
+            })
         })
     }
 

@@ -4,6 +4,7 @@
 
 pub mod kernels;
 
+mod array_plan;
 mod bindings;
 mod errors;
 mod fpenv;

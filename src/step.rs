@@ -11,6 +11,7 @@ use numpy::{dtype, PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedA
 use pyo3::prelude::*;
 use pyo3::types::{PyAnyMethods, PyTuple, PyTupleMethods};
 
+use crate::array_plan::{ArrayPlan, Stepped};
 use crate::errors::{type_err, value_err, StepError};
 use crate::fpenv::FlushGuard;
 use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
@@ -51,7 +52,7 @@ impl Kind {
     }
 
     /// SGD keeps no step counter; the others keep a 0-d float32 `step`.
-    fn counts_steps(self) -> bool {
+    pub(crate) fn counts_steps(self) -> bool {
         self != Kind::Sgd
     }
 }
@@ -114,7 +115,7 @@ impl Hyper {
     }
 
     /// Which of the kind's buffers this group's options use.
-    fn needs(&self) -> [bool; 3] {
+    pub(crate) fn needs(&self) -> [bool; 3] {
         match self {
             Hyper::Sgd(h) => [h.momentum != 0.0, false, false],
             Hyper::Adam(h) => [true, true, h.amsgrad],
@@ -268,12 +269,12 @@ fn as_array<'a, 'py>(
 
 /// The descriptors of the dtypes the core takes, fetched once per step: most arrays share
 /// NumPy's builtin descriptors, so a pointer comparison settles their dtype.
-struct Dtypes<'py> {
+pub(crate) struct Dtypes<'py> {
     known: [(Bound<'py, PyArrayDescr>, DType); 4],
 }
 
 impl<'py> Dtypes<'py> {
-    fn new(py: Python<'py>) -> Self {
+    pub(crate) fn new(py: Python<'py>) -> Self {
         Dtypes {
             known: [
                 (dtype::<f32>(py), DType::F32),
@@ -284,7 +285,7 @@ impl<'py> Dtypes<'py> {
         }
     }
 
-    fn of(&self, a: &Bound<'_, PyUntypedArray>) -> Option<DType> {
+    pub(crate) fn of(&self, a: &Bound<'_, PyUntypedArray>) -> Option<DType> {
         // SAFETY: `a` is a live ndarray; reading its descriptor pointer has no side effects.
         let descr = unsafe { (*a.as_array_ptr()).fields.descr };
         if let Some((_, dt)) = self.known.iter().find(|(d, _)| d.as_ptr().cast() == descr) {
@@ -822,7 +823,8 @@ pub fn run(
     steps: Vec<Bound<'_, PyAny>>,
     fresh: Vec<bool>,
     options: &Options,
-) -> Result<bool, StepError> {
+    plan: bool,
+) -> Result<(bool, Option<ArrayPlan>), StepError> {
     let kind = Kind::parse(kind)?;
     let n = params.len();
 
@@ -888,8 +890,75 @@ pub fn run(
         )?);
     }
     check_overlaps_reusing(&spans)?;
+    let plan = plan.then(|| {
+        let written = spans
+            .iter()
+            .filter(|s| s.writes)
+            .map(|s| (s.start, s.end))
+            .collect();
+        ArrayPlan::new(
+            kind,
+            n,
+            stepped(
+                kind, &hypers, &group_of, &dtypes, &params, &grads, &buffers, &steps,
+            ),
+            written,
+        )
+    });
     // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
-    execute(py, checked, options)
+    Ok((execute(py, checked, options)?, plan))
+}
+
+/// The arrays of every parameter `run` validated, for a plan of the steps to come.
+fn stepped<'a, 'py>(
+    kind: Kind,
+    hypers: &[Hyper],
+    group_of: &[(usize, usize)],
+    dtypes: &Dtypes<'py>,
+    params: &'a [Bound<'py, PyAny>],
+    grads: &[Bound<'py, PyAny>],
+    buffers: &[Bound<'py, PyAny>],
+    steps: &[Bound<'py, PyAny>],
+) -> Vec<Stepped<'a, 'py>> {
+    let array = |o: Bound<'py, PyAny>| o.cast_into::<PyUntypedArray>().ok();
+    let mut out = Vec::with_capacity(params.len());
+    for (flat, grad) in grads.iter().enumerate() {
+        if grad.is_none() {
+            continue;
+        }
+        // Validated by check_param: these are arrays of known dtypes.
+        let (Ok(param), group) = (params[flat].cast::<PyUntypedArray>(), group_of[flat].0) else {
+            continue;
+        };
+        let Some(dtype) = dtypes.of(param) else {
+            continue;
+        };
+        let needs = hypers[group].needs();
+        let mut bufs = [None, None, None];
+        for (i, slot) in bufs.iter_mut().enumerate() {
+            if needs[i] {
+                *slot = buffers[flat].get_item(i).ok().and_then(array);
+            }
+        }
+        let counter = kind
+            .counts_steps()
+            .then(|| array(steps[flat].clone()))
+            .flatten()
+            .map(|c| {
+                let wide = dtypes.of(&c) == Some(DType::F64);
+                (c, wide)
+            });
+        out.push(Stepped {
+            flat,
+            group,
+            dtype,
+            needs,
+            param,
+            bufs,
+            counter,
+        });
+    }
+    out
 }
 
 /// Updates every checked parameter with the GIL released; returns whether the update was

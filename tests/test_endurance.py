@@ -143,6 +143,13 @@ def _error_paths(opt, params, grads):
     nan[-1][-1] = np.nan
     original = optirs._core.step
     panicking = functools.partial(original, _panic_for_tests="validation")
+    original_plan_step = optirs._Plan.step
+
+    def panicking_plan_step(self, groups, grads, options):
+        # Steps after a good one go through the core's plan.
+        return original_plan_step(
+            self, groups, grads, {**options, "_panic_for_tests": "validation"}
+        )
 
     def once(panic):
         try:
@@ -153,12 +160,14 @@ def _error_paths(opt, params, grads):
         if not panic:
             return
         optirs._core.step = panicking
+        optirs._Plan.step = panicking_plan_step
         try:
             opt.step(grads[1])
         except RuntimeError:
             pass
         finally:
             optirs._core.step = original
+            optirs._Plan.step = original_plan_step
 
     return once
 

@@ -5,7 +5,8 @@ The core has a test-only trigger, ``optirs._core.step(..., _panic_for_tests=...)
 change), "worker" panics inside the work items (on the thread pool for large steps, on the
 calling thread for small ones). The tests route each optimizer's own call into the core through
 that trigger (``monkeypatch`` on ``optirs._core.step``, which both APIs look up at call time,
-and on the bridge's ``_Plan.step``, which calls the core's ``TorchPlan.step``),
+and on the NumPy API's and the bridge's ``_Plan.step``, which call the core's ``ArrayPlan.step``
+and ``TorchPlan.step``),
 for the NumPy API and the torch bridge (its first, state-creating step and its cached-plan
 steps), and check: RuntimeError mentioning "internal error", never pyo3's PanicException
 (a BaseException that ``except Exception`` would miss); for "validation" nothing changed and
@@ -46,15 +47,25 @@ def panic_at(monkeypatch):
     """``panic_at(where)`` makes every step panic there; ``panic_at(None)`` undoes it."""
     original = optirs._core.step
     original_plan_step = optirs.torch._Plan.step
+    original_array_plan_step = optirs._Plan.step
 
     def set_trigger(where):
         if where is None:
             monkeypatch.setattr(optirs._core, "step", original)
             monkeypatch.setattr(optirs.torch._Plan, "step", original_plan_step)
+            monkeypatch.setattr(optirs._Plan, "step", original_array_plan_step)
         else:
             monkeypatch.setattr(
                 optirs._core, "step", functools.partial(original, _panic_for_tests=where)
             )
+
+            # The NumPy API's steps after the first call the core through their plan.
+            def array_plan_step(self, groups, grads, options):
+                return original_array_plan_step(
+                    self, groups, grads, {**options, "_panic_for_tests": where}
+                )
+
+            monkeypatch.setattr(optirs._Plan, "step", array_plan_step)
 
             # The bridge's cached-plan steps call the core through their plan.
             def plan_step(self, opt):

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _core, _spec
 from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
-from ._plan import GroupsSnapshot
+from ._plan import GroupsSnapshot, StepOptions
 
 __version__: str = _core.__version__
 
@@ -168,7 +168,17 @@ class _Plan:
     changed since.
     """
 
-    __slots__ = ("buffers", "fresh", "groups", "missing", "params", "state", "steps", "version")
+    __slots__ = (
+        "buffers",
+        "core",
+        "fresh",
+        "groups",
+        "missing",
+        "params",
+        "state",
+        "steps",
+        "version",
+    )
 
     def __init__(self, opt: Optimizer, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
@@ -196,6 +206,18 @@ class _Plan:
                     self.buffers.append(tuple(map(entry.get, names)))
                     self.steps.append(entry.get("step"))
         self.fresh = [False] * len(self.params)
+        #: the core's plan of these lists (``_core.ArrayPlan``), made by the first full step
+        self.core: Any = None
+
+    def step(
+        self, groups: list[dict[str, Any]], grads: list[Any], options: StepOptions
+    ) -> bool | None:
+        """The core plan's step: whether it was applied, or None (nothing written) when the
+        full step must run, because there is no core plan yet or something it relies on
+        changed."""
+        if self.core is None:
+            return None
+        return self.core.step(groups, grads, **options)
 
     def fits(self, opt: Optimizer, groups: list[dict[str, Any]], grads: list[Any]) -> bool:
         """True when the lists still describe ``groups`` and the state, and no parameter
@@ -375,7 +397,7 @@ class Optimizer:
         if not applied:
             self.skipped_steps += 1
 
-    def _options(self) -> dict[str, bool]:
+    def _options(self) -> StepOptions:
         return {"skip_nonfinite": self.skip_nonfinite, "flush_denormals": self.flush_denormals}
 
     def _step(self, grads: Iterable[Any]) -> bool:
@@ -400,7 +422,13 @@ class Optimizer:
                 )
             if any(grads[i] is not None for i in plan.missing):
                 return self._step_creating_state(groups, plan, grads)
-        return _core.step(
+        options = self._options()
+        applied = plan.step(groups, grads, options)
+        if applied is not None:
+            return applied
+        # The full step: every array checked (and the precise error if one does not fit),
+        # and a plan that makes the next steps checks of what may have changed.
+        applied, plan.core = _core.step(
             spec.kind,
             groups,
             plan.params,
@@ -408,8 +436,10 @@ class Optimizer:
             plan.buffers,
             plan.steps,
             plan.fresh,
-            **self._options(),
+            plan=True,
+            **options,
         )
+        return applied
 
     def _step_creating_state(
         self, groups: list[dict[str, Any]], plan: _Plan, grads: list[Any]

@@ -1,10 +1,11 @@
 """Type stubs of the Rust extension ``optirs._core``. Keep in step with ``src/bindings.rs``."""
 
 from collections.abc import Sequence
-from typing import Any, final
+from typing import Any, Literal, final, overload
 
 __all__ = [
     "CHUNK_ELEMS",
+    "ArrayPlan",
     "TorchPlan",
     "__version__",
     "build_info",
@@ -21,6 +22,7 @@ __version__: str
 #: elements per work item a step is cut into (results do not depend on it)
 CHUNK_ELEMS: int
 
+@overload
 def step(
     kind: str,
     groups: Sequence[Any],
@@ -32,6 +34,7 @@ def step(
     *,
     skip_nonfinite: bool = False,
     flush_denormals: bool = False,
+    plan: Literal[False] = False,
     _panic_for_tests: str | None = None,
 ) -> bool:
     """Runs one optimizer step over every parameter of every group, in place.
@@ -44,10 +47,49 @@ def step(
     that parameter. Everything is validated before anything is written: TypeError or
     ValueError, naming the array, and nothing modified. Returns False, with nothing modified,
     when ``skip_nonfinite`` is set and a gradient holds NaN or infinity. ``flush_denormals``
-    flushes denormals to zero on every thread of the step, for its duration (x86-64).
+    flushes denormals to zero on every thread of the step, for its duration (x86-64). With
+    ``plan``, returns ``(applied, ArrayPlan)``: the plan of the steps after this one.
     ``_panic_for_tests`` ("validation" or "worker") makes the step panic, for tests: a panic
     surfaces as RuntimeError.
     """
+
+@overload
+def step(
+    kind: str,
+    groups: Sequence[Any],
+    params: list[Any],
+    grads: list[Any],
+    buffers: list[Any],
+    steps: list[Any],
+    fresh: list[bool],
+    *,
+    skip_nonfinite: bool = False,
+    flush_denormals: bool = False,
+    plan: Literal[True],
+    _panic_for_tests: str | None = None,
+) -> tuple[bool, ArrayPlan]: ...
+
+@final
+class ArrayPlan:
+    """The NumPy API's cached step, made by ``step(..., plan=True)`` from the arrays it checked.
+    Each later step re-reads every held array's header (memory, dtype, shape, flags) and checks
+    the new gradients and step counters in Rust, then steps; or returns None, having written
+    nothing, for the full step to run."""
+
+    def step(
+        self,
+        groups: Sequence[Any],
+        grads: list[Any],
+        *,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
+        _panic_for_tests: str | None = None,
+    ) -> bool | None:
+        """Steps every parameter whose gradient is not None; returns whether the update was
+        applied, or None when the full step must run (nothing written then)."""
+
+    def __len__(self) -> int:
+        """How many parameters the plan covers."""
 
 @final
 class TorchPlan:

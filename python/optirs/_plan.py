@@ -9,9 +9,16 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, TypedDict
 
 from ._spec import Spec
+
+
+class StepOptions(TypedDict):
+    """The opt-in behaviours every call into the core passes on."""
+
+    skip_nonfinite: bool
+    flush_denormals: bool
 
 
 class GroupsSnapshot:

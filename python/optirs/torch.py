@@ -32,7 +32,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _core, _spec
 from ._backward import StepInBackward, step_in_backward
-from ._plan import GroupsSnapshot
+from ._plan import GroupsSnapshot, StepOptions
 
 
 def register_functional_optimizers() -> dict[type[torch.optim.Optimizer], Any]:
@@ -95,7 +95,7 @@ class _Bridge:
         super().__setstate__(state)  # type: ignore[misc]
         self._after_init(False, False)
 
-    def _options(self) -> dict[str, bool]:
+    def _options(self) -> StepOptions:
         return {
             "skip_nonfinite": getattr(self, "skip_nonfinite", False),
             "flush_denormals": getattr(self, "flush_denormals", False),

@@ -92,13 +92,8 @@ impl<S: Storage> Lanes<S> for One {
     }
 }
 
-/// Largest lane count of any [`Lanes`] type (AVX-512's 16 `f32`): the size of the padded
-/// block the last few elements go through.
-const MAX_W: usize = 16;
-
 /// Runs `e` over every element of `param`, `grad` and `bufs` (all of one length): `L::W` at a
-/// time, then the rest as one padded block, so that every element is computed by the same
-/// instructions whatever its position.
+/// time, then the rest one at a time.
 ///
 /// `e` comes by value: a local copy of the scalars cannot be written through the arrays'
 /// pointers, so the compiler keeps them in registers and takes the rule's option branches out
@@ -120,7 +115,6 @@ pub unsafe fn stream<S, L, E, const B: usize>(
     L: Lanes<S>,
     E: Elementwise<S::Compute, B> + Copy,
 {
-    const { assert!(L::W <= MAX_W) };
     let n = param.len();
     assert!(grad.len() == n && bufs.iter().all(|b| b.len() == n));
     if L::W == 1 {
@@ -152,31 +146,11 @@ pub unsafe fn stream<S, L, E, const B: usize>(
         i += L::W;
     }
     if full < n {
-        // The last n - full (< W) elements, in a block padded with zeros; the padding's results
-        // are thrown away.
-        let r = n - full;
-        let zero = S::store(S::Compute::ZERO);
-        let mut p = [zero; MAX_W];
-        let mut g = [zero; MAX_W];
-        let mut b = [[zero; MAX_W]; B];
-        p[..r].copy_from_slice(&param[full..]);
-        g[..r].copy_from_slice(&grad[full..]);
-        for (bk, src) in b.iter_mut().zip(bufs.iter()) {
-            bk[..r].copy_from_slice(&src[full..]);
-        }
-        // SAFETY: each block holds MAX_W >= W elements.
-        unsafe {
-            step::<S, L, E, B>(
-                &e,
-                p.as_mut_ptr(),
-                g.as_ptr(),
-                std::array::from_fn(|k| b[k].as_mut_ptr()),
-            );
-        }
-        param[full..].copy_from_slice(&p[..r]);
-        for (dst, bk) in bufs.iter_mut().zip(b.iter()) {
-            dst[full..].copy_from_slice(&bk[..r]);
-        }
+        // The last n - full (< W) elements, one at a time: the same operations, so the same
+        // bits, as the vectors.
+        let tails: [&mut [S]; B] = bufs.map(|b| &mut b[full..]);
+        // SAFETY: plain code.
+        unsafe { stream::<S, One, E, B>(e, &mut param[full..], &grad[full..], tails) };
     }
 }
 

@@ -1,0 +1,278 @@
+//! The NumPy API's fast step: what a full step validated, kept for the steps after it.
+//!
+//! A full step (`_core.step(..., plan=True)`) checks every array of every parameter with a
+//! gradient, steps them, and returns an [`ArrayPlan`] holding those arrays and what it found:
+//! data pointers, dtype descriptors, shapes, and every byte range the step writes. Each later
+//! step goes through the plan: it re-reads each held array's header (same memory, dtype,
+//! shape, still contiguous, aligned and writeable: `ndarray.resize()` or a dtype or shape
+//! assignment changes them), checks each new gradient (an ndarray of the parameter's dtype
+//! and shape, contiguous, aligned, not overlapping anything written) and each step counter,
+//! then updates through the pointers. The checks read struct fields, with no Python calls.
+//!
+//! Anything unexpected makes the plan return `None` having written nothing; the NumPy API then
+//! runs the full step, which words the precise error or builds a new plan. What the plan does
+//! not see itself (parameters moved between groups, state entries replaced) the NumPy API
+//! checks before asking it (`optirs._Plan.fits`); the plan re-checks every pointer it uses
+//! either way, so a stale plan can fall back but never write where it should not.
+
+use numpy::npyffi::{
+    PyArrayObject, NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE,
+};
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::step::{self, Checked, DType, Dtypes, Hyper, Kind, Options, RuleMemo};
+
+/// Flags every array the step writes must keep.
+const WRITABLE: i32 = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE;
+/// Flags a gradient must have.
+const READABLE: i32 = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED;
+
+/// The dimensions of `a`, as its header holds them.
+fn dims(a: &Bound<'_, PyUntypedArray>) -> Vec<isize> {
+    // SAFETY: `a` is a live ndarray; its dimensions array holds `nd` entries.
+    unsafe {
+        let r = &(*a.as_array_ptr()).fields;
+        match usize::try_from(r.nd) {
+            Ok(nd) if nd > 0 => std::slice::from_raw_parts(r.dimensions, nd).to_vec(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The header of the ndarray at `raw`, as (data pointer, flags), when it has the shape `dims`.
+///
+/// # Safety
+/// `raw` points to a live ndarray.
+unsafe fn shaped(raw: *mut pyo3::ffi::PyObject, dims: &[isize]) -> Option<(usize, usize, i32)> {
+    unsafe {
+        let r = &(*raw.cast::<PyArrayObject>()).fields;
+        // Element by element: a slice comparison calls memcmp, which costs more than the
+        // one or two dimensions most parameters have.
+        let same = usize::try_from(r.nd).is_ok_and(|nd| nd == dims.len())
+            && dims
+                .iter()
+                .enumerate()
+                .all(|(i, &d)| *r.dimensions.add(i) == d);
+        same.then_some((r.data as usize, r.descr as usize, r.flags))
+    }
+}
+
+/// An array the plan writes through, with its data pointer and dtype descriptor when the full
+/// step checked it.
+struct Held {
+    array: Py<PyUntypedArray>,
+    data: usize,
+    descr: usize,
+}
+
+impl Held {
+    fn new(a: &Bound<'_, PyUntypedArray>) -> Held {
+        // SAFETY: `a` is a live ndarray; plain field reads.
+        let (data, descr) = unsafe {
+            let r = &(*a.as_array_ptr()).fields;
+            (r.data as usize, r.descr as usize)
+        };
+        Held {
+            array: a.clone().unbind(),
+            data,
+            descr,
+        }
+    }
+
+    /// True when the array still has its memory, dtype and the shape `dims`, and is still
+    /// contiguous, aligned and writeable. Field reads only.
+    fn unchanged(&self, dims: &[isize]) -> bool {
+        // SAFETY: the plan holds a reference to the array, so it is alive.
+        unsafe { shaped(self.array.as_ptr(), dims) }.is_some_and(|(data, descr, flags)| {
+            data == self.data && descr == self.descr && flags & WRITABLE == WRITABLE
+        })
+    }
+}
+
+/// One parameter as the full step checked it.
+struct Entry {
+    group: usize,
+    dtype: DType,
+    len: usize,
+    dims: Vec<isize>,
+    /// Which of the kind's buffers the group's options used.
+    needs: [bool; 3],
+    param: Held,
+    bufs: [Option<Held>; 3],
+    /// The step counter, and whether it is float64.
+    counter: Option<(Held, bool)>,
+}
+
+/// The NumPy API's cached step; see the module documentation.
+#[pyclass(module = "optirs._core", frozen)]
+pub struct ArrayPlan {
+    kind: Kind,
+    /// Per parameter, in param_groups order: what the full step checked, or None for a
+    /// parameter it did not step (no gradient then): a gradient for it sends the step back.
+    entries: Vec<Option<Entry>>,
+    /// Every byte range the step writes, sorted by start and disjoint.
+    written: Vec<(usize, usize)>,
+}
+
+/// What the full step hands over to build a plan: per stepped parameter, its flat index,
+/// group, dtype, the group's buffer needs, and its arrays.
+pub(crate) struct Stepped<'a, 'py> {
+    pub(crate) flat: usize,
+    pub(crate) group: usize,
+    pub(crate) dtype: DType,
+    pub(crate) needs: [bool; 3],
+    pub(crate) param: &'a Bound<'py, PyUntypedArray>,
+    pub(crate) bufs: [Option<Bound<'py, PyUntypedArray>>; 3],
+    pub(crate) counter: Option<(Bound<'py, PyUntypedArray>, bool)>,
+}
+
+impl ArrayPlan {
+    /// A plan of `n` parameters from what a full step validated, and the byte ranges it
+    /// writes (disjoint: the step's overlap check passed).
+    pub(crate) fn new(
+        kind: Kind,
+        n: usize,
+        stepped: Vec<Stepped<'_, '_>>,
+        mut written: Vec<(usize, usize)>,
+    ) -> ArrayPlan {
+        let mut entries: Vec<Option<Entry>> = (0..n).map(|_| None).collect();
+        for s in stepped {
+            entries[s.flat] = Some(Entry {
+                group: s.group,
+                dtype: s.dtype,
+                len: s.param.len(),
+                dims: dims(s.param),
+                needs: s.needs,
+                param: Held::new(s.param),
+                bufs: s.bufs.map(|b| b.as_ref().map(Held::new)),
+                counter: s.counter.map(|(c, wide)| (Held::new(&c), wide)),
+            });
+        }
+        written.sort_unstable();
+        ArrayPlan {
+            kind,
+            entries,
+            written,
+        }
+    }
+
+    /// The gradient's data pointer when `g` may be stepped with entry `e`: an ndarray of the
+    /// parameter's dtype and shape, contiguous and aligned, apart from all memory written.
+    fn grad_ptr(&self, e: &Entry, g: &Bound<'_, PyAny>, dtypes: &Dtypes<'_>) -> Option<usize> {
+        let g = g.cast::<PyUntypedArray>().ok()?;
+        // SAFETY: `g` is a live ndarray.
+        let (data, _, flags) = unsafe { shaped(g.as_ptr(), &e.dims) }?;
+        if flags & READABLE != READABLE || dtypes.of(g) != Some(e.dtype) {
+            return None;
+        }
+        let bytes = e.len * e.dtype.size();
+        if bytes > 0 && step::touches(&self.written, data, data + bytes) {
+            return None;
+        }
+        Some(data)
+    }
+
+    /// Checks everything; the work, or None when the full step must look.
+    fn check(&self, groups: &Bound<'_, PyAny>, grads: &Bound<'_, PyList>) -> Option<Vec<Checked>> {
+        let py = groups.py();
+        if grads.len() != self.entries.len() {
+            return None;
+        }
+        let n_groups = groups.len().ok()?;
+        let mut hypers = Vec::with_capacity(n_groups);
+        for gi in 0..n_groups {
+            hypers.push(Hyper::read(self.kind, &groups.get_item(gi).ok()?, gi).ok()?);
+        }
+        let dtypes = Dtypes::new(py);
+        let mut rules = RuleMemo::default();
+        let mut checked = Vec::with_capacity(self.entries.len());
+        for (e, g) in self.entries.iter().zip(grads.iter()) {
+            if g.is_none() {
+                continue;
+            }
+            let e = e.as_ref()?;
+            let hyper = hypers.get(e.group)?;
+            if hyper.needs() != e.needs || !e.param.unchanged(&e.dims) {
+                return None;
+            }
+            let mut bufs = [None; 3];
+            for (slot, b) in bufs.iter_mut().zip(&e.bufs) {
+                if let Some(b) = b {
+                    if !b.unchanged(&e.dims) {
+                        return None;
+                    }
+                    *slot = Some(b.data as *mut u8);
+                }
+            }
+            let grad = self.grad_ptr(e, &g, &dtypes)?;
+            let (counter, count) = match &e.counter {
+                Some((c, wide)) => {
+                    if !c.unchanged(&[]) {
+                        return None;
+                    }
+                    // SAFETY: the full step checked this counter (0-d, aligned, of this dtype,
+                    // apart from every other array written); its header is unchanged and the
+                    // plan holds the array.
+                    let (slot, old, new) = unsafe { step::counter_at(c.data as *mut u8, *wide) };
+                    if !(old.is_finite() && old >= 0.0) {
+                        return None;
+                    }
+                    (Some(slot), new)
+                }
+                None => (None, 0.0),
+            };
+            checked.push(Checked {
+                dtype: e.dtype,
+                len: e.len,
+                param: e.param.data as *mut u8,
+                grad: grad as *const u8,
+                bufs,
+                step: counter,
+                rule: rules.get(e.group, hyper, e.dtype, count, false),
+            });
+        }
+        Some(checked)
+    }
+}
+
+#[pymethods]
+impl ArrayPlan {
+    /// Steps every parameter whose gradient in `grads` is not None; returns whether the update
+    /// was applied, or None (nothing written) when the full step must run instead.
+    #[pyo3(signature = (
+        groups, grads, *, skip_nonfinite = false, flush_denormals = false,
+        _panic_for_tests = None
+    ))]
+    #[allow(clippy::used_underscore_binding)]
+    fn step(
+        &self,
+        groups: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyList>,
+        skip_nonfinite: bool,
+        flush_denormals: bool,
+        _panic_for_tests: Option<String>,
+    ) -> PyResult<Option<bool>> {
+        let py = groups.py();
+        let options = Options {
+            skip_nonfinite,
+            flush_denormals,
+            panic_for_tests: _panic_for_tests,
+        };
+        let checked = crate::bindings::catch_panics(|| Ok(self.check(groups, grads)))?;
+        let Some(checked) = checked else {
+            return Ok(None);
+        };
+        // The plan holds every array it writes; `grads` holds the gradients for the call.
+        let applied = crate::bindings::catch_panics(|| {
+            step::execute(py, checked, &options).map_err(PyErr::from)
+        })?;
+        Ok(Some(applied))
+    }
+
+    /// How many parameters the plan covers (for tests).
+    fn __len__(&self) -> usize {
+        self.entries.iter().filter(|e| e.is_some()).count()
+    }
+}
