@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the fused kernels: throughput in bytes of memory traffic per step,
 //! from cache-resident sizes to main memory, single-threaded, at the best SIMD level and at the
-//! baseline. `cargo bench --bench kernels` (or `make bench-rust`); `OPTIRS_BENCH_MAX=100000000`
+//! baseline; every rule in float32, and Adam in bfloat16 and float16. `cargo bench --bench kernels` (or `make bench-rust`); `OPTIRS_BENCH_MAX=100000000`
 //! adds the 10^8-element size.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -8,8 +8,8 @@ use optirs::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use optirs::kernels::adam::{AdamHyper, AdamScalars};
 use optirs::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
 use optirs::kernels::sgd::{SgdHyper, SgdScalars};
-use optirs::kernels::simd::{apply, SimdLevel};
-use optirs::kernels::{Rule, Slices};
+use optirs::kernels::simd::{apply, Element, SimdLevel};
+use optirs::kernels::{Rule, Slices, Storage};
 
 /// (name, rule, buffers used, bytes moved per element: reads + writes of 4-byte floats)
 fn rules() -> Vec<(&'static str, Rule<f32>, usize, u64)> {
@@ -76,15 +76,18 @@ fn sizes() -> Vec<usize> {
         .collect()
 }
 
+/// The baseline and the best level this CPU has.
+fn levels() -> Vec<SimdLevel> {
+    let best = SimdLevel::detect();
+    if best == SimdLevel::Baseline {
+        vec![best]
+    } else {
+        vec![SimdLevel::Baseline, best]
+    }
+}
+
 fn bench(c: &mut Criterion) {
-    let levels: Vec<SimdLevel> = {
-        let best = SimdLevel::detect();
-        if best == SimdLevel::Baseline {
-            vec![best]
-        } else {
-            vec![SimdLevel::Baseline, best]
-        }
-    };
+    let levels = levels();
     for (name, rule, nbufs, bytes) in rules() {
         let mut group = c.benchmark_group(name);
         for n in sizes() {
@@ -120,5 +123,44 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Adam over 16-bit storage (computed in float32): bytes moved per element are half float32's.
+fn bench_16_bit(c: &mut Criterion) {
+    fn run<S: Element + Storage<Compute = f32>>(
+        c: &mut Criterion,
+        name: &str,
+        to: fn(f32) -> S,
+        levels: &[SimdLevel],
+    ) {
+        let rule = Rule::Adam(AdamScalars::new(&AdamHyper::default(), 10.0));
+        let mut group = c.benchmark_group(name);
+        for n in sizes() {
+            if n >= 10_000_000 {
+                group.sample_size(10);
+            }
+            group.throughput(Throughput::Bytes(14 * n as u64));
+            let mut p = vec![to(0.5); n];
+            let g = vec![to(0.25); n];
+            let mut m = vec![to(0.1); n];
+            let mut v = vec![to(0.1); n];
+            for &level in levels {
+                group.bench_with_input(BenchmarkId::new(level.name(), n), &n, |b, _| {
+                    b.iter(|| {
+                        let s = Slices {
+                            param: &mut p,
+                            grad: &g,
+                            bufs: [Some(&mut m), Some(&mut v), None],
+                        };
+                        apply(level, &rule, s);
+                    });
+                });
+            }
+        }
+        group.finish();
+    }
+    let levels = levels();
+    run(c, "adam_bf16", half::bf16::from_f32, &levels);
+    run(c, "adam_f16", half::f16::from_f32, &levels);
+}
+
+criterion_group!(benches, bench, bench_16_bit);
 criterion_main!(benches);
