@@ -571,36 +571,21 @@ fn float16_conversions_match_half_on_every_bit_pattern() {
     }
 }
 
-/// Stores `xs` (a multiple of `L::W` values) as `S` with `L`'s vector conversion.
+/// Loads `src` as `A` and stores it into `out` as `B`, `W` elements at a time, with `L`'s vector
+/// conversions (`A` and `B` share `L`'s vector type); the lengths are multiples of `W`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn narrow_with<S, L>(xs: &[f32], out: &mut [S])
+unsafe fn through_lanes<A, B, L>(src: &[A], out: &mut [B])
 where
-    S: Storage<Compute = f32>,
-    L: super::lanes::Lanes<S> + super::lanes::Lanes<f32, V = <L as super::lanes::Lanes<S>>::V>,
+    A: Storage,
+    B: Storage,
+    L: super::lanes::Lanes<A> + super::lanes::Lanes<B, V = <L as super::lanes::Lanes<A>>::V>,
 {
-    let w = <L as super::lanes::Lanes<S>>::W;
-    for (x, o) in xs.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+    let w = <L as super::lanes::Lanes<A>>::W;
+    for (x, o) in src.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
         unsafe {
-            let v = <L as super::lanes::Lanes<f32>>::load(x.as_ptr());
-            <L as super::lanes::Lanes<S>>::store(o.as_mut_ptr(), v);
-        }
-    }
-}
-
-/// Loads `hs` (a multiple of `L::W` values) from `S` with `L`'s vector conversion.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn widen_with<S, L>(hs: &[S], out: &mut [f32])
-where
-    S: Storage<Compute = f32>,
-    L: super::lanes::Lanes<S> + super::lanes::Lanes<f32, V = <L as super::lanes::Lanes<S>>::V>,
-{
-    let w = <L as super::lanes::Lanes<S>>::W;
-    for (h, o) in hs.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
-        unsafe {
-            let v = <L as super::lanes::Lanes<S>>::load(h.as_ptr());
-            <L as super::lanes::Lanes<f32>>::store(o.as_mut_ptr(), v);
+            let v = <L as super::lanes::Lanes<A>>::load(x.as_ptr());
+            <L as super::lanes::Lanes<B>>::store(o.as_mut_ptr(), v);
         }
     }
 }
@@ -626,7 +611,7 @@ where
             .collect();
         let mut got = vec![S::store(0.0); xs.len()];
         // SAFETY: the caller checked that the CPU has AVX2 and F16C.
-        unsafe { narrow_with::<S, L>(&xs, &mut got) };
+        unsafe { through_lanes::<f32, S, L>(&xs, &mut got) };
         for (x, g) in xs.iter().zip(&got) {
             assert_eq!(
                 bits16(*g),
@@ -643,7 +628,7 @@ where
         .collect();
     let mut got = vec![0.0f32; hs.len()];
     // SAFETY: as above.
-    unsafe { widen_with::<S, L>(&hs, &mut got) };
+    unsafe { through_lanes::<S, f32, L>(&hs, &mut got) };
     for (h, g) in hs.iter().zip(&got) {
         assert_eq!(
             g.to_bits(),
