@@ -116,14 +116,15 @@ pub struct ArrayPlan {
     written: Vec<(usize, usize)>,
 }
 
-/// What the full step hands over to build a plan: per stepped parameter, its flat index,
-/// group, dtype, the group's buffer needs, and its arrays.
-pub(crate) struct Stepped<'a, 'py> {
+/// What the full step hands over to build a plan, per parameter it stepped: its flat index,
+/// group, dtype, the group's buffer needs, and the arrays it checked (the buffers the needs
+/// name, and the step counter with whether it is float64).
+pub(crate) struct Stepped<'py> {
     pub(crate) flat: usize,
     pub(crate) group: usize,
     pub(crate) dtype: DType,
     pub(crate) needs: [bool; 3],
-    pub(crate) param: &'a Bound<'py, PyUntypedArray>,
+    pub(crate) param: Bound<'py, PyUntypedArray>,
     pub(crate) bufs: [Option<Bound<'py, PyUntypedArray>>; 3],
     pub(crate) counter: Option<(Bound<'py, PyUntypedArray>, bool)>,
 }
@@ -134,7 +135,7 @@ impl ArrayPlan {
     pub(crate) fn new(
         kind: Kind,
         n: usize,
-        stepped: Vec<Stepped<'_, '_>>,
+        stepped: Vec<Stepped<'_>>,
         mut written: Vec<(usize, usize)>,
     ) -> ArrayPlan {
         let mut entries: Vec<Option<Entry>> = (0..n).map(|_| None).collect();
@@ -143,9 +144,9 @@ impl ArrayPlan {
                 group: s.group,
                 dtype: s.dtype,
                 len: s.param.len(),
-                dims: dims(s.param),
+                dims: dims(&s.param),
                 needs: s.needs,
-                param: Held::new(s.param),
+                param: Held::new(&s.param),
                 bufs: s.bufs.map(|b| b.as_ref().map(Held::new)),
                 counter: s.counter.map(|(c, wide)| (Held::new(&c), wide)),
             });
@@ -260,15 +261,9 @@ impl ArrayPlan {
             flush_denormals,
             panic_for_tests: _panic_for_tests,
         };
-        let checked = crate::bindings::catch_panics(|| Ok(self.check(groups, grads)))?;
-        let Some(checked) = checked else {
-            return Ok(None);
-        };
         // The plan holds every array it writes; `grads` holds the gradients for the call.
-        let applied = crate::bindings::catch_panics(|| {
-            step::execute(py, checked, &options).map_err(PyErr::from)
-        })?;
-        Ok(Some(applied))
+        let applied = step::planned(py, &options, || Some((self.check(groups, grads)?, ())))?;
+        Ok(applied.map(|(applied, ())| applied))
     }
 
     /// How many parameters the plan covers (for tests).

@@ -552,15 +552,18 @@ impl CounterSlot<'_> {
 
 /// Validates one parameter that has a gradient: its own array, the gradient, the state buffers
 /// its group's options use and its step counter; records their memory for the overlap check.
-fn check_param(
+///
+/// With `plan`, also hands over the arrays it checked, for a plan of the steps to come.
+fn check_param<'py>(
     kind: Kind,
     hyper: &Hyper,
     rules: &mut RuleMemo,
     at: Where,
     dtypes: &Dtypes<'_>,
-    objs: [&Bound<'_, PyAny>; 4],
+    objs: [&Bound<'py, PyAny>; 4],
     fresh: bool,
     spans: &mut Vec<Span>,
+    plan: Option<&mut Vec<Stepped<'py>>>,
 ) -> Result<Checked, StepError> {
     let [param, grad, buffers, step] = objs;
     let group = at.group;
@@ -598,6 +601,7 @@ fn check_param(
     let tuple = buffers.cast::<PyTuple>().ok();
 
     let mut bufs = [None, None, None];
+    let mut held = [None, None, None];
     for (i, (name, need)) in kind.buffer_names().iter().zip(hyper.needs()).enumerate() {
         if !need {
             continue;
@@ -614,9 +618,10 @@ fn check_param(
         }
         add(arr, dtype, true, Role::State(name));
         bufs[i] = Some(data_ptr(arr));
+        held[i] = plan.is_some().then(|| arr.clone());
     }
 
-    let (step, count) = if kind.counts_steps() {
+    let (step, count, counter_held) = if kind.counts_steps() {
         let what = || at.state("step");
         if step.is_none() {
             return value_err!("{} is missing", what());
@@ -624,10 +629,22 @@ fn check_param(
         let s = as_array(step, &what)?;
         let counter = check_counter(s, dtypes, &what)?;
         add(s, counter.2, true, Role::State("step"));
-        (Some(counter.0), counter.1)
+        let wide = counter.2 == DType::F64;
+        (Some(counter.0), counter.1, Some((s.clone(), wide)))
     } else {
-        (None, 0.0)
+        (None, 0.0, None)
     };
+    if let Some(plan) = plan {
+        plan.push(Stepped {
+            flat: at.flat,
+            group,
+            dtype,
+            needs: hyper.needs(),
+            param: param.clone(),
+            bufs: held,
+            counter: counter_held,
+        });
+    }
     let rule = rules.get(group, hyper, dtype, count, fresh);
     Ok(Checked {
         dtype,
@@ -872,6 +889,7 @@ pub fn run(
     let mut rules = RuleMemo::default();
     let mut checked = Vec::with_capacity(n);
     let mut spans = Vec::with_capacity(n * 3);
+    let mut stepped = Vec::with_capacity(if plan { n } else { 0 });
     for (flat, grad) in grads.iter().enumerate() {
         if grad.is_none() {
             continue;
@@ -887,6 +905,7 @@ pub fn run(
             [&params[flat], grad, &buffers[flat], &steps[flat]],
             fresh.get(flat).copied().unwrap_or(false),
             &mut spans,
+            plan.then_some(&mut stepped),
         )?);
     }
     check_overlaps_reusing(&spans)?;
@@ -896,69 +915,27 @@ pub fn run(
             .filter(|s| s.writes)
             .map(|s| (s.start, s.end))
             .collect();
-        ArrayPlan::new(
-            kind,
-            n,
-            stepped(
-                kind, &hypers, &group_of, &dtypes, &params, &grads, &buffers, &steps,
-            ),
-            written,
-        )
+        ArrayPlan::new(kind, n, stepped, written)
     });
     // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
     Ok((execute(py, checked, options)?, plan))
 }
 
-/// The arrays of every parameter `run` validated, for a plan of the steps to come.
-fn stepped<'a, 'py>(
-    kind: Kind,
-    hypers: &[Hyper],
-    group_of: &[(usize, usize)],
-    dtypes: &Dtypes<'py>,
-    params: &'a [Bound<'py, PyAny>],
-    grads: &[Bound<'py, PyAny>],
-    buffers: &[Bound<'py, PyAny>],
-    steps: &[Bound<'py, PyAny>],
-) -> Vec<Stepped<'a, 'py>> {
-    let array = |o: Bound<'py, PyAny>| o.cast_into::<PyUntypedArray>().ok();
-    let mut out = Vec::with_capacity(params.len());
-    for (flat, grad) in grads.iter().enumerate() {
-        if grad.is_none() {
-            continue;
-        }
-        // Validated by check_param: these are arrays of known dtypes.
-        let (Ok(param), group) = (params[flat].cast::<PyUntypedArray>(), group_of[flat].0) else {
-            continue;
-        };
-        let Some(dtype) = dtypes.of(param) else {
-            continue;
-        };
-        let needs = hypers[group].needs();
-        let mut bufs = [None, None, None];
-        for (i, slot) in bufs.iter_mut().enumerate() {
-            if needs[i] {
-                *slot = buffers[flat].get_item(i).ok().and_then(array);
-            }
-        }
-        let counter = kind
-            .counts_steps()
-            .then(|| array(steps[flat].clone()))
-            .flatten()
-            .map(|c| {
-                let wide = dtypes.of(&c) == Some(DType::F64);
-                (c, wide)
-            });
-        out.push(Stepped {
-            flat,
-            group,
-            dtype,
-            needs,
-            param,
-            bufs,
-            counter,
-        });
-    }
-    out
+/// A cached plan's step (the NumPy API's and the bridge's): `check` gives the work and what
+/// must stay alive while it runs, or None when the full step must run instead (nothing
+/// written then); the work then runs as [`execute`] does. Panics in either surface as
+/// `RuntimeError`.
+pub(crate) fn planned<T>(
+    py: Python<'_>,
+    options: &Options,
+    check: impl FnOnce() -> Option<(Vec<Checked>, T)>,
+) -> PyResult<Option<(bool, T)>> {
+    let Some((checked, keep)) = crate::bindings::catch_panics(|| Ok(check()))? else {
+        return Ok(None);
+    };
+    let applied =
+        crate::bindings::catch_panics(|| execute(py, checked, options).map_err(PyErr::from))?;
+    Ok(Some((applied, keep)))
 }
 
 /// Updates every checked parameter with the GIL released; returns whether the update was

@@ -372,14 +372,14 @@ impl TorchPlan {
         };
         // An error while checking (a tensor that refuses `data_ptr()`, a group with a bad
         // value) is the full path's to report, with its own words: fall back to it.
-        let checked = crate::bindings::catch_panics(|| Ok(self.check(groups, state).ok()))?;
-        let Some(Some((checked, written, grads))) = checked else {
+        // `written` (and the plan's storages) and `grads` hold every tensor stepped alive.
+        let done = step::planned(py, &options, || {
+            let (checked, written, grads) = self.check(groups, state).ok()??;
+            Some((checked, (written, grads)))
+        })?;
+        let Some((applied, (written, grads))) = done else {
             return Ok(None);
         };
-        // `written` (and the plan's storages) and `grads` hold every tensor stepped alive.
-        let applied = crate::bindings::catch_panics(|| {
-            step::execute(py, checked, &options).map_err(PyErr::from)
-        })?;
         drop(grads);
         if applied && !written.is_empty() {
             // The core wrote behind autograd's back: bump the version counters as torch's

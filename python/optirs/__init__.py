@@ -207,7 +207,7 @@ class _Plan:
                     self.steps.append(entry.get("step"))
         self.fresh = [False] * len(self.params)
         #: the core's plan of these lists (``_core.ArrayPlan``), made by the first full step
-        self.core: Any = None
+        self.core: _core.ArrayPlan | None = None
 
     def step(
         self, groups: list[dict[str, Any]], grads: list[Any], options: StepOptions

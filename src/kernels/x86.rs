@@ -28,8 +28,9 @@ use half::{bf16, f16};
 
 /// A vector newtype with its arithmetic, one intrinsic per operation.
 ///
-/// Safety of the operator impls: these types are only created by the `Lanes` impls below,
-/// whose callers guarantee that the CPU has the instruction set (see `lanes::stream`).
+/// Safety of the operator impls: this module is private to the kernels, which use these types
+/// only inside element loops run with the `Lanes` impls below, whose callers guarantee that the
+/// CPU has the instruction set (see `lanes::stream`).
 macro_rules! vector {
     (
         $name:ident($raw:ty, $t:ty),
