@@ -6,6 +6,7 @@ pub mod kernels;
 
 mod array_plan;
 mod bindings;
+mod dlpack;
 mod errors;
 mod fpenv;
 mod pool;

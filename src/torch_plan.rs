@@ -24,6 +24,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use pyo3::{intern, BoundObject};
 
+use crate::dlpack::{DlDataType, Exchange, Layout};
 use crate::step::{self, Checked, DType, Hyper, Kind, Options, RuleMemo};
 
 /// Hashes a pointer-sized key by one multiplication: the keys are object addresses.
@@ -62,6 +63,9 @@ struct Entry {
     keys: Vec<Py<PyString>>,
     items: Vec<Py<PyAny>>,
     item_ptrs: Vec<usize>,
+    /// With DLPack's exchange API: the parameter's and the items' full layouts, which each
+    /// step compares whole (one C call per tensor) instead of calling `data_ptr()`.
+    layouts: Vec<Layout>,
     /// The kernels' state buffers (in `Kind::buffer_names` order) and the step counter.
     bufs: [Option<usize>; 3],
     counter: Option<(usize, bool)>,
@@ -83,6 +87,14 @@ pub struct TorchPlan {
     tensor_type: Py<PyAny>,
     strided: Py<PyAny>,
     increment_version: Py<PyAny>,
+    /// Every parameter and state tensor of `entries`, for `increment_version` after a step
+    /// that stepped them all (the usual case), instead of a new list each step.
+    all_written: Py<PyList>,
+    /// How many entries are `Ok`.
+    covered: usize,
+    /// torch's DLPack exchange API, when it has one (torch 2.10 and later) and it agreed with
+    /// `data_ptr()` on every tensor of the plan when the plan was built.
+    exchange: Option<Exchange>,
 }
 
 fn data_ptr(t: &Bound<'_, PyAny>) -> PyResult<usize> {
@@ -106,6 +118,7 @@ impl TorchPlan {
         kind: Kind,
         t: &Bound<'_, PyTuple>,
         spans: &mut Vec<(usize, usize)>,
+        exchange: &mut Option<Exchange>,
     ) -> PyResult<Entry> {
         let py = t.py();
         let p = t.get_item(1)?;
@@ -143,6 +156,35 @@ impl TorchPlan {
             *slot = ptr_of(name);
         }
         let counter = ptr_of("step").map(|ptr| (ptr, wide));
+        let layouts = match exchange {
+            Some(ex) => {
+                let want = DlDataType::of(dtype);
+                let mut layouts = Vec::with_capacity(1 + items.len());
+                let agree = std::iter::once((p.clone(), param_ptr))
+                    .chain(items.iter().zip(item_ptrs.iter().copied()))
+                    .all(|(tensor, ptr)| {
+                        ex.describe(&tensor, |v| {
+                            layouts.push(v.to_owned());
+                            v.ptr == ptr
+                        }) == Some(true)
+                    });
+                // The protocol speaks for instances of the type the capsule came from; a
+                // subclass (nn.Parameter) inherits the capsule unless it brings its own.
+                let own = p
+                    .get_type()
+                    .getattr(intern!(py, "__dlpack_c_exchange_api__"))
+                    .is_ok_and(|c| c.is(ex.capsule(py)));
+                if own && agree && layouts[0].dtype == want {
+                    layouts
+                } else {
+                    // Not the API this code was written against: every step of this plan
+                    // asks torch's Python methods instead.
+                    *exchange = None;
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        };
         Ok(Entry {
             group: t.get_item(0)?.extract()?,
             dtype,
@@ -161,6 +203,7 @@ impl TorchPlan {
                 .collect(),
             items: items.iter().map(BoundObject::unbind).collect(),
             item_ptrs,
+            layouts,
             bufs,
             counter,
             _storages: t.get_item(8)?.unbind(),
@@ -173,20 +216,40 @@ impl TorchPlan {
     /// over aligned memory the step does not write. Returns its data pointer.
     fn grad_ptr(&self, e: &Entry, g: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
         let py = g.py();
+        // Neither the layout nor the negation bit is in a DLTensor.
         let ok = g.get_type().is(self.tensor_type.bind(py))
-            && g.getattr(intern!(py, "is_cpu"))?.is_truthy()?
             && g.getattr(intern!(py, "layout"))?.is(self.strided.bind(py))
-            && g.getattr(intern!(py, "dtype"))?.is(e.dtype_obj.bind(py))
-            && !g.call_method0(intern!(py, "is_neg"))?.is_truthy()?
-            && g.getattr(intern!(py, "shape"))?.eq(e.shape.bind(py))?
-            && match &e.strides {
-                None => g.call_method0(intern!(py, "is_contiguous"))?.is_truthy()?,
-                Some(s) => g.call_method0(intern!(py, "stride"))?.eq(s.bind(py))?,
-            };
+            && !g.call_method0(intern!(py, "is_neg"))?.is_truthy()?;
         if !ok {
             return Ok(None);
         }
-        let ptr = data_ptr(g)?;
+        let ptr = if let Some(ex) = &self.exchange {
+            let p = &e.layouts[0];
+            let fits = ex.describe(g, |v| {
+                let geometry = v.shape == &p.shape[..]
+                    && match e.strides {
+                        None => v.is_contiguous(),
+                        Some(_) => v.strides == &p.strides[..],
+                    };
+                (v.dtype == p.dtype && geometry).then_some(v.ptr)
+            });
+            let Some(ptr) = fits.flatten() else {
+                return Ok(None);
+            };
+            ptr
+        } else {
+            let ok = g.getattr(intern!(py, "is_cpu"))?.is_truthy()?
+                && g.getattr(intern!(py, "dtype"))?.is(e.dtype_obj.bind(py))
+                && g.getattr(intern!(py, "shape"))?.eq(e.shape.bind(py))?
+                && match &e.strides {
+                    None => g.call_method0(intern!(py, "is_contiguous"))?.is_truthy()?,
+                    Some(s) => g.call_method0(intern!(py, "stride"))?.eq(s.bind(py))?,
+                };
+            if !ok {
+                return Ok(None);
+            }
+            data_ptr(g)?
+        };
         let bytes = e.len * e.dtype.size();
         if bytes == 0 {
             return Ok(Some(ptr));
@@ -200,13 +263,24 @@ impl TorchPlan {
         Ok(Some(ptr))
     }
 
+    /// Whether `t` still points where the full step saw it (`layout`: as it was then, whole,
+    /// when the exchange API is in use).
+    fn unmoved(&self, t: &Bound<'_, PyAny>, ptr: usize, layout: Option<&Layout>) -> PyResult<bool> {
+        Ok(match (&self.exchange, layout) {
+            (Some(ex), Some(was)) => {
+                ex.describe(t, |v| v.ptr == was.ptr && v.same_kind(was)) == Some(true)
+            }
+            _ => data_ptr(t)? == ptr,
+        })
+    }
+
     /// Checks everything and returns the work, or None when the full path must look.
     #[allow(clippy::type_complexity)]
     fn check<'py>(
         &self,
         groups: &Bound<'py, PyAny>,
         state: &Bound<'py, PyAny>,
-    ) -> Result<Option<(Vec<Checked>, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>)>, PyErr> {
+    ) -> Result<Option<(Vec<Checked>, Vec<usize>, Vec<Bound<'py, PyAny>>)>, PyErr> {
         let py = groups.py();
         let n_groups = groups.len()?;
         let mut hypers = Vec::with_capacity(n_groups);
@@ -227,7 +301,7 @@ impl TorchPlan {
 
         let mut rules = RuleMemo::default();
         let mut checked = Vec::with_capacity(self.entries.len());
-        let mut written = Vec::new();
+        let mut stepped = Vec::with_capacity(self.entries.len());
         let mut grads = Vec::with_capacity(self.entries.len());
         for (k, e) in self.entries.iter().enumerate() {
             let e = match e {
@@ -244,14 +318,16 @@ impl TorchPlan {
             if g.is_none() {
                 continue;
             }
-            if data_ptr(p)? != e.param_ptr {
+            if !self.unmoved(p, e.param_ptr, e.layouts.first())? {
                 return Ok(None);
             }
             let entry = entry_of[k].as_ref().and_then(|v| v.cast::<PyDict>().ok());
             if entry.is_none() && !e.keys.is_empty() {
                 return Ok(None);
             }
-            for ((key, item), &ptr) in e.keys.iter().zip(&e.items).zip(&e.item_ptrs) {
+            for (i, ((key, item), &ptr)) in
+                e.keys.iter().zip(&e.items).zip(&e.item_ptrs).enumerate()
+            {
                 let Some(entry) = entry else {
                     return Ok(None);
                 };
@@ -260,7 +336,7 @@ impl TorchPlan {
                     Some(v) if v.is(item) => {}
                     _ => return Ok(None),
                 }
-                if data_ptr(item)? != ptr {
+                if !self.unmoved(item, ptr, e.layouts.get(i + 1))? {
                     return Ok(None);
                 }
             }
@@ -292,11 +368,10 @@ impl TorchPlan {
                 step: counter,
                 rule: rules.get(e.group, hyper, e.dtype, count, false),
             });
-            written.push(p.clone());
-            written.extend(e.items.iter().map(|t| t.bind(py).clone()));
+            stepped.push(k);
             grads.push(g);
         }
-        Ok(Some((checked, written, grads)))
+        Ok(Some((checked, stepped, grads)))
     }
 }
 
@@ -308,23 +383,28 @@ impl TorchPlan {
     /// full step did not step it, else `(group, p, dtype_name, numel, strides_or_None, keys,
     /// items, counter_is_f64, storages)`: `items` are the state tensors the step uses, under
     /// the names in `keys` (buffers and "step"). `tensor_type` is `torch.Tensor`, `strided` is
-    /// `torch.strided`, and `increment_version` is autograd's.
+    /// `torch.strided`, and `increment_version` is autograd's. `exchange_api` is
+    /// `torch.Tensor.__dlpack_c_exchange_api__` where torch has it: the plan then reads each
+    /// tensor's layout in one C call.
     #[new]
+    #[pyo3(signature = (kind, entries, tensor_type, strided, increment_version, exchange_api = None))]
     fn new(
         kind: &str,
         entries: &Bound<'_, PyList>,
         tensor_type: Bound<'_, PyAny>,
         strided: Bound<'_, PyAny>,
         increment_version: Bound<'_, PyAny>,
+        exchange_api: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<TorchPlan> {
         let kind = Kind::parse(kind)?;
+        let mut exchange = exchange_api.and_then(Exchange::from_capsule);
         let mut spans = Vec::new();
         let mut list = Vec::with_capacity(entries.len());
         let mut index = HashMap::default();
         for (k, item) in entries.iter().enumerate() {
             match item.cast::<PyTuple>() {
                 Ok(t) => {
-                    let e = TorchPlan::entry(kind, t, &mut spans)?;
+                    let e = TorchPlan::entry(kind, t, &mut spans, &mut exchange)?;
                     index.insert(e.p.as_ptr() as usize, k);
                     list.push(Ok(e));
                 }
@@ -338,14 +418,24 @@ impl TorchPlan {
                 "TorchPlan: the tensors it would write overlap",
             ));
         }
+        let all_written = PyList::empty(entries.py());
+        for e in list.iter().filter_map(|e| e.as_ref().ok()) {
+            all_written.append(e.p.bind(entries.py()))?;
+            for t in &e.items {
+                all_written.append(t.bind(entries.py()))?;
+            }
+        }
         Ok(TorchPlan {
             kind,
+            all_written: all_written.unbind(),
+            covered: list.iter().filter(|e| e.is_ok()).count(),
             entries: list,
             index,
             written: spans,
             tensor_type: tensor_type.unbind(),
             strided: strided.unbind(),
             increment_version: increment_version.unbind(),
+            exchange,
         })
     }
 
@@ -372,27 +462,47 @@ impl TorchPlan {
         };
         // An error while checking (a tensor that refuses `data_ptr()`, a group with a bad
         // value) is the full path's to report, with its own words: fall back to it.
-        // `written` (and the plan's storages) and `grads` hold every tensor stepped alive.
+        // The plan's entries (and storages) and `grads` hold every tensor stepped alive.
         let done = step::planned(py, &options, || {
-            let (checked, written, grads) = self.check(groups, state).ok()??;
-            Some((checked, (written, grads)))
+            let (checked, stepped, grads) = self.check(groups, state).ok()??;
+            Some((checked, (stepped, grads)))
         })?;
-        let Some((applied, (written, grads))) = done else {
+        let Some((applied, (stepped, grads))) = done else {
             return Ok(None);
         };
         drop(grads);
-        if applied && !written.is_empty() {
+        if applied && !stepped.is_empty() {
             // The core wrote behind autograd's back: bump the version counters as torch's
             // in-place ops would, so a graph that saved an old value refuses to use it.
-            self.increment_version
-                .bind(py)
-                .call1((PyList::new(py, written)?,))?;
+            let bump = self.increment_version.bind(py);
+            if stepped.len() == self.covered {
+                bump.call1((self.all_written.bind(py),))?;
+            } else {
+                let written = PyList::empty(py);
+                for e in stepped
+                    .iter()
+                    .filter_map(|&k| self.entries[k].as_ref().ok())
+                {
+                    written.append(e.p.bind(py))?;
+                    for t in &e.items {
+                        written.append(t.bind(py))?;
+                    }
+                }
+                bump.call1((written,))?;
+            }
         }
         Ok(Some(applied))
     }
 
+    /// Whether each step reads the tensors' layouts through torch's DLPack exchange API (else
+    /// through their Python methods).
+    #[getter]
+    fn uses_exchange_api(&self) -> bool {
+        self.exchange.is_some()
+    }
+
     /// How many parameters the plan covers (for tests).
     fn __len__(&self) -> usize {
-        self.entries.iter().filter(|e| e.is_ok()).count()
+        self.covered
     }
 }

@@ -16,6 +16,15 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(autouse=True, params=["exchange", "methods"])
+def probe(request, monkeypatch):
+    """Every test runs with the plan reading layouts through torch's DLPack exchange API and,
+    as on a torch without one, through the tensors' Python methods."""
+    if request.param == "methods":
+        monkeypatch.setattr(optirs.torch, "_EXCHANGE_API", None)
+    return request.param
+
+
 def _pair(name="Adam", **kwargs):
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(n, generator=g) for n in (5, 33)]
@@ -116,7 +125,7 @@ def test_option_changing_the_state_layout_mid_run_is_refused_like_torch():
     assert all("max_exp_avg_sq" not in opt.state[p] for p in ours)
 
 
-def test_later_steps_go_through_the_plan():
+def test_later_steps_go_through_the_plan(probe):
     """The fast path is taken with a new gradient tensor every step (``zero_grad``'s default):
     one call into the core per step, and no full step after the first."""
     ours, theirs, opt, ref = _pair()
@@ -135,6 +144,8 @@ def test_later_steps_go_through_the_plan():
         optirs.torch._core.step = core_step
     assert full_steps == ["adam"]
     assert len(opt._optirs_plan.core) == 2
+    # the pinned torch (requirements-dev.txt) has the exchange API: it must be in use
+    assert opt._optirs_plan.core.uses_exchange_api == (probe == "exchange")
     _assert_same(ours, theirs, opt, ref)
 
 
@@ -281,4 +292,69 @@ def test_a_plan_that_cannot_be_built_does_not_fail_the_step(monkeypatch):
     for seed in range(1, 4):
         _step(ours, theirs, opt, ref, seed)
         assert opt._optirs_plan is None
+    _assert_same(ours, theirs, opt, ref)
+
+
+def _full_steps_counted(monkeypatch):
+    calls = []
+    core_step = optirs.torch._core.step
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return core_step(*args, **kwargs)
+
+    monkeypatch.setattr(optirs.torch._core, "step", counting)
+    return calls
+
+
+@pytest.mark.parametrize("probe", ["exchange"], indirect=True)
+@pytest.mark.parametrize("where", ["param", "state"])
+def test_same_memory_in_a_new_shape_is_seen(where):
+    """``t.data = t.data[:3]`` keeps the data pointer but not the tensor: through the exchange
+    API the plan compares each tensor's whole layout, so the full step looks and reports it."""
+    ours, theirs, opt, ref = _pair()
+    _step(ours, theirs, opt, ref, 1)
+    before = [t.detach().clone() for t in ours]
+    state_before = copy.deepcopy(opt.state_dict())
+    t = ours[1] if where == "param" else opt.state[ours[1]]["exp_avg"]
+    ptr = t.data_ptr()
+    t.data = t.data[:3]
+    assert t.data_ptr() == ptr
+    shapes = r"shape \[3\], expected \[33\]|shape \[33\], expected \[3\]"
+    with pytest.raises(ValueError, match=shapes):
+        opt.step()
+    assert all(torch.equal(a[:3], b.detach()[:3]) for a, b in zip(before, ours))
+    if where == "param":
+        _assert_state_unchanged(state_before, opt)
+
+
+@pytest.mark.parametrize("probe", ["exchange"], indirect=True)
+def test_no_exchange_api_where_the_capsule_is_not_one(monkeypatch):
+    """Anything but a DLPack exchange API capsule leaves the plan on the Python methods."""
+    monkeypatch.setattr(optirs.torch, "_EXCHANGE_API", object())
+    ours, theirs, opt, ref = _pair()
+    for seed in range(1, 4):
+        _step(ours, theirs, opt, ref, seed)
+    assert not opt._optirs_plan.core.uses_exchange_api
+    _assert_same(ours, theirs, opt, ref)
+
+
+@pytest.mark.parametrize("probe", ["exchange"], indirect=True)
+def test_no_exchange_api_for_a_parameter_type_with_its_own(monkeypatch):
+    """The protocol speaks for instances of the type the capsule was found on: a parameter
+    subclass that publishes another capsule is read through its Python methods."""
+
+    class Other(nn.Parameter):
+        __dlpack_c_exchange_api__ = object()
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(7, generator=g)
+    ours, theirs = [Other(data.clone())], [nn.Parameter(data.clone())]
+    opt = optirs.torch.Adam(ours, lr=0.1)
+    ref = torch.optim.Adam(theirs, lr=0.1, foreach=False)
+    full = _full_steps_counted(monkeypatch)
+    for seed in range(1, 4):
+        _step(ours, theirs, opt, ref, seed)
+    assert full == ["adam"]
+    assert not opt._optirs_plan.core.uses_exchange_api
     _assert_same(ours, theirs, opt, ref)

@@ -104,12 +104,14 @@ class TorchPlan:
         tensor_type: type,
         strided: Any,
         increment_version: Any,
+        exchange_api: Any = None,
     ) -> TorchPlan:
         """``entries``: per parameter in param_groups order, the parameter itself (not stepped
         by the full step) or ``(group, p, dtype_name, numel, strides_or_None, keys, items,
         counter_is_f64, storages)``, ``items`` being the state tensors under ``keys``;
         ``tensor_type`` is ``torch.Tensor``, ``strided`` is ``torch.strided``,
-        ``increment_version`` is autograd's."""
+        ``increment_version`` is autograd's; ``exchange_api`` is torch's DLPack exchange API
+        capsule (``torch.Tensor.__dlpack_c_exchange_api__``), read through when given."""
 
     def step(
         self,
@@ -122,6 +124,10 @@ class TorchPlan:
     ) -> bool | None:
         """Steps every parameter that has a gradient; returns whether the update was applied,
         or None when something changed since the plan was built (nothing written then)."""
+
+    @property
+    def uses_exchange_api(self) -> bool:
+        """Whether steps read the tensors' layouts through torch's DLPack exchange API."""
 
     def __len__(self) -> int:
         """How many parameters the plan covers."""

@@ -57,6 +57,10 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# DLPack's C exchange API (torch 2.10 and later): the plan reads a tensor's data pointer, dtype,
+# shape and strides through it in one C call instead of several Python calls. None on older
+# torch, where the plan asks the tensors' Python methods.
+_EXCHANGE_API = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
 
 
 def _refuse(name: str, **options: bool) -> None:
@@ -364,7 +368,12 @@ class _Plan:
                     )
                 )
         self.core = _core.TorchPlan(
-            spec.kind, entries, torch.Tensor, torch.strided, increment_version
+            spec.kind,
+            entries,
+            torch.Tensor,
+            torch.strided,
+            increment_version,
+            _EXCHANGE_API,
         )
 
     def fits(self, opt: _Bridge, groups: list[dict[str, Any]]) -> bool:
