@@ -53,6 +53,47 @@ impl<T: Float> Arith<T> for T {
     }
 }
 
+/// Two values operated on side by side: twice the lanes per step of the loop, in two
+/// independent dependency chains.
+#[derive(Clone, Copy)]
+pub struct Pair<V>(pub V, pub V);
+
+macro_rules! pair_op {
+    ($($tr:ident $f:ident),*) => {$(
+        impl<V: $tr<Output = V>> $tr for Pair<V> {
+            type Output = Self;
+            #[inline(always)]
+            fn $f(self, o: Self) -> Self {
+                Pair(self.0.$f(o.0), self.1.$f(o.1))
+            }
+        }
+    )*};
+}
+pair_op!(Add add, Sub sub, Mul mul, Div div);
+
+impl<V: Neg<Output = V>> Neg for Pair<V> {
+    type Output = Self;
+    #[inline(always)]
+    fn neg(self) -> Self {
+        Pair(-self.0, -self.1)
+    }
+}
+
+impl<T: Float, V: Arith<T>> Arith<T> for Pair<V> {
+    #[inline(always)]
+    fn splat(x: T) -> Self {
+        Pair(V::splat(x), V::splat(x))
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        Pair(self.0.sqrt(), self.1.sqrt())
+    }
+    #[inline(always)]
+    fn maximum(self, other: Self) -> Self {
+        Pair(self.0.maximum(other.0), self.1.maximum(other.1))
+    }
+}
+
 /// One update rule at one element position, with `B` state buffers: takes the parameter, the
 /// gradient and the buffers' values there, returns the new parameter and buffer values.
 pub trait Elementwise<T: Float, const B: usize> {

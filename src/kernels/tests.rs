@@ -593,13 +593,11 @@ where
 /// The AVX2 vectors' 16-bit conversions against the scalar ones, on every input.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn avx2_conversions_agree<S: Storage<Compute = f32>>()
+unsafe fn avx2_conversions_agree<S: Storage<Compute = f32>, L>()
 where
-    super::x86::Avx2: super::lanes::Lanes<S>
-        + super::lanes::Lanes<f32, V = <super::x86::Avx2 as super::lanes::Lanes<S>>::V>,
+    L: super::lanes::Lanes<S> + super::lanes::Lanes<f32, V = <L as super::lanes::Lanes<S>>::V>,
 {
     use rayon::prelude::*;
-    type L = super::x86::Avx2;
     let bits16 = |s: S| -> u16 {
         // SAFETY: both storage types are 16-bit patterns.
         unsafe { std::mem::transmute_copy(&s) }
@@ -645,8 +643,8 @@ fn vector_16_bit_conversions_match_the_scalar_ones_on_every_input() {
     if SimdLevel::Avx2.supported() {
         // SAFETY: AVX2 and F16C are there (the AVX2 level asks for both).
         unsafe {
-            avx2_conversions_agree::<half::f16>();
-            avx2_conversions_agree::<half::bf16>();
+            avx2_conversions_agree::<half::f16, super::x86::Avx2>();
+            avx2_conversions_agree::<half::bf16, super::x86::Avx2Pairs>();
         }
     }
 }

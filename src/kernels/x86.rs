@@ -1,5 +1,6 @@
 //! x86-64 SIMD vectors for the element loop ([`super::lanes`]): AVX2 (8 `f32` or 4 `f64` a
-//! vector), with the conversions of each storage type.
+//! vector; bfloat16 two vectors at a time, see [`Avx2Pairs`]), with the conversions of each
+//! storage type.
 //!
 //! Each arithmetic operation is the single IEEE instruction the scalar code compiles to (add,
 //! sub, mul, div, sqrt; negation flips the sign bit, as `-x` does), so a lane gives the same
@@ -10,20 +11,21 @@
 #![allow(clippy::cast_ptr_alignment)] // every load and store here is an unaligned one
 
 use std::arch::x86_64::{
-    __m128i, __m256, __m256d, _mm256_add_epi32, _mm256_add_pd, _mm256_add_ps, _mm256_and_si256,
-    _mm256_blendv_epi8, _mm256_blendv_pd, _mm256_blendv_ps, _mm256_castps_si256,
-    _mm256_castsi256_ps, _mm256_castsi256_si128, _mm256_cmp_pd, _mm256_cmp_ps,
-    _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_div_pd, _mm256_div_ps,
-    _mm256_loadu_pd, _mm256_loadu_ps, _mm256_mul_pd, _mm256_mul_ps, _mm256_or_pd, _mm256_or_ps,
-    _mm256_or_si256, _mm256_packus_epi32, _mm256_permute4x64_epi64, _mm256_set1_epi32,
-    _mm256_set1_pd, _mm256_set1_ps, _mm256_slli_epi32, _mm256_sqrt_pd, _mm256_sqrt_ps,
-    _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps, _mm256_sub_pd, _mm256_sub_ps,
-    _mm256_xor_pd, _mm256_xor_ps, _mm_loadu_si128, _mm_storeu_si128, _CMP_GT_OQ, _CMP_UNORD_Q,
+    __m128i, __m256, __m256d, __m256i, _mm256_add_epi32, _mm256_add_pd, _mm256_add_ps,
+    _mm256_and_si256, _mm256_blend_epi16, _mm256_blendv_epi8, _mm256_blendv_pd, _mm256_blendv_ps,
+    _mm256_castpd_ps, _mm256_castps_pd, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_pd,
+    _mm256_cmp_ps, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_div_pd, _mm256_div_ps, _mm256_loadu_pd,
+    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mul_pd, _mm256_mul_ps, _mm256_or_pd, _mm256_or_ps,
+    _mm256_or_si256, _mm256_permute2f128_ps, _mm256_permute4x64_pd, _mm256_set1_epi32,
+    _mm256_set1_pd, _mm256_set1_ps, _mm256_shuffle_ps, _mm256_slli_epi32, _mm256_sqrt_pd,
+    _mm256_sqrt_ps, _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256,
+    _mm256_sub_pd, _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps, _mm256_xor_pd,
+    _mm256_xor_ps, _mm_loadu_si128, _mm_storeu_si128, _CMP_GT_OQ, _CMP_UNORD_Q,
     _MM_FROUND_TO_NEAREST_INT,
 };
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::lanes::{Arith, Lanes};
+use super::lanes::{Arith, Lanes, Pair};
 use half::{bf16, f16};
 
 /// A vector newtype with its arithmetic, one intrinsic per operation.
@@ -189,33 +191,106 @@ impl Lanes<f16> for Avx2 {
     }
 }
 
-impl Lanes<bf16> for Avx2 {
-    type V = F32x8;
-    const W: usize = 8;
+/// AVX2 with F16C, two vectors at a time: 16 `f32` (a [`Pair`] of [`F32x8`]).
+///
+/// For bfloat16 this lets 16 elements (one 256-bit load) split into their even and odd
+/// elements in one instruction each, and come back together in two, where one vector at a
+/// time needed a widening load and a shift in, and a shift, a pack and a permute out.
+pub struct Avx2Pairs;
+
+/// `v` rounded to bfloat16 (as `Storage::store` does: nearest even, NaN kept quiet with its
+/// sign and high payload bits), in the high 16 bits of each 32-bit lane; the low bits are junk.
+#[inline(always)]
+unsafe fn bf16_high_halves(v: __m256) -> __m256i {
+    unsafe {
+        let bits = _mm256_castps_si256(v);
+        // bits + 0x7FFF + (lowest kept bit): round to nearest even.
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let biased = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+        let quiet_nan = _mm256_or_si256(bits, _mm256_set1_epi32(0x0040_0000));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        _mm256_blendv_epi8(biased, quiet_nan, nan)
+    }
+}
+
+impl Lanes<bf16> for Avx2Pairs {
+    type V = Pair<F32x8>;
+    const W: usize = 16;
     #[inline(always)]
-    unsafe fn load(src: *const bf16) -> F32x8 {
-        // A bfloat16 is the high half of a float32.
+    unsafe fn load(src: *const bf16) -> Pair<F32x8> {
+        // A bfloat16 is the high half of a float32: the even elements move up a half, the odd
+        // ones already are there. The pair holds (even, odd); `store` undoes the split.
         unsafe {
-            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(src.cast::<__m128i>()));
-            F32x8(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide)))
+            let x = _mm256_loadu_si256(src.cast::<__m256i>());
+            let even = _mm256_slli_epi32::<16>(x);
+            let odd = _mm256_and_si256(x, _mm256_set1_epi32(-65536));
+            Pair(
+                F32x8(_mm256_castsi256_ps(even)),
+                F32x8(_mm256_castsi256_ps(odd)),
+            )
         }
     }
     #[inline(always)]
-    unsafe fn store(dst: *mut bf16, v: F32x8) {
+    unsafe fn store(dst: *mut bf16, v: Pair<F32x8>) {
         unsafe {
-            let bits = _mm256_castps_si256(v.0);
-            let high = _mm256_srli_epi32::<16>(bits);
-            // (bits + 0x7FFF + lowest kept bit) >> 16: round to nearest even.
-            let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
-            let biased = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
-            let rounded = _mm256_srli_epi32::<16>(biased);
-            let quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x0040));
-            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v.0, v.0));
-            let h = _mm256_blendv_epi8(rounded, quiet_nan, nan);
-            // Every lane is below 2^16, so the saturating pack keeps it; the pack works within
-            // each 128-bit half, and the permute puts the two halves' results side by side.
-            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(h, h));
-            _mm_storeu_si128(dst.cast::<__m128i>(), _mm256_castsi256_si128(packed));
+            let even = _mm256_srli_epi32::<16>(bf16_high_halves(v.0 .0));
+            let odd = bf16_high_halves(v.1 .0);
+            // Odd 16-bit words from `odd` (its high halves), even ones from `even`.
+            let h = _mm256_blend_epi16::<0b1010_1010>(even, odd);
+            _mm256_storeu_si256(dst.cast::<__m256i>(), h);
         }
+    }
+}
+
+/// float32 in the bfloat16 lanes' element order, so that the tests can narrow every float32
+/// through them; steps over float32 run [`Avx2`] (pairs measured no faster there).
+impl Lanes<f32> for Avx2Pairs {
+    type V = Pair<F32x8>;
+    const W: usize = 16;
+    #[inline(always)]
+    unsafe fn load(src: *const f32) -> Pair<F32x8> {
+        // Even and odd elements, as the bfloat16 lanes hold them, so that the two agree.
+        unsafe {
+            let a = _mm256_loadu_ps(src);
+            let b = _mm256_loadu_ps(src.add(8));
+            let (even, odd) = deinterleave(a, b);
+            Pair(F32x8(even), F32x8(odd))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut f32, v: Pair<F32x8>) {
+        unsafe {
+            let (a, b) = interleave(v.0 .0, v.1 .0);
+            _mm256_storeu_ps(dst, a);
+            _mm256_storeu_ps(dst.add(8), b);
+        }
+    }
+}
+
+/// (even elements, odd elements) of the 16 floats `a` then `b`.
+#[inline(always)]
+unsafe fn deinterleave(a: __m256, b: __m256) -> (__m256, __m256) {
+    unsafe {
+        // Within each 128-bit half: a's and b's even (odd) elements; then the 64-bit quarters
+        // in order.
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        let order = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (order(even), order(odd))
+    }
+}
+
+/// The inverse of [`deinterleave`].
+#[inline(always)]
+unsafe fn interleave(even: __m256, odd: __m256) -> (__m256, __m256) {
+    unsafe {
+        let lo = _mm256_unpacklo_ps(even, odd);
+        let hi = _mm256_unpackhi_ps(even, odd);
+        (
+            _mm256_permute2f128_ps::<0x20>(lo, hi),
+            _mm256_permute2f128_ps::<0x31>(lo, hi),
+        )
     }
 }
