@@ -225,13 +225,14 @@ impl TorchPlan {
         }
         let ptr = if let Some(ex) = &self.exchange {
             let p = &e.layouts[0];
+            // A contiguous parameter takes any contiguous gradient (size-1 dimensions may have
+            // any stride); a dense non-contiguous one needs its own strides.
             let fits = ex.describe(g, |v| {
-                let geometry = v.shape == &p.shape[..]
-                    && match e.strides {
-                        None => v.is_contiguous(),
-                        Some(_) => v.strides == &p.strides[..],
-                    };
-                (v.dtype == p.dtype && geometry).then_some(v.ptr)
+                let like = match e.strides {
+                    None => v.dtype == p.dtype && v.shape == &p.shape[..] && v.is_contiguous(),
+                    Some(_) => v.same_kind(p),
+                };
+                like.then_some(v.ptr)
             });
             let Some(ptr) = fits.flatten() else {
                 return Ok(None);
