@@ -76,14 +76,12 @@ fn sizes() -> Vec<usize> {
         .collect()
 }
 
-/// The baseline and the best level this CPU has.
+/// Every level this CPU has, so that each explicit vector set is measured against the others.
 fn levels() -> Vec<SimdLevel> {
-    let best = SimdLevel::detect();
-    if best == SimdLevel::Baseline {
-        vec![best]
-    } else {
-        vec![SimdLevel::Baseline, best]
-    }
+    SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.supported())
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {

@@ -113,7 +113,7 @@ pub fn traffic(
 /// optimizers have (one gradient read, 1 to 4 buffers read and written), compiled for the same
 /// SIMD level as the kernels; byte blocks otherwise.
 fn stream_chunk(level: crate::kernels::SimdLevel, reads: &[&[u8]], writes: &mut [&mut [u8]]) {
-    let words = |b: &[u8]| b.len() % 4 == 0 && (b.as_ptr() as usize) % 4 == 0;
+    let words = |b: &[u8]| b.len().is_multiple_of(4) && (b.as_ptr() as usize).is_multiple_of(4);
     if reads.len() == 1
         && (1..=4).contains(&writes.len())
         && reads.iter().all(|r| words(r))

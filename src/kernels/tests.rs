@@ -590,10 +590,13 @@ where
     }
 }
 
-/// The AVX2 vectors' 16-bit conversions against the scalar ones, on every input.
+/// A vector type's 16-bit conversions against the scalar ones, on every input.
+///
+/// # Safety
+/// The caller is compiled with `L`'s instructions enabled and the CPU has them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn avx2_conversions_agree<S: Storage<Compute = f32>, L>()
+#[inline(always)]
+unsafe fn conversions_agree<S: Storage<Compute = f32>, L>()
 where
     L: super::lanes::Lanes<S> + super::lanes::Lanes<f32, V = <L as super::lanes::Lanes<S>>::V>,
 {
@@ -608,7 +611,7 @@ where
             .map(|low| f32::from_bits((high << 16) | low))
             .collect();
         let mut got = vec![S::store(0.0); xs.len()];
-        // SAFETY: the caller checked that the CPU has AVX2 and F16C.
+        // SAFETY: the caller checked that the CPU has L's instructions.
         unsafe { through_lanes::<f32, S, L>(&xs, &mut got) };
         for (x, g) in xs.iter().zip(&got) {
             assert_eq!(
@@ -637,14 +640,35 @@ where
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn avx2_conversions_agree() {
+    unsafe {
+        conversions_agree::<half::f16, super::x86::Avx2>();
+        conversions_agree::<half::bf16, super::x86::Avx2Pairs>();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn avx512_conversions_agree() {
+    unsafe {
+        conversions_agree::<half::f16, super::x86::Avx512>();
+        conversions_agree::<half::bf16, super::x86::Avx512Pairs>();
+    }
+}
+
 #[test]
 fn vector_16_bit_conversions_match_the_scalar_ones_on_every_input() {
     #[cfg(target_arch = "x86_64")]
-    if SimdLevel::Avx2.supported() {
-        // SAFETY: AVX2 and F16C are there (the AVX2 level asks for both).
-        unsafe {
-            avx2_conversions_agree::<half::f16, super::x86::Avx2>();
-            avx2_conversions_agree::<half::bf16, super::x86::Avx2Pairs>();
+    {
+        if SimdLevel::Avx2.supported() {
+            // SAFETY: AVX2 and F16C are there (the AVX2 level asks for both).
+            unsafe { avx2_conversions_agree() };
+        }
+        if SimdLevel::Avx512.supported() {
+            // SAFETY: AVX-512F, AVX2 and F16C are there (the AVX-512 level asks for all three).
+            unsafe { avx512_conversions_agree() };
         }
     }
 }
