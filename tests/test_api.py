@@ -358,6 +358,41 @@ def test_same_bits_for_every_simd_level_and_thread_count(name, dtype):
     )
 
 
+_TRAJECTORY_DIGEST = """
+import hashlib, time, numpy as np, optirs
+rng = np.random.default_rng(5)
+params = [rng.standard_normal(n).astype(np.float32) for n in (7, 100_003, 300_001)]
+opt = optirs.Adam(params, lr=1e-2, amsgrad=True, weight_decay=0.1)
+for _ in range(4):
+    opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in params])
+    time.sleep(0.01)  # longer than any spin: the next step finds the workers parked
+out = [p.tobytes() for p in params] + [v.tobytes() for p in params for v in opt.state[p].values()]
+print(hashlib.sha256(b"".join(out)).hexdigest())
+"""
+
+
+def test_workers_that_sleep_between_steps_give_the_same_bits():
+    """Steps at 3 threads whose workers park after every step (OPTIRS_SPIN_US=0) and after a
+    spin (the default) give the bits one thread gives; each run in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    def digest(**env):
+        run = subprocess.run(
+            [sys.executable, "-c", _TRAJECTORY_DIGEST],
+            env=dict(os.environ, **env),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return run.stdout.strip()
+
+    one = digest(OPTIRS_NUM_THREADS="1")
+    assert len(one) == 64
+    assert digest(OPTIRS_NUM_THREADS="3", OPTIRS_SPIN_US="0") == one
+    assert digest(OPTIRS_NUM_THREADS="3") == one
+
+
 def test_import_optirs_does_not_import_torch():
     """torch is an optional dependency: only `import optirs.torch` may load it."""
     import subprocess

@@ -1,6 +1,6 @@
 """Forked children step without hanging, after the parent's steps started the thread pool.
 
-A rayon pool does not survive ``fork()``: the child inherits its bookkeeping but none of its
+A thread pool does not survive ``fork()``: the child inherits its bookkeeping but none of its
 threads, so a child that reused it would wait forever. optirs rebuilds the pool in a child.
 Each scenario runs in a fresh interpreter (``subprocess``, with a timeout), so that a hang or a
 crash fails its test instead of stopping pytest, and fork never runs inside the pytest process

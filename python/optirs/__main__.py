@@ -39,6 +39,7 @@ def info() -> dict[str, Any]:
         "OPTIRS_SIMD": os.environ.get("OPTIRS_SIMD", ""),
         "threads": get_num_threads(),
         "OPTIRS_NUM_THREADS": os.environ.get("OPTIRS_NUM_THREADS", ""),
+        "OPTIRS_SPIN_US": os.environ.get("OPTIRS_SPIN_US", ""),
         "cpus_available": cpus,
         "build_profile": build["profile"],
         "build_target": f"{build['target_arch']}-{build['target_os']}",
