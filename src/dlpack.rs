@@ -121,8 +121,8 @@ impl View<'_> {
     /// The same element type, shape and strides as `other` (pointers aside).
     pub(crate) fn same_kind(&self, other: &Layout) -> bool {
         self.dtype == other.dtype
-            && self.shape == &other.shape[..]
-            && self.strides == &other.strides[..]
+            && same_dims(self.shape, &other.shape)
+            && same_dims(self.strides, &other.strides)
     }
 
     /// Contiguous in torch's sense: row-major, where dimensions of size 1 may have any stride
@@ -142,6 +142,14 @@ impl View<'_> {
         }
         true
     }
+}
+
+/// `a == b`, element by element: `==` on the slices calls `memcmp`, which for a parameter's one
+/// to four dimensions costs more than the comparison (1000 one-element parameters through the
+/// bridge's plan: 1.09 to 0.84 ms a step).
+#[inline]
+pub(crate) fn same_dims(a: &[i64], b: &[i64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 /// A framework's non-owning DLPack export function, taken from its exchange API capsule.

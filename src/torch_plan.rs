@@ -24,7 +24,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use pyo3::{intern, BoundObject};
 
-use crate::dlpack::{DlDataType, Exchange, Layout};
+use crate::dlpack::{same_dims, DlDataType, Exchange, Layout};
 use crate::step::{self, Checked, DType, Hyper, Kind, Options, RuleMemo};
 
 /// Hashes a pointer-sized key by one multiplication: the keys are object addresses.
@@ -229,7 +229,7 @@ impl TorchPlan {
             // any stride); a dense non-contiguous one needs its own strides.
             let fits = ex.describe(g, |v| {
                 let like = match e.strides {
-                    None => v.dtype == p.dtype && v.shape == &p.shape[..] && v.is_contiguous(),
+                    None => v.dtype == p.dtype && same_dims(v.shape, &p.shape) && v.is_contiguous(),
                     Some(_) => v.same_kind(p),
                 };
                 like.then_some(v.ptr)
