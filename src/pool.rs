@@ -4,7 +4,9 @@
 //! A step is a few microseconds to milliseconds of work, often repeated back to back. On a
 //! virtual machine, waking a sleeping thread costs tens of microseconds and varies widely, so
 //! the workers spin for a while after each step before they park (as OpenMP's workers do,
-//! `OPTIRS_SPIN_US` sets how long), and the caller works rather than sleeping while they do.
+//! `OPTIRS_SPIN_US` sets how long; unlike them, they yield the CPU every 20 us, so that a
+//! thread waiting for that CPU is not held up), and the caller works rather than sleeping
+//! while they do.
 //! The caller waits only for items other threads have claimed, never for a worker to wake up.
 //! (Measured with rayon's pool, whose workers sleep within microseconds and whose caller blocks
 //! until the job is done: Adam on 10^6 float32 elements took a median 184-233 us a step at
@@ -28,6 +30,9 @@ pub const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
 /// How long a worker spins for the next step before it parks, unless `OPTIRS_SPIN_US` says.
 const DEFAULT_SPIN_US: u64 = 200;
+
+/// How often a spinning thread yields its CPU.
+const YIELD_EVERY: Duration = Duration::from_micros(20);
 
 /// One step's items, as the workers see them: `run(i)` runs item `i`.
 struct Job<'a> {
@@ -167,13 +172,14 @@ impl Pool {
             }
         }
         s.work(*epoch);
-        // Every item is claimed; the ones still running are on workers, a chunk's time at most.
-        let start = Instant::now();
+        // Every item is claimed; the ones still running are on workers, a share's time at
+        // most. Yield now and then, as the workers do, in case one of them waits for this CPU.
+        let mut yielded = Instant::now();
         while s.done.load(Ordering::Acquire) < n {
-            if start.elapsed() < Duration::from_micros(50) {
-                std::hint::spin_loop();
-            } else {
-                thread::yield_now(); // a worker may have been preempted
+            std::hint::spin_loop();
+            if yielded.elapsed() >= YIELD_EVERY {
+                thread::yield_now();
+                yielded = Instant::now();
             }
         }
         s.job.store(std::ptr::null_mut(), Ordering::Relaxed);
@@ -214,6 +220,7 @@ fn worker(s: &Shared, w: usize) {
 fn wait(s: &Shared, w: usize, seen: u32) -> u32 {
     let current = || (s.claims.load(Ordering::SeqCst) >> 32) as u32;
     let start = Instant::now();
+    let mut yielded = start;
     loop {
         for _ in 0..64 {
             let e = current();
@@ -222,8 +229,17 @@ fn wait(s: &Shared, w: usize, seen: u32) -> u32 {
             }
             std::hint::spin_loop();
         }
-        if start.elapsed() >= s.spin {
+        let now = Instant::now();
+        if now - start >= s.spin {
             break;
+        }
+        // Every YIELD_EVERY, let a thread that waits for this CPU run (the caller itself, if
+        // the scheduler put both here, or another process): spinning on a shared CPU only
+        // delays the thread it waits for. Not more often: each yield is a system call, and a
+        // step that starts during one is seen late.
+        if now - yielded >= YIELD_EVERY {
+            thread::yield_now();
+            yielded = now;
         }
     }
     loop {
