@@ -154,53 +154,48 @@ vector!(
         )
     )
 );
+
+/// `Lanes<$s>` for `$lanes`: `W` elements per vector `$v`, read by `$load` and written by
+/// `$store` (one instruction each way, or a conversion and a move).
+macro_rules! lanes {
+    (
+        $lanes:ty, $s:ty => $v:ident, $w:expr,
+        load = |$src:ident| $load:expr, store = |$dst:ident, $x:ident| $store:expr
+    ) => {
+        impl Lanes<$s> for $lanes {
+            type V = $v;
+            const W: usize = $w;
+            #[inline(always)]
+            unsafe fn load($src: *const $s) -> $v {
+                unsafe { $v($load) }
+            }
+            #[inline(always)]
+            unsafe fn store($dst: *mut $s, v: $v) {
+                let $x = v.0;
+                unsafe { $store }
+            }
+        }
+    };
+}
+
 /// AVX2 with F16C: 8 `f32` or 4 `f64` a vector.
 pub struct Avx2;
 
 // SAFETY of every `Lanes` impl: the caller guarantees the pointer has `W` elements behind it
 // and that the CPU has the instruction set; all loads and stores are unaligned ones.
 
-impl Lanes<f32> for Avx2 {
-    type V = F32x8;
-    const W: usize = 8;
-    #[inline(always)]
-    unsafe fn load(src: *const f32) -> F32x8 {
-        unsafe { F32x8(_mm256_loadu_ps(src)) }
-    }
-    #[inline(always)]
-    unsafe fn store(dst: *mut f32, v: F32x8) {
-        unsafe { _mm256_storeu_ps(dst, v.0) }
-    }
-}
-
-impl Lanes<f64> for Avx2 {
-    type V = F64x4;
-    const W: usize = 4;
-    #[inline(always)]
-    unsafe fn load(src: *const f64) -> F64x4 {
-        unsafe { F64x4(_mm256_loadu_pd(src)) }
-    }
-    #[inline(always)]
-    unsafe fn store(dst: *mut f64, v: F64x4) {
-        unsafe { _mm256_storeu_pd(dst, v.0) }
-    }
-}
-
-impl Lanes<f16> for Avx2 {
-    type V = F32x8;
-    const W: usize = 8;
-    #[inline(always)]
-    unsafe fn load(src: *const f16) -> F32x8 {
-        unsafe { F32x8(_mm256_cvtph_ps(_mm_loadu_si128(src.cast::<__m128i>()))) }
-    }
-    #[inline(always)]
-    unsafe fn store(dst: *mut f16, v: F32x8) {
-        unsafe {
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0);
-            _mm_storeu_si128(dst.cast::<__m128i>(), h);
-        }
-    }
-}
+lanes!(Avx2, f32 => F32x8, 8, load = |p| _mm256_loadu_ps(p), store = |p, v| _mm256_storeu_ps(p, v));
+lanes!(Avx2, f64 => F64x4, 4, load = |p| _mm256_loadu_pd(p), store = |p, v| _mm256_storeu_pd(p, v));
+lanes!(
+    Avx2,
+    f16 => F32x8,
+    8,
+    load = |p| _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())),
+    store = |p, v| _mm_storeu_si128(
+        p.cast::<__m128i>(),
+        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)
+    )
+);
 
 /// AVX2 with F16C, two vectors at a time: 16 `f32` (a [`Pair`] of [`F32x8`]).
 ///
@@ -349,47 +344,18 @@ vector!(
 /// vector; float16 through the 512-bit form of `vcvtph2ps`/`vcvtps2ph`.
 pub struct Avx512;
 
-impl Lanes<f32> for Avx512 {
-    type V = F32x16;
-    const W: usize = 16;
-    #[inline(always)]
-    unsafe fn load(src: *const f32) -> F32x16 {
-        unsafe { F32x16(_mm512_loadu_ps(src)) }
-    }
-    #[inline(always)]
-    unsafe fn store(dst: *mut f32, v: F32x16) {
-        unsafe { _mm512_storeu_ps(dst, v.0) }
-    }
-}
-
-impl Lanes<f64> for Avx512 {
-    type V = F64x8;
-    const W: usize = 8;
-    #[inline(always)]
-    unsafe fn load(src: *const f64) -> F64x8 {
-        unsafe { F64x8(_mm512_loadu_pd(src)) }
-    }
-    #[inline(always)]
-    unsafe fn store(dst: *mut f64, v: F64x8) {
-        unsafe { _mm512_storeu_pd(dst, v.0) }
-    }
-}
-
-impl Lanes<f16> for Avx512 {
-    type V = F32x16;
-    const W: usize = 16;
-    #[inline(always)]
-    unsafe fn load(src: *const f16) -> F32x16 {
-        unsafe { F32x16(_mm512_cvtph_ps(_mm256_loadu_si256(src.cast::<__m256i>()))) }
-    }
-    #[inline(always)]
-    unsafe fn store(dst: *mut f16, v: F32x16) {
-        unsafe {
-            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v.0);
-            _mm256_storeu_si256(dst.cast::<__m256i>(), h);
-        }
-    }
-}
+lanes!(Avx512, f32 => F32x16, 16, load = |p| _mm512_loadu_ps(p), store = |p, v| _mm512_storeu_ps(p, v));
+lanes!(Avx512, f64 => F64x8, 8, load = |p| _mm512_loadu_pd(p), store = |p, v| _mm512_storeu_pd(p, v));
+lanes!(
+    Avx512,
+    f16 => F32x16,
+    16,
+    load = |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast::<__m256i>())),
+    store = |p, v| _mm256_storeu_si256(
+        p.cast::<__m256i>(),
+        _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)
+    )
+);
 
 /// AVX-512F two vectors at a time (32 `f32`), for bfloat16: one 512-bit load splits into the
 /// even and odd elements, as [`Avx2Pairs`] does with 256 bits.
