@@ -1,5 +1,5 @@
 //! The thread pool steps run on: the calling thread and `n - 1` workers share one step's work
-//! items, claimed one at a time from a shared counter.
+//! items, claimed in shrinking shares from one shared counter (see [`Shared::work`]).
 //!
 //! A step is a few microseconds to milliseconds of work, often repeated back to back. On a
 //! virtual machine, waking a sleeping thread costs tens of microseconds and varies widely, so
