@@ -146,7 +146,7 @@ impl View<'_> {
 
 /// `a == b`, element by element: `==` on the slices calls `memcmp`, which for a parameter's one
 /// to four dimensions costs more than the comparison (1000 one-element parameters through the
-/// bridge's plan: 1.09 to 0.84 ms a step).
+/// bridge's plan: 1.06-1.08 to 0.78-0.83 ms a step, fastest of 40 batches).
 #[inline]
 pub(crate) fn same_dims(a: &[i64], b: &[i64]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)

@@ -102,7 +102,6 @@ impl Shared {
 
 struct Pool {
     pid: u32,
-    threads: usize,
     shared: Arc<Shared>,
     workers: Vec<Thread>,
     /// Held by the thread whose step is running; another thread's step runs on its own.
@@ -136,7 +135,6 @@ impl Pool {
         }
         Some(Pool {
             pid: std::process::id(),
-            threads,
             shared,
             workers,
             busy: Mutex::new(0),
@@ -289,7 +287,8 @@ fn current(threads: usize) -> Option<Arc<Pool>> {
     let pid = std::process::id();
     let mut guard = POOL.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(p) = guard.as_ref() {
-        if p.pid == pid && p.threads == threads {
+        // The caller is one of the threads.
+        if p.pid == pid && p.workers.len() + 1 == threads {
             return Some(Arc::clone(p));
         }
     }
