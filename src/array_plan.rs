@@ -14,6 +14,12 @@
 //! not see itself (parameters moved between groups, state entries replaced) the NumPy API
 //! checks before asking it (`optirs._Plan.fits`); the plan re-checks every pointer it uses
 //! either way, so a stale plan can fall back but never write where it should not.
+//!
+//! Every pointer the plan's step uses belongs to an array it holds a reference to for the
+//! whole step: the parameters, state buffers and counters in its entries (the plan object is
+//! itself held by the Python call that runs its method), and each gradient, which `check`
+//! takes out of the caller's list as a new reference: the list is the user's, and another
+//! thread may empty it while the GIL is released.
 
 use numpy::npyffi::{
     PyArrayObject, NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE,
@@ -175,8 +181,13 @@ impl ArrayPlan {
         Some(data)
     }
 
-    /// Checks everything; the work, or None when the full step must look.
-    fn check(&self, groups: &Bound<'_, PyAny>, grads: &Bound<'_, PyList>) -> Option<Vec<Checked>> {
+    /// Checks everything; the work and the gradients it reads, or None when the full step must
+    /// look.
+    fn check<'py>(
+        &self,
+        groups: &Bound<'py, PyAny>,
+        grads: &Bound<'py, PyList>,
+    ) -> Option<(Vec<Checked>, Vec<Bound<'py, PyAny>>)> {
         let py = groups.py();
         if grads.len() != self.entries.len() {
             return None;
@@ -186,9 +197,10 @@ impl ArrayPlan {
         for gi in 0..n_groups {
             hypers.push(Hyper::read(self.kind, &groups.get_item(gi).ok()?, gi).ok()?);
         }
-        let dtypes = Dtypes::new(py);
+        let dtypes = Dtypes::new(py, false);
         let mut rules = RuleMemo::default();
         let mut checked = Vec::with_capacity(self.entries.len());
+        let mut held = Vec::with_capacity(self.entries.len());
         for (e, g) in self.entries.iter().zip(grads.iter()) {
             if g.is_none() {
                 continue;
@@ -233,8 +245,9 @@ impl ArrayPlan {
                 step: counter,
                 rule: rules.get(e.group, hyper, e.dtype, count, false),
             });
+            held.push(g);
         }
-        Some(checked)
+        Some((checked, held))
     }
 }
 
@@ -261,9 +274,11 @@ impl ArrayPlan {
             flush_denormals,
             panic_for_tests: _panic_for_tests,
         };
-        // The plan holds every array it writes; `grads` holds the gradients for the call.
-        let applied = step::planned(py, &options, || Some((self.check(groups, grads)?, ())))?;
-        Ok(applied.map(|(applied, ())| applied))
+        // The plan holds every array it writes, and `check` a reference to every gradient it
+        // reads: `grads` is the caller's list, which another thread may empty while the GIL
+        // is released.
+        let applied = step::planned(py, &options, || self.check(groups, grads))?;
+        Ok(applied.map(|(applied, _grads)| applied))
     }
 
     /// How many parameters the plan covers (for tests).

@@ -7,17 +7,56 @@ use pyo3::prelude::*;
 pub(crate) fn catch_panics<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_owned());
-            Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
-                "optirs internal error (please report it): {msg}"
-            )))
-        }
+        Err(payload) => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+            "optirs internal error (please report it): {}",
+            panic_message(payload.as_ref())
+        ))),
     }
+}
+
+/// `(mapping, key, value)`: one entry of a step's bookkeeping.
+pub(crate) type Commit<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+/// `(callable, argument)`: the last of it.
+pub(crate) type Then<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+/// The bookkeeping of a step that was applied: `mapping[key] = value` for each triple of
+/// `commit`, then `call(arg)`, done whatever happens on the way.
+///
+/// A signal that arrived during the step (Ctrl-C, SIGALRM) runs its Python handler at the first
+/// Python code executed afterwards, and that may be inside one of these calls (a `__setitem__`
+/// or `__hash__` written in Python): its exception then aborts that call. Returning it there
+/// would leave the parameters updated and their new state thrown away, so each call is
+/// retried (the handler has run by then; each call is idempotent) and the first exception is
+/// raised once everything is done.
+pub(crate) fn finish(commit: &[Commit<'_>], then: Option<&Then<'_>>) -> PyResult<()> {
+    const TRIES: usize = 4;
+    let mut first: Option<PyErr> = None;
+    let mut attempt = |op: &dyn Fn() -> PyResult<()>| {
+        for _ in 0..TRIES {
+            match op() {
+                Ok(()) => return,
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+    };
+    for (mapping, key, value) in commit {
+        attempt(&|| mapping.set_item(key, value));
+    }
+    if let Some((call, arg)) = then {
+        attempt(&|| call.call1((arg,)).map(drop));
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// The text a panic was raised with.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 #[pymodule]
@@ -38,23 +77,42 @@ pub mod _core {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // Environment values that cannot be used are said once, here, and otherwise ignored.
+        let py = m.py();
+        let warnings = pool::init().into_iter().chain(simd::init());
+        for w in warnings {
+            let msg = std::ffi::CString::new(w).unwrap_or_default();
+            PyErr::warn(
+                py,
+                &py.get_type::<pyo3::exceptions::PyRuntimeWarning>(),
+                &msg,
+                1,
+            )?;
+        }
         m.add("CHUNK_ELEMS", stepper::CHUNK_ELEMS)?;
         Ok(())
     }
 
     /// Runs one optimizer step over every parameter of every group; returns whether it was
-    /// applied, and with `plan` the plan of the steps after it: `(applied, ArrayPlan)`. A
-    /// panic (a bug, never a user's mistake) surfaces as `RuntimeError`.
+    /// applied, and with `plan` the plan of the steps after it: `(applied, ArrayPlan)`. Once
+    /// the update is applied, and before returning, `mapping[key] = value` for each triple of
+    /// `commit` (the state the step created) and then `then[0](then[1])`, so that an
+    /// interrupt (Ctrl-C) cannot come between the update and its bookkeeping. With
+    /// `bf16_bits` (the torch bridge), uint16 arrays are bfloat16 bit patterns; otherwise
+    /// integer arrays are refused and bfloat16 is `ml_dtypes.bfloat16`. A panic (a bug, never
+    /// a user's mistake) surfaces as `RuntimeError`.
     #[pyfunction]
     #[pyo3(signature = (
         kind, groups, params, grads, buffers, steps, fresh, *,
-        skip_nonfinite = false, flush_denormals = false, plan = false, _panic_for_tests = None
+        skip_nonfinite = false, flush_denormals = false, plan = false, bf16_bits = false,
+        commit = None, then = None, _panic_for_tests = None
     ))]
     // The leading underscore keeps the test-only keyword out of sight in Python.
     #[allow(
         clippy::too_many_arguments,
         clippy::needless_pass_by_value,
-        clippy::used_underscore_binding
+        clippy::used_underscore_binding,
+        clippy::fn_params_excessive_bools
     )]
     fn step(
         py: Python<'_>,
@@ -68,6 +126,9 @@ pub mod _core {
         skip_nonfinite: bool,
         flush_denormals: bool,
         plan: bool,
+        bf16_bits: bool,
+        commit: Option<Vec<crate::bindings::Commit<'_>>>,
+        then: Option<crate::bindings::Then<'_>>,
         _panic_for_tests: Option<String>,
     ) -> PyResult<Py<PyAny>> {
         let options = stepper::Options {
@@ -77,8 +138,11 @@ pub mod _core {
         };
         crate::bindings::catch_panics(|| {
             let (applied, made) = stepper::run(
-                py, kind, groups, params, grads, buffers, steps, fresh, &options, plan,
+                py, kind, groups, params, grads, buffers, steps, fresh, &options, plan, bf16_bits,
             )?;
+            if applied {
+                crate::bindings::finish(&commit.unwrap_or_default(), then.as_ref())?;
+            }
             Ok(match made {
                 Some(p) => (applied, p).into_pyobject(py)?.into_any().unbind(),
                 None => PyBool::new(py, applied).to_owned().into_any().unbind(),

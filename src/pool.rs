@@ -16,6 +16,20 @@
 //!
 //! Nor does a pool survive `fork()`: the child inherits its bookkeeping but none of its threads.
 //! The pool therefore remembers the process that built it, and a forked child builds its own.
+//! The process-wide locks ([`POOL`], [`REQUESTED`]) are taken with the GIL released, so another
+//! thread may hold one when some thread forks; a child that inherited it held would wait
+//! forever. [`init`] registers `pthread_atfork` handlers that take both before `fork()` and
+//! release them after it, in parent and child, so a child always inherits them free. Neither
+//! is held for long (no step runs under them, only a pool's construction), so the fork waits
+//! at most that long. What the environment says (`OPTIRS_NUM_THREADS`, `OPTIRS_SPIN_US`) is
+//! read once, by [`init`], at import: a `OnceLock` left half-initialised by a fork would hang
+//! the child too.
+//!
+//! A panic in an item (a bug: the kernels cannot fail) is caught on the thread that ran it,
+//! every other item still runs, and the first panic is re-raised on the caller once all are
+//! done. Between publishing a step's job and seeing every claimed item done, the caller must
+//! not unwind (the workers read the job on its stack): [`AbortOnUnwind`] turns any unwinding
+//! there into an abort instead of a use-after-free.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
@@ -33,6 +47,22 @@ const DEFAULT_SPIN_US: u64 = 200;
 
 /// How often a spinning thread yields its CPU.
 const YIELD_EVERY: Duration = Duration::from_micros(20);
+
+/// Aborts the process if dropped while unwinding: guards a window in which unwinding would free
+/// memory other threads still read (as rayon-core's `AbortIfPanic`). Forgotten on the normal
+/// path.
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "optirs: unwinding out of a step whose job other threads still read; aborting"
+            );
+            std::process::abort();
+        }
+    }
+}
 
 /// One step's items, as the workers see them: `run(i)` runs item `i`.
 struct Job<'a> {
@@ -153,6 +183,7 @@ impl Pool {
         *epoch = epoch.wrapping_add(1);
         let s = &*self.shared;
         let job = Job { run };
+        let guard = AbortOnUnwind;
         s.done.store(0, Ordering::Relaxed);
         // The workers dereference `job` only through a claim of this step, and every claim is
         // counted in `done` before this function returns: the borrow outlives every use.
@@ -181,6 +212,7 @@ impl Pool {
             }
         }
         s.job.store(std::ptr::null_mut(), Ordering::Relaxed);
+        std::mem::forget(guard);
         let panicked = s
             .panic
             .lock()
@@ -252,35 +284,120 @@ fn wait(s: &Shared, w: usize, seen: u32) -> u32 {
     }
 }
 
-/// `OPTIRS_SPIN_US`, read once: microseconds a worker spins after a step (0: park at once).
+/// What the environment asked of the pool, read once by [`init`].
+struct Config {
+    /// `OPTIRS_SPIN_US`: how long a worker spins after a step (0: park at once).
+    spin: Duration,
+    /// `OPTIRS_NUM_THREADS`, else the CPUs this process may run on.
+    threads: usize,
+}
+
+static CONFIG: OnceLock<Config> = OnceLock::new();
+
+/// Reads a variable that must parse as a number (`min` or more); a value that does not gives
+/// `default` and a warning naming the variable and what is used instead.
+#[allow(clippy::unnecessary_debug_formatting)] // quoted, with escapes: the value may be anything
+fn env_number(name: &str, min: u64, default: u64, warnings: &mut Vec<String>) -> u64 {
+    let Some(raw) = std::env::var_os(name) else {
+        return default;
+    };
+    match raw.to_str().and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(n) if n >= min => n,
+        _ => {
+            warnings.push(format!(
+                "{name}={raw:?} is not a whole number >= {min}; using {default}"
+            ));
+            default
+        }
+    }
+}
+
+fn read_config(warnings: &mut Vec<String>) -> Config {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let spin = env_number("OPTIRS_SPIN_US", 0, DEFAULT_SPIN_US, warnings);
+    let threads = env_number("OPTIRS_NUM_THREADS", 1, cpus as u64, warnings);
+    Config {
+        spin: Duration::from_micros(spin),
+        threads: usize::try_from(threads).unwrap_or(cpus),
+    }
+}
+
+fn config() -> &'static Config {
+    // `init` sets it at import; this is for Rust tests and benches, which skip the import.
+    CONFIG.get_or_init(|| read_config(&mut Vec::new()))
+}
+
+/// Reads the pool's environment variables and makes `fork()` safe for the pool's locks (see
+/// the module documentation). Called once, at import, with the GIL held; returns a warning
+/// for each variable whose value could not be used.
+pub fn init() -> Vec<String> {
+    let mut warnings = Vec::new();
+    let cfg = read_config(&mut warnings);
+    if CONFIG.set(cfg).is_err() {
+        return Vec::new();
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: the handlers are plain functions that only lock and unlock this module's
+        // mutexes; registration has no other effect.
+        let rc = unsafe {
+            libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release))
+        };
+        if rc != 0 {
+            warnings.push(format!(
+                "pthread_atfork failed ({rc}): a child forked while another thread starts \
+                 optirs's thread pool may hang"
+            ));
+        }
+    }
+    warnings
+}
+
+/// Spin duration of new pools.
 fn spin_time() -> Duration {
-    static SPIN: OnceLock<Duration> = OnceLock::new();
-    *SPIN.get_or_init(|| {
-        let us = std::env::var("OPTIRS_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(DEFAULT_SPIN_US);
-        Duration::from_micros(us)
-    })
+    config().spin
 }
 
 static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
 static REQUESTED: Mutex<Option<usize>> = Mutex::new(None);
 
+#[cfg(unix)]
+thread_local! {
+    /// The locks `fork_prepare` took, released by `fork_release` on the same thread (in the
+    /// child, the only thread).
+    static FORK_HELD: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Before `fork()`: take every process-wide lock of the pool (always in this order; no other
+/// code holds both at once), so that none is inherited held by a thread the child lacks.
+#[cfg(unix)]
+extern "C" fn fork_prepare() {
+    let requested = REQUESTED.lock().unwrap_or_else(PoisonError::into_inner);
+    let pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    FORK_HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        h.push(Box::new(requested));
+        h.push(Box::new(pool));
+    });
+}
+
+/// After `fork()`, in the parent and in the child: release what `fork_prepare` took.
+#[cfg(unix)]
+extern "C" fn fork_release() {
+    FORK_HELD.with(|h| {
+        // Reverse order of taking.
+        while h.borrow_mut().pop().is_some() {}
+    });
+}
+
 /// The thread count steps use: `set_num_threads`, else `OPTIRS_NUM_THREADS` (read once, like
 /// `OMP_NUM_THREADS`), else the CPUs this process may run on.
 fn wanted_threads() -> usize {
-    static DEFAULT: OnceLock<usize> = OnceLock::new();
     if let Some(n) = *REQUESTED.lock().unwrap_or_else(PoisonError::into_inner) {
         return n;
     }
-    *DEFAULT.get_or_init(|| {
-        std::env::var("OPTIRS_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
-    })
+    config().threads
 }
 
 fn current(threads: usize) -> Option<Arc<Pool>> {

@@ -3,12 +3,35 @@
 //!
 //! Nothing is written until every check has passed, so a step that raises leaves all
 //! parameters, gradients and state exactly as they were.
+//!
+//! # What keeps the pointers valid
+//! A [`Checked`] holds raw addresses, used with the GIL released, when any other Python thread
+//! may run. Each one is the data pointer of an ndarray that this call holds a strong reference
+//! to until [`execute`] returns: the argument vectors `params`, `grads` and `steps` are owned
+//! by the call, and each state array read out of `buffers` (which may be a list that another
+//! thread empties) is pushed onto `keep`; a plan holds its arrays itself (see `array_plan` and
+//! `torch_plan`). A referenced ndarray's memory cannot go away: NumPy refuses `resize()` on an
+//! array referenced elsewhere (unless the caller passes `refcheck=False`, which NumPy documents
+//! as unsafe), and `ndarray.data` cannot be assigned. The overlap check makes every written
+//! range disjoint from every other range of the step, so the slices built from the addresses
+//! never alias. A thread may still change what an array *contains* during a step (writing
+//! into a gradient or parameter by hand): that is a data race on plain floats, which can give
+//! meaningless numbers for those elements but cannot touch memory outside the arrays.
+//!
+//! # A step that fails part-way
+//! Validation errors come before any write. A panic after the work began (an internal error)
+//! surfaces as `RuntimeError` saying the step stopped part-way: every work item but the one
+//! that panicked has run, and the step counters have not been advanced, so those parameters
+//! and their state may be partly updated. The process and the pool stay usable.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE};
 use numpy::{dtype, PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyAnyMethods, PyTuple, PyTupleMethods};
 
 use crate::array_plan::{ArrayPlan, Stepped};
@@ -247,12 +270,22 @@ impl DType {
         }
     }
 
+    /// The name torch gives it (`torch.<name>`).
+    pub(crate) fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::F16 => "float16",
+            DType::Bf16 => "bfloat16",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             DType::F32 => "float32",
             DType::F64 => "float64",
             DType::F16 => "float16",
-            DType::Bf16 => "uint16 (bfloat16 bits)",
+            DType::Bf16 => "bfloat16",
         }
     }
 }
@@ -269,20 +302,51 @@ fn as_array<'a, 'py>(
 
 /// The descriptors of the dtypes the core takes, fetched once per step: most arrays share
 /// NumPy's builtin descriptors, so a pointer comparison settles their dtype.
+///
+/// NumPy has no bfloat16 of its own. The NumPy API takes `ml_dtypes.bfloat16` (the dtype JAX
+/// and TensorFlow hand to NumPy), once the user's program has imported `ml_dtypes`; the torch
+/// bridge hands bfloat16 tensors over as their uint16 bit patterns (`bf16_bits`). Integer
+/// arrays are refused everywhere else: a uint16 array in the NumPy API is integer data.
 pub(crate) struct Dtypes<'py> {
-    known: [(Bound<'py, PyArrayDescr>, DType); 4],
+    known: Vec<(Bound<'py, PyArrayDescr>, DType)>,
+}
+
+/// `numpy.dtype(ml_dtypes.bfloat16)`, once `ml_dtypes` has been imported by someone.
+static ML_BFLOAT16: PyOnceLock<Py<PyArrayDescr>> = PyOnceLock::new();
+
+fn ml_bfloat16(py: Python<'_>) -> Option<Bound<'_, PyArrayDescr>> {
+    if let Some(d) = ML_BFLOAT16.get(py) {
+        return Some(d.bind(py).clone());
+    }
+    // Only a module already imported: importing ml_dtypes here would cost every program that
+    // never uses it.
+    let modules = PyModule::import(py, "sys").ok()?.getattr("modules").ok()?;
+    let ml = modules.get_item("ml_dtypes").ok()?;
+    let descr = PyArrayDescr::new(py, &ml.getattr("bfloat16").ok()?).ok()?;
+    if descr.itemsize() != 2 {
+        return None;
+    }
+    Some(
+        ML_BFLOAT16
+            .get_or_init(py, || descr.unbind())
+            .bind(py)
+            .clone(),
+    )
 }
 
 impl<'py> Dtypes<'py> {
-    pub(crate) fn new(py: Python<'py>) -> Self {
-        Dtypes {
-            known: [
-                (dtype::<f32>(py), DType::F32),
-                (dtype::<f64>(py), DType::F64),
-                (dtype::<half::f16>(py), DType::F16),
-                (dtype::<u16>(py), DType::Bf16),
-            ],
+    pub(crate) fn new(py: Python<'py>, bf16_bits: bool) -> Self {
+        let mut known = vec![
+            (dtype::<f32>(py), DType::F32),
+            (dtype::<f64>(py), DType::F64),
+            (dtype::<half::f16>(py), DType::F16),
+        ];
+        if bf16_bits {
+            known.push((dtype::<u16>(py), DType::Bf16));
+        } else if let Some(bf16) = ml_bfloat16(py) {
+            known.push((bf16, DType::Bf16));
         }
+        Dtypes { known }
     }
 
     pub(crate) fn of(&self, a: &Bound<'_, PyUntypedArray>) -> Option<DType> {
@@ -563,6 +627,7 @@ fn check_param<'py>(
     objs: [&Bound<'py, PyAny>; 4],
     fresh: bool,
     spans: &mut Vec<Span>,
+    keep: &mut Vec<Bound<'py, PyAny>>,
     plan: Option<&mut Vec<Stepped<'py>>>,
 ) -> Result<Checked, StepError> {
     let [param, grad, buffers, step] = objs;
@@ -619,6 +684,9 @@ fn check_param<'py>(
         add(arr, dtype, true, Role::State(name));
         bufs[i] = Some(data_ptr(arr));
         held[i] = plan.is_some().then(|| arr.clone());
+        // `buffers` may be a list another thread empties while the GIL is released: the step
+        // holds each state array itself.
+        keep.push(obj.clone());
     }
 
     let (step, count, counter_held) = if kind.counts_steps() {
@@ -820,7 +888,8 @@ pub struct Options {
     pub skip_nonfinite: bool,
     /// Flush denormals to zero on every thread of the step, for its duration.
     pub flush_denormals: bool,
-    /// Test-only: panic at "validation" (before anything is written) or in a "worker".
+    /// Test-only: panic at "validation" (before anything is written), in a "worker" (before
+    /// its item writes), or "after_write" (once half the items have been written).
     pub panic_for_tests: Option<String>,
 }
 
@@ -841,6 +910,7 @@ pub fn run(
     fresh: Vec<bool>,
     options: &Options,
     plan: bool,
+    bf16_bits: bool,
 ) -> Result<(bool, Option<ArrayPlan>), StepError> {
     let kind = Kind::parse(kind)?;
     let n = params.len();
@@ -885,11 +955,12 @@ pub fn run(
     }
 
     // Validate every array of every parameter that has a gradient; nothing is written yet.
-    let dtypes = Dtypes::new(py);
+    let dtypes = Dtypes::new(py, bf16_bits);
     let mut rules = RuleMemo::default();
     let mut checked = Vec::with_capacity(n);
     let mut spans = Vec::with_capacity(n * 3);
     let mut stepped = Vec::with_capacity(if plan { n } else { 0 });
+    let mut keep = Vec::new();
     for (flat, grad) in grads.iter().enumerate() {
         if grad.is_none() {
             continue;
@@ -905,6 +976,7 @@ pub fn run(
             [&params[flat], grad, &buffers[flat], &steps[flat]],
             fresh.get(flat).copied().unwrap_or(false),
             &mut spans,
+            &mut keep,
             plan.then_some(&mut stepped),
         )?);
     }
@@ -917,8 +989,11 @@ pub fn run(
             .collect();
         ArrayPlan::new(kind, n, stepped, written)
     });
-    // `params`, `grads`, `buffers` and `steps` hold every array alive until we return.
-    Ok((execute(py, checked, options)?, plan))
+    // `params`, `grads` and `steps` (owned lists of references) and `keep` (each state
+    // array) hold every array alive until the work is done.
+    let applied = execute(py, checked, options)?;
+    drop(keep);
+    Ok((applied, plan))
 }
 
 /// A cached plan's step (the NumPy API's and the bridge's): `check` gives the work and what
@@ -969,11 +1044,29 @@ pub(crate) fn execute(
         if options.skip_nonfinite && !pool::all(&items, total, Item::grad_is_finite) {
             return false;
         }
-        pool::for_each(items, total, |it| {
-            let _flush = FlushGuard::new(flush);
-            assert!(panic_at != Some("worker"), "test-only panic in a worker");
-            it.run(level);
-        });
+        let half = items.len().div_ceil(2);
+        let ran = AtomicUsize::new(0);
+        let wrote = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pool::for_each(items, total, |it| {
+                let _flush = FlushGuard::new(flush);
+                assert!(panic_at != Some("worker"), "test-only panic in a worker");
+                it.run(level);
+                let done = ran.fetch_add(1, Ordering::Relaxed) + 1;
+                assert!(
+                    !(panic_at == Some("after_write") && done == half),
+                    "test-only panic in a worker after it wrote"
+                );
+            });
+        }));
+        if let Err(payload) = wrote {
+            // Every other item still ran (see `pool`); the counters were not advanced.
+            std::panic::resume_unwind(Box::new(format!(
+                "{}; the step stopped part-way: parameters and state of this step may be \
+                 partly updated while their step counts are not (restore them from a \
+                 checkpoint)",
+                crate::bindings::panic_message(payload.as_ref())
+            )));
+        }
         for slot in counters {
             slot.write();
         }

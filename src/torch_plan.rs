@@ -11,21 +11,34 @@
 //! having written nothing, and the bridge falls back to its full path, which raises the precise
 //! error or builds a new plan.
 //!
-//! Memory safety does not hang on those checks alone: the plan holds every parameter's and state
-//! tensor's storage (the bridge passes `untyped_storage()` objects), so the memory it points to
-//! stays allocated even if a tensor is re-pointed, and a matching data pointer can only mean the
-//! same memory.
+//! Memory safety does not hang on those checks, nor on anything the caller says: the plan is
+//! built from the NumPy views over each parameter's and state tensor's memory that the full step
+//! just stepped through, and every pointer, element count and dtype it writes with is read from
+//! those views (C-contiguous, aligned, writeable, of the parameter's size, all disjoint) and
+//! checked against the tensors. The plan holds the views, and through them the tensors'
+//! storage, so the memory it points to stays allocated even if a tensor is re-pointed
+//! (`p.data = ...`), and a matching data pointer can only mean the same memory. A gradient's
+//! pointer is read each step from the gradient itself, a tensor of torch's own `Tensor` type
+//! (found by importing torch, not taken from the caller) whose layout must be the parameter's;
+//! the step holds a reference to it until it returns.
+//!
+//! What no reference can prevent: `resize_()` (or `set_()`) of a storage the step is using,
+//! from another thread while the step runs, reallocates that storage in place. torch offers no
+//! way to pin a storage; README says not to do that.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
-use pyo3::{intern, BoundObject};
+
+use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE};
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 
 use crate::dlpack::{same_dims, DlDataType, Exchange, Layout};
-use crate::step::{self, Checked, DType, Hyper, Kind, Options, RuleMemo};
+use crate::step::{self, Checked, DType, Dtypes, Hyper, Kind, Options, RuleMemo};
 
 /// Hashes a pointer-sized key by one multiplication: the keys are object addresses.
 #[derive(Default)]
@@ -47,10 +60,20 @@ impl Hasher for AddressHasher {
     }
 }
 
+/// A tensor the plan writes through, and what it looked like when the plan was built.
+struct Tracked {
+    tensor: Py<PyAny>,
+    /// Where its first element was: the data pointer of the NumPy view the plan holds.
+    ptr: usize,
+    /// Its whole layout, with DLPack's exchange API.
+    layout: Option<Layout>,
+    /// Without it: `t.shape`, `t.stride()` and `t.dtype` as the plan saw them.
+    methods: Option<[Py<PyAny>; 3]>,
+}
+
 /// One parameter as the full step last saw it.
 struct Entry {
     group: usize,
-    p: Py<PyAny>,
     dtype: DType,
     len: usize,
     /// `p.dtype` and `p.shape`: a new gradient must have the same.
@@ -58,19 +81,16 @@ struct Entry {
     shape: Py<PyAny>,
     /// `p.stride()` for a parameter that is dense but not contiguous; None when contiguous.
     strides: Option<Py<PyAny>>,
-    param_ptr: usize,
-    /// The state entries the step uses, their tensors (checked by identity) and data pointers.
+    /// The parameter, then the state entries the step uses (checked by identity in the state
+    /// dict each step, under `keys`).
+    param: Tracked,
     keys: Vec<Py<PyString>>,
-    items: Vec<Py<PyAny>>,
-    item_ptrs: Vec<usize>,
-    /// With DLPack's exchange API: the parameter's and the items' full layouts, which each
-    /// step compares whole (one C call per tensor) instead of calling `data_ptr()`.
-    layouts: Vec<Layout>,
+    items: Vec<Tracked>,
     /// The kernels' state buffers (in `Kind::buffer_names` order) and the step counter.
     bufs: [Option<usize>; 3],
     counter: Option<(usize, bool)>,
-    /// Holds the memory behind every pointer above.
-    _storages: Py<PyAny>,
+    /// The NumPy views the pointers above were read from: they hold the tensors' memory.
+    _views: Vec<Py<PyAny>>,
 }
 
 /// A cached step of the torch bridge; see the module documentation.
@@ -101,113 +121,253 @@ fn data_ptr(t: &Bound<'_, PyAny>) -> PyResult<usize> {
     t.call_method0(intern!(t.py(), "data_ptr"))?.extract()
 }
 
-fn parse_dtype(name: &str) -> PyResult<DType> {
-    Ok(match name {
-        "float32" => DType::F32,
-        "float64" => DType::F64,
-        "float16" => DType::F16,
-        "bfloat16" => DType::Bf16,
-        _ => return Err(PyValueError::new_err(format!("unknown dtype {name:?}"))),
-    })
+fn refuse<T>(what: &str) -> PyResult<T> {
+    Err(PyValueError::new_err(format!("TorchPlan: {what}")))
+}
+
+/// True when a tensor of this shape and these strides (in elements) covers one block of memory
+/// of exactly as many elements, in some order of its dimensions: then a tensor of the same
+/// shape and strides at another address is read as that many contiguous elements.
+fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
+    if shape.contains(&0) {
+        return true;
+    }
+    let mut dims: Vec<(i64, i64)> = strides
+        .iter()
+        .zip(shape)
+        .filter(|&(_, &n)| n != 1)
+        .map(|(&st, &n)| (st, n))
+        .collect();
+    dims.sort_unstable();
+    let mut expected = 1i64;
+    for (stride, n) in dims {
+        if stride != expected {
+            return false;
+        }
+        let Some(next) = expected.checked_mul(n) else {
+            return false;
+        };
+        expected = next;
+    }
+    true
+}
+
+/// One NumPy view of a tensor's memory, as the bridge's full step made it: its data pointer,
+/// element count and dtype, when it is C-contiguous, aligned and writeable.
+fn view_of(v: &Bound<'_, PyAny>, dtypes: &Dtypes<'_>) -> PyResult<(usize, usize, DType)> {
+    let Ok(a) = v.cast::<PyUntypedArray>() else {
+        return refuse("views must be numpy.ndarrays");
+    };
+    // SAFETY: a live ndarray; plain field reads.
+    let (ptr, flags) = unsafe {
+        let r = &(*a.as_array_ptr()).fields;
+        (r.data as usize, r.flags)
+    };
+    let Some(dtype) = dtypes.of(a) else {
+        return refuse("a view of an unsupported dtype");
+    };
+    let need = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE;
+    if flags & need != need {
+        return refuse("views must be C-contiguous, aligned and writeable");
+    }
+    Ok((ptr, a.len(), dtype))
 }
 
 impl TorchPlan {
-    /// Reads one entry tuple: `(group, p, dtype, numel, strides, keys, items, counter_is_f64,
-    /// storages)`. The kernels' buffers and the step counter are the items under their names.
+    /// What `tensor` looks like now, to compare with later; refused unless it starts at `ptr`.
+    fn track(
+        tensor: &Bound<'_, PyAny>,
+        ptr: usize,
+        exchange: Option<&Exchange>,
+    ) -> PyResult<Tracked> {
+        let py = tensor.py();
+        #[allow(clippy::redundant_closure_for_method_calls)] // the closure fixes the lifetime
+        let (layout, methods) = if let Some(ex) = exchange {
+            {
+                let Some(layout) = ex.describe(tensor, |v| v.to_owned()) else {
+                    return refuse("a tensor DLPack cannot describe");
+                };
+                if layout.ptr != ptr {
+                    return refuse("a tensor and its view differ");
+                }
+                (Some(layout), None)
+            }
+        } else {
+            {
+                if data_ptr(tensor)? != ptr {
+                    return refuse("a tensor and its view differ");
+                }
+                let shape = tensor.getattr(intern!(py, "shape"))?.unbind();
+                let stride = tensor.call_method0(intern!(py, "stride"))?.unbind();
+                let dtype = tensor.getattr(intern!(py, "dtype"))?.unbind();
+                (None, Some([shape, stride, dtype]))
+            }
+        };
+        Ok(Tracked {
+            tensor: tensor.clone().unbind(),
+            ptr,
+            layout,
+            methods,
+        })
+    }
+
+    /// Whether the exchange API speaks for every tensor of an entry tuple: the parameter's type
+    /// publishes this very capsule (a subclass inherits it unless it brings its own), and each
+    /// tensor's description starts where its view does.
+    fn exchange_agrees(ex: &Exchange, t: &Bound<'_, PyTuple>) -> bool {
+        let py = t.py();
+        let (Ok(p), Ok(p_view), Ok(items), Ok(views)) =
+            (t.get_item(1), t.get_item(2), t.get_item(4), t.get_item(5))
+        else {
+            return false;
+        };
+        let own = p
+            .get_type()
+            .getattr(intern!(py, "__dlpack_c_exchange_api__"))
+            .is_ok_and(|c| c.is(ex.capsule(py)));
+        let start = |v: &Bound<'_, PyAny>| {
+            v.cast::<PyUntypedArray>()
+                // SAFETY: a live ndarray; a plain field read.
+                .map(|a| unsafe { (*a.as_array_ptr()).fields.data as usize })
+                .ok()
+        };
+        let agrees = |tensor: &Bound<'_, PyAny>, view: &Bound<'_, PyAny>| {
+            let Some(at) = start(view) else { return false };
+            ex.describe(tensor, |v| v.ptr == at) == Some(true)
+        };
+        // The parameter's element type as DLPack names it, against its view's.
+        let dtypes = Dtypes::new(py, true);
+        let same_type = p_view
+            .cast::<PyUntypedArray>()
+            .ok()
+            .and_then(|a| dtypes.of(a))
+            .is_some_and(|dt| ex.describe(&p, |v| v.dtype == DlDataType::of(dt)) == Some(true));
+        own && same_type
+            && agrees(&p, &p_view)
+            && items
+                .try_iter()
+                .ok()
+                .zip(views.try_iter().ok())
+                .is_some_and(|(is, vs)| {
+                    is.zip(vs).all(|(i, v)| match (i, v) {
+                        (Ok(i), Ok(v)) => agrees(&i, &v),
+                        _ => false,
+                    })
+                })
+    }
+
+    /// Reads one entry tuple, `(group, p, p_view, keys, items, item_views)`: `items` are the
+    /// state tensors the step uses, under the names in `keys` (buffers and "step"), and the
+    /// views are the NumPy arrays the full step just stepped them through. Everything the
+    /// plan will write through is read from those views and checked here, so that no argument
+    /// can make it write outside memory it holds.
     fn entry(
         kind: Kind,
         t: &Bound<'_, PyTuple>,
+        tensor_type: &Bound<'_, PyAny>,
         spans: &mut Vec<(usize, usize)>,
-        exchange: &mut Option<Exchange>,
+        exchange: Option<&Exchange>,
     ) -> PyResult<Entry> {
         let py = t.py();
+        if t.len() != 6 {
+            return refuse("entries are (group, p, p_view, keys, items, item_views)");
+        }
+        let group: usize = t.get_item(0)?.extract()?;
         let p = t.get_item(1)?;
-        let dtype = parse_dtype(&t.get_item(2)?.extract::<String>()?)?;
-        let len: usize = t.get_item(3)?.extract()?;
-        let strides = t.get_item(4)?;
-        let keys: Vec<String> = t.get_item(5)?.extract()?;
-        let items = t.get_item(6)?.cast_into::<PyTuple>()?;
-        let wide: bool = t.get_item(7)?.extract()?;
-        if items.len() != keys.len() {
-            return Err(PyValueError::new_err("TorchPlan: one item per key"));
+        let p_view = t.get_item(2)?;
+        let keys: Vec<String> = t.get_item(3)?.extract()?;
+        let items = t.get_item(4)?.cast_into::<PyTuple>()?;
+        let item_views = t.get_item(5)?.cast_into::<PyTuple>()?;
+        if items.len() != keys.len() || item_views.len() != keys.len() {
+            return refuse("one item and one view per key");
+        }
+        if !p.is_instance(tensor_type)?
+            || !items
+                .iter()
+                .all(|i| i.is_instance(tensor_type).unwrap_or(false))
+        {
+            return refuse("parameters and state must be torch.Tensors");
+        }
+        let dtypes = Dtypes::new(py, true);
+        let (param_ptr, len, dtype) = view_of(&p_view, &dtypes)?;
+        let numel: usize = p.call_method0(intern!(py, "numel"))?.extract()?;
+        let torch_dtype = p.getattr(intern!(py, "dtype"))?;
+        let name = torch_dtype.str()?;
+        if numel != len || name.to_cow()? != format!("torch.{}", dtype.torch_name()) {
+            return refuse("a parameter and its view differ");
         }
         let bytes = len * dtype.size();
-
-        let param_ptr = data_ptr(&p)?;
         spans.push((param_ptr, param_ptr + bytes));
+
+        let names = kind.buffer_names();
+        let mut bufs = [None; 3];
+        let mut counter = None;
+        let mut views = vec![p_view.clone().unbind()];
+        let mut tracked_items = Vec::with_capacity(items.len());
         let mut item_ptrs = Vec::with_capacity(items.len());
-        for (key, item) in keys.iter().zip(items.iter()) {
-            let ptr = data_ptr(&item)?;
-            let size = if key == "step" {
-                if wide {
-                    8
-                } else {
-                    4
+        for (key, view) in keys.iter().zip(item_views.iter()) {
+            let (ptr, n, dt) = view_of(&view, &dtypes)?;
+            if key == "step" {
+                let wide = match dt {
+                    DType::F64 => true,
+                    DType::F32 => false,
+                    _ => return refuse("a step counter must be float32 or float64"),
+                };
+                let is_0d = view.cast::<PyUntypedArray>()?.ndim() == 0;
+                if !is_0d || counter.is_some() || !kind.counts_steps() {
+                    return refuse("one 0-d step counter, for a kind that counts steps");
                 }
+                counter = Some((ptr, wide));
+                spans.push((ptr, ptr + dt.size()));
             } else {
-                bytes
-            };
-            spans.push((ptr, ptr + size));
+                let Some(slot) = names.iter().position(|b| b == key) else {
+                    return refuse("an unknown state key");
+                };
+                if bufs[slot].is_some() || dt != dtype || n != len {
+                    return refuse("state buffers must be distinct and match their parameter");
+                }
+                bufs[slot] = Some(ptr);
+                spans.push((ptr, ptr + bytes));
+            }
+            views.push(view.unbind());
             item_ptrs.push(ptr);
         }
-        let ptr_of = |name: &str| keys.iter().position(|k| k == name).map(|i| item_ptrs[i]);
-        let mut bufs = [None; 3];
-        for (slot, name) in bufs.iter_mut().zip(kind.buffer_names()) {
-            *slot = ptr_of(name);
+        if kind.counts_steps() && counter.is_none() {
+            return refuse("a step counter is missing");
         }
-        let counter = ptr_of("step").map(|ptr| (ptr, wide));
-        let layouts = match exchange {
-            Some(ex) => {
-                let want = DlDataType::of(dtype);
-                let mut layouts = Vec::with_capacity(1 + items.len());
-                let agree = std::iter::once((p.clone(), param_ptr))
-                    .chain(items.iter().zip(item_ptrs.iter().copied()))
-                    .all(|(tensor, ptr)| {
-                        ex.describe(&tensor, |v| {
-                            layouts.push(v.to_owned());
-                            v.ptr == ptr
-                        }) == Some(true)
-                    });
-                // The protocol speaks for instances of the type the capsule came from; a
-                // subclass (nn.Parameter) inherits the capsule unless it brings its own.
-                let own = p
-                    .get_type()
-                    .getattr(intern!(py, "__dlpack_c_exchange_api__"))
-                    .is_ok_and(|c| c.is(ex.capsule(py)));
-                if own && agree && layouts[0].dtype == want {
-                    layouts
-                } else {
-                    // Not the API this code was written against: every step of this plan
-                    // asks torch's Python methods instead.
-                    *exchange = None;
-                    Vec::new()
-                }
-            }
-            None => Vec::new(),
-        };
+
+        let strides_obj = p.call_method0(intern!(py, "stride"))?;
+        let shape_vec: Vec<i64> = p.getattr(intern!(py, "shape"))?.extract()?;
+        let strides_vec: Vec<i64> = strides_obj.extract()?;
+        let contiguous = p.call_method0(intern!(py, "is_contiguous"))?.is_truthy()?;
+        if !contiguous && !is_dense(&shape_vec, &strides_vec) {
+            return refuse("a parameter must be dense in memory");
+        }
+
+        let param = TorchPlan::track(&p, param_ptr, exchange)?;
+        for (item, &ptr) in items.iter().zip(&item_ptrs) {
+            tracked_items.push(TorchPlan::track(&item, ptr, exchange)?);
+        }
         Ok(Entry {
-            group: t.get_item(0)?.extract()?,
+            group,
             dtype,
             len,
-            dtype_obj: p.getattr(intern!(py, "dtype"))?.unbind(),
+            dtype_obj: torch_dtype.unbind(),
             shape: p.getattr(intern!(py, "shape"))?.unbind(),
-            strides: if strides.is_none() {
+            strides: if contiguous {
                 None
             } else {
-                Some(strides.unbind())
+                Some(strides_obj.unbind())
             },
-            param_ptr,
+            param,
             keys: keys
                 .iter()
                 .map(|k| PyString::intern(py, k).unbind())
                 .collect(),
-            items: items.iter().map(BoundObject::unbind).collect(),
-            item_ptrs,
-            layouts,
+            items: tracked_items,
             bufs,
             counter,
-            _storages: t.get_item(8)?.unbind(),
-            p: p.unbind(),
+            _views: views,
         })
     }
 
@@ -223,8 +383,7 @@ impl TorchPlan {
         if !ok {
             return Ok(None);
         }
-        let ptr = if let Some(ex) = &self.exchange {
-            let p = &e.layouts[0];
+        let ptr = if let (Some(ex), Some(p)) = (&self.exchange, &e.param.layout) {
             // A contiguous parameter takes any contiguous gradient (size-1 dimensions may have
             // any stride); a dense non-contiguous one needs its own strides.
             let fits = ex.describe(g, |v| {
@@ -264,14 +423,22 @@ impl TorchPlan {
         Ok(Some(ptr))
     }
 
-    /// Whether `t` still points where the full step saw it (`layout`: as it was then, whole,
-    /// when the exchange API is in use).
-    fn unmoved(&self, t: &Bound<'_, PyAny>, ptr: usize, layout: Option<&Layout>) -> PyResult<bool> {
-        Ok(match (&self.exchange, layout) {
-            (Some(ex), Some(was)) => {
-                ex.describe(t, |v| v.ptr == was.ptr && v.same_kind(was)) == Some(true)
+    /// Whether a tracked tensor still has the memory and whole layout the full step saw.
+    fn unmoved(&self, t: &Tracked, py: Python<'_>) -> PyResult<bool> {
+        let tensor = t.tensor.bind(py);
+        Ok(match (&self.exchange, &t.layout, &t.methods) {
+            (Some(ex), Some(was), _) => {
+                ex.describe(tensor, |v| v.ptr == was.ptr && v.same_kind(was)) == Some(true)
             }
-            _ => data_ptr(t)? == ptr,
+            (_, _, Some([shape, stride, dtype])) => {
+                data_ptr(tensor)? == t.ptr
+                    && tensor.getattr(intern!(py, "dtype"))?.is(dtype.bind(py))
+                    && tensor.getattr(intern!(py, "shape"))?.eq(shape.bind(py))?
+                    && tensor
+                        .call_method0(intern!(py, "stride"))?
+                        .eq(stride.bind(py))?
+            }
+            _ => false,
         })
     }
 
@@ -314,30 +481,26 @@ impl TorchPlan {
                     return Ok(None);
                 }
             };
-            let p = e.p.bind(py);
-            let g = p.getattr(intern!(py, "grad"))?;
+            let g = e.param.tensor.bind(py).getattr(intern!(py, "grad"))?;
             if g.is_none() {
                 continue;
             }
-            if !self.unmoved(p, e.param_ptr, e.layouts.first())? {
+            if !self.unmoved(&e.param, py)? {
                 return Ok(None);
             }
             let entry = entry_of[k].as_ref().and_then(|v| v.cast::<PyDict>().ok());
             if entry.is_none() && !e.keys.is_empty() {
                 return Ok(None);
             }
-            for (i, ((key, item), &ptr)) in
-                e.keys.iter().zip(&e.items).zip(&e.item_ptrs).enumerate()
-            {
+            for (key, item) in e.keys.iter().zip(&e.items) {
                 let Some(entry) = entry else {
                     return Ok(None);
                 };
-                let item = item.bind(py);
                 match entry.get_item(key.bind(py))? {
-                    Some(v) if v.is(item) => {}
+                    Some(v) if v.is(item.tensor.bind(py)) => {}
                     _ => return Ok(None),
                 }
-                if !self.unmoved(item, ptr, e.layouts.get(i + 1))? {
+                if !self.unmoved(item, py)? {
                     return Ok(None);
                 }
             }
@@ -357,13 +520,17 @@ impl TorchPlan {
                 }
                 None => (None, 0.0),
             };
-            let Some(hyper) = hypers.get(e.group) else {
+            // The group's options must use exactly the buffers the plan has.
+            let Some(hyper) = hypers
+                .get(e.group)
+                .filter(|h| h.needs() == e.bufs.map(|b| b.is_some()))
+            else {
                 return Ok(None);
             };
             checked.push(Checked {
                 dtype: e.dtype,
                 len: e.len,
-                param: e.param_ptr as *mut u8,
+                param: e.param.ptr as *mut u8,
                 grad: grad as *const u8,
                 bufs: e.bufs.map(|b| b.map(|ptr| ptr as *mut u8)),
                 step: counter,
@@ -381,32 +548,49 @@ impl TorchPlan {
     /// Builds a plan from what the bridge's full step just checked and stepped.
     ///
     /// `entries` holds, per parameter in `param_groups` order, the parameter itself when that
-    /// full step did not step it, else `(group, p, dtype_name, numel, strides_or_None, keys,
-    /// items, counter_is_f64, storages)`: `items` are the state tensors the step uses, under
-    /// the names in `keys` (buffers and "step"). `tensor_type` is `torch.Tensor`, `strided` is
-    /// `torch.strided`, and `increment_version` is autograd's. `exchange_api` is
-    /// `torch.Tensor.__dlpack_c_exchange_api__` where torch has it: the plan then reads each
-    /// tensor's layout in one C call.
+    /// full step did not step it, else `(group, p, p_view, keys, items, item_views)`: `items`
+    /// are the state tensors the step uses, under the names in `keys` (buffers and "step"),
+    /// and the views are the NumPy arrays over their memory that the full step stepped. Every
+    /// pointer, size and dtype is read from those views and checked against the tensors, and
+    /// the plan holds the views, so no argument can make it write where it should not.
+    /// `exchange_api` is `torch.Tensor.__dlpack_c_exchange_api__` where torch has it: the plan
+    /// then reads each tensor's layout in one C call.
     #[new]
-    #[pyo3(signature = (kind, entries, tensor_type, strided, increment_version, exchange_api = None))]
+    #[pyo3(signature = (kind, entries, exchange_api = None))]
     fn new(
         kind: &str,
         entries: &Bound<'_, PyList>,
-        tensor_type: Bound<'_, PyAny>,
-        strided: Bound<'_, PyAny>,
-        increment_version: Bound<'_, PyAny>,
         exchange_api: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<TorchPlan> {
+        let py = entries.py();
         let kind = Kind::parse(kind)?;
+        // torch's own objects, never taken from the caller: what a gradient must be.
+        let torch = py.import(intern!(py, "torch"))?;
+        let tensor_type = torch.getattr(intern!(py, "Tensor"))?;
+        let strided = torch.getattr(intern!(py, "strided"))?;
+        let increment_version = py
+            .import(intern!(py, "torch.autograd.graph"))?
+            .getattr(intern!(py, "increment_version"))?;
         let mut exchange = exchange_api.and_then(Exchange::from_capsule);
+        if let Some(ex) = &exchange {
+            let all_agree = entries.iter().all(|item| {
+                item.cast::<PyTuple>()
+                    .map_or(true, |t| TorchPlan::exchange_agrees(ex, t))
+            });
+            if !all_agree {
+                // Not the API this code was written against: every step of this plan asks
+                // torch's Python methods instead.
+                exchange = None;
+            }
+        }
         let mut spans = Vec::new();
         let mut list = Vec::with_capacity(entries.len());
         let mut index = HashMap::default();
         for (k, item) in entries.iter().enumerate() {
             match item.cast::<PyTuple>() {
                 Ok(t) => {
-                    let e = TorchPlan::entry(kind, t, &mut spans, &mut exchange)?;
-                    index.insert(e.p.as_ptr() as usize, k);
+                    let e = TorchPlan::entry(kind, t, &tensor_type, &mut spans, exchange.as_ref())?;
+                    index.insert(e.param.tensor.as_ptr() as usize, k);
                     list.push(Ok(e));
                 }
                 Err(_) => list.push(Err(item.unbind())),
@@ -415,15 +599,13 @@ impl TorchPlan {
         spans.retain(|(s, e)| e > s);
         spans.sort_unstable();
         if spans.windows(2).any(|w| w[1].0 < w[0].1) {
-            return Err(PyValueError::new_err(
-                "TorchPlan: the tensors it would write overlap",
-            ));
+            return refuse("the tensors it would write overlap");
         }
-        let all_written = PyList::empty(entries.py());
+        let all_written = PyList::empty(py);
         for e in list.iter().filter_map(|e| e.as_ref().ok()) {
-            all_written.append(e.p.bind(entries.py()))?;
+            all_written.append(e.param.tensor.bind(py))?;
             for t in &e.items {
-                all_written.append(t.bind(entries.py()))?;
+                all_written.append(t.tensor.bind(py))?;
             }
         }
         Ok(TorchPlan {
@@ -484,9 +666,9 @@ impl TorchPlan {
                     .iter()
                     .filter_map(|&k| self.entries[k].as_ref().ok())
                 {
-                    written.append(e.p.bind(py))?;
+                    written.append(e.param.tensor.bind(py))?;
                     for t in &e.items {
-                        written.append(t.bind(py))?;
+                        written.append(t.tensor.bind(py))?;
                     }
                 }
                 bump.call1((written,))?;

@@ -301,6 +301,9 @@ def core_calls(draw):
     options = {
         "skip_nonfinite": draw(st.booleans()),
         "flush_denormals": draw(st.booleans()),
+        # uint16 arrays are bfloat16 bits only where the caller says so (the torch bridge);
+        # drawn either way, so that both the bfloat16 kernels and the refusal are fuzzed.
+        "bf16_bits": draw(st.booleans()),
     }
     for _ in range(draw(st.integers(0, 4))):
         _mutate(draw, box, call, n)

@@ -307,11 +307,11 @@ def _full_steps_counted(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("probe", ["exchange"], indirect=True)
 @pytest.mark.parametrize("where", ["param", "state"])
 def test_same_memory_in_a_new_shape_is_seen(where):
-    """``t.data = t.data[:3]`` keeps the data pointer but not the tensor: through the exchange
-    API the plan compares each tensor's whole layout, so the full step looks and reports it."""
+    """``t.data = t.data[:3]`` keeps the data pointer but not the tensor: the plan compares each
+    tensor's whole layout (through the exchange API, or its Python methods without one), so the
+    full step looks and reports it."""
     ours, theirs, opt, ref = _pair()
     _step(ours, theirs, opt, ref, 1)
     before = [t.detach().clone() for t in ours]

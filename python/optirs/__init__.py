@@ -16,6 +16,7 @@ parallel. ``optirs.torch`` (imported separately) wraps the same core for ``torch
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import _core, _spec
 from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
-from ._plan import GroupsSnapshot, StepOptions
+from ._plan import GroupsSnapshot, StepOptions, fork_safe
 
 __version__: str = _core.__version__
 
@@ -46,6 +47,18 @@ __all__ = [
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY: Mapping[str, Any] = {}
+
+
+def _bfloat16() -> np.dtype | None:
+    """``ml_dtypes.bfloat16`` once the program has imported ``ml_dtypes`` (optional: NumPy
+    has no bfloat16 of its own; ``pip install optirs[bfloat16]``)."""
+    ml = sys.modules.get("ml_dtypes")
+    return None if ml is None else np.dtype(ml.bfloat16)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    """The dtypes the NumPy API updates: float32, float64 and ml_dtypes' bfloat16."""
+    return dtype in _FLOAT_DTYPES or dtype == _bfloat16()
 
 
 class _Required:
@@ -232,10 +245,10 @@ class _Plan:
 def _check_param(p: Any) -> np.ndarray:
     if not isinstance(p, np.ndarray):
         raise TypeError(f"optimizer can only optimize ndarrays, but one of the params is {_tn(p)}")
-    if p.dtype not in _FLOAT_DTYPES:
+    if not _is_float(p.dtype):
         raise TypeError(
-            f"optimizer can only optimize float32 and float64 arrays, but one of the params "
-            f"has dtype {p.dtype}"
+            "optimizer can only optimize float32, float64 and bfloat16 (ml_dtypes) "
+            f"arrays, but one of the params has dtype {p.dtype}"
         )
     if not p.flags.c_contiguous:
         raise ValueError(
@@ -285,6 +298,7 @@ class Optimizer:
         self.last_step_skipped = False
         self._plan: _Plan | None = None
         self._lock = threading.Lock()
+        fork_safe(self)
         if isinstance(params, np.ndarray):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of ndarrays or "
@@ -318,6 +332,11 @@ class Optimizer:
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._plan = None
+        fork_safe(self)
+
+    def _after_fork(self) -> None:
+        # In a forked child: the parent's lock may have been held by a thread the child lacks.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -473,12 +492,20 @@ class Optimizer:
             buffers[i] = tuple(state.get(n) for n in names)
             steps[i] = state.get("step")
             fresh[i] = "momentum_buffer" in missing
+        # The core keeps the new state itself (`commit`) once the update is applied, before it
+        # returns, so that an interrupt cannot land between the two.
         applied = _core.step(
-            spec.kind, groups, plan.params, grads, buffers, steps, fresh, **self._options()
+            spec.kind,
+            groups,
+            plan.params,
+            grads,
+            buffers,
+            steps,
+            fresh,
+            commit=[(self.state, p, state) for p, state in created],
+            **self._options(),
         )
         if applied:
-            for p, state in created:
-                self.state[p] = state
             self._plan = None
         return applied
 
@@ -605,7 +632,7 @@ def _load_buffer(value: Any, p: np.ndarray, where: str) -> np.ndarray:
         arr = np.asarray(value)
     except Exception as e:
         raise TypeError(f"{where} must be an array, got {_tn(value)}") from e
-    if arr.dtype.kind != "f":
+    if arr.dtype.kind != "f" and not _is_float(arr.dtype):
         raise TypeError(f"{where} must be a floating-point array, got dtype {arr.dtype}")
     if arr.shape != p.shape:
         raise ValueError(f"{where} has shape {arr.shape}, but its parameter has shape {p.shape}")

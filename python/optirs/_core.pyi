@@ -35,6 +35,9 @@ def step(
     skip_nonfinite: bool = False,
     flush_denormals: bool = False,
     plan: Literal[False] = False,
+    bf16_bits: bool = False,
+    commit: list[tuple[Any, Any, Any]] | None = None,
+    then: tuple[Any, Any] | None = None,
     _panic_for_tests: str | None = None,
 ) -> bool:
     """Runs one optimizer step over every parameter of every group, in place.
@@ -49,8 +52,12 @@ def step(
     when ``skip_nonfinite`` is set and a gradient holds NaN or infinity. ``flush_denormals``
     flushes denormals to zero on every thread of the step, for its duration (x86-64). With
     ``plan``, returns ``(applied, ArrayPlan)``: the plan of the steps after this one.
-    ``_panic_for_tests`` ("validation" or "worker") makes the step panic, for tests: a panic
-    surfaces as RuntimeError.
+    ``bf16_bits`` (the torch bridge): uint16 arrays are bfloat16 bit patterns; otherwise integer
+    arrays are refused and bfloat16 arrays are ``ml_dtypes.bfloat16``. Once the update is
+    applied, before returning: ``mapping[key] = value`` for each triple of ``commit`` and then
+    ``then[0](then[1])``, each completed even if a signal handler raises inside it (that
+    exception is raised afterwards). ``_panic_for_tests`` ("validation", "worker" or
+    "after_write") makes the step panic, for tests: a panic surfaces as RuntimeError.
     """
 
 @overload
@@ -66,6 +73,9 @@ def step(
     skip_nonfinite: bool = False,
     flush_denormals: bool = False,
     plan: Literal[True],
+    bf16_bits: bool = False,
+    commit: list[tuple[Any, Any, Any]] | None = None,
+    then: tuple[Any, Any] | None = None,
     _panic_for_tests: str | None = None,
 ) -> tuple[bool, ArrayPlan]: ...
 
@@ -97,21 +107,14 @@ class TorchPlan:
     every tensor. Each later step re-checks in Rust what can change between steps and steps
     through raw pointers, or returns None, having written nothing, for the full step to run."""
 
-    def __new__(
-        cls,
-        kind: str,
-        entries: list[Any],
-        tensor_type: type,
-        strided: Any,
-        increment_version: Any,
-        exchange_api: Any = None,
-    ) -> TorchPlan:
+    def __new__(cls, kind: str, entries: list[Any], exchange_api: Any = None) -> TorchPlan:
         """``entries``: per parameter in param_groups order, the parameter itself (not stepped
-        by the full step) or ``(group, p, dtype_name, numel, strides_or_None, keys, items,
-        counter_is_f64, storages)``, ``items`` being the state tensors under ``keys``;
-        ``tensor_type`` is ``torch.Tensor``, ``strided`` is ``torch.strided``,
-        ``increment_version`` is autograd's; ``exchange_api`` is torch's DLPack exchange API
-        capsule (``torch.Tensor.__dlpack_c_exchange_api__``), read through when given."""
+        by the full step) or ``(group, p, p_view, keys, items, item_views)``, ``items`` being
+        the state tensors under ``keys`` and the views the NumPy arrays over the parameter's
+        and items' memory that the full step stepped (pointers, sizes and dtypes are taken from
+        them and checked against the tensors; ValueError when anything disagrees);
+        ``exchange_api`` is torch's DLPack exchange API capsule
+        (``torch.Tensor.__dlpack_c_exchange_api__``), read through when given."""
 
     def step(
         self,

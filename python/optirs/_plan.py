@@ -7,6 +7,8 @@ notice when the param groups they were built from have changed shape.
 from __future__ import annotations
 
 import operator
+import os
+import weakref
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any, TypedDict
@@ -44,3 +46,29 @@ class GroupsSnapshot:
             if current is not ps or len(current) != n or spec.needs(g) != need:
                 return False
         return all(map(operator.is_, chain.from_iterable(self.lists), self.params))
+
+
+#: Optimizers whose step lock exists: a forked child gets each a fresh one (see ``fork_safe``).
+_LOCKED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def fork_safe(optimizer: Any) -> None:
+    """Registers ``optimizer`` (which has an ``_after_fork()`` method) to be called in every
+    child forked from now on.
+
+    Another thread may be inside the optimizer's ``step()``, holding its lock, when some thread
+    forks; the child has no such thread, so the lock would stay held there forever and the
+    child's first step would hang (DataLoader workers and ``multiprocessing`` fork like this).
+    The child's copy of that step's parameters is whatever the step had written when the fork
+    happened, as for any memory another thread is writing then.
+    """
+    _LOCKED.add(optimizer)
+
+
+def _after_fork_in_child() -> None:
+    for optimizer in list(_LOCKED):
+        optimizer._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -32,7 +32,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _core, _spec
 from ._backward import StepInBackward, step_in_backward
-from ._plan import GroupsSnapshot, StepOptions
+from ._plan import GroupsSnapshot, StepOptions, fork_safe
 
 
 def register_functional_optimizers() -> dict[type[torch.optim.Optimizer], Any]:
@@ -110,7 +110,12 @@ class _Bridge:
         lock = self.__dict__.get("_optirs_lock")
         if lock is None:
             lock = self.__dict__.setdefault("_optirs_lock", threading.Lock())
+            fork_safe(self)
         return lock
+
+    def _after_fork(self) -> None:
+        # In a forked child: the parent's lock may have been held by a thread the child lacks.
+        self.__dict__.pop("_optirs_lock", None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -306,19 +311,24 @@ class _Bridge:
                 written.extend(b for b, n in zip(bufs, names) if b is not None and n in need_names)
                 if step is not None:
                     written.append(step)
-        applied = _core.step(
-            spec.kind, groups, params, grads, buffers, steps, fresh, **self._options()
+        # The core wrote through NumPy views, which autograd cannot see: it bumps the version
+        # counters as torch's in-place ops would (`then`), so a graph that saved an old value
+        # refuses to backpropagate through it instead of silently using the new one. It keeps
+        # the state made for this step (`commit`) itself, before returning, so that an
+        # interrupt cannot land between the update and the state it advanced.
+        return _core.step(
+            spec.kind,
+            groups,
+            params,
+            grads,
+            buffers,
+            steps,
+            fresh,
+            bf16_bits=True,
+            commit=[(self.state, p, state) for p, state in created],
+            then=(increment_version, written) if written else None,
+            **self._options(),
         )
-        if not applied:
-            return False
-        for p, state in created:
-            self.state[p] = state
-        # The core wrote through NumPy views, which autograd cannot see: bump the version
-        # counters as torch's in-place ops would, so a graph that saved an old value refuses
-        # to backpropagate through it instead of silently using the new one.
-        if written:
-            increment_version(written)
-        return True
 
     def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -329,11 +339,12 @@ class _Plan:
     that follow.
 
     Each later step is one call into Rust, which re-checks per parameter what can change
-    between steps (its data pointer, its state entries by identity and their data pointers, the
-    gradient's type, device, layout, dtype, shape, strides and memory) and steps through raw
-    pointers. When anything differs it writes nothing and returns None, and the full step runs:
-    it raises the precise error or builds a new plan. The plan holds the storage of every
-    parameter and state tensor it points into, so that memory outlives any re-pointing.
+    between steps (its data pointer and layout, its state entries by identity and their
+    layouts, the gradient's type, device, layout, dtype, shape, strides and memory) and steps
+    through raw pointers. When anything differs it writes nothing and returns None, and the full
+    step runs: it raises the precise error or builds a new plan. The plan is given the NumPy
+    views of every parameter and state tensor it writes, takes its pointers from them and holds
+    them, so that memory outlives any re-pointing.
     """
 
     __slots__ = ("core", "groups", "state")
@@ -346,35 +357,22 @@ class _Plan:
         for gi, (ps, need) in enumerate(zip(self.groups.lists, self.groups.needs)):
             keys = tuple(n for n, want in zip(spec.buffers, need) if want)
             keys += ("step",) if spec.counts_steps else ()
-            for p in ps:
+            for i, p in enumerate(ps):
                 # Only what the full step just checked: a parameter that had no gradient
                 # sends the next step it has one back to the full step.
                 if p.grad is None:
                     entries.append(p)
                     continue
+                where = f"param_groups[{gi}]['params'][{i}]"
                 state = opt.state.get(p, {})
                 items = tuple(state[k] for k in keys)
-                entries.append(
-                    (
-                        gi,
-                        p,
-                        str(p.dtype).removeprefix("torch."),
-                        p.numel(),
-                        None if p.is_contiguous() else p.stride(),
-                        keys,
-                        items,
-                        spec.counts_steps and state["step"].dtype == torch.float64,
-                        tuple(t.untyped_storage() for t in (p, *items)),
-                    )
+                layout = _Layout(p, where)
+                views = tuple(
+                    _scalar_view(t, where) if k == "step" else layout.view(t, where)
+                    for k, t in zip(keys, items)
                 )
-        self.core = _core.TorchPlan(
-            spec.kind,
-            entries,
-            torch.Tensor,
-            torch.strided,
-            increment_version,
-            _EXCHANGE_API,
-        )
+                entries.append((gi, p, layout.view(p, where), keys, items, views))
+        self.core = _core.TorchPlan(spec.kind, entries, _EXCHANGE_API)
 
     def fits(self, opt: _Bridge, groups: list[dict[str, Any]]) -> bool:
         """Groups, their parameter lists and layout-changing options are as they were."""

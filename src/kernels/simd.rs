@@ -102,6 +102,33 @@ pub fn active() -> SimdLevel {
     }
 }
 
+/// Chooses the level from `OPTIRS_SIMD` (called once, at import); returns a warning when the
+/// variable names no level, or one this CPU lacks, saying which level is used instead.
+#[must_use]
+#[allow(clippy::unnecessary_debug_formatting)] // quoted, with escapes: the value may be anything
+pub fn init() -> Option<String> {
+    let best = SimdLevel::detect();
+    let raw = std::env::var_os("OPTIRS_SIMD");
+    let wanted = raw.as_ref().map(|v| v.to_str().and_then(SimdLevel::parse));
+    let chosen = match wanted {
+        Some(Some(w)) => w.min(best),
+        _ => best,
+    };
+    ACTIVE.store(chosen as u8, Ordering::Relaxed);
+    match (raw, wanted) {
+        (Some(raw), Some(None)) => Some(format!(
+            "OPTIRS_SIMD={raw:?} names no SIMD level (one of 'avx512', 'avx2', 'baseline'); \
+             using {}",
+            chosen.name()
+        )),
+        (Some(raw), Some(Some(w))) if w > best => Some(format!(
+            "OPTIRS_SIMD={raw:?} asks for a level this CPU does not support; using {}",
+            chosen.name()
+        )),
+        _ => None,
+    }
+}
+
 /// Forces a level for the rest of the process (clamped to what the CPU supports) and returns
 /// the level now in use.
 pub fn set_active(level: SimdLevel) -> SimdLevel {
