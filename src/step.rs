@@ -770,14 +770,18 @@ pub(crate) unsafe fn counter_at(p: *mut u8, wide: bool) -> (CounterSlot<'static>
     unsafe {
         if wide {
             let p = p.cast::<f64>();
-            let new = *p + 1.0;
-            (CounterSlot::F64(&mut *p, new), *p, new)
+            // Read before the `&mut` is made: a read through `p` after it would invalidate it
+            // (Stacked Borrows; found by Miri).
+            let old = *p;
+            let new = old + 1.0;
+            (CounterSlot::F64(&mut *p, new), old, new)
         } else {
             let p = p.cast::<f32>();
-            let new = *p + 1.0;
+            let old = *p;
+            let new = old + 1.0;
             (
                 CounterSlot::F32(&mut *p, new),
-                f64::from(*p),
+                f64::from(old),
                 f64::from(new),
             )
         }
