@@ -63,6 +63,16 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _EXCHANGE_API = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
 
 
+#: The bridge's own attributes and their defaults: what torch's pickling, deepcopy and
+#: load_state_dict do not know about (see ``_Bridge.__getstate__``).
+_OWN_ATTRIBUTES: dict[str, Any] = {
+    "skip_nonfinite": False,
+    "flush_denormals": False,
+    "skipped_steps": 0,
+    "last_step_skipped": False,
+}
+
+
 def _refuse(name: str, **options: bool) -> None:
     for option, value in options.items():
         if value:
@@ -94,10 +104,26 @@ class _Bridge:
         #: whether the last ``step()`` was skipped
         self.last_step_skipped = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's pickled state (defaults, state, param_groups) and the bridge's options and
+        skipped-step count, so that ``pickle`` and ``copy.deepcopy`` carry them."""
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[misc,assignment]
+        state.update({name: getattr(self, name, d) for name, d in _OWN_ATTRIBUTES.items()})
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # torch pickles and deep-copies only defaults, state and param_groups.
+        """Restores ``state``; the bridge's attributes it lacks keep their values.
+
+        torch's ``load_state_dict`` ends by calling this with only ``state`` and
+        ``param_groups``: the optimizer keeps its own options and count. An object unpickled
+        from a pickle without them (an older optirs) gets the constructor's defaults.
+        """
         super().__setstate__(state)  # type: ignore[misc]
-        self._after_init(False, False)
+        # As in _after_init: GradScaler must not hand this optimizer grad_scale/found_inf.
+        self._step_supports_amp_scaling = False
+        for name, default in _OWN_ATTRIBUTES.items():
+            if name not in self.__dict__:
+                setattr(self, name, default)
 
     def _options(self) -> StepOptions:
         return {
