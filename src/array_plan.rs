@@ -231,7 +231,7 @@ impl ArrayPlan {
                 grad: grad as *const u8,
                 bufs,
                 step: counter,
-                rule: rules.get(e.group, hyper, e.dtype, count, false),
+                rule: rules.get(e.group, hyper, e.dtype, count, false).ok()?,
             });
         }
         Some(checked)

@@ -393,8 +393,10 @@ class Optimizer:
         ``grads`` holds one entry per parameter, in ``param_groups`` order (flattened across
         groups): an ndarray of the parameter's shape and dtype, or ``None`` to leave that
         parameter and its state alone this step. Hyperparameters changed in ``param_groups``
-        since the last step are validated first. On any error (TypeError/ValueError naming the
-        offending array) no parameter or state is modified.
+        since the last step are validated first, with torch.optim's constructor checks. On any
+        error (TypeError/ValueError naming the offending array; RuntimeError, as torch.optim's
+        step raises, for a value out of float32's range with float32 arrays, e.g.
+        ``lr=1e300``) no parameter or state is modified.
 
         Steps of one optimizer are serialised: two threads stepping it take turns. With
         ``skip_nonfinite``, a step whose gradients hold NaN or infinity changes nothing and

@@ -13,6 +13,12 @@ the core re-checks each step; see ``_Plan``)::
 State keeps torch's exact format (``step`` a 0-d float32 tensor, buffers of the parameter's
 dtype), so state dicts move freely between ``torch.optim.X`` and ``optirs.torch.X``.
 
+Hyperparameters are validated by torch's constructor only, as with torch.optim: a value set
+later (by a scheduler or by hand) is stepped with as torch's for-loop step would, NaN and
+infinities included, and where torch's step raises (Adam's ``betas[0] = 1.0`` divides by zero;
+``lr = 1e300`` does not fit a float32 tensor), optirs raises the same exception, before
+changing anything.
+
 Supported: CPU tensors of dtype float32 and float64, and float16/bfloat16 computed in float32
 and stored in the parameter's dtype (as torch's fused CPU path does); dense gradients; any
 dense memory layout (contiguous, transposed, channels_last) shared by a parameter, its gradient
@@ -187,9 +193,10 @@ class _Bridge:
             )
 
     def _optirs_step(self) -> bool:
+        # Hyperparameters are not validated here: torch.optim checks them in its constructor
+        # only, and steps with whatever a schedule or the user sets later. The core raises
+        # only where torch's step raises (src/torch_raises.rs).
         groups = self.param_groups
-        for group in groups:
-            self._spec.validate(group)
         plan = getattr(self, "_optirs_plan", None)
         if plan is not None and plan.fits(self, groups):
             applied = plan.step(self)
@@ -223,20 +230,20 @@ class _Bridge:
                     "step_parameters: a tensor that is not in this optimizer's param_groups"
                 )
             group, gi, i = found
-            self._spec.validate(group)
             groups.append({**group, "params": [p]})
-            positions.append(f"param_groups[{gi}]['params'][{i}]")
+            positions.append((gi, i))
         with self._lock():
             try:
                 applied = self._optirs_full_step(groups)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
                 # The step ran over one-parameter copies of the groups: name each parameter
-                # by its place in the optimizer's own param_groups.
-                message = re.sub(
-                    r"param_groups\[(\d+)\]\['params'\]\[0\]",
-                    lambda m: positions[int(m.group(1))],
-                    str(e),
-                )
+                # (and each group's hyperparameter) by its place in the optimizer's own
+                # param_groups.
+                def place(m: re.Match[str]) -> str:
+                    gi, i = positions[int(m.group(1))]
+                    return f"param_groups[{gi}]" + (f"['params'][{i}]" if m.group(2) else "")
+
+                message = re.sub(r"param_groups\[(\d+)\](\['params'\]\[0\])?", place, str(e))
                 raise type(e)(message) from None
         self.last_step_skipped = not applied
         if not applied:
