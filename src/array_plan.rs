@@ -243,7 +243,7 @@ impl ArrayPlan {
                 grad: grad as *const u8,
                 bufs,
                 step: counter,
-                rule: rules.get(e.group, hyper, e.dtype, count, false),
+                rule: rules.get(e.group, hyper, e.dtype, count, false).ok()?,
             });
             held.push(g);
         }

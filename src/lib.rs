@@ -13,5 +13,6 @@ mod pool;
 mod probe;
 mod step;
 mod torch_plan;
+mod torch_raises;
 
 pub use bindings::_core;

@@ -32,10 +32,10 @@ use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE};
 use numpy::{dtype, PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyAnyMethods, PyTuple, PyTupleMethods};
+use pyo3::types::{PyAnyMethods, PyComplex, PyFloat, PyInt, PyTuple, PyTupleMethods};
 
 use crate::array_plan::{ArrayPlan, Stepped};
-use crate::errors::{type_err, value_err, StepError};
+use crate::errors::{type_err, value_err, StepError, TorchRaises};
 use crate::fpenv::FlushGuard;
 use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use crate::kernels::adam::{AdamHyper, AdamScalars};
@@ -43,6 +43,7 @@ use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
 use crate::kernels::sgd::{SgdHyper, SgdScalars};
 use crate::kernels::{simd, Float, Rule, Slices, Storage};
 use crate::pool;
+use crate::torch_raises::{self, PyNumbers};
 
 /// Which update rule a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,9 +85,9 @@ impl Kind {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Hyper {
     Sgd(SgdHyper),
-    Adam(AdamHyper),
+    Adam(AdamHyper, PyNumbers),
     RmsProp(RmsPropHyper),
-    Adagrad(AdagradHyper),
+    Adagrad(AdagradHyper, PyNumbers),
 }
 
 impl Hyper {
@@ -97,26 +98,42 @@ impl Hyper {
     ) -> Result<Hyper, StepError> {
         let g = GroupReader { group, gi };
         Ok(match kind {
-            Kind::Sgd => Hyper::Sgd(SgdHyper {
-                lr: g.real("lr")?,
-                momentum: g.real("momentum")?,
-                dampening: g.real("dampening")?,
-                weight_decay: g.real("weight_decay")?,
-                nesterov: g.flag("nesterov", None)?,
-                maximize: g.flag("maximize", Some(false))?,
-            }),
-            Kind::Adam => {
-                let (beta1, beta2) = g.pair("betas")?;
-                Hyper::Adam(AdamHyper {
+            Kind::Sgd => {
+                let momentum = g.real("momentum")?;
+                Hyper::Sgd(SgdHyper {
                     lr: g.real("lr")?,
-                    beta1,
-                    beta2,
-                    eps: g.real("eps")?,
+                    momentum,
+                    // As torch.optim.SGD: without momentum, dampening is never looked at.
+                    dampening: if momentum == 0.0 {
+                        0.0
+                    } else {
+                        g.real("dampening")?
+                    },
                     weight_decay: g.real("weight_decay")?,
-                    amsgrad: g.flag("amsgrad", Some(false))?,
+                    nesterov: g.flag("nesterov", None)?,
                     maximize: g.flag("maximize", Some(false))?,
-                    decoupled: g.flag("decoupled_weight_decay", Some(false))?,
                 })
+            }
+            Kind::Adam => {
+                let [(beta1, py_beta1), (beta2, py_beta2)] = g.pair("betas")?;
+                let (lr, py_lr) = g.number("lr")?;
+                Hyper::Adam(
+                    AdamHyper {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps: g.real("eps")?,
+                        weight_decay: g.real("weight_decay")?,
+                        amsgrad: g.flag("amsgrad", Some(false))?,
+                        maximize: g.flag("maximize", Some(false))?,
+                        decoupled: g.flag("decoupled_weight_decay", Some(false))?,
+                    },
+                    PyNumbers {
+                        lr: py_lr,
+                        betas: [py_beta1, py_beta2],
+                        lr_decay: false,
+                    },
+                )
             }
             Kind::RmsProp => Hyper::RmsProp(RmsPropHyper {
                 lr: g.real("lr")?,
@@ -127,13 +144,24 @@ impl Hyper {
                 centered: g.flag("centered", Some(false))?,
                 maximize: g.flag("maximize", Some(false))?,
             }),
-            Kind::Adagrad => Hyper::Adagrad(AdagradHyper {
-                lr: g.real("lr")?,
-                lr_decay: g.real("lr_decay")?,
-                weight_decay: g.real("weight_decay")?,
-                eps: g.real("eps")?,
-                maximize: g.flag("maximize", Some(false))?,
-            }),
+            Kind::Adagrad => {
+                let (lr, py_lr) = g.number("lr")?;
+                let (lr_decay, py_lr_decay) = g.number("lr_decay")?;
+                Hyper::Adagrad(
+                    AdagradHyper {
+                        lr,
+                        lr_decay,
+                        weight_decay: g.real("weight_decay")?,
+                        eps: g.real("eps")?,
+                        maximize: g.flag("maximize", Some(false))?,
+                    },
+                    PyNumbers {
+                        lr: py_lr,
+                        lr_decay: py_lr_decay,
+                        ..PyNumbers::default()
+                    },
+                )
+            }
         })
     }
 
@@ -141,18 +169,18 @@ impl Hyper {
     pub(crate) fn needs(&self) -> [bool; 3] {
         match self {
             Hyper::Sgd(h) => [h.momentum != 0.0, false, false],
-            Hyper::Adam(h) => [true, true, h.amsgrad],
+            Hyper::Adam(h, _) => [true, true, h.amsgrad],
             Hyper::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
-            Hyper::Adagrad(_) => [true, false, false],
+            Hyper::Adagrad(..) => [true, false, false],
         }
     }
 
     fn rule<T: Float>(&self, step: f64, fresh: bool) -> Rule<T> {
         match self {
             Hyper::Sgd(h) => Rule::Sgd(SgdScalars::new(h, fresh)),
-            Hyper::Adam(h) => Rule::Adam(AdamScalars::new(h, step)),
+            Hyper::Adam(h, _) => Rule::Adam(AdamScalars::new(h, step)),
             Hyper::RmsProp(h) => Rule::RmsProp(RmsPropScalars::new(h)),
-            Hyper::Adagrad(h) => Rule::Adagrad(AdagradScalars::new(h, step)),
+            Hyper::Adagrad(h, _) => Rule::Adagrad(AdagradScalars::new(h, step)),
         }
     }
 }
@@ -175,6 +203,21 @@ impl<'py> GroupReader<'_, 'py> {
         // Python bools are ints; torch accepts them as numbers too.
         match v.extract::<f64>() {
             Ok(x) => Ok(x),
+            Err(_) if v.is_instance_of::<PyInt>() => value_err!(
+                "param_groups[{}]['{key}'] is an int too large for a float",
+                self.gi
+            ),
+            // torch.optim's step fails on a complex hyperparameter in a tensor operation
+            // ("For non-complex input tensors, argument alpha must not be a complex number.",
+            // "value cannot be converted to type float without overflow", ...): RuntimeError.
+            Err(_) if v.is_instance_of::<PyComplex>() => Err(StepError::Torch(
+                TorchRaises::Runtime,
+                format!(
+                    "param_groups[{}]['{key}'] must be a real number, got complex {}",
+                    self.gi,
+                    v.repr().map_or_else(|_| String::new(), |r| r.to_string())
+                ),
+            )),
             Err(_) => type_err!(
                 "param_groups[{}]['{key}'] must be a real number, got {}",
                 self.gi,
@@ -188,7 +231,14 @@ impl<'py> GroupReader<'_, 'py> {
         self.to_real(key, &v)
     }
 
-    fn pair(&self, key: &str) -> Result<(f64, f64), StepError> {
+    /// A real value, and whether it is a Python number (see [`PyNumbers`]).
+    fn number(&self, key: &str) -> Result<(f64, bool), StepError> {
+        let v = self.item(key)?;
+        Ok((self.to_real(key, &v)?, is_py_number(&v)))
+    }
+
+    /// Two real values, each with whether it is a Python number.
+    fn pair(&self, key: &str) -> Result<[(f64, bool); 2], StepError> {
         let v = self.item(key)?;
         let bad = || {
             type_err!(
@@ -202,7 +252,10 @@ impl<'py> GroupReader<'_, 'py> {
         let (Ok(a), Ok(b)) = (v.get_item(0), v.get_item(1)) else {
             return bad();
         };
-        Ok((self.to_real(key, &a)?, self.to_real(key, &b)?))
+        Ok([
+            (self.to_real(key, &a)?, is_py_number(&a)),
+            (self.to_real(key, &b)?, is_py_number(&b)),
+        ])
     }
 
     /// A truthy option; `default` is used when the key is absent (older state dicts).
@@ -223,6 +276,12 @@ impl<'py> GroupReader<'_, 'py> {
             Err(_) => type_err!("param_groups[{}]['params'] must be a list", self.gi),
         }
     }
+}
+
+/// A `float` (not a subclass: NumPy's float64 is one, with NumPy's arithmetic) or an `int`
+/// (`bool` included), whose arithmetic in torch.optim's step is Python's.
+fn is_py_number(v: &Bound<'_, PyAny>) -> bool {
+    v.is_exact_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>()
 }
 
 fn type_name(v: &Bound<'_, PyAny>) -> String {
@@ -567,10 +626,11 @@ pub(crate) enum RuleOf {
 }
 
 /// The last per-step scalars computed: the parameters of one group usually share their step
-/// count, so their bias corrections (three `pow` calls for Adam) are computed once.
+/// count, so their bias corrections (three `pow` calls for Adam) are computed, and checked
+/// against what torch.optim's step would raise (`torch_raises`), once.
 #[derive(Default)]
 pub(crate) struct RuleMemo {
-    last: Option<(usize, bool, u64, bool, RuleOf)>,
+    last: Option<(usize, DType, u64, bool, RuleOf)>,
 }
 
 impl RuleMemo {
@@ -581,21 +641,23 @@ impl RuleMemo {
         dtype: DType,
         count: f64,
         fresh: bool,
-    ) -> RuleOf {
-        let wide = dtype == DType::F64;
-        let key = (group, wide, count.to_bits(), fresh);
-        if let Some((g, w, c, f, rule)) = self.last {
-            if (g, w, c, f) == key {
-                return rule;
+    ) -> Result<RuleOf, StepError> {
+        // Keyed by dtype, not only by compute type: the range checks of `torch_raises` differ
+        // between float16, bfloat16 and float32.
+        let key = (group, dtype, count.to_bits(), fresh);
+        if let Some((g, d, c, f, rule)) = self.last {
+            if (g, d, c, f) == key {
+                return Ok(rule);
             }
         }
-        let rule = if wide {
+        torch_raises::check(hyper, group, count, dtype, fresh)?;
+        let rule = if dtype == DType::F64 {
             RuleOf::F64(hyper.rule(count, fresh))
         } else {
             RuleOf::F32(hyper.rule(count, fresh))
         };
         self.last = Some((key.0, key.1, key.2, key.3, rule));
-        rule
+        Ok(rule)
     }
 }
 
@@ -713,7 +775,7 @@ fn check_param<'py>(
             counter: counter_held,
         });
     }
-    let rule = rules.get(group, hyper, dtype, count, fresh);
+    let rule = rules.get(group, hyper, dtype, count, fresh)?;
     Ok(Checked {
         dtype,
         len: param.len(),

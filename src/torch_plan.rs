@@ -534,7 +534,7 @@ impl TorchPlan {
                 grad: grad as *const u8,
                 bufs: e.bufs.map(|b| b.map(|ptr| ptr as *mut u8)),
                 step: counter,
-                rule: rules.get(e.group, hyper, e.dtype, count, false),
+                rule: rules.get(e.group, hyper, e.dtype, count, false)?,
             });
             stepped.push(k);
             grads.push(g);

@@ -21,6 +21,7 @@ from conftest import (
     optirs_class,
     random_array,
     snapshot,
+    torch_class,
     torch_constructor_error,
 )
 
@@ -625,3 +626,34 @@ def test_load_state_dict_refuses_bad_buffer(name, corrupt, exc):
     assert_snapshot_equal(before, snapshot(target.opt))
     assert all(g["lr"] != 0.123 for g in target.opt.param_groups)
     assert len(flat_params(target.opt)) == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("SGD", {"lr": 1e300}),
+        ("Adam", {"weight_decay": 1e300}),
+        ("RMSprop", {"lr": 1e300}),
+        ("Adagrad", {"lr": 1e300}),
+    ],
+    ids=["SGD-lr", "Adam-weight_decay", "RMSprop-lr", "Adagrad-lr"],
+)
+def test_scalar_out_of_float32_range_raises_like_torchs_step(name, values):
+    """torch's constructor takes these; its step refuses to hand a float32 tensor operation a
+    scalar beyond float32's range (RuntimeError). The NumPy API raises the same, changing
+    nothing; in float64 the value fits and both step."""
+    theirs = torch.nn.Parameter(torch.ones(5))
+    topt = torch_class(name)([theirs], **values)
+    theirs.grad = torch.ones(5)
+    with pytest.raises(RuntimeError) as expected:
+        topt.step()
+    params = [np.ones(5, np.float32)]
+    opt = optirs_class(name)(params, **values)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError) as got:
+        opt.step([np.ones(5, np.float32)])
+    assert str(got.value).startswith(f"{expected.value}: "), str(got.value)
+    assert f"['{next(iter(values))}']" in str(got.value)
+    assert_snapshot_equal(before, snapshot(opt))
+    wide = optirs_class(name)([np.ones(5)], **values)
+    wide.step([np.ones(5)])

@@ -509,3 +509,132 @@ def test_torch_reference_is_the_constructor_defaults():
     topt = torch_class("SGD")([torch.zeros(2)], lr=0.3, momentum=0.5)
     topt.add_param_group({"params": [torch.zeros(3)], "weight_decay": 0.2})
     assert topt.param_groups[1]["lr"] == 0.3 and topt.param_groups[1]["momentum"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# round trip through torch: every array converted with torch.from_numpy, and back
+# --------------------------------------------------------------------------------------------
+
+
+def _from_numpy(value):
+    """Every ndarray in a (nested) state dict as ``torch.from_numpy`` of it, 0-d ones too."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return {k: _from_numpy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_numpy(v) for v in value]
+    return value
+
+
+def _to_numpy(value):
+    """Every tensor in a (nested) state dict as ``.numpy()`` of it, 0-d ones too."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_numpy(v) for v in value]
+    return value
+
+
+def _without_none(state):
+    # torch's SGD keeps momentum_buffer=None for "no buffer"; optirs keeps no entry.
+    entries = {i: {k: v for k, v in e.items() if v is not None} for i, e in state.items()}
+    return {i: e for i, e in entries.items() if e}
+
+
+def _assert_same_bits(np_state, torch_state):
+    """One state dict's ``state`` in NumPy and torch form: same entries, dtypes, shapes, bits."""
+    np_state, torch_state = _without_none(np_state), _without_none(torch_state)
+    assert sorted(np_state) == sorted(torch_state)
+    for i, entry in np_state.items():
+        tentry = torch_state[i]
+        assert sorted(entry) == sorted(tentry), i
+        for key, value in entry.items():
+            t = tentry[key]
+            assert isinstance(t, torch.Tensor), (i, key, type(t))
+            assert t.numpy().dtype == value.dtype and t.shape == value.shape, (i, key)
+            assert t.numpy().tobytes() == value.tobytes(), (i, key)
+            if key == "step":
+                assert t.dtype == torch.float32 and t.shape == (), (i, t)
+
+
+def _assert_bridge_is_bitwise(opt, bridge, bparams):
+    """optirs.torch runs the NumPy optimizer's kernels: same parameters and state, bit for bit."""
+    for i, (p, b) in enumerate(zip(flat_params(opt), bparams)):
+        assert p.tobytes() == b.detach().numpy().tobytes(), f"param {i}"
+        state = opt.state.get(p, {})
+        bstate = {k: v for k, v in bridge.state.get(b, {}).items() if v is not None}
+        assert sorted(state) == sorted(bstate), i
+        for key, value in state.items():
+            assert value.dtype == bstate[key].numpy().dtype, (i, key)
+            assert value.tobytes() == bstate[key].numpy().tobytes(), (i, key)
+
+
+def _torch_params(np_opt):
+    return [
+        {"params": [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in g["params"]]}
+        for g in np_opt.param_groups
+    ]
+
+
+def _set_grads(tparams, grads):
+    for p, g in zip(tparams, grads):
+        p.grad = torch.from_numpy(g.copy())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("name", "cid", "kwargs"), CONFIGS, ids=CONFIG_IDS)
+def test_state_dict_round_trip_through_torch_from_numpy(name, cid, kwargs, dtype):
+    """NumPy ``state_dict()`` -> every array through ``torch.from_numpy`` (the 0-d ``step``
+    too) -> ``torch.optim.X.load_state_dict``: torch holds the NumPy state bit for bit and steps
+    on like the NumPy optimizer (to the parity tolerances: torch's own kernels fuse
+    multiply-adds), optirs.torch loaded with the same dict bit for bit. And back: torch's
+    ``state_dict()`` -> every tensor through ``.numpy()`` -> ``optirs.X.load_state_dict``."""
+    import optirs.torch
+
+    rng = np.random.default_rng(12)
+    opt = optirs_class(name)(copy_groups(make_groups(dtype)), **kwargs)
+    for step in range(3):
+        opt.step(grads_for(rng, step, flat_params(opt)))
+    sd = opt.state_dict()
+    converted = _from_numpy(sd)
+    _assert_same_bits(sd["state"], converted["state"])
+
+    tgroups = _torch_params(opt)
+    topt = torch_class(name)(tgroups, foreach=False, **kwargs)
+    bgroups = _torch_params(opt)
+    bridge = getattr(optirs.torch, name)(bgroups, **kwargs)
+    # torch keeps loaded tensors whose dtype fits (no copy): each gets its own converted dict.
+    topt.load_state_dict(_from_numpy(opt.state_dict()))
+    bridge.load_state_dict(converted)
+    tparams = [p for g in tgroups for p in g["params"]]
+    bparams = [p for g in bgroups for p in g["params"]]
+    loaded = {i: topt.state[p] for i, p in enumerate(tparams) if p in topt.state}
+    _assert_same_bits(sd["state"], loaded)
+    for step in range(3, 6):
+        grads = grads_for(rng, step, flat_params(opt))
+        _set_grads(tparams, grads)
+        _set_grads(bparams, grads)
+        opt.step(grads)
+        topt.step()
+        bridge.step()
+        assert_matches_torch(opt, flat_params(opt), topt, tparams, step + 1)
+        _assert_bridge_is_bitwise(opt, bridge, bparams)
+
+    # Back: torch.optim's state into a fresh NumPy optimizer, which steps on like torch.
+    tsd = topt.state_dict()
+    back = _to_numpy(tsd)
+    _assert_same_bits(back["state"], tsd["state"])
+    twin = optirs_class(name)(
+        [{"params": [p.detach().numpy().copy() for p in g["params"]]} for g in tgroups], **kwargs
+    )
+    twin.load_state_dict(back)
+    _assert_same_bits(twin.state_dict()["state"], tsd["state"])
+    for step in range(6, 9):
+        grads = grads_for(rng, step, flat_params(twin))
+        _set_grads(tparams, grads)
+        twin.step(grads)
+        topt.step()
+        assert_matches_torch(twin, flat_params(twin), topt, tparams, step + 1)

@@ -974,24 +974,55 @@ INVALID_HYPERPARAMETERS = [
 ]
 
 
+def _torch_twin(opt, **kwargs):
+    """torch.optim (for-loop) at the point ``opt`` is at: copies of its parameters and their
+    gradients, its param groups and its state (``kwargs``: the constructor's, whose defaults
+    torch's Adagrad fills a new state from)."""
+    tparams = []
+    tgroups = []
+    for group in opt.param_groups:
+        ps = [as_parameter(p) for p in group["params"]]
+        for p, tp in zip(group["params"], ps):
+            tp.grad = None if p.grad is None else p.grad.clone()
+        tparams += ps
+        tgroups.append({"params": ps})
+    topt = torch_class(type(opt).__name__)(tgroups, foreach=False, **kwargs)
+    topt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return topt, tparams
+
+
 @pytest.mark.parametrize(
     ("name", "key", "value", "message"),
     INVALID_HYPERPARAMETERS,
     ids=[f"{n}-{k}" for n, k, _, _ in INVALID_HYPERPARAMETERS],
 )
-def test_invalid_hyperparameter_in_param_groups(name, key, value, message, rng):
-    """A bad value written into param_groups is refused at the next step, in torch's words."""
+def test_hyperparameter_refused_by_torchs_constructor_is_stepped_like_torch(
+    name, key, value, message, rng
+):
+    """torch.optim validates in its constructor only: a value written into param_groups later
+    is stepped with as torch's step does, or, where torch's step raises (Adam's
+    ``betas[0] = 1.0``: a division by zero), refused with the same exception, nothing changed.
+    (The bridge used to refuse all of these at the step with the constructor's message.)"""
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         torch_class(name)([nn.Parameter(torch.zeros(3))], **{key: value})
     opt = stepped_optimizer(name, rng, as_parameter(random_tensor(rng, (5,), F32)))
     opt.param_groups[1][key] = value
-    before = snapshot(opt)
-    with pytest.raises(ValueError) as info:
-        opt.step()
-    assert str(info.value) == message
-    assert_unchanged(opt, before)
-    opt.param_groups[1][key] = copy.deepcopy(opt.param_groups[0][key])
-    opt.step()  # fixed: steps again
+    topt, tparams = _torch_twin(opt, **FULL_STATE_KWARGS[name])
+    try:
+        topt.step()
+    except Exception as theirs:
+        before = snapshot(opt)
+        with pytest.raises(type(theirs)) as ours:
+            opt.step()
+        assert type(ours.value) is type(theirs)
+        assert str(ours.value).startswith(f"{theirs}: "), str(ours.value)
+        assert f"param_groups[1]['{key}']" in str(ours.value)
+        assert_unchanged(opt, before)
+        opt.param_groups[1][key] = copy.deepcopy(opt.param_groups[0][key])
+        opt.step()  # put right: steps again
+        return
+    opt.step()
+    assert_matches_torch(opt, all_params(opt), topt, tparams, steps=2)
 
 
 TORCH_SPARSE_MESSAGES = {

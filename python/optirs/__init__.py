@@ -47,6 +47,14 @@ __all__ = [
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY: Mapping[str, Any] = {}
+#: The optimizer's own options and counters, with their defaults: kept by load_state_dict,
+#: carried by pickle and deepcopy.
+_OWN_ATTRIBUTES: Mapping[str, Any] = {
+    "skip_nonfinite": False,
+    "flush_denormals": False,
+    "skipped_steps": 0,
+    "last_step_skipped": False,
+}
 
 
 def _bfloat16() -> np.dtype | None:
@@ -329,7 +337,8 @@ class Optimizer:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        # A pickle from before an option existed gets the constructor's default for it.
+        self.__dict__.update({**_OWN_ATTRIBUTES, **state})
         self._lock = threading.Lock()
         self._plan = None
         fork_safe(self)
@@ -403,8 +412,10 @@ class Optimizer:
         ``grads`` holds one entry per parameter, in ``param_groups`` order (flattened across
         groups): an ndarray of the parameter's shape and dtype, or ``None`` to leave that
         parameter and its state alone this step. Hyperparameters changed in ``param_groups``
-        since the last step are validated first. On any error (TypeError/ValueError naming the
-        offending array) no parameter or state is modified.
+        since the last step are validated first, with torch.optim's constructor checks. On any
+        error (TypeError/ValueError naming the offending array; RuntimeError, as torch.optim's
+        step raises, for a value out of float32's range with float32 arrays, e.g.
+        ``lr=1e300``) no parameter or state is modified.
 
         Steps of one optimizer are serialised: two threads stepping it take turns. With
         ``skip_nonfinite``, a step whose gradients hold NaN or infinity changes nothing and
@@ -535,7 +546,9 @@ class Optimizer:
 
         Floating state is cast to each parameter's dtype and copied, as torch does. A dict that
         does not fit (group count or sizes, unknown or missing state, wrong shapes or dtypes,
-        invalid hyperparameters) raises ValueError or TypeError and changes nothing.
+        invalid hyperparameters) raises ValueError or TypeError and changes nothing. The
+        optimizer's own options (``skip_nonfinite``, ``flush_denormals``) and
+        ``skipped_steps`` are not part of a state dict, and are kept.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {_tn(state_dict)}")

@@ -48,7 +48,11 @@ def step(
     ``optirs._spec``), ``steps`` (0-d float32 counters) and ``fresh`` (SGD: the momentum buffer
     was just created; may be empty) are flat, one entry per parameter; a ``None`` gradient skips
     that parameter. Everything is validated before anything is written: TypeError or
-    ValueError, naming the array, and nothing modified. Returns False, with nothing modified,
+    ValueError, naming the array, and nothing modified. Hyperparameters are not range-checked
+    (the NumPy API does that with torch's constructor checks): where torch.optim's for-loop step
+    raises for them (ZeroDivisionError, OverflowError, RuntimeError, NotImplementedError), this
+    raises the same, torch's message first, with nothing modified. Returns False, with nothing
+    modified,
     when ``skip_nonfinite`` is set and a gradient holds NaN or infinity. ``flush_denormals``
     flushes denormals to zero on every thread of the step, for its duration (x86-64). With
     ``plan``, returns ``(applied, ArrayPlan)``: the plan of the steps after this one.
@@ -126,7 +130,9 @@ class TorchPlan:
         _panic_for_tests: str | None = None,
     ) -> bool | None:
         """Steps every parameter that has a gradient; returns whether the update was applied,
-        or None when something changed since the plan was built (nothing written then)."""
+        or None when something changed since the plan was built (nothing written then).
+        Raises, writing nothing, where torch.optim's step raises for the hyperparameters
+        (see ``step``)."""
 
     @property
     def uses_exchange_api(self) -> bool:

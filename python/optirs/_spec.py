@@ -1,7 +1,9 @@
 """What each optimizer is: defaults, validation (in torch.optim's words) and state layout.
 
-Shared by the NumPy API (``optirs``) and the torch bridge (``optirs.torch``), so both refuse the
-same hyperparameters with the same messages and agree with the Rust core on buffer order.
+Shared by the NumPy API (``optirs``) and the torch bridge (``optirs.torch``), so both agree with
+the Rust core on buffer order. The validation is torch.optim's constructor checks: the NumPy API
+applies them at construction and at every step; the torch bridge, like torch.optim, only at
+construction (torch's own constructor), and steps with whatever is set later.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class Spec:
     buffers: tuple[str, ...]
     #: whether a 0-d float32 ``step`` counter is kept
     counts_steps: bool
-    #: raises ValueError/TypeError, in torch's words, for a group torch would refuse
+    #: raises ValueError/TypeError, in torch's words, for a group torch.optim's constructor
+    #: would refuse (the NumPy API's check; the torch bridge does not use it)
     validate: Callable[[Mapping[str, Any]], None]
     #: which of ``buffers`` a group's options use
     needs: Callable[[Mapping[str, Any]], tuple[bool, ...]]

@@ -13,6 +13,12 @@ the core re-checks each step; see ``_Plan``)::
 State keeps torch's exact format (``step`` a 0-d float32 tensor, buffers of the parameter's
 dtype), so state dicts move freely between ``torch.optim.X`` and ``optirs.torch.X``.
 
+Hyperparameters are validated by torch's constructor only, as with torch.optim: a value set
+later (by a scheduler or by hand) is stepped with as torch's for-loop step would, NaN and
+infinities included, and where torch's step raises (Adam's ``betas[0] = 1.0`` divides by zero;
+``lr = 1e300`` does not fit a float32 tensor), optirs raises the same exception, before
+changing anything.
+
 Supported: CPU tensors of dtype float32 and float64, and float16/bfloat16 computed in float32
 and stored in the parameter's dtype (as torch's fused CPU path does); dense gradients; any
 dense memory layout (contiguous, transposed, channels_last) shared by a parameter, its gradient
@@ -63,6 +69,16 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _EXCHANGE_API = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
 
 
+#: The bridge's own attributes and their defaults: what torch's pickling, deepcopy and
+#: load_state_dict do not know about (see ``_Bridge.__getstate__``).
+_OWN_ATTRIBUTES: dict[str, Any] = {
+    "skip_nonfinite": False,
+    "flush_denormals": False,
+    "skipped_steps": 0,
+    "last_step_skipped": False,
+}
+
+
 def _refuse(name: str, **options: bool) -> None:
     for option, value in options.items():
         if value:
@@ -94,10 +110,26 @@ class _Bridge:
         #: whether the last ``step()`` was skipped
         self.last_step_skipped = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's pickled state (defaults, state, param_groups) and the bridge's options and
+        skipped-step count, so that ``pickle`` and ``copy.deepcopy`` carry them."""
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[misc,assignment]
+        state.update({name: getattr(self, name, d) for name, d in _OWN_ATTRIBUTES.items()})
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # torch pickles and deep-copies only defaults, state and param_groups.
+        """Restores ``state``; the bridge's attributes it lacks keep their values.
+
+        torch's ``load_state_dict`` ends by calling this with only ``state`` and
+        ``param_groups``: the optimizer keeps its own options and count. An object unpickled
+        from a pickle without them (an older optirs) gets the constructor's defaults.
+        """
         super().__setstate__(state)  # type: ignore[misc]
-        self._after_init(False, False)
+        # As in _after_init: GradScaler must not hand this optimizer grad_scale/found_inf.
+        self._step_supports_amp_scaling = False
+        for name, default in _OWN_ATTRIBUTES.items():
+            if name not in self.__dict__:
+                setattr(self, name, default)
 
     def _options(self) -> StepOptions:
         return {
@@ -166,9 +198,10 @@ class _Bridge:
             )
 
     def _optirs_step(self) -> bool:
+        # Hyperparameters are not validated here: torch.optim checks them in its constructor
+        # only, and steps with whatever a schedule or the user sets later. The core raises
+        # only where torch's step raises (src/torch_raises.rs).
         groups = self.param_groups
-        for group in groups:
-            self._spec.validate(group)
         plan = getattr(self, "_optirs_plan", None)
         if plan is not None and plan.fits(self, groups):
             applied = plan.step(self)
@@ -202,20 +235,20 @@ class _Bridge:
                     "step_parameters: a tensor that is not in this optimizer's param_groups"
                 )
             group, gi, i = found
-            self._spec.validate(group)
             groups.append({**group, "params": [p]})
-            positions.append(f"param_groups[{gi}]['params'][{i}]")
+            positions.append((gi, i))
         with self._lock():
             try:
                 applied = self._optirs_full_step(groups)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
                 # The step ran over one-parameter copies of the groups: name each parameter
-                # by its place in the optimizer's own param_groups.
-                message = re.sub(
-                    r"param_groups\[(\d+)\]\['params'\]\[0\]",
-                    lambda m: positions[int(m.group(1))],
-                    str(e),
-                )
+                # (and each group's hyperparameter) by its place in the optimizer's own
+                # param_groups.
+                def place(m: re.Match[str]) -> str:
+                    gi, i = positions[int(m.group(1))]
+                    return f"param_groups[{gi}]" + (f"['params'][{i}]" if m.group(2) else "")
+
+                message = re.sub(r"param_groups\[(\d+)\](\['params'\]\[0\])?", place, str(e))
                 raise type(e)(message) from None
         self.last_step_skipped = not applied
         if not applied:
