@@ -8,7 +8,9 @@
   continue bitwise like a run that never saw the bad step. With finite gradients the option
   changes no bit. Both APIs.
 - Default: NaN and inf propagate as in torch.optim (test_parity.py and test_torch_bridge.py
-  check small parameters; here a large one, over the pool, with the bad value last).
+  check small parameters; here a large one, over the pool, with the bad value last). A finite
+  gradient so large that centered RMSprop's ``grad_avg**2`` overflows gives torch's result,
+  the parameter unchanged, not NaN.
 - ``torch.amp.GradScaler("cpu")``: an inf gradient makes the scaler skip the optimizer's step
   (nothing changed, the optimizer not even called) and halve its scale.
 - ``flush_denormals=True``: every optimizer, both dtypes, both APIs, on data that drifts into
@@ -36,6 +38,7 @@ from conftest import (
     SideBySide,
     assert_bitwise_equal_params,
     assert_bitwise_equal_state,
+    assert_same_at_every_simd_level_and_thread_count,
     assert_snapshot_equal,
     flat_params,
     optirs_class,
@@ -194,6 +197,67 @@ def test_default_propagates_like_torch_over_the_pool(name, bad):
         pair.compare()
     assert pair.opt.skipped_steps == 0
     assert not np.all(np.isfinite(pair.params[0]))
+
+
+# A finite gradient whose grad_avg squared overflows (issue 15).
+HUGE = {np.float32: 3e38, np.float64: 1e300}
+
+
+def _centered_huge_torch(dtype, momentum, inits):
+    params = [torch.from_numpy(x.copy()) for x in inits]
+    opt = torch.optim.RMSprop(params, foreach=False, centered=True, momentum=momentum)
+    for p in params:
+        p.grad = torch.full(p.shape, HUGE[dtype], dtype=p.dtype)
+    opt.step()
+    return [(p.numpy(), {k: v.numpy() for k, v in opt.state[p].items()}) for p in params]
+
+
+def _same_bits_as_torch(got, want):
+    for (p, state), (tp, tstate) in zip(got, want, strict=True):
+        assert p.tobytes() == tp.tobytes(), "parameter differs from torch's"
+        assert sorted(state) == sorted(tstate)
+        for key, value in state.items():
+            if key == "step":
+                assert float(value) == float(tstate[key])
+            else:
+                assert value.tobytes() == tstate[key].tobytes(), f"state[{key!r}] differs"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain", "momentum"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+def test_centered_rmsprop_huge_gradient_like_torch(dtype, momentum):
+    """RMSprop(centered=True), one gradient of 3e38 (float32) or 1e300 (float64): grad_avg**2
+    overflows. torch's CPU addcmul fuses ``square_avg - grad_avg**2``, which stays inf, so the
+    step is ``g / inf = 0`` and torch gives the parameter back; a rounded product made it
+    ``inf - inf``, NaN. Both APIs, every SIMD level and thread count, bit for bit with torch
+    (one parameter over the pool, one in the calling thread's vector tail)."""
+    inits = [np.linspace(-2, 2, n).astype(dtype) for n in (70_001, 7)]
+    want = _centered_huge_torch(dtype, momentum, inits)
+    for (tp, _), x in zip(want, inits):
+        assert tp.tobytes() == x.tobytes()  # what torch does, the premise of the test
+
+    def numpy_api():
+        params = [x.copy() for x in inits]
+        opt = optirs.RMSprop(params, centered=True, momentum=momentum)
+        opt.step([np.full(x.shape, HUGE[dtype], dtype) for x in inits])
+        got = [(p, dict(opt.state[p])) for p in params]
+        _same_bits_as_torch(got, want)
+        return [p.tobytes() for p in params]
+
+    def bridge():
+        params = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in inits]
+        opt = optirs.torch.RMSprop(params, centered=True, momentum=momentum)
+        for p in params:
+            p.grad = torch.full(p.shape, HUGE[dtype], dtype=p.dtype)
+        opt.step()
+        got = [
+            (p.detach().numpy(), {k: v.numpy() for k, v in opt.state[p].items()}) for p in params
+        ]
+        _same_bits_as_torch(got, want)
+        return [p.detach().numpy().tobytes() for p in params]
+
+    assert_same_at_every_simd_level_and_thread_count(numpy_api)
+    assert_same_at_every_simd_level_and_thread_count(bridge)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ parameter's dtype, Python-float scalars computed in float64 as torch computes th
 rounded to the dtype where torch hands them to a tensor op.
 
 Tolerances. The reference does what optirs promises to do: torch's operation order, no fused
-multiply-add, correctly rounded sqrt (NumPy's). Left to differ are the last bits of per-step
+multiply-add (optirs fuses one, centered RMSprop's ``square_avg - grad_avg**2``, as torch's CPU
+kernel does; NumPy has no FMA, so here it differs by the product's rounding), correctly rounded
+sqrt (NumPy's). Left to differ are the last bits of per-step
 scalars (``lr / bias_correction1``, ``bias_correction2 ** 0.5``, ``1 - beta``), i.e. an ulp in
 one factor of an update, which optimizers do not amplify (gradients are inputs, not computed
 from the parameters). float64: rtol=atol=1e-7, torch's own float64 tolerance between two

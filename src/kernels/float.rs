@@ -27,6 +27,9 @@ pub trait Float:
     /// Correctly rounded square root.
     #[must_use]
     fn sqrt(self) -> Self;
+    /// `self * a + b` rounded once (see [`Arith::mul_add`] for the one place it is used).
+    #[must_use]
+    fn mul_add(self, a: Self, b: Self) -> Self;
     /// True for NaN.
     fn is_nan(self) -> bool;
     /// False for NaN and ±infinity.
@@ -47,6 +50,12 @@ impl Float for f32 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        // The FMA instruction where the caller is compiled with it, else libm's `fmaf`:
+        // correctly rounded either way, so the same bits.
+        f32::mul_add(self, a, b)
     }
     #[inline(always)]
     fn is_nan(self) -> bool {
@@ -72,6 +81,12 @@ impl Float for f64 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        // The FMA instruction where the caller is compiled with it, else libm's `fma`:
+        // correctly rounded either way, so the same bits.
+        f64::mul_add(self, a, b)
     }
     #[inline(always)]
     fn is_nan(self) -> bool {

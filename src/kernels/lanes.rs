@@ -8,8 +8,10 @@
 //! itself; the x86 lanes spell the vectors out, so that conversions the compiler cannot write
 //! (float16 through F16C) are one instruction, and nothing depends on the auto-vectoriser.
 //!
-//! Every operation is a correctly rounded IEEE operation and there is no fused multiply-add,
-//! so a lane computes exactly what the scalar code computes, whatever the width.
+//! Every operation is a correctly rounded IEEE operation, so a lane computes exactly what the
+//! scalar code computes, whatever the width. Products and sums are rounded one by one: the
+//! compiler never fuses them, and nothing here asks it to, with one exception,
+//! [`Arith::mul_add`] (see there).
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -32,6 +34,19 @@ pub trait Arith<T: Float>:
     /// `torch.maximum`: the larger value, NaN where either is NaN.
     #[must_use]
     fn maximum(self, other: Self) -> Self;
+    /// `self * a + b` with one rounding: a correctly rounded fused multiply-add.
+    ///
+    /// The kernels otherwise round every product, because a fused operation on one path and an
+    /// unfused one on another (what a compiler's contraction does) give different bits. This
+    /// operation is fused at every level: vector FMA instructions at AVX2 and AVX-512, the
+    /// scalar FMA instruction in their tails, libm's `fma` at the baseline. A correctly rounded
+    /// result is unique, so all of them give the same bits. It is used only where torch's own
+    /// CPU kernel fuses and the difference is more than a last bit: centered RMSprop's
+    /// `square_avg.addcmul(grad_avg, grad_avg, value=-1)`, where the rounded product can
+    /// overflow to infinity and turn `inf - inf` into NaN while the fused result stays
+    /// infinite (see `rmsprop::centered`).
+    #[must_use]
+    fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
 impl<T: Float> Arith<T> for T {
@@ -50,6 +65,10 @@ impl<T: Float> Arith<T> for T {
         } else {
             self
         }
+    }
+    #[inline(always)]
+    fn mul_add(self, a: T, b: T) -> T {
+        Float::mul_add(self, a, b)
     }
 }
 
@@ -91,6 +110,10 @@ impl<T: Float, V: Arith<T>> Arith<T> for Pair<V> {
     #[inline(always)]
     fn maximum(self, other: Self) -> Self {
         Pair(self.0.maximum(other.0), self.1.maximum(other.1))
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        Pair(self.0.mul_add(a.0, b.0), self.1.mul_add(a.1, b.1))
     }
 }
 

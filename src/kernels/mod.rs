@@ -3,8 +3,9 @@
 //! Each update rule is written once, as the arithmetic of one element over a type that is either
 //! a scalar or a SIMD vector (see [`lanes`] and the optimizer modules). [`simd`] runs it with
 //! the vectors of the best instruction set the CPU has, picked at run time. The arithmetic uses
-//! no `mul_add` and no approximate reciprocals, so every SIMD level and every chunking of the
-//! work produces bitwise identical results.
+//! no approximate reciprocals and rounds every product, except for one correctly rounded fused
+//! multiply-add that every level computes alike (`lanes::Arith::mul_add`, where torch fuses
+//! too), so every SIMD level and every chunking of the work produces bitwise identical results.
 
 pub mod adagrad;
 pub mod adam;

@@ -152,8 +152,11 @@ fn centered<T: Float, V: Arith<T>>(
     ga: V,
 ) -> (V, V) {
     let ga = lerp(ga, g, w);
-    // addcmul(ga, ga, value=-1): sq + (-ga) * ga, which is exactly sq - ga * ga
-    ((sq - ga * ga).sqrt() + V::splat(k.eps), ga)
+    // addcmul(ga, ga, value=-1): sq + (-ga) * ga, rounded once, as torch's CPU kernel computes
+    // it (measured, torch 2.15 at its AVX2 and AVX-512 levels: bit for bit fma(-ga, ga, sq)).
+    // A rounded product would overflow for |ga| above sqrt(MAX) and make `inf - inf` NaN where
+    // torch keeps sq's infinity, and so the parameter (its step g / inf is 0).
+    ((-ga).mul_add(ga, sq).sqrt() + V::splat(k.eps), ga)
 }
 
 /// Plain; buffers `[square_avg]`.

@@ -2,8 +2,9 @@
 //!
 //! The same update code ([`super::apply_inline`]) is compiled once per level with
 //! `#[target_feature]`, over that level's vectors; the wheel itself targets baseline x86-64.
-//! Because the kernels use only correctly rounded IEEE operations and no fused multiply-add,
-//! every level gives the same bits.
+//! Because the kernels use only correctly rounded IEEE operations, and fuse a multiply-add in
+//! exactly the same places at every level (`lanes::Arith::mul_add`), every level gives the same
+//! bits.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -59,9 +60,10 @@ impl SimdLevel {
     pub fn detect() -> SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
-            // Every AVX2 processor has F16C (float16 conversions), and every AVX-512 one both,
-            // but a hypervisor may hide a feature: each level asks for all it uses.
+            // Every AVX2 processor has FMA and F16C (float16 conversions), and every AVX-512 one
+            // all three, but a hypervisor may hide a feature: each level asks for all it uses.
             let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c");
             if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
                 return SimdLevel::Avx512;
@@ -138,13 +140,13 @@ pub fn set_active(level: SimdLevel) -> SimdLevel {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn apply_avx512<S: Storage, L: Lanes<S>>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     unsafe { super::apply_inline::<S, L>(rule, s) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn apply_avx2<S: Storage, L: Lanes<S>>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
     unsafe { super::apply_inline::<S, L>(rule, s) }
 }
@@ -174,7 +176,7 @@ macro_rules! element {
                 match level {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `level` is at most what `detect()` found on this CPU, and the
-                    // AVX-512 level implies AVX2 and F16C (see `detect`).
+                    // AVX-512 level implies AVX2, FMA and F16C (see `detect`).
                     SimdLevel::Avx512 => unsafe { apply_avx512::<Self, $avx512>(rule, s) },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above.

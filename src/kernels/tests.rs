@@ -1,6 +1,7 @@
 //! Each fused kernel against a reference written the way torch's for-loop runs it: one
-//! whole-array operation at a time, in torch's order. No FMA on either side, so they must agree
-//! bit for bit, at every SIMD level and whatever the chunking.
+//! whole-array operation at a time, in torch's order. Products are rounded on both sides, except
+//! the one correctly rounded fused multiply-add both use (centered RMSprop's addcmul), so they
+//! must agree bit for bit, at every SIMD level and whatever the chunking.
 
 use super::adagrad::{AdagradHyper, AdagradScalars};
 use super::adam::{AdamHyper, AdamScalars};
@@ -66,6 +67,14 @@ fn addcmul<T: Float>(a: &[T], b: &[T], c: &[T], s: T) -> Vec<T> {
         .zip(b)
         .zip(c)
         .map(|((&x, &y), &z)| x + s * y * z)
+        .collect()
+}
+/// `a.addcmul(b, c, value=s)` as torch's CPU kernel computes it: (s * b) * c + a, rounded once.
+fn addcmul_fused<T: Float>(a: &[T], b: &[T], c: &[T], s: T) -> Vec<T> {
+    a.iter()
+        .zip(b)
+        .zip(c)
+        .map(|((&x, &y), &z)| (s * y).mul_add(z, x))
         .collect()
 }
 /// `a.addcdiv(b, c, value=s)`: a + (s * b) / c
@@ -184,7 +193,7 @@ fn ref_rmsprop<T: Float>(h: &RmsPropHyper, s: &mut State<T>, grad: &[T]) {
     let avg = if h.centered {
         let ga = ga.as_mut().unwrap();
         *ga = lerp(ga, &g, 1.0 - h.alpha);
-        sqrt(&addcmul(sq, ga, ga, t(-1.0)))
+        sqrt(&addcmul_fused(sq, ga, ga, t(-1.0)))
     } else {
         sqrt(sq)
     };
@@ -514,6 +523,69 @@ fn non_finite_gradients_propagate_as_reference_f64() {
     check::<f64>(true);
 }
 
+/// Centered RMSprop's first step on a gradient whose `grad_avg` squared overflows (3e38 in
+/// float32, 1e300 in float64), at every level and length: torch's fused addcmul keeps
+/// `square_avg`'s infinity (`inf - 9e72` is `inf`), `sqrt(inf)` makes the step `g / inf = 0`,
+/// and torch.optim.RMSprop(centered=True) gives the parameter back unchanged, with and without
+/// momentum (measured, torch 2.15). A rounded product gives `inf - inf`, NaN.
+fn centered_huge_gradient<T: Element<Compute = T> + Float>(huge: f64) {
+    let start = [1.0, -0.5, 0.0, 3.0];
+    for momentum in [0.0, 0.9] {
+        let case = Case::RmsProp(RmsPropHyper {
+            centered: true,
+            momentum,
+            ..RmsPropHyper::default()
+        });
+        for &n in &LENGTHS {
+            let p0: Vec<T> = (0..n).map(|i| t(start[i % start.len()])).collect();
+            let grad = vec![t::<T>(huge); n];
+            let mut want = State {
+                p: p0.clone(),
+                bufs: [Some(vec![T::ZERO; n]), None, Some(vec![T::ZERO; n])],
+                step: 0.0,
+            };
+            if momentum > 0.0 {
+                want.bufs[1] = Some(vec![T::ZERO; n]);
+            }
+            case.reference(&mut want, &grad);
+            assert_eq!(bits(&want.p), bits(&p0), "reference: {case:?} n={n}");
+            for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+                let ctx = format!("{case:?} n={n} level={level:?}");
+                let mut got = State {
+                    p: p0.clone(),
+                    bufs: [None, None, None],
+                    step: 0.0,
+                };
+                case.fused(&mut got, &grad, level, 1 << 14);
+                assert_eq!(bits(&got.p), bits(&p0), "parameter changed: {ctx}");
+                let [sq, buf, ga] = &got.bufs;
+                assert!(sq
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .all(|x| x.to_f64() == f64::INFINITY));
+                assert!(ga.as_ref().unwrap().iter().all(|x| x.is_finite()), "{ctx}");
+                if let Some(buf) = buf {
+                    assert!(buf.iter().all(|x| x.to_f64() == 0.0), "{ctx}");
+                }
+                for (a, b) in got.bufs.iter().zip(&want.bufs) {
+                    assert_eq!(a.as_deref().map(bits), b.as_deref().map(bits), "{ctx}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn centered_rmsprop_huge_gradient_leaves_param_as_torch_f32() {
+    centered_huge_gradient::<f32>(3e38);
+}
+
+#[test]
+fn centered_rmsprop_huge_gradient_leaves_param_as_torch_f64() {
+    centered_huge_gradient::<f64>(1e300);
+}
+
 #[test]
 fn kernels_match_reference_bf16() {
     check::<half::bf16>(false);
@@ -667,7 +739,7 @@ fn vector_16_bit_conversions_match_the_scalar_ones_on_every_input() {
             unsafe { avx2_conversions_agree() };
         }
         if SimdLevel::Avx512.supported() {
-            // SAFETY: AVX-512F, AVX2 and F16C are there (the AVX-512 level asks for all three).
+            // SAFETY: AVX-512F, AVX2 and F16C are there (the AVX-512 level asks for them).
             unsafe { avx512_conversions_agree() };
         }
     }

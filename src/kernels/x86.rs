@@ -4,9 +4,11 @@
 //!
 //! Each arithmetic operation is the single IEEE instruction the scalar code compiles to (add,
 //! sub, mul, div, sqrt; negation flips the sign bit, as `-x` does), so a lane gives the same
-//! bits as the scalar loop. The 16-bit conversions match `Storage::load`/`store` bit for bit on
-//! every input: float16 through F16C's `vcvtph2ps`/`vcvtps2ph` (round to nearest even, by the
-//! immediate), bfloat16 through the same integer rounding as the scalar code.
+//! bits as the scalar loop. `mul_add` is the FMA instruction (`vfmadd`), correctly rounded as
+//! the scalar code's `f32::mul_add`/`f64::mul_add` is (see `Arith::mul_add`). The 16-bit
+//! conversions match `Storage::load`/`store` bit for bit on every input: float16 through F16C's
+//! `vcvtph2ps`/`vcvtps2ph` (round to nearest even, by the immediate), bfloat16 through the same
+//! integer rounding as the scalar code.
 
 #![allow(clippy::cast_ptr_alignment)] // every load and store here is an unaligned one
 
@@ -14,25 +16,25 @@ use std::arch::x86_64::{
     __m128i, __m256, __m256d, __m256i, _mm256_add_epi32, _mm256_add_pd, _mm256_add_ps,
     _mm256_and_si256, _mm256_blend_epi16, _mm256_blendv_epi8, _mm256_blendv_pd, _mm256_blendv_ps,
     _mm256_castpd_ps, _mm256_castps_pd, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_pd,
-    _mm256_cmp_ps, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_div_pd, _mm256_div_ps, _mm256_loadu_pd,
-    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mul_pd, _mm256_mul_ps, _mm256_or_pd, _mm256_or_ps,
-    _mm256_or_si256, _mm256_permute2f128_ps, _mm256_permute4x64_pd, _mm256_set1_epi32,
-    _mm256_set1_pd, _mm256_set1_ps, _mm256_shuffle_ps, _mm256_slli_epi32, _mm256_sqrt_pd,
-    _mm256_sqrt_ps, _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256,
-    _mm256_sub_pd, _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps, _mm256_xor_pd,
-    _mm256_xor_ps, _mm_loadu_si128, _mm_storeu_si128, _CMP_GT_OQ, _CMP_UNORD_Q,
-    _MM_FROUND_TO_NEAREST_INT,
+    _mm256_cmp_ps, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_div_pd, _mm256_div_ps, _mm256_fmadd_pd,
+    _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mul_pd,
+    _mm256_mul_ps, _mm256_or_pd, _mm256_or_ps, _mm256_or_si256, _mm256_permute2f128_ps,
+    _mm256_permute4x64_pd, _mm256_set1_epi32, _mm256_set1_pd, _mm256_set1_ps, _mm256_shuffle_ps,
+    _mm256_slli_epi32, _mm256_sqrt_pd, _mm256_sqrt_ps, _mm256_srli_epi32, _mm256_storeu_pd,
+    _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_pd, _mm256_sub_ps, _mm256_unpackhi_ps,
+    _mm256_unpacklo_ps, _mm256_xor_pd, _mm256_xor_ps, _mm_loadu_si128, _mm_storeu_si128,
+    _CMP_GT_OQ, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
 };
 use std::arch::x86_64::{
     __m512, __m512d, __m512i, _mm512_add_epi32, _mm512_add_pd, _mm512_add_ps, _mm512_and_si512,
     _mm512_castpd_si512, _mm512_castps_si512, _mm512_castsi512_pd, _mm512_castsi512_ps,
     _mm512_cmp_pd_mask, _mm512_cmp_ps_mask, _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_div_pd,
-    _mm512_div_ps, _mm512_loadu_pd, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_blend_epi32,
-    _mm512_mask_blend_pd, _mm512_mask_blend_ps, _mm512_mul_pd, _mm512_mul_ps, _mm512_or_si512,
-    _mm512_permutex2var_ps, _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set1_pd, _mm512_set1_ps,
-    _mm512_setr_epi32, _mm512_slli_epi32, _mm512_sqrt_pd, _mm512_sqrt_ps, _mm512_srli_epi32,
-    _mm512_storeu_pd, _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_pd, _mm512_sub_ps,
-    _mm512_ternarylogic_epi32, _mm512_xor_si512,
+    _mm512_div_ps, _mm512_fmadd_pd, _mm512_fmadd_ps, _mm512_loadu_pd, _mm512_loadu_ps,
+    _mm512_loadu_si512, _mm512_mask_blend_epi32, _mm512_mask_blend_pd, _mm512_mask_blend_ps,
+    _mm512_mul_pd, _mm512_mul_ps, _mm512_or_si512, _mm512_permutex2var_ps, _mm512_set1_epi32,
+    _mm512_set1_epi64, _mm512_set1_pd, _mm512_set1_ps, _mm512_setr_epi32, _mm512_slli_epi32,
+    _mm512_sqrt_pd, _mm512_sqrt_ps, _mm512_srli_epi32, _mm512_storeu_pd, _mm512_storeu_ps,
+    _mm512_storeu_si512, _mm512_sub_pd, _mm512_sub_ps, _mm512_ternarylogic_epi32, _mm512_xor_si512,
 };
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -48,7 +50,7 @@ macro_rules! vector {
     (
         $name:ident($raw:ty, $t:ty),
         add = $add:ident, sub = $sub:ident, mul = $mul:ident, div = $div:ident,
-        sqrt = $sqrt:ident, splat = $splat:ident, neg = |$x:ident| $neg:expr,
+        sqrt = $sqrt:ident, fma = $fma:ident, splat = $splat:ident, neg = |$x:ident| $neg:expr,
         max = |$a:ident, $b:ident| $max:expr
     ) => {
         #[derive(Clone, Copy)]
@@ -113,6 +115,12 @@ macro_rules! vector {
                 // SAFETY: as above.
                 $name(unsafe { $max })
             }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                // SAFETY: as above (each level that runs these vectors has FMA, see
+                // `simd::SimdLevel::detect`).
+                $name(unsafe { $fma(self.0, a.0, b.0) })
+            }
         }
     };
 }
@@ -125,6 +133,7 @@ vector!(
     mul = _mm256_mul_ps,
     div = _mm256_div_ps,
     sqrt = _mm256_sqrt_ps,
+    fma = _mm256_fmadd_ps,
     splat = _mm256_set1_ps,
     neg = |x| _mm256_xor_ps(x, _mm256_set1_ps(-0.0)),
     max = |a, b| _mm256_blendv_ps(
@@ -143,6 +152,7 @@ vector!(
     mul = _mm256_mul_pd,
     div = _mm256_div_pd,
     sqrt = _mm256_sqrt_pd,
+    fma = _mm256_fmadd_pd,
     splat = _mm256_set1_pd,
     neg = |x| _mm256_xor_pd(x, _mm256_set1_pd(-0.0)),
     max = |a, b| _mm256_blendv_pd(
@@ -178,7 +188,7 @@ macro_rules! lanes {
     };
 }
 
-/// AVX2 with F16C: 8 `f32` or 4 `f64` a vector.
+/// AVX2 with FMA and F16C: 8 `f32` or 4 `f64` a vector.
 pub struct Avx2;
 
 // SAFETY of every `Lanes` impl: the caller guarantees the pointer has `W` elements behind it
@@ -197,7 +207,7 @@ lanes!(
     )
 );
 
-/// AVX2 with F16C, two vectors at a time: 16 `f32` (a [`Pair`] of [`F32x8`]).
+/// AVX2 with FMA and F16C, two vectors at a time: 16 `f32` (a [`Pair`] of [`F32x8`]).
 ///
 /// For bfloat16 this lets 16 elements (one 256-bit load) split into their even and odd
 /// elements in one instruction each, and come back together in two, where one vector at a
@@ -310,6 +320,7 @@ vector!(
     mul = _mm512_mul_ps,
     div = _mm512_div_ps,
     sqrt = _mm512_sqrt_ps,
+    fma = _mm512_fmadd_ps,
     splat = _mm512_set1_ps,
     neg = |x| _mm512_castsi512_ps(_mm512_xor_si512(
         _mm512_castps_si512(x),
@@ -328,6 +339,7 @@ vector!(
     mul = _mm512_mul_pd,
     div = _mm512_div_pd,
     sqrt = _mm512_sqrt_pd,
+    fma = _mm512_fmadd_pd,
     splat = _mm512_set1_pd,
     neg = |x| _mm512_castsi512_pd(_mm512_xor_si512(
         _mm512_castpd_si512(x),
@@ -340,7 +352,7 @@ vector!(
     )
 );
 
-/// AVX-512F (with AVX2 and F16C, which every AVX-512 processor has): 16 `f32` or 8 `f64` a
+/// AVX-512F (with AVX2, FMA and F16C, which every AVX-512 processor has): 16 `f32` or 8 `f64` a
 /// vector; float16 through the 512-bit form of `vcvtph2ps`/`vcvtps2ph`.
 pub struct Avx512;
 
