@@ -981,3 +981,6 @@ pub(crate) fn execute(
     });
     Ok(applied)
 }
+
+#[cfg(test)]
+mod tests;
