@@ -512,6 +512,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// Miri (`make miri`) interprets every instruction: it gets fewer and smaller steps. Its
+    /// scheduler preempts threads at random points, and the seeds it runs with vary them.
+    const MIRI: bool = cfg!(miri);
+
     /// Counts its drops, so that a test sees every item consumed exactly once.
     struct Counted<'a>(usize, &'a [AtomicUsize]);
     impl Drop for Counted<'_> {
@@ -522,11 +526,16 @@ mod tests {
 
     #[test]
     fn every_item_runs_once_at_every_thread_count() {
+        let sizes: &[usize] = if MIRI {
+            &[0, 1, 2, 3, 7, 33]
+        } else {
+            &[0, 1, 2, 3, 7, 64, 1000]
+        };
         for threads in 2..=4 {
             let pool = Pool::new(threads).unwrap();
-            for n in [0, 1, 2, 3, 7, 64, 1000] {
+            for &n in sizes {
                 // Several steps on one pool: the workers go from spinning to the next step.
-                for _ in 0..3 {
+                for _ in 0..if MIRI { 2 } else { 3 } {
                     let ran: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
                     let dropped: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
                     let items: Vec<Counted<'_>> = (0..n).map(|i| Counted(i, &dropped)).collect();
@@ -547,11 +556,12 @@ mod tests {
     fn workers_that_parked_are_woken() {
         let pool = Pool::new(3).unwrap();
         let ran = AtomicUsize::new(0);
+        let n = if MIRI { 24 } else { 256 };
         for _ in 0..3 {
             // Longer than any spin: the workers are parked when the step starts.
             thread::sleep(pool.shared.spin + Duration::from_millis(5));
             let on = Mutex::new(std::collections::HashSet::new());
-            pool.run(256, &|_| {
+            pool.run(n, &|_| {
                 ran.fetch_add(1, Ordering::Relaxed);
                 on.lock().unwrap().insert(thread::current().id());
                 thread::sleep(Duration::from_micros(200));
@@ -559,18 +569,18 @@ mod tests {
             let threads = on.into_inner().unwrap().len();
             assert!(threads > 1, "only the calling thread ran the items");
         }
-        assert_eq!(ran.load(Ordering::Relaxed), 3 * 256);
+        assert_eq!(ran.load(Ordering::Relaxed), 3 * n);
     }
 
     #[test]
     fn a_panicking_item_surfaces_on_the_caller_after_every_item_ran() {
         let pool = Pool::new(2).unwrap();
-        let n = 200;
+        let n = if MIRI { 40 } else { 200 };
         let ran: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
         let caught = panic::catch_unwind(AssertUnwindSafe(|| {
             pool.run(n, &|i| {
                 ran[i].fetch_add(1, Ordering::Relaxed);
-                assert!(i != 150 && i != 3, "item {i} fails");
+                assert!(i != n * 3 / 4 && i != 3, "item {i} fails");
             });
         }));
         let message = caught.unwrap_err();
@@ -589,18 +599,19 @@ mod tests {
     fn steps_from_several_threads_at_once_all_complete() {
         let pool = Pool::new(2).unwrap();
         let total = AtomicUsize::new(0);
+        let (callers, steps, n) = if MIRI { (3, 4, 17) } else { (4, 50, 97) };
         thread::scope(|s| {
-            for _ in 0..4 {
+            for _ in 0..callers {
                 s.spawn(|| {
-                    for _ in 0..50 {
-                        pool.run(97, &|_| {
+                    for _ in 0..steps {
+                        pool.run(n, &|_| {
                             total.fetch_add(1, Ordering::Relaxed);
                         });
                     }
                 });
             }
         });
-        assert_eq!(total.load(Ordering::Relaxed), 4 * 50 * 97);
+        assert_eq!(total.load(Ordering::Relaxed), callers * steps * n);
     }
 
     #[test]
@@ -617,5 +628,44 @@ mod tests {
             );
             thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// The process-wide pool as steps use it: several threads step at once (one of them on
+    /// the pool, the others on their own, see `Pool::run`) while two of them change the thread
+    /// count, which replaces the pool under the others. Each step writes disjoint chunks of its
+    /// caller's array on whichever threads claim them, then reads them all back through `all`
+    /// on the pool and on the caller. The race detectors (`make miri`, `make tsan`) check that
+    /// every such write is ordered before the reads.
+    #[test]
+    fn concurrent_steps_on_the_global_pool_while_the_thread_count_changes() {
+        let (callers, steps, len, chunk) = if MIRI {
+            (3, 4, 24, 5)
+        } else {
+            (4, 300, 4096, 97)
+        };
+        thread::scope(|s| {
+            for c in 0..callers {
+                s.spawn(move || {
+                    let mut data = vec![0u32; len];
+                    for step in 0..steps {
+                        if c < 2 {
+                            set_num_threads(1 + (step + 2 * c) % 4);
+                        }
+                        let pieces: Vec<&mut [u32]> = data.chunks_mut(chunk).collect();
+                        for_each(pieces, PARALLEL_MIN_ELEMS, |piece| {
+                            for x in piece.iter_mut() {
+                                *x += 1;
+                            }
+                        });
+                        let rows: Vec<&[u32]> = data.chunks(chunk).collect();
+                        let want = u32::try_from(step).unwrap() + 1;
+                        assert!(all(&rows, PARALLEL_MIN_ELEMS, |r| r
+                            .iter()
+                            .all(|&x| x == want)));
+                    }
+                    assert!(num_threads() >= 1);
+                });
+            }
+        });
     }
 }

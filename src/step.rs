@@ -1140,3 +1140,6 @@ pub(crate) fn execute(
     });
     Ok(applied)
 }
+
+#[cfg(test)]
+mod tests;

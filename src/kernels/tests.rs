@@ -10,7 +10,27 @@ use super::sgd::{SgdHyper, SgdScalars};
 use super::simd::{apply, Element, SimdLevel};
 use super::{Float, Rule, Slices, Storage};
 
-const LENGTHS: [usize; 16] = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 1000, 4099];
+#[cfg(not(miri))]
+const LENGTHS: &[usize] = &[0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 1000, 4099];
+/// Under Miri (`make miri`), which interprets every element: empty, shorter than any vector,
+/// and one more than whole vectors of every width (4 to 32), which `CHUNKS` cuts into 17 + 16.
+#[cfg(miri)]
+const LENGTHS: &[usize] = &[0, 1, 9, 33];
+
+/// The chunkings each case runs with (one chunk per element, awkward ones, one per array).
+const CHUNKS: &[usize] = if cfg!(miri) {
+    &[17, 1 << 14]
+} else {
+    &[1, 5, 16, 1 << 14]
+};
+
+/// The cases of `cases()` Miri runs: every rule, with 0 to 3 state buffers (SGD without and
+/// with momentum, Adam with amsgrad and without, RMSprop centered with momentum and plain with
+/// momentum, Adagrad). The others differ from these in their arithmetic only.
+const MIRI_CASES: [usize; 7] = [0, 6, 14, 15, 21, 23, 29];
+
+/// Gradients (steps) per case.
+const STEPS: usize = if cfg!(miri) { 2 } else { 4 };
 
 /// xorshift64*: deterministic test data without a dependency.
 struct Rng(u64);
@@ -457,12 +477,23 @@ fn stored<S: Storage>(v: Vec<S::Compute>) -> Vec<S> {
     v.into_iter().map(S::store).collect()
 }
 
-fn check<S: Element>(specials: bool) {
+/// Miri cannot run F16C's float32 to float16 conversion (`llvm.x86.vcvtps2ph`), the store of
+/// float16's vector lanes: under Miri, float16 runs at the baseline level only.
+pub(crate) fn miri_can_run<S: 'static>(level: SimdLevel) -> bool {
+    !cfg!(miri)
+        || level == SimdLevel::Baseline
+        || std::any::TypeId::of::<S>() != std::any::TypeId::of::<half::f16>()
+}
+
+fn check<S: Element + 'static>(specials: bool) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    for case in cases() {
-        for &n in &LENGTHS {
+    let cases = cases().into_iter().enumerate();
+    for (_, case) in cases.filter(|(i, _)| !cfg!(miri) || MIRI_CASES.contains(i)) {
+        for &n in LENGTHS {
             let init: Vec<S> = stored(rng.values(n, false));
-            let grads: Vec<Vec<S>> = (0..4).map(|_| stored(rng.values(n, specials))).collect();
+            let grads: Vec<Vec<S>> = (0..STEPS)
+                .map(|_| stored(rng.values(n, specials)))
+                .collect();
             let mut want = State {
                 p: init.clone(),
                 bufs: [None, None, None],
@@ -477,8 +508,9 @@ fn check<S: Element>(specials: bool) {
             for g in &grads {
                 case.reference(&mut want, g);
             }
-            for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
-                for chunk in [1, 5, 16, 1 << 14] {
+            let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
+            for level in levels.filter(|&l| miri_can_run::<S>(l)) {
+                for &chunk in CHUNKS {
                     let mut got = State {
                         p: init.clone(),
                         bufs: [None, None, None],
@@ -514,11 +546,16 @@ fn kernels_match_reference_f64() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "the f32 loops again, with other values (the 16-bit ones run these)"
+)]
 fn non_finite_gradients_propagate_as_reference_f32() {
     check::<f32>(true);
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "the f64 loops again, with other values")]
 fn non_finite_gradients_propagate_as_reference_f64() {
     check::<f64>(true);
 }
@@ -588,21 +625,43 @@ fn centered_rmsprop_huge_gradient_leaves_param_as_torch_f64() {
 
 #[test]
 fn kernels_match_reference_bf16() {
-    check::<half::bf16>(false);
+    if !cfg!(miri) {
+        check::<half::bf16>(false);
+    }
     check::<half::bf16>(true);
 }
 
 #[test]
 fn kernels_match_reference_f16() {
-    check::<half::f16>(false);
+    if !cfg!(miri) {
+        check::<half::f16>(false);
+    }
     check::<half::f16>(true);
+}
+
+/// The high 16 bits of the float32 inputs the conversion tests try: all of them, or under Miri
+/// the telling ones (zeros, subnormals, the largest finite bfloat16 and float16
+/// neighbourhoods, infinities, NaNs, both signs) and then every 251st.
+fn high_halves() -> Vec<u32> {
+    if cfg!(miri) {
+        let telling = [
+            0x0000, 0x0001, 0x0080, 0x3380, 0x3880, 0x3F80, 0x477F, 0x4780, 0x7F7F, 0x7F80, 0x7FC0,
+            0x7FFF, 0x8000, 0x8001, 0xBF80, 0xFF80, 0xFFC0, 0xFFFF,
+        ];
+        telling
+            .into_iter()
+            .chain((0..=u32::from(u16::MAX)).step_by(251))
+            .collect()
+    } else {
+        (0..=u32::from(u16::MAX)).collect()
+    }
 }
 
 #[test]
 fn bfloat16_conversion_matches_half_on_every_bit_pattern_class() {
     // Every float32 whose low 16 bits take a few telling values, across all high halves:
     // ties, just above and below ties, NaN payloads, infinities, subnormals, overflow.
-    for high in 0..=u32::from(u16::MAX) {
+    for high in high_halves() {
         for low in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
             let x = f32::from_bits((high << 16) | low);
             let ours = <half::bf16 as Storage>::store(x);
@@ -622,6 +681,10 @@ fn bfloat16_conversion_matches_half_on_every_bit_pattern_class() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "2^32 conversions in safe scalar code; Miri runs the vector ones"
+)]
 fn float16_conversions_match_half_on_every_bit_pattern() {
     use rayon::prelude::*;
     // All 2^32 float32 values (split over threads by their high half), and all 2^16 float16.
@@ -677,10 +740,22 @@ where
         // SAFETY: both storage types are 16-bit patterns.
         unsafe { std::mem::transmute_copy(&s) }
     };
-    // Narrowing: all 2^32 float32 values, in blocks of 2^16 (split over threads).
-    (0..=u32::from(u16::MAX)).into_par_iter().for_each(|high| {
-        let xs: Vec<f32> = (0..=u32::from(u16::MAX))
-            .map(|low| f32::from_bits((high << 16) | low))
+    // Narrowing: all 2^32 float32 values, in blocks of 2^16 (split over threads). Under Miri,
+    // 64 low halves (a multiple of every W): float16's and bfloat16's ties and their
+    // neighbours, then a spread.
+    let lows: Vec<u32> = if cfg!(miri) {
+        let telling = [
+            0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001,
+        ];
+        let spread = (1..).map(|k| k * 1193 % 0x1_0000);
+        telling.into_iter().chain(spread).take(64).collect()
+    } else {
+        (0..=u32::from(u16::MAX)).collect()
+    };
+    let narrow = |high: u32| {
+        let xs: Vec<f32> = lows
+            .iter()
+            .map(|&low| f32::from_bits((high << 16) | low))
             .collect();
         let mut got = vec![S::store(0.0); xs.len()];
         // SAFETY: the caller checked that the CPU has L's instructions.
@@ -693,11 +768,21 @@ where
                 x.to_bits()
             );
         }
-    });
-    // Widening: all 2^16 patterns.
+    };
+    if cfg!(miri) {
+        // No thread pool under Miri: rayon's threads outlive the test.
+        high_halves().into_iter().for_each(narrow);
+    } else {
+        high_halves().into_par_iter().for_each(narrow);
+    }
+    // Widening: all 2^16 patterns (under Miri the patterns of `high_halves`, cut to a multiple of
+    // 64).
+    let mut patterns = high_halves();
+    patterns.truncate(patterns.len() / 64 * 64);
     // SAFETY: S is a 16-bit pattern type (bf16 or f16).
-    let hs: Vec<S> = (0..=u16::MAX)
-        .map(|b| unsafe { std::mem::transmute_copy(&b) })
+    let hs: Vec<S> = patterns
+        .into_iter()
+        .map(|b| unsafe { std::mem::transmute_copy(&(b as u16)) })
         .collect();
     let mut got = vec![0.0f32; hs.len()];
     // SAFETY: as above.
@@ -716,7 +801,10 @@ where
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn avx2_conversions_agree() {
     unsafe {
-        conversions_agree::<half::f16, super::x86::Avx2>();
+        if !cfg!(miri) {
+            // See `miri_can_run`.
+            conversions_agree::<half::f16, super::x86::Avx2>();
+        }
         conversions_agree::<half::bf16, super::x86::Avx2Pairs>();
     }
 }
@@ -725,7 +813,9 @@ unsafe fn avx2_conversions_agree() {
 #[target_feature(enable = "avx512f,avx2,f16c")]
 unsafe fn avx512_conversions_agree() {
     unsafe {
-        conversions_agree::<half::f16, super::x86::Avx512>();
+        if !cfg!(miri) {
+            conversions_agree::<half::f16, super::x86::Avx512>();
+        }
         conversions_agree::<half::bf16, super::x86::Avx512Pairs>();
     }
 }
@@ -759,8 +849,13 @@ fn reduced_precision_rounds_to_nearest_even() {
 
 #[test]
 fn baseline_and_best_level_agree_on_a_long_array() {
-    // 1_000_003 elements: every vector width with a remainder.
-    let n = 1_000_003;
+    // 1_000_003 elements: every vector width with a remainder (under Miri 259, in chunks of 64
+    // rather than of CHUNK_ELEMS).
+    let (n, chunk) = if cfg!(miri) {
+        (259, 64)
+    } else {
+        (1_000_003, super::super::step::CHUNK_ELEMS)
+    };
     let mut rng = Rng(7);
     let init: Vec<f32> = rng.values(n, false);
     let grad: Vec<f32> = rng.values(n, true);
@@ -776,7 +871,7 @@ fn baseline_and_best_level_agree_on_a_long_array() {
             step: 0.0,
         };
         for _ in 0..3 {
-            case.fused(&mut s, &grad, level, super::super::step::CHUNK_ELEMS);
+            case.fused(&mut s, &grad, level, chunk);
         }
         bits(&s.p)
     };
