@@ -573,7 +573,7 @@ fn centered_huge_gradient<T: Element<Compute = T> + Float>(huge: f64) {
             momentum,
             ..RmsPropHyper::default()
         });
-        for &n in &LENGTHS {
+        for &n in LENGTHS {
             let p0: Vec<T> = (0..n).map(|i| t(start[i % start.len()])).collect();
             let grad = vec![t::<T>(huge); n];
             let mut want = State {
