@@ -331,3 +331,29 @@ def test_usable_environment_values_say_nothing():
         {"OPTIRS_SIMD": "baseline", "OPTIRS_NUM_THREADS": "2", "OPTIRS_SPIN_US": "0"},
     )
     _assert_ok(r)
+
+
+MUTATE = os.path.join(os.path.dirname(__file__), "tsan", "mutate.py")
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "numpy_plan_gradients",
+        "numpy_params_and_state",
+        "torch_grads_and_data",
+        "torch_state_and_groups",
+    ],
+)
+def test_other_threads_changing_the_arrays_of_running_steps(scenario):
+    """Drops, replacements, resizes and cleared state from another thread mid-step: no crash,
+    no hang, nothing written outside the step's arrays, and the optimizer still steps right
+    afterwards (tests/tsan/mutate.py says what each scenario does; `make tsan` runs it too)."""
+    r = subprocess.run(
+        [sys.executable, MUTATE, scenario],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    _assert_ok(r)
+    assert f"{scenario}: " in r.stdout and ": ok" in r.stdout, r.stdout

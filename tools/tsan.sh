@@ -9,6 +9,8 @@
 #    with gcc's libtsan preloaded, runs tests/tsan/stress.py (Python threads stepping NumPy and
 #    torch-bridge optimizers at once while another changes set_num_threads), after a canary
 #    that must be reported (tests/tsan/stress.py --canary) to show the check is live. The
+#    Then tests/tsan/mutate.py: other threads drop, replace and resize the arrays of running
+#    steps (the free of memory a kernel still reads would be reported). The
 #    uninstrumented interpreter's own accesses are invisible to ThreadSanitizer, but its locks
 #    (pthread, semaphores) are intercepted, so its GIL orders what it should. One report class
 #    outside optirs is suppressed (tests/tsan/suppressions.txt, which says why).
@@ -79,6 +81,12 @@ else
     echo "=== tsan: Python level: stress ($((SECONDS - start)) s so far) ==="
     if ! run_py; then
         failed+=("Python-level stress")
+    fi
+    echo "=== tsan: Python level: other threads change the arrays of running steps ($((SECONDS - start)) s so far) ==="
+    # A free racing with the kernels (a use-after-free that happened not to crash) is reported.
+    if ! LD_PRELOAD="$LIBTSAN" PYTHONPATH="$PWD/$PKG" OPTIRS_MUTATE_STEPS="${OPTIRS_MUTATE_STEPS:-40}" \
+        "$PY" tests/tsan/mutate.py; then
+        failed+=("Python-level mutation stress")
     fi
 fi
 

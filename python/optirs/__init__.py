@@ -436,8 +436,9 @@ class Optimizer:
                 "grads must be a sequence with one gradient (or None) per parameter, got "
                 f"{_tn(grads)}"
             )
-        if not isinstance(grads, list):
-            grads = list(grads)
+        # A copy even of a list: another thread may change the caller's list while this
+        # step reads it.
+        grads = list(grads)
         spec = self._spec
         groups = self.param_groups
         for group in groups:
