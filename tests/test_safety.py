@@ -348,12 +348,16 @@ MUTATE = os.path.join(os.path.dirname(__file__), "tsan", "mutate.py")
 def test_other_threads_changing_the_arrays_of_running_steps(scenario):
     """Drops, replacements, resizes and cleared state from another thread mid-step: no crash,
     no hang, nothing written outside the step's arrays, and the optimizer still steps right
-    afterwards (tests/tsan/mutate.py says what each scenario does; `make tsan` runs it too)."""
+    afterwards (tests/tsan/mutate.py says what each scenario does; `make tsan` runs it too).
+    glibc is told to give every array over 64 KiB its own mapping and unmap it when freed (by
+    default it raises that threshold as arrays are freed, and reuses their memory): a step
+    reading an array freed under it then crashes instead of reading stale numbers."""
     r = subprocess.run(
         [sys.executable, MUTATE, scenario],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     _assert_ok(r)
     assert f"{scenario}: " in r.stdout and ": ok" in r.stdout, r.stdout
