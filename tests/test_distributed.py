@@ -11,7 +11,7 @@ dtypes, in three ways:
   rank steps its shard, then broadcasts it), followed by ``consolidate_state_dict(to=0)``;
 - ``overlap``: ``ZeroRedundancyOptimizer(optimizer_class=X, overlap_with_ddp=True)`` with the
   ``hook_with_zero_step`` communication hook, which steps optirs's functional optimizers
-  (``optirs._distributed``) inside DDP's backward. torch refuses that hook on a process group
+  (``optirs.torch._distributed``) inside DDP's backward. torch refuses that hook on a process group
   whose backend is named ``"gloo"`` (pytorch/pytorch#62300: it may hang), and gloo is the only
   backend that all-reduces CPU tensors, so this case uses a group created as ``"cpu:gloo"`` (the
   same gloo backend under a name the check does not catch) to exercise torch's real code path
@@ -194,9 +194,9 @@ def _train(rank: int, mode: str, config: str, dtype: torch.dtype, overlap_group:
 
 def worker(rank: int, out_dir: Path) -> None:
     """Runs every (mode, config, dtype) on this rank; saves the results to ``rank{rank}.pt``."""
-    import optirs._distributed  # registers the functional optimizers
     import torch.distributed as dist
 
+    optirs.torch.register_functional_optimizers()  # for ZeRO's overlap_with_ddp=True
     torch.set_num_threads(1)
     optirs.set_num_threads(1)
     store = _connect(rank, out_dir / "port")
@@ -352,7 +352,7 @@ def test_zero_overlap_with_ddp_matches_single_process(results, config, dtype_id)
 
 def test_functional_optimizers_are_registered():
     """Every optirs.torch class maps to its functional class in torch's registry."""
-    from optirs._distributed import FUNCTIONAL_OPTIMIZERS, register_functional_optimizers
+    from optirs.torch._distributed import FUNCTIONAL_OPTIMIZERS, register_functional_optimizers
     from torch.distributed.optim.utils import functional_optim_map
 
     registered = register_functional_optimizers()
@@ -366,11 +366,29 @@ def test_functional_optimizers_are_registered():
     assert functional_optim_map[torch.optim.AdamW].__name__ == "_FunctionalAdamW"
 
 
+def test_registration_happens_when_asked_not_on_import():
+    """Importing optirs.torch (and its distributed helpers) leaves torch's process-wide
+    registry alone; ``register_functional_optimizers()`` fills it. In a fresh interpreter, since
+    this one may have registered already."""
+    code = (
+        "import optirs.torch, optirs.torch._distributed\n"
+        "from torch.distributed.optim.utils import functional_optim_map as m\n"
+        "ours = lambda: sorted(c.__name__ for c in m if c.__module__.startswith('optirs'))\n"
+        "print(ours())\n"
+        "optirs.torch.register_functional_optimizers()\n"
+        "print(ours())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert out == ["[]", str(sorted(("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")))]
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_functional_step_takes_gradients_as_a_list(config):
     """``step(gradients)`` equals ``step()`` with those gradients in ``.grad``; None skips a
     parameter; the parameters' own ``.grad`` is left as it was."""
-    from optirs._distributed import FUNCTIONAL_OPTIMIZERS
+    from optirs.torch._distributed import FUNCTIONAL_OPTIMIZERS
 
     name, kwargs = CONFIGS[config]
     cls = getattr(optirs.torch, name)
@@ -396,7 +414,7 @@ def test_functional_step_takes_gradients_as_a_list(config):
 
 
 def test_functional_param_groups_are_live_and_validated():
-    from optirs._distributed import FUNCTIONAL_OPTIMIZERS
+    from optirs.torch._distributed import FUNCTIONAL_OPTIMIZERS
 
     p = nn.Parameter(torch.ones(3))
     functional = FUNCTIONAL_OPTIMIZERS[optirs.torch.SGD]([p], lr=0.5)

@@ -114,7 +114,7 @@ def test_wheel_contents_and_size():
         names = set(z.namelist())
     for required in (
         "optirs/__init__.py",
-        "optirs/torch.py",
+        "optirs/torch/__init__.py",
         "optirs/_core.pyi",
         "optirs/py.typed",
     ):

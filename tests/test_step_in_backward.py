@@ -34,7 +34,7 @@ import optirs
 import optirs.torch
 import pytest
 import torch
-from optirs._backward import StepInBackward, step_in_backward
+from optirs.torch import StepInBackward, step_in_backward
 from torch import nn
 from torch_helpers import all_params, assert_matches_torch
 

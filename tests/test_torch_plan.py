@@ -21,7 +21,7 @@ def probe(request, monkeypatch):
     """Every test runs with the plan reading layouts through torch's DLPack exchange API and,
     as on a torch without one, through the tensors' Python methods."""
     if request.param == "methods":
-        monkeypatch.setattr(optirs.torch, "_EXCHANGE_API", None)
+        monkeypatch.setattr(optirs.torch._bridge, "_EXCHANGE_API", None)
     return request.param
 
 
@@ -331,7 +331,7 @@ def test_same_memory_in_a_new_shape_is_seen(where):
 @pytest.mark.parametrize("probe", ["exchange"], indirect=True)
 def test_no_exchange_api_where_the_capsule_is_not_one(monkeypatch):
     """Anything but a DLPack exchange API capsule leaves the plan on the Python methods."""
-    monkeypatch.setattr(optirs.torch, "_EXCHANGE_API", object())
+    monkeypatch.setattr(optirs.torch._bridge, "_EXCHANGE_API", object())
     ours, theirs, opt, ref = _pair()
     for seed in range(1, 4):
         _step(ours, theirs, opt, ref, seed)

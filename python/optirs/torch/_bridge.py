@@ -1,28 +1,8 @@
-"""optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
+"""The torch bridge's optimizers: torch.optim subclasses whose ``step`` runs optirs's core.
 
-``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` subclass the
-``torch.optim`` classes of the same name, so construction, validation, param groups,
-``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
-``step`` differs: one call into optirs's Rust core updates every parameter in place, in the
-tensors' own storage (the first step through zero-copy NumPy views, later ones through a plan
-the core re-checks each step; see ``_Plan``)::
-
-    import torch, optirs.torch
-    opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
-
-State keeps torch's exact format (``step`` a 0-d float32 tensor, buffers of the parameter's
-dtype), so state dicts move freely between ``torch.optim.X`` and ``optirs.torch.X``.
-
-Hyperparameters are validated by torch's constructor only, as with torch.optim: a value set
-later (by a scheduler or by hand) is stepped with as torch's for-loop step would, NaN and
-infinities included, and where torch's step raises (Adam's ``betas[0] = 1.0`` divides by zero;
-``lr = 1e300`` does not fit a float32 tensor), optirs raises the same exception, before
-changing anything.
-
-Supported: CPU tensors of dtype float32 and float64, and float16/bfloat16 computed in float32
-and stored in the parameter's dtype (as torch's fused CPU path does); dense gradients; any
-dense memory layout (contiguous, transposed, channels_last) shared by a parameter, its gradient
-and its state. Anything else raises a clear error before anything is modified.
+``_Bridge`` is the shared ``step`` (a full step that checks every tensor and makes missing state,
+then ``_Plan``, the core's cached step); each class adds its torch constructor's refusals. The
+package's ``__init__`` documents and re-exports them as ``optirs.torch.X``.
 """
 
 from __future__ import annotations
@@ -36,31 +16,10 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _core, _spec
-from ._backward import StepInBackward, step_in_backward
-from ._plan import GroupsSnapshot, StepOptions, fork_safe
+from .. import _core, _spec
+from .._plan import GroupsSnapshot, StepOptions, fork_safe
 
-
-def register_functional_optimizers() -> dict[type[torch.optim.Optimizer], Any]:
-    """Registers optirs's functional optimizers with ``torch.distributed.optim``, so that
-    ``ZeroRedundancyOptimizer(..., optimizer_class=optirs.torch.X, overlap_with_ddp=True)``
-    accepts them (torch's overlap hooks refuse the gloo backend, though: see the README's
-    "Scaling out"). Imported on demand: ``torch.distributed.optim`` is slow to import."""
-    from ._distributed import register_functional_optimizers as register
-
-    return register()
-
-
-__all__ = [
-    "SGD",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "RMSprop",
-    "StepInBackward",
-    "register_functional_optimizers",
-    "step_in_backward",
-]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # DLPack's C exchange API (torch 2.10 and later): the plan reads a tensor's data pointer, dtype,
@@ -437,7 +396,7 @@ class _Layout:
                 )
             self.strides = p.stride()
 
-    def view(self, t: torch.Tensor, what: str) -> Any:
+    def view(self, t: Any, what: str) -> Any:
         """A NumPy array over ``t``'s own memory (no copy)."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")

@@ -11,9 +11,11 @@ parameters, reads its ``param_groups`` (or ``param_group``), and the DDP communi
 of ``ddp_comm_hooks/ddp_zero_hook.py`` call ``step(gradients)`` with one gradient (a view of the
 all-reduced DDP bucket) or ``None`` per parameter.
 
-Importing this module registers ``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and
-``Adagrad`` in that map (``register_functional_optimizers()`` does it again, idempotently). The
-functional class wraps a real ``optirs.torch`` optimizer over the same parameters, so:
+``optirs.torch.register_functional_optimizers()`` registers ``optirs.torch.SGD``, ``Adam``,
+``AdamW``, ``RMSprop`` and ``Adagrad`` in that map, when the program asks (idempotently).
+Importing ``optirs.torch`` registers nothing: torch's registry is process-wide state, and a
+program that never uses ZeRO's overlap should not find optirs in it. The functional class wraps
+a real ``optirs.torch`` optimizer over the same parameters, so:
 
 - updates are the optirs kernels' (``step_parameters`` on the parameters that got a gradient);
 - its ``param_groups`` is that optimizer's live list, so hyperparameters ZeRO copies in from its
@@ -34,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import torch as optirs_torch
+from . import _bridge
 
 __all__ = ["FUNCTIONAL_OPTIMIZERS", "FunctionalOptimizer", "register_functional_optimizers"]
 
@@ -138,11 +140,11 @@ def _functional(cls: type[torch.optim.Optimizer]) -> type[FunctionalOptimizer]:
 FUNCTIONAL_OPTIMIZERS: dict[type[torch.optim.Optimizer], type[FunctionalOptimizer]] = {
     cls: _functional(cls)
     for cls in (
-        optirs_torch.SGD,
-        optirs_torch.Adam,
-        optirs_torch.AdamW,
-        optirs_torch.RMSprop,
-        optirs_torch.Adagrad,
+        _bridge.SGD,
+        _bridge.Adam,
+        _bridge.AdamW,
+        _bridge.RMSprop,
+        _bridge.Adagrad,
     )
 }
 
@@ -153,7 +155,9 @@ def register_functional_optimizers() -> dict[type[torch.optim.Optimizer], Any]:
     Afterwards ``ZeroRedundancyOptimizer(..., optimizer_class=optirs.torch.AdamW,
     overlap_with_ddp=True)`` uses ``FUNCTIONAL_OPTIMIZERS[optirs.torch.AdamW]``. Idempotent (a
     class registered already, by this or by anyone else, keeps its entry). Returns the
-    registered entries, as torch's map now holds them.
+    registered entries, as torch's map now holds them. Importing ``optirs.torch`` registers
+    nothing: call this before constructing such a ZeRO optimizer. torch's overlap hooks refuse
+    the gloo backend, though (see the README's "Scaling out").
 
     Raises:
         RuntimeError: this torch build has no ``torch.distributed``.
@@ -165,7 +169,3 @@ def register_functional_optimizers() -> dict[type[torch.optim.Optimizer], Any]:
     for cls, functional in FUNCTIONAL_OPTIMIZERS.items():
         register_functional_optim(cls, functional)
     return {cls: functional_optim_map[cls] for cls in FUNCTIONAL_OPTIMIZERS}
-
-
-if torch.distributed.is_available():
-    register_functional_optimizers()

@@ -1,0 +1,59 @@
+"""optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
+
+``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` subclass the
+``torch.optim`` classes of the same name, so construction, validation, param groups,
+``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
+``step`` differs: one call into optirs's Rust core updates every parameter in place, in the
+tensors' own storage (the first step through zero-copy NumPy views, later ones through a plan
+the core re-checks each step; see ``_Plan``)::
+
+    import torch, optirs.torch
+    opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
+
+State keeps torch's exact format (``step`` a 0-d float32 tensor, buffers of the parameter's
+dtype), so state dicts move freely between ``torch.optim.X`` and ``optirs.torch.X``.
+
+Hyperparameters are validated by torch's constructor only, as with torch.optim: a value set
+later (by a scheduler or by hand) is stepped with as torch's for-loop step would, NaN and
+infinities included, and where torch's step raises (Adam's ``betas[0] = 1.0`` divides by zero;
+``lr = 1e300`` does not fit a float32 tensor), optirs raises the same exception, before
+changing anything.
+
+Supported: CPU tensors of dtype float32 and float64, and float16/bfloat16 computed in float32
+and stored in the parameter's dtype (as torch's fused CPU path does); dense gradients; any
+dense memory layout (contiguous, transposed, channels_last) shared by a parameter, its gradient
+and its state. Anything else raises a clear error before anything is modified.
+
+Also here: ``step_in_backward`` (each parameter stepped as soon as its gradient is ready; see
+``optirs.torch._backward``) and ``register_functional_optimizers`` (ZeRO's
+``overlap_with_ddp=True``; nothing is registered with ``torch.distributed`` until it is called).
+
+Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward``,
+``_distributed``. None imports this package, so there is no import cycle.
+"""
+
+from __future__ import annotations
+
+from ._backward import StepInBackward, step_in_backward
+from ._bridge import SGD, Adagrad, Adam, AdamW, RMSprop
+from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
+from ._bridge import _core as _core
+from ._bridge import _Plan as _Plan
+from ._distributed import register_functional_optimizers
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "StepInBackward",
+    "register_functional_optimizers",
+    "step_in_backward",
+]
+
+# The public names are documented, pickled and shown under the module users import them from;
+# pickles then keep loading if the private modules are reorganised.
+for _public in (SGD, Adagrad, Adam, AdamW, RMSprop, StepInBackward):
+    _public.__module__ = __name__
+del _public
