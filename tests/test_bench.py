@@ -14,8 +14,8 @@ from typing import Any
 
 import optirs
 import pytest
-from optirs import _bench
 from optirs.__main__ import main
+from optirs.bench import cases, harness
 
 TINY = ["--sizes", "1e4", "--repeats", "2", "--warmup", "1", "--sample-ms", "1", "--threads", "1"]
 
@@ -37,10 +37,10 @@ def _check_run(run: dict[str, Any]) -> None:
     assert _positive(ceiling["median_s"]) and _positive(ceiling["gbps"])
     assert len(ceiling["per_step_s"]) == 2
     assert ceiling["read_streams"] == 1
-    assert ceiling["read_write_streams"] == _bench.CASES[run["optimizer"]].rw_streams
+    assert ceiling["read_write_streams"] == cases.CASES[run["optimizer"]].rw_streams
     assert ceiling["variants"]
-    torch_paths = [p for p in _bench.TORCH_PATHS if p not in run["unavailable"]]
-    expected = {_bench.APIS[a] for a in run["apis"]} | set(torch_paths)
+    torch_paths = [p for p in cases.TORCH_PATHS if p not in run["unavailable"]]
+    expected = {cases.APIS[a] for a in run["apis"]} | set(torch_paths)
     assert set(run["impls"]) == expected
     for name, impl in run["impls"].items():
         assert _positive(impl["median_s"]), name
@@ -70,7 +70,7 @@ def test_bench_float32_both_apis(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ]
     for run in runs:
         assert run["apis"] == ["numpy", "torch"]
-        assert run["bytes_per_elem"] == _bench.CASES[run["optimizer"]].bytes_per_elem
+        assert run["bytes_per_elem"] == cases.CASES[run["optimizer"]].bytes_per_elem
         assert run["bytes_per_step"] == run["bytes_per_elem"] * 10_000
         _check_run(run)
         # both APIs drive the same core: the same bits after the same steps
@@ -104,7 +104,7 @@ def test_bench_16_bit_runs_use_the_torch_bridge(tmp_path: Path, dtype: str) -> N
     assert data["meta"]["dtypes"] == [dtype]
     for run in data["runs"]:
         assert run["dtype"] == dtype and run["apis"] == ["torch"]
-        assert run["bytes_per_elem"] == _bench.CASES[run["optimizer"]].bytes_per_elem // 2
+        assert run["bytes_per_elem"] == cases.CASES[run["optimizer"]].bytes_per_elem // 2
         assert "optirs" not in run["impls"]
         assert {"optirs.torch", "for-loop", "foreach", "fused"} <= set(run["impls"])
         _check_run(run)
@@ -135,12 +135,12 @@ def test_each_timed_sample_starts_after_the_settle_pause(monkeypatch: pytest.Mon
     """Every sample of every implementation is preceded by one idle pause of --settle-ms."""
     pauses: list[float] = []
     events: list[str] = []
-    monkeypatch.setattr(_bench.time, "sleep", lambda s: (pauses.append(s), events.append("idle")))
+    monkeypatch.setattr(harness.time, "sleep", lambda s: (pauses.append(s), events.append("idle")))
 
     def step(name: str):
         return lambda: events.append(name)
 
-    times = _bench._interleaved({"a": step("a"), "b": step("b")}, {"a": 1, "b": 2}, 3, 0.02)
+    times = harness._interleaved({"a": step("a"), "b": step("b")}, {"a": 1, "b": 2}, 3, 0.02)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert pauses == [0.02] * 6
     # idle, then the sample's steps: never two implementations' steps back to back
@@ -148,7 +148,7 @@ def test_each_timed_sample_starts_after_the_settle_pause(monkeypatch: pytest.Mon
     for before, after in zip(events, events[1:]):
         assert not ({before, after} == {"a", "b"}), events
     pauses.clear()
-    _bench._interleaved({"a": step("a")}, {"a": 1}, 2, 0.0)
+    harness._interleaved({"a": step("a")}, {"a": 1}, 2, 0.0)
     assert pauses == []
 
 

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from . import __version__, _bench, _core, get_num_threads, simd_level, simd_levels
+from . import __version__, _core, get_num_threads, simd_level, simd_levels
+from .bench import cli as bench_cli
 
 
 def info() -> dict[str, Any]:
@@ -77,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
             "ceiling; write JSON and a PNG plot. Needs PyTorch (and matplotlib for the plot)."
         ),
     )
-    _bench.add_arguments(bench)
-    bench.set_defaults(func=_bench.run_from_args)
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(func=bench_cli.run_from_args)
     info_cmd = commands.add_parser(
         "info",
         help="print versions, SIMD level, threads and build details (for bug reports)",

@@ -1,0 +1,240 @@
+"""What the benchmark runs: the optimizer cases, dtypes, workloads and a run's configuration.
+
+Plain data, shared by the harness, the report, the plot and the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TORCH_PATHS: dict[str, dict[str, bool]] = {
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+"""torch.optim keyword arguments selecting each of its CPU code paths."""
+
+
+APIS: dict[str, str] = {"numpy": "optirs", "torch": "optirs.torch"}
+"""optirs's APIs (``--api``) and the implementation name each is reported under."""
+
+
+IMPLS: tuple[str, ...] = (*APIS.values(), *TORCH_PATHS)
+"""Implementation names, in table order."""
+
+
+CEILING = "ceiling"
+"""Name of the memory-traffic ceiling in the results."""
+
+
+MAX_SIZE = 10**8
+
+
+ALIGN_BYTES = 64
+
+
+MAX_BATCH = 10_000
+
+
+DEFAULT_SIZES = "1e4,1e6,1e7"
+
+
+DEFAULT_REPEATS = 7
+
+
+#: idle before each timed sample (see ``_interleaved``)
+DEFAULT_SETTLE_MS = 20.0
+
+
+DEFAULT_PLOT = Path("bench-results/bench.png")
+
+
+DEFAULT_JSON = Path("bench-results/bench.json")
+
+
+NO_TORCH_MESSAGE = "the benchmark compares against PyTorch: pip install torch"
+
+
+@dataclass(frozen=True)
+class DType:
+    """A parameter dtype the benchmark runs: how optirs and torch store it, which APIs take it.
+
+    ``storage`` is the NumPy dtype of the ceiling's arrays (bfloat16 bits are uint16), and
+    ``agreement_tol`` the largest difference from optirs after the warm-up that is not warned
+    about (bfloat16: about two units in the last place of a parameter of a few units).
+    """
+
+    name: str
+    short: str
+    itemsize: int
+    storage: Any
+    apis: tuple[str, ...]
+    agreement_tol: float
+
+
+DTYPES: dict[str, DType] = {
+    "float32": DType("float32", "f32", 4, np.float32, ("numpy", "torch"), 1e-4),
+    "bfloat16": DType("bfloat16", "bf16", 2, np.uint16, ("torch",), 2.0**-4),
+    # three more mantissa bits than bfloat16
+    "float16": DType("float16", "f16", 2, np.float16, ("torch",), 2.0**-7),
+}
+"""The dtypes ``--dtype`` accepts."""
+
+
+_DTYPE_ALIASES = {
+    "f32": "float32",
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "f16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+
+@dataclass(frozen=True)
+class OptimizerCase:
+    """One optimizer configuration, built identically by optirs and torch.optim.
+
+    ``bytes_per_elem`` counts the float32 bytes a step reads and writes per parameter element
+    (``traffic`` spells them out); ``arrays`` is the number of distinct arrays it touches
+    (gradient included): the ceiling reads one (the gradient) and reads and writes the rest.
+    """
+
+    name: str
+    cls: str
+    kwargs: dict[str, Any]
+    bytes_per_elem: int
+    arrays: int
+    has_fused: bool
+    traffic: str
+
+    @property
+    def rw_streams(self) -> int:
+        """Arrays a step reads and writes: the parameter and each state buffer."""
+        return self.arrays - 1
+
+    def bytes_per_element(self, dtype: DType) -> int:
+        """Bytes moved per parameter element by a step in ``dtype``."""
+        return self.bytes_per_elem * dtype.itemsize // 4
+
+
+CASES: dict[str, OptimizerCase] = {
+    c.name: c
+    for c in (
+        OptimizerCase(
+            "sgd",
+            "SGD",
+            {"lr": 1e-3, "momentum": 0.9},
+            bytes_per_elem=20,
+            arrays=3,
+            has_fused=True,
+            traffic="read p,g,buf; write p,buf",
+        ),
+        OptimizerCase(
+            "adam",
+            "Adam",
+            {"lr": 1e-3},
+            bytes_per_elem=28,
+            arrays=4,
+            has_fused=True,
+            traffic="read p,g,m,v; write p,m,v",
+        ),
+        OptimizerCase(
+            "adamw",
+            "AdamW",
+            {"lr": 1e-3, "weight_decay": 1e-2},
+            bytes_per_elem=28,
+            arrays=4,
+            has_fused=True,
+            traffic="read p,g,m,v; write p,m,v",
+        ),
+        OptimizerCase(
+            "rmsprop",
+            "RMSprop",
+            {"lr": 1e-2},
+            bytes_per_elem=20,
+            arrays=3,
+            has_fused=False,
+            traffic="read p,g,sq; write p,sq",
+        ),
+        OptimizerCase(
+            "rmsprop-cm",
+            "RMSprop",
+            {"lr": 1e-2, "momentum": 0.9, "centered": True},
+            bytes_per_elem=36,
+            arrays=5,
+            has_fused=False,
+            traffic="read p,g,sq,buf,ga; write p,sq,buf,ga",
+        ),
+        OptimizerCase(
+            "adagrad",
+            "Adagrad",
+            {"lr": 1e-2},
+            bytes_per_elem=20,
+            arrays=3,
+            has_fused=True,
+            traffic="read p,g,sum; write p,sum",
+        ),
+    )
+}
+"""The benchmarked optimizer configurations, by name."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A set of parameter shapes stepped together by one optimizer."""
+
+    name: str
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        """Total number of parameter elements."""
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def largest(self) -> int:
+        """Number of elements of the largest tensor."""
+        return max(math.prod(s) for s in self.shapes)
+
+
+def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
+    """The 148 parameter shapes of GPT-2 small (124,439,808 parameters, tied LM head)."""
+    d, ff = 768, 3072
+    shapes: list[tuple[int, ...]] = [(50257, d), (1024, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,)]  # ln_1 weight, bias
+        shapes += [(d, 3 * d), (3 * d,), (d, d), (d,)]  # attn c_attn, c_proj
+        shapes += [(d,), (d,)]  # ln_2 weight, bias
+        shapes += [(d, ff), (ff,), (ff, d), (d,)]  # mlp c_fc, c_proj
+    shapes += [(d,), (d,)]  # ln_f weight, bias
+    return tuple(shapes)
+
+
+@dataclass
+class BenchConfig:
+    """Everything a benchmark run needs, as parsed from the command line."""
+
+    cases: list[OptimizerCase]
+    workloads: list[Workload]
+    threads: list[int]
+    dtypes: list[DType] = field(default_factory=lambda: [DTYPES["float32"]])
+    apis: list[str] = field(default_factory=lambda: ["numpy"])
+    repeats: int = DEFAULT_REPEATS
+    warmup: int = 3
+    sample_s: float = 0.02
+    settle_s: float = DEFAULT_SETTLE_MS / 1e3
+    seed: int = 0
+    json_path: Path | None = DEFAULT_JSON
+    plot_path: Path | None = DEFAULT_PLOT
+    argv: list[str] = field(default_factory=list)
+
+    def apis_for(self, dtype: DType) -> list[str]:
+        """The requested APIs that take ``dtype``; the torch bridge when none of them does."""
+        return [a for a in self.apis if a in dtype.apis] or ["torch"]

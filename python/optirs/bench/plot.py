@@ -1,0 +1,106 @@
+"""The benchmark's PNG: effective GB/s against size, one panel per optimizer (matplotlib)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cases import CASES
+
+
+def _plot_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None]:
+    """The float32 single-tensor runs at the largest thread count, and that count."""
+    sized = [r for r in runs if r["kind"] == "size" and r["dtype"] == "float32"]
+    if not sized:
+        return [], None
+    threads = max(r["threads"] for r in sized)
+    return [r for r in sized if r["threads"] == threads], threads
+
+
+PLOT_STYLE: dict[str, dict[str, Any]] = {
+    "optirs": {"color": "C0", "marker": "o", "ls": "-", "lw": 2.2},
+    "optirs.torch": {"color": "C4", "marker": "o", "ls": ":", "lw": 1.8, "mfc": "none"},
+    "for-loop": {"color": "C1", "marker": "s", "ls": "-", "lw": 1.3},
+    "foreach": {"color": "C2", "marker": "^", "ls": "-", "lw": 1.3},
+    "fused": {"color": "C3", "marker": "D", "ls": "-", "lw": 1.3},
+}
+"""Line style of each implementation in the plot."""
+
+
+def write_plot(path: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> Path | None:
+    """PNG of effective GB/s against size: one panel per optimizer, float32, most threads.
+
+    Each implementation is a line; the ceiling for the same memory traffic a dashed black line.
+    Returns the path written, or None (no matplotlib, or nothing to draw).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import LogLocator
+    except ImportError:
+        print(
+            "note: the plot needs matplotlib, which is not installed: none written", file=sys.stderr
+        )
+        return None
+    sized, threads = _plot_runs(runs)
+    if not sized:
+        print("note: the plot draws float32 single-tensor sizes; none were run", file=sys.stderr)
+        return None
+    names = list(dict.fromkeys(r["optimizer"] for r in sized))
+    cols = min(3, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.5 * nrows + 0.9), squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, name in zip(axes.flat, names):
+        mine = sorted((r for r in sized if r["optimizer"] == name), key=lambda r: r["numel"])
+        xs = [r["numel"] for r in mine]
+        (line,) = ax.plot(
+            xs, [r["ceiling"]["gbps"] for r in mine], "k--", lw=1.4, label="ceiling (same traffic)"
+        )
+        handles.setdefault("ceiling (same traffic)", line)
+        for impl, style in PLOT_STYLE.items():
+            pts = [(r["numel"], r["impls"][impl]["gbps"]) for r in mine if impl in r["impls"]]
+            if pts:
+                label = {"optirs": "optirs (numpy)", "optirs.torch": "optirs.torch"}.get(
+                    impl, f"torch {impl}"
+                )
+                (line,) = ax.plot(*zip(*pts), ms=5, label=label, **style)
+                handles.setdefault(label, line)
+        case = CASES[name]
+        ax.set_title(f"{name} ({case.bytes_per_elem} B/element)", fontsize=10)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("elements (one float32 tensor)", fontsize=9)
+        ax.set_ylabel("effective GB/s", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", axis="x", alpha=0.12)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    load = meta.get("load_average_at_start")
+    fig.suptitle(
+        f"optirs {meta['optirs_version']} vs torch {meta['torch_version']} CPU optimizers, "
+        f"float32, {threads} thread{'s' if threads != 1 else ''} "
+        f"({meta['cpus_available']} CPUs available"
+        + (f", load {load[0]:.2f}" if load else "")
+        + f")\n{meta['cpu_model'] or ''}",
+        fontsize=10,
+    )
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=min(6, len(handles)),
+        fontsize=8.5,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.05 if nrows > 1 else 0.09, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
