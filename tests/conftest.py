@@ -43,8 +43,11 @@ import numpy as np
 import optirs
 import pytest
 import torch  # mandatory: the parity tests must fail, not skip, without torch
+from optirs._spec import SPECS
 
-OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
+# The per-optimizer tables below come from each optimizer's one declaration (optirs._spec);
+# tests/test_spec.py checks those declarations against torch.optim itself.
+OPTIMIZER_NAMES = tuple(SPECS)
 FLOAT_DTYPES = (np.float32, np.float64)
 DTYPE_IDS = ("f32", "f64")
 
@@ -52,21 +55,7 @@ DTYPE_IDS = ("f32", "f64")
 TORCH_ONLY_GROUP_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
 # The constructor hyperparameters of each optirs optimizer (the keys every param group carries).
-HYPERPARAMETERS = {
-    "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
-    "Adam": (
-        "lr",
-        "betas",
-        "eps",
-        "weight_decay",
-        "amsgrad",
-        "maximize",
-        "decoupled_weight_decay",
-    ),
-    "AdamW": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
-    "RMSprop": ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize"),
-    "Adagrad": ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize"),
-}
+HYPERPARAMETERS = {name: tuple(spec.defaults) for name, spec in SPECS.items()}
 
 # A configuration per optimizer that creates every kind of state buffer it has.
 FULL_STATE_KWARGS = {
@@ -77,13 +66,8 @@ FULL_STATE_KWARGS = {
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
 }
 
-FULL_STATE_KEYS = {
-    "SGD": {"momentum_buffer"},
-    "Adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
-    "AdamW": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
-    "RMSprop": {"step", "square_avg", "momentum_buffer", "grad_avg"},
-    "Adagrad": {"step", "sum"},
-}
+# Every state key each optimizer may keep (with FULL_STATE_KWARGS, it keeps them all).
+FULL_STATE_KEYS = {name: set(spec.keys) for name, spec in SPECS.items()}
 
 
 def optirs_class(name: str) -> type:

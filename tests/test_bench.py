@@ -157,3 +157,17 @@ def test_settle_option_is_recorded_and_validated(tmp_path: Path) -> None:
     assert data["meta"]["settle_s"] == pytest.approx(0.005)
     with pytest.raises(SystemExit):
         main(["bench", *TINY, "--settle-ms", "-1"])
+
+
+def test_bytes_per_element_follow_the_declared_state() -> None:
+    """A step's traffic comes from the buffers each configuration uses (optirs._spec): read the
+    parameter, the gradient and each buffer, write the parameter and each buffer."""
+    assert {n: (c.bytes_per_elem, c.traffic) for n, c in cases.CASES.items()} == {
+        "sgd": (20, "read p,g,buf; write p,buf"),
+        "adam": (28, "read p,g,m,v; write p,m,v"),
+        "adamw": (28, "read p,g,m,v; write p,m,v"),
+        "rmsprop": (20, "read p,g,sq; write p,sq"),
+        "rmsprop-cm": (36, "read p,g,sq,buf,ga; write p,sq,buf,ga"),
+        "adagrad": (20, "read p,g,sum; write p,sum"),
+    }
+    assert cases.CASES["rmsprop-cm"].arrays == 5

@@ -48,6 +48,7 @@ from conftest import FULL_STATE_KWARGS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
+from optirs._spec import SPECS
 
 TIMEOUT = 240
 EXAMPLES = {"core": 2500, "numpy": 2000, "bridge": 600}
@@ -232,7 +233,7 @@ def _check_exception(e: BaseException, allowed=(TypeError, ValueError, RuntimeEr
 # target: optirs._core.step
 # --------------------------------------------------------------------------------------------
 
-KIND_BUFFERS = {"sgd": 1, "adam": 3, "rmsprop": 3, "adagrad": 1}
+KIND_BUFFERS = {spec.kind: len(spec.buffers) for spec in SPECS.values()}
 
 
 def _hyper(kind: str) -> dict:

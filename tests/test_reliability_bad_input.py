@@ -41,6 +41,7 @@ from conftest import (
     snapshot,
     well_conditioned,
 )
+from optirs._spec import SPECS
 from test_bad_input import NUMERIC_HYPERPARAMETERS, Setup, assert_continues_like_untouched_twin
 from torch_helpers import (
     TorchPair,
@@ -472,12 +473,10 @@ def test_numpy_load_keeps_extra_group_keys_like_torch(name):
 # state dicts: torch bridge (torch's load_state_dict, then optirs's step)
 # --------------------------------------------------------------------------------------------
 
+# The buffers a parameter with state must have: all but SGD's momentum buffer, which torch's
+# SGD makes from the next gradient when it is missing.
 REQUIRED_BUFFERS = {
-    "SGD": [],  # torch's SGD makes a missing momentum_buffer from the next gradient
-    "Adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-    "AdamW": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-    "RMSprop": ["square_avg", "momentum_buffer", "grad_avg"],
-    "Adagrad": ["sum"],
+    name: [b.name for b in spec.state if not b.from_grad] for name, spec in SPECS.items()
 }
 
 
@@ -522,7 +521,7 @@ def _assert_step_refused_then_recovers(s: BridgeSetup, clean_sd, patterns) -> No
 BRIDGE_MISSING = [
     pytest.param(name, key, id=f"{name}-{key}")
     for name in OPTIMIZER_NAMES
-    for key in [*REQUIRED_BUFFERS[name], *(["step"] if name != "SGD" else [])]
+    for key in [*REQUIRED_BUFFERS[name], *(["step"] if SPECS[name].counts_steps else [])]
 ]
 
 

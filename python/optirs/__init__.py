@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -280,7 +280,8 @@ def _tn(x: Any) -> str:
 class Optimizer:
     """Base class of the NumPy optimizers: param groups, state, ``step`` and state dicts.
 
-    Subclasses set ``_spec`` (the update rule and its state layout) and pass their defaults.
+    Subclasses set ``_spec`` (the optimizer's declaration in ``optirs._spec``) and pass their
+    defaults; each optimizer's constructor is made from its declaration (``_numpy_init``).
     """
 
     _spec: ClassVar[_spec.Spec]
@@ -400,11 +401,24 @@ class Optimizer:
         self._init_group_state(group)
 
     def _init_group_state(self, group: dict[str, Any]) -> None:
-        """State created when a group is added (only Adagrad creates any)."""
+        """State made when a group is added, for an optimizer whose torch constructor makes it
+        (Adagrad): every entry, ``step`` first, in torch's order."""
+        spec = self._spec
+        if not spec.state_at_construction:
+            return
+        missing = spec.missing(group, _EMPTY)
+        missing.sort(key=lambda n: n != "step")
+        for p in group["params"]:
+            if p not in self.state:
+                self.state[p] = self._new_state(p, group, missing)
 
-    def _new_state(self, p: np.ndarray, group: Mapping[str, Any], name: str) -> np.ndarray:
-        """A fresh state buffer for ``p`` (zeros unless the optimizer says otherwise)."""
-        return np.zeros_like(p)
+    def _new_state(
+        self, p: np.ndarray, group: Mapping[str, Any], missing: Iterable[str]
+    ) -> dict[str, Any]:
+        """The state entries ``missing`` names, for ``p`` (``Spec.new_state``, in NumPy)."""
+        return self._spec.new_state(
+            missing, group, lambda x: np.full_like(p, x), lambda: np.zeros((), np.float32)
+        )
 
     def step(self, grads: Iterable[Any]) -> None:
         """Updates every parameter in place from its gradient.
@@ -489,21 +503,14 @@ class Optimizer:
                 continue
             p, group = plan.params[i], owners[i]
             state = dict(self.state.get(p, _EMPTY))
-            need = spec.needs(group)
-            missing = [n for n, want in zip(names, need) if want and state.get(n) is None]
-            if spec.counts_steps and "step" not in state:
-                missing.append("step")
+            missing = spec.missing(group, state, none_step=False)
             if not missing:
                 continue
-            for n in missing:
-                if n == "step":
-                    state[n] = np.zeros((), np.float32)
-                else:
-                    state[n] = self._new_state(p, group, n)
+            state.update(self._new_state(p, group, missing))
             created.append((p, state))
             buffers[i] = tuple(state.get(n) for n in names)
             steps[i] = state.get("step")
-            fresh[i] = "momentum_buffer" in missing
+            fresh[i] = spec.fresh(missing)
         # The core keeps the new state itself (`commit`) once the update is applied, before it
         # returns, so that an interrupt cannot land between the two.
         applied = _core.step(
@@ -589,7 +596,7 @@ class Optimizer:
                 by_index[i] = (p, new)
 
         new_state = ParamState()
-        known = {*spec.buffers, "step"} if spec.counts_steps else set(spec.buffers)
+        known = set(spec.keys)
         for i, saved in saved_state.items():
             if i not in by_index:
                 raise ValueError(f"loaded state dict has state for unknown parameter index {i!r}")
@@ -609,12 +616,8 @@ class Optimizer:
                     entry[name] = _load_step(value, where)
                 elif value is not None or name != "momentum_buffer":
                     entry[name] = _load_buffer(value, p, f"{where}['{name}']")
-            required_names = list(spec.required(group))
-            if spec.kind == "sgd":
-                required_names = []  # a missing buffer is made from the next gradient, as torch
-            elif spec.counts_steps:
-                required_names.append("step")
-            missing = [n for n in required_names if n not in entry]
+            # A buffer the kernel makes from the next gradient may be absent, as in torch.
+            missing = spec.incomplete(spec.missing(group, entry))
             if entry and missing:
                 raise ValueError(f"{where} is missing {missing}")
             new_state[p] = entry
@@ -654,6 +657,34 @@ def _load_buffer(value: Any, p: np.ndarray, where: str) -> np.ndarray:
     return np.array(arr, dtype=p.dtype, order="C", copy=True)
 
 
+def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
+    """The constructor of ``spec``'s optimizer: torch.optim's arguments (without torch's
+    implementation switches), checked with torch's constructor checks, then optirs's options."""
+    convert = {p.name: p.convert for p in spec.numpy_params if p.convert is not None}
+
+    def construct(self: Optimizer, params: Iterable[Any], values: dict[str, Any]) -> None:
+        skip_nonfinite = values.pop("skip_nonfinite")
+        flush_denormals = values.pop("flush_denormals")
+        for name, f in convert.items():
+            values[name] = f(values[name])
+        defaults = {**values, **spec.fixed}
+        spec.validate(defaults)
+        Optimizer.__init__(
+            self,
+            params,
+            defaults,
+            skip_nonfinite=skip_nonfinite,
+            flush_denormals=flush_denormals,
+        )
+
+    doc = (
+        f"Takes torch.optim.{spec.name}'s arguments, defaults and checks (TypeError/ValueError "
+        "in torch's words), then optirs's own options ``skip_nonfinite`` (skip a step whose "
+        "gradients hold NaN or infinity, changing nothing) and ``flush_denormals``."
+    )
+    return _spec.make_init(spec.name, __name__, spec.numpy_params, construct, doc)
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent, with optional momentum, dampening, Nesterov momentum and
     weight decay: ``torch.optim.SGD``'s update over NumPy arrays.
@@ -662,32 +693,7 @@ class SGD(Optimizer):
     """
 
     _spec = _spec.SGD
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )
-        _spec.SGD.validate(defaults)
-        super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
-        )
+    __init__ = _numpy_init(_spec)
 
 
 class Adam(Optimizer):
@@ -699,34 +705,7 @@ class Adam(Optimizer):
     """
 
     _spec = _spec.ADAM
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        decoupled_weight_decay: bool = False,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        _spec.ADAM.validate(defaults)
-        super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
-        )
+    __init__ = _numpy_init(_spec)
 
 
 class AdamW(Adam):
@@ -734,31 +713,8 @@ class AdamW(Adam):
     ``torch.optim.AdamW``'s update over NumPy arrays. Default ``weight_decay`` is 1e-2.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=True,
-            skip_nonfinite=skip_nonfinite,
-            flush_denormals=flush_denormals,
-        )
+    _spec = _spec.ADAMW
+    __init__ = _numpy_init(_spec)
 
 
 class RMSprop(Optimizer):
@@ -770,34 +726,7 @@ class RMSprop(Optimizer):
     """
 
     _spec = _spec.RMSPROP
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum: float = 0,
-        centered: bool = False,
-        *,
-        maximize: bool = False,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            maximize=maximize,
-        )
-        _spec.RMSPROP.validate(defaults)
-        super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
-        )
+    __init__ = _numpy_init(_spec)
 
 
 class Adagrad(Optimizer):
@@ -809,40 +738,4 @@ class Adagrad(Optimizer):
     """
 
     _spec = _spec.ADAGRAD
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-2,
-        lr_decay: float = 0,
-        weight_decay: float = 0,
-        initial_accumulator_value: float = 0,
-        eps: float = 1e-10,
-        *,
-        maximize: bool = False,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-            maximize=maximize,
-        )
-        _spec.ADAGRAD.validate(defaults)
-        super().__init__(
-            params, defaults, skip_nonfinite=skip_nonfinite, flush_denormals=flush_denormals
-        )
-
-    def _new_state(self, p: np.ndarray, group: Mapping[str, Any], name: str) -> np.ndarray:
-        return np.full_like(p, group["initial_accumulator_value"])
-
-    def _init_group_state(self, group: dict[str, Any]) -> None:
-        for p in group["params"]:
-            if p not in self.state:
-                self.state[p] = {
-                    "step": np.zeros((), np.float32),
-                    "sum": self._new_state(p, group, "sum"),
-                }
+    __init__ = _numpy_init(_spec)

@@ -1,18 +1,32 @@
-"""What each optimizer is: defaults, validation (in torch.optim's words) and state layout.
+"""Each optimizer, declared once: its arguments, their checks, its state and how it is made.
 
-Shared by the NumPy API (``optirs``) and the torch bridge (``optirs.torch``), so both agree with
-the Rust core on buffer order. The validation is torch.optim's constructor checks: the NumPy API
-applies them at construction and at every step; the torch bridge, like torch.optim, only at
-construction (torch's own constructor), and steps with whatever is set later.
+One ``Spec`` per optimizer (``SPECS``, by torch's class name) is read by everything that
+depends on what an optimizer is:
+
+- the NumPy API (``optirs``) and the torch bridge (``optirs.torch``) build their constructors
+  from ``params`` (``numpy_init`` and ``bridge_init``: torch's signature, defaults and order);
+- both make and look up state through ``state`` (torch's key names, in the order the Rust core
+  takes the buffers, when each exists, how a new one is filled) with ``missing`` and
+  ``new_state``;
+- the benchmark counts the bytes a step moves from the buffers a configuration uses
+  (``required``), and the tests take their per-optimizer tables from here.
+
+The validation is torch.optim's constructor checks, in torch's words: the NumPy API applies them
+at construction and at every step; the torch bridge, like torch.optim, only at construction
+(torch's own constructor), and steps with whatever is set later. Adding an optimizer means a
+kernel in the Rust core and one ``Spec`` here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def _real(name: str, value: Any) -> float:
@@ -96,55 +110,327 @@ def _check_adagrad(g: Mapping[str, Any]) -> None:
     _check_eps(g)
 
 
+def _always(group: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _pair(value: Any) -> Any:
+    # torch keeps betas as the caller gave them; a list is made a tuple so that a group compares
+    # and pickles the same however it was written.
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class Param:
+    """One constructor argument, as torch.optim's signature has it."""
+
+    name: str
+    default: Any
+    #: the annotation shown by ``help()`` and ``inspect.signature``
+    annotation: str
+    #: keyword-only in torch's signature
+    keyword_only: bool = False
+    #: one of torch's implementation switches (foreach, fused, capturable, differentiable): the
+    #: torch bridge takes it (and passes it to torch), the NumPy API has no such argument
+    torch_only: bool = False
+    #: how the NumPy API stores a value given for it
+    convert: Callable[[Any], Any] | None = None
+
+
+def _torch_switch(name: str, default: Any, annotation: str, keyword_only: bool = True) -> Param:
+    return Param(name, default, annotation, keyword_only=keyword_only, torch_only=True)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One state buffer: torch's key for it, when a parameter has one, how a new one starts."""
+
+    name: str
+    #: its name in the benchmark's description of a step's memory traffic
+    short: str
+    #: whether a group with these options uses it
+    when: Callable[[Mapping[str, Any]], bool] = _always
+    #: the hyperparameter whose value fills a new buffer; None: zeros
+    fill: str | None = None
+    #: a new buffer is made from the step's gradient by the kernel (SGD's momentum), so a
+    #: parameter whose other state is there may lack it, as torch.optim.SGD allows
+    from_grad: bool = False
+
+
 @dataclass(frozen=True)
 class Spec:
-    """One optimizer as the Rust core sees it."""
+    """One optimizer: what torch.optim calls it, its arguments, checks and state."""
 
+    #: torch.optim's class name, and the NumPy API's and torch bridge's
+    name: str
     #: name of the update rule in ``optirs._core.step``
     kind: str
-    #: state buffers, in the order the core takes them
-    buffers: tuple[str, ...]
+    #: the constructor's arguments after ``params``, in torch's order
+    params: tuple[Param, ...]
+    #: the state buffers, in the order the core takes them
+    state: tuple[Buffer, ...]
     #: whether a 0-d float32 ``step`` counter is kept
     counts_steps: bool
     #: raises ValueError/TypeError, in torch's words, for a group torch.optim's constructor
-    #: would refuse (the NumPy API's check; the torch bridge does not use it)
+    #: would refuse (the NumPy API's check; the torch bridge leaves it to torch's constructor)
     validate: Callable[[Mapping[str, Any]], None]
-    #: which of ``buffers`` a group's options use
-    needs: Callable[[Mapping[str, Any]], tuple[bool, ...]]
+    #: group entries the class sets itself rather than taking them as arguments
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    #: the NumPy API makes every parameter's state when it is added, as torch's constructor does
+    state_at_construction: bool = False
+    #: switches the torch bridge refuses when True, checked in this order
+    refused: tuple[str, ...] = ("differentiable",)
+    #: torch's message for a sparse gradient, where torch refuses them too
+    sparse_message: str | None = None
+
+    @property
+    def buffers(self) -> tuple[str, ...]:
+        """The state buffers' names, in the order the core takes them."""
+        return tuple(b.name for b in self.state)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every state key a parameter may have."""
+        return frozenset((*self.buffers, *(("step",) if self.counts_steps else ())))
+
+    @property
+    def numpy_params(self) -> tuple[Param, ...]:
+        """The NumPy API's arguments: torch's without torch's switches. Whatever follows a
+        switch in torch's order is keyword-only, so that no positional call means different
+        things in the two APIs."""
+        out: list[Param] = []
+        after_switch = False
+        for p in self.params:
+            if p.torch_only:
+                after_switch = True
+            else:
+                out.append(dataclasses.replace(p, keyword_only=p.keyword_only or after_switch))
+        return tuple(out)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The NumPy API's defaults: what a param group holds when nothing is given."""
+        return {**{p.name: p.default for p in self.numpy_params}, **self.fixed}
+
+    def needs(self, group: Mapping[str, Any]) -> tuple[bool, ...]:
+        """Which of ``buffers`` a group's options use."""
+        return tuple(bool(b.when(group)) for b in self.state)
 
     def required(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         """The buffers a parameter of ``group`` must have once it has stepped."""
-        return tuple(n for n, need in zip(self.buffers, self.needs(group)) if need)
+        return tuple(b.name for b in self.state if b.when(group))
+
+    def missing(
+        self, group: Mapping[str, Any], state: Mapping[str, Any], *, none_step: bool = True
+    ) -> list[str]:
+        """The entries (buffers, then ``step``) a parameter of ``group`` lacks to step: absent
+        or None; a ``step`` of None only with ``none_step`` (the NumPy API leaves such an
+        entry to the core, which refuses it)."""
+        names = [b.name for b in self.state if b.when(group) and state.get(b.name) is None]
+        if self.counts_steps and (state.get("step") is None if none_step else "step" not in state):
+            names.append("step")
+        return names
+
+    def incomplete(self, missing: Collection[str]) -> list[str]:
+        """Of ``missing``, what a parameter that has other state must not lack: every entry
+        but a buffer the kernel makes from the gradient (torch's "no momentum buffer yet")."""
+        from_grad = {b.name for b in self.state if b.from_grad}
+        return [n for n in missing if n not in from_grad]
+
+    def fresh(self, missing: Collection[str]) -> bool:
+        """Whether the kernel makes a buffer from this step's gradient (the ``fresh`` flag)."""
+        return any(b.from_grad and b.name in missing for b in self.state)
+
+    def new_state(
+        self,
+        missing: Iterable[str],
+        values: Mapping[str, Any],
+        full: Callable[[float], T],
+        step: Callable[[], T],
+    ) -> dict[str, T]:
+        """The entries ``missing`` names, made the one way both APIs make them: ``full(x)`` a
+        buffer like the parameter filled with ``x`` (0, or the hyperparameter the buffer's
+        ``fill`` names, read from ``values``), ``step()`` a zero step counter."""
+        fills = {b.name: b.fill for b in self.state}
+        out: dict[str, T] = {}
+        for n in missing:
+            if n == "step":
+                out[n] = step()
+            else:
+                fill = fills[n]
+                out[n] = full(0.0 if fill is None else values[fill])
+        return out
+
+    def derive(self, name: str, **changes: Any) -> Spec:
+        """Another optimizer over the same rule and state: a copy with ``changes``."""
+        return dataclasses.replace(self, name=name, **changes)
+
+
+def _with_defaults(params: Sequence[Param], **defaults: Any) -> tuple[Param, ...]:
+    return tuple(
+        dataclasses.replace(p, default=defaults[p.name]) if p.name in defaults else p
+        for p in params
+    )
+
+
+def _ordered(params: Sequence[Param], *names: str) -> tuple[Param, ...]:
+    by_name = {p.name: p for p in params}
+    return tuple(by_name[n] for n in names)
 
 
 SGD = Spec(
+    name="SGD",
     kind="sgd",
-    buffers=("momentum_buffer",),
+    params=(
+        Param("lr", 1e-3, "float"),
+        Param("momentum", 0, "float"),
+        Param("dampening", 0, "float"),
+        Param("weight_decay", 0, "float"),
+        Param("nesterov", False, "bool"),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("foreach", None, "bool | None"),
+        _torch_switch("differentiable", False, "bool"),
+        _torch_switch("fused", None, "bool | None"),
+    ),
+    state=(Buffer("momentum_buffer", "buf", when=lambda g: g["momentum"] != 0, from_grad=True),),
     counts_steps=False,
     validate=_check_sgd,
-    needs=lambda g: (g["momentum"] != 0,),
 )
 ADAM = Spec(
+    name="Adam",
     kind="adam",
-    buffers=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    params=(
+        Param("lr", 1e-3, "float"),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
+        Param("eps", 1e-8, "float"),
+        Param("weight_decay", 0, "float"),
+        Param("amsgrad", False, "bool"),
+        _torch_switch("foreach", None, "bool | None"),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("capturable", False, "bool"),
+        _torch_switch("differentiable", False, "bool"),
+        _torch_switch("fused", None, "bool | None"),
+        Param("decoupled_weight_decay", False, "bool", keyword_only=True),
+    ),
+    state=(
+        Buffer("exp_avg", "m"),
+        Buffer("exp_avg_sq", "v"),
+        Buffer("max_exp_avg_sq", "vmax", when=lambda g: bool(g["amsgrad"])),
+    ),
     counts_steps=True,
     validate=_check_adam,
-    needs=lambda g: (True, True, bool(g["amsgrad"])),
+    refused=("differentiable", "capturable"),
+    sparse_message="Adam does not support sparse gradients, please consider SparseAdam instead",
+)
+#: Adam with the weight decay decoupled, always: a larger default, and no switch for it.
+#: torch.optim.AdamW's keyword-only arguments come in another order than Adam's.
+ADAMW = ADAM.derive(
+    "AdamW",
+    params=_ordered(
+        _with_defaults(ADAM.params, weight_decay=1e-2),
+        *("lr", "betas", "eps", "weight_decay", "amsgrad"),
+        *("maximize", "foreach", "capturable", "differentiable", "fused"),
+    ),
+    fixed={"decoupled_weight_decay": True},
 )
 RMSPROP = Spec(
+    name="RMSprop",
     kind="rmsprop",
-    buffers=("square_avg", "momentum_buffer", "grad_avg"),
+    params=(
+        Param("lr", 1e-2, "float"),
+        Param("alpha", 0.99, "float"),
+        Param("eps", 1e-8, "float"),
+        Param("weight_decay", 0, "float"),
+        Param("momentum", 0, "float"),
+        Param("centered", False, "bool"),
+        _torch_switch("capturable", False, "bool", keyword_only=False),
+        _torch_switch("foreach", None, "bool | None", keyword_only=False),
+        Param("maximize", False, "bool"),
+        _torch_switch("differentiable", False, "bool", keyword_only=False),
+    ),
+    state=(
+        Buffer("square_avg", "sq"),
+        Buffer("momentum_buffer", "buf", when=lambda g: g["momentum"] > 0),
+        Buffer("grad_avg", "ga", when=lambda g: bool(g["centered"])),
+    ),
     counts_steps=True,
     validate=_check_rmsprop,
-    needs=lambda g: (True, g["momentum"] > 0, bool(g["centered"])),
+    refused=("differentiable", "capturable"),
+    sparse_message="RMSprop does not support sparse gradients",
 )
 ADAGRAD = Spec(
+    name="Adagrad",
     kind="adagrad",
-    buffers=("sum",),
+    params=(
+        Param("lr", 1e-2, "float"),
+        Param("lr_decay", 0, "float"),
+        Param("weight_decay", 0, "float"),
+        Param("initial_accumulator_value", 0, "float"),
+        Param("eps", 1e-10, "float"),
+        _torch_switch("foreach", None, "bool | None", keyword_only=False),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("differentiable", False, "bool"),
+        _torch_switch("fused", None, "bool | None"),
+    ),
+    state=(Buffer("sum", "sum", fill="initial_accumulator_value"),),
     counts_steps=True,
     validate=_check_adagrad,
-    needs=lambda g: (True,),
+    state_at_construction=True,
 )
+
+#: Every optimizer, by torch.optim's class name, in the order the package lists them.
+SPECS: dict[str, Spec] = {s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD)}
+
+#: optirs's own options, keyword-only after torch's arguments in both APIs.
+OWN_OPTIONS: tuple[Param, ...] = (
+    Param("skip_nonfinite", False, "bool", keyword_only=True),
+    Param("flush_denormals", False, "bool", keyword_only=True),
+)
+
+
+def make_init(
+    cls_name: str,
+    module: str,
+    params: Sequence[Param],
+    construct: Callable[[Any, Any, dict[str, Any]], None],
+    doc: str,
+) -> Callable[..., None]:
+    """A constructor ``__init__(self, params, <params>, *, skip_nonfinite, flush_denormals)``
+    with exactly that signature (names, kinds, defaults, annotations), calling
+    ``construct(self, params, {name: value})``.
+
+    Written out and compiled rather than taking ``*args, **kwargs``, so that a call is bound by
+    Python itself: the same errors for a wrong argument as a hand-written constructor, and the
+    signature ``inspect`` and ``help()`` show is the one that runs.
+    """
+    every = (*params, *OWN_OPTIONS)
+    args = ["self", "params: Iterable[Any]"]
+    star = False
+    for p in every:
+        if p.keyword_only and not star:
+            args.append("*")
+            star = True
+        elif not p.keyword_only and star:
+            raise ValueError(f"{cls_name}: positional {p.name} after keyword-only arguments")
+        args.append(f"{p.name}: {p.annotation} = _defaults[{p.name!r}]")
+    values = ", ".join(f"{p.name!r}: {p.name}" for p in every)
+    source = (
+        "from __future__ import annotations\n"
+        f"def __init__({', '.join(args)}) -> None:\n"
+        f"    _construct(self, params, {{{values}}})\n"
+    )
+    namespace: dict[str, Any] = {
+        "_construct": construct,
+        "_defaults": {p.name: p.default for p in every},
+        "Any": Any,
+        "Iterable": Iterable,
+        "__name__": module,
+    }
+    exec(compile(source, f"<optirs {cls_name}.__init__>", "exec"), namespace)
+    init: Callable[..., None] = namespace["__init__"]
+    init.__qualname__ = f"{cls_name}.__init__"
+    init.__doc__ = doc
+    return init
 
 
 def check_step_value(value: Any, where: str) -> float:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .._spec import SPECS, Buffer
+
 TORCH_PATHS: dict[str, dict[str, bool]] = {
     "for-loop": {"foreach": False},
     "foreach": {"foreach": True},
@@ -100,23 +102,45 @@ _DTYPE_ALIASES = {
 class OptimizerCase:
     """One optimizer configuration, built identically by optirs and torch.optim.
 
-    ``bytes_per_elem`` counts the float32 bytes a step reads and writes per parameter element
-    (``traffic`` spells them out); ``arrays`` is the number of distinct arrays it touches
-    (gradient included): the ceiling reads one (the gradient) and reads and writes the rest.
+    What a step moves is derived from the optimizer's declaration (``optirs._spec``): the state
+    buffers this configuration uses. A step reads the parameter, the gradient and each buffer,
+    and writes the parameter and each buffer; ``arrays`` counts the distinct arrays it touches
+    (gradient included), ``bytes_per_elem`` the float32 bytes per parameter element, and
+    ``traffic`` spells them out.
     """
 
     name: str
     cls: str
     kwargs: dict[str, Any]
-    bytes_per_elem: int
-    arrays: int
     has_fused: bool
-    traffic: str
+
+    @property
+    def buffers(self) -> tuple[Buffer, ...]:
+        """The state buffers a step of this configuration reads and writes."""
+        spec = SPECS[self.cls]
+        used = set(spec.required({**spec.defaults, **self.kwargs}))
+        return tuple(b for b in spec.state if b.name in used)
+
+    @property
+    def arrays(self) -> int:
+        """Arrays a step touches: the parameter, the gradient and each state buffer."""
+        return 2 + len(self.buffers)
 
     @property
     def rw_streams(self) -> int:
         """Arrays a step reads and writes: the parameter and each state buffer."""
         return self.arrays - 1
+
+    @property
+    def bytes_per_elem(self) -> int:
+        """float32 bytes a step reads and writes per parameter element."""
+        return 4 * (self.arrays + self.rw_streams)
+
+    @property
+    def traffic(self) -> str:
+        """The streams, e.g. ``"read p,g,m,v; write p,m,v"``."""
+        shorts = [b.short for b in self.buffers]
+        return f"read {','.join(['p', 'g', *shorts])}; write {','.join(['p', *shorts])}"
 
     def bytes_per_element(self, dtype: DType) -> int:
         """Bytes moved per parameter element by a step in ``dtype``."""
@@ -126,60 +150,17 @@ class OptimizerCase:
 CASES: dict[str, OptimizerCase] = {
     c.name: c
     for c in (
-        OptimizerCase(
-            "sgd",
-            "SGD",
-            {"lr": 1e-3, "momentum": 0.9},
-            bytes_per_elem=20,
-            arrays=3,
-            has_fused=True,
-            traffic="read p,g,buf; write p,buf",
-        ),
-        OptimizerCase(
-            "adam",
-            "Adam",
-            {"lr": 1e-3},
-            bytes_per_elem=28,
-            arrays=4,
-            has_fused=True,
-            traffic="read p,g,m,v; write p,m,v",
-        ),
-        OptimizerCase(
-            "adamw",
-            "AdamW",
-            {"lr": 1e-3, "weight_decay": 1e-2},
-            bytes_per_elem=28,
-            arrays=4,
-            has_fused=True,
-            traffic="read p,g,m,v; write p,m,v",
-        ),
-        OptimizerCase(
-            "rmsprop",
-            "RMSprop",
-            {"lr": 1e-2},
-            bytes_per_elem=20,
-            arrays=3,
-            has_fused=False,
-            traffic="read p,g,sq; write p,sq",
-        ),
+        OptimizerCase("sgd", "SGD", {"lr": 1e-3, "momentum": 0.9}, has_fused=True),
+        OptimizerCase("adam", "Adam", {"lr": 1e-3}, has_fused=True),
+        OptimizerCase("adamw", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, has_fused=True),
+        OptimizerCase("rmsprop", "RMSprop", {"lr": 1e-2}, has_fused=False),
         OptimizerCase(
             "rmsprop-cm",
             "RMSprop",
             {"lr": 1e-2, "momentum": 0.9, "centered": True},
-            bytes_per_elem=36,
-            arrays=5,
             has_fused=False,
-            traffic="read p,g,sq,buf,ga; write p,sq,buf,ga",
         ),
-        OptimizerCase(
-            "adagrad",
-            "Adagrad",
-            {"lr": 1e-2},
-            bytes_per_elem=20,
-            arrays=3,
-            has_fused=True,
-            traffic="read p,g,sum; write p,sum",
-        ),
+        OptimizerCase("adagrad", "Adagrad", {"lr": 1e-2}, has_fused=True),
     )
 }
 """The benchmarked optimizer configurations, by name."""

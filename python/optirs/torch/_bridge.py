@@ -51,10 +51,9 @@ class _Bridge:
     """The ``step`` shared by every optirs.torch optimizer (mixed in before the torch class)."""
 
     _spec: ClassVar[_spec.Spec]
-    #: torch's message for a sparse gradient, where torch refuses them too
-    _sparse_message: ClassVar[str | None] = None
     state: Any
     param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
 
     def _after_init(self, skip_nonfinite: bool, flush_denormals: bool) -> None:
         # torch's GradScaler hands grad_scale/found_inf to optimizers that claim AMP support
@@ -130,8 +129,8 @@ class _Bridge:
         name = type(self).__name__
         where = f"param_groups[{gi}]['params'][{i}]"
         if g.is_sparse:
-            if self._sparse_message is not None:
-                raise RuntimeError(self._sparse_message)
+            if self._spec.sparse_message is not None:
+                raise RuntimeError(self._spec.sparse_message)
             raise TypeError(
                 f"optirs.torch.{name} does not support sparse gradients ({where} has one); "
                 f"torch.optim.{name} does"
@@ -243,8 +242,7 @@ class _Bridge:
         created: list[tuple[torch.Tensor, dict[str, Any]]] = []
         written: list[torch.Tensor] = []
         for gi, group in enumerate(groups):
-            need = spec.needs(group)
-            need_names = {n for n, want in zip(names, need) if want}
+            need_names = set(spec.required(group))
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -257,18 +255,12 @@ class _Bridge:
                 self._check(p, g, gi, i)
                 where = f"param_groups[{gi}]['params'][{i}]"
                 state = self.state.get(p) or {}
-                missing = [n for n, want in zip(names, need) if want and state.get(n) is None]
-                if spec.counts_steps and state.get("step") is None:
-                    missing.append("step")
+                missing = spec.missing(group, state)
                 # As torch: state is made when a parameter has none. A parameter with state
                 # that lacks an entry (a partial state dict, an option switched on later) is
                 # refused, naming it, where torch would fail with a KeyError; SGD's momentum
                 # buffer alone may be absent (torch's "no buffer yet").
-                lacking = [
-                    n
-                    for n in missing
-                    if state and not (spec.kind == "sgd" and n == "momentum_buffer")
-                ]
+                lacking = spec.incomplete(missing) if state else []
                 if lacking:
                     raise ValueError(
                         f"state['{lacking[0]}'] of {where} is missing or None, but the "
@@ -277,13 +269,7 @@ class _Bridge:
                     )
                 if missing:
                     # Made aside; kept only when the step succeeds.
-                    state = dict(state)
-                    for n in missing:
-                        state[n] = (
-                            torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=group.get("fused")))
-                            if n == "step"
-                            else self._new_buffer(p, group, n)
-                        )
+                    state = {**state, **self._new_state(p, group, missing)}
                     created.append((p, state))
                 bufs = [state.get(n) for n in names]
                 layout = _Layout(p, where)
@@ -298,7 +284,7 @@ class _Bridge:
                 # SGD keeps no step: a stray entry is ignored, as torch.optim.SGD does.
                 step = state.get("step") if spec.counts_steps else None
                 steps.append(None if step is None else _scalar_view(step, where))
-                fresh.append("momentum_buffer" in missing)
+                fresh.append(spec.fresh(missing))
                 written.append(p)
                 written.extend(b for b, n in zip(bufs, names) if b is not None and n in need_names)
                 if step is not None:
@@ -322,8 +308,22 @@ class _Bridge:
             **self._options(),
         )
 
-    def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _new_state(
+        self, p: torch.Tensor, group: dict[str, Any], missing: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
+        """The state entries ``missing`` names, for ``p`` (``Spec.new_state``, in torch): the
+        step counter as torch.optim makes it, buffers in the parameter's memory format.
+
+        A buffer's fill value (Adagrad's ``initial_accumulator_value``) is read from the
+        optimizer's defaults, not from the group: torch.optim.Adagrad's ``_init_group`` does
+        so, and a drop-in replacement does the same.
+        """
+        return self._spec.new_state(
+            missing,
+            self.defaults,
+            lambda x: torch.full_like(p, x, memory_format=torch.preserve_format),
+            lambda: torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=group.get("fused"))),
+        )
 
 
 class _Plan:
@@ -445,42 +445,33 @@ def _scalar_view(t: Any, where: str) -> Any:
     return _numpy(t.detach(), what)
 
 
+def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
+    """The constructor of ``spec``'s bridge class: torch.optim's signature, then optirs's
+    options. Refuses the switches optirs cannot honour, then runs torch's own constructor."""
+    torch_class = getattr(torch.optim, spec.name)
+
+    def construct(self: _Bridge, params: Iterable[Any], values: dict[str, Any]) -> None:
+        skip_nonfinite = values.pop("skip_nonfinite")
+        flush_denormals = values.pop("flush_denormals")
+        _refuse(spec.name, **{name: values[name] for name in spec.refused})
+        torch_class.__init__(self, params, **values)
+        self._after_init(skip_nonfinite, flush_denormals)
+
+    doc = (
+        f"torch.optim.{spec.name}'s constructor (its arguments, defaults and checks), then "
+        "optirs's own options ``skip_nonfinite`` and ``flush_denormals``. "
+        + ", ".join(f"``{n}=True``" for n in spec.refused)
+        + " raise ValueError."
+    )
+    return _spec.make_init(spec.name, "optirs.torch", spec.params, construct, doc)
+
+
 class SGD(_Bridge, torch.optim.SGD):
     """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay, maximize) stepped by
     optirs. Same signature; ``differentiable=True`` is refused."""
 
     _spec = _spec.SGD
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        _refuse("SGD", differentiable=differentiable)
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            maximize=maximize,
-            foreach=foreach,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        self._after_init(skip_nonfinite, flush_denormals)
+    __init__ = _bridge_init(_spec)
 
 
 class Adam(_Bridge, torch.optim.Adam):
@@ -488,83 +479,15 @@ class Adam(_Bridge, torch.optim.Adam):
     optirs. Same signature; ``differentiable=True`` and ``capturable=True`` are refused."""
 
     _spec = _spec.ADAM
-    _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        amsgrad: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        decoupled_weight_decay: bool = False,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        _refuse(type(self).__name__, differentiable=differentiable, capturable=capturable)
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        self._after_init(skip_nonfinite, flush_denormals)
+    __init__ = _bridge_init(_spec)
 
 
 class AdamW(_Bridge, torch.optim.AdamW):
     """``torch.optim.AdamW`` stepped by optirs. Same signature (default weight_decay 1e-2);
     ``differentiable=True`` and ``capturable=True`` are refused."""
 
-    _spec = _spec.ADAM
-    _sparse_message = Adam._sparse_message
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        _refuse("AdamW", differentiable=differentiable, capturable=capturable)
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        self._after_init(skip_nonfinite, flush_denormals)
+    _spec = _spec.ADAMW
+    __init__ = _bridge_init(_spec)
 
 
 class RMSprop(_Bridge, torch.optim.RMSprop):
@@ -572,40 +495,7 @@ class RMSprop(_Bridge, torch.optim.RMSprop):
     Same signature; ``differentiable=True`` and ``capturable=True`` are refused."""
 
     _spec = _spec.RMSPROP
-    _sparse_message = "RMSprop does not support sparse gradients"
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum: float = 0,
-        centered: bool = False,
-        capturable: bool = False,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-        *,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        _refuse("RMSprop", differentiable=differentiable, capturable=capturable)
-        super().__init__(
-            params,
-            lr,
-            alpha,
-            eps,
-            weight_decay,
-            momentum,
-            centered,
-            capturable,
-            foreach,
-            maximize,
-            differentiable,
-        )
-        self._after_init(skip_nonfinite, flush_denormals)
+    __init__ = _bridge_init(_spec)
 
 
 class Adagrad(_Bridge, torch.optim.Adagrad):
@@ -613,41 +503,4 @@ class Adagrad(_Bridge, torch.optim.Adagrad):
     by optirs, for dense gradients. Same signature; ``differentiable=True`` is refused."""
 
     _spec = _spec.ADAGRAD
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-2,
-        lr_decay: float = 0,
-        weight_decay: float = 0,
-        initial_accumulator_value: float = 0,
-        eps: float = 1e-10,
-        foreach: bool | None = None,
-        *,
-        maximize: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        skip_nonfinite: bool = False,
-        flush_denormals: bool = False,
-    ) -> None:
-        _refuse("Adagrad", differentiable=differentiable)
-        super().__init__(
-            params,
-            lr,
-            lr_decay,
-            weight_decay,
-            initial_accumulator_value,
-            eps,
-            foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        self._after_init(skip_nonfinite, flush_denormals)
-
-    def _new_buffer(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
-        # torch.optim.Adagrad fills a lazily created `sum` from the optimizer's defaults, not
-        # from the group (its `_init_group`); a drop-in replacement does the same.
-        return torch.full_like(
-            p, self.defaults["initial_accumulator_value"], memory_format=torch.preserve_format
-        )
+    __init__ = _bridge_init(_spec)
