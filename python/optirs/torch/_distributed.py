@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import _bridge
+from ._bridge import SGD, Adagrad, Adam, AdamW, RMSprop
 
 __all__ = ["FUNCTIONAL_OPTIMIZERS", "FunctionalOptimizer", "register_functional_optimizers"]
 
@@ -138,14 +138,7 @@ def _functional(cls: type[torch.optim.Optimizer]) -> type[FunctionalOptimizer]:
 
 #: optirs.torch class -> its functional counterpart
 FUNCTIONAL_OPTIMIZERS: dict[type[torch.optim.Optimizer], type[FunctionalOptimizer]] = {
-    cls: _functional(cls)
-    for cls in (
-        _bridge.SGD,
-        _bridge.Adam,
-        _bridge.AdamW,
-        _bridge.RMSprop,
-        _bridge.Adagrad,
-    )
+    cls: _functional(cls) for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)
 }
 
 
