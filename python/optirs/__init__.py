@@ -213,7 +213,7 @@ class _Plan:
         self.steps: list[Any] = []
         #: flat indices of parameters whose state is not complete yet
         self.missing: list[int] = []
-        for ps, need in zip(self.groups.lists, self.groups.needs):
+        for ps, need in zip(self.groups.members, self.groups.needs):
             required = [n for n, want in zip(names, need) if want]
             if spec.counts_steps:
                 required.append("step")
@@ -497,7 +497,7 @@ class Optimizer:
         steps = list(plan.steps)
         fresh = list(plan.fresh)
         created: list[tuple[np.ndarray, dict[str, Any]]] = []
-        owners = [g for g, ps in zip(groups, plan.groups.lists) for _ in ps]
+        owners = plan.groups.owners
         for i in plan.missing:
             if grads[i] is None:
                 continue

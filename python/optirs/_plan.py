@@ -27,14 +27,22 @@ class GroupsSnapshot:
     """The groups' parameter lists (the list objects, their lengths and their elements) and the
     options that decide which state buffers each group uses."""
 
-    __slots__ = ("lens", "lists", "needs", "params")
+    __slots__ = ("lens", "lists", "members", "needs", "owners", "params")
 
     def __init__(self, spec: Spec, groups: Sequence[dict[str, Any]]) -> None:
+        # Everything below is read from one copy of each list: another thread may change the
+        # caller's lists while a step is being planned, and two readings could then disagree
+        # (a plan with more state entries than parameters, an index past the gradients).
+        groups = list(groups)
         self.lists = [g["params"] for g in groups]
-        self.lens = [len(ps) for ps in self.lists]
+        #: each list's parameters when the snapshot was taken
+        self.members: list[list[Any]] = [list(ps) for ps in self.lists]
+        self.lens = [len(ps) for ps in self.members]
         self.needs = [spec.needs(g) for g in groups]
         #: every parameter, flattened in param_groups order
-        self.params: list[Any] = list(chain.from_iterable(self.lists))
+        self.params: list[Any] = list(chain.from_iterable(self.members))
+        #: the group of each of ``params``
+        self.owners: list[dict[str, Any]] = [g for g, ps in zip(groups, self.members) for _ in ps]
 
     def unchanged(self, spec: Spec, groups: Sequence[dict[str, Any]]) -> bool:
         """True when ``groups`` still hold the same parameters, in the same lists, with the

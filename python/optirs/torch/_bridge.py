@@ -346,7 +346,7 @@ class _Plan:
         self.state = opt.state
         self.groups = GroupsSnapshot(spec, groups)
         entries: list[Any] = []
-        for gi, (ps, need) in enumerate(zip(self.groups.lists, self.groups.needs)):
+        for gi, (ps, need) in enumerate(zip(self.groups.members, self.groups.needs)):
             keys = tuple(n for n, want in zip(spec.buffers, need) if want)
             keys += ("step",) if spec.counts_steps else ()
             for i, p in enumerate(ps):
