@@ -19,10 +19,17 @@
 //! storage, so the memory it points to stays allocated even if a tensor is re-pointed
 //! (`p.data = ...`), and a matching data pointer can only mean the same memory. A gradient's
 //! pointer is read each step from the gradient itself, a tensor of torch's own `Tensor` type
-//! (found by importing torch, not taken from the caller) whose layout must be the parameter's;
-//! the step holds a reference to it until it returns.
+//! (found by importing torch, not taken from the caller) whose layout must be the parameter's
+//! and whose element count must be the view's; the step holds a reference to it until it
+//! returns.
 //!
-//! What no reference can prevent: `resize_()` (or `set_()`) of a storage the step is using,
+//! torch's tensor methods release the GIL, so another thread may change a tensor between any
+//! two of them: what is compared is read in one go where it can be (DLPack's exchange API
+//! describes pointer, shape and strides at once; without it the gradient is read from a
+//! detached alias no other thread holds), and what the plan keeps about a parameter is read
+//! once and checked against the view's length.
+//!
+//! What no reference can prevent: `resize_()` to more elements of a storage the step is using,
 //! from another thread while the step runs, reallocates that storage in place. torch offers no
 //! way to pin a storage; README says not to do that.
 
@@ -71,6 +78,18 @@ struct Tracked {
     methods: Option<[Py<PyAny>; 3]>,
 }
 
+impl Tracked {
+    /// Whether the layout kept for later comparisons has this shape (read separately: another
+    /// thread may have re-pointed the tensor in between).
+    fn has_shape(&self, shape_obj: &Bound<'_, PyAny>, shape: &[i64]) -> PyResult<bool> {
+        Ok(match (&self.layout, &self.methods) {
+            (Some(l), _) => same_dims(&l.shape, shape),
+            (None, Some([kept, _, _])) => kept.bind(shape_obj.py()).eq(shape_obj)?,
+            (None, None) => false,
+        })
+    }
+}
+
 /// One parameter as the full step last saw it.
 struct Entry {
     group: usize,
@@ -115,6 +134,13 @@ pub struct TorchPlan {
     /// torch's DLPack exchange API, when it has one (torch 2.10 and later) and it agreed with
     /// `data_ptr()` on every tensor of the plan when the plan was built.
     exchange: Option<Exchange>,
+}
+
+/// The number of elements of a shape, or None if a dimension is negative or it overflows.
+fn numel_of(shape: &[i64]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
 }
 
 fn data_ptr(t: &Bound<'_, PyAny>) -> PyResult<usize> {
@@ -290,10 +316,8 @@ impl TorchPlan {
         }
         let dtypes = Dtypes::new(py, true);
         let (param_ptr, len, dtype) = view_of(&p_view, &dtypes)?;
-        let numel: usize = p.call_method0(intern!(py, "numel"))?.extract()?;
         let torch_dtype = p.getattr(intern!(py, "dtype"))?;
-        let name = torch_dtype.str()?;
-        if numel != len || name.to_cow()? != format!("torch.{}", dtype.torch_name()) {
+        if torch_dtype.str()?.to_cow()? != format!("torch.{}", dtype.torch_name()) {
             return refuse("a parameter and its view differ");
         }
         let bytes = len * dtype.size();
@@ -336,8 +360,15 @@ impl TorchPlan {
             return refuse("a step counter is missing");
         }
 
+        // torch's methods release the GIL, so another thread may re-point `p` (`p.data =
+        // p.data[:k]` keeps the pointer) between any two of these reads: everything kept
+        // about the parameter's shape is read once here and checked against the view's
+        // length, and the layout `track` reads below is checked against it again. A shape
+        // kept from a later reading than the length would let a shorter gradient pass as the
+        // parameter's, and the kernels read `len` elements of it.
         let strides_obj = p.call_method0(intern!(py, "stride"))?;
-        let shape_vec: Vec<i64> = p.getattr(intern!(py, "shape"))?.extract()?;
+        let shape_obj = p.getattr(intern!(py, "shape"))?;
+        let shape_vec: Vec<i64> = shape_obj.extract()?;
         let strides_vec: Vec<i64> = strides_obj.extract()?;
         let contiguous = p.call_method0(intern!(py, "is_contiguous"))?.is_truthy()?;
         if !contiguous && !is_dense(&shape_vec, &strides_vec) {
@@ -345,6 +376,9 @@ impl TorchPlan {
         }
 
         let param = TorchPlan::track(&p, param_ptr, exchange)?;
+        if numel_of(&shape_vec) != Some(len) || !param.has_shape(&shape_obj, &shape_vec)? {
+            return refuse("a parameter and its view differ");
+        }
         for (item, &ptr) in items.iter().zip(&item_ptrs) {
             tracked_items.push(TorchPlan::track(&item, ptr, exchange)?);
         }
@@ -353,7 +387,7 @@ impl TorchPlan {
             dtype,
             len,
             dtype_obj: torch_dtype.unbind(),
-            shape: p.getattr(intern!(py, "shape"))?.unbind(),
+            shape: shape_obj.unbind(),
             strides: if contiguous {
                 None
             } else {
@@ -391,7 +425,9 @@ impl TorchPlan {
                     None => v.dtype == p.dtype && same_dims(v.shape, &p.shape) && v.is_contiguous(),
                     Some(_) => v.same_kind(p),
                 };
-                like.then_some(v.ptr)
+                // The plan's shape was checked against `e.len` when it was built; checked
+                // again here, as the kernels read `e.len` elements of the gradient.
+                (like && numel_of(v.shape) == Some(e.len)).then_some(v.ptr)
             });
             let Some(ptr) = fits.flatten() else {
                 return Ok(None);
@@ -485,6 +521,15 @@ impl TorchPlan {
             if g.is_none() {
                 continue;
             }
+            // Without the exchange API the gradient's layout and pointer take several calls,
+            // and torch's methods release the GIL: another thread could re-point the gradient
+            // (`g.data = ...`) between them. They are read from a detached alias instead,
+            // which no other thread holds, and which the step holds until it returns.
+            let g = if self.exchange.is_none() {
+                g.call_method0(intern!(py, "detach"))?
+            } else {
+                g
+            };
             if !self.unmoved(&e.param, py)? {
                 return Ok(None);
             }

@@ -259,6 +259,35 @@ def test_torch_plan_refuses_arguments_that_would_write_out_of_bounds(lie):
         optirs._core.TorchPlan("adam", [entry])
 
 
+class _ShrinksWhenAsked(torch.nn.Parameter):
+    """A parameter that another thread re-points to its first half (`p.data = p.data[:k]`,
+    same data pointer) while the plan reads it: torch's methods release the GIL."""
+
+    armed = False
+
+    def stride(self, *args):
+        if _ShrinksWhenAsked.armed:
+            _ShrinksWhenAsked.armed = False
+            self.data = self.data[: self.numel() // 2]
+        return super().stride(*args)
+
+
+@pytest.mark.parametrize("exchange", [False, True])
+def test_torch_plan_refuses_a_parameter_re_pointed_while_it_is_read(exchange):
+    """The plan must not keep the view's length with the shape of a later reading: a
+    gradient of that shorter shape would pass its check and the kernels read past it."""
+    api = optirs.torch._bridge._EXCHANGE_API
+    if exchange and api is None:
+        pytest.skip("this torch has no DLPack exchange API")
+    p = _ShrinksWhenAsked(torch.zeros(64))
+    _, keys, items, views = _adam_entry(p)
+    entry = (0, p, p.detach().numpy(), keys, items, views)
+    _ShrinksWhenAsked.armed = True
+    with pytest.raises(ValueError, match="differ"):
+        optirs._core.TorchPlan("adam", [entry], api if exchange else None)
+    assert p.numel() == 32, "the parameter was not re-pointed: the test did not test"
+
+
 def test_numpy_api_refuses_integer_arrays_slipped_into_param_groups():
     p = np.zeros(8, np.float32)
     opt = optirs.SGD([p], lr=0.1)

@@ -170,9 +170,10 @@ class _Bridge:
         if applied:
             try:
                 self._optirs_plan = _Plan(self, groups)
-            except (TypeError, ValueError, RuntimeError):
+            except (TypeError, ValueError, KeyError, RuntimeError):
                 # The step is done; a plan only saves work on the next one, which will look
-                # at every tensor afresh instead.
+                # at every tensor afresh instead. (KeyError: another thread removed a state
+                # entry since the step.)
                 self._optirs_plan = None
         return applied
 
