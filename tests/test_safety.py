@@ -370,9 +370,7 @@ MUTATE = os.path.join(os.path.dirname(__file__), "tsan", "mutate.py")
     [
         "numpy_plan_gradients",
         "numpy_params_and_state",
-        # torch_grads_and_data is left out while it still crashes now and then (SIGSEGV in
-        # TorchPlan.step while another thread sets p.grad = None; issue 15 stays open for it):
-        # run `python tests/tsan/mutate.py torch_grads_and_data` to reproduce.
+        "torch_grads_and_data",
         "torch_state_and_groups",
     ],
 )

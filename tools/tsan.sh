@@ -84,9 +84,8 @@ else
     fi
     echo "=== tsan: Python level: other threads change the arrays of running steps ($((SECONDS - start)) s so far) ==="
     # A free racing with the kernels (a use-after-free that happened not to crash) is reported.
-    # torch_grads_and_data is left out while it still crashes now and then (issue 15, open).
     if ! LD_PRELOAD="$LIBTSAN" PYTHONPATH="$PWD/$PKG" OPTIRS_MUTATE_STEPS="${OPTIRS_MUTATE_STEPS:-40}" \
-        "$PY" tests/tsan/mutate.py numpy_plan_gradients numpy_params_and_state torch_state_and_groups; then
+        "$PY" tests/tsan/mutate.py; then
         failed+=("Python-level mutation stress")
     fi
 fi

@@ -290,12 +290,19 @@ def _torch_scenarios() -> list[Callable[[], list[str]]]:
         return _run(name, opt.step, lambda: restore_params(opt), mutate, lambda: settle(opt, make))
 
     def torch_grads_and_data() -> list[str]:
-        """``p.grad`` and ``p.data`` are replaced, dropped, shrunk and re-pointed."""
+        """``p.grad`` and ``p.data`` are replaced, shrunk and re-pointed, their old tensors
+        dropped.
+
+        ``p.grad = None`` is not among the changes: with torch 2.15, assigning it while another
+        thread reads ``p.grad`` crashes torch itself, with no optimizer involved (the setter
+        frees the old gradient's Python object with the GIL released while ``p.grad`` still
+        returns it; ``tests/tsan/torch_grad_race.py`` shows it). Replacing the gradient
+        (``p.grad = new``) drops the old one just as well and torch survives it."""
 
         def change(opt: Any, p: Any, rnd: random.Random) -> None:
             k = rnd.randrange(6)
             if k == 0:
-                p.grad = None
+                p.grad = torch.randn(2 * p.numel(), dtype=p.dtype)[::2].view(p.shape)  # not dense
             elif k == 1:
                 p.data = torch.randn_like(p)  # the old storage loses its last owner
                 p.grad = torch.randn_like(p)
