@@ -43,7 +43,8 @@ sdist: $(DEPS) ## build the source distribution into dist/
 
 .PHONY: test
 test: wheel sdist ## the test suite CI runs (then miri, tsan): cargo test, pytest against the wheel
-	cargo test --release --lib
+	@# The core's tests (kernels, rule table, engine, pool) need no Python; the bindings' link it.
+	cargo test --release --workspace --lib
 	@# A fresh venv holds optirs, installed from the wheel and nothing else; the third-party
 	@# test dependencies are read from .venv through a .pth file, which Python searches after
 	@# the venv's own site-packages, so the source tree never stands in for the package.
@@ -57,14 +58,14 @@ test: wheel sdist ## the test suite CI runs (then miri, tsan): cargo test, pytes
 		$(TEST_VENV)/bin/python -m pytest -q
 
 .PHONY: test-rust
-test-rust: $(DEPS) ## only the Rust kernel tests
-	cargo test --release --lib --tests
+test-rust: $(DEPS) ## only the Rust tests (the core's run without Python: cargo test -p optirs-core)
+	cargo test --release --workspace --lib --tests
 
 # Both need a nightly toolchain (tools/nightly.sh installs it when missing, or says the check
 # was not run when it cannot). Times on the 2-core dev machine: miri 3.5-4 min (MIRI_SEEDS=0..16
 # scheduler seeds for the pool), tsan 1.5 min once built, 3.5 min from a clean target/tsan.
 .PHONY: miri
-miri: $(DEPS) ## Miri over the pool, the step core and the kernels' loops, baseline + AVX2 (~4 min)
+miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, baseline + AVX2 (~4 min)
 	tools/miri.sh
 
 .PHONY: tsan
@@ -73,15 +74,15 @@ tsan: $(DEPS) ## ThreadSanitizer: pool stress tests, Python threads stepping the
 
 .PHONY: lint
 lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff, actionlint
-	cargo fmt --check
-	cargo clippy --all-targets --release -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
 	ruff check python tests examples
 	ruff format --check python tests examples
 	actionlint -color=false .github/workflows/*.yml
 
 .PHONY: format
 format: $(DEPS) ## apply cargo fmt and ruff format
-	cargo fmt
+	cargo fmt --all
 	$(VENV)/bin/ruff format python tests
 
 .PHONY: bench
@@ -89,8 +90,8 @@ bench: develop ## comparative benchmark against torch.optim (quick default; BENC
 	$(PY) -m optirs bench $(BENCH_ARGS)
 
 .PHONY: bench-rust
-bench-rust: ## criterion benchmarks of the kernels
-	cargo bench --bench kernels
+bench-rust: ## criterion benchmarks of the kernels (crates/optirs-core/benches)
+	cargo bench -p optirs-core --bench kernels
 
 .PHONY: clean
 clean: ## remove build outputs (keeps .venv)

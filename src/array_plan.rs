@@ -28,7 +28,13 @@ use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::step::{self, Checked, DType, Dtypes, Hyper, Kind, Options, RuleMemo};
+use optirs_core::overlap::touches;
+use optirs_core::{counter_at, Checked, DType, Kind, RuleMemo};
+
+use crate::boundary;
+use crate::course::{self, Plan};
+use crate::hyper;
+use crate::ndarray::Dtypes;
 
 /// Flags every array the step writes must keep.
 const WRITABLE: i32 = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE;
@@ -175,27 +181,33 @@ impl ArrayPlan {
             return None;
         }
         let bytes = e.len * e.dtype.size();
-        if bytes > 0 && step::touches(&self.written, data, data + bytes) {
+        if bytes > 0 && touches(&self.written, data, data + bytes) {
             return None;
         }
         Some(data)
     }
+}
+
+impl Plan for ArrayPlan {
+    /// The gradients it reads.
+    type Keep<'py> = Vec<Bound<'py, PyAny>>;
 
     /// Checks everything; the work and the gradients it reads, or None when the full step must
     /// look.
     fn check<'py>(
         &self,
         groups: &Bound<'py, PyAny>,
-        grads: &Bound<'py, PyList>,
+        grads: &Bound<'py, PyAny>,
     ) -> Option<(Vec<Checked>, Vec<Bound<'py, PyAny>>)> {
         let py = groups.py();
+        let grads = grads.cast::<PyList>().ok()?;
         if grads.len() != self.entries.len() {
             return None;
         }
         let n_groups = groups.len().ok()?;
         let mut hypers = Vec::with_capacity(n_groups);
         for gi in 0..n_groups {
-            hypers.push(Hyper::read(self.kind, &groups.get_item(gi).ok()?, gi).ok()?);
+            hypers.push(hyper::read(self.kind, &groups.get_item(gi).ok()?, gi).ok()?);
         }
         let dtypes = Dtypes::new(py, false);
         let mut rules = RuleMemo::default();
@@ -228,7 +240,7 @@ impl ArrayPlan {
                     // SAFETY: the full step checked this counter (0-d, aligned, of this dtype,
                     // apart from every other array written); its header is unchanged and the
                     // plan holds the array.
-                    let (slot, old, new) = unsafe { step::counter_at(c.data as *mut u8, *wide) };
+                    let (slot, old, new) = unsafe { counter_at(c.data as *mut u8, *wide) };
                     if !(old.is_finite() && old >= 0.0) {
                         return None;
                     }
@@ -236,14 +248,23 @@ impl ArrayPlan {
                 }
                 None => (None, 0.0),
             };
-            checked.push(Checked {
-                dtype: e.dtype,
-                len: e.len,
-                param: e.param.data as *mut u8,
-                grad: grad as *const u8,
-                bufs,
-                step: counter,
-                rule: rules.get(e.group, hyper, e.dtype, count, false).ok()?,
+            let rule = rules.get(e.group, hyper, e.dtype, count, false).ok()?;
+            // SAFETY: the full step checked the parameter and its buffers (C-contiguous,
+            // aligned, writeable, `e.len` elements of `e.dtype`, every written range disjoint
+            // from every other: `written`); their headers are unchanged (same memory, dtype,
+            // shape and flags) and the plan holds the arrays. The gradient is an aligned
+            // contiguous ndarray of that dtype and shape, apart from everything written
+            // (`grad_ptr`), held by `held` until the work returns.
+            checked.push(unsafe {
+                Checked::new(
+                    e.dtype,
+                    e.len,
+                    e.param.data as *mut u8,
+                    grad as *const u8,
+                    bufs,
+                    counter,
+                    rule,
+                )
             });
             held.push(g);
         }
@@ -268,21 +289,15 @@ impl ArrayPlan {
         flush_denormals: bool,
         _panic_for_tests: Option<String>,
     ) -> PyResult<Option<bool>> {
-        let py = groups.py();
-        let options = Options {
-            skip_nonfinite,
-            flush_denormals,
-            panic_for_tests: _panic_for_tests,
-        };
+        let options = course::options(skip_nonfinite, flush_denormals, _panic_for_tests);
         // The plan holds every array it writes, and `check` a reference to every gradient it
         // reads: `grads` is the caller's list, which another thread may empty while the GIL
         // is released.
-        let applied = step::planned(py, &options, || self.check(groups, grads))?;
-        Ok(applied.map(|(applied, _grads)| applied))
+        course::plan_step(self, groups, grads.as_any(), &options)
     }
 
     /// How many parameters the plan covers (for tests).
-    fn __len__(&self) -> usize {
-        self.entries.iter().filter(|e| e.is_some()).count()
+    fn __len__(&self) -> PyResult<usize> {
+        boundary::entry(|| Ok(self.entries.iter().filter(|e| e.is_some()).count()))
     }
 }

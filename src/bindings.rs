@@ -1,18 +1,8 @@
-//! The `optirs._core` extension module: thin wrappers that hand over to [`crate::step`].
+//! The `optirs._core` extension module: thin wrappers, each run through the one panic boundary
+//! (`boundary::entry`), that hand over to the full step (`step`), the plans, the probe or the
+//! core's runtime controls.
 
 use pyo3::prelude::*;
-
-/// Runs `f`, turning a panic (a bug, never a user's mistake) into `RuntimeError` instead of
-/// letting it unwind into Python.
-pub(crate) fn catch_panics<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(payload) => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
-            "optirs internal error (please report it): {}",
-            panic_message(payload.as_ref())
-        ))),
-    }
-}
 
 /// `(mapping, key, value)`: one entry of a step's bookkeeping.
 pub(crate) type Commit<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
@@ -50,15 +40,6 @@ pub(crate) fn finish(commit: &[Commit<'_>], then: Option<&Then<'_>>) -> PyResult
     first.map_or(Ok(()), Err)
 }
 
-/// The text a panic was raised with.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_owned())
-}
-
 #[pymodule]
 pub mod _core {
     #[pymodule_export]
@@ -66,16 +47,21 @@ pub mod _core {
     #[pymodule_export]
     use crate::torch_plan::TorchPlan;
 
-    use pyo3::exceptions::PyValueError;
     use pyo3::prelude::*;
     use pyo3::types::{PyBool, PyDict};
 
-    use crate::kernels::simd::{self, SimdLevel};
-    use crate::pool;
+    use optirs_core::kernels::simd::{self, SimdLevel};
+    use optirs_core::{pool, CoreError, RULES};
+
+    use crate::boundary::entry;
     use crate::step as stepper;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        entry(|| Ok(init_module(m)?))
+    }
+
+    fn init_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         // Environment values that cannot be used are said once, here, and otherwise ignored.
         let py = m.py();
@@ -89,7 +75,14 @@ pub mod _core {
                 1,
             )?;
         }
-        m.add("CHUNK_ELEMS", stepper::CHUNK_ELEMS)?;
+        m.add("CHUNK_ELEMS", optirs_core::CHUNK_ELEMS)?;
+        // The rule table: each rule's state buffers, in the order the kernels take them
+        // (checked against optirs._spec by tests/test_rules.py).
+        let rules = pyo3::types::PyDict::new(py);
+        for r in &RULES {
+            rules.set_item(r.name, pyo3::types::PyTuple::new(py, r.buffers)?)?;
+        }
+        m.add("RULES", rules)?;
         Ok(())
     }
 
@@ -131,12 +124,8 @@ pub mod _core {
         then: Option<crate::bindings::Then<'_>>,
         _panic_for_tests: Option<String>,
     ) -> PyResult<Py<PyAny>> {
-        let options = stepper::Options {
-            skip_nonfinite,
-            flush_denormals,
-            panic_for_tests: _panic_for_tests,
-        };
-        crate::bindings::catch_panics(|| {
+        let options = crate::course::options(skip_nonfinite, flush_denormals, _panic_for_tests);
+        entry(|| {
             let (applied, made) = stepper::run(
                 py, kind, groups, params, grads, buffers, steps, fresh, &options, plan, bf16_bits,
             )?;
@@ -159,39 +148,47 @@ pub mod _core {
         read_only: Vec<Bound<'_, numpy::PyUntypedArray>>,
         read_write: Vec<Bound<'_, numpy::PyUntypedArray>>,
     ) -> PyResult<()> {
-        crate::probe::traffic(py, &read_only, &read_write).map_err(PyErr::from)
+        entry(|| Ok(crate::probe::traffic(py, &read_only, &read_write)?))
     }
 
     /// The SIMD level in use: "avx512", "avx2" or the baseline ("sse2", "neon").
     #[pyfunction]
-    fn simd_level() -> &'static str {
-        simd::active().name()
+    fn simd_level() -> PyResult<&'static str> {
+        entry(|| Ok(simd::active().name()))
     }
 
     /// The levels this CPU can run, lowest first.
     #[pyfunction]
-    fn simd_levels() -> Vec<&'static str> {
-        SimdLevel::ALL
-            .iter()
-            .filter(|l| l.supported())
-            .map(|l| l.name())
-            .collect()
+    fn simd_levels() -> PyResult<Vec<&'static str>> {
+        entry(|| {
+            Ok(SimdLevel::ALL
+                .iter()
+                .filter(|l| l.supported())
+                .map(|l| l.name())
+                .collect())
+        })
     }
 
     /// Forces a SIMD level (clamped to what the CPU has); returns the level now in use.
     #[pyfunction]
     fn set_simd_level(level: &str) -> PyResult<&'static str> {
-        match SimdLevel::parse(level) {
+        entry(|| match SimdLevel::parse(level) {
             Some(l) => Ok(simd::set_active(l).name()),
-            None => Err(PyValueError::new_err(format!(
+            None => Err(CoreError::value_error(format!(
                 "unknown SIMD level {level:?}; expected one of 'avx512', 'avx2', 'baseline'"
-            ))),
-        }
+            ))
+            .arg("level")
+            .into()),
+        })
     }
 
     /// How this extension was built, for bug reports (`python -m optirs info`).
     #[pyfunction]
     fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+        entry(|| Ok(build_info_dict(py)?))
+    }
+
+    fn build_info_dict(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("version", env!("CARGO_PKG_VERSION"))?;
         d.set_item(
@@ -226,19 +223,23 @@ pub mod _core {
 
     /// The number of threads a step uses.
     #[pyfunction]
-    fn get_num_threads() -> usize {
-        pool::num_threads()
+    fn get_num_threads() -> PyResult<usize> {
+        entry(|| Ok(pool::num_threads()))
     }
 
     /// Sets the number of threads steps use (at least 1).
     #[pyfunction]
     fn set_num_threads(n: usize) -> PyResult<()> {
-        if n == 0 {
-            return Err(PyValueError::new_err(
-                "set_num_threads: n must be at least 1",
-            ));
-        }
-        pool::set_num_threads(n);
-        Ok(())
+        entry(|| {
+            if n == 0 {
+                return Err(CoreError::value_error(
+                    "set_num_threads: n must be at least 1".to_owned(),
+                )
+                .arg("n")
+                .into());
+            }
+            pool::set_num_threads(n);
+            Ok(())
+        })
     }
 }

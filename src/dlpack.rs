@@ -38,8 +38,8 @@ impl DlDataType {
     const BFLOAT: u8 = 4;
 
     /// The DLPack type of one of the element types the kernels update.
-    pub(crate) fn of(dtype: crate::step::DType) -> DlDataType {
-        use crate::step::DType;
+    pub(crate) fn of(dtype: optirs_core::DType) -> DlDataType {
+        use optirs_core::DType;
         let (code, bits) = match dtype {
             DType::F32 => (Self::FLOAT, 32),
             DType::F64 => (Self::FLOAT, 64),

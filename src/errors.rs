@@ -1,4 +1,6 @@
-//! The one error type of the bindings, converted to a Python exception at the boundary.
+//! The bindings' error: the core's typed error, or a Python exception raised while reading
+//! Python objects. Rendered into a Python exception in one place, [`From<Error> for PyErr`],
+//! which only the panic boundary (`boundary::entry`) uses.
 
 use pyo3::exceptions::{
     PyNotImplementedError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
@@ -6,51 +8,63 @@ use pyo3::exceptions::{
 };
 use pyo3::PyErr;
 
-/// A user's mistake, found before anything was modified.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepError {
-    /// Wrong kind of object or dtype: raised as `TypeError`.
-    Type(String),
-    /// Right kind of object, wrong value (shape, layout, aliasing, count): `ValueError`.
-    Value(String),
-    /// Hyperparameters torch.optim's own step fails on: raised as the exception torch raises.
-    Torch(TorchRaises, String),
+use optirs_core::{CoreError, ErrorKind, TorchRaises};
+
+pub(crate) use optirs_core::{type_err, value_err};
+
+/// What an entry point of the extension fails with.
+#[derive(Debug)]
+pub(crate) enum Error {
+    /// A user's mistake found by the core or by the bindings' validation; nothing written.
+    Core(CoreError),
+    /// An exception raised by Python code the bindings called, passed on as it is.
+    Py(PyErr),
 }
 
-/// The Python exception torch.optim's step raises where its scalar arithmetic fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TorchRaises {
-    /// A Python float divided by zero.
-    ZeroDivision,
-    /// A Python float power out of range.
-    Overflow,
-    /// A complex Python number reached a real tensor.
-    Runtime,
-    /// As `Runtime`, for float16/bfloat16 tensors (torch has no complex division for them).
-    NotImplemented,
+impl From<CoreError> for Error {
+    fn from(e: CoreError) -> Error {
+        Error::Core(e)
+    }
 }
 
-impl From<StepError> for PyErr {
-    fn from(e: StepError) -> PyErr {
+impl From<PyErr> for Error {
+    fn from(e: PyErr) -> Error {
+        Error::Py(e)
+    }
+}
+
+impl From<pyo3::CastError<'_, '_>> for Error {
+    fn from(e: pyo3::CastError<'_, '_>) -> Error {
+        Error::Py(e.into())
+    }
+}
+
+impl From<pyo3::CastIntoError<'_>> for Error {
+    fn from(e: pyo3::CastIntoError<'_>) -> Error {
+        Error::Py(e.into())
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
         match e {
-            StepError::Type(m) => PyTypeError::new_err(m),
-            StepError::Value(m) => PyValueError::new_err(m),
-            StepError::Torch(TorchRaises::ZeroDivision, m) => PyZeroDivisionError::new_err(m),
-            StepError::Torch(TorchRaises::Overflow, m) => PyOverflowError::new_err(m),
-            StepError::Torch(TorchRaises::Runtime, m) => PyRuntimeError::new_err(m),
-            StepError::Torch(TorchRaises::NotImplemented, m) => PyNotImplementedError::new_err(m),
+            Error::Py(e) => e,
+            Error::Core(e) => {
+                let m = e.message;
+                match e.kind {
+                    ErrorKind::Type => PyTypeError::new_err(m),
+                    ErrorKind::Value => PyValueError::new_err(m),
+                    ErrorKind::Torch(TorchRaises::ZeroDivision) => PyZeroDivisionError::new_err(m),
+                    ErrorKind::Torch(TorchRaises::Overflow) => PyOverflowError::new_err(m),
+                    ErrorKind::Torch(TorchRaises::Runtime) => PyRuntimeError::new_err(m),
+                    ErrorKind::Torch(TorchRaises::NotImplemented) => {
+                        PyNotImplementedError::new_err(m)
+                    }
+                }
+            }
         }
     }
 }
 
-/// Shorthand for `Err(StepError::Type(format!(...)))`.
-macro_rules! type_err {
-    ($($arg:tt)*) => { Err($crate::errors::StepError::Type(format!($($arg)*))) };
-}
-
-/// Shorthand for `Err(StepError::Value(format!(...)))`.
-macro_rules! value_err {
-    ($($arg:tt)*) => { Err($crate::errors::StepError::Value(format!($($arg)*))) };
-}
-
-pub(crate) use {type_err, value_err};
+/// What the bindings' functions return.
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;

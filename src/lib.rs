@@ -1,18 +1,22 @@
-//! optirs: torch.optim's update rules as fused, SIMD, multi-threaded Rust kernels.
+//! optirs's Python bindings, the extension module `optirs._core`: they read Python objects and
+//! hyperparameters, validate arrays, hold references, release the interpreter and call the
+//! core (`optirs_core`, which knows nothing of Python). Every entry point goes through one panic
+//! boundary (`boundary`), where errors become Python exceptions (`errors`).
 //!
-//! [`kernels`] is the pure math; the other modules are the Python bindings.
-
-pub mod kernels;
+//! Modules, each depending only on those listed after it: `bindings` (the pymodule) →
+//! `step` (the full step) → `array_plan`, `torch_plan` (the cached steps) → `course` (what
+//! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core.
 
 mod array_plan;
 mod bindings;
+mod boundary;
+mod course;
 mod dlpack;
 mod errors;
-mod fpenv;
-mod pool;
+mod hyper;
+mod ndarray;
 mod probe;
 mod step;
 mod torch_plan;
-mod torch_raises;
 
 pub use bindings::_core;

@@ -5,18 +5,20 @@
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::errors::{value_err, StepError};
-use crate::pool;
+use optirs_core::kernels::SimdLevel;
+use optirs_core::{pool, CoreError};
+
+use crate::errors::value_err;
 
 /// Bytes per work item, as for the optimizer steps (`CHUNK_ELEMS` float32 elements).
-const CHUNK_BYTES: usize = crate::step::CHUNK_ELEMS * 4;
+const CHUNK_BYTES: usize = optirs_core::CHUNK_ELEMS * 4;
 
 struct Stream {
     ptr: *mut u8,
     len: usize,
 }
 
-fn stream(a: &Bound<'_, PyUntypedArray>, write: bool, i: usize) -> Result<Stream, StepError> {
+fn stream(a: &Bound<'_, PyUntypedArray>, write: bool, i: usize) -> Result<Stream, CoreError> {
     if !a.is_c_contiguous() {
         return value_err!("array {i} must be C-contiguous");
     }
@@ -43,7 +45,7 @@ pub fn traffic(
     py: Python<'_>,
     read_only: &[Bound<'_, PyUntypedArray>],
     read_write: &[Bound<'_, PyUntypedArray>],
-) -> Result<(), StepError> {
+) -> Result<(), CoreError> {
     let ro: Vec<Stream> = read_only
         .iter()
         .enumerate()
@@ -100,7 +102,7 @@ pub fn traffic(
         rest = tails;
         offset += n;
     }
-    let level = crate::kernels::simd::active();
+    let level = optirs_core::kernels::simd::active();
     py.detach(|| {
         pool::for_each(items, len / 4, |(reads, mut writes)| {
             stream_chunk(level, &reads, &mut writes);
@@ -112,7 +114,7 @@ pub fn traffic(
 /// One chunk: a zipped single pass over 32-bit words when the streams fit the shapes the
 /// optimizers have (one gradient read, 1 to 4 buffers read and written), compiled for the same
 /// SIMD level as the kernels; byte blocks otherwise.
-fn stream_chunk(level: crate::kernels::SimdLevel, reads: &[&[u8]], writes: &mut [&mut [u8]]) {
+fn stream_chunk(level: SimdLevel, reads: &[&[u8]], writes: &mut [&mut [u8]]) {
     let words = |b: &[u8]| b.len().is_multiple_of(4) && (b.as_ptr() as usize).is_multiple_of(4);
     if reads.len() == 1
         && (1..=4).contains(&writes.len())
@@ -187,8 +189,7 @@ unsafe fn words_avx2(r: &[u32], ws: &mut [&mut [u32]]) {
     words_pass(r, ws);
 }
 
-fn dispatch(level: crate::kernels::SimdLevel, r: &[u32], ws: &mut [&mut [u32]]) {
-    use crate::kernels::SimdLevel;
+fn dispatch(level: SimdLevel, r: &[u32], ws: &mut [&mut [u32]]) {
     match level.min(SimdLevel::detect()) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the level (clamped by detect()).

@@ -36,7 +36,6 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -44,8 +43,15 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE};
 use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 
+use optirs_core::overlap::touches;
+use optirs_core::{counter_at, Checked, CoreError, DType, Kind, RuleMemo};
+
+use crate::boundary;
+use crate::course::{self, Plan};
 use crate::dlpack::{same_dims, DlDataType, Exchange, Layout};
-use crate::step::{self, Checked, DType, Dtypes, Hyper, Kind, Options, RuleMemo};
+use crate::errors::Result;
+use crate::hyper;
+use crate::ndarray::Dtypes;
 
 /// Hashes a pointer-sized key by one multiplication: the keys are object addresses.
 #[derive(Default)]
@@ -81,7 +87,7 @@ struct Tracked {
 impl Tracked {
     /// Whether the layout kept for later comparisons has this shape (read separately: another
     /// thread may have re-pointed the tensor in between).
-    fn has_shape(&self, shape_obj: &Bound<'_, PyAny>, shape: &[i64]) -> PyResult<bool> {
+    fn has_shape(&self, shape_obj: &Bound<'_, PyAny>, shape: &[i64]) -> Result<bool> {
         Ok(match (&self.layout, &self.methods) {
             (Some(l), _) => same_dims(&l.shape, shape),
             (None, Some([kept, _, _])) => kept.bind(shape_obj.py()).eq(shape_obj)?,
@@ -105,7 +111,7 @@ struct Entry {
     param: Tracked,
     keys: Vec<Py<PyString>>,
     items: Vec<Tracked>,
-    /// The kernels' state buffers (in `Kind::buffer_names` order) and the step counter.
+    /// The kernels' state buffers (in the rule table's order) and the step counter.
     bufs: [Option<usize>; 3],
     counter: Option<(usize, bool)>,
     /// The NumPy views the pointers above were read from: they hold the tensors' memory.
@@ -143,12 +149,12 @@ fn numel_of(shape: &[i64]) -> Option<usize> {
         .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
 }
 
-fn data_ptr(t: &Bound<'_, PyAny>) -> PyResult<usize> {
-    t.call_method0(intern!(t.py(), "data_ptr"))?.extract()
+fn data_ptr(t: &Bound<'_, PyAny>) -> Result<usize> {
+    Ok(t.call_method0(intern!(t.py(), "data_ptr"))?.extract()?)
 }
 
-fn refuse<T>(what: &str) -> PyResult<T> {
-    Err(PyValueError::new_err(format!("TorchPlan: {what}")))
+fn refuse<T>(what: &str) -> Result<T> {
+    Err(CoreError::value_error(format!("TorchPlan: {what}")).into())
 }
 
 /// True when a tensor of this shape and these strides (in elements) covers one block of memory
@@ -180,7 +186,7 @@ fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
 
 /// One NumPy view of a tensor's memory, as the bridge's full step made it: its data pointer,
 /// element count and dtype, when it is C-contiguous, aligned and writeable.
-fn view_of(v: &Bound<'_, PyAny>, dtypes: &Dtypes<'_>) -> PyResult<(usize, usize, DType)> {
+fn view_of(v: &Bound<'_, PyAny>, dtypes: &Dtypes<'_>) -> Result<(usize, usize, DType)> {
     let Ok(a) = v.cast::<PyUntypedArray>() else {
         return refuse("views must be numpy.ndarrays");
     };
@@ -205,7 +211,7 @@ impl TorchPlan {
         tensor: &Bound<'_, PyAny>,
         ptr: usize,
         exchange: Option<&Exchange>,
-    ) -> PyResult<Tracked> {
+    ) -> Result<Tracked> {
         let py = tensor.py();
         #[allow(clippy::redundant_closure_for_method_calls)] // the closure fixes the lifetime
         let (layout, methods) = if let Some(ex) = exchange {
@@ -293,7 +299,7 @@ impl TorchPlan {
         tensor_type: &Bound<'_, PyAny>,
         spans: &mut Vec<(usize, usize)>,
         exchange: Option<&Exchange>,
-    ) -> PyResult<Entry> {
+    ) -> Result<Entry> {
         let py = t.py();
         if t.len() != 6 {
             return refuse("entries are (group, p, p_view, keys, items, item_views)");
@@ -408,7 +414,7 @@ impl TorchPlan {
     /// Whether a gradient may be stepped with entry `e`'s parameter: exactly a dense CPU
     /// `torch.Tensor` of the parameter's dtype, shape and strides, without a pending negation,
     /// over aligned memory the step does not write. Returns its data pointer.
-    fn grad_ptr(&self, e: &Entry, g: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+    fn grad_ptr(&self, e: &Entry, g: &Bound<'_, PyAny>) -> Result<Option<usize>> {
         let py = g.py();
         // Neither the layout nor the negation bit is in a DLTensor.
         let ok = g.get_type().is(self.tensor_type.bind(py))
@@ -453,14 +459,14 @@ impl TorchPlan {
         if ptr == 0 || ptr % e.dtype.size() != 0 {
             return Ok(None);
         }
-        if step::touches(&self.written, ptr, ptr + bytes) {
+        if touches(&self.written, ptr, ptr + bytes) {
             return Ok(None);
         }
         Ok(Some(ptr))
     }
 
     /// Whether a tracked tensor still has the memory and whole layout the full step saw.
-    fn unmoved(&self, t: &Tracked, py: Python<'_>) -> PyResult<bool> {
+    fn unmoved(&self, t: &Tracked, py: Python<'_>) -> Result<bool> {
         let tensor = t.tensor.bind(py);
         Ok(match (&self.exchange, &t.layout, &t.methods) {
             (Some(ex), Some(was), _) => {
@@ -480,16 +486,16 @@ impl TorchPlan {
 
     /// Checks everything and returns the work, or None when the full path must look.
     #[allow(clippy::type_complexity)]
-    fn check<'py>(
+    fn check_all<'py>(
         &self,
         groups: &Bound<'py, PyAny>,
         state: &Bound<'py, PyAny>,
-    ) -> Result<Option<(Vec<Checked>, Vec<usize>, Vec<Bound<'py, PyAny>>)>, PyErr> {
+    ) -> Result<Option<(Vec<Checked>, Vec<usize>, Vec<Bound<'py, PyAny>>)>> {
         let py = groups.py();
         let n_groups = groups.len()?;
         let mut hypers = Vec::with_capacity(n_groups);
         for gi in 0..n_groups {
-            hypers.push(Hyper::read(self.kind, &groups.get_item(gi)?, gi)?);
+            hypers.push(hyper::read(self.kind, &groups.get_item(gi)?, gi)?);
         }
         let Ok(state) = state.cast::<PyDict>() else {
             return Ok(None);
@@ -557,7 +563,7 @@ impl TorchPlan {
                     // SAFETY: the full step checked this counter (a 0-d, aligned float32 or
                     // float64 array, apart from every other array it wrote), its storage is
                     // held by the plan, and its data pointer is unchanged.
-                    let (slot, old, new) = unsafe { step::counter_at(ptr as *mut u8, wide) };
+                    let (slot, old, new) = unsafe { counter_at(ptr as *mut u8, wide) };
                     if !(old.is_finite() && old >= 0.0) {
                         return Ok(None);
                     }
@@ -572,41 +578,35 @@ impl TorchPlan {
             else {
                 return Ok(None);
             };
-            checked.push(Checked {
-                dtype: e.dtype,
-                len: e.len,
-                param: e.param.ptr as *mut u8,
-                grad: grad as *const u8,
-                bufs: e.bufs.map(|b| b.map(|ptr| ptr as *mut u8)),
-                step: counter,
-                rule: rules.get(e.group, hyper, e.dtype, count, false)?,
+            let rule = rules.get(e.group, hyper, e.dtype, count, false)?;
+            // SAFETY: every pointer of the entry was read from a NumPy view the plan holds
+            // (C-contiguous, aligned, writeable, `e.len` elements of `e.dtype`, all disjoint:
+            // `written`), and the tensors still start there (`unmoved`). The gradient is a
+            // dense CPU tensor of the parameter's dtype with `e.len` elements, aligned, apart
+            // from everything written (`grad_ptr`), held by `grads` until the work returns.
+            checked.push(unsafe {
+                Checked::new(
+                    e.dtype,
+                    e.len,
+                    e.param.ptr as *mut u8,
+                    grad as *const u8,
+                    e.bufs.map(|b| b.map(|ptr| ptr as *mut u8)),
+                    counter,
+                    rule,
+                )
             });
             stepped.push(k);
             grads.push(g);
         }
         Ok(Some((checked, stepped, grads)))
     }
-}
 
-#[pymethods]
-impl TorchPlan {
-    /// Builds a plan from what the bridge's full step just checked and stepped.
-    ///
-    /// `entries` holds, per parameter in `param_groups` order, the parameter itself when that
-    /// full step did not step it, else `(group, p, p_view, keys, items, item_views)`: `items`
-    /// are the state tensors the step uses, under the names in `keys` (buffers and "step"),
-    /// and the views are the NumPy arrays over their memory that the full step stepped. Every
-    /// pointer, size and dtype is read from those views and checked against the tensors, and
-    /// the plan holds the views, so no argument can make it write where it should not.
-    /// `exchange_api` is `torch.Tensor.__dlpack_c_exchange_api__` where torch has it: the plan
-    /// then reads each tensor's layout in one C call.
-    #[new]
-    #[pyo3(signature = (kind, entries, exchange_api = None))]
-    fn new(
+    /// `TorchPlan(kind, entries, exchange_api)`; see the constructor's documentation.
+    fn build(
         kind: &str,
         entries: &Bound<'_, PyList>,
         exchange_api: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<TorchPlan> {
+    ) -> Result<TorchPlan> {
         let py = entries.py();
         let kind = Kind::parse(kind)?;
         // torch's own objects, never taken from the caller: what a gradient must be.
@@ -666,38 +666,25 @@ impl TorchPlan {
             exchange,
         })
     }
+}
 
-    /// Steps every parameter that has a gradient; returns whether the update was applied, or
-    /// None (nothing written) when something changed and the full path must run instead.
-    #[pyo3(signature = (
-        groups, state, *, skip_nonfinite = false, flush_denormals = false,
-        _panic_for_tests = None
-    ))]
-    #[allow(clippy::used_underscore_binding)]
-    fn step(
+impl Plan for TorchPlan {
+    /// The indices of the entries stepped, and their gradients.
+    type Keep<'py> = (Vec<usize>, Vec<Bound<'py, PyAny>>);
+
+    fn check<'py>(
         &self,
-        groups: &Bound<'_, PyAny>,
-        state: &Bound<'_, PyAny>,
-        skip_nonfinite: bool,
-        flush_denormals: bool,
-        _panic_for_tests: Option<String>,
-    ) -> PyResult<Option<bool>> {
-        let py = groups.py();
-        let options = Options {
-            skip_nonfinite,
-            flush_denormals,
-            panic_for_tests: _panic_for_tests,
-        };
+        groups: &Bound<'py, PyAny>,
+        state: &Bound<'py, PyAny>,
+    ) -> Option<(Vec<Checked>, Self::Keep<'py>)> {
         // An error while checking (a tensor that refuses `data_ptr()`, a group with a bad
         // value) is the full path's to report, with its own words: fall back to it.
-        // The plan's entries (and storages) and `grads` hold every tensor stepped alive.
-        let done = step::planned(py, &options, || {
-            let (checked, stepped, grads) = self.check(groups, state).ok()??;
-            Some((checked, (stepped, grads)))
-        })?;
-        let Some((applied, (stepped, grads))) = done else {
-            return Ok(None);
-        };
+        let (checked, stepped, grads) = self.check_all(groups, state).ok()??;
+        Some((checked, (stepped, grads)))
+    }
+
+    fn after(&self, py: Python<'_>, applied: bool, keep: Self::Keep<'_>) -> Result<()> {
+        let (stepped, grads) = keep;
         drop(grads);
         if applied && !stepped.is_empty() {
             // The core wrote behind autograd's back: bump the version counters as torch's
@@ -719,18 +706,62 @@ impl TorchPlan {
                 bump.call1((written,))?;
             }
         }
-        Ok(Some(applied))
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl TorchPlan {
+    /// Builds a plan from what the bridge's full step just checked and stepped.
+    ///
+    /// `entries` holds, per parameter in `param_groups` order, the parameter itself when that
+    /// full step did not step it, else `(group, p, p_view, keys, items, item_views)`: `items`
+    /// are the state tensors the step uses, under the names in `keys` (buffers and "step"),
+    /// and the views are the NumPy arrays over their memory that the full step stepped. Every
+    /// pointer, size and dtype is read from those views and checked against the tensors, and
+    /// the plan holds the views, so no argument can make it write where it should not.
+    /// `exchange_api` is `torch.Tensor.__dlpack_c_exchange_api__` where torch has it: the plan
+    /// then reads each tensor's layout in one C call.
+    #[new]
+    #[pyo3(signature = (kind, entries, exchange_api = None))]
+    fn new(
+        kind: &str,
+        entries: &Bound<'_, PyList>,
+        exchange_api: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<TorchPlan> {
+        boundary::entry(|| TorchPlan::build(kind, entries, exchange_api))
+    }
+
+    /// Steps every parameter that has a gradient; returns whether the update was applied, or
+    /// None (nothing written) when something changed and the full path must run instead.
+    #[pyo3(signature = (
+        groups, state, *, skip_nonfinite = false, flush_denormals = false,
+        _panic_for_tests = None
+    ))]
+    #[allow(clippy::used_underscore_binding)]
+    fn step(
+        &self,
+        groups: &Bound<'_, PyAny>,
+        state: &Bound<'_, PyAny>,
+        skip_nonfinite: bool,
+        flush_denormals: bool,
+        _panic_for_tests: Option<String>,
+    ) -> PyResult<Option<bool>> {
+        let options = course::options(skip_nonfinite, flush_denormals, _panic_for_tests);
+        // The plan's entries (and storages) and the gradients `check` keeps hold every tensor
+        // stepped alive.
+        course::plan_step(self, groups, state, &options)
     }
 
     /// Whether each step reads the tensors' layouts through torch's DLPack exchange API (else
     /// through their Python methods).
     #[getter]
-    fn uses_exchange_api(&self) -> bool {
-        self.exchange.is_some()
+    fn uses_exchange_api(&self) -> PyResult<bool> {
+        boundary::entry(|| Ok(self.exchange.is_some()))
     }
 
     /// How many parameters the plan covers (for tests).
-    fn __len__(&self) -> usize {
-        self.covered
+    fn __len__(&self) -> PyResult<usize> {
+        boundary::entry(|| Ok(self.covered))
     }
 }

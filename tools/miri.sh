@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make miri`: the Rust code that runs without Python, under Miri (undefined behaviour,
+# `make miri`: the core crate (crates/optirs-core, which knows nothing of Python), under Miri (undefined behaviour,
 # Stacked Borrows aliasing, data races and weak memory on atomics, leaks).
 #
 # 1. The kernels' tests: `lanes::stream` over raw pointers, `Slices` chunking, every rule with
@@ -7,8 +7,9 @@
 #    vectors (built with +avx2,+f16c, so that Miri's x86 shims run them; float16's vector store
 #    and the AVX-512 level use intrinsics Miri lacks, see kernels/tests.rs). Sizes shrink under
 #    cfg(miri).
-# 2. The step core alone: `counter_at`.
-# 3. The thread pool's tests and the step core on the pool (raw pointers to slices, work items
+#    With them the rule table's, the overlap check's and torch_raises' tests.
+# 2. The step engine alone: `counter_at`.
+# 3. The thread pool's tests and the step engine on the pool (raw pointers to slices, work items
 #    moved between threads), each under several scheduler seeds (MIRI_SEEDS). The pool's
 #    workers are detached threads by design, so the check that every thread was joined, which
 #    Miri ties to its leak check, is off here (-Zmiri-ignore-leaks).
@@ -20,7 +21,6 @@ cd "$(dirname "$0")/.."
 need_nightly "make miri" miri rust-src
 set -e
 
-export PYO3_PYTHON="${PYO3_PYTHON:-$(command -v python3)}"
 # One build for every group. MIRIFLAGS only change how the tests run, not the build.
 export RUSTFLAGS="-Ctarget-feature=+avx2,+f16c"
 # Miri perturbs pow() & co. by a few ULP at random (as platforms may); the tests compare the
@@ -35,7 +35,7 @@ group() {
     echo
     echo "=== miri: $name ==="
     local start=$SECONDS
-    if MIRIFLAGS="$BASE_FLAGS $flags" cargo +"$NIGHTLY" miri test --lib -- "$@"; then
+    if MIRIFLAGS="$BASE_FLAGS $flags" cargo +"$NIGHTLY" miri test -p optirs-core --lib -- "$@"; then
         echo "=== miri: $name: ok ($((SECONDS - start)) s) ==="
     else
         echo "=== miri: $name: FAILED ($((SECONDS - start)) s) ==="
@@ -45,12 +45,12 @@ group() {
 
 start=$SECONDS
 cargo +"$NIGHTLY" miri setup
-cargo +"$NIGHTLY" miri test --lib --no-run
+cargo +"$NIGHTLY" miri test -p optirs-core --lib --no-run
 echo "=== miri: built ($((SECONDS - start)) s) ==="
 set +e
-group "kernels (baseline and AVX2)" "" --skip pool --skip step::
-group "step core without threads" "" step:: --skip pool
-group "thread pool and step core on it, seeds $SEEDS" "-Zmiri-ignore-leaks -Zmiri-many-seeds=$SEEDS" pool
+group "kernels (baseline and AVX2)" "" --skip pool --skip engine::
+group "step engine without threads" "" engine:: --skip pool
+group "thread pool and step engine on it, seeds $SEEDS" "-Zmiri-ignore-leaks -Zmiri-many-seeds=$SEEDS" pool
 echo
 if [ "${#failed[@]}" -gt 0 ]; then
     printf '=== make miri FAILED (%s s): %s ===\n' "$((SECONDS - start))" "$(IFS=';'; echo "${failed[*]}")"

@@ -3,8 +3,9 @@
 # (-Zbuild-std: std's mutexes and thread handles are futexes and atomics, which ThreadSanitizer
 # only understands when they are instrumented).
 #
-# 1. Rust level: the pool's tests (among them many threads stepping on the process-wide pool
-#    while the thread count changes) and the step core on the pool, several times over.
+# 1. Rust level (the core crate, crates/optirs-core, without Python): the pool's tests (among
+#    them many threads stepping on the process-wide pool while the thread count changes) and
+#    the step engine on the pool, several times over.
 # 2. Python level: the extension built instrumented, loaded by the venv's ordinary CPython
 #    with gcc's libtsan preloaded, runs tests/tsan/stress.py (Python threads stepping NumPy and
 #    torch-bridge optimizers at once while another changes set_num_threads), after a canary
@@ -44,17 +45,17 @@ start=$SECONDS
 failed=()
 
 echo "=== tsan: Rust level: build ==="
-cargo +"$NIGHTLY" test "${BUILD[@]}" --lib --no-run
-echo "=== tsan: Rust level: pool and step tests, $ROUNDS rounds ($((SECONDS - start)) s so far) ==="
+cargo +"$NIGHTLY" test "${BUILD[@]}" -p optirs-core --lib --no-run
+echo "=== tsan: Rust level: pool and step engine tests, $ROUNDS rounds ($((SECONDS - start)) s so far) ==="
 for round in $(seq "$ROUNDS"); do
-    if ! cargo +"$NIGHTLY" test "${BUILD[@]}" --lib -q -- pool step::; then
+    if ! cargo +"$NIGHTLY" test "${BUILD[@]}" -p optirs-core --lib -q -- pool engine::; then
         failed+=("Rust level, round $round")
         break
     fi
 done
 
 echo "=== tsan: Python level: build the extension ($((SECONDS - start)) s so far) ==="
-cargo +"$NIGHTLY" build "${BUILD[@]}" --lib
+cargo +"$NIGHTLY" build "${BUILD[@]}" -p optirs --lib
 LIBTSAN="$(gcc -print-file-name=libtsan.so 2>/dev/null || true)"
 if [ ! -e "$LIBTSAN" ] || [ "$LIBTSAN" = libtsan.so ]; then
     echo "=== tsan: Python level NOT RUN: gcc's ThreadSanitizer runtime (libtsan.so, Debian package libtsan2) not found ===" >&2
@@ -72,7 +73,7 @@ else
     run_py --canary 2>target/tsan/canary.log
     rc=$?
     set -e
-    if [ "$rc" = 66 ] && grep -q "optirs::kernels" target/tsan/canary.log; then
+    if [ "$rc" = 66 ] && grep -q "optirs_core::kernels" target/tsan/canary.log; then
         echo "canary reported, in the kernels (target/tsan/canary.log): the check is live"
     else
         echo "the canary race was NOT reported (exit $rc, target/tsan/canary.log)" >&2

@@ -1,10 +1,12 @@
-"""Type stubs of the Rust extension ``optirs._core``. Keep in step with ``src/bindings.rs``."""
+"""Type stubs of the Rust extension ``optirs._core``. Keep in step with ``src/bindings.rs``
+and the plans (``src/array_plan.rs``, ``src/torch_plan.rs``)."""
 
 from collections.abc import Sequence
 from typing import Any, Literal, final, overload
 
 __all__ = [
     "CHUNK_ELEMS",
+    "RULES",
     "ArrayPlan",
     "TorchPlan",
     "__version__",
@@ -21,6 +23,9 @@ __all__ = [
 __version__: str
 #: elements per work item a step is cut into (results do not depend on it)
 CHUNK_ELEMS: int
+#: the rule table: each update rule's state buffers, in the order the kernels take them
+#: (``optirs._spec`` declares the same; tests/test_rules.py checks they agree)
+RULES: dict[str, tuple[str, ...]]
 
 @overload
 def step(

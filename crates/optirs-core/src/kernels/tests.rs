@@ -854,7 +854,7 @@ fn baseline_and_best_level_agree_on_a_long_array() {
     let (n, chunk) = if cfg!(miri) {
         (259, 64)
     } else {
-        (1_000_003, super::super::step::CHUNK_ELEMS)
+        (1_000_003, crate::engine::CHUNK_ELEMS)
     };
     let mut rng = Rng(7);
     let init: Vec<f32> = rng.values(n, false);

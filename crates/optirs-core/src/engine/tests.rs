@@ -1,6 +1,6 @@
-//! The unsafe core of a step without Python: raw pointers to slices (`slices`), work items
-//! (`make_items`), the step counters (`counter_at`) and the pool, run as `execute` runs them
-//! once the GIL is released. `make miri` runs these to check the pointer handling and the
+//! The unsafe core of a step: raw pointers to slices (`slices`), work items (`make_items`), the
+//! step counters (`counter_at`) and the pool, run as `Work::run` runs them once the bindings
+//! have released the interpreter. `make miri` runs these to check the pointer handling and the
 //! hand-over of items between threads; `make tsan` runs them under ThreadSanitizer.
 
 use super::*;
@@ -9,6 +9,7 @@ use crate::kernels::adam::{AdamHyper, AdamScalars};
 use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
 use crate::kernels::sgd::{SgdHyper, SgdScalars};
 use crate::kernels::Float;
+use crate::rules::RuleOf;
 
 /// Parameter lengths: under Miri a few awkward ones below a work item; otherwise lengths that
 /// make several items of one parameter, the last one short.
@@ -50,7 +51,7 @@ impl<S: Storage> Arrays<S> {
         }
     }
 
-    /// `Checked` as `check_param` builds it: raw pointers to these arrays and `grad`.
+    /// `Checked` as the bindings build it: raw pointers to these arrays and `grad`.
     fn checked(
         &mut self,
         dtype: DType,
@@ -86,7 +87,7 @@ impl<S: Storage> Arrays<S> {
     }
 }
 
-/// `execute` after the GIL is released: the non-finite check and the update, over the pool
+/// `Work::run`: the non-finite check and the update, over the pool
 /// when `threads > 1` (the work is claimed large enough for it whatever the lengths), then the
 /// counters.
 fn execute_without_python(mut checked: Vec<Checked>, threads: usize, skip_nonfinite: bool) -> bool {

@@ -4,12 +4,12 @@
 //! adds the 10^8-element size.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use optirs::kernels::adagrad::{AdagradHyper, AdagradScalars};
-use optirs::kernels::adam::{AdamHyper, AdamScalars};
-use optirs::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
-use optirs::kernels::sgd::{SgdHyper, SgdScalars};
-use optirs::kernels::simd::{apply, Element, SimdLevel};
-use optirs::kernels::{Rule, Slices, Storage};
+use optirs_core::kernels::adagrad::{AdagradHyper, AdagradScalars};
+use optirs_core::kernels::adam::{AdamHyper, AdamScalars};
+use optirs_core::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
+use optirs_core::kernels::sgd::{SgdHyper, SgdScalars};
+use optirs_core::kernels::simd::{apply, Element, SimdLevel};
+use optirs_core::kernels::{Rule, Slices, Storage};
 
 /// (name, rule, buffers used, bytes moved per element: reads + writes of 4-byte floats)
 fn rules() -> Vec<(&'static str, Rule<f32>, usize, u64)> {

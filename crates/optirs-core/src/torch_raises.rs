@@ -18,32 +18,36 @@
 //! Everything else (negative learning rates, betas of 1 or above, NaN, infinities) torch steps
 //! with, and so do the kernels.
 
-use crate::errors::{StepError, TorchRaises};
+use crate::dtype::DType;
+use crate::error::{CoreError, TorchRaises};
 use crate::kernels::adagrad::AdagradHyper;
 use crate::kernels::adam::AdamHyper;
 use crate::kernels::rmsprop::RmsPropHyper;
 use crate::kernels::sgd::SgdHyper;
-use crate::step::{DType, Hyper};
+use crate::rules::Hyper;
 
 /// Which hyperparameters are Python numbers (`float` or `int`), whose arithmetic in torch's
 /// step is Python's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct PyNumbers {
-    pub(crate) lr: bool,
-    pub(crate) betas: [bool; 2],
-    pub(crate) lr_decay: bool,
+pub struct PyNumbers {
+    pub lr: bool,
+    pub betas: [bool; 2],
+    pub lr_decay: bool,
 }
 
 /// What torch.optim's for-loop step raises for group `gi` at step count `step` (the count once
 /// incremented) with a parameter of `dtype`; `fresh`: SGD's momentum buffer is made from this
 /// gradient. Nothing depends on the parameter's values.
-pub(crate) fn check(
+///
+/// # Errors
+/// The exception torch's step raises, located at group `gi`.
+pub fn check(
     hyper: &Hyper,
     gi: usize,
     step: f64,
     dtype: DType,
     fresh: bool,
-) -> Result<(), StepError> {
+) -> Result<(), CoreError> {
     let at = Scalars { gi, dtype };
     match hyper {
         Hyper::Sgd(h) => at.sgd(h, fresh),
@@ -51,6 +55,7 @@ pub(crate) fn check(
         Hyper::RmsProp(h) => at.rmsprop(h),
         Hyper::Adagrad(h, py) => at.adagrad(h, *py, step),
     }
+    .map_err(|e| e.in_group(gi))
 }
 
 /// How torch hands a Python scalar to a tensor operation.
@@ -83,8 +88,8 @@ fn python_pow(base: f64, exp: f64) -> PyPow {
     }
 }
 
-fn fail(raises: TorchRaises, message: String) -> Result<(), StepError> {
-    Err(StepError::Torch(raises, message))
+fn fail(raises: TorchRaises, message: String) -> Result<(), CoreError> {
+    Err(CoreError::torch(raises, message))
 }
 
 /// The group and the parameter's dtype, for the checks and their messages.
@@ -95,7 +100,7 @@ struct Scalars {
 
 impl Scalars {
     /// torch's conversion of scalar `x` (`expr`, computed from the group's `key`).
-    fn convert(&self, x: f64, arg: Arg, key: &str, expr: &str) -> Result<(), StepError> {
+    fn convert(&self, x: f64, arg: Arg, key: &str, expr: &str) -> Result<(), CoreError> {
         let (max, ty) = match (self.dtype, arg) {
             // float64 holds any Python float.
             (DType::F64, _) => return Ok(()),
@@ -124,14 +129,14 @@ impl Scalars {
         )
     }
 
-    fn weight_decay(&self, weight_decay: f64) -> Result<(), StepError> {
+    fn weight_decay(&self, weight_decay: f64) -> Result<(), CoreError> {
         if weight_decay == 0.0 {
             return Ok(());
         }
         self.convert(weight_decay, Arg::Alpha, "weight_decay", "weight_decay")
     }
 
-    fn sgd(&self, h: &SgdHyper, fresh: bool) -> Result<(), StepError> {
+    fn sgd(&self, h: &SgdHyper, fresh: bool) -> Result<(), CoreError> {
         self.weight_decay(h.weight_decay)?;
         if h.momentum != 0.0 && !fresh {
             self.convert(1.0 - h.dampening, Arg::Alpha, "dampening", "1 - dampening")?;
@@ -145,7 +150,7 @@ impl Scalars {
     /// In torch's order: the weight decay, the moments' weights, `beta1 ** step`,
     /// `beta2 ** step`, `lr / (1 - beta1 ** step)`, and the update, which meets the square root
     /// of `1 - beta2 ** step` and the step size.
-    fn adam(&self, h: &AdamHyper, py: PyNumbers, step: f64) -> Result<(), StepError> {
+    fn adam(&self, h: &AdamHyper, py: PyNumbers, step: f64) -> Result<(), CoreError> {
         let gi = self.gi;
         if !h.decoupled {
             self.weight_decay(h.weight_decay)?;
@@ -240,7 +245,7 @@ impl Scalars {
         )
     }
 
-    fn rmsprop(&self, h: &RmsPropHyper) -> Result<(), StepError> {
+    fn rmsprop(&self, h: &RmsPropHyper) -> Result<(), CoreError> {
         self.weight_decay(h.weight_decay)?;
         self.convert(1.0 - h.alpha, Arg::Value, "alpha", "1 - alpha")?;
         // With momentum the update is `add(buf, alpha=-lr)`, without `addcdiv(value=-lr)`.
@@ -252,7 +257,7 @@ impl Scalars {
         self.convert(-h.lr, arg, "lr", "-lr")
     }
 
-    fn adagrad(&self, h: &AdagradHyper, py: PyNumbers, step: f64) -> Result<(), StepError> {
+    fn adagrad(&self, h: &AdagradHyper, py: PyNumbers, step: f64) -> Result<(), CoreError> {
         self.weight_decay(h.weight_decay)?;
         let decay = 1.0 + (step - 1.0) * h.lr_decay;
         if py.lr && py.lr_decay && decay == 0.0 {
@@ -294,10 +299,13 @@ mod tests {
         Hyper::Adam(h, py)
     }
 
-    fn raised(r: Result<(), StepError>) -> Option<TorchRaises> {
+    fn raised(r: Result<(), CoreError>) -> Option<TorchRaises> {
         match r {
             Ok(()) => None,
-            Err(StepError::Torch(t, _)) => Some(t),
+            Err(CoreError {
+                kind: crate::error::ErrorKind::Torch(t),
+                ..
+            }) => Some(t),
             Err(e) => panic!("not torch's exception: {e:?}"),
         }
     }

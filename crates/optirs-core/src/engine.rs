@@ -1,0 +1,340 @@
+//! The step engine: parameters that passed every check ([`Checked`]) cut into work items of
+//! [`CHUNK_ELEMS`] elements, run over the pool, then the step counters advanced.
+//!
+//! Nothing here knows of Python. The bindings validate every array, build each [`Checked`]
+//! (an `unsafe` constructor: they vouch for its memory), pass the overlap check
+//! ([`crate::overlap`]), [`prepare`] the work while they still hold the interpreter, and
+//! [`Work::run`] it with the interpreter released (`py.detach(|| work.run())`). [`execute`]
+//! does both, for callers without an interpreter to release (tests).
+//!
+//! # What keeps the pointers valid
+//! A [`Checked`] holds raw addresses. Whoever builds one promises (see [`Checked::new`]) that
+//! each points to the memory of an array that stays alive, unmoved, until the step returns,
+//! of the dtype and length given, aligned, and that no byte written through one is read or
+//! written through any other address of the step (the overlap check). The work items are
+//! slices made from those addresses ([`slices`]), so they never alias. Another thread may
+//! still change what an array *contains* during a step (writing into a gradient or parameter
+//! by hand): that is a data race on plain floats, which can give meaningless numbers for those
+//! elements but cannot touch memory outside the arrays.
+//!
+//! # A step that fails part-way
+//! Validation errors come before any write. A panic after the work began (an internal error)
+//! is re-raised saying the step stopped part-way: every work item but the one that panicked
+//! has run, and the step counters have not been advanced, so those parameters and their state
+//! may be partly updated. The process and the pool stay usable.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::dtype::DType;
+use crate::error::{panic_message, CoreError};
+use crate::fpenv::FlushGuard;
+use crate::kernels::{simd, Rule, Slices, Storage};
+use crate::pool;
+use crate::rules::RuleOf;
+use crate::value_err;
+
+/// Elements per work item: a chunk's parameter, gradient and state stay within L2 together.
+pub const CHUNK_ELEMS: usize = 1 << 14;
+
+/// A parameter that passed every check: where its arrays' elements are, and what to do.
+///
+/// Addresses, not borrows: the overlap check over every array of the step is stricter than
+/// rust-numpy's borrow tracking, and skipping five tracked borrows per parameter is most of
+/// the per-parameter cost of a step over many small tensors.
+pub struct Checked {
+    dtype: DType,
+    len: usize,
+    param: *mut u8,
+    grad: *const u8,
+    bufs: [Option<*mut u8>; 3],
+    /// The step counter and its value once this step is applied. `'static` stands for "this
+    /// step": the counter's array is held alive by the caller until the step returns.
+    step: Option<CounterSlot<'static>>,
+    rule: RuleOf,
+}
+
+impl Checked {
+    /// A parameter of `len` elements of `dtype` at `param`, its gradient at `grad`, the state
+    /// buffers its rule takes (in the rule table's order) at `bufs`, its step counter, and the
+    /// per-step scalars `rule` (float64 scalars for float64, float32 ones otherwise).
+    ///
+    /// # Safety
+    /// Until the step that runs it returns: `param` and every `Some` of `bufs` point to `len`
+    /// initialised, aligned elements of `dtype`, alive and unmoved, which nothing else of the
+    /// step reads or writes (nor another thread writes through a Rust reference); `grad` points
+    /// to `len` such elements that nothing of the step writes. Nothing is required of the
+    /// addresses when `len` is 0.
+    #[must_use]
+    pub unsafe fn new(
+        dtype: DType,
+        len: usize,
+        param: *mut u8,
+        grad: *const u8,
+        bufs: [Option<*mut u8>; 3],
+        step: Option<CounterSlot<'static>>,
+        rule: RuleOf,
+    ) -> Checked {
+        Checked {
+            dtype,
+            len,
+            param,
+            grad,
+            bufs,
+            step,
+            rule,
+        }
+    }
+}
+
+/// Where a counter's new value goes once every check has passed.
+pub enum CounterSlot<'a> {
+    F32(&'a mut f32, f32),
+    F64(&'a mut f64, f64),
+}
+
+impl CounterSlot<'_> {
+    fn write(self) {
+        match self {
+            CounterSlot::F32(slot, v) => *slot = v,
+            CounterSlot::F64(slot, v) => *slot = v,
+        }
+    }
+}
+
+/// The step counter at `p` (float64 when `wide`, else float32): where its new value goes, its
+/// value now, and its value once this step is applied (`step_t += 1` in the counter's dtype,
+/// read back as torch's `step_t.item()` does).
+///
+/// # Safety
+/// `p` points to one aligned, initialised element of that dtype, which nothing else of the
+/// step reads or writes and which stays alive until the step returns.
+pub unsafe fn counter_at(p: *mut u8, wide: bool) -> (CounterSlot<'static>, f64, f64) {
+    #[allow(clippy::cast_ptr_alignment)] // the caller guarantees the alignment
+    unsafe {
+        if wide {
+            let p = p.cast::<f64>();
+            // Read before the `&mut` is made: a read through `p` after it would invalidate it
+            // (Stacked Borrows; found by Miri).
+            let old = *p;
+            let new = old + 1.0;
+            (CounterSlot::F64(&mut *p, new), old, new)
+        } else {
+            let p = p.cast::<f32>();
+            let old = *p;
+            let new = old + 1.0;
+            (
+                CounterSlot::F32(&mut *p, new),
+                f64::from(old),
+                f64::from(new),
+            )
+        }
+    }
+}
+
+/// One piece of work for a thread: a chunk of one parameter and its rule.
+enum Item<'a> {
+    F32(Rule<f32>, Slices<'a, f32>),
+    F64(Rule<f64>, Slices<'a, f64>),
+    F16(Rule<f32>, Slices<'a, half::f16>),
+    Bf16(Rule<f32>, Slices<'a, half::bf16>),
+}
+
+impl Item<'_> {
+    fn grad_is_finite(&self) -> bool {
+        match self {
+            Item::F32(_, s) => s.grad_is_finite(),
+            Item::F64(_, s) => s.grad_is_finite(),
+            Item::F16(_, s) => s.grad_is_finite(),
+            Item::Bf16(_, s) => s.grad_is_finite(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Item::F32(_, s) => s.len(),
+            Item::F64(_, s) => s.len(),
+            Item::F16(_, s) => s.len(),
+            Item::Bf16(_, s) => s.len(),
+        }
+    }
+
+    fn run(self, level: simd::SimdLevel) {
+        match self {
+            Item::F32(r, s) => simd::apply(level, &r, s),
+            Item::F64(r, s) => simd::apply(level, &r, s),
+            Item::F16(r, s) => simd::apply(level, &r, s),
+            Item::Bf16(r, s) => simd::apply(level, &r, s),
+        }
+    }
+}
+
+/// The slices of one checked parameter, as storage type `S`.
+///
+/// # Safety
+/// `c` must satisfy [`Checked::new`]'s contract, for the lifetime `'a`, with `S` its dtype.
+unsafe fn slices<'a, S>(c: &Checked) -> Slices<'a, S> {
+    #[allow(clippy::cast_ptr_alignment)] // Checked::new's caller vouches for the alignment
+    unsafe fn mk<'a, S>(p: *mut u8, len: usize) -> &'a mut [S] {
+        if len == 0 {
+            // NumPy may give an empty array any address; a slice needs an aligned one.
+            &mut []
+        } else {
+            unsafe { std::slice::from_raw_parts_mut(p.cast::<S>(), len) }
+        }
+    }
+    unsafe {
+        Slices {
+            param: mk(c.param, c.len),
+            // Shared, never `&mut`: two parameters may read one gradient.
+            grad: if c.len == 0 {
+                &[]
+            } else {
+                std::slice::from_raw_parts(c.grad.cast(), c.len)
+            },
+            bufs: c.bufs.map(|b| b.map(|p| mk(p, c.len))),
+        }
+    }
+}
+
+/// Cuts every checked parameter into work items.
+fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
+    fn push<'a, S: Storage>(
+        s: Slices<'a, S>,
+        rule: Rule<S::Compute>,
+        wrap: fn(Rule<S::Compute>, Slices<'a, S>) -> Item<'a>,
+        items: &mut Vec<Item<'a>>,
+    ) {
+        items.extend(s.chunks(CHUNK_ELEMS).map(|piece| wrap(rule, piece)));
+    }
+    for c in checked {
+        // SAFETY: every entry of `checked` was made by `Checked::new`, whose caller vouched
+        // for its memory until the step returns, and it is paired with its own dtype here.
+        unsafe {
+            match (c.dtype, c.rule) {
+                (DType::F32, RuleOf::F32(r)) => push(slices::<f32>(c), r, Item::F32, items),
+                (DType::F16, RuleOf::F32(r)) => push(slices::<half::f16>(c), r, Item::F16, items),
+                (DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<half::bf16>(c), r, Item::Bf16, items);
+                }
+                (DType::F64, RuleOf::F64(r)) => push(slices::<f64>(c), r, Item::F64, items),
+                _ => unreachable!("the bindings pair each dtype with its compute type"),
+            }
+        }
+    }
+}
+
+/// Opt-in behaviours of a step.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Skip the whole step, changing nothing, when any gradient holds NaN or infinity.
+    pub skip_nonfinite: bool,
+    /// Flush denormals to zero on every thread of the step, for its duration.
+    pub flush_denormals: bool,
+    /// Test-only: panic at "validation" (before anything is written), in a "worker" (before
+    /// its item writes), or "after_write" (once half the items have been written).
+    pub panic_for_tests: Option<String>,
+}
+
+/// A step ready to run: its work items and counters. `Send`, with no Python in it: the
+/// bindings run it with the interpreter released.
+pub struct Work<'a> {
+    items: Vec<Item<'a>>,
+    counters: Vec<CounterSlot<'a>>,
+    options: Options,
+    level: simd::SimdLevel,
+}
+
+/// Cuts the checked parameters into work; the last point where a step can fail cleanly.
+///
+/// # Errors
+/// `ValueError` for `flush_denormals` where it is not available; nothing written then.
+///
+/// # Panics
+/// Only on request, for tests (`panic_for_tests == "validation"`).
+pub fn prepare(mut checked: Vec<Checked>, options: &Options) -> Result<Work<'static>, CoreError> {
+    let mut items = Vec::with_capacity(checked.len());
+    make_items(&checked, &mut items);
+    let counters: Vec<CounterSlot<'_>> = checked.iter_mut().filter_map(|c| c.step.take()).collect();
+
+    // Every check passed: from here on nothing can fail.
+    if options.flush_denormals && !FlushGuard::supported() {
+        return value_err!("flush_denormals is only available on x86-64")
+            .map_err(|e: CoreError| e.arg("flush_denormals"));
+    }
+    assert!(
+        options.panic_for_tests.as_deref() != Some("validation"),
+        "test-only panic after validation"
+    );
+    Ok(Work {
+        items,
+        counters,
+        options: options.clone(),
+        level: simd::active(),
+    })
+}
+
+impl Work<'_> {
+    /// Updates every parameter; returns whether the update was applied (false: skipped for a
+    /// non-finite gradient, nothing written).
+    ///
+    /// # Panics
+    /// When a work item panicked (an internal error): re-raised once every other item has run,
+    /// saying the step stopped part-way; the counters are not advanced then.
+    #[must_use]
+    pub fn run(self) -> bool {
+        let Work {
+            items,
+            counters,
+            options,
+            level,
+        } = self;
+        let panic_at = options.panic_for_tests.as_deref();
+        let flush = options.flush_denormals;
+        let total: usize = items.iter().map(Item::len).sum();
+        if options.skip_nonfinite && !pool::all(&items, total, Item::grad_is_finite) {
+            return false;
+        }
+        let half = items.len().div_ceil(2);
+        let ran = AtomicUsize::new(0);
+        let wrote = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pool::for_each(items, total, |it| {
+                let _flush = FlushGuard::new(flush);
+                assert!(panic_at != Some("worker"), "test-only panic in a worker");
+                it.run(level);
+                let done = ran.fetch_add(1, Ordering::Relaxed) + 1;
+                assert!(
+                    !(panic_at == Some("after_write") && done == half),
+                    "test-only panic in a worker after it wrote"
+                );
+            });
+        }));
+        if let Err(payload) = wrote {
+            // Every other item still ran (see `pool`); the counters were not advanced.
+            std::panic::resume_unwind(Box::new(format!(
+                "{}; the step stopped part-way: parameters and state of this step may be \
+                 partly updated while their step counts are not (restore them from a \
+                 checkpoint)",
+                panic_message(payload.as_ref())
+            )));
+        }
+        for slot in counters {
+            slot.write();
+        }
+        true
+    }
+}
+
+/// [`prepare`] then [`Work::run`], on this thread's terms (no interpreter to release).
+///
+/// # Errors
+/// As [`prepare`].
+///
+/// # Panics
+/// As [`prepare`] and [`Work::run`].
+pub fn execute(checked: Vec<Checked>, options: &Options) -> Result<bool, CoreError> {
+    Ok(prepare(checked, options)?.run())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+//! Reading a param group's hyperparameters out of its Python mapping into the core's [`Hyper`].
+
+use pyo3::prelude::*;
+use pyo3::types::{PyComplex, PyFloat, PyInt};
+
+use optirs_core::kernels::adagrad::AdagradHyper;
+use optirs_core::kernels::adam::AdamHyper;
+use optirs_core::kernels::rmsprop::RmsPropHyper;
+use optirs_core::kernels::sgd::SgdHyper;
+use optirs_core::torch_raises::PyNumbers;
+use optirs_core::{CoreError, Hyper, Kind, TorchRaises};
+
+use crate::errors::{type_err, value_err};
+
+/// The hyperparameters of group `gi` of `kind`, read from its mapping.
+pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hyper, CoreError> {
+    let g = GroupReader { group, gi };
+    Ok(match kind {
+        Kind::Sgd => {
+            let momentum = g.real("momentum")?;
+            Hyper::Sgd(SgdHyper {
+                lr: g.real("lr")?,
+                momentum,
+                // As torch.optim.SGD: without momentum, dampening is never looked at.
+                dampening: if momentum == 0.0 {
+                    0.0
+                } else {
+                    g.real("dampening")?
+                },
+                weight_decay: g.real("weight_decay")?,
+                nesterov: g.flag("nesterov", None)?,
+                maximize: g.flag("maximize", Some(false))?,
+            })
+        }
+        Kind::Adam => {
+            let [(beta1, py_beta1), (beta2, py_beta2)] = g.pair("betas")?;
+            let (lr, py_lr) = g.number("lr")?;
+            Hyper::Adam(
+                AdamHyper {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps: g.real("eps")?,
+                    weight_decay: g.real("weight_decay")?,
+                    amsgrad: g.flag("amsgrad", Some(false))?,
+                    maximize: g.flag("maximize", Some(false))?,
+                    decoupled: g.flag("decoupled_weight_decay", Some(false))?,
+                },
+                PyNumbers {
+                    lr: py_lr,
+                    betas: [py_beta1, py_beta2],
+                    lr_decay: false,
+                },
+            )
+        }
+        Kind::RmsProp => Hyper::RmsProp(RmsPropHyper {
+            lr: g.real("lr")?,
+            alpha: g.real("alpha")?,
+            eps: g.real("eps")?,
+            weight_decay: g.real("weight_decay")?,
+            momentum: g.real("momentum")?,
+            centered: g.flag("centered", Some(false))?,
+            maximize: g.flag("maximize", Some(false))?,
+        }),
+        Kind::Adagrad => {
+            let (lr, py_lr) = g.number("lr")?;
+            let (lr_decay, py_lr_decay) = g.number("lr_decay")?;
+            Hyper::Adagrad(
+                AdagradHyper {
+                    lr,
+                    lr_decay,
+                    weight_decay: g.real("weight_decay")?,
+                    eps: g.real("eps")?,
+                    maximize: g.flag("maximize", Some(false))?,
+                },
+                PyNumbers {
+                    lr: py_lr,
+                    lr_decay: py_lr_decay,
+                    ..PyNumbers::default()
+                },
+            )
+        }
+    })
+}
+
+/// How many parameters group `gi` holds.
+pub(crate) fn len_params(group: &Bound<'_, PyAny>, gi: usize) -> Result<usize, CoreError> {
+    GroupReader { group, gi }.len_params()
+}
+
+/// Reads typed values out of one param-group mapping, naming the key in every error (and
+/// locating it: the group and the key).
+struct GroupReader<'a, 'py> {
+    group: &'a Bound<'py, PyAny>,
+    gi: usize,
+}
+
+impl<'py> GroupReader<'_, 'py> {
+    fn locate<T>(&self, key: &str, r: Result<T, CoreError>) -> Result<T, CoreError> {
+        r.map_err(|e| e.in_group(self.gi).arg(key))
+    }
+
+    fn item(&self, key: &str) -> Result<Bound<'py, PyAny>, CoreError> {
+        match self.group.get_item(key) {
+            Ok(v) => Ok(v),
+            Err(_) => self.locate(
+                key,
+                value_err!("param_groups[{}] has no '{key}' entry", self.gi),
+            ),
+        }
+    }
+
+    fn to_real(&self, key: &str, v: &Bound<'py, PyAny>) -> Result<f64, CoreError> {
+        // Python bools are ints; torch accepts them as numbers too.
+        let r = match v.extract::<f64>() {
+            Ok(x) => Ok(x),
+            Err(_) if v.is_instance_of::<PyInt>() => value_err!(
+                "param_groups[{}]['{key}'] is an int too large for a float",
+                self.gi
+            ),
+            // torch.optim's step fails on a complex hyperparameter in a tensor operation
+            // ("For non-complex input tensors, argument alpha must not be a complex number.",
+            // "value cannot be converted to type float without overflow", ...): RuntimeError.
+            Err(_) if v.is_instance_of::<PyComplex>() => Err(CoreError::torch(
+                TorchRaises::Runtime,
+                format!(
+                    "param_groups[{}]['{key}'] must be a real number, got complex {}",
+                    self.gi,
+                    v.repr().map_or_else(|_| String::new(), |r| r.to_string())
+                ),
+            )),
+            Err(_) => type_err!(
+                "param_groups[{}]['{key}'] must be a real number, got {}",
+                self.gi,
+                crate::ndarray::type_name(v)
+            ),
+        };
+        self.locate(key, r)
+    }
+
+    fn real(&self, key: &str) -> Result<f64, CoreError> {
+        let v = self.item(key)?;
+        self.to_real(key, &v)
+    }
+
+    /// A real value, and whether it is a Python number (see [`PyNumbers`]).
+    fn number(&self, key: &str) -> Result<(f64, bool), CoreError> {
+        let v = self.item(key)?;
+        Ok((self.to_real(key, &v)?, is_py_number(&v)))
+    }
+
+    /// Two real values, each with whether it is a Python number.
+    fn pair(&self, key: &str) -> Result<[(f64, bool); 2], CoreError> {
+        let v = self.item(key)?;
+        let bad = || {
+            self.locate(
+                key,
+                type_err!(
+                    "param_groups[{}]['{key}'] must be a pair of floats",
+                    self.gi
+                ),
+            )
+        };
+        if v.len().ok() != Some(2) {
+            return bad();
+        }
+        let (Ok(a), Ok(b)) = (v.get_item(0), v.get_item(1)) else {
+            return bad();
+        };
+        Ok([
+            (self.to_real(key, &a)?, is_py_number(&a)),
+            (self.to_real(key, &b)?, is_py_number(&b)),
+        ])
+    }
+
+    /// A truthy option; `default` is used when the key is absent (older state dicts).
+    fn flag(&self, key: &str, default: Option<bool>) -> Result<bool, CoreError> {
+        let r = match (self.group.get_item(key), default) {
+            (Ok(v), _) => match v.is_truthy() {
+                Ok(b) => Ok(b),
+                Err(_) => type_err!("param_groups[{}]['{key}'] must be a bool", self.gi),
+            },
+            (Err(_), Some(d)) => Ok(d),
+            (Err(_), None) => value_err!("param_groups[{}] has no '{key}' entry", self.gi),
+        };
+        self.locate(key, r)
+    }
+
+    fn len_params(&self) -> Result<usize, CoreError> {
+        match self.item("params")?.len() {
+            Ok(n) => Ok(n),
+            Err(_) => self.locate(
+                "params",
+                type_err!("param_groups[{}]['params'] must be a list", self.gi),
+            ),
+        }
+    }
+}
+
+/// A `float` (not a subclass: NumPy's float64 is one, with NumPy's arithmetic) or an `int`
+/// (`bool` included), whose arithmetic in torch.optim's step is Python's.
+fn is_py_number(v: &Bound<'_, PyAny>) -> bool {
+    v.is_exact_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>()
+}
