@@ -15,7 +15,7 @@ from typing import Any
 import optirs
 import pytest
 from optirs.__main__ import main
-from optirs.bench import cases, harness
+from optirs.bench import cases, timing, train
 
 TINY = ["--sizes", "1e4", "--repeats", "2", "--warmup", "1", "--sample-ms", "1", "--threads", "1"]
 
@@ -135,12 +135,12 @@ def test_each_timed_sample_starts_after_the_settle_pause(monkeypatch: pytest.Mon
     """Every sample of every implementation is preceded by one idle pause of --settle-ms."""
     pauses: list[float] = []
     events: list[str] = []
-    monkeypatch.setattr(harness.time, "sleep", lambda s: (pauses.append(s), events.append("idle")))
+    monkeypatch.setattr(timing.time, "sleep", lambda s: (pauses.append(s), events.append("idle")))
 
     def step(name: str):
         return lambda: events.append(name)
 
-    times = harness._interleaved({"a": step("a"), "b": step("b")}, {"a": 1, "b": 2}, 3, 0.02)
+    times = timing._interleaved({"a": step("a"), "b": step("b")}, {"a": 1, "b": 2}, 3, 0.02)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert pauses == [0.02] * 6
     # idle, then the sample's steps: never two implementations' steps back to back
@@ -148,7 +148,7 @@ def test_each_timed_sample_starts_after_the_settle_pause(monkeypatch: pytest.Mon
     for before, after in zip(events, events[1:]):
         assert not ({before, after} == {"a", "b"}), events
     pauses.clear()
-    harness._interleaved({"a": step("a")}, {"a": 1}, 2, 0.0)
+    timing._interleaved({"a": step("a")}, {"a": 1}, 2, 0.0)
     assert pauses == []
 
 
@@ -171,3 +171,66 @@ def test_bytes_per_element_follow_the_declared_state() -> None:
         "adagrad": (20, "read p,g,sum; write p,sum"),
     }
     assert cases.CASES["rmsprop-cm"].arrays == 5
+
+
+def test_bench_training_loops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--train times whole iterations of each model with optirs.torch and torch's paths."""
+    png = tmp_path / "bench.png"
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--sizes", "none", "--train", "mlp-s,cnn,transformer"]
+    argv += ["--train-optimizers", "adamw,rmsprop", "--repeats", "2", "--warmup", "1"]
+    argv += ["--train-sample-ms", "1", "--threads", "1", "--json", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["runs"] == []
+    runs = data["train"]
+    assert [(r["model"], r["optimizer"], r["threads"]) for r in runs] == [
+        (m, o, 1) for m in ("mlp-s", "cnn", "transformer") for o in ("adamw", "rmsprop")
+    ]
+    for run in runs:
+        has_fused = cases.CASES[run["optimizer"]].has_fused
+        paths = ["fused", "for-loop"] if has_fused else ["for-loop"]
+        assert set(run["impls"]) == {"optirs.torch", *paths}
+        assert set(run["ratios"]) == set(paths)
+        assert ("fused" in run["unavailable"]) == (not has_fused)
+        for name, impl in run["impls"].items():
+            assert len(impl["per_iter_s"]) == len(impl["step_s"]) == 2
+            assert _positive(impl["median_s"]) and _positive(impl["step_median_s"])
+            # the step is part of the iteration, in every sample
+            assert all(s < t for s, t in zip(impl["step_s"], impl["per_iter_s"])), name
+        for r in run["ratios"].values():
+            assert _positive(r["paired_median"]) and len(r["paired"]) == 2
+        # same weights, same batches, one warm-up iteration: optirs.torch trains as torch does
+        assert run["max_abs_diff_from_for_loop"]["optirs.torch"] <= train.AGREEMENT_TOL
+        model = train.build_model(pytest.importorskip("torch"), cases.TRAIN_MODELS[run["model"]])
+        assert run["params"] == sum(p.numel() for p in model.parameters())
+    assert data["meta"]["train_models"] == ["mlp-s", "cnn", "transformer"]
+    text = capsys.readouterr().out
+    assert "Training loop" in text and "transformer" in text
+    if data["meta"]["matplotlib_version"] is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_models_have_their_advertised_sizes() -> None:
+    torch = pytest.importorskip("torch")
+    sizes = {
+        name: sum(p.numel() for p in train.build_model(torch, m).parameters())
+        for name, m in cases.TRAIN_MODELS.items()
+    }
+    # 784-512-512-10: weights and biases of three layers
+    assert sizes["mlp-s"] == 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert 2.8e6 < sizes["mlp-m"] < 3.0e6 and 9.9e6 < sizes["mlp-l"] < 10.1e6
+    assert 0.4e6 < sizes["cnn"] < 0.5e6 and 2.0e6 < sizes["transformer"] < 2.2e6
+    for name, m in cases.TRAIN_MODELS.items():
+        x, y = train.make_batches(torch, m, 0)[0]
+        logits = train.build_model(torch, m)(x)
+        assert logits.shape[0] == y.shape[0], name
+
+
+def test_train_options_are_validated() -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--sizes", "none", "--train", "resnet"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--sizes", "none", "--train", "--train-sample-ms", "0"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--sizes", "none", "--train", "--train-optimizers", "lbfgs"])

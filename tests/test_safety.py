@@ -39,15 +39,24 @@ def test_emptying_the_gradient_list_mid_step_does_not_crash():
         """
         import threading, time, numpy as np, optirs
         optirs.set_num_threads(2); N = 1 << 24
+        stepped = 0
         for attempt in range(6):
             p = np.zeros(N, np.float32); opt = optirs.SGD([p], lr=0.1)
             opt.step([np.ones(N, np.float32)]); opt.step([np.ones(N, np.float32)])
             grads = [np.ones(N, np.float32)]
             t = threading.Thread(target=lambda: (time.sleep(0.001 * attempt), grads.clear()))
             t.start()
-            opt.step(grads)
+            try:
+                opt.step(grads)
+                stepped += 1
+                expected = -0.3
+            except ValueError:
+                # emptied before the step read it (a loaded machine can run the other thread
+                # first): refused, nothing changed
+                expected = -0.2
             t.join()
-            assert np.all(p == np.float32(-0.1) * 3) or np.allclose(p, -0.3), p[:4]
+            assert np.allclose(p, expected), (p[:4], expected)
+        assert stepped >= 1, "no attempt stepped: the race was never exercised"
         print("ok")
         """
     )
@@ -59,6 +68,7 @@ def test_emptying_state_lists_handed_to_the_core_mid_step_does_not_crash():
         """
         import threading, time, numpy as np, optirs
         optirs.set_num_threads(2); N = 1 << 23
+        stepped = 0
         for attempt in range(4):
             p, g = np.zeros(N), np.ones(N)
             m, v, s = np.zeros(N), np.zeros(N), np.zeros((), np.float32)
@@ -68,9 +78,15 @@ def test_emptying_state_lists_handed_to_the_core_mid_step_does_not_crash():
                            amsgrad=False, maximize=False, decoupled_weight_decay=False)]
             t = threading.Thread(target=lambda: (time.sleep(0.001 * attempt), bufs.clear()))
             t.start()
-            optirs._core.step("adam", groups, [p], [g], [bufs], [s], [])
+            try:
+                optirs._core.step("adam", groups, [p], [g], [bufs], [s], [])
+                stepped += 1
+                assert float(s) == 1.0 and np.allclose(p, -0.1)
+            except ValueError as exc:
+                # emptied before the core read it: refused, nothing changed
+                assert float(s) == 0.0 and not p.any(), exc
             t.join()
-            assert float(s) == 1.0 and np.allclose(p, -0.1)
+        assert stepped >= 1, "no attempt stepped: the race was never exercised"
         print("ok")
         """
     )

@@ -20,11 +20,18 @@ bfloat16 and float16 runs go through the torch bridge (NumPy has no bfloat16, an
 takes float32 and float64) against torch's for-loop, foreach and fused paths in that dtype;
 state buffers have the parameter's dtype as in torch, so a step moves half the float32 bytes.
 
+``--train`` adds the training-loop benchmark (``train``): time per iteration of whole training
+loops (zero_grad, forward, backward, step, back to back with no idle time) of small models,
+optirs.torch against torch's fused path and its CPU default, interleaved the same way. It
+measures what the step costs inside a loop, where torch's OpenMP workers are still busy
+from backward when the step begins.
+
 torch is imported lazily: the benchmark needs it, the package does not.
 
 Modules, each importing only those before it: ``cases`` (what is run), ``metadata`` (machine
-and versions), ``report`` (tables), ``plot`` (PNG), ``harness`` (timing and the run), ``cli``
-(the ``bench`` command's options).
+and versions), ``timing`` (interleaved rounds), ``report`` (tables), ``plot`` (PNG), ``train``
+(the training loops), ``harness`` (the step-alone runs and the whole run), ``cli`` (the
+``bench`` command's options).
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ from .cases import (
     APIS,
     CASES,
     DTYPES,
+    TRAIN_MODELS,
     BenchConfig,
     DType,
     OptimizerCase,
+    TrainModel,
     Workload,
     gpt2_small_shapes,
 )
@@ -46,9 +55,11 @@ __all__ = [
     "APIS",
     "CASES",
     "DTYPES",
+    "TRAIN_MODELS",
     "BenchConfig",
     "DType",
     "OptimizerCase",
+    "TrainModel",
     "Workload",
     "add_arguments",
     "config_from_args",

@@ -198,6 +198,46 @@ def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
     return tuple(shapes)
 
 
+@dataclass(frozen=True)
+class TrainModel:
+    """A model of the training-loop benchmark: its architecture and batch, as plain data.
+
+    ``kind`` is ``"mlp"`` (``widths``: input, hidden..., classes), ``"cnn"`` (two 3x3
+    convolutions with ``widths[0]`` and ``widths[1]`` channels, each followed by ReLU and a 2x2
+    max-pool, then a hidden layer of ``widths[2]`` and 10 classes, on 1x28x28 inputs) or
+    ``"transformer"`` (``widths``: vocabulary, model width, heads, feed-forward width, layers,
+    sequence length; a pre-norm encoder without dropout predicting a token at each position).
+    """
+
+    name: str
+    kind: str
+    widths: tuple[int, ...]
+    batch: int
+
+
+TRAIN_MODELS: dict[str, TrainModel] = {
+    m.name: m
+    for m in (
+        TrainModel("mlp-s", "mlp", (784, 512, 512, 10), 64),
+        TrainModel("mlp-m", "mlp", (784, 1024, 1024, 1024, 10), 64),
+        TrainModel("mlp-l", "mlp", (784, 2048, 2048, 2048, 10), 128),
+        TrainModel("cnn", "cnn", (32, 64, 256), 64),
+        TrainModel("transformer", "transformer", (1000, 256, 4, 1024, 2, 64), 16),
+    )
+}
+"""The training-loop benchmark's models (``--train``), by name."""
+
+
+TRAIN_PATHS: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True},
+    "for-loop": {"foreach": False},
+}
+"""The torch.optim paths a training loop is timed against: fused, and torch's CPU default."""
+
+
+DEFAULT_TRAIN_SAMPLE_MS = 250.0
+
+
 @dataclass
 class BenchConfig:
     """Everything a benchmark run needs, as parsed from the command line."""
@@ -215,6 +255,9 @@ class BenchConfig:
     json_path: Path | None = DEFAULT_JSON
     plot_path: Path | None = DEFAULT_PLOT
     argv: list[str] = field(default_factory=list)
+    train_models: list[TrainModel] = field(default_factory=list)
+    train_cases: list[OptimizerCase] = field(default_factory=lambda: [CASES["adamw"]])
+    train_sample_s: float = DEFAULT_TRAIN_SAMPLE_MS / 1e3
 
     def apis_for(self, dtype: DType) -> list[str]:
         """The requested APIs that take ``dtype``; the torch bridge when none of them does."""

@@ -17,11 +17,14 @@ from .cases import (
     DEFAULT_REPEATS,
     DEFAULT_SETTLE_MS,
     DEFAULT_SIZES,
+    DEFAULT_TRAIN_SAMPLE_MS,
     DTYPES,
     MAX_SIZE,
+    TRAIN_MODELS,
     BenchConfig,
     DType,
     OptimizerCase,
+    TrainModel,
     Workload,
     gpt2_small_shapes,
 )
@@ -97,6 +100,11 @@ def _parse_optimizers(text: str) -> list[OptimizerCase]:
     return [CASES[n] for n in _parse_names(text, CASES, "optimizer(s)")]
 
 
+def _parse_models(text: str) -> list[TrainModel]:
+    """Parses a comma list of training-loop model names (or ``all``)."""
+    return [TRAIN_MODELS[n] for n in _parse_names(text, TRAIN_MODELS, "model(s)")]
+
+
 def _parse_dtypes(text: str) -> list[DType]:
     """Parses ``"float32,bfloat16,float16"`` (also ``f32``, ``bf16``, ``f16``, ``all``)."""
     return [DTYPES[n] for n in _parse_names(text, DTYPES, "dtype(s)", _DTYPE_ALIASES)]
@@ -136,6 +144,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run GPT-2 small's 148 parameter shapes (124M params; float32 Adam with both "
         "APIs needs ~12 GiB RAM)",
+    )
+    parser.add_argument(
+        "--train",
+        type=_parse_models,
+        nargs="?",
+        const=list(TRAIN_MODELS.values()),
+        default=[],
+        metavar="MODELS",
+        help="also time whole training iterations (zero_grad, forward, backward, step; no idle "
+        f"time) of these models, or all: {', '.join(TRAIN_MODELS)} (default: all when given "
+        "without a list)",
+    )
+    parser.add_argument(
+        "--train-optimizers",
+        type=_parse_optimizers,
+        default=[CASES["adamw"]],
+        metavar="LIST",
+        help="optimizers of the training loops, from the --optimizers names (default: adamw)",
+    )
+    parser.add_argument(
+        "--train-sample-ms",
+        type=float,
+        default=DEFAULT_TRAIN_SAMPLE_MS,
+        metavar="MS",
+        help="training iterations are batched so one timed sample lasts about this long "
+        f"(default: {DEFAULT_TRAIN_SAMPLE_MS:g})",
     )
     parser.add_argument(
         "--dtype",
@@ -220,11 +254,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         workloads.append(Workload("1000x1000", "many", ((1000,),) * 1000))
     if args.gpt2:
         workloads.append(Workload("gpt2-124M", "gpt2", gpt2_small_shapes()))
-    if not workloads:
-        raise SystemExit("nothing to run: give --sizes, --many or --gpt2")
-    if args.repeats < 1 or args.warmup < 1 or args.sample_ms <= 0 or args.settle_ms < 0:
+    if not workloads and not args.train:
+        raise SystemExit("nothing to run: give --sizes, --many, --gpt2 or --train")
+    if (
+        args.repeats < 1
+        or args.warmup < 1
+        or args.sample_ms <= 0
+        or args.settle_ms < 0
+        or args.train_sample_ms <= 0
+    ):
         raise SystemExit(
-            "--repeats and --warmup must be at least 1, --sample-ms positive, --settle-ms >= 0"
+            "--repeats and --warmup must be at least 1, --sample-ms and --train-sample-ms "
+            "positive, --settle-ms >= 0"
         )
     return BenchConfig(
         cases=args.optimizers,
@@ -239,6 +280,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         json_path=args.json,
         plot_path=args.plot,
+        train_models=args.train,
+        train_cases=args.train_optimizers,
+        train_sample_s=args.train_sample_ms / 1e3,
         argv=["python -m optirs", *sys.argv[1:]],
     )
 

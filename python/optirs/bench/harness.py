@@ -1,8 +1,9 @@
 """Timing: the implementations under test, the memory ceiling, interleaved rounds, the run.
 
 ``run`` drives a whole benchmark: for each workload, dtype and optimizer it builds every
-implementation and the ceiling, times them at each thread count, then hands the results to the
-report, the plot and the JSON file.
+implementation and the ceiling, times them at each thread count, then runs the training-loop
+benchmark (``train``) when asked and hands all results to the report, the plot and the JSON
+file.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from .cases import (
     ALIGN_BYTES,
     APIS,
     CEILING,
-    MAX_BATCH,
-    NO_TORCH_MESSAGE,
     TORCH_PATHS,
     BenchConfig,
     DType,
@@ -34,7 +33,9 @@ from .cases import (
 )
 from .metadata import collect, load_average, mem_available
 from .plot import write_plot
-from .report import Progress, print_header, print_tables
+from .report import Progress, print_header, print_tables, print_train_table
+from .timing import _calibrate, _import_torch, _interleaved, _set_threads
+from .train import run_train
 
 
 @dataclass
@@ -45,67 +46,6 @@ class _Impl:
     step: Callable[[], Any]
     snapshot: Callable[[], list[np.ndarray]]
     keep: Any = None  # the optimizer object, kept alive with its state
-
-
-def _import_torch() -> Any:
-    """Imports torch, or exits with a clear message when it is not installed."""
-    try:
-        import torch
-    except ImportError:
-        raise SystemExit(NO_TORCH_MESSAGE) from None
-    return torch
-
-
-def _time_batch(step: Callable[[], Any], k: int) -> float:
-    """Seconds per step of ``k`` back-to-back calls of ``step``."""
-    t0 = time.perf_counter()
-    for _ in range(k):
-        step()
-    return (time.perf_counter() - t0) / k
-
-
-def _calibrate(step: Callable[[], Any], sample_s: float) -> int:
-    """How many back-to-back steps make a timed sample of about ``sample_s`` seconds."""
-    t = _time_batch(step, 1)
-    if t < sample_s / 10:  # a single step is too short to time well: refine with a batch
-        t = _time_batch(step, int(min(MAX_BATCH, sample_s / 10 / max(t, 1e-9))))
-    return max(1, min(MAX_BATCH, round(sample_s / max(t, 1e-9))))
-
-
-def _interleaved(
-    steps: dict[str, Callable[[], Any]],
-    batches: dict[str, int],
-    repeats: int,
-    settle_s: float = 0.0,
-) -> dict[str, list[float]]:
-    """Per-step seconds of each implementation in each round; the order rotates per round.
-
-    Each sample starts after ``settle_s`` idle: torch's OpenMP workers spin-wait for a few
-    milliseconds after each parallel region (measured here: optirs's 2-thread Adam step on
-    10^6 elements ran 25-35% slower over the 15 ms right after torch's fused steps), so without
-    a pause whichever implementation follows torch's pays for torch's threads.
-    """
-    names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                if settle_s:
-                    time.sleep(settle_s)
-                times[name].append(_time_batch(steps[name], batches[name]))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
-def _set_threads(torch: Any, n: int) -> None:
-    """Gives torch and optirs the same number of threads."""
-    torch.set_num_threads(n)
-    optirs.set_num_threads(n)
 
 
 def _aligned_empty(n: int, dtype: Any) -> np.ndarray:
@@ -411,6 +351,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     n_tasks = len(config.workloads) * len(config.dtypes) * len(config.cases) * len(config.threads)
+    n_tasks += len(config.train_models) * len(config.train_cases) * len(config.threads)
+    train: list[dict[str, Any]] = []
     progress = Progress(n_tasks)
     t_start = time.perf_counter()
     try:
@@ -457,6 +399,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 gc.collect()
             del init, grads
             gc.collect()
+        train = run_train(torch, config, progress)
     finally:
         progress.close()
         torch.set_num_threads(old_threads[0])
@@ -464,12 +407,16 @@ def run(config: BenchConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
     meta["elapsed_s"] = elapsed
     meta["load_average_at_end"] = load_average()
-    print()
-    print_tables(runs, config.cases)
-    results: dict[str, Any] = {"meta": meta, "runs": runs, "skipped": skipped}
+    if runs:
+        print()
+        print_tables(runs, config.cases)
+    if train:
+        print()
+        print_train_table(train)
+    results: dict[str, Any] = {"meta": meta, "runs": runs, "skipped": skipped, "train": train}
     print()
     if config.plot_path is not None:
-        written = write_plot(config.plot_path, runs, meta)
+        written = write_plot(config.plot_path, runs, meta, train)
         meta["plot"] = None if written is None else str(written)
         if written is not None:
             print(f"plot written to {written}")

@@ -87,6 +87,9 @@ def collect(torch: Any, config: BenchConfig) -> dict[str, Any]:
         "ceiling": "optirs._core.traffic: 1 read-only stream (gradient) and 1 read-write stream "
         "per parameter/state buffer, same pool, chunking and SIMD dispatch as a step; per "
         "round the faster of one call per tensor and one call over all tensors",
+        "train_models": [m.name for m in config.train_models],
+        "train_optimizers": [c.name for c in config.train_cases],
+        "train_sample_s": config.train_sample_s,
         "argv": config.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -1,4 +1,5 @@
-"""The benchmark's PNG: effective GB/s against size, one panel per optimizer (matplotlib)."""
+"""The benchmark's PNG: effective GB/s against size, one panel per optimizer, and the training
+loop's speed-ups in one more panel (matplotlib)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cases import CASES
+from .cases import CASES, TRAIN_PATHS
 
 
 def _plot_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None]:
@@ -29,11 +30,41 @@ PLOT_STYLE: dict[str, dict[str, Any]] = {
 """Line style of each implementation in the plot."""
 
 
-def write_plot(path: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> Path | None:
+def _train_panel(ax: Any, train: list[dict[str, Any]]) -> None:
+    """Bars of optirs.torch's speed-up per iteration over each torch path, most threads."""
+    threads = max(r["threads"] for r in train)
+    mine = [r for r in train if r["threads"] == threads]
+    labels = [f"{r['model']}\n{r['optimizer']}" for r in mine]
+    width = 0.8 / len(TRAIN_PATHS)
+    for k, path in enumerate(TRAIN_PATHS):
+        xs = [i + (k - (len(TRAIN_PATHS) - 1) / 2) * width for i in range(len(mine))]
+        ys = [r["ratios"][path]["paired_median"] if path in r["ratios"] else 0.0 for r in mine]
+        ax.bar(xs, ys, width, color=PLOT_STYLE[path]["color"], label=f"vs torch {path}")
+    ax.axhline(1.0, color="k", lw=1)
+    ax.set_xticks(range(len(mine)), labels, fontsize=7.5)
+    ax.set_ylabel("speed-up per iteration", fontsize=9)
+    ax.set_title(
+        f"training loop, {threads} thread{'s' if threads != 1 else ''}: "
+        "torch time / optirs.torch time",
+        fontsize=10,
+    )
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(True, axis="y", alpha=0.35)
+
+
+def write_plot(
+    path: Path,
+    runs: list[dict[str, Any]],
+    meta: dict[str, Any],
+    train: list[dict[str, Any]] | None = None,
+) -> Path | None:
     """PNG of effective GB/s against size: one panel per optimizer, float32, most threads.
 
     Each implementation is a line; the ceiling for the same memory traffic a dashed black line.
-    Returns the path written, or None (no matplotlib, or nothing to draw).
+    With training-loop results (``train``), one more panel shows optirs.torch's speed-up per
+    iteration over each torch path. Returns the path written, or None (no matplotlib, or
+    nothing to draw).
     """
     try:
         import matplotlib
@@ -47,13 +78,19 @@ def write_plot(path: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> 
         )
         return None
     sized, threads = _plot_runs(runs)
-    if not sized:
-        print("note: the plot draws float32 single-tensor sizes; none were run", file=sys.stderr)
+    if not sized and not train:
+        print(
+            "note: the plot draws float32 single-tensor sizes and training loops; none were run",
+            file=sys.stderr,
+        )
         return None
     names = list(dict.fromkeys(r["optimizer"] for r in sized))
-    cols = min(3, len(names))
-    nrows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.5 * nrows + 0.9), squeeze=False)
+    panels = len(names) + (1 if train else 0)
+    cols = min(3, panels)
+    nrows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(max(4.6 * cols, 7.5), 3.5 * nrows + 0.9), squeeze=False
+    )
     handles: dict[str, Any] = {}
     for ax, name in zip(axes.flat, names):
         mine = sorted((r for r in sized if r["optimizer"] == name), key=lambda r: r["numel"])
@@ -80,25 +117,28 @@ def write_plot(path: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> 
         ax.tick_params(labelsize=8)
         ax.grid(True, which="major", alpha=0.35)
         ax.grid(True, which="minor", axis="x", alpha=0.12)
-    for ax in list(axes.flat)[len(names) :]:
+    if train:
+        _train_panel(list(axes.flat)[len(names)], train)
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     load = meta.get("load_average_at_start")
     fig.suptitle(
-        f"optirs {meta['optirs_version']} vs torch {meta['torch_version']} CPU optimizers, "
-        f"float32, {threads} thread{'s' if threads != 1 else ''} "
-        f"({meta['cpus_available']} CPUs available"
+        f"optirs {meta['optirs_version']} vs torch {meta['torch_version']} CPU optimizers"
+        + (f", float32, {threads} thread{'s' if threads != 1 else ''}" if sized else "")
+        + f" ({meta['cpus_available']} CPUs available"
         + (f", load {load[0]:.2f}" if load else "")
         + f")\n{meta['cpu_model'] or ''}",
         fontsize=10,
     )
-    fig.legend(
-        list(handles.values()),
-        list(handles),
-        loc="lower center",
-        ncol=min(6, len(handles)),
-        fontsize=8.5,
-        frameon=False,
-    )
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="lower center",
+            ncol=min(6, len(handles)),
+            fontsize=8.5,
+            frameon=False,
+        )
     fig.tight_layout(rect=(0, 0.05 if nrows > 1 else 0.09, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

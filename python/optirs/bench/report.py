@@ -8,7 +8,7 @@ import textwrap
 import time
 from typing import Any
 
-from .cases import APIS, DTYPES, IMPLS, TORCH_PATHS, OptimizerCase
+from .cases import APIS, DTYPES, IMPLS, TORCH_PATHS, TRAIN_PATHS, OptimizerCase
 
 
 class Progress:
@@ -73,6 +73,11 @@ def print_header(meta: dict[str, Any]) -> None:
         f"idle, {meta['warmup']} warm-up steps; "
         "medians over rounds"
     )
+    if meta.get("train_models"):
+        print(
+            f"training loop: samples of ~{meta['train_sample_s'] * 1e3:g} ms per implementation, "
+            "no idle time"
+        )
 
 
 def _fmt_ms(seconds: float | None) -> str:
@@ -175,5 +180,50 @@ def print_tables(runs: list[dict[str, Any]], cases: list[OptimizerCase]) -> None
         "  and each state buffer read and written), thread pool, chunking and SIMD dispatch as a",
         "  step, one XOR per element instead of the math, timed in the same rounds. Several",
         "  tensors: per round the faster of one probe call per tensor and one over all of them.",
+    ]
+    print("\n".join(notes))
+
+
+def _fmt_params(n: int) -> str:
+    """``669706 -> '0.67M'``."""
+    return f"{n / 1e6:.2f}M" if n < 1e7 else f"{n / 1e6:.1f}M"
+
+
+def _train_table(runs: list[dict[str, Any]]) -> str:
+    """Time per iteration, speed-ups and step time in the loop, one line per run."""
+    paths = list(TRAIN_PATHS)
+    head = ["model", "params", "batch", "optimizer", "thr", "optirs ms"]
+    head += [f"{p} ms" for p in paths] + [f"x {p}" for p in paths]
+    head += ["step: optirs ms"] + [f"{p} ms" for p in paths]
+    rows = [head]
+    for r in runs:
+        impls = r["impls"]
+        optirs_name = APIS["torch"]
+        row = [r["model"], _fmt_params(r["params"]), str(r["batch"]), r["optimizer"]]
+        row += [str(r["threads"]), _fmt_ms(impls[optirs_name]["median_s"])]
+        row += [_fmt_ms(impls[p]["median_s"] if p in impls else None) for p in paths]
+        row += [
+            _fmt_ratio(r["ratios"][p]["paired_median"] if p in r["ratios"] else None) for p in paths
+        ]
+        row += [_fmt_ms(impls[optirs_name]["step_median_s"])]
+        row += [_fmt_ms(impls[p]["step_median_s"] if p in impls else None) for p in paths]
+        rows.append(row)
+    return _render(rows, 4)
+
+
+def print_train_table(runs: list[dict[str, Any]]) -> None:
+    """Prints the training-loop table and explains its columns."""
+    print("Training loop: time per iteration (median, ms), speed-up of optirs.torch (median over")
+    print("rounds of torch / optirs), and the time of step() inside the loop (median, ms)")
+    print()
+    print(_train_table(runs))
+    notes = [
+        "",
+        "An iteration is zero_grad(), forward, cross-entropy, backward and step() on one batch,",
+        "  back to back with no idle time: torch's OpenMP workers may still be spinning from",
+        "  backward when step() begins, as in users' loops. Each implementation trains its own",
+        "  copy of the model from the same weights on the same batches; the implementations",
+        "  take turns, a sample of iterations each, in an order rotated every round.",
+        "for-loop is torch.optim's CPU default (foreach and fused unset).",
     ]
     print("\n".join(notes))
