@@ -9,6 +9,7 @@ mod bindings;
 mod dlpack;
 mod errors;
 mod fpenv;
+mod omp;
 mod pool;
 mod probe;
 mod step;

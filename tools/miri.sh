@@ -48,9 +48,10 @@ cargo +"$NIGHTLY" miri setup
 cargo +"$NIGHTLY" miri test --lib --no-run
 echo "=== miri: built ($((SECONDS - start)) s) ==="
 set +e
-group "kernels (baseline and AVX2)" "" --skip pool --skip step::
+group "kernels (baseline and AVX2)" "" --skip pool --skip step:: --skip omp::
 group "step core without threads" "" step:: --skip pool
 group "thread pool and step core on it, seeds $SEEDS" "-Zmiri-ignore-leaks -Zmiri-many-seeds=$SEEDS" pool
+group "OpenMP executor on a stand-in team, seeds $SEEDS" "-Zmiri-many-seeds=$SEEDS" omp::
 echo
 if [ "${#failed[@]}" -gt 0 ]; then
     printf '=== make miri FAILED (%s s): %s ===\n' "$((SECONDS - start))" "$(IFS=';'; echo "${failed[*]}")"
