@@ -227,6 +227,22 @@ pub mod _core {
         entry(|| Ok(pool::num_threads()))
     }
 
+    /// What a large step started now on this thread runs on: "openmp", "pool" or "serial".
+    #[pyfunction]
+    fn executor() -> PyResult<&'static str> {
+        entry(|| Ok(pool::executor_name()))
+    }
+
+    /// Whether large steps may run on a loaded OpenMP runtime's team (`OPTIRS_OPENMP` sets it
+    /// at import); for tests, which run both executors in one process.
+    #[pyfunction]
+    fn _set_openmp(on: bool) -> PyResult<()> {
+        entry(|| {
+            pool::set_openmp(on);
+            Ok(())
+        })
+    }
+
     /// Sets the number of threads steps use (at least 1).
     #[pyfunction]
     fn set_num_threads(n: usize) -> PyResult<()> {

@@ -387,3 +387,31 @@ def assert_message(excinfo: pytest.ExceptionInfo, *patterns: str) -> None:
         assert re.search(pattern, message, re.IGNORECASE), (
             f"{pattern!r} not found in message {message!r}"
         )
+
+
+# Where a large step runs (src/omp.rs): the test process has torch, hence an OpenMP runtime,
+# so its steps run on that runtime's team unless told otherwise. Modules that test the
+# executors themselves set BOTH_EXECUTORS = True and run every test on each: "pool" (optirs's
+# own threads) and "openmp" (the team); subprocesses they start inherit the choice through
+# OPTIRS_OPENMP.
+EXECUTORS = ("pool", "openmp")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "executor" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_EXECUTORS", False):
+        metafunc.parametrize("executor", EXECUTORS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def executor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """The executor a ``BOTH_EXECUTORS`` module's test runs on; None elsewhere (the default)."""
+    which = getattr(request, "param", None)
+    if which is None:
+        yield None
+        return
+    optirs._core._set_openmp(which == "openmp")
+    monkeypatch.setenv("OPTIRS_OPENMP", "1" if which == "openmp" else "0")
+    try:
+        yield which
+    finally:
+        optirs._core._set_openmp(True)

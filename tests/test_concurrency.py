@@ -29,6 +29,9 @@ import optirs.torch
 import pytest
 import torch
 
+# Every test runs on optirs's own pool and on the OpenMP team (conftest.executor).
+BOTH_EXECUTORS = True
+
 N = 1 << 17  # elements per parameter: above the core's parallel threshold of 2**16
 STEPS_PER_THREAD = 200
 

@@ -25,6 +25,9 @@ import textwrap
 
 import pytest
 
+# Every test runs on optirs's own pool and on the OpenMP team (conftest.executor).
+BOTH_EXECUTORS = True
+
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "fork") or sys.platform == "darwin", reason="needs a fork-safe os.fork"
 )

@@ -38,6 +38,9 @@ from test_reliability_bad_input import BridgeSetup, bridge_continues_like_twin
 from torch_helpers import assert_unchanged
 from torch_helpers import snapshot as tsnapshot
 
+# Every test runs on optirs's own pool and on the OpenMP team (conftest.executor).
+BOTH_EXECUTORS = True
+
 WHERE = ("validation", "worker")
 INTERNAL = r"internal error"
 

@@ -48,9 +48,10 @@ cargo +"$NIGHTLY" miri setup
 cargo +"$NIGHTLY" miri test -p optirs-core --lib --no-run
 echo "=== miri: built ($((SECONDS - start)) s) ==="
 set +e
-group "kernels (baseline and AVX2)" "" --skip pool --skip engine::
+group "kernels (baseline and AVX2)" "" --skip pool --skip engine:: --skip omp::
 group "step engine without threads" "" engine:: --skip pool
 group "thread pool and step engine on it, seeds $SEEDS" "-Zmiri-ignore-leaks -Zmiri-many-seeds=$SEEDS" pool
+group "OpenMP executor on a stand-in team, seeds $SEEDS" "-Zmiri-many-seeds=$SEEDS" omp::
 echo
 if [ "${#failed[@]}" -gt 0 ]; then
     printf '=== make miri FAILED (%s s): %s ===\n' "$((SECONDS - start))" "$(IFS=';'; echo "${failed[*]}")"

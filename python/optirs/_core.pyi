@@ -11,6 +11,7 @@ __all__ = [
     "TorchPlan",
     "__version__",
     "build_info",
+    "executor",
     "get_num_threads",
     "set_num_threads",
     "set_simd_level",
@@ -161,6 +162,14 @@ def set_simd_level(level: str) -> str:
 
 def build_info() -> dict[str, Any]:
     """How this extension was built: version, profile, target, compiled target features."""
+
+def executor() -> str:
+    """What a large step started now on this thread runs on: ``"openmp"`` (the thread's team of
+    an OpenMP runtime the process has loaded, such as torch's), ``"pool"`` (optirs's own
+    threads) or ``"serial"`` (one thread)."""
+
+def _set_openmp(on: bool) -> None:
+    """Whether large steps may run on a loaded OpenMP runtime's team (tests use both)."""
 
 def get_num_threads() -> int:
     """The number of threads a step uses."""

@@ -7,14 +7,15 @@
 //! - [`rules`]: the rule table (state buffers per rule, in order), hyperparameters, per-step
 //!   scalars; [`torch_raises`]: where torch.optim's own step raises for them.
 //! - [`dtype`]: the element types. [`engine`]: work items, chunking, counters, the step.
-//! - [`overlap`]: the aliasing check and its cache. [`pool`]: the thread pool. [`fpenv`]:
-//!   flush-to-zero. [`error`]: the typed error with its location.
+//! - [`overlap`]: the aliasing check and its cache. [`pool`]: the thread pool, and [`omp`]:
+//!   the OpenMP team it hands large steps to when the process has one. [`fpenv`]: flush-to-zero. [`error`]: the typed error with its location.
 
 pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod fpenv;
 pub mod kernels;
+pub mod omp;
 pub mod overlap;
 pub mod pool;
 pub mod rules;

@@ -336,6 +336,7 @@ pub fn init() -> Vec<String> {
     if CONFIG.set(cfg).is_err() {
         return Vec::new();
     }
+    warnings.extend(crate::omp::init());
     #[cfg(unix)]
     {
         // SAFETY: the handlers are plain functions that only lock and unlock this module's
@@ -421,6 +422,11 @@ fn current(threads: usize) -> Option<Arc<Pool>> {
     Some(pool)
 }
 
+/// Whether large steps may run on a loaded OpenMP runtime's team ([`crate::omp`]).
+pub fn set_openmp(on: bool) {
+    crate::omp::set_enabled(on);
+}
+
 /// Sets the number of threads steps use from now on (at least 1).
 pub fn set_num_threads(n: usize) {
     *REQUESTED.lock().unwrap_or_else(PoisonError::into_inner) = Some(n.max(1));
@@ -432,12 +438,59 @@ pub fn num_threads() -> usize {
     wanted_threads()
 }
 
-fn parallel(n_items: usize, total_elems: usize) -> Option<Arc<Pool>> {
+/// Where a parallel step runs: the calling thread's OpenMP team ([`crate::omp`]) when the
+/// process has an OpenMP runtime loaded, else this module's pool.
+enum Executor {
+    OpenMp(crate::omp::GompParallel, usize),
+    Own(Arc<Pool>),
+}
+
+/// Runs `run(i)` for every `i < n`, on several threads; returns once all are done, re-raising
+/// the first panic of any.
+trait Runner {
+    fn run(&self, n: usize, run: &(dyn Fn(usize) + Sync));
+}
+
+impl Runner for Pool {
+    fn run(&self, n: usize, run: &(dyn Fn(usize) + Sync)) {
+        Pool::run(self, n, run);
+    }
+}
+
+impl Runner for Executor {
+    fn run(&self, n: usize, run: &(dyn Fn(usize) + Sync)) {
+        match self {
+            Executor::OpenMp(parallel, threads) => crate::omp::run(*parallel, *threads, n, run),
+            Executor::Own(pool) => pool.run(n, run),
+        }
+    }
+}
+
+fn executor(threads: usize) -> Option<Executor> {
+    if let Some(parallel) = crate::omp::team() {
+        return Some(Executor::OpenMp(parallel, threads));
+    }
+    current(threads).map(Executor::Own)
+}
+
+fn parallel(n_items: usize, total_elems: usize) -> Option<Executor> {
     let threads = wanted_threads();
     if n_items > 1 && total_elems >= PARALLEL_MIN_ELEMS && threads > 1 {
-        current(threads)
+        executor(threads)
     } else {
         None
+    }
+}
+
+/// What a large step started now on this thread runs on: `"openmp"` (the thread's team of an
+/// OpenMP runtime the process loaded), `"pool"` (this module's threads) or `"serial"` (one
+/// thread).
+#[must_use]
+pub fn executor_name() -> &'static str {
+    match executor(wanted_threads()).filter(|_| wanted_threads() > 1) {
+        Some(Executor::OpenMp(..)) => "openmp",
+        Some(Executor::Own(_)) => "pool",
+        None => "serial",
     }
 }
 
@@ -449,7 +502,7 @@ pub fn for_each<I: Send>(items: Vec<I>, total_elems: usize, f: impl Fn(I) + Send
     }
 }
 
-fn for_each_on<I: Send>(pool: &Pool, items: Vec<I>, f: impl Fn(I) + Send + Sync) {
+fn for_each_on<I: Send>(pool: &impl Runner, items: Vec<I>, f: impl Fn(I) + Send + Sync) {
     let mut items = std::mem::ManuallyDrop::new(items);
     let (base, n) = (SendPtr(items.as_mut_ptr()), items.len());
     let run = move |i: usize| {
