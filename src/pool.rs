@@ -31,12 +31,17 @@
 //! not unwind (the workers read the job on its stack): [`AbortOnUnwind`] turns any unwinding
 //! there into an abort instead of a use-after-free.
 
+mod sync;
+
+#[cfg(all(test, loom))]
+mod loom_model;
+
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::thread::{self, Thread};
-use std::time::{Duration, Instant};
+use std::sync::{OnceLock, PoisonError};
+use std::time::Duration;
+use sync::{fence, thread, Arc, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Backoff, Mutex};
+use sync::{Ordering, Thread};
 
 /// Steps smaller than this many elements stay on the calling thread: sharing them would cost
 /// more than the work.
@@ -45,9 +50,6 @@ pub const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// How long a worker spins for the next step before it parks, unless `OPTIRS_SPIN_US` says.
 const DEFAULT_SPIN_US: u64 = 200;
 
-/// How often a spinning thread yields its CPU.
-const YIELD_EVERY: Duration = Duration::from_micros(20);
-
 /// Aborts the process if dropped while unwinding: guards a window in which unwinding would free
 /// memory other threads still read (as rayon-core's `AbortIfPanic`). Forgotten on the normal
 /// path.
@@ -55,7 +57,7 @@ struct AbortOnUnwind;
 
 impl Drop for AbortOnUnwind {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if std::thread::panicking() {
             eprintln!(
                 "optirs: unwinding out of a step whose job other threads still read; aborting"
             );
@@ -95,7 +97,8 @@ impl Shared {
     /// runs of neighbouring items, and the last claims, one item each, even out the finish.
     fn work(&self, epoch: u32) {
         let share = 2 * (self.parked.len() as u32 + 1);
-        let mut word = self.claims.load(Ordering::Acquire);
+        // A guess at the word, which the compare-and-swap checks; only a claim acquires.
+        let mut word = self.claims.load(Ordering::Relaxed);
         loop {
             let (e, left) = ((word >> 32) as u32, word as u32);
             if e != epoch || left == 0 {
@@ -106,23 +109,30 @@ impl Shared {
             match self.claims.compare_exchange_weak(
                 word,
                 claimed,
-                Ordering::AcqRel,
                 Ordering::Acquire,
+                Ordering::Relaxed,
             ) {
                 Ok(_) => {
                     // SAFETY: the claim succeeded for `epoch`, so its caller is still waiting
                     // for these items (it returns only once `done` counts every item) and the
-                    // job it published before the step's claims is alive.
-                    let job = unsafe { &*self.job.load(Ordering::Acquire) };
+                    // job it published before the step's claims is alive (and visible: the
+                    // claim read the step's word, released after the job's store).
+                    let job = unsafe { &*self.job.load(Ordering::Relaxed) };
                     for item in (left - take) as usize..left as usize {
                         if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| (job.run)(item))) {
                             let mut slot =
                                 self.panic.lock().unwrap_or_else(PoisonError::into_inner);
-                            slot.get_or_insert(p);
+                            if slot.is_none() {
+                                *slot = Some(p);
+                            } else {
+                                // Not dropped: a payload's drop may panic, and unwinding from
+                                // here would leave these items uncounted (or abort the caller).
+                                std::mem::forget(p);
+                            }
                         }
                     }
                     self.done.fetch_add(take as usize, Ordering::Release);
-                    word = self.claims.load(Ordering::Acquire);
+                    word = self.claims.load(Ordering::Relaxed);
                 }
                 Err(now) => word = now,
             }
@@ -157,7 +167,7 @@ impl Pool {
                 .spawn(move || worker(&s, w));
             let Ok(handle) = spawned else {
                 // Steps run on the calling thread alone; the workers started exit.
-                shared.stop.store(true, Ordering::SeqCst);
+                shared.stop.store(true, Ordering::Relaxed);
                 workers.iter().for_each(Thread::unpark);
                 return None;
             };
@@ -188,28 +198,27 @@ impl Pool {
         // The workers dereference `job` only through a claim of this step, and every claim is
         // counted in `done` before this function returns: the borrow outlives every use.
         let ptr = std::ptr::from_ref(&job).cast_mut().cast::<Job<'static>>();
-        s.job.store(ptr, Ordering::Release);
+        s.job.store(ptr, Ordering::Relaxed);
+        // Publishes the step: a claim that reads this (Acquire) sees `job` and `done` above,
+        // and everything the caller wrote before the step.
         s.claims.store(
             (u64::from(*epoch) << 32) | u64::from(count),
-            Ordering::SeqCst,
+            Ordering::Release,
         );
-        // Paired with the worker's store of its flag and re-read of `claims` (both SeqCst):
-        // either it sees this step's claims or this sees its flag.
+        // Paired with the fence between a worker's store of its flag and its re-read of
+        // `claims`: either it sees this step's claims or this sees its flag.
+        fence(Ordering::SeqCst);
         for (flag, t) in s.parked.iter().zip(&self.workers) {
-            if flag.load(Ordering::SeqCst) {
+            if flag.load(Ordering::Relaxed) {
                 t.unpark();
             }
         }
         s.work(*epoch);
         // Every item is claimed; the ones still running are on workers, a share's time at
-        // most. Yield now and then, as the workers do, in case one of them waits for this CPU.
-        let mut yielded = Instant::now();
+        // most.
+        let mut backoff = Backoff::new();
         while s.done.load(Ordering::Acquire) < n {
-            std::hint::spin_loop();
-            if yielded.elapsed() >= YIELD_EVERY {
-                thread::yield_now();
-                yielded = Instant::now();
-            }
+            backoff.snooze();
         }
         s.job.store(std::ptr::null_mut(), Ordering::Relaxed);
         std::mem::forget(guard);
@@ -227,7 +236,9 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        // No data rides on `stop`: the unpark that follows wakes each worker, and a worker
+        // that returns from `park` sees what preceded the unpark.
+        self.shared.stop.store(true, Ordering::Relaxed);
         for t in &self.workers {
             t.unpark();
         }
@@ -238,7 +249,7 @@ fn worker(s: &Shared, w: usize) {
     let mut seen = 0u32;
     loop {
         let epoch = wait(s, w, seen);
-        if s.stop.load(Ordering::Acquire) {
+        if s.stop.load(Ordering::Relaxed) {
             return;
         }
         s.work(epoch);
@@ -246,36 +257,25 @@ fn worker(s: &Shared, w: usize) {
     }
 }
 
-/// The next step's number after `seen`: spins for `s.spin`, then parks until woken.
+/// The next step's number after `seen` (or `seen`, once the pool stops): spins for `s.spin`,
+/// then parks until woken.
 fn wait(s: &Shared, w: usize, seen: u32) -> u32 {
-    let current = || (s.claims.load(Ordering::SeqCst) >> 32) as u32;
-    let start = Instant::now();
-    let mut yielded = start;
-    loop {
-        for _ in 0..64 {
-            let e = current();
-            if e != seen || s.stop.load(Ordering::Relaxed) {
-                return e;
-            }
-            std::hint::spin_loop();
-        }
-        let now = Instant::now();
-        if now - start >= s.spin {
-            break;
-        }
-        // Every YIELD_EVERY, let a thread that waits for this CPU run (the caller itself, if
-        // the scheduler put both here, or another process): spinning on a shared CPU only
-        // delays the thread it waits for. Not more often: each yield is a system call, and a
-        // step that starts during one is seen late.
-        if now - yielded >= YIELD_EVERY {
-            thread::yield_now();
-            yielded = now;
-        }
+    // Only the number: the step's data is acquired by the claim, in `work`.
+    let current = || (s.claims.load(Ordering::Relaxed) >> 32) as u32;
+    let news = || {
+        let e = current();
+        (e != seen || s.stop.load(Ordering::Relaxed)).then_some(e)
+    };
+    // Spinning on a shared CPU only delays the thread it waits for: `spin` yields it now and
+    // then (to the caller itself, if the scheduler put both here, or to another process).
+    if let Some(e) = sync::spin(s.spin, news) {
+        return e;
     }
     loop {
-        s.parked[w].store(true, Ordering::SeqCst);
-        let e = current();
-        if e != seen || s.stop.load(Ordering::SeqCst) {
+        s.parked[w].store(true, Ordering::Relaxed);
+        // Paired with the caller's fence between publishing a step and reading the flags.
+        fence(Ordering::SeqCst);
+        if let Some(e) = news() {
             s.parked[w].store(false, Ordering::Relaxed);
             return e;
         }
@@ -358,8 +358,9 @@ fn spin_time() -> Duration {
     config().spin
 }
 
-static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
-static REQUESTED: Mutex<Option<usize>> = Mutex::new(None);
+// std's locks under loom too: the process-wide state is outside the models.
+static POOL: std::sync::Mutex<Option<Arc<Pool>>> = std::sync::Mutex::new(None);
+static REQUESTED: std::sync::Mutex<Option<usize>> = std::sync::Mutex::new(None);
 
 #[cfg(unix)]
 thread_local! {
@@ -507,10 +508,10 @@ impl<I> Drop for Free<'_, I> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
 
     /// Miri (`make miri`) interprets every instruction: it gets fewer and smaller steps. Its
     /// scheduler preempts threads at random points, and the seeds it runs with vary them.
@@ -593,6 +594,30 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), n);
+    }
+
+    /// A panic payload whose drop panics.
+    struct Boom;
+    impl Drop for Boom {
+        fn drop(&mut self) {
+            panic!("a panic payload was dropped");
+        }
+    }
+
+    /// Every item panics with a payload whose drop panics. The pool keeps the first and must
+    /// not drop the others: a panic while dropping one on a worker would unwind out of its
+    /// `work`, its items never counted (the caller would wait forever); on the caller, it
+    /// would abort.
+    #[test]
+    fn panic_payloads_that_panic_when_dropped_are_not_dropped() {
+        let pool = Pool::new(3).unwrap();
+        let n = if MIRI { 12 } else { 64 };
+        for _ in 0..3 {
+            let caught = panic::catch_unwind(AssertUnwindSafe(|| {
+                pool.run(n, &|_| panic::panic_any(Boom));
+            }));
+            std::mem::forget(caught.unwrap_err().downcast::<Boom>().unwrap());
+        }
     }
 
     #[test]
