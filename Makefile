@@ -72,7 +72,7 @@ tsan: $(DEPS) ## ThreadSanitizer: pool stress tests, Python threads stepping the
 	tools/tsan.sh
 
 .PHONY: loom
-loom: ## loom model checks of the thread pool's protocol (src/pool/loom_model.rs, ~1-3 min)
+loom: $(DEPS) ## loom model checks of the thread pool's protocol (src/pool/loom_model.rs, ~1-3 min)
 	tools/loom.sh
 
 .PHONY: lint

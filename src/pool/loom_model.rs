@@ -8,6 +8,11 @@
 //! The models drive [`Pool::new`], [`Pool::run`] and the workers themselves; what differs under
 //! loom is listed in `sync.rs`. Each ends by dropping the pool, and loom requires every
 //! worker to have exited by then (and the shared state to be freed): shutdown is checked too.
+//!
+//! A failure that loom detects while a step is open (a deadlock while the caller waits, say)
+//! is a panic on the caller inside the step's window, which [`super::AbortOnUnwind`] turns
+//! into an abort: loom's message is printed first, provided the output is not captured
+//! (`tools/loom.sh` passes `--nocapture`).
 
 use super::sync::{thread, AtomicBool, Ordering};
 use super::Pool;
@@ -81,10 +86,12 @@ fn two_steps_with_a_stale_worker() {
     });
 }
 
-/// The caller and two workers share one step's three items, one claim each at most.
+/// The caller and two workers share one step's three items, one claim each at most. Three
+/// threads multiply the interleavings: at most 2 preemptions here (under a minute on the
+/// 2-core dev machine; 3 would take many minutes).
 #[test]
 fn three_threads_share_a_step() {
-    loom::model(|| {
+    model_preempting_at_most(2, || {
         let pool = Pool::new(3).unwrap();
         let slots = Slots::new(3);
         step(&pool, &slots, 1);
@@ -113,6 +120,13 @@ fn a_parked_worker_is_woken() {
             });
         }
     });
+}
+
+/// `loom::model`, with `LOOM_MAX_PREEMPTIONS` capped at `bound`.
+fn model_preempting_at_most(bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(builder.preemption_bound.map_or(bound, |b| b.min(bound)));
+    builder.check(f);
 }
 
 /// A panic payload that panics when dropped: the pool must not drop the payloads it does not

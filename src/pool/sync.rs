@@ -87,6 +87,7 @@ impl Backoff {
         Backoff
     }
 
+    #[allow(clippy::unused_self)] // the std build's signature
     pub(super) fn snooze(&mut self) {
         thread::yield_now();
     }
