@@ -42,7 +42,7 @@ sdist: $(DEPS) ## build the source distribution into dist/
 	maturin sdist --out dist
 
 .PHONY: test
-test: wheel sdist ## the test suite CI runs (then miri, tsan): cargo test, pytest against the wheel
+test: wheel sdist ## the test suite CI runs (then miri, tsan, loom): cargo test, pytest against the wheel
 	@# The core's tests (kernels, rule table, engine, pool) need no Python; the bindings' link it.
 	cargo test --release --workspace --lib
 	@# A fresh venv holds optirs, installed from the wheel and nothing else; the third-party
@@ -71,6 +71,10 @@ miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, basel
 .PHONY: tsan
 tsan: $(DEPS) ## ThreadSanitizer: pool stress tests, Python threads stepping the extension (~2-4 min)
 	tools/tsan.sh
+
+.PHONY: loom
+loom: $(DEPS) ## loom model checks of the thread pool's protocol (optirs-core's pool/loom_model.rs, ~1-3 min)
+	tools/loom.sh
 
 .PHONY: lint
 lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff, actionlint

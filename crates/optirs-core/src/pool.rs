@@ -14,8 +14,123 @@
 //!
 //! Which thread runs which item does not change any result: items are independent slices.
 //!
-//! Nor does a pool survive `fork()`: the child inherits its bookkeeping but none of its threads.
-//! The pool therefore remembers the process that built it, and a forked child builds its own.
+//! # Protocol
+//!
+//! What follows is the whole of what the threads agree on; `make loom` checks it with the code
+//! below (`pool/loom_model.rs`), and `make miri` / `make tsan` run the stress tests.
+//!
+//! ## State
+//!
+//! Per pool, in [`Shared`]: `claims` (the step number in the high 32 bits, the unclaimed items
+//! in the low 32), `job` (a pointer to the running step's [`Job`], on its caller's stack),
+//! `done` (items of the step that have finished), `panic` (the step's first panic), `parked[w]`
+//! (worker `w` is parked, or about to be), `stop`. Per [`Pool`]: `busy`, a `Mutex` holding the
+//! last step number, locked by whoever runs a step.
+//!
+//! ## A step, in four states
+//!
+//! 1. **Closed.** `claims` is `(k, 0)`; no thread may dereference `job`.
+//! 2. **Open** (by the caller, in [`Pool::run`], holding `busy`): `done.store(0, Relaxed)`,
+//!    `job.store(&job, Relaxed)`, then `claims.store((k+1, n), Release)` publishes the step.
+//!    Each of these is ordered before the workers' use of it by that Release store alone: a
+//!    thread claims with `compare_exchange_weak(word, word - take, Acquire, Relaxed)`, and a
+//!    claim that succeeds read the caller's store or a later claim of the same step (claims
+//!    are read-modify-writes, which continue the store's release sequence). So the store
+//!    synchronizes-with every successful claim: the job, `done = 0` and whatever the caller
+//!    wrote before the step (the items `for_each` moves out) happen-before the claimant reads
+//!    them. The claimant then reads `job` (Relaxed): it cannot see an older pointer (the store
+//!    happened-before), nor a newer one (the caller stores `job` again only after counting
+//!    this claim, below).
+//! 3. **Claimed:** `claims` is `(k+1, 0)`. The caller claims alongside the workers (a claim
+//!    takes a share of what is left) until nothing is left, then waits, spinning with
+//!    [`sync::Backoff`], for `done.load(Acquire) == n`.
+//! 4. **Counted, closed again.** Every claimant runs its items (each under `catch_unwind`),
+//!    then `done.fetch_add(take, Release)`. The add that reaches `n` is the last in `done`'s
+//!    modification order; every add before it is a read-modify-write, so each claimant's add
+//!    heads a release sequence that the caller's Acquire load reads from: every item's writes
+//!    happen-before the caller continues. It then stores `job = null` (Relaxed: hygiene, no
+//!    reader), takes the panic (under its `Mutex`), unlocks `busy` (whose release orders this
+//!    step's `done` and `job` accesses before the next step's, whichever thread runs it) and
+//!    returns or re-raises.
+//!
+//! The guesses a claimant makes before its claim (`claims.load(Relaxed)`) order nothing: the
+//! compare-and-swap checks the whole word. A thread holding the word of an older step (a
+//! stale worker, descheduled in `work` while its step closed and the next opened) fails on the
+//! step number. Should it sleep through exactly 2^32 steps and succeed, its claim is a genuine
+//! claim of the current step: the swap compared the whole current word, and `job` is read after
+//! it.
+//!
+//! ## Invariants that make the `unsafe` sound
+//!
+//! - A thread dereferences `job` only between a successful claim of step `k` and its
+//!   `done.fetch_add` for that claim, and touches the step's items only in between.
+//! - Claims partition `0..n`: each succeeds on the current word and lowers it by what it takes,
+//!   so each item is claimed once (and `for_each` moves each item out once).
+//! - `done` reaches `n` only when every item is claimed and every claim counted, and no claim
+//!   of step `k` can succeed once `claims` is `(k, 0)` or holds a later step. So when the caller
+//!   returns (its stack frame, the job and the items freed), no worker is between a claim and
+//!   its count, and none can start one: **no worker touches a job after its caller returns**.
+//!   After its count, a worker touches only [`Shared`], which its `Arc` keeps alive.
+//! - The caller must not unwind between opening the step and seeing `done == n` (the workers
+//!   read the job on its stack): [`AbortOnUnwind`] turns any unwinding there into an abort,
+//!   and [`Shared::work`] never unwinds (items run under `catch_unwind`, a poisoned lock is
+//!   taken anyway, a payload past the first is leaked, since its drop could panic).
+//! - Progress never depends on a worker: the caller claims whatever is unclaimed itself, and
+//!   waits only for claimed items, which their claimants are running. A worker that is slow to
+//!   wake, descheduled, or missing altogether (were a pool inherited through `fork()` ever
+//!   used) costs time, never a hang. So a lost wake-up would make a step slow, not stuck; the
+//!   loom model of wake-ups runs a step that needs the worker, where one shows as a hang.
+//!
+//! ## Waiting for a step: spinning, then parking
+//!
+//! A worker that finished step `seen` polls `claims` (Relaxed: only the step number is used;
+//! the claim acquires) and `stop` for `OPTIRS_SPIN_US`, yielding its CPU every 20 us
+//! ([`sync::spin`]), then parks:
+//!
+//! ```text
+//! worker w                                  caller, opening step k
+//! loop {                                    claims.store((k, n), Release)
+//!     parked[w].store(true, Relaxed)        fence(SeqCst)                     (F_c)
+//!     fence(SeqCst)               (F_w)     for w: if parked[w].load(Relaxed)
+//!     if claims's step != seen || stop {            unpark(w)
+//!         parked[w].store(false, Relaxed)
+//!         return                            Pool::drop:
+//!     }                                     stop.store(true, Relaxed)
+//!     park()                                for w: unpark(w)        (unconditionally)
+//!     parked[w].store(false, Relaxed)
+//! }
+//! ```
+//!
+//! No wake-up is lost (Dekker's pattern; rayon-core's sleep module closes the same race between
+//! posting work and falling asleep with its jobs event counter). SeqCst fences are totally ordered.
+//! If `F_c` precedes `F_w`, the worker's load of `claims` after `F_w` sees the caller's store (or a
+//! later one) and it does not park. If `F_w` precedes `F_c`, the caller's load of `parked[w]` sees
+//! the worker's `true` or a later value; a later `false` is stored only by a worker that did not
+//! park or has woken since, and its next round makes the same argument. Then the caller unparks it;
+//! an `unpark` before the `park` leaves a token and `park` returns at once. A token left by an
+//! unneeded unpark (a flag read just before the worker cleared it), like a spurious return from
+//! `park`, only makes the loop look again. (SeqCst loads and stores instead of the fences were
+//! correct too, but loom models SeqCst accesses as AcqRel and would report this lost wake-up that
+//! cannot happen.)
+//!
+//! ## Stopping, and changes of the thread count
+//!
+//! A pool's thread count is fixed. [`set_num_threads`] records the count; the next step that
+//! finds the process-wide pool ([`POOL`]) of another size builds a new one and drops the old
+//! one's reference there; steps still running on the old one hold it by their `Arc` (a second
+//! caller meanwhile finds `busy` locked and runs its items alone). When the last reference
+//! goes, [`Pool`]'s drop stores `stop` and unparks every worker, parked or not: the token
+//! means that no unpark is lost, and `unpark` synchronizes-with the `park` it ends, so a woken
+//! worker sees `stop` (no data rides on `stop`, hence Relaxed). A spinning worker sees it in
+//! its polls. The workers return, dropping their `Arc<Shared>`. If a worker cannot be
+//! spawned, [`Pool::new`] stops the ones started the same way, and steps run on the caller
+//! alone.
+//!
+//! ## `fork()`
+//!
+//! A pool does not survive `fork()`: the child inherits its bookkeeping but none of its
+//! threads. The pool therefore remembers the process that built it, and a forked child builds
+//! its own (and leaks the inherited one: its `busy` may be held by a thread the child lacks).
 //! The process-wide locks ([`POOL`], [`REQUESTED`]) are taken with the GIL released, so another
 //! thread may hold one when some thread forks; a child that inherited it held would wait
 //! forever. [`init`] registers `pthread_atfork` handlers that take both before `fork()` and
@@ -25,18 +140,40 @@
 //! read once, by [`init`], at import: a `OnceLock` left half-initialised by a fork would hang
 //! the child too.
 //!
-//! A panic in an item (a bug: the kernels cannot fail) is caught on the thread that ran it,
-//! every other item still runs, and the first panic is re-raised on the caller once all are
-//! done. Between publishing a step's job and seeing every claimed item done, the caller must
-//! not unwind (the workers read the job on its stack): [`AbortOnUnwind`] turns any unwinding
-//! there into an abort instead of a use-after-free.
+//! ## Panics
+//!
+//! A panic in an item (a bug: the kernels cannot fail) is caught on the thread that ran it and
+//! kept in `panic` if it is the step's first (the `Mutex`'s unlock, before the claimant's
+//! `done` add, orders it before the caller takes it); every other item still runs, and the
+//! caller re-raises the first panic once all are counted, after unlocking `busy`.
+//!
+//! ## Under loom
+//!
+//! `make loom` (`tools/loom.sh`) builds with `--cfg loom`: [`sync`] then hands out loom's
+//! atomics, `fence`, `Mutex`, `Arc` and threads, and the models drive [`Pool::new`],
+//! [`Pool::run`] and the workers unchanged, with these differences:
+//! - the busy waits ([`sync::Backoff`], the caller's wait for `done`, and [`sync::spin`], a
+//!   worker's spin before parking) take no time: the first yields to loom every round, the
+//!   second polls once and gives up, so that parking comes right after (or before) a step is
+//!   published, both explored;
+//! - outside the models: the process-wide [`POOL`] and [`REQUESTED`] (std's `Mutex`, in both
+//!   builds), `pthread_atfork` and its thread-local, the environment read by [`init`] (a
+//!   model's pool reads its spin time, unused under loom, from the `OnceLock`), and `fork()`;
+//! - loom does not model spurious returns from `park` (the loop above tolerates them) and
+//!   bounds its search (`LOOM_MAX_PREEMPTIONS`: 3 in `make loom`, 2 for the model with
+//!   three threads).
+
+mod sync;
+
+#[cfg(all(test, loom))]
+mod loom_model;
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::thread::{self, Thread};
-use std::time::{Duration, Instant};
+use std::sync::{OnceLock, PoisonError};
+use std::time::Duration;
+use sync::{fence, thread, Arc, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Backoff, Mutex};
+use sync::{Ordering, Thread};
 
 /// Steps smaller than this many elements stay on the calling thread: sharing them would cost
 /// more than the work.
@@ -45,9 +182,6 @@ pub const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// How long a worker spins for the next step before it parks, unless `OPTIRS_SPIN_US` says.
 const DEFAULT_SPIN_US: u64 = 200;
 
-/// How often a spinning thread yields its CPU.
-const YIELD_EVERY: Duration = Duration::from_micros(20);
-
 /// Aborts the process if dropped while unwinding: guards a window in which unwinding would free
 /// memory other threads still read (as rayon-core's `AbortIfPanic`). Forgotten on the normal
 /// path.
@@ -55,7 +189,7 @@ struct AbortOnUnwind;
 
 impl Drop for AbortOnUnwind {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if std::thread::panicking() {
             eprintln!(
                 "optirs: unwinding out of a step whose job other threads still read; aborting"
             );
@@ -95,7 +229,8 @@ impl Shared {
     /// runs of neighbouring items, and the last claims, one item each, even out the finish.
     fn work(&self, epoch: u32) {
         let share = 2 * (self.parked.len() as u32 + 1);
-        let mut word = self.claims.load(Ordering::Acquire);
+        // A guess at the word, which the compare-and-swap checks; only a claim acquires.
+        let mut word = self.claims.load(Ordering::Relaxed);
         loop {
             let (e, left) = ((word >> 32) as u32, word as u32);
             if e != epoch || left == 0 {
@@ -106,23 +241,30 @@ impl Shared {
             match self.claims.compare_exchange_weak(
                 word,
                 claimed,
-                Ordering::AcqRel,
                 Ordering::Acquire,
+                Ordering::Relaxed,
             ) {
                 Ok(_) => {
                     // SAFETY: the claim succeeded for `epoch`, so its caller is still waiting
                     // for these items (it returns only once `done` counts every item) and the
-                    // job it published before the step's claims is alive.
-                    let job = unsafe { &*self.job.load(Ordering::Acquire) };
+                    // job it published before the step's claims is alive (and visible: the
+                    // claim read the step's word, released after the job's store).
+                    let job = unsafe { &*self.job.load(Ordering::Relaxed) };
                     for item in (left - take) as usize..left as usize {
                         if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| (job.run)(item))) {
                             let mut slot =
                                 self.panic.lock().unwrap_or_else(PoisonError::into_inner);
-                            slot.get_or_insert(p);
+                            if slot.is_none() {
+                                *slot = Some(p);
+                            } else {
+                                // Not dropped: a payload's drop may panic, and unwinding from
+                                // here would leave these items uncounted (or abort the caller).
+                                std::mem::forget(p);
+                            }
                         }
                     }
                     self.done.fetch_add(take as usize, Ordering::Release);
-                    word = self.claims.load(Ordering::Acquire);
+                    word = self.claims.load(Ordering::Relaxed);
                 }
                 Err(now) => word = now,
             }
@@ -157,7 +299,7 @@ impl Pool {
                 .spawn(move || worker(&s, w));
             let Ok(handle) = spawned else {
                 // Steps run on the calling thread alone; the workers started exit.
-                shared.stop.store(true, Ordering::SeqCst);
+                shared.stop.store(true, Ordering::Relaxed);
                 workers.iter().for_each(Thread::unpark);
                 return None;
             };
@@ -188,28 +330,27 @@ impl Pool {
         // The workers dereference `job` only through a claim of this step, and every claim is
         // counted in `done` before this function returns: the borrow outlives every use.
         let ptr = std::ptr::from_ref(&job).cast_mut().cast::<Job<'static>>();
-        s.job.store(ptr, Ordering::Release);
+        s.job.store(ptr, Ordering::Relaxed);
+        // Publishes the step: a claim that reads this (Acquire) sees `job` and `done` above,
+        // and everything the caller wrote before the step.
         s.claims.store(
             (u64::from(*epoch) << 32) | u64::from(count),
-            Ordering::SeqCst,
+            Ordering::Release,
         );
-        // Paired with the worker's store of its flag and re-read of `claims` (both SeqCst):
-        // either it sees this step's claims or this sees its flag.
+        // Paired with the fence between a worker's store of its flag and its re-read of
+        // `claims`: either it sees this step's claims or this sees its flag.
+        fence(Ordering::SeqCst);
         for (flag, t) in s.parked.iter().zip(&self.workers) {
-            if flag.load(Ordering::SeqCst) {
+            if flag.load(Ordering::Relaxed) {
                 t.unpark();
             }
         }
         s.work(*epoch);
         // Every item is claimed; the ones still running are on workers, a share's time at
-        // most. Yield now and then, as the workers do, in case one of them waits for this CPU.
-        let mut yielded = Instant::now();
+        // most.
+        let mut backoff = Backoff::new();
         while s.done.load(Ordering::Acquire) < n {
-            std::hint::spin_loop();
-            if yielded.elapsed() >= YIELD_EVERY {
-                thread::yield_now();
-                yielded = Instant::now();
-            }
+            backoff.snooze();
         }
         s.job.store(std::ptr::null_mut(), Ordering::Relaxed);
         std::mem::forget(guard);
@@ -227,7 +368,9 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        // No data rides on `stop`: the unpark that follows wakes each worker, and a worker
+        // that returns from `park` sees what preceded the unpark.
+        self.shared.stop.store(true, Ordering::Relaxed);
         for t in &self.workers {
             t.unpark();
         }
@@ -238,7 +381,7 @@ fn worker(s: &Shared, w: usize) {
     let mut seen = 0u32;
     loop {
         let epoch = wait(s, w, seen);
-        if s.stop.load(Ordering::Acquire) {
+        if s.stop.load(Ordering::Relaxed) {
             return;
         }
         s.work(epoch);
@@ -246,36 +389,25 @@ fn worker(s: &Shared, w: usize) {
     }
 }
 
-/// The next step's number after `seen`: spins for `s.spin`, then parks until woken.
+/// The next step's number after `seen` (or `seen`, once the pool stops): spins for `s.spin`,
+/// then parks until woken.
 fn wait(s: &Shared, w: usize, seen: u32) -> u32 {
-    let current = || (s.claims.load(Ordering::SeqCst) >> 32) as u32;
-    let start = Instant::now();
-    let mut yielded = start;
-    loop {
-        for _ in 0..64 {
-            let e = current();
-            if e != seen || s.stop.load(Ordering::Relaxed) {
-                return e;
-            }
-            std::hint::spin_loop();
-        }
-        let now = Instant::now();
-        if now - start >= s.spin {
-            break;
-        }
-        // Every YIELD_EVERY, let a thread that waits for this CPU run (the caller itself, if
-        // the scheduler put both here, or another process): spinning on a shared CPU only
-        // delays the thread it waits for. Not more often: each yield is a system call, and a
-        // step that starts during one is seen late.
-        if now - yielded >= YIELD_EVERY {
-            thread::yield_now();
-            yielded = now;
-        }
+    // Only the number: the step's data is acquired by the claim, in `work`.
+    let current = || (s.claims.load(Ordering::Relaxed) >> 32) as u32;
+    let news = || {
+        let e = current();
+        (e != seen || s.stop.load(Ordering::Relaxed)).then_some(e)
+    };
+    // Spinning on a shared CPU only delays the thread it waits for: `spin` yields it now and
+    // then (to the caller itself, if the scheduler put both here, or to another process).
+    if let Some(e) = sync::spin(s.spin, news) {
+        return e;
     }
     loop {
-        s.parked[w].store(true, Ordering::SeqCst);
-        let e = current();
-        if e != seen || s.stop.load(Ordering::SeqCst) {
+        s.parked[w].store(true, Ordering::Relaxed);
+        // Paired with the caller's fence between publishing a step and reading the flags.
+        fence(Ordering::SeqCst);
+        if let Some(e) = news() {
             s.parked[w].store(false, Ordering::Relaxed);
             return e;
         }
@@ -359,8 +491,9 @@ fn spin_time() -> Duration {
     config().spin
 }
 
-static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
-static REQUESTED: Mutex<Option<usize>> = Mutex::new(None);
+// std's locks under loom too: the process-wide state is outside the models.
+static POOL: std::sync::Mutex<Option<Arc<Pool>>> = std::sync::Mutex::new(None);
+static REQUESTED: std::sync::Mutex<Option<usize>> = std::sync::Mutex::new(None);
 
 #[cfg(unix)]
 thread_local! {
@@ -560,10 +693,10 @@ impl<I> Drop for Free<'_, I> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
 
     /// Miri (`make miri`) interprets every instruction: it gets fewer and smaller steps. Its
     /// scheduler preempts threads at random points, and the seeds it runs with vary them.
@@ -646,6 +779,30 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), n);
+    }
+
+    /// A panic payload whose drop panics.
+    struct Boom;
+    impl Drop for Boom {
+        fn drop(&mut self) {
+            panic!("a panic payload was dropped");
+        }
+    }
+
+    /// Every item panics with a payload whose drop panics. The pool keeps the first and must
+    /// not drop the others: a panic while dropping one on a worker would unwind out of its
+    /// `work`, its items never counted (the caller would wait forever); on the caller, it
+    /// would abort.
+    #[test]
+    fn panic_payloads_that_panic_when_dropped_are_not_dropped() {
+        let pool = Pool::new(3).unwrap();
+        let n = if MIRI { 12 } else { 64 };
+        for _ in 0..3 {
+            let caught = panic::catch_unwind(AssertUnwindSafe(|| {
+                pool.run(n, &|_| panic::panic_any(Boom));
+            }));
+            std::mem::forget(caught.unwrap_err().downcast::<Boom>().unwrap());
+        }
     }
 
     #[test]
