@@ -10,6 +10,7 @@ __all__ = [
     "ArrayPlan",
     "TorchPlan",
     "__version__",
+    "_set_openmp",
     "build_info",
     "executor",
     "get_num_threads",
