@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .cases import APIS, TRAIN_PATHS, BenchConfig, OptimizerCase, TrainModel
 from .report import Progress
-from .timing import _calibrate, _set_threads
+from .timing import _calibrate, _rotations, _set_threads
 
 OPTIRS = APIS["torch"]
 """The name optirs.torch's runs are reported under."""
@@ -180,25 +180,16 @@ def _time_rounds(
     loops: dict[str, _Loop], iters: dict[str, int], repeats: int
 ) -> dict[str, _Samples]:
     """Rounds of ``iters[name]`` back-to-back iterations of each loop, the order rotating."""
-    names = list(loops)
-    samples = {n: _Samples(iters[n]) for n in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                loop, k = loops[name], iters[name]
-                loop.step_s = 0.0
-                t0 = time.perf_counter()
-                for _ in range(k):
-                    loop()
-                elapsed = time.perf_counter() - t0
-                samples[name].per_iter_s.append(elapsed / k)
-                samples[name].step_s.append(loop.step_s / k)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    samples = {n: _Samples(iters[n]) for n in loops}
+    for name in _rotations(list(loops), repeats):
+        loop, k = loops[name], iters[name]
+        loop.step_s = 0.0
+        t0 = time.perf_counter()
+        for _ in range(k):
+            loop()
+        elapsed = time.perf_counter() - t0
+        samples[name].per_iter_s.append(elapsed / k)
+        samples[name].step_s.append(loop.step_s / k)
     return samples
 
 
