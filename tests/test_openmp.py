@@ -47,6 +47,22 @@ def test_a_torch_process_steps_on_the_openmp_team(two_threads) -> None:
     assert optirs._core.executor() == "serial"
 
 
+def test_a_team_kept_to_one_thread_is_not_borrowed(two_threads) -> None:
+    """torch.set_num_threads(1) (as in DataLoader workers): no warm team, and in a child forked
+    before optirs was imported the only safe choice; the own pool steps at optirs's count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert optirs._core.executor() == "pool"
+        assert _run("Adam", openmp=True, threads=2)[0].tobytes() == (
+            _run("Adam", openmp=False, threads=2)[0].tobytes()
+        )
+    finally:
+        torch.set_num_threads(old)
+    optirs._core._set_openmp(True)
+    assert optirs._core.executor() == ("openmp" if LINUX else "pool")
+
+
 def _run(name: str, openmp: bool, threads: int, steps: int = 3) -> list[np.ndarray]:
     """Parameters and state of ``steps`` steps of ``name`` over several multi-chunk tensors."""
     optirs._core._set_openmp(openmp)

@@ -20,6 +20,10 @@
 //!   parallel region hangs in its next one, GCC bug 60035). The runtime is used only in the
 //!   process that imported optirs ([`init`] records its id; a child has another), so a
 //!   DataLoader worker or a multiprocessing child steps on the own pool, as after any fork.
+//! - Using a team the runtime keeps to one thread (`omp_get_max_threads() == 1` on the calling
+//!   thread: `torch.set_num_threads(1)`, which DataLoader workers call): there is no warm team
+//!   to borrow, and a child forked before optirs was imported (whose id [`init`] cannot tell
+//!   from a parent's) is safe only this way, as torch's own operations are.
 //! - Unwinding through C: a panic in an item is caught on the thread that ran it, every other
 //!   item still runs, and the first panic is re-raised on the caller after `GOMP_parallel`
 //!   returned, as the own pool does.
@@ -45,6 +49,7 @@ use std::sync::{Mutex, PoisonError};
 
 type Microtask = unsafe extern "C" fn(*mut c_void);
 pub type GompParallel = unsafe extern "C" fn(Microtask, *mut c_void, c_uint, c_uint);
+type MaxThreads = unsafe extern "C" fn() -> c_int;
 
 /// Whether steps may use a loaded OpenMP runtime (`OPTIRS_OPENMP`, read by [`init`]).
 static ENABLED: AtomicU32 = AtomicU32::new(0);
@@ -52,6 +57,8 @@ static ENABLED: AtomicU32 = AtomicU32::new(0);
 static PID: AtomicU32 = AtomicU32::new(0);
 /// `GOMP_parallel`, once found (0 until then).
 static PARALLEL: AtomicUsize = AtomicUsize::new(0);
+/// The same runtime's `omp_get_max_threads`, stored before `PARALLEL`.
+static MAX_THREADS: AtomicUsize = AtomicUsize::new(0);
 /// The loader's count of loaded objects when the last search found no runtime.
 static SEARCHED_AT: AtomicU64 = AtomicU64::new(u64::MAX);
 
@@ -83,11 +90,18 @@ pub fn team() -> Option<GompParallel> {
         return None;
     }
     let f = PARALLEL.load(Ordering::Acquire);
-    if f != 0 {
+    let parallel = if f == 0 {
+        find()?
+    } else {
         // SAFETY: only a `GOMP_parallel` pointer found by `find` is ever stored (module doc).
-        return Some(unsafe { std::mem::transmute::<usize, GompParallel>(f) });
-    }
-    find()
+        unsafe { std::mem::transmute::<usize, GompParallel>(f) }
+    };
+    // SAFETY: `find` stored `omp_get_max_threads` of the same runtime before `GOMP_parallel`
+    // (release/acquire on PARALLEL), and it takes no argument.
+    let max_threads =
+        unsafe { std::mem::transmute::<usize, MaxThreads>(MAX_THREADS.load(Ordering::Relaxed)) };
+    // SAFETY: a plain query of the calling thread's OpenMP settings.
+    (unsafe { max_threads() } > 1).then_some(parallel)
 }
 
 #[cfg(target_os = "linux")]
@@ -148,11 +162,17 @@ fn find() -> Option<GompParallel> {
         if handle.is_null() {
             return None;
         }
-        // SAFETY: a valid handle and a NUL-terminated symbol name.
-        let sym = unsafe { libc::dlsym(handle, c"GOMP_parallel".as_ptr()) };
-        (!sym.is_null()).then_some(sym as usize)
+        // SAFETY: a valid handle and NUL-terminated symbol names.
+        let (sym, max) = unsafe {
+            (
+                libc::dlsym(handle, c"GOMP_parallel".as_ptr()),
+                libc::dlsym(handle, c"omp_get_max_threads".as_ptr()),
+            )
+        };
+        (!sym.is_null() && !max.is_null()).then_some((sym as usize, max as usize))
     });
-    if let Some(f) = found {
+    if let Some((f, max)) = found {
+        MAX_THREADS.store(max, Ordering::Relaxed);
         PARALLEL.store(f, Ordering::Release);
         // SAFETY: `f` is `GOMP_parallel`, whose C signature `GompParallel` spells.
         Some(unsafe { std::mem::transmute::<usize, GompParallel>(f) })
