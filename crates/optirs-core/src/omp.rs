@@ -279,14 +279,24 @@ mod tests {
     /// What `GOMP_parallel` promises, without a runtime: `f(data)` on `n` threads, the caller
     /// among them, returning once all have returned.
     unsafe extern "C" fn fake_parallel(f: Microtask, data: *mut c_void, n: c_uint, _flags: c_uint) {
-        let data = data as usize;
+        /// The region's data as the team threads share it (a pointer, keeping its provenance).
+        struct Data(*mut c_void);
+        // SAFETY: `run` hands a `Team`, which is Sync, and keeps it alive for the region.
+        unsafe impl Sync for Data {}
+        impl Data {
+            fn get(&self) -> *mut c_void {
+                self.0
+            }
+        }
+        let data = Data(data);
+        let data = &data;
         std::thread::scope(|s| {
             for _ in 1..n {
                 // SAFETY: as `GOMP_parallel`'s callers require: `data` outlives this scope.
-                s.spawn(move || unsafe { f(data as *mut c_void) });
+                s.spawn(move || unsafe { f(data.get()) });
             }
             // SAFETY: as above.
-            unsafe { f(data as *mut c_void) };
+            unsafe { f(data.get()) };
         });
     }
 
