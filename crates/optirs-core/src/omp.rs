@@ -200,6 +200,8 @@ struct Team<'a> {
     left: AtomicUsize,
     /// Items finished (or panicked).
     done: AtomicUsize,
+    /// Team threads that have left [`microtask`]: each one's last touch of the `Team`.
+    exits: AtomicUsize,
     /// A claim takes `left / share` items (at least one), as the own pool's guided claims.
     share: usize,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
@@ -238,6 +240,8 @@ unsafe extern "C" fn microtask(data: *mut c_void) {
     // returns, which is after this function returned on every thread (module doc).
     let team = unsafe { &*data.cast::<Team<'_>>() };
     team.work();
+    // Last: released to the caller's acquire after the region (see `run`).
+    team.exits.fetch_add(1, Ordering::Release);
 }
 
 /// Runs `run(i)` for every `i < n` on `threads` threads of the calling thread's OpenMP team
@@ -247,21 +251,24 @@ pub fn run(parallel: GompParallel, threads: usize, n: usize, run: &(dyn Fn(usize
         run,
         left: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
+        exits: AtomicUsize::new(0),
         share: 2 * threads,
         panic: Mutex::new(None),
     };
     // The runtime's barriers at the start and end of the region already order what the
-    // caller wrote before the items and what the items wrote before the caller goes on. These
-    // two edges say so in atomics too (the release store of `left`, read by each claim; each
-    // claim's release of `done`, read below), where a race detector that cannot see inside
-    // the runtime finds them.
+    // caller wrote before the items, and everything the team threads did (their items, their
+    // reads of `team`) before the caller goes on and reuses this stack. These edges say so in
+    // atomics too, where a race detector that cannot see inside the runtime finds them: the
+    // release store of `left`, read by each claim; each thread's release of `exits` as it
+    // leaves, read below (one release sequence, so the last value read orders them all).
     team.left.store(n, Ordering::Release);
     let threads = c_uint::try_from(threads).unwrap_or(c_uint::MAX);
     // SAFETY: see the module doc: `team` outlives the call, which returns after every team
     // thread returned from `microtask`; `microtask` never unwinds.
     let data = std::ptr::from_ref(&team).cast_mut().cast();
     unsafe { parallel(microtask, data, threads, 0) };
-    let done = team.done.load(Ordering::Acquire);
+    team.exits.load(Ordering::Acquire);
+    let done = team.done.load(Ordering::Relaxed);
     debug_assert_eq!(done, n, "GOMP_parallel returned before every item ran");
     if let Some(p) = team
         .panic
