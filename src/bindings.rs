@@ -238,7 +238,7 @@ pub mod _core {
     #[pyfunction]
     fn _set_openmp(on: bool) -> PyResult<()> {
         entry(|| {
-            pool::set_openmp(on);
+            optirs_core::omp::set_enabled(on);
             Ok(())
         })
     }

@@ -198,8 +198,6 @@ struct Team<'a> {
     run: &'a (dyn Fn(usize) + Sync),
     /// Items not yet claimed; claimed from the top down.
     left: AtomicUsize,
-    /// Items finished (or panicked).
-    done: AtomicUsize,
     /// Team threads that have left [`microtask`]: each one's last touch of the `Team`.
     exits: AtomicUsize,
     /// A claim takes `left / share` items (at least one), as the own pool's guided claims.
@@ -226,7 +224,6 @@ impl Team<'_> {
                             slot.get_or_insert(p);
                         }
                     }
-                    self.done.fetch_add(take, Ordering::Release);
                     left = self.left.load(Ordering::Acquire);
                 }
                 Err(now) => left = now,
@@ -250,7 +247,6 @@ pub fn run(parallel: GompParallel, threads: usize, n: usize, run: &(dyn Fn(usize
     let team = Team {
         run,
         left: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
         exits: AtomicUsize::new(0),
         share: 2 * threads,
         panic: Mutex::new(None),
@@ -268,8 +264,6 @@ pub fn run(parallel: GompParallel, threads: usize, n: usize, run: &(dyn Fn(usize
     let data = std::ptr::from_ref(&team).cast_mut().cast();
     unsafe { parallel(microtask, data, threads, 0) };
     team.exits.load(Ordering::Acquire);
-    let done = team.done.load(Ordering::Relaxed);
-    debug_assert_eq!(done, n, "GOMP_parallel returned before every item ran");
     if let Some(p) = team
         .panic
         .into_inner()

@@ -555,11 +555,6 @@ fn current(threads: usize) -> Option<Arc<Pool>> {
     Some(pool)
 }
 
-/// Whether large steps may run on a loaded OpenMP runtime's team ([`crate::omp`]).
-pub fn set_openmp(on: bool) {
-    crate::omp::set_enabled(on);
-}
-
 /// Sets the number of threads steps use from now on (at least 1).
 pub fn set_num_threads(n: usize) {
     *REQUESTED.lock().unwrap_or_else(PoisonError::into_inner) = Some(n.max(1));
@@ -620,10 +615,13 @@ fn parallel(n_items: usize, total_elems: usize) -> Option<Executor> {
 /// thread).
 #[must_use]
 pub fn executor_name() -> &'static str {
-    match executor(wanted_threads()).filter(|_| wanted_threads() > 1) {
-        Some(Executor::OpenMp(..)) => "openmp",
-        Some(Executor::Own(_)) => "pool",
-        None => "serial",
+    // A query: it neither builds nor replaces a pool.
+    if wanted_threads() <= 1 {
+        "serial"
+    } else if crate::omp::team().is_some() {
+        "openmp"
+    } else {
+        "pool"
     }
 }
 
