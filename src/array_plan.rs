@@ -278,6 +278,7 @@ impl ArrayPlan {
     /// was applied, or None (nothing written) when the full step must run instead.
     #[pyo3(signature = (
         groups, grads, *, skip_nonfinite = false, flush_denormals = false,
+        grad_unscale = None, grad_coef = None,
         _panic_for_tests = None
     ))]
     #[allow(clippy::used_underscore_binding)]
@@ -287,9 +288,17 @@ impl ArrayPlan {
         grads: &Bound<'_, PyList>,
         skip_nonfinite: bool,
         flush_denormals: bool,
+        grad_unscale: Option<f64>,
+        grad_coef: Option<f64>,
         _panic_for_tests: Option<String>,
     ) -> PyResult<Option<bool>> {
-        let options = course::options(skip_nonfinite, flush_denormals, _panic_for_tests);
+        let options = course::options(
+            skip_nonfinite,
+            flush_denormals,
+            grad_unscale,
+            grad_coef,
+            _panic_for_tests,
+        );
         // The plan holds every array it writes, and `check` a reference to every gradient it
         // reads: `grads` is the caller's list, which another thread may empty while the GIL
         // is released.

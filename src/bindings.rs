@@ -97,7 +97,8 @@ pub mod _core {
     #[pyfunction]
     #[pyo3(signature = (
         kind, groups, params, grads, buffers, steps, fresh, *,
-        skip_nonfinite = false, flush_denormals = false, plan = false, bf16_bits = false,
+        skip_nonfinite = false, flush_denormals = false,
+        grad_unscale = None, grad_coef = None, plan = false, bf16_bits = false,
         commit = None, then = None, _panic_for_tests = None
     ))]
     // The leading underscore keeps the test-only keyword out of sight in Python.
@@ -118,13 +119,21 @@ pub mod _core {
         fresh: Vec<bool>,
         skip_nonfinite: bool,
         flush_denormals: bool,
+        grad_unscale: Option<f64>,
+        grad_coef: Option<f64>,
         plan: bool,
         bf16_bits: bool,
         commit: Option<Vec<crate::bindings::Commit<'_>>>,
         then: Option<crate::bindings::Then<'_>>,
         _panic_for_tests: Option<String>,
     ) -> PyResult<Py<PyAny>> {
-        let options = crate::course::options(skip_nonfinite, flush_denormals, _panic_for_tests);
+        let options = crate::course::options(
+            skip_nonfinite,
+            flush_denormals,
+            grad_unscale,
+            grad_coef,
+            _panic_for_tests,
+        );
         entry(|| {
             let (applied, made) = stepper::run(
                 py, kind, groups, params, grads, buffers, steps, fresh, &options, plan, bf16_bits,
@@ -137,6 +146,42 @@ pub mod _core {
                 None => PyBool::new(py, applied).to_owned().into_any().unbind(),
             })
         })
+    }
+
+    /// The total norm of `grads` (NumPy arrays, each C-contiguous) as
+    /// `torch.nn.utils.get_total_norm` computes it: `(norm, dtype, coef)`, where `dtype` is the
+    /// norm's dtype (the gradients' promoted dtype; float32 for none) and `coef` the clip
+    /// coefficient `min(max_norm / (norm + 1e-6), 1)` in that dtype (None without `max_norm`).
+    /// One parallel pass; bitwise the same at every thread count and SIMD level.
+    #[pyfunction]
+    #[pyo3(signature = (grads, norm_type = 2.0, max_norm = None, *, bf16_bits = false))]
+    #[allow(clippy::needless_pass_by_value)]
+    fn grad_norm(
+        py: Python<'_>,
+        grads: Vec<Bound<'_, PyAny>>,
+        norm_type: f64,
+        max_norm: Option<f64>,
+        bf16_bits: bool,
+    ) -> PyResult<(f64, &'static str, Option<f64>)> {
+        entry(|| {
+            Ok(crate::clip::grad_norm(
+                py, &grads, norm_type, max_norm, bf16_bits,
+            )?)
+        })
+    }
+
+    /// Multiplies every array of `grads` by `coef` in place (`g.mul_(coef)`: the product in the
+    /// gradient's compute type, rounded to its dtype). One parallel pass.
+    #[pyfunction]
+    #[pyo3(signature = (grads, coef, *, bf16_bits = false))]
+    #[allow(clippy::needless_pass_by_value)]
+    fn scale_grads(
+        py: Python<'_>,
+        grads: Vec<Bound<'_, PyAny>>,
+        coef: f64,
+        bf16_bits: bool,
+    ) -> PyResult<()> {
+        entry(|| Ok(crate::clip::scale_grads(py, &grads, coef, bf16_bits)?))
     }
 
     /// The memory-traffic ceiling probe: `read_write[k] ^= xor of read_only`, byte by byte,

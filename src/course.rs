@@ -10,16 +10,22 @@ use optirs_core::{Checked, CoreError, Options};
 use crate::boundary;
 use crate::errors::Result;
 
-/// The keyword options of every step (`skip_nonfinite`, `flush_denormals`, and the test-only
-/// `_panic_for_tests`), as the core takes them.
+/// The keyword options of every step (`skip_nonfinite`, `flush_denormals`, `grad_unscale`,
+/// `grad_coef`, and the test-only `_panic_for_tests`), as the core takes them.
 pub(crate) fn options(
     skip_nonfinite: bool,
     flush_denormals: bool,
+    grad_unscale: Option<f64>,
+    grad_coef: Option<f64>,
     panic_for_tests: Option<String>,
 ) -> Options {
     Options {
         skip_nonfinite,
         flush_denormals,
+        grad_factor: optirs_core::norm::GradFactor {
+            unscale: grad_unscale,
+            coef: grad_coef,
+        },
         panic_for_tests,
     }
 }

@@ -4,12 +4,13 @@
 //! boundary (`boundary`), where errors become Python exceptions (`errors`).
 //!
 //! Modules, each depending only on those listed after it: `bindings` (the pymodule) →
-//! `step` (the full step) → `array_plan`, `torch_plan` (the cached steps) → `course` (what
+//! `step` (the full step), `clip` (gradient norms and clipping) → `array_plan`, `torch_plan` (the cached steps) → `course` (what
 //! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core.
 
 mod array_plan;
 mod bindings;
 mod boundary;
+mod clip;
 mod course;
 mod dlpack;
 mod errors;

@@ -736,6 +736,7 @@ impl TorchPlan {
     /// None (nothing written) when something changed and the full path must run instead.
     #[pyo3(signature = (
         groups, state, *, skip_nonfinite = false, flush_denormals = false,
+        grad_unscale = None, grad_coef = None,
         _panic_for_tests = None
     ))]
     #[allow(clippy::used_underscore_binding)]
@@ -745,9 +746,17 @@ impl TorchPlan {
         state: &Bound<'_, PyAny>,
         skip_nonfinite: bool,
         flush_denormals: bool,
+        grad_unscale: Option<f64>,
+        grad_coef: Option<f64>,
         _panic_for_tests: Option<String>,
     ) -> PyResult<Option<bool>> {
-        let options = course::options(skip_nonfinite, flush_denormals, _panic_for_tests);
+        let options = course::options(
+            skip_nonfinite,
+            flush_denormals,
+            grad_unscale,
+            grad_coef,
+            _panic_for_tests,
+        );
         // The plan's entries (and storages) and the gradients `check` keeps hold every tensor
         // stepped alive.
         course::plan_step(self, groups, state, &options)

@@ -127,7 +127,7 @@ def test_copies_carry_own_options(api, name, how):
         twin = pickle.loads(pickle.dumps(run.opt))
     _assert_options(twin, 1, True)
     if api == "torch":
-        assert twin._step_supports_amp_scaling is False
+        assert twin._step_supports_amp_scaling is True
     _assert_nan_step_is_skipped(run, twin, 2)
     # The original is left as it was.
     _assert_options(run.opt, 1, True)

@@ -16,6 +16,7 @@ parallel. ``optirs.torch`` (imported separately) wraps the same core for ``torch
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
@@ -47,6 +48,8 @@ __all__ = [
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY: Mapping[str, Any] = {}
+#: How a step reads the gradients when no clip coefficient applies.
+_NO_FACTOR: Mapping[str, Any] = {"grad_unscale": None, "grad_coef": None}
 #: The optimizer's own options and counters, with their defaults: kept by load_state_dict,
 #: carried by pickle and deepcopy.
 _OWN_ATTRIBUTES: Mapping[str, Any] = {
@@ -435,14 +438,65 @@ class Optimizer:
         ``skip_nonfinite``, a step whose gradients hold NaN or infinity changes nothing and
         counts in ``skipped_steps``.
         """
+        coef = self.__dict__.pop("_clip_coef", None)
         with self._lock:
-            applied = self._step(grads)
+            if coef is not None and coef != 1.0:
+                self.__dict__["_factor"] = {"grad_unscale": None, "grad_coef": coef}
+            try:
+                applied = self._step(grads)
+            finally:
+                self.__dict__.pop("_factor", None)
         self.last_step_skipped = not applied
         if not applied:
             self.skipped_steps += 1
 
     def _options(self) -> StepOptions:
-        return {"skip_nonfinite": self.skip_nonfinite, "flush_denormals": self.flush_denormals}
+        return {
+            "skip_nonfinite": self.skip_nonfinite,
+            "flush_denormals": self.flush_denormals,
+            **self.__dict__.get("_factor", _NO_FACTOR),  # type: ignore[typeddict-item]
+        }
+
+    def clip_grad_norm_(
+        self,
+        grads: Iterable[Any],
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> float:
+        """Clips the gradients of the next ``step`` inside it: returns the total norm of
+        ``grads`` (as a Python float) as ``torch.nn.utils.clip_grad_norm_`` computes it, and
+        the next ``step`` reads each gradient multiplied by ``min(max_norm / (norm + 1e-6), 1)``
+        (computed in the gradients' promoted dtype, the product rounded to the gradient's
+        dtype): the step after torch's ``clip_grad_norm_``, without writing the gradients.
+
+        Args:
+            grads: the gradients the next ``step`` gets (``None`` entries are skipped), as
+                C-contiguous arrays of float32, float64, float16 or bfloat16.
+            max_norm: the largest total norm kept.
+            norm_type: the order of the norm (``torch.linalg.vector_norm``'s ``ord``;
+                ``float('inf')`` for the largest absolute value).
+            error_if_nonfinite: raise ``RuntimeError`` (torch's message), recording nothing,
+                when the total norm is NaN or infinite.
+
+        One native, parallel pass reads the gradients; they are not modified. The coefficient
+        applies to the next ``step`` only (applied or skipped), whatever gradients it is given;
+        another call before it replaces the coefficient.
+        """
+        if grads is None or isinstance(grads, np.ndarray):
+            raise TypeError(f"grads must be a sequence of gradients, got {_tn(grads)}")
+        norm_type = float(norm_type)
+        arrays = [g for g in grads if g is not None]
+        norm, _dtype, coef = _core.grad_norm(arrays, norm_type, float(max_norm))
+        if error_if_nonfinite and not math.isfinite(norm):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from "
+                "`parameters` is non-finite, so it cannot be clipped. To disable "
+                "this error and scale the gradients by the non-finite norm anyway, "
+                "set `error_if_nonfinite=False`"
+            )
+        self.__dict__["_clip_coef"] = coef
+        return float(norm)
 
     def _step(self, grads: Iterable[Any]) -> bool:
         if grads is None or isinstance(grads, np.ndarray):

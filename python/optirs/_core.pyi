@@ -14,6 +14,8 @@ __all__ = [
     "build_info",
     "executor",
     "get_num_threads",
+    "grad_norm",
+    "scale_grads",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
@@ -41,6 +43,8 @@ def step(
     *,
     skip_nonfinite: bool = False,
     flush_denormals: bool = False,
+    grad_unscale: float | None = None,
+    grad_coef: float | None = None,
     plan: Literal[False] = False,
     bf16_bits: bool = False,
     commit: list[tuple[Any, Any, Any]] | None = None,
@@ -61,7 +65,10 @@ def step(
     raises the same, torch's message first, with nothing modified. Returns False, with nothing
     modified,
     when ``skip_nonfinite`` is set and a gradient holds NaN or infinity. ``flush_denormals``
-    flushes denormals to zero on every thread of the step, for its duration (x86-64). With
+    flushes denormals to zero on every thread of the step, for its duration (x86-64). The step
+    reads each gradient divided by ``grad_unscale`` (GradScaler's scale) and then multiplied by
+    ``grad_coef`` (a clip coefficient), each result rounded to the gradient's dtype; the
+    gradients themselves are not written. With
     ``plan``, returns ``(applied, ArrayPlan)``: the plan of the steps after this one.
     ``bf16_bits`` (the torch bridge): uint16 arrays are bfloat16 bit patterns; otherwise integer
     arrays are refused and bfloat16 arrays are ``ml_dtypes.bfloat16``. Once the update is
@@ -83,6 +90,8 @@ def step(
     *,
     skip_nonfinite: bool = False,
     flush_denormals: bool = False,
+    grad_unscale: float | None = None,
+    grad_coef: float | None = None,
     plan: Literal[True],
     bf16_bits: bool = False,
     commit: list[tuple[Any, Any, Any]] | None = None,
@@ -104,6 +113,8 @@ class ArrayPlan:
         *,
         skip_nonfinite: bool = False,
         flush_denormals: bool = False,
+        grad_unscale: float | None = None,
+        grad_coef: float | None = None,
         _panic_for_tests: str | None = None,
     ) -> bool | None:
         """Steps every parameter whose gradient is not None; returns whether the update was
@@ -134,6 +145,8 @@ class TorchPlan:
         *,
         skip_nonfinite: bool = False,
         flush_denormals: bool = False,
+        grad_unscale: float | None = None,
+        grad_coef: float | None = None,
         _panic_for_tests: str | None = None,
     ) -> bool | None:
         """Steps every parameter that has a gradient; returns whether the update was applied,
@@ -147,6 +160,24 @@ class TorchPlan:
 
     def __len__(self) -> int:
         """How many parameters the plan covers."""
+
+def grad_norm(
+    grads: list[Any],
+    norm_type: float = 2.0,
+    max_norm: float | None = None,
+    *,
+    bf16_bits: bool = False,
+) -> tuple[float, str, float | None]:
+    """The total norm of ``grads`` (C-contiguous float arrays) as
+    ``torch.nn.utils.get_total_norm`` computes it: ``(norm, dtype, coef)``, ``dtype`` the
+    norm's dtype (the gradients' promoted dtype; "float32" for none) and ``coef`` the clip
+    coefficient ``min(max_norm / (norm + 1e-6), 1)`` in that dtype (None without
+    ``max_norm``). One parallel pass, the same bits at every thread count and SIMD level.
+    RuntimeError, as torch, for an infinity norm of an empty array."""
+
+def scale_grads(grads: list[Any], coef: float, *, bf16_bits: bool = False) -> None:
+    """Multiplies every array in place by ``coef`` (the product rounded to its dtype), in one
+    parallel pass; the arrays must be writeable and must not overlap."""
 
 def traffic(read_only: list[Any], read_write: list[Any]) -> None:
     """Memory-traffic ceiling probe: ``read_write[k] ^= xor of read_only``, byte by byte, over

@@ -21,6 +21,10 @@ class StepOptions(TypedDict):
 
     skip_nonfinite: bool
     flush_denormals: bool
+    #: divide each gradient by this as the step reads it (GradScaler's scale), or None
+    grad_unscale: float | None
+    #: then multiply it by this (a clip coefficient), or None
+    grad_coef: float | None
 
 
 class GroupsSnapshot:

@@ -30,6 +30,7 @@ use crate::dtype::DType;
 use crate::error::{panic_message, CoreError};
 use crate::fpenv::FlushGuard;
 use crate::kernels::{simd, Rule, Slices, Storage};
+use crate::norm::{self, GradFactor};
 use crate::pool;
 use crate::rules::RuleOf;
 use crate::value_err;
@@ -159,6 +160,19 @@ impl Item<'_> {
         }
     }
 
+    /// [`Item::run`], reading the gradient through `factor`.
+    fn run_through(self, level: simd::SimdLevel, factor: GradFactor) {
+        if factor.is_identity() {
+            return self.run(level);
+        }
+        match self {
+            Item::F32(r, s) => run_factored(level, &r, s, factor),
+            Item::F64(r, s) => run_factored(level, &r, s, factor),
+            Item::F16(r, s) => run_factored(level, &r, s, factor),
+            Item::Bf16(r, s) => run_factored(level, &r, s, factor),
+        }
+    }
+
     fn run(self, level: simd::SimdLevel) {
         match self {
             Item::F32(r, s) => simd::apply(level, &r, s),
@@ -167,6 +181,46 @@ impl Item<'_> {
             Item::Bf16(r, s) => simd::apply(level, &r, s),
         }
     }
+}
+
+thread_local! {
+    /// Each thread's gradient scratch: one work item's gradient as the step reads it through a
+    /// [`GradFactor`]. `f64`s, so it is aligned for, and large enough for, any storage type.
+    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One work item whose gradient is read through `factor` (a clip coefficient, GradScaler's
+/// scale): the gradient piece is written, factored and rounded to its dtype, into this
+/// thread's scratch (L1/L2-sized: at most [`CHUNK_ELEMS`] elements), and the rule runs over
+/// that instead. Every rule gets it without knowing of it, and the gradient is only read: main
+/// memory traffic is the unfactored step's.
+fn run_factored<S: simd::Element>(
+    level: simd::SimdLevel,
+    rule: &Rule<S::Compute>,
+    s: Slices<'_, S>,
+    factor: GradFactor,
+) {
+    let n = s.len();
+    assert!(
+        n <= CHUNK_ELEMS
+            && std::mem::size_of::<S>() <= std::mem::size_of::<f64>()
+            && std::mem::align_of::<S>() <= std::mem::align_of::<f64>(),
+        "a work item fits the gradient scratch"
+    );
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < CHUNK_ELEMS {
+            buf.resize(CHUNK_ELEMS, 0.0);
+        }
+        // SAFETY: the buffer holds CHUNK_ELEMS initialised f64s, at least n elements of `S`
+        // (no larger, no more aligned than f64, checked above) in its bytes; every storage
+        // type is a float for which any bit pattern is a value; the buffer is this thread's,
+        // borrowed mutably for this call only.
+        let scratch: &mut [S] =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<S>(), n) };
+        norm::apply_factor(level, s.grad, scratch, factor);
+        simd::apply(level, rule, Slices { grad: scratch, ..s });
+    });
 }
 
 /// The slices of one checked parameter, as storage type `S`.
@@ -231,6 +285,9 @@ pub struct Options {
     pub skip_nonfinite: bool,
     /// Flush denormals to zero on every thread of the step, for its duration.
     pub flush_denormals: bool,
+    /// How every gradient is read (unscaled, clipped); the identity by default. The gradients
+    /// themselves are never written.
+    pub grad_factor: GradFactor,
     /// Test-only: panic at "validation" (before anything is written), in a "worker" (before
     /// its item writes), or "after_write" (once half the items have been written).
     pub panic_for_tests: Option<String>,
@@ -291,6 +348,7 @@ impl Work<'_> {
         } = self;
         let panic_at = options.panic_for_tests.as_deref();
         let flush = options.flush_denormals;
+        let factor = options.grad_factor;
         let total: usize = items.iter().map(Item::len).sum();
         if options.skip_nonfinite && !pool::all(&items, total, Item::grad_is_finite) {
             return false;
@@ -301,7 +359,7 @@ impl Work<'_> {
             pool::for_each(items, total, |it| {
                 let _flush = FlushGuard::new(flush);
                 assert!(panic_at != Some("worker"), "test-only panic in a worker");
-                it.run(level);
+                it.run_through(level, factor);
                 let done = ran.fetch_add(1, Ordering::Relaxed) + 1;
                 assert!(
                     !(panic_at == Some("after_write") && done == half),

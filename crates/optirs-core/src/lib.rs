@@ -7,6 +7,8 @@
 //! - [`rules`]: the rule table (state buffers per rule, in order), hyperparameters, per-step
 //!   scalars; [`torch_raises`]: where torch.optim's own step raises for them.
 //! - [`dtype`]: the element types. [`engine`]: work items, chunking, counters, the step.
+//! - [`norm`]: gradient norms and clipping (`clip_grad_norm_`), and how a step reads each
+//!   gradient through a clip coefficient or GradScaler's scale.
 //! - [`overlap`]: the aliasing check and its cache. [`pool`]: the thread pool, and [`omp`]:
 //!   the OpenMP team it hands large steps to when the process has one. [`fpenv`]: flush-to-zero. [`error`]: the typed error with its location.
 
@@ -15,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod fpenv;
 pub mod kernels;
+pub mod norm;
 pub mod omp;
 pub mod overlap;
 pub mod pool;

@@ -24,6 +24,14 @@ and stored in the parameter's dtype (as torch's fused CPU path does); dense grad
 dense memory layout (contiguous, transposed, channels_last) shared by a parameter, its gradient
 and its state. Anything else raises a clear error before anything is modified.
 
+Gradient clipping: every optimizer's ``clip_grad_norm_(max_norm, norm_type=2.0,
+error_if_nonfinite=False)`` returns the total norm (one native pass) and has the next ``step()``
+read each gradient multiplied by the clip coefficient, without writing the gradients; and
+``optirs.torch.clip_grad_norm_`` is a drop-in ``torch.nn.utils.clip_grad_norm_``.
+``torch.amp.GradScaler`` hands the optimizers its scale and inf flag (they set
+``_step_supports_amp_scaling``, as torch's fused optimizers do): a step with an inf is
+skipped, and still-scaled gradients are unscaled as the step reads them.
+
 Also here: ``step_in_backward`` (each parameter stepped as soon as its gradient is ready; see
 ``optirs.torch._backward``) and ``register_functional_optimizers`` (ZeRO's
 ``overlap_with_ddp=True``; nothing is registered with ``torch.distributed`` until it is called).
@@ -39,6 +47,7 @@ from ._bridge import SGD, Adagrad, Adam, AdamW, RMSprop
 from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
 from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
+from ._clip import clip_grad_norm_
 from ._distributed import register_functional_optimizers
 
 __all__ = [
@@ -48,6 +57,7 @@ __all__ = [
     "AdamW",
     "RMSprop",
     "StepInBackward",
+    "clip_grad_norm_",
     "register_functional_optimizers",
     "step_in_backward",
 ]

@@ -18,8 +18,12 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _core, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
+from . import _clip
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
+
+#: How a step reads the gradients when neither a clip coefficient nor GradScaler applies.
+_NO_FACTOR = {"grad_unscale": None, "grad_coef": None}
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # DLPack's C exchange API (torch 2.10 and later): the plan reads a tensor's data pointer, dtype,
@@ -57,8 +61,8 @@ class _Bridge:
 
     def _after_init(self, skip_nonfinite: bool, flush_denormals: bool) -> None:
         # torch's GradScaler hands grad_scale/found_inf to optimizers that claim AMP support
-        # (fused ones). optirs lets the scaler unscale and skip steps itself instead.
-        self._step_supports_amp_scaling = False
+        # (as to torch's fused ones): step() skips on found_inf and unscales as it reads.
+        self._step_supports_amp_scaling = True
         #: skip a whole step, changing nothing, when any gradient holds NaN or infinity
         self.skip_nonfinite = bool(skip_nonfinite)
         #: flush denormals to zero while a step runs (x86-64; changes results slightly)
@@ -83,8 +87,8 @@ class _Bridge:
         from a pickle without them (an older optirs) gets the constructor's defaults.
         """
         super().__setstate__(state)  # type: ignore[misc]
-        # As in _after_init: GradScaler must not hand this optimizer grad_scale/found_inf.
-        self._step_supports_amp_scaling = False
+        # As in _after_init.
+        self._step_supports_amp_scaling = True
         for name, default in _OWN_ATTRIBUTES.items():
             if name not in self.__dict__:
                 setattr(self, name, default)
@@ -93,7 +97,46 @@ class _Bridge:
         return {
             "skip_nonfinite": getattr(self, "skip_nonfinite", False),
             "flush_denormals": getattr(self, "flush_denormals", False),
+            **self.__dict__.get("_optirs_factor", _NO_FACTOR),  # type: ignore[typeddict-item]
         }
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clips this optimizer's gradients inside its next ``step()``: returns their total
+        norm as ``torch.nn.utils.clip_grad_norm_`` does (a 0-d tensor of their promoted dtype),
+        and the next ``step()`` reads each gradient multiplied by
+        ``min(max_norm / (norm + 1e-6), 1)``, rounded to its dtype, exactly as the step after
+        ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` would read it.
+
+        Args:
+            max_norm: the largest total norm kept.
+            norm_type: the order of the norm (``torch.linalg.vector_norm``'s ``ord``;
+                ``float('inf')`` for the largest absolute value).
+            error_if_nonfinite: raise ``RuntimeError`` (torch's message), recording nothing,
+                when the total norm is NaN or infinite.
+
+        One native pass reads the gradients for the norm; the gradients themselves are not
+        modified (``p.grad`` keeps its unclipped values), saving the pass that writes them.
+        The coefficient applies to the next ``step()`` only (applied or skipped); a call
+        before it replaces it, and ``zero_grad()`` drops it: gradients accumulated after
+        this call, before the step, are read with it too. ``step_parameters`` (step in
+        backward) does not use it.
+        """
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        total, coef = _clip.total_norm(grads, max_norm, norm_type, error_if_nonfinite)
+        self.__dict__["_optirs_clip_coef"] = coef
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also drops a coefficient ``clip_grad_norm_`` recorded.
+
+        Args:
+            set_to_none: as torch: set the gradients to None instead of zeroing them.
+        """
+        self.__dict__.pop("_optirs_clip_coef", None)
+        super().zero_grad(set_to_none)  # type: ignore[misc]
 
     def _lock(self) -> threading.Lock:
         # Made on first use: torch's own pickling and deepcopy drop unknown attributes.
@@ -118,8 +161,27 @@ class _Bridge:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # torch.amp.GradScaler sets these for the duration of step() (we claim
+        # `_step_supports_amp_scaling`): found_inf nonzero skips the step, as torch's fused
+        # step does; grad_scale (the gradients are still scaled) divides each gradient as the
+        # kernel reads it, where torch's fused step also writes the quotient back to p.grad.
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        coef = self.__dict__.pop("_optirs_clip_coef", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            # The scaler's skip, not the optimizer's: `skipped_steps` counts only those of
+            # `skip_nonfinite`.
+            self.last_step_skipped = True
+            return loss
         with self._lock():
-            applied = self._optirs_step()
+            self.__dict__["_optirs_factor"] = {
+                "grad_unscale": None if grad_scale is None else float(grad_scale),
+                "grad_coef": None if coef == 1.0 else coef,
+            }
+            try:
+                applied = self._optirs_step()
+            finally:
+                del self.__dict__["_optirs_factor"]
         self.last_step_skipped = not applied
         if not applied:
             self.skipped_steps = getattr(self, "skipped_steps", 0) + 1

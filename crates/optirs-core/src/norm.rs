@@ -1,0 +1,557 @@
+//! Gradient norms and gradient clipping: the passes `torch.nn.utils.clip_grad_norm_` makes
+//! around a step, as one parallel pass for the norm and one for the scaling.
+//!
+//! # What is computed
+//! As torch's `_get_total_norm`: each tensor's `vector_norm` (torch's `_foreach_norm`, whose
+//! result has the tensor's dtype), then the `vector_norm` of those norms stacked (in their
+//! promoted dtype), then `_clip_grads_with_norm_`'s coefficient
+//! `clamp(max_norm / (total + 1e-6), max=1)`, in that dtype ([`ClipCoef`]).
+//!
+//! Each tensor's sum (of squares, of absolute values, of `|x|^p`) is accumulated in `f64`
+//! where torch accumulates float32 (and 16-bit) tensors in float32: at least as accurate (a
+//! float32 square is exact in `f64`, and 2^29 more sums fit before rounding matters as much),
+//! so the result is torch's or closer to the exact norm, and rounded to the tensor's dtype as
+//! torch's is. Maxima and minima are exact in any type.
+//!
+//! # Why the bits never depend on threads or SIMD
+//! A tensor is cut into pieces of [`CHUNK_ELEMS`] elements whatever the thread count. Within a
+//! piece, element `i` goes to accumulator `i % LANES`, and the accumulators are added in one
+//! fixed order: the compiler may hold them in vectors of any width (it cannot reorder float
+//! additions), so every SIMD level gives the same bits. The pieces' partial sums are then
+//! added in piece order on the calling thread.
+
+use crate::dtype::DType;
+use crate::engine::CHUNK_ELEMS;
+use crate::kernels::{simd::SimdLevel, Float, Storage};
+use crate::pool;
+
+/// Independent accumulators per piece: enough dependency chains to keep vector adders busy at
+/// every level (AVX-512 holds them in 4 vectors of 8 `f64`).
+const LANES: usize = 32;
+
+/// The `ord` of `torch.linalg.vector_norm`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NormType {
+    /// `sqrt(sum x^2)`.
+    Two,
+    /// `sum |x|`.
+    One,
+    /// `max |x|`.
+    Inf,
+    /// `min |x|`.
+    NegInf,
+    /// The number of non-zero elements.
+    Zero,
+    /// `(sum |x|^p)^(1/p)`.
+    P(f64),
+}
+
+impl NormType {
+    /// The norm of order `p` (any float; NaN is refused by the caller).
+    #[must_use]
+    pub fn of(p: f64) -> NormType {
+        match p {
+            2.0 => NormType::Two,
+            1.0 => NormType::One,
+            0.0 => NormType::Zero,
+            f64::INFINITY => NormType::Inf,
+            f64::NEG_INFINITY => NormType::NegInf,
+            p => NormType::P(p),
+        }
+    }
+
+    /// The accumulator's starting value.
+    fn identity(self) -> f64 {
+        match self {
+            NormType::NegInf => f64::INFINITY,
+            _ => 0.0,
+        }
+    }
+
+    /// Adds one element's contribution to an accumulator.
+    #[inline(always)]
+    fn add(self, acc: f64, x: f64) -> f64 {
+        match self {
+            NormType::Two => acc + x * x,
+            NormType::One => acc + x.abs(),
+            NormType::Zero => acc + if x == 0.0 { 0.0 } else { 1.0 },
+            NormType::P(p) => acc + x.abs().powf(p),
+            NormType::Inf => max_nan(acc, x.abs()),
+            NormType::NegInf => min_nan(acc, x.abs()),
+        }
+    }
+
+    /// Combines two partial results (sums add, extremes compare).
+    #[inline(always)]
+    fn combine(self, a: f64, b: f64) -> f64 {
+        match self {
+            NormType::Inf => max_nan(a, b),
+            NormType::NegInf => min_nan(a, b),
+            _ => a + b,
+        }
+    }
+
+    /// The norm from the combined accumulator.
+    fn finish(self, acc: f64) -> f64 {
+        match self {
+            NormType::Two => acc.sqrt(),
+            NormType::P(p) => acc.powf(1.0 / p),
+            _ => acc,
+        }
+    }
+}
+
+/// `torch.max`'s rule: NaN wins.
+#[inline(always)]
+fn max_nan(a: f64, b: f64) -> f64 {
+    if b > a || b.is_nan() {
+        b
+    } else {
+        a
+    }
+}
+
+#[inline(always)]
+fn min_nan(a: f64, b: f64) -> f64 {
+    if b < a || b.is_nan() {
+        b
+    } else {
+        a
+    }
+}
+
+/// One gradient the norm reads: its dtype, where its elements are and how many.
+#[derive(Clone, Copy, Debug)]
+pub struct GradRef {
+    dtype: DType,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: a `GradRef` is only read through (shared slices), by contract of `GradRef::new`.
+unsafe impl Send for GradRef {}
+// SAFETY: as above.
+unsafe impl Sync for GradRef {}
+
+impl GradRef {
+    /// `len` elements of `dtype` at `ptr`.
+    ///
+    /// # Safety
+    /// Until the call that reads it returns, `ptr` points to `len` initialised, aligned
+    /// elements of `dtype` that are alive and unmoved (nothing is required when `len` is 0).
+    /// For [`scale`], they are also written: nothing else may read or write them meanwhile,
+    /// and no two `GradRef`s of one call may overlap.
+    #[must_use]
+    pub unsafe fn new(dtype: DType, ptr: *const u8, len: usize) -> GradRef {
+        GradRef { dtype, ptr, len }
+    }
+
+    /// The dtype.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// True when it has no elements.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements `at..at + n` (within its length) as `S`.
+    ///
+    /// # Safety
+    /// The contract of [`GradRef::new`], with `S` its dtype.
+    unsafe fn piece<'a, S>(&self, at: usize, n: usize) -> &'a [S] {
+        assert!(at + n <= self.len);
+        if n == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller's contract; the range lies within the gradient.
+            unsafe { std::slice::from_raw_parts(self.ptr.cast::<S>().add(at), n) }
+        }
+    }
+
+    /// Elements `at..at + n` as `S`, to write. Only the piece is borrowed: other threads
+    /// borrow the other pieces of the same gradient at the same time.
+    ///
+    /// # Safety
+    /// As [`GradRef::piece`], the elements may be written ([`scale`]'s contract), and no
+    /// other borrow of this range is alive.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn piece_mut<'a, S>(&self, at: usize, n: usize) -> &'a mut [S] {
+        assert!(at + n <= self.len);
+        if n == 0 {
+            &mut []
+        } else {
+            // SAFETY: the caller's contract; the range lies within the gradient.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<S>().cast_mut().add(at), n) }
+        }
+    }
+}
+
+/// The accumulation over one piece, written once and compiled per SIMD level.
+#[inline(always)]
+fn piece_inline<S: Storage>(xs: &[S], p: NormType) -> f64 {
+    let mut acc = [p.identity(); LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            acc[j] = p.add(acc[j], c[j].load().to_f64());
+        }
+    }
+    for (j, x) in chunks.remainder().iter().enumerate() {
+        acc[j] = p.add(acc[j], x.load().to_f64());
+    }
+    acc.into_iter()
+        .reduce(|a, b| p.combine(a, b))
+        .unwrap_or(p.identity())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn piece_avx512<S: Storage>(xs: &[S], p: NormType) -> f64 {
+    piece_inline(xs, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn piece_avx2<S: Storage>(xs: &[S], p: NormType) -> f64 {
+    piece_inline(xs, p)
+}
+
+fn piece<S: Storage>(level: SimdLevel, xs: &[S], p: NormType) -> f64 {
+    match level.min(SimdLevel::detect()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the level's features (`detect`, clamped above).
+        SimdLevel::Avx512 => unsafe { piece_avx512(xs, p) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { piece_avx2(xs, p) },
+        _ => piece_inline(xs, p),
+    }
+}
+
+/// `g = g * c` rounded to the storage type, written once and compiled per level.
+#[inline(always)]
+fn scale_inline<S: Storage>(xs: &mut [S], c: S::Compute) {
+    for x in xs {
+        *x = S::store(x.load() * c);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn scale_avx512<S: Storage>(xs: &mut [S], c: S::Compute) {
+    scale_inline(xs, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_avx2<S: Storage>(xs: &mut [S], c: S::Compute) {
+    scale_inline(xs, c);
+}
+
+fn scale_piece<S: Storage>(level: SimdLevel, xs: &mut [S], c: S::Compute) {
+    match level.min(SimdLevel::detect()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the level's features (`detect`, clamped above).
+        SimdLevel::Avx512 => unsafe { scale_avx512(xs, c) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { scale_avx2(xs, c) },
+        _ => scale_inline(xs, c),
+    }
+}
+
+/// The pieces of every gradient: (gradient index, first element, element count).
+fn pieces(grads: &[GradRef]) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    for (i, g) in grads.iter().enumerate() {
+        let mut at = 0;
+        while at < g.len {
+            let n = CHUNK_ELEMS.min(g.len - at);
+            out.push((i, at, n));
+            at += n;
+        }
+    }
+    out
+}
+
+/// Rounds `x` to `dtype` as torch's cast of a float32 (or float64) result does.
+#[must_use]
+pub fn round_to(x: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => x,
+        DType::F32 => f64::from(x as f32),
+        DType::Bf16 => f64::from(half::bf16::store(x as f32).load()),
+        DType::F16 => f64::from(half::f16::store(x as f32).load()),
+    }
+}
+
+/// The dtype torch's type promotion gives a stack of norms of these dtypes (None: no dtype).
+#[must_use]
+pub fn promoted(dtypes: impl IntoIterator<Item = DType>) -> Option<DType> {
+    dtypes.into_iter().reduce(|a, b| match (a, b) {
+        (a, b) if a == b => a,
+        (DType::F64, _) | (_, DType::F64) => DType::F64,
+        // float32 with anything narrower, and float16 with bfloat16, meet in float32.
+        _ => DType::F32,
+    })
+}
+
+/// Each gradient's norm (in `f64`, before rounding to its dtype): one parallel pass.
+#[must_use]
+pub fn norms(grads: &[GradRef], p: NormType) -> Vec<f64> {
+    let level = crate::kernels::simd::active();
+    let work = pieces(grads);
+    let total: usize = grads.iter().map(|g| g.len).sum();
+    let mut partial = vec![0.0f64; work.len()];
+    let items: Vec<_> = work.iter().zip(partial.iter_mut()).collect();
+    pool::for_each(items, total, |(&(i, at, n), out)| {
+        let g = &grads[i];
+        // SAFETY: `GradRef::new`'s contract; the piece lies within the gradient.
+        *out = unsafe {
+            match g.dtype {
+                DType::F32 => piece(level, g.piece::<f32>(at, n), p),
+                DType::F64 => piece(level, g.piece::<f64>(at, n), p),
+                DType::F16 => piece(level, g.piece::<half::f16>(at, n), p),
+                DType::Bf16 => piece(level, g.piece::<half::bf16>(at, n), p),
+            }
+        };
+    });
+    let mut acc = vec![p.identity(); grads.len()];
+    // In piece order, whatever thread computed each piece.
+    for (&(i, _, _), part) in work.iter().zip(&partial) {
+        acc[i] = p.combine(acc[i], *part);
+    }
+    acc.into_iter().map(|a| p.finish(a)).collect()
+}
+
+/// The total norm as torch's `_get_total_norm` gives it: each gradient's norm rounded to its
+/// dtype, then the norm of those, rounded to their promoted dtype. None when `grads` is empty.
+#[must_use]
+pub fn total_norm(grads: &[GradRef], p: NormType) -> Option<(f64, DType)> {
+    let dtype = promoted(grads.iter().map(GradRef::dtype))?;
+    let each = norms(grads, p);
+    let mut acc = p.identity();
+    for (n, g) in each.iter().zip(grads) {
+        let n = round_to(*n, g.dtype);
+        // The stack is cast to the promoted dtype before its norm is taken.
+        acc = p.combine(acc, p.add(p.identity(), round_to(n, dtype)));
+    }
+    // torch accumulates that (short) norm in its dtype's accumulator; `f64` here.
+    Some((round_to(p.finish(acc), dtype), dtype))
+}
+
+/// `_clip_grads_with_norm_`'s coefficient: `clamp(max_norm / (total + 1e-6), max=1.0)` with
+/// the arithmetic of a 0-d tensor of `dtype` (16-bit ones compute in float32 and round).
+/// A Python float divided by a tensor is `tensor.reciprocal() * float` in torch
+/// (`Tensor.__rtruediv__`): two roundings, kept here. NaN stays NaN, as `torch.clamp` keeps it.
+#[must_use]
+pub fn clip_coef(max_norm: f64, total: f64, dtype: DType) -> f64 {
+    let coef = if dtype == DType::F64 {
+        (1.0 / (total + 1e-6)) * max_norm
+    } else {
+        // Python scalars meet a float32 (or 16-bit) tensor as float32 values.
+        let t = round_to(f64::from((total as f32) + (1e-6f64 as f32)), dtype) as f32;
+        let r = round_to(f64::from(1.0f32 / t), dtype) as f32;
+        round_to(f64::from(r * (max_norm as f32)), dtype)
+    };
+    if coef > 1.0 {
+        1.0
+    } else {
+        coef
+    }
+}
+
+/// Multiplies every gradient by `coef` in place (`g.mul_(coef)`: `coef` as the gradient's
+/// compute type, the product rounded to its dtype): one parallel pass.
+///
+/// # Safety
+/// Every `GradRef` meets [`GradRef::new`]'s contract for writing.
+pub unsafe fn scale(grads: &[GradRef], coef: f64) {
+    let level = crate::kernels::simd::active();
+    let work = pieces(grads);
+    let total: usize = grads.iter().map(|g| g.len).sum();
+    pool::for_each(work, total, |(i, at, n)| {
+        let g = &grads[i];
+        // SAFETY: the caller's contract; the pieces of one call never overlap, and each is
+        // borrowed by one thread only.
+        unsafe {
+            match g.dtype {
+                DType::F32 => scale_piece(level, g.piece_mut::<f32>(at, n), coef as f32),
+                DType::F64 => scale_piece(level, g.piece_mut::<f64>(at, n), coef),
+                DType::F16 => scale_piece(level, g.piece_mut::<half::f16>(at, n), coef as f32),
+                DType::Bf16 => scale_piece(level, g.piece_mut::<half::bf16>(at, n), coef as f32),
+            }
+        }
+    });
+}
+
+/// How a step reads each gradient: `g / unscale` (GradScaler's scale, as torch's fused step
+/// divides), then `* coef` (a clip coefficient), each result rounded to the gradient's dtype
+/// as torch's in-place passes before the step would store it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GradFactor {
+    pub unscale: Option<f64>,
+    pub coef: Option<f64>,
+}
+
+impl GradFactor {
+    /// True when the gradient is read as it is.
+    #[must_use]
+    pub fn is_identity(&self) -> bool {
+        self.unscale.is_none() && self.coef.is_none()
+    }
+}
+
+#[inline(always)]
+fn factor_inline<S: Storage>(src: &[S], dst: &mut [S], f: GradFactor) {
+    let unscale = f.unscale.map(S::Compute::from_f64);
+    let coef = f.coef.map(S::Compute::from_f64);
+    match (unscale, coef) {
+        (Some(u), Some(c)) => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = S::store(S::store(s.load() / u).load() * c);
+            }
+        }
+        (Some(u), None) => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = S::store(s.load() / u);
+            }
+        }
+        (None, Some(c)) => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = S::store(s.load() * c);
+            }
+        }
+        (None, None) => dst.copy_from_slice(src),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn factor_avx512<S: Storage>(src: &[S], dst: &mut [S], f: GradFactor) {
+    factor_inline(src, dst, f);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn factor_avx2<S: Storage>(src: &[S], dst: &mut [S], f: GradFactor) {
+    factor_inline(src, dst, f);
+}
+
+/// Writes `src` read through `f` into `dst` (one work item's gradient, into a scratch buffer
+/// the item's update then reads in its place).
+///
+/// # Panics
+/// When the lengths differ.
+pub fn apply_factor<S: Storage>(level: SimdLevel, src: &[S], dst: &mut [S], f: GradFactor) {
+    assert_eq!(src.len(), dst.len());
+    match level.min(SimdLevel::detect()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the level's features (`detect`, clamped above).
+        SimdLevel::Avx512 => unsafe { factor_avx512(src, dst, f) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { factor_avx2(src, dst, f) },
+        _ => factor_inline(src, dst, f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::simd;
+
+    fn refs<S>(xs: &[Vec<S>], dtype: DType) -> Vec<GradRef> {
+        xs.iter()
+            // SAFETY: the vectors outlive the call and are only read.
+            .map(|v| unsafe { GradRef::new(dtype, v.as_ptr().cast(), v.len()) })
+            .collect()
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn norms_match_a_plain_loop_at_awkward_lengths() {
+        for n in [0, 1, 7, 31, 32, 33, 1000, CHUNK_ELEMS + 17] {
+            let xs = [data(n, n as u32)];
+            let x = &xs[0];
+            let g = refs(&xs, DType::F32);
+            let exact2: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+            let got = norms(&g, NormType::Two)[0];
+            assert!((got - exact2.sqrt()).abs() <= 1e-12 * exact2.sqrt().max(1.0));
+            let max = x.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+            assert_eq!(norms(&g, NormType::Inf)[0], max);
+            let nz = x.iter().filter(|&&v| v != 0.0).count() as f64;
+            assert_eq!(norms(&g, NormType::Zero)[0], nz);
+        }
+    }
+
+    #[test]
+    fn nan_and_infinity_propagate() {
+        let x = [vec![1.0f32, f32::NAN, 2.0]];
+        let g = refs(&x, DType::F32);
+        assert!(norms(&g, NormType::Two)[0].is_nan());
+        assert!(norms(&g, NormType::Inf)[0].is_nan());
+        let y = [vec![1.0f32, f32::INFINITY]];
+        let g = refs(&y, DType::F32);
+        assert_eq!(norms(&g, NormType::Two)[0], f64::INFINITY);
+        assert_eq!(norms(&g, NormType::NegInf)[0], 1.0);
+    }
+
+    #[test]
+    fn every_simd_level_and_thread_count_gives_the_same_bits() {
+        let xs: Vec<Vec<f32>> = (0..5)
+            .map(|i| data(3 * CHUNK_ELEMS + 5 * i, i as u32))
+            .collect();
+        let g = refs(&xs, DType::F32);
+        let before = simd::active();
+        let mut seen = Vec::new();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+            simd::set_active(level);
+            for threads in [1, 2, 3] {
+                pool::set_num_threads(threads);
+                for p in [NormType::Two, NormType::One, NormType::P(3.5)] {
+                    seen.push((p, norms(&g, p)));
+                }
+            }
+        }
+        simd::set_active(before);
+        for (p, n) in &seen {
+            let first = &seen.iter().find(|(q, _)| q == p).unwrap().1;
+            assert_eq!(
+                n.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                first.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn the_coefficient_is_clamped_and_keeps_nan() {
+        assert_eq!(clip_coef(1.0, 0.5, DType::F32), 1.0);
+        assert_eq!(clip_coef(1.0, 4.0, DType::F64), (1.0 / (4.0 + 1e-6)) * 1.0);
+        assert!(clip_coef(1.0, f64::NAN, DType::F32).is_nan());
+        assert_eq!(clip_coef(1.0, f64::INFINITY, DType::F32), 0.0);
+    }
+
+    #[test]
+    fn promotion_follows_torch() {
+        assert_eq!(promoted([DType::Bf16, DType::F16]), Some(DType::F32));
+        assert_eq!(promoted([DType::Bf16, DType::Bf16]), Some(DType::Bf16));
+        assert_eq!(promoted([DType::F32, DType::F64]), Some(DType::F64));
+        assert_eq!(promoted([]), None);
+    }
+}
