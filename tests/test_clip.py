@@ -466,3 +466,17 @@ def test_grad_scaler_unscales_inside_the_step_bit_for_bit():
             s.update()
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+def test_fused_clip_step_is_the_same_at_every_simd_level_and_thread_count(dtype):
+    def run():
+        ps = _params(dtype, [(70_001,), (5000,), (3,)], seed=11)
+        opt = optirs.torch.Adam(ps, lr=0.01, amsgrad=True)
+        norms = []
+        for _ in range(2):
+            norms.append(opt.clip_grad_norm_(0.5).item())
+            opt.step()
+        return norms, [_bits(p).tolist() for p in ps]
+
+    assert_same_at_every_simd_level_and_thread_count(run)

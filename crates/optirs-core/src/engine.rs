@@ -183,43 +183,54 @@ impl Item<'_> {
     }
 }
 
+/// Elements per pass through the gradient scratch: 8 KiB of float32, which stays in L1
+/// between being written and being read.
+const SCRATCH_ELEMS: usize = 2048;
+
 thread_local! {
-    /// Each thread's gradient scratch: one work item's gradient as the step reads it through a
-    /// [`GradFactor`]. `f64`s, so it is aligned for, and large enough for, any storage type.
-    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's gradient scratch: a piece of one work item's gradient as the step reads it
+    /// through a [`GradFactor`]. `f64`s, so it is aligned for, and large enough for, any
+    /// storage type.
+    static SCRATCH: std::cell::RefCell<[f64; SCRATCH_ELEMS]> =
+        const { std::cell::RefCell::new([0.0; SCRATCH_ELEMS]) };
 }
 
 /// One work item whose gradient is read through `factor` (a clip coefficient, GradScaler's
-/// scale): the gradient piece is written, factored and rounded to its dtype, into this
-/// thread's scratch (L1/L2-sized: at most [`CHUNK_ELEMS`] elements), and the rule runs over
-/// that instead. Every rule gets it without knowing of it, and the gradient is only read: main
-/// memory traffic is the unfactored step's.
+/// scale), [`SCRATCH_ELEMS`] elements at a time: the gradient piece is written, factored and
+/// rounded to its dtype, into this thread's scratch, and the rule runs over that piece instead
+/// (elementwise rules give the same bits whatever the cut). Every rule gets it without knowing
+/// of it, and the gradient is only read: the step's memory traffic is the unfactored step's.
 fn run_factored<S: simd::Element>(
     level: simd::SimdLevel,
     rule: &Rule<S::Compute>,
     s: Slices<'_, S>,
     factor: GradFactor,
 ) {
-    let n = s.len();
     assert!(
-        n <= CHUNK_ELEMS
-            && std::mem::size_of::<S>() <= std::mem::size_of::<f64>()
+        std::mem::size_of::<S>() <= std::mem::size_of::<f64>()
             && std::mem::align_of::<S>() <= std::mem::align_of::<f64>(),
-        "a work item fits the gradient scratch"
+        "a storage type fits the gradient scratch"
     );
     SCRATCH.with(|cell| {
         let mut buf = cell.borrow_mut();
-        if buf.len() < CHUNK_ELEMS {
-            buf.resize(CHUNK_ELEMS, 0.0);
+        for piece in s.chunks(SCRATCH_ELEMS) {
+            let n = piece.len();
+            // SAFETY: the buffer holds SCRATCH_ELEMS initialised f64s, so at least n elements
+            // of `S` (no larger, no more aligned than f64, checked above) in its bytes; every
+            // storage type is a float for which any bit pattern is a value; the buffer is this
+            // thread's, borrowed mutably for this call only.
+            let scratch: &mut [S] =
+                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<S>(), n) };
+            norm::apply_factor(level, piece.grad, scratch, factor);
+            simd::apply(
+                level,
+                rule,
+                Slices {
+                    grad: scratch,
+                    ..piece
+                },
+            );
         }
-        // SAFETY: the buffer holds CHUNK_ELEMS initialised f64s, at least n elements of `S`
-        // (no larger, no more aligned than f64, checked above) in its bytes; every storage
-        // type is a float for which any bit pattern is a value; the buffer is this thread's,
-        // borrowed mutably for this call only.
-        let scratch: &mut [S] =
-            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<S>(), n) };
-        norm::apply_factor(level, s.grad, scratch, factor);
-        simd::apply(level, rule, Slices { grad: scratch, ..s });
     });
 }
 

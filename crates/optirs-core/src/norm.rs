@@ -68,19 +68,6 @@ impl NormType {
         }
     }
 
-    /// Adds one element's contribution to an accumulator.
-    #[inline(always)]
-    fn add(self, acc: f64, x: f64) -> f64 {
-        match self {
-            NormType::Two => acc + x * x,
-            NormType::One => acc + x.abs(),
-            NormType::Zero => acc + if x == 0.0 { 0.0 } else { 1.0 },
-            NormType::P(p) => acc + x.abs().powf(p),
-            NormType::Inf => max_nan(acc, x.abs()),
-            NormType::NegInf => min_nan(acc, x.abs()),
-        }
-    }
-
     /// Combines two partial results (sums add, extremes compare).
     #[inline(always)]
     fn combine(self, a: f64, b: f64) -> f64 {
@@ -193,19 +180,35 @@ impl GradRef {
 /// The accumulation over one piece, written once and compiled per SIMD level.
 #[inline(always)]
 fn piece_inline<S: Storage>(xs: &[S], p: NormType) -> f64 {
+    // One loop per norm type, each with its operation known: a loop that matched the type
+    // per element was not vectorised.
+    let acc = match p {
+        NormType::Two => lanes(xs, p, |a, x| a + x * x),
+        NormType::One => lanes(xs, p, |a, x| a + x.abs()),
+        NormType::Zero => lanes(xs, p, |a, x| a + if x == 0.0 { 0.0 } else { 1.0 }),
+        NormType::Inf => lanes(xs, p, |a, x| max_nan(a, x.abs())),
+        NormType::NegInf => lanes(xs, p, |a, x| min_nan(a, x.abs())),
+        NormType::P(e) => lanes(xs, p, |a, x| a + x.abs().powf(e)),
+    };
+    acc.into_iter()
+        .reduce(|a, b| p.combine(a, b))
+        .unwrap_or(p.identity())
+}
+
+/// Element `i` of `xs` added into accumulator `i % LANES` by `add`.
+#[inline(always)]
+fn lanes<S: Storage>(xs: &[S], p: NormType, add: impl Fn(f64, f64) -> f64) -> [f64; LANES] {
     let mut acc = [p.identity(); LANES];
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
         for j in 0..LANES {
-            acc[j] = p.add(acc[j], c[j].load().to_f64());
+            acc[j] = add(acc[j], c[j].load().to_f64());
         }
     }
     for (j, x) in chunks.remainder().iter().enumerate() {
-        acc[j] = p.add(acc[j], x.load().to_f64());
+        acc[j] = add(acc[j], x.load().to_f64());
     }
-    acc.into_iter()
-        .reduce(|a, b| p.combine(a, b))
-        .unwrap_or(p.identity())
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -338,7 +341,14 @@ pub fn total_norm(grads: &[GradRef], p: NormType) -> Option<(f64, DType)> {
     for (n, g) in each.iter().zip(grads) {
         let n = round_to(*n, g.dtype);
         // The stack is cast to the promoted dtype before its norm is taken.
-        acc = p.combine(acc, p.add(p.identity(), round_to(n, dtype)));
+        let n = round_to(n, dtype);
+        let one = match p {
+            NormType::Two => n * n,
+            NormType::One | NormType::Inf | NormType::NegInf => n.abs(),
+            NormType::Zero => f64::from(u8::from(n != 0.0)),
+            NormType::P(e) => n.abs().powf(e),
+        };
+        acc = p.combine(acc, one);
     }
     // torch accumulates that (short) norm in its dtype's accumulator; `f64` here.
     Some((round_to(p.finish(acc), dtype), dtype))
