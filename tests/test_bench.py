@@ -234,3 +234,19 @@ def test_train_options_are_validated() -> None:
         main(["bench", "--sizes", "none", "--train", "--train-sample-ms", "0"])
     with pytest.raises(SystemExit):
         main(["bench", "--sizes", "none", "--train", "--train-optimizers", "lbfgs"])
+
+
+def test_bench_clipping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--clip N``: the clipped step and the clip alone, optirs against torch, in the JSON."""
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "none", "--clip", "5e4", "--repeats", "2", "--sample-ms", "1"]
+    assert main(["bench", *args, "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["clip"]
+    assert [r["what"] for r in rows] == ["clipped step", "clip alone"]
+    for r in rows:
+        assert r["elements"] == 50_000 and r["threads"] == 1
+        assert _positive(r["torch_ms"]) and _positive(r["optirs_ms"]) and _positive(r["speedup"])
+        assert len(r["times_s"]["torch"]) == len(r["times_s"]["optirs"]) == 2
+    assert "clipped step" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--clip takes"):
+        main(["bench", "--sizes", "none", "--clip", "0"])

@@ -26,11 +26,14 @@ optirs.torch against torch's fused path and its CPU default, interleaved the sam
 measures what the step costs inside a loop, where torch's OpenMP workers are still busy
 from backward when the step begins.
 
+``--clip`` adds the clipping benchmark (``clip``): torch's ``clip_grad_norm_`` + fused AdamW
+against optirs's fused clip + step, and the drop-in ``clip_grad_norm_`` alone against torch's.
+
 torch is imported lazily: the benchmark needs it, the package does not.
 
 Modules, each importing only those before it: ``cases`` (what is run), ``metadata`` (machine
 and versions), ``timing`` (interleaved rounds), ``report`` (tables), ``plot`` (PNG), ``train``
-(the training loops), ``harness`` (the step-alone runs and the whole run), ``cli`` (the
+(the training loops), ``clip`` (the clipping benchmark), ``harness`` (the step-alone runs and the whole run), ``cli`` (the
 ``bench`` command's options).
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -157,6 +158,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "without a list)",
     )
     parser.add_argument(
+        "--clip",
+        nargs="?",
+        const="gpt2",
+        default=None,
+        metavar="WHAT",
+        help="also time gradient clipping: torch's clip_grad_norm_ + fused AdamW against "
+        "optirs's fused clip + step, and the drop-in clip_grad_norm_ alone, on GPT-2 small's "
+        "shapes (default when given without a value, ~4 GiB RAM) or one tensor of WHAT elements",
+    )
+    parser.add_argument(
         "--train-optimizers",
         type=_parse_optimizers,
         default=[CASES["adamw"]],
@@ -254,8 +265,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         workloads.append(Workload("1000x1000", "many", ((1000,),) * 1000))
     if args.gpt2:
         workloads.append(Workload("gpt2-124M", "gpt2", gpt2_small_shapes()))
-    if not workloads and not args.train:
-        raise SystemExit("nothing to run: give --sizes, --many, --gpt2 or --train")
+    if not workloads and not args.train and not getattr(args, "clip", None):
+        raise SystemExit("nothing to run: give --sizes, --many, --gpt2, --train or --clip")
     if (
         args.repeats < 1
         or args.warmup < 1
@@ -289,8 +300,36 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``python -m optirs bench``: runs, prints the tables, writes outputs."""
-    run(config_from_args(args))
+    _run_all(config_from_args(args), args)
     return 0
+
+
+def _run_all(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The step-alone and training runs, then the clipping benchmark when asked for."""
+    results: dict[str, Any] = {}
+    if config.workloads or config.train_models:
+        results = run(config)
+    if args.clip:
+        from .clip import run_clip, shapes_for
+        from .timing import _import_torch
+
+        results["clip"] = run_clip(
+            _import_torch(),
+            shapes_for(args.clip),
+            config.threads,
+            config.repeats,
+            config.sample_s,
+            config.settle_s,
+            config.seed,
+        )
+        if config.json_path is not None:
+            # Added to the JSON the step-alone runs wrote, or a JSON of its own.
+            path = config.json_path
+            saved = json.loads(path.read_text()) if results.keys() - {"clip"} else {}
+            saved["clip"] = results["clip"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(saved, indent=1))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -300,4 +339,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     config = config_from_args(args)
     config.argv = ["python -m optirs bench", *(argv if argv is not None else sys.argv[1:])]
-    return run(config)
+    return _run_all(config, args)
