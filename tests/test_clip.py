@@ -480,3 +480,28 @@ def test_fused_clip_step_is_the_same_at_every_simd_level_and_thread_count(dtype)
         return norms, [_bits(p).tolist() for p in ps]
 
     assert_same_at_every_simd_level_and_thread_count(run)
+
+
+def test_a_step_that_raises_keeps_the_coefficient():
+    ps = _params(torch.float32, [(50,), (9,)], seed=12, scale=10.0)
+    qs = _twins(ps)
+    a, b = optirs.torch.SGD(ps, lr=0.1), optirs.torch.SGD(qs, lr=0.1)
+    norm = a.clip_grad_norm_(0.1)
+    a.param_groups[0]["lr"] = "fast"
+    with pytest.raises(TypeError, match="lr"):
+        a.step()
+    a.param_groups[0]["lr"] = 0.1
+    a.step()
+    clip_grads_with_norm_(qs, 0.1, norm)
+    b.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+    # The NumPy API likewise.
+    rng = np.random.default_rng(13)
+    params = [rng.standard_normal(20).astype(np.float32)]
+    opt = optirs.SGD(params, lr=0.1)
+    grads = [(rng.standard_normal(20) * 10).astype(np.float32)]
+    opt.clip_grad_norm_(grads, 0.1)
+    with pytest.raises(TypeError):
+        opt.step([grads[0].astype(np.float64)])
+    assert "_clip_coef" in opt.__dict__

@@ -444,6 +444,11 @@ class Optimizer:
                 self.__dict__["_factor"] = {"grad_unscale": None, "grad_coef": coef}
             try:
                 applied = self._step(grads)
+            except BaseException:
+                # Nothing was modified: the coefficient waits for the step that succeeds.
+                if coef is not None:
+                    self.__dict__.setdefault("_clip_coef", coef)
+                raise
             finally:
                 self.__dict__.pop("_factor", None)
         self.last_step_skipped = not applied
@@ -480,8 +485,9 @@ class Optimizer:
                 when the total norm is NaN or infinite.
 
         One native, parallel pass reads the gradients; they are not modified. The coefficient
-        applies to the next ``step`` only (applied or skipped), whatever gradients it is given;
-        another call before it replaces the coefficient.
+        applies to the next ``step`` only (applied or skipped; a step that raises, having
+        changed nothing, keeps it for the next), whatever gradients it is given; another call
+        before it replaces the coefficient.
         """
         if grads is None or isinstance(grads, np.ndarray):
             raise TypeError(f"grads must be a sequence of gradients, got {_tn(grads)}")

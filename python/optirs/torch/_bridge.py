@@ -119,9 +119,10 @@ class _Bridge:
 
         One native pass reads the gradients for the norm; the gradients themselves are not
         modified (``p.grad`` keeps its unclipped values), saving the pass that writes them.
-        The coefficient applies to the next ``step()`` only (applied or skipped); a call
-        before it replaces it, and ``zero_grad()`` drops it: gradients accumulated after
-        this call, before the step, are read with it too. ``step_parameters`` (step in
+        The coefficient applies to the next ``step()`` only (applied or skipped; a step that
+        raises, having changed nothing, keeps it for the next); a call before it replaces it,
+        and ``zero_grad()`` drops it: gradients accumulated after this call, before the step,
+        are read with it too. ``step_parameters`` (step in
         backward) does not use it.
         """
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -180,6 +181,11 @@ class _Bridge:
             }
             try:
                 applied = self._optirs_step()
+            except BaseException:
+                # Nothing was modified: the coefficient waits for the step that succeeds.
+                if coef is not None:
+                    self.__dict__.setdefault("_optirs_clip_coef", coef)
+                raise
             finally:
                 del self.__dict__["_optirs_factor"]
         self.last_step_skipped = not applied
