@@ -505,3 +505,30 @@ def test_a_step_that_raises_keeps_the_coefficient():
     with pytest.raises(TypeError):
         opt.step([grads[0].astype(np.float64)])
     assert "_clip_coef" in opt.__dict__
+
+
+@pytest.mark.parametrize("api", ["numpy", "torch"])
+def test_skip_nonfinite_with_the_fused_clip(api):
+    """A NaN gradient makes the norm NaN (returned as torch does); ``skip_nonfinite`` then skips
+    the step, changing nothing, and the coefficient is used up; the next step is unclipped."""
+    rng = np.random.default_rng(14)
+    init = [rng.standard_normal(40).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    grads = [(rng.standard_normal(40) * 5).astype(np.float32), np.full(7, np.nan, np.float32)]
+    if api == "numpy":
+        params = [p.copy() for p in init]
+        opt = optirs.Adam(params, lr=0.1, skip_nonfinite=True)
+        assert math.isnan(opt.clip_grad_norm_(grads, 1.0))
+        opt.step(grads)
+        assert opt.last_step_skipped and opt.skipped_steps == 1
+        assert all(p.tobytes() == q.tobytes() for p, q in zip(params, init))
+        assert "_clip_coef" not in opt.__dict__
+        return
+    ps = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in init]
+    for p, g in zip(ps, grads):
+        p.grad = torch.from_numpy(g.copy())
+    opt = optirs.torch.Adam(ps, lr=0.1, skip_nonfinite=True)
+    assert torch.isnan(opt.clip_grad_norm_(1.0))
+    opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    assert all(torch.equal(p, torch.from_numpy(q)) for p, q in zip(ps, init))
+    assert "_optirs_clip_coef" not in opt.__dict__
