@@ -5,13 +5,22 @@
 //! As torch's `_get_total_norm`: each tensor's `vector_norm` (torch's `_foreach_norm`, whose
 //! result has the tensor's dtype), then the `vector_norm` of those norms stacked (in their
 //! promoted dtype), then `_clip_grads_with_norm_`'s coefficient
-//! `clamp(max_norm / (total + 1e-6), max=1)`, in that dtype ([`ClipCoef`]).
+//! `clamp(max_norm / (total + 1e-6), max=1)`, in that dtype with torch's roundings
+//! ([`clip_coef`]).
 //!
 //! Each tensor's sum (of squares, of absolute values, of `|x|^p`) is accumulated in `f64`
 //! where torch accumulates float32 (and 16-bit) tensors in float32: at least as accurate (a
-//! float32 square is exact in `f64`, and 2^29 more sums fit before rounding matters as much),
-//! so the result is torch's or closer to the exact norm, and rounded to the tensor's dtype as
-//! torch's is. Maxima and minima are exact in any type.
+//! float32 square is exact in `f64`, and each addition rounds 29 bits further down), so the
+//! result is torch's or closer to the exact norm (tests/test_clip.py checks both against a
+//! float64 reference), then rounded to the tensor's dtype as torch's is. Maxima and minima are
+//! exact in any type.
+//!
+//! # What keeps the pointers valid
+//! A [`GradRef`] is an address, a dtype and a length; whoever makes one vouches
+//! ([`GradRef::new`]) that the memory stays alive and unmoved for the call, and for [`scale`]
+//! that no other reference reads or writes it and no two overlap. Each work item borrows only
+//! its own piece ([`GradRef::piece`], [`GradRef::piece_mut`]), so the pieces that threads
+//! write at the same time are disjoint slices.
 //!
 //! # Why the bits never depend on threads or SIMD
 //! A tensor is cut into pieces of [`CHUNK_ELEMS`] elements whatever the thread count. Within a
