@@ -226,3 +226,69 @@ fn the_counter_at_a_pointer_reads_and_writes_its_dtype() {
     slot.write();
     assert_eq!(narrow, 16_777_216.0);
 }
+
+/// A step reading its gradients through a `GradFactor` (GradScaler's scale, then a clip
+/// coefficient) writes what a plain step writes over gradients factored beforehand, each
+/// product rounded to the dtype: float32 Adam, float64 SGD, float16 RMSprop, bfloat16 Adagrad,
+/// at lengths across work items and the scratch's pieces.
+#[test]
+fn a_factored_step_is_the_step_over_factored_gradients() {
+    fn factored<S: Storage>(g: &[S], f: GradFactor) -> Vec<S> {
+        let u = S::Compute::from_f64(f.unscale.unwrap_or(1.0));
+        let c = S::Compute::from_f64(f.coef.unwrap_or(1.0));
+        g.iter()
+            .map(|x| S::store(S::store(x.load() / u).load() * c))
+            .collect()
+    }
+    let factor = GradFactor {
+        unscale: Some(3.0),
+        coef: Some(0.37),
+    };
+    let [n0, n1, n2] = lengths();
+    let run = |pre: bool| {
+        let mut a = Arrays::<f32>::new(n0, 1, 2);
+        let mut c = Arrays::<f64>::new(n1, 3, 1);
+        let mut d = Arrays::<half::f16>::new(n2, 4, 1);
+        let mut e = Arrays::<half::bf16>::new(n2, 5, 1);
+        let mut g32: Vec<f32> = Arrays::new(n0, 6, 0).param;
+        let mut g64: Vec<f64> = Arrays::new(n1, 7, 0).param;
+        let mut g16: Vec<half::f16> = Arrays::new(n2, 8, 0).param;
+        let mut gb16: Vec<half::bf16> = Arrays::new(n2, 9, 0).param;
+        if pre {
+            g32 = factored(&g32, factor);
+            g64 = factored(&g64, factor);
+            g16 = factored(&g16, factor);
+            gb16 = factored(&gb16, factor);
+        }
+        let adam = RuleOf::F32(Rule::Adam(AdamScalars::new(&AdamHyper::default(), 1.0)));
+        let sgd = RuleOf::F64(Rule::Sgd(SgdScalars::new(
+            &SgdHyper {
+                momentum: 0.9,
+                ..SgdHyper::default()
+            },
+            false,
+        )));
+        let rms = RuleOf::F32(Rule::RmsProp(RmsPropScalars::new(&RmsPropHyper::default())));
+        let ada = RuleOf::F32(Rule::Adagrad(AdagradScalars::new(
+            &AdagradHyper::default(),
+            1.0,
+        )));
+        let mut checked = vec![
+            a.checked(DType::F32, &g32, adam, None),
+            c.checked(DType::F64, &g64, sgd, None),
+            e.checked(DType::Bf16, &gb16, ada, None),
+        ];
+        // Miri cannot store float16 vector lanes (see `kernels::tests::miri_can_run`), and
+        // `execute` runs the active level.
+        if !cfg!(miri) {
+            checked.push(d.checked(DType::F16, &g16, rms, None));
+        }
+        let options = Options {
+            grad_factor: if pre { GradFactor::default() } else { factor },
+            ..Options::default()
+        };
+        assert!(execute(checked, &options).unwrap());
+        vec![a.bits(), c.bits(), d.bits(), e.bits()]
+    };
+    assert_eq!(run(false), run(true));
+}
