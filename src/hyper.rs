@@ -3,9 +3,13 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyComplex, PyFloat, PyInt};
 
+use optirs_core::kernels::adadelta::AdadeltaHyper;
 use optirs_core::kernels::adagrad::AdagradHyper;
 use optirs_core::kernels::adam::AdamHyper;
+use optirs_core::kernels::lion::LionHyper;
+use optirs_core::kernels::radam::RAdamHyper;
 use optirs_core::kernels::rmsprop::RmsPropHyper;
+use optirs_core::kernels::rprop::RpropHyper;
 use optirs_core::kernels::sgd::SgdHyper;
 use optirs_core::torch_raises::PyNumbers;
 use optirs_core::{CoreError, Hyper, Kind, TorchRaises};
@@ -79,6 +83,55 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
                     ..PyNumbers::default()
                 },
             )
+        }
+        Kind::Adadelta => Hyper::Adadelta(AdadeltaHyper {
+            lr: g.real("lr")?,
+            rho: g.real("rho")?,
+            eps: g.real("eps")?,
+            weight_decay: g.real("weight_decay")?,
+            maximize: g.flag("maximize", Some(false))?,
+        }),
+        Kind::RAdam => {
+            let [(beta1, py_beta1), (beta2, py_beta2)] = g.pair("betas")?;
+            let (lr, py_lr) = g.number("lr")?;
+            Hyper::RAdam(
+                RAdamHyper {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps: g.real("eps")?,
+                    weight_decay: g.real("weight_decay")?,
+                    decoupled: g.flag("decoupled_weight_decay", Some(false))?,
+                    maximize: g.flag("maximize", Some(false))?,
+                },
+                PyNumbers {
+                    lr: py_lr,
+                    betas: [py_beta1, py_beta2],
+                    lr_decay: false,
+                },
+            )
+        }
+        Kind::Lion => {
+            let [(beta1, _), (beta2, _)] = g.pair("betas")?;
+            Hyper::Lion(LionHyper {
+                lr: g.real("lr")?,
+                beta1,
+                beta2,
+                weight_decay: g.real("weight_decay")?,
+                maximize: g.flag("maximize", Some(false))?,
+            })
+        }
+        Kind::Rprop => {
+            let [(etaminus, _), (etaplus, _)] = g.pair("etas")?;
+            let [(step_size_min, _), (step_size_max, _)] = g.pair("step_sizes")?;
+            Hyper::Rprop(RpropHyper {
+                lr: g.real("lr")?,
+                etaminus,
+                etaplus,
+                step_size_min,
+                step_size_max,
+                maximize: g.flag("maximize", Some(false))?,
+            })
         }
     })
 }
