@@ -99,6 +99,10 @@ class LionReference(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, wd, (beta1, beta2) = group["lr"], group["weight_decay"], group["betas"]
             for p in group["params"]:
@@ -113,7 +117,7 @@ class LionReference(torch.optim.Optimizer):
                 update = exp_avg.clone().mul_(beta1).add(grad, alpha=1.0 - beta1).sgn_()
                 p.add_(update, alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
-        return None
+        return loss
 
 
 def torch_class(name: str) -> type:
