@@ -84,55 +84,10 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
                 },
             )
         }
-        Kind::Adadelta => Hyper::Adadelta(AdadeltaHyper {
-            lr: g.real("lr")?,
-            rho: g.real("rho")?,
-            eps: g.real("eps")?,
-            weight_decay: g.real("weight_decay")?,
-            maximize: g.flag("maximize", Some(false))?,
-        }),
-        Kind::RAdam => {
-            let [(beta1, py_beta1), (beta2, py_beta2)] = g.pair("betas")?;
-            let (lr, py_lr) = g.number("lr")?;
-            Hyper::RAdam(
-                RAdamHyper {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps: g.real("eps")?,
-                    weight_decay: g.real("weight_decay")?,
-                    decoupled: g.flag("decoupled_weight_decay", Some(false))?,
-                    maximize: g.flag("maximize", Some(false))?,
-                },
-                PyNumbers {
-                    lr: py_lr,
-                    betas: [py_beta1, py_beta2],
-                    lr_decay: false,
-                },
-            )
-        }
-        Kind::Lion => {
-            let [(beta1, _), (beta2, _)] = g.pair("betas")?;
-            Hyper::Lion(LionHyper {
-                lr: g.real("lr")?,
-                beta1,
-                beta2,
-                weight_decay: g.real("weight_decay")?,
-                maximize: g.flag("maximize", Some(false))?,
-            })
-        }
-        Kind::Rprop => {
-            let [(etaminus, _), (etaplus, _)] = g.pair("etas")?;
-            let [(step_size_min, _), (step_size_max, _)] = g.pair("step_sizes")?;
-            Hyper::Rprop(RpropHyper {
-                lr: g.real("lr")?,
-                etaminus,
-                etaplus,
-                step_size_min,
-                step_size_max,
-                maximize: g.flag("maximize", Some(false))?,
-            })
-        }
+        Kind::Adadelta => g.adadelta()?,
+        Kind::RAdam => g.radam()?,
+        Kind::Lion => g.lion()?,
+        Kind::Rprop => g.rprop()?,
     })
 }
 
@@ -237,6 +192,61 @@ impl<'py> GroupReader<'_, 'py> {
             (Err(_), None) => value_err!("param_groups[{}] has no '{key}' entry", self.gi),
         };
         self.locate(key, r)
+    }
+
+    fn adadelta(&self) -> Result<Hyper, CoreError> {
+        Ok(Hyper::Adadelta(AdadeltaHyper {
+            lr: self.real("lr")?,
+            rho: self.real("rho")?,
+            eps: self.real("eps")?,
+            weight_decay: self.real("weight_decay")?,
+            maximize: self.flag("maximize", Some(false))?,
+        }))
+    }
+
+    fn radam(&self) -> Result<Hyper, CoreError> {
+        let [(beta1, py_beta1), (beta2, py_beta2)] = self.pair("betas")?;
+        let (lr, py_lr) = self.number("lr")?;
+        Ok(Hyper::RAdam(
+            RAdamHyper {
+                lr,
+                beta1,
+                beta2,
+                eps: self.real("eps")?,
+                weight_decay: self.real("weight_decay")?,
+                decoupled: self.flag("decoupled_weight_decay", Some(false))?,
+                maximize: self.flag("maximize", Some(false))?,
+            },
+            PyNumbers {
+                lr: py_lr,
+                betas: [py_beta1, py_beta2],
+                lr_decay: false,
+            },
+        ))
+    }
+
+    fn lion(&self) -> Result<Hyper, CoreError> {
+        let [(beta1, _), (beta2, _)] = self.pair("betas")?;
+        Ok(Hyper::Lion(LionHyper {
+            lr: self.real("lr")?,
+            beta1,
+            beta2,
+            weight_decay: self.real("weight_decay")?,
+            maximize: self.flag("maximize", Some(false))?,
+        }))
+    }
+
+    fn rprop(&self) -> Result<Hyper, CoreError> {
+        let [(etaminus, _), (etaplus, _)] = self.pair("etas")?;
+        let [(step_size_min, _), (step_size_max, _)] = self.pair("step_sizes")?;
+        Ok(Hyper::Rprop(RpropHyper {
+            lr: self.real("lr")?,
+            etaminus,
+            etaplus,
+            step_size_min,
+            step_size_max,
+            maximize: self.flag("maximize", Some(false))?,
+        }))
     }
 
     fn len_params(&self) -> Result<usize, CoreError> {

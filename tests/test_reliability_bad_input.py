@@ -60,11 +60,13 @@ EDGE_VALUES = (-1.0, -0.0, NAN, INF, -INF, 1.0, 5e-324, 2.0, 1e300)
 
 
 def _with_value(name: str, key: str, value: float, base: dict) -> dict:
-    """``{key: value}`` as a param-group update; ``betas[i]`` replaces one entry of the pair."""
-    if key.startswith("betas"):
-        betas = list(base["betas"])
-        betas[int(key[6])] = value
-        return {"betas": tuple(betas)}
+    """``{key: value}`` as a param-group update; ``betas[i]`` (``etas[i]``) replaces one entry
+    of the pair."""
+    if key.endswith("]"):
+        pair_name, index = key[:-3], int(key[-2])
+        pair = list(base.get(pair_name, SPECS[name].defaults[pair_name]))
+        pair[index] = value
+        return {pair_name: tuple(pair)}
     return {key: value}
 
 

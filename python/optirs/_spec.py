@@ -306,9 +306,7 @@ class Spec:
                 out[n] = full(0.0 if fill is None else values[fill])
         return out
 
-    def fill_values(
-        self, defaults: Mapping[str, Any], group: Mapping[str, Any]
-    ) -> dict[str, Any]:
+    def fill_values(self, defaults: Mapping[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
         """The values new buffers are filled with, where torch reads each (``Buffer.fill``
         from the optimizer's ``defaults`` or, ``fill_from_group``, from the ``group``)."""
         return {

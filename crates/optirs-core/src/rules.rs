@@ -97,7 +97,7 @@ pub const RULES: [RuleSpec; 8] = [
 ];
 
 impl Kind {
-    /// The kind named `s` (`"sgd"`, `"adam"`, `"rmsprop"`, `"adagrad"`).
+    /// The kind named `s` (a `name` of [`RULES`]: `"sgd"`, `"adam"`, ..., `"rprop"`).
     ///
     /// # Errors
     /// `ValueError` for any other name.

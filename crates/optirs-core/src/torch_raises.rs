@@ -348,6 +348,42 @@ impl Scalars {
                 ),
             );
         }
+        // Rectified where rho_t > 5: `bias_correction2 ** 0.5` and `rect`, Python powers of
+        // numbers that a beta2 out of [0, 1) can make negative: complex, which the update's
+        // tensor operations then refuse.
+        let rho_inf = 2.0 / (1.0 - h.beta2) - 1.0;
+        let rho_t = rho_inf - 2.0 * step * h.beta2.powf(step) / corrections[1];
+        let rect =
+            (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t);
+        if py.betas[1] && rho_t > 5.0 && (corrections[1] < 0.0 || rect < 0.0) {
+            let (raises, torch_message) = match self.dtype {
+                DType::F32 => (
+                    TorchRaises::Runtime,
+                    "result type ComplexFloat can't be cast to the desired output type Float",
+                ),
+                DType::F64 => (
+                    TorchRaises::Runtime,
+                    "result type ComplexDouble can't be cast to the desired output type Double",
+                ),
+                DType::F16 => (
+                    TorchRaises::Runtime,
+                    "result type ComplexHalf can't be cast to the desired output type Half",
+                ),
+                DType::Bf16 => (
+                    TorchRaises::NotImplemented,
+                    "\"mul_cpu\" not implemented for 'BComplex32'",
+                ),
+            };
+            return fail(
+                raises,
+                format!(
+                    "{torch_message}: param_groups[{gi}]['betas'][1] = {:?} makes the \
+                     rectification's square roots complex at step {step} (rho_t = {rho_t:?}), \
+                     which torch.optim takes in Python floats",
+                    h.beta2
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -443,6 +479,42 @@ mod tests {
         };
         let ieee = Hyper::Adam(h, PyNumbers::default());
         assert_eq!(check_f32(&ieee, 3.0), None);
+    }
+
+    #[test]
+    fn radam_raises_where_torch_does() {
+        let radam = |beta2: f64, py: bool| {
+            Hyper::RAdam(
+                RAdamHyper {
+                    beta2,
+                    ..RAdamHyper::default()
+                },
+                PyNumbers {
+                    lr: py,
+                    betas: [py, py],
+                    lr_decay: false,
+                },
+            )
+        };
+        let at = |h: &Hyper, step: f64, dtype| raised(check(h, 0, step, dtype, false));
+        assert_eq!(at(&radam(0.999, true), 10.0, DType::F32), None);
+        assert_eq!(
+            at(&radam(1.0, true), 1.0, DType::F32),
+            Some(TorchRaises::ZeroDivision)
+        );
+        // beta2 = 2: rho_t = 5.53 at step 4, where 1 - 2 ** 4 < 0 has a complex square root
+        assert_eq!(at(&radam(2.0, true), 3.0, DType::F32), None);
+        assert_eq!(
+            at(&radam(2.0, true), 4.0, DType::F64),
+            Some(TorchRaises::Runtime)
+        );
+        assert_eq!(
+            at(&radam(2.0, true), 4.0, DType::Bf16),
+            Some(TorchRaises::NotImplemented)
+        );
+        // NumPy scalars: NaN, as the kernels compute
+        assert_eq!(at(&radam(2.0, false), 4.0, DType::F32), None);
+        assert_eq!(at(&radam(1.0, false), 1.0, DType::F32), None);
     }
 
     #[test]

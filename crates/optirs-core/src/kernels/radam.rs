@@ -63,10 +63,7 @@ impl<T: Float> RAdamScalars<T> {
             let rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
                 / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
                 .powf(0.5);
-            (
-                T::from_f64(bias_correction2.powf(0.5)),
-                T::from_f64(rect),
-            )
+            (T::from_f64(bias_correction2.powf(0.5)), T::from_f64(rect))
         });
         RAdamScalars {
             maximize: h.maximize,
@@ -120,8 +117,8 @@ impl<T: Float> Elementwise<T, 2> for RAdamScalars<T> {
             Some((bc2_sqrt, rect)) => {
                 // `bias_correction2 ** 0.5 / (sqrt(v) + eps)`: a float over a tensor is
                 // torch's `Tensor.__rtruediv__`, `reciprocal() * bc2_sqrt`.
-                let adaptive = V::splat(T::ONE) / (v.sqrt() + V::splat(self.eps))
-                    * V::splat(bc2_sqrt);
+                let adaptive =
+                    V::splat(T::ONE) / (v.sqrt() + V::splat(self.eps)) * V::splat(bc2_sqrt);
                 step * adaptive * V::splat(rect)
             }
             None => step,

@@ -117,7 +117,11 @@ impl<T: Float> Elementwise<T, 2> for RpropScalars<T> {
         // x > 0, x < 0, else (zeros and NaN: torch.sign gives 0 for both)
         let pick = |pos: V, neg: V, other: V| x.select_gt(zero, pos, zero.select_gt(x, neg, other));
         let (c1, c2, c0) = (&self.positive, &self.negative, &self.zero);
-        let factor = pick(V::splat(c1.factor), V::splat(c2.factor), V::splat(c0.factor));
+        let factor = pick(
+            V::splat(c1.factor),
+            V::splat(c2.factor),
+            V::splat(c0.factor),
+        );
         // step_size.mul_(sign).clamp_(min, max)
         let ss = (ss * factor)
             .maximum(V::splat(self.step_size_min))

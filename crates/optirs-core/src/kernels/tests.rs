@@ -321,7 +321,10 @@ fn ref_radam<T: Float>(h: &RAdamHyper, s: &mut State<T>, grad: &[T]) {
             / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
             .powf(0.5);
         // `bc2 ** 0.5 / tensor` is `tensor.reciprocal() * (bc2 ** 0.5)`
-        let adaptive = mul_scalar(&reciprocal(&add_scalar(&sqrt(v), t(h.eps))), t(bc2.powf(0.5)));
+        let adaptive = mul_scalar(
+            &reciprocal(&add_scalar(&sqrt(v), t(h.eps))),
+            t(bc2.powf(0.5)),
+        );
         mul_scalar(&mul(&mul_scalar(&corrected, t(h.lr)), &adaptive), t(rect))
     } else {
         mul_scalar(&corrected, t(h.lr))
