@@ -3,9 +3,13 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyComplex, PyFloat, PyInt};
 
+use optirs_core::kernels::adadelta::AdadeltaHyper;
 use optirs_core::kernels::adagrad::AdagradHyper;
 use optirs_core::kernels::adam::AdamHyper;
+use optirs_core::kernels::lion::LionHyper;
+use optirs_core::kernels::radam::RAdamHyper;
 use optirs_core::kernels::rmsprop::RmsPropHyper;
+use optirs_core::kernels::rprop::RpropHyper;
 use optirs_core::kernels::sgd::SgdHyper;
 use optirs_core::torch_raises::PyNumbers;
 use optirs_core::{CoreError, Hyper, Kind, TorchRaises};
@@ -80,6 +84,10 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
                 },
             )
         }
+        Kind::Adadelta => g.adadelta()?,
+        Kind::RAdam => g.radam()?,
+        Kind::Lion => g.lion()?,
+        Kind::Rprop => g.rprop()?,
     })
 }
 
@@ -184,6 +192,61 @@ impl<'py> GroupReader<'_, 'py> {
             (Err(_), None) => value_err!("param_groups[{}] has no '{key}' entry", self.gi),
         };
         self.locate(key, r)
+    }
+
+    fn adadelta(&self) -> Result<Hyper, CoreError> {
+        Ok(Hyper::Adadelta(AdadeltaHyper {
+            lr: self.real("lr")?,
+            rho: self.real("rho")?,
+            eps: self.real("eps")?,
+            weight_decay: self.real("weight_decay")?,
+            maximize: self.flag("maximize", Some(false))?,
+        }))
+    }
+
+    fn radam(&self) -> Result<Hyper, CoreError> {
+        let [(beta1, py_beta1), (beta2, py_beta2)] = self.pair("betas")?;
+        let (lr, py_lr) = self.number("lr")?;
+        Ok(Hyper::RAdam(
+            RAdamHyper {
+                lr,
+                beta1,
+                beta2,
+                eps: self.real("eps")?,
+                weight_decay: self.real("weight_decay")?,
+                decoupled: self.flag("decoupled_weight_decay", Some(false))?,
+                maximize: self.flag("maximize", Some(false))?,
+            },
+            PyNumbers {
+                lr: py_lr,
+                betas: [py_beta1, py_beta2],
+                lr_decay: false,
+            },
+        ))
+    }
+
+    fn lion(&self) -> Result<Hyper, CoreError> {
+        let [(beta1, _), (beta2, _)] = self.pair("betas")?;
+        Ok(Hyper::Lion(LionHyper {
+            lr: self.real("lr")?,
+            beta1,
+            beta2,
+            weight_decay: self.real("weight_decay")?,
+            maximize: self.flag("maximize", Some(false))?,
+        }))
+    }
+
+    fn rprop(&self) -> Result<Hyper, CoreError> {
+        let [(etaminus, _), (etaplus, _)] = self.pair("etas")?;
+        let [(step_size_min, _), (step_size_max, _)] = self.pair("step_sizes")?;
+        Ok(Hyper::Rprop(RpropHyper {
+            lr: self.real("lr")?,
+            etaminus,
+            etaplus,
+            step_size_min,
+            step_size_max,
+            maximize: self.flag("maximize", Some(false))?,
+        }))
     }
 
     fn len_params(&self) -> Result<usize, CoreError> {

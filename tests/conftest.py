@@ -64,6 +64,10 @@ FULL_STATE_KWARGS = {
     "AdamW": {"lr": 0.01, "amsgrad": True},
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "Adadelta": {"lr": 0.5, "rho": 0.8, "weight_decay": 0.1},
+    "RAdam": {"lr": 0.01, "weight_decay": 0.1},
+    "Lion": {"lr": 0.01, "weight_decay": 0.1},
+    "Rprop": {"lr": 0.01, "etas": (0.4, 1.3)},
 }
 
 # Every state key each optimizer may keep (with FULL_STATE_KWARGS, it keeps them all).
@@ -74,7 +78,53 @@ def optirs_class(name: str) -> type:
     return getattr(optirs, name)
 
 
+class LionReference(torch.optim.Optimizer):
+    """Lion as lion-pytorch 0.2.5's ``update_fn`` computes it, in torch operations, plus
+    ``maximize`` (the gradient negated first, as torch.optim's optimizers do): the reference
+    for ``optirs.Lion`` and ``optirs.torch.Lion``, which torch.optim lacks. ``foreach`` is
+    taken and ignored so that it is built like the torch.optim classes (one path only)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, (beta1, beta2) = group["lr"], group["weight_decay"], group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if len(state) == 0:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1.0 - lr * wd)
+                update = exp_avg.clone().mul_(beta1).add(grad, alpha=1.0 - beta1).sgn_()
+                p.add_(update, alpha=-lr)
+                exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
+        return loss
+
+
 def torch_class(name: str) -> type:
+    """torch.optim's class of that name; for an optimizer torch.optim lacks (``Spec.in_torch``
+    false: Lion), the tests' own torch reference."""
+    if not SPECS[name].in_torch:
+        return {"Lion": LionReference}[name]
     return getattr(torch.optim, name)
 
 
@@ -274,8 +324,9 @@ class SideBySide:
 
 def well_conditioned(name: str, group: dict[str, Any], param: np.ndarray, grad):
     """``grad`` with the sign of entries flipped where coupled weight decay would cancel it."""
-    wd = group["weight_decay"]
-    if grad is None or wd == 0 or name == "AdamW" or group.get("decoupled_weight_decay"):
+    wd = group.get("weight_decay", 0)  # Rprop has none
+    decoupled = name in ("AdamW", "Lion") or group.get("decoupled_weight_decay")
+    if grad is None or wd == 0 or decoupled:
         return grad
     sign = -1.0 if group["maximize"] else 1.0
     g = sign * np.asarray(grad, dtype=np.float64)

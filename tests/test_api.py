@@ -228,11 +228,22 @@ def test_constructor_values_reach_param_groups(name):
             "eps": 1e-5,
             "maximize": True,
         },
+        "Adadelta": {"lr": 0.3, "rho": 0.7, "eps": 1e-5, "weight_decay": 0.2, "maximize": True},
+        "RAdam": {
+            "lr": 0.3,
+            "betas": (0.7, 0.8),
+            "eps": 1e-5,
+            "weight_decay": 0.2,
+            "decoupled_weight_decay": True,
+            "maximize": True,
+        },
+        "Lion": {"lr": 0.3, "betas": (0.7, 0.8), "weight_decay": 0.2, "maximize": True},
+        "Rprop": {"lr": 0.3, "etas": (0.4, 1.5), "step_sizes": (1e-3, 2.0), "maximize": True},
     }[name]
     opt = optirs_class(name)([np.zeros(3)], **values)
     group = opt.param_groups[0]
     for key, value in values.items():
-        assert (tuple(group[key]) if key == "betas" else group[key]) == value, key
+        assert (tuple(group[key]) if isinstance(value, tuple) else group[key]) == value, key
 
 
 # Positional arguments in torch's order.
@@ -254,6 +265,15 @@ POSITIONAL = {
         (0.3, 0.7, 0.2, 0.4, 1e-5),
         ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
     ),
+    # Adadelta's next positional argument is torch's `foreach`, which the NumPy API lacks:
+    # maximize after these is refused as positional all the same.
+    "Adadelta": ((0.3, 0.7, 1e-5, 0.2), ("lr", "rho", "eps", "weight_decay")),
+    "RAdam": (
+        (0.3, (0.7, 0.8), 1e-5, 0.2, True),
+        ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
+    ),
+    "Lion": ((0.3, (0.7, 0.8), 0.2), ("lr", "betas", "weight_decay")),
+    "Rprop": ((0.3, (0.4, 1.5), (1e-3, 2.0)), ("lr", "etas", "step_sizes")),
 }
 
 
@@ -263,7 +283,7 @@ def test_positional_arguments_follow_torch(name):
     opt = optirs_class(name)([np.zeros(3)], *args)
     group = opt.param_groups[0]
     for key, value in zip(keys, args):
-        assert (tuple(group[key]) if key == "betas" else group[key]) == value, key
+        assert (tuple(group[key]) if isinstance(value, tuple) else group[key]) == value, key
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

@@ -24,6 +24,7 @@ from conftest import (
     torch_class,
     torch_constructor_error,
 )
+from optirs._spec import SPECS
 
 ALIAS = r"alias|overlap|share|same memory|same array|same buffer"
 CONTIGUOUS = r"contiguous"
@@ -307,6 +308,19 @@ INVALID_GROUP_VALUES = [
     ("Adagrad", {"lr_decay": -0.5}),
     ("Adagrad", {"weight_decay": -0.1}),
     ("Adagrad", {"eps": -1e-10}),
+    ("Adadelta", {"lr": -1.0}),
+    ("Adadelta", {"rho": 1.5}),
+    ("Adadelta", {"eps": -1e-6}),
+    ("Adadelta", {"weight_decay": -0.1}),
+    ("RAdam", {"lr": -1.0}),
+    ("RAdam", {"eps": -1e-8}),
+    ("RAdam", {"betas": (1.0, 0.999)}),
+    ("RAdam", {"betas": (0.9, 1.0)}),
+    ("RAdam", {"weight_decay": -0.1}),
+    ("Rprop", {"lr": -1.0}),
+    ("Rprop", {"etas": (1.0, 1.2)}),
+    ("Rprop", {"etas": (0.5, 1.0)}),
+    ("Rprop", {"etas": (0.0, 1.2)}),
 ]
 
 
@@ -352,6 +366,9 @@ INVALID_CONSTRUCTOR_VALUES = [
     ("Adagrad", {"initial_accumulator_value": -1.0}),
     ("Adagrad", {"initial_accumulator_value": -0.25}),
     ("Adagrad", {"lr_decay": -1e-9}),
+    ("Adadelta", {"rho": -0.1}),
+    ("RAdam", {"betas": (0.9, -0.5)}),
+    ("Rprop", {"etas": (1.5, 0.5)}),
 ]
 
 
@@ -375,6 +392,9 @@ NUMERIC_HYPERPARAMETERS = {
     "AdamW": ("lr", "betas[0]", "betas[1]", "eps", "weight_decay"),
     "RMSprop": ("lr", "alpha", "eps", "weight_decay", "momentum"),
     "Adagrad": ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
+    "Adadelta": ("lr", "rho", "eps", "weight_decay"),
+    "RAdam": ("lr", "betas[0]", "betas[1]", "eps", "weight_decay"),
+    "Rprop": ("lr", "etas[0]", "etas[1]"),
 }
 EDGE_VALUES = (-1.0, -0.0, float("nan"), float("inf"), float("-inf"), 1.0, 5e-324)
 
@@ -383,13 +403,45 @@ def _edge_cases():
     for name, keys in NUMERIC_HYPERPARAMETERS.items():
         for key in keys:
             for value in EDGE_VALUES:
-                if key.startswith("betas"):
-                    betas = [0.9, 0.999]
-                    betas[int(key[6])] = value
-                    kwargs = {"betas": tuple(betas)}
+                if key.endswith("]"):  # one of a pair (betas, etas): the other at its default
+                    pair_name, index = key[:-3], int(key[-2])
+                    pair = list(SPECS[name].defaults[pair_name])
+                    pair[index] = value
+                    kwargs = {pair_name: tuple(pair)}
                 else:
                     kwargs = {key: value}
                 yield pytest.param(name, kwargs, id=f"{name}-{key}={value}")
+
+
+# Lion has no torch.optim class to compare with: its checks in torch's words, and what they
+# accept (lion-pytorch's betas in [0, 1]; torch's lr >= 0).
+LION_REFUSED = [
+    ({"lr": -1e-4}, "Invalid learning rate: -0.0001"),
+    ({"lr": float("nan")}, "Invalid learning rate: nan"),
+    ({"betas": (1.5, 0.99)}, "Invalid beta parameter at index 0: 1.5"),
+    ({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1"),
+    ({"betas": (0.9, float("nan"))}, "Invalid beta parameter at index 1: nan"),
+    ({"weight_decay": -0.5}, "Invalid weight_decay value: -0.5"),
+]
+
+
+@pytest.mark.parametrize("api", ["numpy", "torch"])
+@pytest.mark.parametrize(("kwargs", "message"), LION_REFUSED, ids=[m for _, m in LION_REFUSED])
+def test_lion_constructor_refuses_in_torchs_words(kwargs, message, api):
+    import optirs.torch
+
+    cls, p = (
+        (optirs.Lion, np.zeros(3, np.float32))
+        if api == "numpy"
+        else (optirs.torch.Lion, torch.zeros(3))
+    )
+    with pytest.raises(ValueError) as excinfo:
+        cls([p], **kwargs)
+    assert str(excinfo.value) == message
+    for ok in ({"lr": 0.0}, {"betas": (0.0, 1.0)}, {"betas": (1.0, 0.0)}, {"weight_decay": 0.0}):
+        cls([p], **ok)
+    with pytest.raises(TypeError, match="betas"):
+        cls([p], betas=0.9)
 
 
 @pytest.mark.parametrize(("name", "kwargs"), list(_edge_cases()))

@@ -195,8 +195,19 @@ def test_default_propagates_like_torch_over_the_pool(name, bad):
         with np.errstate(invalid="ignore"):
             pair.step([g])
         pair.compare()
+        if step == 1 and name in SIGN_BASED:
+            # The parameter moves by sign(...) times a finite step: the bad value reaches the
+            # state (Rprop's prev, for one step; Lion's exp_avg), not the parameter.
+            state = pair.opt.state[pair.params[0]]
+            assert not all(np.all(np.isfinite(v)) for v in state.values())
+            assert np.all(np.isfinite(pair.params[0]))
     assert pair.opt.skipped_steps == 0
-    assert not np.all(np.isfinite(pair.params[0]))
+    if name not in SIGN_BASED:
+        assert not np.all(np.isfinite(pair.params[0]))
+
+
+#: Optimizers whose update is a sign times a finite step size (torch.sign of NaN is 0).
+SIGN_BASED = frozenset({"Lion", "Rprop"})
 
 
 # A finite gradient whose grad_avg squared overflows (issue 15).
@@ -305,8 +316,13 @@ DRIFT = {
     "SGD": {np.float32: (1e-37, 1e-39), np.float64: (1e-307, 1e-309)},
     **{
         name: {np.float32: (1e-37, 1e-20), np.float64: (1e-307, 1e-155)}
-        for name in ("Adam", "AdamW", "RMSprop", "Adagrad")
+        for name in ("Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "RAdam")
     },
+    # Lion's moment takes (1 - beta2) of a gradient at the bottom of the normal range.
+    "Lion": {np.float32: (1e-37, 1e-39), np.float64: (1e-307, 1e-309)},
+    # Rprop's step sizes shrink by etas[0] at each sign flip, from an lr near the bottom of the
+    # range (DRIFT_KWARGS; the gradients themselves are normal).
+    "Rprop": {np.float32: (1e-37, 1.0), np.float64: (1e-307, 1.0)},
 }
 DRIFT_KWARGS = {
     "SGD": {"lr": 0.5, "momentum": 0.5, "weight_decay": 0.5},
@@ -314,7 +330,20 @@ DRIFT_KWARGS = {
     "AdamW": {"lr": 0.5, "weight_decay": 0.5},
     "RMSprop": {"lr": 1e-3, "centered": True, "momentum": 0.5},
     "Adagrad": {"lr": 1e-3, "lr_decay": 0.01},
+    "Adadelta": {"lr": 1.0, "rho": 0.5},
+    "RAdam": {"lr": 1e-3, "betas": (0.9, 0.5)},
+    "Lion": {"lr": 1e-3, "betas": (0.5, 0.99)},
+    "Rprop": {
+        np.float32: {"lr": 1e-30, "etas": (1e-3, 1.2), "step_sizes": (0.0, 50.0)},
+        np.float64: {"lr": 1e-300, "etas": (1e-3, 1.2), "step_sizes": (0.0, 50.0)},
+    },
 }
+
+
+def _drift_kwargs(name, dtype):
+    """DRIFT_KWARGS of ``name``, for ``dtype`` where they differ by dtype (Rprop's lr)."""
+    kwargs = DRIFT_KWARGS[name]
+    return kwargs[dtype] if dtype in kwargs else kwargs
 
 
 def _count_denormals(arrays, dtype) -> int:
@@ -326,7 +355,7 @@ def _numpy_drift(name, dtype, flush, steps=12, size=70_001):
     rng = np.random.default_rng(8)
     p_scale, g_scale = DRIFT[name][dtype]
     params = [random_array(rng, (size,), dtype, p_scale), random_array(rng, (9,), dtype, p_scale)]
-    opt = optirs_class(name)(params, flush_denormals=flush, **DRIFT_KWARGS[name])
+    opt = optirs_class(name)(params, flush_denormals=flush, **_drift_kwargs(name, dtype))
     for _ in range(steps):
         opt.step([random_array(rng, p.shape, dtype, g_scale) for p in params])
     arrays = [*params, *(v for p in params for v in opt.state.get(p, {}).values())]
@@ -355,7 +384,7 @@ def test_bridge_flush_denormals_leaves_none(name, dtype):
             torch.nn.Parameter(torch.from_numpy(random_array(rng, (n,), np_dtype, p_scale)))
             for n in (70_001, 9)
         ]
-        opt = bridge_class(name)(params, flush_denormals=flush, **DRIFT_KWARGS[name])
+        opt = bridge_class(name)(params, flush_denormals=flush, **_drift_kwargs(name, np_dtype))
         for _ in range(12):
             for p in params:
                 p.grad = torch.from_numpy(random_array(rng, tuple(p.shape), np_dtype, g_scale))

@@ -99,6 +99,69 @@ COMBOS = [
     ("Adagrad", "maximize", {"maximize": True}),
     ("Adagrad", "lr_decay_iav", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.5}),
     ("Adagrad", "eps_maximize_lr_decay", {"eps": 1e-3, "maximize": True, "lr_decay": 0.1}),
+    # Adadelta: torch's combos
+    ("Adadelta", "default", {}),
+    ("Adadelta", "lr", {"lr": 0.01}),
+    ("Adadelta", "wd", {"weight_decay": 0.1}),
+    ("Adadelta", "maximize", {"maximize": True}),
+    ("Adadelta", "wd_maximize", {"weight_decay": 0.1, "maximize": True}),
+    ("Adadelta", "rho_wd", {"rho": 0.95, "weight_decay": 0.9}),
+    # Adadelta: extra
+    ("Adadelta", "rho0_eps", {"rho": 0.0, "eps": 1e-3}),
+    ("Adadelta", "rho1", {"rho": 1.0, "lr": 0.5}),
+    (
+        "Adadelta",
+        "rho_eps_wd_maximize",
+        {"rho": 0.5, "eps": 1e-4, "weight_decay": 0.2, "maximize": True},
+    ),
+    # RAdam: torch's combos
+    ("RAdam", "default", {}),
+    ("RAdam", "lr", {"lr": 2e-3}),
+    ("RAdam", "eps", {"eps": 1e-6}),
+    ("RAdam", "wd", {"weight_decay": 0.1}),
+    ("RAdam", "decoupled_wd", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("RAdam", "wd_maximize", {"weight_decay": 0.1, "maximize": True}),
+    # RAdam: extra. betas[1] = 0.5 rectifies from step 2 (rho_inf = 3 < 5 never does, default
+    # 0.999 from step 6): both branches within the 8 steps the tests take.
+    ("RAdam", "rectified_early", {"lr": 0.01, "betas": (0.8, 0.5)}),
+    ("RAdam", "never_rectified", {"lr": 0.01, "betas": (0.9, 0.5)}),
+    ("RAdam", "betas_zero", {"lr": 0.01, "betas": (0.0, 0.0)}),
+    (
+        "RAdam",
+        "decoupled_wd_maximize_eps",
+        {
+            "lr": 0.02,
+            "weight_decay": 0.3,
+            "decoupled_weight_decay": True,
+            "maximize": True,
+            "eps": 1e-3,
+        },
+    ),
+    # Lion (against the tests' lion-pytorch reference, conftest.LionReference)
+    ("Lion", "default", {}),
+    ("Lion", "lr", {"lr": 1e-3}),
+    ("Lion", "wd", {"lr": 1e-3, "weight_decay": 0.1}),
+    ("Lion", "maximize", {"lr": 1e-3, "maximize": True}),
+    (
+        "Lion",
+        "betas_wd_maximize",
+        {"lr": 0.01, "betas": (0.5, 0.9), "weight_decay": 1.0, "maximize": True},
+    ),
+    ("Lion", "betas_extremes", {"lr": 0.01, "betas": (0.0, 1.0)}),
+    ("Lion", "betas_one_zero", {"lr": 0.01, "betas": (1.0, 0.0)}),
+    # Rprop: torch's combos
+    ("Rprop", "default", {}),
+    ("Rprop", "lr", {"lr": 2e-4}),
+    ("Rprop", "etas", {"etas": (0.5, 1.5)}),
+    ("Rprop", "step_sizes", {"step_sizes": (2e-6, 100)}),
+    ("Rprop", "maximize", {"maximize": True}),
+    # Rprop: extra. Tight bounds make the clamp bite at both ends within a few steps.
+    ("Rprop", "tight_step_sizes", {"lr": 0.1, "etas": (0.2, 3.0), "step_sizes": (0.05, 0.5)}),
+    (
+        "Rprop",
+        "all_maximize",
+        {"lr": 0.3, "etas": (0.9, 1.1), "step_sizes": (1e-3, 1.0), "maximize": True},
+    ),
 ]
 # Large learning rates: updates of order 0.1..1 per step, so that atol (1e-5 / 1e-7) is tiny
 # next to one update and a small error in the update rule cannot hide below it.
@@ -113,6 +176,10 @@ COMBOS += [
     ("RMSprop", "high_lr_centered_momentum", {"lr": 0.1, "momentum": 0.5, "centered": True}),
     ("Adagrad", "high_lr", {"lr": 1.0, "lr_decay": 0.1, "weight_decay": 0.1}),
     ("Adagrad", "high_lr_iav", {"lr": 1.0, "initial_accumulator_value": 0.5, "eps": 1e-6}),
+    ("Adadelta", "high_lr", {"lr": 50.0, "weight_decay": 0.1}),
+    ("RAdam", "high_lr", {"lr": 0.5, "weight_decay": 0.1, "betas": (0.9, 0.6)}),
+    ("Lion", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
+    ("Rprop", "high_lr", {"lr": 0.5, "step_sizes": (1e-3, 2.0)}),
 ]
 COMBO_IDS = [f"{name}-{cid}" for name, cid, _ in COMBOS]
 
@@ -145,6 +212,10 @@ BIG_COMBOS = [
     ("AdamW", {"lr": 0.01, "maximize": True}),
     ("RMSprop", {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.1, "weight_decay": 0.1}),
+    ("Adadelta", {"lr": 1.0, "weight_decay": 0.1}),
+    ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "betas": (0.9, 0.6)}),
+    ("Lion", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
+    ("Rprop", {"lr": 0.01, "etas": (0.4, 1.3)}),
 ]
 
 
@@ -164,6 +235,11 @@ LONG_COMBOS = [
     ("RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}),
     ("RMSprop", {"lr": 0.001, "weight_decay": 0.01}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    ("Adadelta", {"lr": 1.0, "rho": 0.95}),
+    ("RAdam", {"lr": 0.01, "weight_decay": 0.01}),
+    ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("Lion", {"lr": 1e-3, "weight_decay": 0.1}),
+    ("Rprop", {"lr": 0.01}),
 ]
 
 
@@ -197,6 +273,26 @@ MULTI_GROUP = {
     "Adagrad": (
         {"lr": 0.1},
         [{"lr_decay": 0.1}, {"lr": 0.01, "eps": 1e-5}, {"weight_decay": 0.1, "maximize": True}],
+    ),
+    "Adadelta": (
+        {"lr": 0.5},
+        [{"rho": 0.5}, {"lr": 1.0, "eps": 1e-3}, {"weight_decay": 0.1, "maximize": True}],
+    ),
+    "RAdam": (
+        {"lr": 0.01},
+        [
+            {"betas": (0.9, 0.5)},
+            {"weight_decay": 0.1, "decoupled_weight_decay": True},
+            {"weight_decay": 0.1, "maximize": True},
+        ],
+    ),
+    "Lion": (
+        {"lr": 0.01},
+        [{"betas": (0.5, 0.9)}, {"lr": 0.001, "weight_decay": 0.5}, {"maximize": True}],
+    ),
+    "Rprop": (
+        {"lr": 0.01},
+        [{"etas": (0.3, 1.5)}, {"lr": 0.1, "step_sizes": (1e-3, 0.2)}, {"maximize": True}],
     ),
 }
 
@@ -297,6 +393,38 @@ SCHEDULES = {
             2: [(0, {"lr": 0.01}), (1, {"lr_decay": 0.5})],
             5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
             8: [(1, {"maximize": True, "lr": 0.3})],
+        },
+    ),
+    "Adadelta": (
+        {"lr": 0.5},
+        {
+            2: [(0, {"lr": 0.1}), (1, {"rho": 0.5})],
+            5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
+            8: [(1, {"maximize": True, "lr": 2.0})],
+        },
+    ),
+    "RAdam": (
+        {"lr": 0.01, "betas": (0.9, 0.5)},
+        {
+            2: [(0, {"lr": 0.001}), (1, {"betas": (0.5, 0.999)})],
+            5: [(0, {"weight_decay": 0.1, "eps": 1e-4})],
+            8: [(1, {"maximize": True, "decoupled_weight_decay": True, "weight_decay": 0.3})],
+        },
+    ),
+    "Lion": (
+        {"lr": 0.01},
+        {
+            2: [(0, {"lr": 0.001}), (1, {"betas": (0.5, 0.9)})],
+            5: [(0, {"weight_decay": 0.5})],
+            8: [(1, {"maximize": True, "lr": 0.1})],
+        },
+    ),
+    "Rprop": (
+        {"lr": 0.01},
+        {
+            2: [(0, {"lr": 0.5}), (1, {"etas": (0.3, 1.6)})],
+            5: [(0, {"step_sizes": (1e-3, 0.05)})],
+            8: [(1, {"maximize": True})],
         },
     ),
 }

@@ -16,7 +16,7 @@ import optirs
 import optirs.torch
 import pytest
 import torch
-from conftest import FULL_STATE_KWARGS, TORCH_ONLY_GROUP_KEYS
+from conftest import FULL_STATE_KWARGS, TORCH_ONLY_GROUP_KEYS, torch_class
 from optirs._spec import SPECS
 
 # Configurations that switch each optional buffer on and off.
@@ -34,13 +34,23 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("RMSprop", {"momentum": 0.5, "centered": True}),
     ("Adagrad", {}),
     ("Adagrad", {"initial_accumulator_value": 0.25}),
+    ("Adadelta", {}),
+    ("RAdam", {}),
+    ("RAdam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("Lion", {}),
+    ("Rprop", {}),
+    ("Rprop", {"lr": 0.25}),
 ]
+
+#: The optimizers torch.optim has; the others (Lion) are checked against the tests' reference
+#: (conftest.torch_class) and their own documented signature.
+IN_TORCH = [name for name, spec in SPECS.items() if spec.in_torch]
 
 
 def _torch_state(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """torch.optim's state of a parameter after one step, and its param group."""
     p = torch.nn.Parameter(torch.ones(3))
-    opt = getattr(torch.optim, name)([p], foreach=False, **kwargs)
+    opt = torch_class(name)([p], foreach=False, **kwargs)
     p.grad = torch.full((3,), 0.5)
     opt.step()
     state = {k: v for k, v in opt.state[p].items() if v is not None}
@@ -48,7 +58,12 @@ def _torch_state(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dic
 
 
 def test_every_optimizer_is_declared_once_and_exported() -> None:
-    assert list(SPECS) == ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
+    assert list(SPECS) == [
+        *("SGD", "Adam", "AdamW", "RMSprop", "Adagrad"),
+        *("Adadelta", "RAdam", "Lion", "Rprop"),
+    ]
+    assert [n for n in SPECS if not SPECS[n].in_torch] == ["Lion"]
+    assert not hasattr(torch.optim, "Lion")
     for name, spec in SPECS.items():
         assert spec.name == name
         assert getattr(optirs, name)._spec is spec
@@ -61,7 +76,7 @@ def test_adamw_is_adam_with_decoupled_weight_decay() -> None:
     assert adamw.defaults == {**adam.defaults, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", IN_TORCH)
 def test_declared_arguments_are_torchs(name: str) -> None:
     """Names, order, kinds and defaults of torch's constructor; torch's switches marked."""
     spec = SPECS[name]
@@ -72,10 +87,27 @@ def test_declared_arguments_are_torchs(name: str) -> None:
     assert {p.name for p in spec.params if p.torch_only} <= TORCH_ONLY_GROUP_KEYS
 
 
+def test_lion_is_declared_as_lion_pytorch_with_maximize() -> None:
+    """lion-pytorch's signature, without its ``use_triton`` and ``decoupled_weight_decay``
+    (which divides wd by the initial lr), with torch.optim's keyword-only ``maximize``; the
+    torch bridge subclasses torch.optim.Optimizer itself."""
+    spec = SPECS["Lion"]
+    assert [(p.name, p.default, p.keyword_only, p.torch_only) for p in spec.params] == [
+        ("lr", 1e-4, False, False),
+        ("betas", (0.9, 0.99), False, False),
+        ("weight_decay", 0.0, False, False),
+        ("maximize", False, True, False),
+    ]
+    assert optirs.torch.Lion.__mro__[1:3] == (optirs.torch._Bridge, torch.optim.Optimizer)
+    for cls in (optirs.Lion, optirs.torch.Lion):
+        params = list(inspect.signature(cls.__init__).parameters)
+        assert params[:6] == ["self", "params", "lr", "betas", "weight_decay", "maximize"]
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_declared_defaults_are_torchs(name: str) -> None:
     """A param group's entries and default values are torch's, less torch's switches."""
-    torch_defaults = getattr(torch.optim, name)([torch.zeros(1)]).defaults
+    torch_defaults = torch_class(name)([torch.zeros(1)]).defaults
     ours = {k: v for k, v in torch_defaults.items() if k not in TORCH_ONLY_GROUP_KEYS}
     assert SPECS[name].defaults == ours
 

@@ -370,8 +370,50 @@ BAD_DICTS = [
 
 def _applies(corruption: str, name: str) -> bool:
     """SGD keeps no step, and torch's SGD makes a missing momentum_buffer from the next gradient
-    (tested as accepted in test_load_accepts_sgd_without_momentum_buffer)."""
-    return name != "SGD" or corruption not in {"missing_buffer", "missing_step", "step_not_scalar"}
+    (tested as accepted in test_load_accepts_sgd_without_momentum_buffer). Lion keeps no step
+    either, and without its one buffer a parameter's entry is empty: a parameter not stepped
+    yet, whose state the next step makes, as torch does (test_load_accepts_an_empty_entry)."""
+    if name == "SGD":
+        return corruption not in {"missing_buffer", "missing_step", "step_not_scalar"}
+    if name == "Lion":
+        return corruption not in {"missing_buffer", "missing_step", "step_not_scalar"}
+    return True
+
+
+@pytest.mark.parametrize("api", ["numpy", "torch"])
+def test_load_accepts_an_empty_entry(api):
+    """Lion's state without its buffer is an empty entry: the parameter starts afresh, in
+    optirs as in torch (whose optimizers make state where an entry is empty)."""
+    import optirs.torch
+
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal(5).astype(np.float32) for _ in range(2)]
+    if api == "numpy":
+        params = [v.copy() for v in values]
+        opt = optirs.Lion(params, lr=0.1)
+        opt.step([np.ones(5, np.float32)] * 2)
+        sd = opt.state_dict()
+        del sd["state"][1]["exp_avg"]
+        fresh_params = [v.copy() for v in values]
+        fresh = optirs.Lion(fresh_params, lr=0.1)
+        fresh.load_state_dict(sd)
+        fresh.step([np.ones(5, np.float32)] * 2)
+        np.testing.assert_array_equal(
+            fresh.state[fresh_params[1]]["exp_avg"], np.full(5, 1 - 0.99, np.float32)
+        )
+    else:
+        tparams = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in values]
+        opt = optirs.torch.Lion(tparams, lr=0.1)
+        for p in tparams:
+            p.grad = torch.ones(5)
+        opt.step()
+        sd = opt.state_dict()
+        del sd["state"][1]["exp_avg"]
+        opt.load_state_dict(sd)
+        opt.step()
+        torch.testing.assert_close(
+            opt.state[tparams[1]]["exp_avg"], torch.full((5,), 1 - 0.99), rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import optirs.torch
 import pytest
 import torch
 from conftest import DTYPE_IDS, FULL_STATE_KEYS, FULL_STATE_KWARGS, OPTIMIZER_NAMES
+from optirs._spec import SPECS
 from test_parity import (
     COMBO_IDS,
     COMBOS,
@@ -63,6 +64,8 @@ from torch_helpers import (
 
 F32, F64 = torch.float32, torch.float64
 FUSED_NAMES = ("SGD", "Adam", "AdamW", "Adagrad")  # torch has fused=True on the CPU for these
+# Lion, which torch.optim lacks, has no foreach switch either.
+FOREACH_NAMES = [n for n in SPECS if any(p.name == "foreach" for p in SPECS[n].params)]
 
 # Options that create every kind of state buffer, without coupled weight decay: the tests that
 # compute gradients from a model cannot use conftest's gradient conditioning.
@@ -72,7 +75,17 @@ MODEL_KWARGS = {
     "AdamW": {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1},
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "Adadelta": {"lr": 0.5, "rho": 0.8},
+    "RAdam": {"lr": 0.01, "betas": (0.9, 0.6), "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "Lion": {"lr": 0.01, "weight_decay": 0.1},
+    "Rprop": {"lr": 0.01, "etas": (0.4, 1.3)},
 }
+
+
+def torch_base(name):
+    """The torch class the bridge class subclasses: torch.optim's of the same name, or
+    torch.optim.Optimizer for one torch.optim lacks (Lion)."""
+    return torch.optim.Optimizer if not SPECS[name].in_torch else torch_class(name)
 
 
 def tensors(rng, shapes, dtype=F32):
@@ -87,9 +100,9 @@ def tensors(rng, shapes, dtype=F32):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_is_the_torch_class(name):
     opt = bridge_class(name)([nn.Parameter(torch.zeros(3))])
-    assert isinstance(opt, torch_class(name))
+    assert isinstance(opt, torch_base(name))
     assert isinstance(opt, torch.optim.Optimizer)
-    assert issubclass(bridge_class(name), torch_class(name))
+    assert issubclass(bridge_class(name), torch_base(name))
     assert type(opt).__name__ == name
 
 
@@ -104,6 +117,8 @@ def test_signature_is_torchs(name):
     theirs = [
         (p.name, p.kind, p.default)
         for p in inspect.signature(torch_class(name).__init__).parameters.values()
+        # the tests' Lion reference takes torch's `foreach` only to be built like the others
+        if SPECS[name].in_torch or p.name != "foreach"
     ]
     extras = [
         ("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, False),
@@ -812,7 +827,7 @@ def test_adagrad_add_param_group_initial_accumulator_value_is_torchs(rng):
 
 @pytest.mark.parametrize(
     ("name", "flag"),
-    [*((n, "foreach") for n in OPTIMIZER_NAMES), *((n, "fused") for n in FUSED_NAMES)],
+    [*((n, "foreach") for n in FOREACH_NAMES), *((n, "fused") for n in FUSED_NAMES)],
 )
 def test_foreach_and_fused_are_accepted_and_stepped_by_optirs(name, flag, rng, monkeypatch):
     calls = []
@@ -850,13 +865,25 @@ def test_rmsprop_has_no_fused_like_torch():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@pytest.mark.parametrize(
+    "name", [n for n in OPTIMIZER_NAMES if "differentiable" in SPECS[n].refused]
+)
 def test_differentiable_is_refused(name):
     with pytest.raises(ValueError, match="differentiable"):
         bridge_class(name)([nn.Parameter(torch.zeros(3))], differentiable=True)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_switches_are_torchs_only():
+    """Every optimizer refuses differentiable=True, except Lion, which has no torch switches."""
+    for name, spec in SPECS.items():
+        switches = {p.name for p in spec.params if p.torch_only}
+        assert ("differentiable" in spec.refused) == spec.in_torch, name
+        assert set(spec.refused) <= switches, name
+    with pytest.raises(TypeError):
+        bridge_class("Lion")([nn.Parameter(torch.zeros(3))], differentiable=True)
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZER_NAMES if "capturable" in SPECS[n].refused])
 def test_capturable_is_refused(name):
     with pytest.raises(ValueError, match="capturable"):
         bridge_class(name)([nn.Parameter(torch.zeros(3))], capturable=True)
@@ -971,6 +998,13 @@ INVALID_HYPERPARAMETERS = [
     ("RMSprop", "alpha", -0.5, "Invalid alpha value: -0.5"),
     ("Adagrad", "lr", -1, "Invalid learning rate: -1"),
     ("Adagrad", "lr_decay", -0.1, "Invalid lr_decay value: -0.1"),
+    ("Adadelta", "lr", -1, "Invalid learning rate: -1"),
+    ("Adadelta", "rho", 1.5, "Invalid rho value: 1.5"),
+    ("RAdam", "eps", -1e-8, "Invalid epsilon value: -1e-08"),
+    ("RAdam", "betas", (0.9, 1.0), "Invalid beta parameter at index 1: 1.0"),  # 2 / (1 - 1.0)
+    ("RAdam", "weight_decay", -0.1, "Invalid weight_decay value: -0.1"),
+    ("Rprop", "lr", -1, "Invalid learning rate: -1"),
+    ("Rprop", "etas", (1.5, 1.2), "Invalid eta values: 1.5, 1.2"),
 ]
 
 
@@ -1029,6 +1063,9 @@ TORCH_SPARSE_MESSAGES = {
     "Adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
     "AdamW": "Adam does not support sparse gradients, please consider SparseAdam instead",
     "RMSprop": "RMSprop does not support sparse gradients",
+    "Adadelta": "Adadelta does not support sparse gradients",
+    "RAdam": "RAdam does not support sparse gradients",
+    "Rprop": "Rprop does not support sparse gradients",
 }
 
 

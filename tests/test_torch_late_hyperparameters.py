@@ -40,6 +40,10 @@ BASE = {
     "AdamW": {"lr": 0.01, "amsgrad": True},
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "weight_decay": 0.1},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "Adadelta": {"lr": 0.5, "weight_decay": 0.1},
+    "RAdam": {"lr": 0.01, "weight_decay": 0.1, "betas": (0.9, 0.5)},
+    "Lion": {"lr": 0.01, "weight_decay": 0.1},
+    "Rprop": {"lr": 0.01},
 }
 
 # Values torch.optim's constructor refuses (checked below) and its step takes.
@@ -79,6 +83,32 @@ REFUSED_BY_CONSTRUCTOR = {
         {"weight_decay": -0.1},
         {"initial_accumulator_value": -1.0},
     ],
+    "Adadelta": [
+        {"lr": -0.1},
+        {"lr": NAN},
+        {"rho": 1.5},
+        {"rho": -0.5},
+        {"eps": -1e-3},
+        {"weight_decay": -0.1},
+    ],
+    "RAdam": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"eps": -1e-3},
+        {"betas": (1.5, 0.5)},
+        {"betas": (0.9, -0.5)},
+        {"weight_decay": -0.1},
+    ],
+    # The tests' reference (conftest.LionReference) checks nothing; optirs.torch.Lion's
+    # constructor refuses these (test_torch_constructor_refuses_these_values).
+    "Lion": [{"lr": -0.01}, {"lr": NAN}, {"betas": (1.5, 0.9)}, {"weight_decay": -0.1}],
+    "Rprop": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"etas": (1.5, 1.2)},
+        {"etas": (0.5, 0.9)},
+        {"etas": (0.0, 1.2)},
+    ],
 }
 # Values the constructor takes too, which the bridge used to refuse or which reach the kernels
 # only now: NaN and infinite learning rates, RMSprop's alpha above 1, SGD's dampening.
@@ -88,6 +118,10 @@ ALSO_STEPPED = {
     "AdamW": [{"betas": (0.9, INF)}],
     "RMSprop": [{"alpha": 1.5}, {"alpha": NAN}],
     "Adagrad": [{"lr_decay": INF}],
+    "Adadelta": [{"lr": INF}, {"rho": NAN}],
+    "RAdam": [{"lr": INF}, {"betas": (NAN, 0.5)}, {"decoupled_weight_decay": True}],
+    "Lion": [{"lr": INF}, {"betas": (NAN, 0.9)}, {"betas": (1.0, 0.0)}],
+    "Rprop": [{"lr": INF}, {"step_sizes": (0.5, 0.1)}, {"step_sizes": (NAN, 1.0)}],
 }
 
 
@@ -146,9 +180,10 @@ def _run(name, values, dtype, at, steps=5, base=None, rng_seed=9):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_torch_constructor_refuses_these_values(name):
     """The table above is what it says: torch.optim's constructor raises for each value."""
+    cls = getattr(torch.optim, name, None) or getattr(optirs.torch, name)  # Lion: optirs'
     for values in REFUSED_BY_CONSTRUCTOR[name]:
         with pytest.raises(ValueError):
-            getattr(torch.optim, name)([torch.zeros(3)], **{**BASE[name], **values})
+            cls([torch.zeros(3)], **{**BASE[name], **values})
 
 
 @pytest.mark.parametrize("at", [0, 2], ids=["first_step", "cached_plan"])

@@ -17,6 +17,7 @@ import copy
 import optirs.torch
 import pytest
 import torch
+from conftest import torch_class
 from torch import nn
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
@@ -72,6 +73,35 @@ def test_reduced_precision_rmsprop_is_float32_math_rounded_once(dtype, kwargs):
     assert torch.equal(ours.detach(), master.detach().to(dtype))
 
 
+# torch has no fused path for these: one step on a 16-bit parameter is the float32 step of
+# its values, rounded once (lr and the step size's fill exactly representable in both).
+HALF_ONCE = [
+    ("Adadelta", {"lr": 0.5, "weight_decay": 0.1, "maximize": True}),
+    ("RAdam", {"lr": 0.25, "betas": (0.9, 0.5), "weight_decay": 0.1}),
+    ("Lion", {"lr": 0.015625, "weight_decay": 0.5}),
+    ("Rprop", {"lr": 0.25, "etas": (0.5, 1.5)}),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "kwargs"), HALF_ONCE, ids=[n for n, _ in HALF_ONCE])
+def test_reduced_precision_is_float32_math_rounded_once(name, kwargs, dtype):
+    ours, _ = _pair((517,), dtype, seed=2)
+    master = nn.Parameter(ours.detach().float())
+    opt = getattr(optirs.torch, name)([ours], **kwargs)
+    ref = torch_class(name)([master], foreach=False, **kwargs)
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(517, generator=gen).to(dtype)
+    ours.grad, master.grad = grad.clone(), grad.float()
+    opt.step()
+    ref.step()
+    assert torch.equal(ours.detach(), master.detach().to(dtype))
+    for key, value in ref.state[master].items():
+        if key != "step":
+            assert opt.state[ours][key].dtype == dtype
+            assert torch.equal(opt.state[ours][key], value.to(dtype)), key
+
+
 def test_bfloat16_state_keeps_torch_format():
     p, _ = _pair((64,), torch.bfloat16)
     opt = optirs.torch.Adam([p], amsgrad=True)
@@ -101,6 +131,10 @@ def _layouts():
         ("AdamW", {"lr": 0.01}),
         ("RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.5}),
         ("Adagrad", {"lr": 0.1}),
+        ("Adadelta", {"lr": 0.5, "weight_decay": 0.1}),
+        ("RAdam", {"lr": 0.01, "betas": (0.9, 0.5)}),
+        ("Lion", {"lr": 0.01, "weight_decay": 0.1}),
+        ("Rprop", {"lr": 0.01}),
     ],
 )
 def test_dense_non_contiguous_parameters_are_updated_in_place(name, kwargs, layout):
@@ -110,7 +144,7 @@ def test_dense_non_contiguous_parameters_are_updated_in_place(name, kwargs, layo
     theirs = nn.Parameter(data.clone(memory_format=torch.preserve_format))
     assert ours.stride() == data.stride()
     opt = getattr(optirs.torch, name)([ours], **kwargs)
-    ref = getattr(torch.optim, name)([theirs], foreach=False, **kwargs)
+    ref = torch_class(name)([theirs], foreach=False, **kwargs)
     ptr, strides = ours.data_ptr(), ours.stride()
     g = torch.Generator().manual_seed(4)
     for _ in range(6):

@@ -21,6 +21,7 @@ import numpy as np
 import optirs.torch
 import torch
 from conftest import default_grad, tolerances, well_conditioned
+from conftest import torch_class as torch_class  # torch.optim's, or the tests' Lion reference
 
 TORCH_DTYPES = (torch.float32, torch.float64)
 NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -28,10 +29,6 @@ NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 def bridge_class(name: str) -> type:
     return getattr(optirs.torch, name)
-
-
-def torch_class(name: str) -> type:
-    return getattr(torch.optim, name)
 
 
 def all_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:

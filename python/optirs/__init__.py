@@ -1,7 +1,8 @@
 """optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
 
-``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` take torch.optim's arguments,
-defaults and error messages, and follow torch.optim's update formulas and operation order::
+``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam`` and
+``Rprop`` take torch.optim's arguments, defaults and error messages, and follow torch.optim's
+update formulas and operation order; ``Lion`` follows lion-pytorch's::
 
     import numpy as np, optirs
     w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
@@ -32,12 +33,16 @@ __version__: str = _core.__version__
 
 __all__ = [
     "SGD",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
+    "Lion",
     "Optimizer",
     "ParamState",
+    "RAdam",
     "RMSprop",
+    "Rprop",
     "__version__",
     "get_num_threads",
     "set_num_threads",
@@ -798,4 +803,53 @@ class Adagrad(Optimizer):
     """
 
     _spec = _spec.ADAGRAD
+    __init__ = _numpy_init(_spec)
+
+
+class Adadelta(Optimizer):
+    """Adadelta: ``torch.optim.Adadelta``'s update over NumPy arrays.
+
+    State: ``step`` (0-d float32), ``square_avg`` and ``acc_delta``.
+    """
+
+    _spec = _spec.ADADELTA
+    __init__ = _numpy_init(_spec)
+
+
+class RAdam(Optimizer):
+    """RAdam (rectified Adam; with ``decoupled_weight_decay=True`` the parameter is decayed
+    instead of the gradient): ``torch.optim.RAdam``'s update over NumPy arrays, rectified where
+    the SMA length exceeds 5.
+
+    State: ``step`` (0-d float32), ``exp_avg`` and ``exp_avg_sq``.
+    """
+
+    _spec = _spec.RADAM
+    __init__ = _numpy_init(_spec)
+
+
+class Rprop(Optimizer):
+    """Rprop (resilient backpropagation, sign-based per-element step sizes):
+    ``torch.optim.Rprop``'s update over NumPy arrays.
+
+    State: ``step`` (0-d float32), ``prev`` (the last gradient used) and ``step_size`` (per
+    element, starting at the group's ``lr``).
+    """
+
+    _spec = _spec.RPROP
+    __init__ = _numpy_init(_spec)
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023), as lion-pytorch computes it: ``p *= 1 - lr * weight_decay``;
+    ``p -= lr * sign(beta1 * m + (1 - beta1) * g)``; ``m = beta2 * m + (1 - beta2) * g``.
+    ``maximize`` negates the gradient first. ``sign`` is ``torch.sign``'s (0 for 0 and NaN).
+
+    Args: ``params``; ``lr`` (1e-4, >= 0); ``betas`` ((0.9, 0.99), each in [0, 1]);
+    ``weight_decay`` (0.0, >= 0); ``maximize`` (False).
+
+    State: ``exp_avg`` (no step counter).
+    """
+
+    _spec = _spec.LION
     __init__ = _numpy_init(_spec)

@@ -110,6 +110,45 @@ def _check_adagrad(g: Mapping[str, Any]) -> None:
     _check_eps(g)
 
 
+def _check_adadelta(g: Mapping[str, Any]) -> None:
+    _check_lr(g)
+    if not 0.0 <= _real("rho", g["rho"]) <= 1.0:
+        raise ValueError(f"Invalid rho value: {g['rho']}")
+    _check_eps(g)
+    _check_wd(g)
+
+
+def _pair_of_reals(name: str, value: Any) -> tuple[float, float]:
+    try:
+        n = len(value)
+    except TypeError:
+        n = -1
+    if n != 2:
+        raise TypeError(f"{name} must be a pair of floats, got {value!r}")
+    return _real(f"{name}[0]", value[0]), _real(f"{name}[1]", value[1])
+
+
+def _check_rprop(g: Mapping[str, Any]) -> None:
+    _check_lr(g)
+    etas = g["etas"]
+    minus, plus = _pair_of_reals("etas", etas)
+    if not 0.0 < minus < 1.0 < plus:
+        raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+    _pair_of_reals("step_sizes", g["step_sizes"])
+
+
+def _check_lion(g: Mapping[str, Any]) -> None:
+    # lion-pytorch asserts lr > 0 and 0 <= beta <= 1; optirs words and orders its checks as
+    # torch.optim's constructors do (lr >= 0, as theirs).
+    _check_lr(g)
+    betas = g["betas"]
+    b = _pair_of_reals("betas", betas)
+    for i in (0, 1):
+        if not 0.0 <= b[i] <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+    _check_wd(g)
+
+
 def _always(group: Mapping[str, Any]) -> bool:
     return True
 
@@ -155,6 +194,9 @@ class Buffer:
     #: a new buffer is made from the step's gradient by the kernel (SGD's momentum), so a
     #: parameter whose other state is there may lack it, as torch.optim.SGD allows
     from_grad: bool = False
+    #: torch reads ``fill`` from the parameter's group (Rprop's ``lr``), not from the
+    #: optimizer's defaults (Adagrad's ``initial_accumulator_value``)
+    fill_from_group: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +224,9 @@ class Spec:
     refused: tuple[str, ...] = ("differentiable",)
     #: torch's message for a sparse gradient, where torch refuses them too
     sparse_message: str | None = None
+    #: torch.optim has a class of this name (Lion has none: its bridge class subclasses
+    #: ``torch.optim.Optimizer``, and the tests compare it with a reference of their own)
+    in_torch: bool = True
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -260,6 +305,15 @@ class Spec:
                 fill = fills[n]
                 out[n] = full(0.0 if fill is None else values[fill])
         return out
+
+    def fill_values(self, defaults: Mapping[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
+        """The values new buffers are filled with, where torch reads each (``Buffer.fill``
+        from the optimizer's ``defaults`` or, ``fill_from_group``, from the ``group``)."""
+        return {
+            b.fill: (group if b.fill_from_group else defaults)[b.fill]
+            for b in self.state
+            if b.fill is not None
+        }
 
     def derive(self, name: str, **changes: Any) -> Spec:
         """Another optimizer over the same rule and state: a copy with ``changes``."""
@@ -378,8 +432,87 @@ ADAGRAD = Spec(
     state_at_construction=True,
 )
 
+ADADELTA = Spec(
+    name="Adadelta",
+    kind="adadelta",
+    params=(
+        Param("lr", 1.0, "float"),
+        Param("rho", 0.9, "float"),
+        Param("eps", 1e-6, "float"),
+        Param("weight_decay", 0, "float"),
+        _torch_switch("foreach", None, "bool | None", keyword_only=False),
+        _torch_switch("capturable", False, "bool"),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("differentiable", False, "bool"),
+    ),
+    state=(Buffer("square_avg", "sq"), Buffer("acc_delta", "acc")),
+    counts_steps=True,
+    validate=_check_adadelta,
+    refused=("differentiable", "capturable"),
+    sparse_message="Adadelta does not support sparse gradients",
+)
+RADAM = Spec(
+    name="RAdam",
+    kind="radam",
+    params=(
+        Param("lr", 1e-3, "float"),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
+        Param("eps", 1e-8, "float"),
+        Param("weight_decay", 0, "float"),
+        Param("decoupled_weight_decay", False, "bool"),
+        _torch_switch("foreach", None, "bool | None"),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("capturable", False, "bool"),
+        _torch_switch("differentiable", False, "bool"),
+    ),
+    state=(Buffer("exp_avg", "m"), Buffer("exp_avg_sq", "v")),
+    counts_steps=True,
+    validate=_check_adam,
+    refused=("differentiable", "capturable"),
+    sparse_message="RAdam does not support sparse gradients",
+)
+RPROP = Spec(
+    name="Rprop",
+    kind="rprop",
+    params=(
+        Param("lr", 1e-2, "float"),
+        Param("etas", (0.5, 1.2), "tuple[float, float]", convert=_pair),
+        Param("step_sizes", (1e-6, 50), "tuple[float, float]", convert=_pair),
+        _torch_switch("capturable", False, "bool"),
+        _torch_switch("foreach", None, "bool | None"),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("differentiable", False, "bool"),
+    ),
+    state=(
+        Buffer("prev", "prev"),
+        Buffer("step_size", "ss", fill="lr", fill_from_group=True),
+    ),
+    counts_steps=True,
+    validate=_check_rprop,
+    refused=("differentiable", "capturable"),
+    sparse_message="Rprop does not support sparse gradients",
+)
+#: Lion (Chen et al. 2023) as lion-pytorch computes it; not in torch.optim.
+LION = Spec(
+    name="Lion",
+    kind="lion",
+    params=(
+        Param("lr", 1e-4, "float"),
+        Param("betas", (0.9, 0.99), "tuple[float, float]", convert=_pair),
+        Param("weight_decay", 0.0, "float"),
+        Param("maximize", False, "bool", keyword_only=True),
+    ),
+    state=(Buffer("exp_avg", "m"),),
+    counts_steps=False,
+    validate=_check_lion,
+    refused=(),
+    in_torch=False,
+)
+
 #: Every optimizer, by torch.optim's class name, in the order the package lists them.
-SPECS: dict[str, Spec] = {s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD)}
+SPECS: dict[str, Spec] = {
+    s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, ADADELTA, RADAM, LION, RPROP)
+}
 
 #: optirs's own options, keyword-only after torch's arguments in both APIs.
 OWN_OPTIONS: tuple[Param, ...] = (

@@ -7,9 +7,13 @@
 
 use crate::dtype::DType;
 use crate::error::CoreError;
+use crate::kernels::adadelta::{AdadeltaHyper, AdadeltaScalars};
 use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use crate::kernels::adam::{AdamHyper, AdamScalars};
+use crate::kernels::lion::{LionHyper, LionScalars};
+use crate::kernels::radam::{RAdamHyper, RAdamScalars};
 use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
+use crate::kernels::rprop::{RpropHyper, RpropScalars};
 use crate::kernels::sgd::{SgdHyper, SgdScalars};
 use crate::kernels::{Float, Rule};
 use crate::torch_raises::{self, PyNumbers};
@@ -22,6 +26,10 @@ pub enum Kind {
     Adam,
     RmsProp,
     Adagrad,
+    Adadelta,
+    RAdam,
+    Lion,
+    Rprop,
 }
 
 /// One row of the rule table.
@@ -37,7 +45,7 @@ pub struct RuleSpec {
 }
 
 /// The rule table, in `Kind` order.
-pub const RULES: [RuleSpec; 4] = [
+pub const RULES: [RuleSpec; 8] = [
     RuleSpec {
         kind: Kind::Sgd,
         name: "sgd",
@@ -62,10 +70,34 @@ pub const RULES: [RuleSpec; 4] = [
         buffers: &["sum"],
         counts_steps: true,
     },
+    RuleSpec {
+        kind: Kind::Adadelta,
+        name: "adadelta",
+        buffers: &["square_avg", "acc_delta"],
+        counts_steps: true,
+    },
+    RuleSpec {
+        kind: Kind::RAdam,
+        name: "radam",
+        buffers: &["exp_avg", "exp_avg_sq"],
+        counts_steps: true,
+    },
+    RuleSpec {
+        kind: Kind::Lion,
+        name: "lion",
+        buffers: &["exp_avg"],
+        counts_steps: false,
+    },
+    RuleSpec {
+        kind: Kind::Rprop,
+        name: "rprop",
+        buffers: &["prev", "step_size"],
+        counts_steps: true,
+    },
 ];
 
 impl Kind {
-    /// The kind named `s` (`"sgd"`, `"adam"`, `"rmsprop"`, `"adagrad"`).
+    /// The kind named `s` (a `name` of [`RULES`]: `"sgd"`, `"adam"`, ..., `"rprop"`).
     ///
     /// # Errors
     /// `ValueError` for any other name.
@@ -90,7 +122,7 @@ impl Kind {
         self.spec().buffers
     }
 
-    /// SGD keeps no step counter; the others keep a 0-d float32 `step`.
+    /// SGD and Lion keep no step counter; the others keep a 0-d float32 `step`.
     #[must_use]
     pub fn counts_steps(self) -> bool {
         self.spec().counts_steps
@@ -104,6 +136,10 @@ pub enum Hyper {
     Adam(AdamHyper, PyNumbers),
     RmsProp(RmsPropHyper),
     Adagrad(AdagradHyper, PyNumbers),
+    Adadelta(AdadeltaHyper),
+    RAdam(RAdamHyper, PyNumbers),
+    Lion(LionHyper),
+    Rprop(RpropHyper),
 }
 
 impl Hyper {
@@ -114,7 +150,8 @@ impl Hyper {
             Hyper::Sgd(h) => [h.momentum != 0.0, false, false],
             Hyper::Adam(h, _) => [true, true, h.amsgrad],
             Hyper::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
-            Hyper::Adagrad(..) => [true, false, false],
+            Hyper::Adagrad(..) | Hyper::Lion(..) => [true, false, false],
+            Hyper::Adadelta(..) | Hyper::RAdam(..) | Hyper::Rprop(..) => [true, true, false],
         }
     }
 
@@ -124,6 +161,10 @@ impl Hyper {
             Hyper::Adam(h, _) => Rule::Adam(AdamScalars::new(h, step)),
             Hyper::RmsProp(h) => Rule::RmsProp(RmsPropScalars::new(h)),
             Hyper::Adagrad(h, _) => Rule::Adagrad(AdagradScalars::new(h, step)),
+            Hyper::Adadelta(h) => Rule::Adadelta(AdadeltaScalars::new(h)),
+            Hyper::RAdam(h, _) => Rule::RAdam(RAdamScalars::new(h, step)),
+            Hyper::Lion(h) => Rule::Lion(LionScalars::new(h)),
+            Hyper::Rprop(h) => Rule::Rprop(RpropScalars::new(h)),
         }
     }
 }

@@ -20,9 +20,12 @@
 
 use crate::dtype::DType;
 use crate::error::{CoreError, TorchRaises};
+use crate::kernels::adadelta::AdadeltaHyper;
 use crate::kernels::adagrad::AdagradHyper;
 use crate::kernels::adam::AdamHyper;
+use crate::kernels::radam::RAdamHyper;
 use crate::kernels::rmsprop::RmsPropHyper;
+use crate::kernels::rprop::RpropHyper;
 use crate::kernels::sgd::SgdHyper;
 use crate::rules::Hyper;
 
@@ -54,6 +57,11 @@ pub fn check(
         Hyper::Adam(h, py) => at.adam(h, *py, step),
         Hyper::RmsProp(h) => at.rmsprop(h),
         Hyper::Adagrad(h, py) => at.adagrad(h, *py, step),
+        Hyper::Adadelta(h) => at.adadelta(h),
+        Hyper::RAdam(h, py) => at.radam(h, *py, step),
+        // No torch.optim.Lion: what its reference's operations raise is not a contract.
+        Hyper::Lion(_) => Ok(()),
+        Hyper::Rprop(h) => at.rprop(h),
     }
     .map_err(|e| e.in_group(gi))
 }
@@ -280,6 +288,114 @@ impl Scalars {
     }
 }
 
+impl Scalars {
+    fn adadelta(&self, h: &AdadeltaHyper) -> Result<(), CoreError> {
+        self.weight_decay(h.weight_decay)?;
+        self.convert(1.0 - h.rho, Arg::Value, "rho", "1 - rho")?;
+        self.convert(-h.lr, Arg::Alpha, "lr", "-lr")
+    }
+
+    /// In torch's order: the weight decay, the moments' weights, `beta1 ** step`,
+    /// `beta2 ** step`, then `2 / (1 - beta2)` and the division by `1 - beta2 ** step` in
+    /// `rho_t`, Python float divisions.
+    fn radam(&self, h: &RAdamHyper, py: PyNumbers, step: f64) -> Result<(), CoreError> {
+        let gi = self.gi;
+        if !h.decoupled {
+            self.weight_decay(h.weight_decay)?;
+        }
+        self.convert(1.0 - h.beta1, Arg::Value, "betas", "1 - betas[0]")?;
+        self.convert(1.0 - h.beta2, Arg::Value, "betas", "1 - betas[1]")?;
+        let mut corrections = [0.0; 2];
+        for (i, beta) in [h.beta1, h.beta2].into_iter().enumerate() {
+            let power = if py.betas[i] {
+                python_pow(beta, step)
+            } else {
+                PyPow::Real(beta.powf(step))
+            };
+            match power {
+                PyPow::Real(x) => corrections[i] = 1.0 - x,
+                // The step count is a whole number: a power is never complex here.
+                PyPow::Complex => corrections[i] = f64::NAN,
+                PyPow::Overflow => {
+                    return fail(
+                        TorchRaises::Overflow,
+                        format!(
+                            "(34, 'Numerical result out of range'): \
+                             param_groups[{gi}]['betas'][{i}] = {beta:?} raised to the step \
+                             count {step} is out of a float's range"
+                        ),
+                    );
+                }
+            }
+        }
+        if py.betas[1] && h.beta2 == 1.0 {
+            return fail(
+                TorchRaises::ZeroDivision,
+                format!(
+                    "float division by zero: param_groups[{gi}]['betas'][1] = 1.0 makes \
+                     rho_inf = 2 / (1 - beta2) - 1 divide by zero"
+                ),
+            );
+        }
+        if py.betas[1] && corrections[1] == 0.0 {
+            return fail(
+                TorchRaises::ZeroDivision,
+                format!(
+                    "float division by zero: param_groups[{gi}]['betas'][1] = {:?} makes the \
+                     bias correction 1 - beta2 ** step zero at step {step}, and torch.optim \
+                     divides by it",
+                    h.beta2
+                ),
+            );
+        }
+        // Rectified where rho_t > 5: `bias_correction2 ** 0.5` and `rect`, Python powers of
+        // numbers that a beta2 out of [0, 1) can make negative: complex, which the update's
+        // tensor operations then refuse.
+        let rho_inf = 2.0 / (1.0 - h.beta2) - 1.0;
+        let rho_t = rho_inf - 2.0 * step * h.beta2.powf(step) / corrections[1];
+        let rect =
+            (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t);
+        if py.betas[1] && rho_t > 5.0 && (corrections[1] < 0.0 || rect < 0.0) {
+            let (raises, torch_message) = match self.dtype {
+                DType::F32 => (
+                    TorchRaises::Runtime,
+                    "result type ComplexFloat can't be cast to the desired output type Float",
+                ),
+                DType::F64 => (
+                    TorchRaises::Runtime,
+                    "result type ComplexDouble can't be cast to the desired output type Double",
+                ),
+                DType::F16 => (
+                    TorchRaises::Runtime,
+                    "result type ComplexHalf can't be cast to the desired output type Half",
+                ),
+                DType::Bf16 => (
+                    TorchRaises::NotImplemented,
+                    "\"mul_cpu\" not implemented for 'BComplex32'",
+                ),
+            };
+            return fail(
+                raises,
+                format!(
+                    "{torch_message}: param_groups[{gi}]['betas'][1] = {:?} makes the \
+                     rectification's square roots complex at step {step} (rho_t = {rho_t:?}), \
+                     which torch.optim takes in Python floats",
+                    h.beta2
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The etas, assigned into a tensor of the parameter's dtype, then `clamp_`'s bounds.
+    fn rprop(&self, h: &RpropHyper) -> Result<(), CoreError> {
+        self.convert(h.etaplus, Arg::Alpha, "etas", "etas[1]")?;
+        self.convert(h.etaminus, Arg::Alpha, "etas", "etas[0]")?;
+        self.convert(h.step_size_min, Arg::Alpha, "step_sizes", "step_sizes[0]")?;
+        self.convert(h.step_size_max, Arg::Alpha, "step_sizes", "step_sizes[1]")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +479,42 @@ mod tests {
         };
         let ieee = Hyper::Adam(h, PyNumbers::default());
         assert_eq!(check_f32(&ieee, 3.0), None);
+    }
+
+    #[test]
+    fn radam_raises_where_torch_does() {
+        let radam = |beta2: f64, py: bool| {
+            Hyper::RAdam(
+                RAdamHyper {
+                    beta2,
+                    ..RAdamHyper::default()
+                },
+                PyNumbers {
+                    lr: py,
+                    betas: [py, py],
+                    lr_decay: false,
+                },
+            )
+        };
+        let at = |h: &Hyper, step: f64, dtype| raised(check(h, 0, step, dtype, false));
+        assert_eq!(at(&radam(0.999, true), 10.0, DType::F32), None);
+        assert_eq!(
+            at(&radam(1.0, true), 1.0, DType::F32),
+            Some(TorchRaises::ZeroDivision)
+        );
+        // beta2 = 2: rho_t = 5.53 at step 4, where 1 - 2 ** 4 < 0 has a complex square root
+        assert_eq!(at(&radam(2.0, true), 3.0, DType::F32), None);
+        assert_eq!(
+            at(&radam(2.0, true), 4.0, DType::F64),
+            Some(TorchRaises::Runtime)
+        );
+        assert_eq!(
+            at(&radam(2.0, true), 4.0, DType::Bf16),
+            Some(TorchRaises::NotImplemented)
+        );
+        // NumPy scalars: NaN, as the kernels compute
+        assert_eq!(at(&radam(2.0, false), 4.0, DType::F32), None);
+        assert_eq!(at(&radam(1.0, false), 1.0, DType::F32), None);
     }
 
     #[test]

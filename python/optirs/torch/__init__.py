@@ -1,7 +1,8 @@
 """optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
 
-``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` subclass the
-``torch.optim`` classes of the same name, so construction, validation, param groups,
+``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``
+and ``Rprop`` subclass the ``torch.optim`` classes of the same name (``Lion``, which torch.optim
+lacks, subclasses ``torch.optim.Optimizer``), so construction, validation, param groups,
 ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
 ``step`` differs: one call into optirs's Rust core updates every parameter in place, in the
 tensors' own storage (the first step through zero-copy NumPy views, later ones through a plan
@@ -43,7 +44,7 @@ Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward`
 from __future__ import annotations
 
 from ._backward import StepInBackward, step_in_backward
-from ._bridge import SGD, Adagrad, Adam, AdamW, RMSprop
+from ._bridge import SGD, Adadelta, Adagrad, Adam, AdamW, Lion, RAdam, RMSprop, Rprop
 from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
 from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
@@ -52,10 +53,14 @@ from ._distributed import register_functional_optimizers
 
 __all__ = [
     "SGD",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
+    "Lion",
+    "RAdam",
     "RMSprop",
+    "Rprop",
     "StepInBackward",
     "clip_grad_norm_",
     "register_functional_optimizers",
@@ -64,6 +69,6 @@ __all__ = [
 
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
-for _public in (SGD, Adagrad, Adam, AdamW, RMSprop, StepInBackward):
+for _public in (SGD, Adadelta, Adagrad, Adam, AdamW, Lion, RAdam, RMSprop, Rprop, StepInBackward):
     _public.__module__ = __name__
 del _public

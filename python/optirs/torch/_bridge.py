@@ -20,7 +20,7 @@ from .. import _core, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
 from . import _clip
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
+__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Lion", "RAdam", "RMSprop", "Rprop"]
 
 #: How a step reads the gradients when neither a clip coefficient nor GradScaler applies.
 _NO_FACTOR = {"grad_unscale": None, "grad_coef": None}
@@ -389,7 +389,7 @@ class _Bridge:
         """
         return self._spec.new_state(
             missing,
-            self.defaults,
+            self._spec.fill_values(self.defaults, group),
             lambda x: torch.full_like(p, x, memory_format=torch.preserve_format),
             lambda: torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=group.get("fused"))),
         )
@@ -517,20 +517,36 @@ def _scalar_view(t: Any, where: str) -> Any:
 def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
     """The constructor of ``spec``'s bridge class: torch.optim's signature, then optirs's
     options. Refuses the switches optirs cannot honour, then runs torch's own constructor."""
-    torch_class = getattr(torch.optim, spec.name)
+    convert = {p.name: p.convert for p in spec.params if p.convert is not None}
 
     def construct(self: _Bridge, params: Iterable[Any], values: dict[str, Any]) -> None:
         skip_nonfinite = values.pop("skip_nonfinite")
         flush_denormals = values.pop("flush_denormals")
         _refuse(spec.name, **{name: values[name] for name in spec.refused})
-        torch_class.__init__(self, params, **values)
+        if spec.in_torch:
+            getattr(torch.optim, spec.name).__init__(self, params, **values)
+        else:
+            # No torch.optim class to check and store the arguments: the spec's checks (in
+            # torch's words), then torch.optim.Optimizer's own constructor.
+            for name, f in convert.items():
+                values[name] = f(values[name])
+            defaults = {**values, **spec.fixed}
+            spec.validate(defaults)
+            torch.optim.Optimizer.__init__(self, params, defaults)  # type: ignore[arg-type]
         self._after_init(skip_nonfinite, flush_denormals)
 
     doc = (
-        f"torch.optim.{spec.name}'s constructor (its arguments, defaults and checks), then "
-        "optirs's own options ``skip_nonfinite`` and ``flush_denormals``. "
-        + ", ".join(f"``{n}=True``" for n in spec.refused)
-        + " raise ValueError."
+        (
+            f"torch.optim.{spec.name}'s constructor (its arguments, defaults and checks), then "
+            if spec.in_torch
+            else f"optirs.{spec.name}'s arguments, defaults and checks, then "
+        )
+        + "optirs's own options ``skip_nonfinite`` and ``flush_denormals``."
+        + (
+            " " + ", ".join(f"``{n}=True``" for n in spec.refused) + " raise ValueError."
+            if spec.refused
+            else ""
+        )
     )
     return _spec.make_init(spec.name, "optirs.torch", spec.params, construct, doc)
 
@@ -572,4 +588,38 @@ class Adagrad(_Bridge, torch.optim.Adagrad):
     by optirs, for dense gradients. Same signature; ``differentiable=True`` is refused."""
 
     _spec = _spec.ADAGRAD
+    __init__ = _bridge_init(_spec)
+
+
+class Adadelta(_Bridge, torch.optim.Adadelta):
+    """``torch.optim.Adadelta`` (rho, weight decay, maximize) stepped by optirs. Same
+    signature; ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.ADADELTA
+    __init__ = _bridge_init(_spec)
+
+
+class RAdam(_Bridge, torch.optim.RAdam):
+    """``torch.optim.RAdam`` (weight decay, decoupled_weight_decay, maximize) stepped by
+    optirs. Same signature; ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.RADAM
+    __init__ = _bridge_init(_spec)
+
+
+class Rprop(_Bridge, torch.optim.Rprop):
+    """``torch.optim.Rprop`` (etas, step_sizes, maximize) stepped by optirs. Same signature;
+    ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.RPROP
+    __init__ = _bridge_init(_spec)
+
+
+class Lion(_Bridge, torch.optim.Optimizer):
+    """Lion (Chen et al. 2023) as lion-pytorch computes it, stepped by optirs: a
+    ``torch.optim.Optimizer`` with ``optirs.Lion``'s signature
+    ``(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False)``, its checks
+    (ValueError in torch's words) and state ``exp_avg``."""
+
+    _spec = _spec.LION
     __init__ = _bridge_init(_spec)

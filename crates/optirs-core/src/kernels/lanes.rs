@@ -47,6 +47,33 @@ pub trait Arith<T: Float>:
     /// infinite (see `rmsprop::centered`).
     #[must_use]
     fn mul_add(self, a: Self, b: Self) -> Self;
+    /// `then` where `self > other`, else `otherwise`, lane by lane (`otherwise` where either
+    /// is NaN): an ordered compare and a blend, so every level selects alike.
+    #[must_use]
+    fn select_gt(self, other: Self, then: Self, otherwise: Self) -> Self;
+    /// `then` where `self == other` (ordered: -0 equals +0, NaN equals nothing), else
+    /// `otherwise`, lane by lane.
+    #[must_use]
+    fn select_eq(self, other: Self, then: Self, otherwise: Self) -> Self;
+
+    /// `torch.minimum`: the smaller value, NaN where either is NaN (the mirror of
+    /// [`Arith::maximum`]: `other` where `other < self` or `other` is NaN).
+    #[must_use]
+    #[inline(always)]
+    fn minimum(self, other: Self) -> Self {
+        let other_or_self = other.select_eq(other, self, other); // NaN `other` stays
+        self.select_gt(other, other, other_or_self)
+    }
+
+    /// `torch.sign`: 1, -1, or 0 for zeros of either sign and for NaN (ATen's
+    /// `(0 < x) - (x < 0)`, which compares NaN false both ways).
+    #[must_use]
+    #[inline(always)]
+    fn sign(self) -> Self {
+        let zero = Self::splat(T::ZERO);
+        let neg = zero.select_gt(self, Self::splat(-T::ONE), zero);
+        self.select_gt(zero, Self::splat(T::ONE), neg)
+    }
 }
 
 impl<T: Float> Arith<T> for T {
@@ -69,6 +96,22 @@ impl<T: Float> Arith<T> for T {
     #[inline(always)]
     fn mul_add(self, a: T, b: T) -> T {
         Float::mul_add(self, a, b)
+    }
+    #[inline(always)]
+    fn select_gt(self, other: T, then: T, otherwise: T) -> T {
+        if self > other {
+            then
+        } else {
+            otherwise
+        }
+    }
+    #[inline(always)]
+    fn select_eq(self, other: T, then: T, otherwise: T) -> T {
+        if self == other {
+            then
+        } else {
+            otherwise
+        }
     }
 }
 
@@ -114,6 +157,20 @@ impl<T: Float, V: Arith<T>> Arith<T> for Pair<V> {
     #[inline(always)]
     fn mul_add(self, a: Self, b: Self) -> Self {
         Pair(self.0.mul_add(a.0, b.0), self.1.mul_add(a.1, b.1))
+    }
+    #[inline(always)]
+    fn select_gt(self, other: Self, then: Self, otherwise: Self) -> Self {
+        Pair(
+            self.0.select_gt(other.0, then.0, otherwise.0),
+            self.1.select_gt(other.1, then.1, otherwise.1),
+        )
+    }
+    #[inline(always)]
+    fn select_eq(self, other: Self, then: Self, otherwise: Self) -> Self {
+        Pair(
+            self.0.select_eq(other.0, then.0, otherwise.0),
+            self.1.select_eq(other.1, then.1, otherwise.1),
+        )
     }
 }
 

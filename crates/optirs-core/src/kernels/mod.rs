@@ -7,11 +7,15 @@
 //! multiply-add that every level computes alike (`lanes::Arith::mul_add`, where torch fuses
 //! too), so every SIMD level and every chunking of the work produces bitwise identical results.
 
+pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod float;
 pub mod lanes;
+pub mod lion;
+pub mod radam;
 pub mod rmsprop;
+pub mod rprop;
 pub mod sgd;
 pub mod simd;
 #[cfg(target_arch = "x86_64")]
@@ -28,6 +32,10 @@ pub enum Rule<T> {
     Adam(adam::AdamScalars<T>),
     RmsProp(rmsprop::RmsPropScalars<T>),
     Adagrad(adagrad::AdagradScalars<T>),
+    Adadelta(adadelta::AdadeltaScalars<T>),
+    RAdam(radam::RAdamScalars<T>),
+    Lion(lion::LionScalars<T>),
+    Rprop(rprop::RpropScalars<T>),
 }
 
 /// The memory one parameter's update touches. `bufs` holds the state buffers in the order the
@@ -158,6 +166,26 @@ pub(crate) unsafe fn apply_inline<S: Storage, L: Lanes<S>>(
             Rule::Adagrad(k) => {
                 if let Some(sum) = b0 {
                     adagrad::update::<S, L>(k, param, grad, sum);
+                }
+            }
+            Rule::Adadelta(k) => {
+                if let (Some(sq), Some(acc)) = (b0, b1) {
+                    adadelta::update::<S, L>(k, param, grad, sq, acc);
+                }
+            }
+            Rule::RAdam(k) => {
+                if let (Some(m), Some(v)) = (b0, b1) {
+                    radam::update::<S, L>(k, param, grad, m, v);
+                }
+            }
+            Rule::Lion(k) => {
+                if let Some(m) = b0 {
+                    lion::update::<S, L>(k, param, grad, m);
+                }
+            }
+            Rule::Rprop(k) => {
+                if let (Some(prev), Some(ss)) = (b0, b1) {
+                    rprop::update::<S, L>(k, param, grad, prev, ss);
                 }
             }
         }

@@ -3,9 +3,13 @@
 //! the one correctly rounded fused multiply-add both use (centered RMSprop's addcmul), so they
 //! must agree bit for bit, at every SIMD level and whatever the chunking.
 
+use super::adadelta::{AdadeltaHyper, AdadeltaScalars};
 use super::adagrad::{AdagradHyper, AdagradScalars};
 use super::adam::{AdamHyper, AdamScalars};
+use super::lion::{LionHyper, LionScalars};
+use super::radam::{RAdamHyper, RAdamScalars};
 use super::rmsprop::{RmsPropHyper, RmsPropScalars};
+use super::rprop::{RpropHyper, RpropScalars};
 use super::sgd::{SgdHyper, SgdScalars};
 use super::simd::{apply, Element, SimdLevel};
 use super::{Float, Rule, Slices, Storage};
@@ -26,8 +30,9 @@ const CHUNKS: &[usize] = if cfg!(miri) {
 
 /// The cases of `cases()` Miri runs: every rule, with 0 to 3 state buffers (SGD without and
 /// with momentum, Adam with amsgrad and without, RMSprop centered with momentum and plain with
-/// momentum, Adagrad). The others differ from these in their arithmetic only.
-const MIRI_CASES: [usize; 7] = [0, 6, 14, 15, 21, 23, 29];
+/// momentum, Adagrad, Adadelta, RAdam with both branches, Lion, Rprop). The others differ
+/// from these in their arithmetic only.
+const MIRI_CASES: [usize; 12] = [0, 6, 14, 15, 21, 23, 29, 30, 34, 36, 38, 41];
 
 /// Gradients (steps) per case.
 const STEPS: usize = if cfg!(miri) { 2 } else { 4 };
@@ -141,6 +146,38 @@ fn maximum<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
 fn t<T: Float>(x: f64) -> T {
     T::from_f64(x)
 }
+fn mul<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
+    a.iter().zip(b).map(|(&x, &y)| x * y).collect()
+}
+fn div<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
+    a.iter().zip(b).map(|(&x, &y)| x / y).collect()
+}
+fn reciprocal<T: Float>(a: &[T]) -> Vec<T> {
+    a.iter().map(|&x| T::ONE / x).collect()
+}
+/// `torch.sign`: ATen's `(0 < x) - (x < 0)`, so NaN and both zeros give 0.
+fn sign<T: Float>(a: &[T]) -> Vec<T> {
+    a.iter()
+        .map(|&x| {
+            let pos = if T::ZERO < x { T::ONE } else { T::ZERO };
+            let neg = if x < T::ZERO { T::ONE } else { T::ZERO };
+            pos - neg
+        })
+        .collect()
+}
+/// `a.clamp(lo, hi)` as ATen's scalar loop: `std::min(std::max(a, lo), hi)`.
+fn clamp<T: Float>(a: &[T], lo: T, hi: T) -> Vec<T> {
+    a.iter()
+        .map(|&x| {
+            let m = if x < lo { lo } else { x };
+            if hi < m {
+                hi
+            } else {
+                m
+            }
+        })
+        .collect()
+}
 
 // ---- references, transcribed from torch.optim's _single_tensor_* ----------------------------
 
@@ -241,6 +278,102 @@ fn ref_adagrad<T: Float>(h: &AdagradHyper, s: &mut State<T>, grad: &[T]) {
     s.p = addcdiv(&s.p, &g, &std, t(-clr));
 }
 
+fn ref_adadelta<T: Float>(h: &AdadeltaHyper, s: &mut State<T>, grad: &[T]) {
+    s.step += 1.0;
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    let [sq, acc, _] = &mut s.bufs;
+    let sq = sq.as_mut().unwrap();
+    let acc = acc.as_mut().unwrap();
+    *sq = addcmul(&mul_scalar(sq, t(h.rho)), &g, &g, t(1.0 - h.rho));
+    let std = sqrt(&add_scalar(sq, t(h.eps)));
+    let delta = sqrt(&add_scalar(acc, t(h.eps)));
+    let delta = mul(&div(&delta, &std), &g);
+    *acc = addcmul(&mul_scalar(acc, t(h.rho)), &delta, &delta, t(1.0 - h.rho));
+    s.p = add_alpha(&s.p, &delta, t(-h.lr));
+}
+
+fn ref_radam<T: Float>(h: &RAdamHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    let step = f64::from(s.step);
+    if h.weight_decay != 0.0 {
+        if h.decoupled {
+            s.p = mul_scalar(&s.p, t(1.0 - h.lr * h.weight_decay));
+        } else {
+            g = add_alpha(&g, &s.p, t(h.weight_decay));
+        }
+    }
+    let [m, v, _] = &mut s.bufs;
+    let m = m.as_mut().unwrap();
+    let v = v.as_mut().unwrap();
+    *m = lerp(m, &g, 1.0 - h.beta1);
+    *v = addcmul(&mul_scalar(v, t(h.beta2)), &g, &g, t(1.0 - h.beta2));
+    let bc1 = 1.0 - h.beta1.powf(step);
+    let bc2 = 1.0 - h.beta2.powf(step);
+    let corrected = div_scalar(m, t(bc1));
+    let rho_inf = 2.0 / (1.0 - h.beta2) - 1.0;
+    let rho_t = rho_inf - 2.0 * step * h.beta2.powf(step) / bc2;
+    let update = if rho_t > 5.0 {
+        let rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+            / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+            .powf(0.5);
+        // `bc2 ** 0.5 / tensor` is `tensor.reciprocal() * (bc2 ** 0.5)`
+        let adaptive = mul_scalar(
+            &reciprocal(&add_scalar(&sqrt(v), t(h.eps))),
+            t(bc2.powf(0.5)),
+        );
+        mul_scalar(&mul(&mul_scalar(&corrected, t(h.lr)), &adaptive), t(rect))
+    } else {
+        mul_scalar(&corrected, t(h.lr))
+    };
+    s.p = add_alpha(&s.p, &update, t(-1.0));
+}
+
+fn ref_lion<T: Float>(h: &LionHyper, s: &mut State<T>, grad: &[T]) {
+    let g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.p = mul_scalar(&s.p, t(1.0 - h.lr * h.weight_decay));
+    let m = s.bufs[0].as_mut().unwrap();
+    let update = sign(&add_alpha(&mul_scalar(m, t(h.beta1)), &g, t(1.0 - h.beta1)));
+    s.p = add_alpha(&s.p, &update, t(-h.lr));
+    *m = add_alpha(&mul_scalar(m, t(h.beta2)), &g, t(1.0 - h.beta2));
+}
+
+fn ref_rprop<T: Float>(h: &RpropHyper, s: &mut State<T>, grad: &[T]) {
+    s.step += 1.0;
+    let g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    let [prev, ss, _] = &mut s.bufs;
+    let prev = prev.as_mut().unwrap();
+    let ss = ss.as_mut().unwrap();
+    let (plus, minus): (T, T) = (t(h.etaplus), t(h.etaminus));
+    let mut sg = sign(&mul(&g, prev));
+    for x in &mut sg {
+        if *x > T::ZERO {
+            *x = plus;
+        }
+    }
+    for x in &mut sg {
+        if *x < T::ZERO {
+            *x = minus;
+        }
+    }
+    for x in &mut sg {
+        if *x == T::ZERO {
+            *x = T::ONE;
+        }
+    }
+    *ss = clamp(&mul(ss, &sg), t(h.step_size_min), t(h.step_size_max));
+    let g: Vec<T> = g
+        .iter()
+        .zip(&sg)
+        .map(|(&x, &f)| if f == minus { T::ZERO } else { x })
+        .collect();
+    s.p = addcmul(&s.p, &sign(&g), ss, t(-1.0));
+    *prev = g;
+}
+
 // ---- the harness ------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -249,6 +382,10 @@ enum Case {
     Adam(AdamHyper),
     RmsProp(RmsPropHyper),
     Adagrad(AdagradHyper),
+    Adadelta(AdadeltaHyper),
+    RAdam(RAdamHyper),
+    Lion(LionHyper),
+    Rprop(RpropHyper),
 }
 
 impl Case {
@@ -257,7 +394,16 @@ impl Case {
             Case::Sgd(h) => [h.momentum != 0.0, false, false],
             Case::Adam(h) => [true, true, h.amsgrad],
             Case::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
-            Case::Adagrad(_) => [true, false, false],
+            Case::Adagrad(_) | Case::Lion(_) => [true, false, false],
+            Case::Adadelta(_) | Case::RAdam(_) | Case::Rprop(_) => [true, true, false],
+        }
+    }
+
+    /// What buffer `i` starts as (Rprop's `step_size`: the learning rate).
+    fn fill(&self, i: usize) -> f64 {
+        match self {
+            Case::Rprop(h) if i == 1 => h.lr,
+            _ => 0.0,
         }
     }
 
@@ -283,6 +429,10 @@ impl Case {
             Case::Adam(h) => ref_adam(h, s, grad),
             Case::RmsProp(h) => ref_rmsprop(h, s, grad),
             Case::Adagrad(h) => ref_adagrad(h, s, grad),
+            Case::Adadelta(h) => ref_adadelta(h, s, grad),
+            Case::RAdam(h) => ref_radam(h, s, grad),
+            Case::Lion(h) => ref_lion(h, s, grad),
+            Case::Rprop(h) => ref_rprop(h, s, grad),
         }
     }
 
@@ -291,9 +441,9 @@ impl Case {
         let fresh = s.bufs[0].is_none();
         let n = s.p.len();
         let needs = self.needs();
-        for (b, need) in s.bufs.iter_mut().zip(needs) {
+        for (i, (b, need)) in s.bufs.iter_mut().zip(needs).enumerate() {
             if need && b.is_none() {
-                *b = Some(vec![S::store(S::Compute::ZERO); n]);
+                *b = Some(vec![S::store(t(self.fill(i))); n]);
             }
         }
         let rule = match self {
@@ -309,6 +459,19 @@ impl Case {
             Case::Adagrad(h) => {
                 s.step += 1.0;
                 Rule::Adagrad(AdagradScalars::new(h, f64::from(s.step)))
+            }
+            Case::Adadelta(h) => {
+                s.step += 1.0;
+                Rule::Adadelta(AdadeltaScalars::new(h))
+            }
+            Case::RAdam(h) => {
+                s.step += 1.0;
+                Rule::RAdam(RAdamScalars::new(h, f64::from(s.step)))
+            }
+            Case::Lion(h) => Rule::Lion(LionScalars::new(h)),
+            Case::Rprop(h) => {
+                s.step += 1.0;
+                Rule::Rprop(RpropScalars::new(h))
             }
         };
         let [b0, b1, b2] = &mut s.bufs;
@@ -329,6 +492,10 @@ fn cases() -> Vec<Case> {
     let adam = AdamHyper::default();
     let rms = RmsPropHyper::default();
     let ada = AdagradHyper::default();
+    let delta = AdadeltaHyper::default();
+    let radam = RAdamHyper::default();
+    let lion = LionHyper::default();
+    let rprop = RpropHyper::default();
     vec![
         Case::Sgd(sgd),
         Case::Sgd(SgdHyper {
@@ -456,6 +623,67 @@ fn cases() -> Vec<Case> {
             weight_decay: 0.1,
             ..ada
         }),
+        // 30..
+        Case::Adadelta(delta),
+        Case::Adadelta(AdadeltaHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..delta
+        }),
+        Case::Adadelta(AdadeltaHyper {
+            rho: 0.95,
+            weight_decay: 0.9,
+            lr: 0.01,
+            ..delta
+        }),
+        // 33.. RAdam: default betas rectify from step 6, past STEPS: the plain branch
+        Case::RAdam(radam),
+        Case::RAdam(RAdamHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..radam
+        }),
+        // beta2 = 0.5 rectifies from step 2; beta1 < 0.5 takes lerp's other branch
+        Case::RAdam(RAdamHyper {
+            beta1: 0.3,
+            beta2: 0.5,
+            weight_decay: 0.1,
+            decoupled: true,
+            ..radam
+        }),
+        // 36.. Lion
+        Case::Lion(lion),
+        Case::Lion(LionHyper {
+            weight_decay: 0.5,
+            maximize: true,
+            beta1: 0.5,
+            lr: 0.1,
+            ..lion
+        }),
+        // 38.. Rprop
+        Case::Rprop(rprop),
+        Case::Rprop(RpropHyper {
+            maximize: true,
+            etaminus: 0.3,
+            etaplus: 1.5,
+            ..rprop
+        }),
+        // the clamp bites at both ends
+        Case::Rprop(RpropHyper {
+            lr: 0.1,
+            etaminus: 0.2,
+            etaplus: 3.0,
+            step_size_min: 0.05,
+            step_size_max: 0.5,
+            ..rprop
+        }),
+        // etas a scheduler may set: etaplus < 0 (torch's next assignment turns it into
+        // etaminus), etaminus = 1 (the zero class's 1 then zeroes the gradient too)
+        Case::Rprop(RpropHyper {
+            etaminus: 1.0,
+            etaplus: -2.0,
+            ..rprop
+        }),
     ]
 }
 
@@ -502,7 +730,7 @@ fn check<S: Element + 'static>(specials: bool) {
             for (i, need) in case.needs().into_iter().enumerate() {
                 // SGD's buffer starts absent (first step copies the gradient); others at zero.
                 if need && !matches!(case, Case::Sgd(_)) {
-                    want.bufs[i] = Some(vec![S::store(S::Compute::ZERO); n]);
+                    want.bufs[i] = Some(vec![S::store(t(case.fill(i))); n]);
                 }
             }
             for g in &grads {

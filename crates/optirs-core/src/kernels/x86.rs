@@ -23,7 +23,7 @@ use std::arch::x86_64::{
     _mm256_slli_epi32, _mm256_sqrt_pd, _mm256_sqrt_ps, _mm256_srli_epi32, _mm256_storeu_pd,
     _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_pd, _mm256_sub_ps, _mm256_unpackhi_ps,
     _mm256_unpacklo_ps, _mm256_xor_pd, _mm256_xor_ps, _mm_loadu_si128, _mm_storeu_si128,
-    _CMP_GT_OQ, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
+    _CMP_EQ_OQ, _CMP_GT_OQ, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
 };
 use std::arch::x86_64::{
     __m512, __m512d, __m512i, _mm512_add_epi32, _mm512_add_pd, _mm512_add_ps, _mm512_and_si512,
@@ -51,7 +51,10 @@ macro_rules! vector {
         $name:ident($raw:ty, $t:ty),
         add = $add:ident, sub = $sub:ident, mul = $mul:ident, div = $div:ident,
         sqrt = $sqrt:ident, fma = $fma:ident, splat = $splat:ident, neg = |$x:ident| $neg:expr,
-        max = |$a:ident, $b:ident| $max:expr
+        max = |$a:ident, $b:ident| $max:expr,
+        select = |$m:ident, $st:ident, $sf:ident| $select:expr,
+        gt = |$ga:ident, $gb:ident| $gt:expr,
+        eq = |$ea:ident, $eb:ident| $eq:expr
     ) => {
         #[derive(Clone, Copy)]
         #[repr(transparent)]
@@ -121,6 +124,26 @@ macro_rules! vector {
                 // `simd::SimdLevel::detect`).
                 $name(unsafe { $fma(self.0, a.0, b.0) })
             }
+            #[inline(always)]
+            fn select_gt(self, other: Self, then: Self, otherwise: Self) -> Self {
+                let ($ga, $gb) = (self.0, other.0);
+                let ($st, $sf) = (then.0, otherwise.0);
+                // SAFETY: as above.
+                $name(unsafe {
+                    let $m = $gt;
+                    $select
+                })
+            }
+            #[inline(always)]
+            fn select_eq(self, other: Self, then: Self, otherwise: Self) -> Self {
+                let ($ea, $eb) = (self.0, other.0);
+                let ($st, $sf) = (then.0, otherwise.0);
+                // SAFETY: as above.
+                $name(unsafe {
+                    let $m = $eq;
+                    $select
+                })
+            }
         }
     };
 }
@@ -143,7 +166,10 @@ vector!(
             _mm256_cmp_ps::<_CMP_GT_OQ>(b, a),
             _mm256_cmp_ps::<_CMP_UNORD_Q>(b, b)
         )
-    )
+    ),
+    select = |m, t, f| _mm256_blendv_ps(f, t, m),
+    gt = |a, b| _mm256_cmp_ps::<_CMP_GT_OQ>(a, b),
+    eq = |a, b| _mm256_cmp_ps::<_CMP_EQ_OQ>(a, b)
 );
 vector!(
     F64x4(__m256d, f64),
@@ -162,7 +188,10 @@ vector!(
             _mm256_cmp_pd::<_CMP_GT_OQ>(b, a),
             _mm256_cmp_pd::<_CMP_UNORD_Q>(b, b)
         )
-    )
+    ),
+    select = |m, t, f| _mm256_blendv_pd(f, t, m),
+    gt = |a, b| _mm256_cmp_pd::<_CMP_GT_OQ>(a, b),
+    eq = |a, b| _mm256_cmp_pd::<_CMP_EQ_OQ>(a, b)
 );
 
 /// `Lanes<$s>` for `$lanes`: `W` elements per vector `$v`, read by `$load` and written by
@@ -330,7 +359,10 @@ vector!(
         _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b, a) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b, b),
         a,
         b
-    )
+    ),
+    select = |m, t, f| _mm512_mask_blend_ps(m, f, t),
+    gt = |a, b| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b),
+    eq = |a, b| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(a, b)
 );
 vector!(
     F64x8(__m512d, f64),
@@ -349,7 +381,10 @@ vector!(
         _mm512_cmp_pd_mask::<_CMP_GT_OQ>(b, a) | _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(b, b),
         a,
         b
-    )
+    ),
+    select = |m, t, f| _mm512_mask_blend_pd(m, f, t),
+    gt = |a, b| _mm512_cmp_pd_mask::<_CMP_GT_OQ>(a, b),
+    eq = |a, b| _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(a, b)
 );
 
 /// AVX-512F (with AVX2, FMA and F16C, which every AVX-512 processor has): 16 `f32` or 8 `f64` a
