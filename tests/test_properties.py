@@ -314,7 +314,8 @@ def hyperparameters(draw, name: str) -> dict[str, Any]:
             weight_decay=wd,
         )
     elif name == "RAdam":
-        # betas[1] down to 0.3: rectified from the second step on, or (below about 0.43) never
+        # betas[1] from 0.3: never rectified below 2/3; from step 6 on above about 0.84 (the
+        # cases take up to 8 steps for RAdam)
         h.update(
             betas=(draw(_unit(0.0, 0.99)), draw(_unit(0.3, 0.9999))),
             eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
@@ -371,7 +372,8 @@ def cases(draw, max_steps: int = 5) -> dict[str, Any]:
             second["weight_decay"] = draw(_unit(0.0, 0.3))
     n = len(shapes)
     steps = []
-    for _ in range(draw(st.integers(1, max_steps))):
+    # RAdam's rectified update starts at step 6 at the earliest
+    for _ in range(draw(st.integers(1, max(max_steps, 8) if name == "RAdam" else max_steps))):
         present = draw(st.lists(st.booleans(), min_size=n, max_size=n))
         scales = draw(st.lists(st.sampled_from(GRAD_SCALES), min_size=n, max_size=n))
         new_lr = draw(st.one_of(st.none(), _unit(*LR[name])))
