@@ -169,6 +169,9 @@ def test_bytes_per_element_follow_the_declared_state() -> None:
         "rmsprop": (20, "read p,g,sq; write p,sq"),
         "rmsprop-cm": (36, "read p,g,sq,buf,ga; write p,sq,buf,ga"),
         "adagrad": (20, "read p,g,sum; write p,sum"),
+        "adadelta": (28, "read p,g,sq,acc; write p,sq,acc"),
+        "radam": (28, "read p,g,m,v; write p,m,v"),
+        "rprop": (28, "read p,g,prev,ss; write p,prev,ss"),
     }
     assert cases.CASES["rmsprop-cm"].arrays == 5
 

@@ -121,9 +121,9 @@ COMBOS = [
     ("RAdam", "wd", {"weight_decay": 0.1}),
     ("RAdam", "decoupled_wd", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
     ("RAdam", "wd_maximize", {"weight_decay": 0.1, "maximize": True}),
-    # RAdam: extra. betas[1] = 0.5 rectifies from step 2 (rho_inf = 3 < 5 never does, default
-    # 0.999 from step 6): both branches within the 8 steps the tests take.
-    ("RAdam", "rectified_early", {"lr": 0.01, "betas": (0.8, 0.5)}),
+    # RAdam: extra. The tests' 8 steps take the unrectified update at steps 1-5 and the
+    # rectified one (rho_t > 5) from step 6 with betas[1] above about 0.84; below 2/3 never.
+    ("RAdam", "rectified_from_6", {"lr": 0.01, "betas": (0.8, 0.9)}),
     ("RAdam", "never_rectified", {"lr": 0.01, "betas": (0.9, 0.5)}),
     ("RAdam", "betas_zero", {"lr": 0.01, "betas": (0.0, 0.0)}),
     (
@@ -177,7 +177,7 @@ COMBOS += [
     ("Adagrad", "high_lr", {"lr": 1.0, "lr_decay": 0.1, "weight_decay": 0.1}),
     ("Adagrad", "high_lr_iav", {"lr": 1.0, "initial_accumulator_value": 0.5, "eps": 1e-6}),
     ("Adadelta", "high_lr", {"lr": 50.0, "weight_decay": 0.1}),
-    ("RAdam", "high_lr", {"lr": 0.5, "weight_decay": 0.1, "betas": (0.9, 0.6)}),
+    ("RAdam", "high_lr", {"lr": 0.5, "weight_decay": 0.1, "betas": (0.9, 0.9)}),
     ("Lion", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
     ("Rprop", "high_lr", {"lr": 0.5, "step_sizes": (1e-3, 2.0)}),
 ]

@@ -40,10 +40,12 @@ from conftest import (
     assert_same_at_every_simd_level_and_thread_count,
     optirs_class,
     tolerances,
+    torch_class,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
+from optirs._spec import SPECS
 
 MAX_EXAMPLES = 400
 
@@ -68,6 +70,12 @@ def _lerp(a: np.ndarray, b: np.ndarray, w: Any) -> np.ndarray:
     if abs(w) < 0.5:
         return a + w * (b - a)
     return b - (b - a) * (one - w)
+
+
+def _sign(a: np.ndarray) -> np.ndarray:
+    """``torch.sign``: 0 for NaN (NumPy's sign keeps it), as an array of ``a``'s dtype."""
+    a = np.asarray(a)
+    return np.asarray(np.where(np.isnan(a), a.dtype.type(0), np.sign(a)), dtype=a.dtype)
 
 
 class Reference:
@@ -187,13 +195,89 @@ class Reference:
         std = np.sqrt(st["sum"]) + c(h["eps"])
         return p + (c(-clr) * g) / std
 
+    def _adadelta(self, h, p, grad, st):
+        c = p.dtype.type
+        if not st:
+            st.update(step=np.float32(0), square_avg=np.zeros_like(p), acc_delta=np.zeros_like(p))
+        st["step"] = np.float32(st["step"] + np.float32(1))
+        rho = h["rho"]
+        g = -grad if h["maximize"] else grad
+        if h["weight_decay"] != 0:
+            g = g + c(h["weight_decay"]) * p
+        st["square_avg"] = st["square_avg"] * c(rho) + (c(1 - rho) * g) * g
+        std = np.sqrt(st["square_avg"] + c(h["eps"]))
+        delta = np.sqrt(st["acc_delta"] + c(h["eps"])) / std * g
+        st["acc_delta"] = st["acc_delta"] * c(rho) + (c(1 - rho) * delta) * delta
+        return p + c(-h["lr"]) * delta
+
+    def _radam(self, h, p, grad, st):
+        c = p.dtype.type
+        if not st:
+            st.update(step=np.float32(0), exp_avg=np.zeros_like(p), exp_avg_sq=np.zeros_like(p))
+        st["step"] = np.float32(st["step"] + np.float32(1))
+        lr, (beta1, beta2), wd = h["lr"], h["betas"], h["weight_decay"]
+        g = -grad if h["maximize"] else grad
+        if wd != 0:
+            if h["decoupled_weight_decay"]:
+                p = p * c(1 - lr * wd)
+            else:
+                g = g + c(wd) * p
+        st["exp_avg"] = _lerp(st["exp_avg"], g, c(1 - beta1))
+        st["exp_avg_sq"] = st["exp_avg_sq"] * c(beta2) + (c(1 - beta2) * g) * g
+        step = float(st["step"])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        corrected = st["exp_avg"] / c(bias_correction1)
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+        if rho_t > 5.0:
+            rect = (
+                (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+            ) ** 0.5
+            # a float over a tensor: torch's `reciprocal() * float`
+            adaptive = (c(1) / (np.sqrt(st["exp_avg_sq"]) + c(h["eps"]))) * c(bias_correction2**0.5)
+            return p - corrected * c(lr) * adaptive * c(rect)
+        return p - corrected * c(lr)
+
+    def _lion(self, h, p, grad, st):
+        c = p.dtype.type
+        if not st:
+            st.update(exp_avg=np.zeros_like(p))
+        lr, (beta1, beta2) = h["lr"], h["betas"]
+        g = -grad if h["maximize"] else grad
+        p = p * c(1 - lr * h["weight_decay"])
+        m = st["exp_avg"]
+        update = _sign(m * c(beta1) + c(1 - beta1) * g)
+        st["exp_avg"] = m * c(beta2) + c(1 - beta2) * g
+        return p + c(-lr) * update
+
+    def _rprop(self, h, p, grad, st):
+        c = p.dtype.type
+        if not st:
+            st.update(step=np.float32(0), prev=np.zeros_like(p), step_size=np.full_like(p, h["lr"]))
+        st["step"] = np.float32(st["step"] + np.float32(1))
+        etaminus, etaplus = (c(x) for x in h["etas"])
+        g = -grad if h["maximize"] else grad
+        sign = _sign(g * st["prev"])
+        # torch's three masked assignments, in order, each seeing the previous ones
+        sign = np.where(sign > 0, etaplus, sign)
+        sign = np.where(sign < 0, etaminus, sign)
+        sign = np.where(sign == 0, c(1), sign)
+        lo, hi = (c(x) for x in h["step_sizes"])
+        st["step_size"] = np.minimum(np.maximum(st["step_size"] * sign, lo), hi)
+        g = np.where(sign == etaminus, c(0), g)
+        st["prev"] = g
+        return p + (c(-1) * _sign(g)) * st["step_size"]
+
 
 # --------------------------------------------------------------------------------------------
 # strategies
 # --------------------------------------------------------------------------------------------
 
 LR = {"SGD": (0.0, 1.0), "Adam": (0.0, 0.2), "RMSprop": (0.0, 0.1), "Adagrad": (0.0, 1.0)}
-LR["AdamW"] = LR["Adam"]
+LR.update(AdamW=LR["Adam"], RAdam=LR["Adam"], Adadelta=(0.0, 2.0), Lion=(0.0, 0.1))
+LR["Rprop"] = (0.0, 0.1)
+NAMES = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "RAdam", "Lion", "Rprop"]
 
 
 def _maybe_zero(strategy):
@@ -223,6 +307,29 @@ def hyperparameters(draw, name: str) -> dict[str, Any]:
         )
         if name == "Adam":
             h["decoupled_weight_decay"] = draw(st.booleans())
+    elif name == "Adadelta":
+        h.update(
+            rho=draw(_unit(0.0, 1.0)),
+            eps=draw(st.sampled_from([1e-6, 1e-8, 1e-3])),
+            weight_decay=wd,
+        )
+    elif name == "RAdam":
+        # betas[1] from 0.3: never rectified below 2/3; from step 6 on above about 0.84 (the
+        # cases take up to 8 steps for RAdam)
+        h.update(
+            betas=(draw(_unit(0.0, 0.99)), draw(_unit(0.3, 0.9999))),
+            eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+            weight_decay=wd,
+            decoupled_weight_decay=draw(st.booleans()),
+        )
+    elif name == "Lion":
+        h.update(betas=(draw(_unit(0.0, 1.0)), draw(_unit(0.0, 1.0))), weight_decay=wd)
+    elif name == "Rprop":
+        lo = draw(st.sampled_from([1e-6, 0.0, 1e-3]))
+        h.update(
+            etas=(draw(_unit(0.1, 0.9)), draw(_unit(1.05, 3.0))),
+            step_sizes=(lo, draw(st.sampled_from([50.0, 0.05, 1.0]))),
+        )
     elif name == "RMSprop":
         h.update(
             alpha=draw(_unit(0.5, 0.999)),
@@ -253,17 +360,20 @@ GRAD_SCALES = (1.0, 1e-3, 10.0, 0.0, 1e-20)
 
 @st.composite
 def cases(draw, max_steps: int = 5) -> dict[str, Any]:
-    name = draw(st.sampled_from(["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]))
+    name = draw(st.sampled_from(NAMES))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     defaults = draw(hyperparameters(name))
     shapes = draw(st.lists(SHAPES, min_size=1, max_size=3))
     # Optionally a second group (the last parameter) with its own lr and weight decay.
     second = None
     if len(shapes) > 1 and draw(st.booleans()):
-        second = {"lr": draw(_unit(*LR[name])), "weight_decay": draw(_unit(0.0, 0.3))}
+        second = {"lr": draw(_unit(*LR[name]))}
+        if name != "Rprop":  # Rprop has no weight decay
+            second["weight_decay"] = draw(_unit(0.0, 0.3))
     n = len(shapes)
     steps = []
-    for _ in range(draw(st.integers(1, max_steps))):
+    # RAdam's rectified update starts at step 6 at the earliest
+    for _ in range(draw(st.integers(1, max(max_steps, 8) if name == "RAdam" else max_steps))):
         present = draw(st.lists(st.booleans(), min_size=n, max_size=n))
         scales = draw(st.lists(st.sampled_from(GRAD_SCALES), min_size=n, max_size=n))
         new_lr = draw(st.one_of(st.none(), _unit(*LR[name])))
@@ -335,6 +445,8 @@ def _expected_keys(name: str, group: dict[str, Any], stepped: bool) -> set[str]:
         return set()
     if name == "SGD":
         return {"momentum_buffer"} if group["momentum"] != 0 else set()
+    if name in ("Adadelta", "RAdam", "Lion", "Rprop"):
+        return set(SPECS[name].keys)
     if name in ("Adam", "AdamW"):
         return {"step", "exp_avg", "exp_avg_sq"} | (
             {"max_exp_avg_sq"} if group["amsgrad"] else set()
@@ -407,7 +519,7 @@ def test_same_bits_for_every_thread_count_and_simd_level(case):
     assert_same_at_every_simd_level_and_thread_count(run)
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("name", NAMES)
 def test_reference_agrees_with_torch(name):
     """The reference itself is checked against torch.optim (for-loop path) once per optimizer,
     with every option on, so that agreeing with it means agreeing with torch."""
@@ -420,10 +532,14 @@ def test_reference_agrees_with_torch(name):
         "AdamW": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
         "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1, alpha=0.9),
         "Adagrad": dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.2, weight_decay=0.1),
+        "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1, maximize=True),
+        "RAdam": dict(lr=0.01, betas=(0.8, 0.6), weight_decay=0.1, maximize=True),
+        "Lion": dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1, maximize=True),
+        "Rprop": dict(lr=0.01, etas=(0.4, 1.3), step_sizes=(1e-3, 0.02), maximize=True),
     }[name]
     p0 = rng.standard_normal(257)
     tp = torch.tensor(p0, requires_grad=True)
-    topt = getattr(torch.optim, name)([tp], foreach=False, **h)
+    topt = torch_class(name)([tp], foreach=False, **h)
     groups = [dict(topt.defaults, params=[p0.copy()])]
     if name == "AdamW":
         groups[0]["decoupled_weight_decay"] = True

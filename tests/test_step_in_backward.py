@@ -34,6 +34,7 @@ import optirs
 import optirs.torch
 import pytest
 import torch
+from conftest import torch_class
 from optirs.torch import StepInBackward, step_in_backward
 from torch import nn
 from torch_helpers import all_params, assert_matches_torch
@@ -49,6 +50,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "RMSprop": ("RMSprop", {"lr": 1e-3}),
     "RMSprop-centered-momentum": ("RMSprop", {"lr": 1e-3, "momentum": 0.9, "centered": True}),
     "Adagrad": ("Adagrad", {"lr": 0.05, "lr_decay": 0.01}),
+    "Adadelta": ("Adadelta", {"lr": 0.5, "weight_decay": 1e-2}),
+    "RAdam": ("RAdam", {"lr": 1e-2, "betas": (0.9, 0.6), "decoupled_weight_decay": True}),
+    "Lion": ("Lion", {"lr": 1e-3, "weight_decay": 0.1}),
+    "Rprop": ("Rprop", {"lr": 1e-2}),
 }
 SCHEDULER_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
 
@@ -75,7 +80,9 @@ def make_optimizer(module, config: str, model: nn.Module) -> torch.optim.Optimiz
     gs = groups(model)
     for g in gs:
         g["lr"] = kwargs["lr"] * g.pop("lr_scale")
-    return getattr(module, name)(gs, **kwargs)
+    # torch.optim's class, or for Lion, which it lacks, the tests' reference
+    cls = torch_class(name) if module is torch.optim else getattr(module, name)
+    return cls(gs, **kwargs)
 
 
 def data(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

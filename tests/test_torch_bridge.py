@@ -76,7 +76,12 @@ MODEL_KWARGS = {
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
     "Adadelta": {"lr": 0.5, "rho": 0.8},
-    "RAdam": {"lr": 0.01, "betas": (0.9, 0.6), "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "RAdam": {
+        "lr": 0.01,
+        "betas": (0.9, 0.99),
+        "weight_decay": 0.1,
+        "decoupled_weight_decay": True,
+    },
     "Lion": {"lr": 0.01, "weight_decay": 0.1},
     "Rprop": {"lr": 0.01, "etas": (0.4, 1.3)},
 }

@@ -161,6 +161,9 @@ CASES: dict[str, OptimizerCase] = {
             has_fused=False,
         ),
         OptimizerCase("adagrad", "Adagrad", {"lr": 1e-2}, has_fused=True),
+        OptimizerCase("adadelta", "Adadelta", {"lr": 1.0}, has_fused=False),
+        OptimizerCase("radam", "RAdam", {"lr": 1e-3}, has_fused=False),
+        OptimizerCase("rprop", "Rprop", {"lr": 1e-2}, has_fused=False),
     )
 }
 """The benchmarked optimizer configurations, by name."""

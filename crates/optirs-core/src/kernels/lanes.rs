@@ -11,7 +11,9 @@
 //! Every operation is a correctly rounded IEEE operation, so a lane computes exactly what the
 //! scalar code computes, whatever the width. Products and sums are rounded one by one: the
 //! compiler never fuses them, and nothing here asks it to, with one exception,
-//! [`Arith::mul_add`] (see there).
+//! [`Arith::mul_add`] (see there). Per-element branches are lane selects
+//! ([`Arith::select_gt`], [`Arith::select_eq`]: an ordered compare and a blend, exact at every
+//! width), so a rule that branches on values (Rprop's sign logic) is written once too.
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 

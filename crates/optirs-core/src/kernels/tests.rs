@@ -30,8 +30,8 @@ const CHUNKS: &[usize] = if cfg!(miri) {
 
 /// The cases of `cases()` Miri runs: every rule, with 0 to 3 state buffers (SGD without and
 /// with momentum, Adam with amsgrad and without, RMSprop centered with momentum and plain with
-/// momentum, Adagrad, Adadelta, RAdam with both branches, Lion, Rprop). The others differ
-/// from these in their arithmetic only.
+/// momentum, Adagrad, Adadelta, RAdam across its switch to the rectified update, Lion, Rprop).
+/// The others differ from these in their arithmetic only.
 const MIRI_CASES: [usize; 12] = [0, 6, 14, 15, 21, 23, 29, 30, 34, 36, 38, 41];
 
 /// Gradients (steps) per case.
@@ -383,7 +383,9 @@ enum Case {
     RmsProp(RmsPropHyper),
     Adagrad(AdagradHyper),
     Adadelta(AdadeltaHyper),
-    RAdam(RAdamHyper),
+    /// With the step count it starts from (as a loaded state's): RAdam is rectified from
+    /// step 6 on, past `STEPS` from a fresh state.
+    RAdam(RAdamHyper, f32),
     Lion(LionHyper),
     Rprop(RpropHyper),
 }
@@ -395,11 +397,19 @@ impl Case {
             Case::Adam(h) => [true, true, h.amsgrad],
             Case::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
             Case::Adagrad(_) | Case::Lion(_) => [true, false, false],
-            Case::Adadelta(_) | Case::RAdam(_) | Case::Rprop(_) => [true, true, false],
+            Case::Adadelta(_) | Case::RAdam(..) | Case::Rprop(_) => [true, true, false],
         }
     }
 
     /// What buffer `i` starts as (Rprop's `step_size`: the learning rate).
+    /// The step count a case's state starts from.
+    fn first_step(&self) -> f32 {
+        match self {
+            Case::RAdam(_, step) => *step,
+            _ => 0.0,
+        }
+    }
+
     fn fill(&self, i: usize) -> f64 {
         match self {
             Case::Rprop(h) if i == 1 => h.lr,
@@ -430,7 +440,7 @@ impl Case {
             Case::RmsProp(h) => ref_rmsprop(h, s, grad),
             Case::Adagrad(h) => ref_adagrad(h, s, grad),
             Case::Adadelta(h) => ref_adadelta(h, s, grad),
-            Case::RAdam(h) => ref_radam(h, s, grad),
+            Case::RAdam(h, _) => ref_radam(h, s, grad),
             Case::Lion(h) => ref_lion(h, s, grad),
             Case::Rprop(h) => ref_rprop(h, s, grad),
         }
@@ -464,7 +474,7 @@ impl Case {
                 s.step += 1.0;
                 Rule::Adadelta(AdadeltaScalars::new(h))
             }
-            Case::RAdam(h) => {
+            Case::RAdam(h, _) => {
                 s.step += 1.0;
                 Rule::RAdam(RAdamScalars::new(h, f64::from(s.step)))
             }
@@ -636,21 +646,29 @@ fn cases() -> Vec<Case> {
             lr: 0.01,
             ..delta
         }),
-        // 33.. RAdam: default betas rectify from step 6, past STEPS: the plain branch
-        Case::RAdam(radam),
-        Case::RAdam(RAdamHyper {
-            weight_decay: 0.1,
-            maximize: true,
-            ..radam
-        }),
-        // beta2 = 0.5 rectifies from step 2; beta1 < 0.5 takes lerp's other branch
-        Case::RAdam(RAdamHyper {
-            beta1: 0.3,
-            beta2: 0.5,
-            weight_decay: 0.1,
-            decoupled: true,
-            ..radam
-        }),
+        // 33.. RAdam: default betas are rectified from step 6 on (rho_t > 5): from a fresh
+        // state the plain branch only; from a count of 3 or 4, both (Miri's two steps from 4:
+        // step 5 plain, step 6 rectified)
+        Case::RAdam(radam, 0.0),
+        Case::RAdam(
+            RAdamHyper {
+                weight_decay: 0.1,
+                maximize: true,
+                ..radam
+            },
+            4.0,
+        ),
+        // beta1 < 0.5 takes lerp's other branch
+        Case::RAdam(
+            RAdamHyper {
+                beta1: 0.3,
+                beta2: 0.9,
+                weight_decay: 0.1,
+                decoupled: true,
+                ..radam
+            },
+            3.0,
+        ),
         // 36.. Lion
         Case::Lion(lion),
         Case::Lion(LionHyper {
@@ -725,7 +743,7 @@ fn check<S: Element + 'static>(specials: bool) {
             let mut want = State {
                 p: init.clone(),
                 bufs: [None, None, None],
-                step: 0.0,
+                step: case.first_step(),
             };
             for (i, need) in case.needs().into_iter().enumerate() {
                 // SGD's buffer starts absent (first step copies the gradient); others at zero.
@@ -742,7 +760,7 @@ fn check<S: Element + 'static>(specials: bool) {
                     let mut got = State {
                         p: init.clone(),
                         bufs: [None, None, None],
-                        step: 0.0,
+                        step: case.first_step(),
                     };
                     for g in &grads {
                         case.fused(&mut got, g, level, chunk);

@@ -5,7 +5,9 @@
 //! Each arithmetic operation is the single IEEE instruction the scalar code compiles to (add,
 //! sub, mul, div, sqrt; negation flips the sign bit, as `-x` does), so a lane gives the same
 //! bits as the scalar loop. `mul_add` is the FMA instruction (`vfmadd`), correctly rounded as
-//! the scalar code's `f32::mul_add`/`f64::mul_add` is (see `Arith::mul_add`). The 16-bit
+//! the scalar code's `f32::mul_add`/`f64::mul_add` is (see `Arith::mul_add`). The selects are
+//! an ordered compare (`_CMP_GT_OQ`, `_CMP_EQ_OQ`: false where either is NaN, as the scalar
+//! `>` and `==`) and a blend, which moves bits without rounding. The 16-bit
 //! conversions match `Storage::load`/`store` bit for bit on every input: float16 through F16C's
 //! `vcvtph2ps`/`vcvtps2ph` (round to nearest even, by the immediate), bfloat16 through the same
 //! integer rounding as the scalar code.
