@@ -44,6 +44,8 @@ pub const CHUNK_ELEMS: usize = 1 << 14;
 /// the per-parameter cost of a step over many small tensors.
 pub struct Checked {
     dtype: DType,
+    /// The state buffers' dtype: `dtype`, or bfloat16 under `state_dtype`.
+    state_dtype: DType,
     len: usize,
     param: *mut u8,
     grad: *const u8,
@@ -77,6 +79,7 @@ impl Checked {
     ) -> Checked {
         Checked {
             dtype,
+            state_dtype: dtype,
             len,
             param,
             grad,
@@ -84,6 +87,31 @@ impl Checked {
             step,
             rule,
         }
+    }
+}
+
+impl Checked {
+    /// The same parameter with its state buffers of `state_dtype` (bfloat16 for a float32,
+    /// float16 or bfloat16 parameter; the parameter's own dtype for any).
+    ///
+    /// # Safety
+    /// As [`Checked::new`], with every `Some` of `bufs` pointing to `len` elements of
+    /// `state_dtype` rather than of the parameter's dtype.
+    ///
+    /// # Panics
+    /// For a pair of dtypes the kernels are not compiled for (a float64 parameter with
+    /// bfloat16 state): the bindings refuse those.
+    #[must_use]
+    pub unsafe fn with_state_dtype(mut self, state_dtype: DType) -> Checked {
+        assert!(
+            state_dtype == self.dtype
+                || (state_dtype == DType::Bf16 && matches!(self.dtype, DType::F32 | DType::F16)),
+            "no kernel for {} parameters with {} state",
+            self.dtype.name(),
+            state_dtype.name()
+        );
+        self.state_dtype = state_dtype;
+        self
     }
 }
 
@@ -138,6 +166,10 @@ enum Item<'a> {
     F64(Rule<f64>, Slices<'a, f64>),
     F16(Rule<f32>, Slices<'a, half::f16>),
     Bf16(Rule<f32>, Slices<'a, half::bf16>),
+    /// float32 parameters with bfloat16 state.
+    F32Bf16(Rule<f32>, Slices<'a, f32, half::bf16>),
+    /// float16 parameters with bfloat16 state.
+    F16Bf16(Rule<f32>, Slices<'a, half::f16, half::bf16>),
 }
 
 impl Item<'_> {
@@ -147,6 +179,8 @@ impl Item<'_> {
             Item::F64(_, s) => s.grad_is_finite(),
             Item::F16(_, s) => s.grad_is_finite(),
             Item::Bf16(_, s) => s.grad_is_finite(),
+            Item::F32Bf16(_, s) => s.grad_is_finite(),
+            Item::F16Bf16(_, s) => s.grad_is_finite(),
         }
     }
 
@@ -156,6 +190,8 @@ impl Item<'_> {
             Item::F64(_, s) => s.len(),
             Item::F16(_, s) => s.len(),
             Item::Bf16(_, s) => s.len(),
+            Item::F32Bf16(_, s) => s.len(),
+            Item::F16Bf16(_, s) => s.len(),
         }
     }
 
@@ -165,15 +201,18 @@ impl Item<'_> {
             Item::F64(r, s) => simd::apply(level, &r, s),
             Item::F16(r, s) => simd::apply(level, &r, s),
             Item::Bf16(r, s) => simd::apply(level, &r, s),
+            Item::F32Bf16(r, s) => simd::apply(level, &r, s),
+            Item::F16Bf16(r, s) => simd::apply(level, &r, s),
         }
     }
 }
 
-/// The slices of one checked parameter, as storage type `S`.
+/// The slices of one checked parameter, as storage type `S` (its state as `Q`).
 ///
 /// # Safety
-/// `c` must satisfy [`Checked::new`]'s contract, for the lifetime `'a`, with `S` its dtype.
-unsafe fn slices<'a, S>(c: &Checked) -> Slices<'a, S> {
+/// `c` must satisfy [`Checked::new`]'s contract, for the lifetime `'a`, with `S` its dtype and
+/// `Q` its state dtype.
+unsafe fn slices<'a, S, Q>(c: &Checked) -> Slices<'a, S, Q> {
     #[allow(clippy::cast_ptr_alignment)] // Checked::new's caller vouches for the alignment
     unsafe fn mk<'a, S>(p: *mut u8, len: usize) -> &'a mut [S] {
         if len == 0 {
@@ -199,10 +238,10 @@ unsafe fn slices<'a, S>(c: &Checked) -> Slices<'a, S> {
 
 /// Cuts every checked parameter into work items.
 fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
-    fn push<'a, S: Storage>(
-        s: Slices<'a, S>,
+    fn push<'a, S: Storage, Q>(
+        s: Slices<'a, S, Q>,
         rule: Rule<S::Compute>,
-        wrap: fn(Rule<S::Compute>, Slices<'a, S>) -> Item<'a>,
+        wrap: fn(Rule<S::Compute>, Slices<'a, S, Q>) -> Item<'a>,
         items: &mut Vec<Item<'a>>,
     ) {
         items.extend(s.chunks(CHUNK_ELEMS).map(|piece| wrap(rule, piece)));
@@ -211,13 +250,25 @@ fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
         // SAFETY: every entry of `checked` was made by `Checked::new`, whose caller vouched
         // for its memory until the step returns, and it is paired with its own dtype here.
         unsafe {
-            match (c.dtype, c.rule) {
-                (DType::F32, RuleOf::F32(r)) => push(slices::<f32>(c), r, Item::F32, items),
-                (DType::F16, RuleOf::F32(r)) => push(slices::<half::f16>(c), r, Item::F16, items),
-                (DType::Bf16, RuleOf::F32(r)) => {
-                    push(slices::<half::bf16>(c), r, Item::Bf16, items);
+            match (c.dtype, c.state_dtype, c.rule) {
+                (DType::F32, DType::F32, RuleOf::F32(r)) => {
+                    push(slices::<f32, f32>(c), r, Item::F32, items);
                 }
-                (DType::F64, RuleOf::F64(r)) => push(slices::<f64>(c), r, Item::F64, items),
+                (DType::F16, DType::F16, RuleOf::F32(r)) => {
+                    push(slices::<half::f16, half::f16>(c), r, Item::F16, items);
+                }
+                (DType::Bf16, DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<half::bf16, half::bf16>(c), r, Item::Bf16, items);
+                }
+                (DType::F64, DType::F64, RuleOf::F64(r)) => {
+                    push(slices::<f64, f64>(c), r, Item::F64, items);
+                }
+                (DType::F32, DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<f32, half::bf16>(c), r, Item::F32Bf16, items);
+                }
+                (DType::F16, DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<half::f16, half::bf16>(c), r, Item::F16Bf16, items);
+                }
                 _ => unreachable!("the bindings pair each dtype with its compute type"),
             }
         }
