@@ -89,6 +89,45 @@ class _Bridge:
             if name not in self.__dict__:
                 setattr(self, name, default)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``, then each parameter's state buffers kept in its
+        group's ``state_dtype``.
+
+        torch casts floating state to the parameter's dtype; bfloat16 state comes back bit for
+        bit from there. A state dict without ``state_dtype`` (torch.optim's) keeps each
+        group's own, so float32 state loaded into a bfloat16-state optimizer is rounded to
+        nearest even. The way back: ``torch.optim.AdamW(...).load_state_dict(
+        opt.state_dict())`` casts the bfloat16 state to the parameters' dtype.
+        """
+        kept = [g.get("state_dtype") for g in self.param_groups]
+        saved = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+        if len(saved) == len(kept):
+            for g in saved:
+                if isinstance(g, dict) and "state_dtype" in g:
+                    _spec.state_dtype_name(g["state_dtype"])  # refused before anything changes
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for group, sd in zip(self.param_groups, kept):
+            if group.setdefault("state_dtype", sd) is None:
+                del group["state_dtype"]
+            else:
+                group["state_dtype"] = _spec.state_dtype_name(group["state_dtype"])
+        self._conform_state()
+
+    def _conform_state(self) -> None:
+        """Casts every state buffer to the dtype its group keeps state in (state made by
+        torch's constructor, as Adagrad's, or loaded by torch's ``load_state_dict``)."""
+        names = self._spec.buffers
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                dtype = _state_dtype(p, group)
+                for n in names:
+                    b = state.get(n)
+                    if isinstance(b, torch.Tensor) and b.is_floating_point() and b.dtype != dtype:
+                        state[n] = b.to(dtype)
+
     def _options(self) -> StepOptions:
         return {
             "skip_nonfinite": getattr(self, "skip_nonfinite", False),
@@ -319,12 +358,22 @@ class _Bridge:
         optimizer's defaults, not from the group: torch.optim.Adagrad's ``_init_group`` does
         so, and a drop-in replacement does the same.
         """
+        dtype = _state_dtype(p, group)
         return self._spec.new_state(
             missing,
             self.defaults,
-            lambda x: torch.full_like(p, x, memory_format=torch.preserve_format),
+            lambda x: torch.full_like(p, x, dtype=dtype, memory_format=torch.preserve_format),
             lambda: torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=group.get("fused"))),
         )
+
+
+def _state_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype ``p``'s state buffers are kept in under ``group``: bfloat16 where the group
+    asks for it and the parameter is not float64 (the core refuses that pair), else the
+    parameter's."""
+    if group.get("state_dtype") is None or p.dtype == torch.float64:
+        return p.dtype
+    return torch.bfloat16
 
 
 class _Plan:
@@ -454,15 +503,26 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
     def construct(self: _Bridge, params: Iterable[Any], values: dict[str, Any]) -> None:
         skip_nonfinite = values.pop("skip_nonfinite")
         flush_denormals = values.pop("flush_denormals")
+        state_dtype = _spec.state_dtype_name(values.pop("state_dtype"))
         _refuse(spec.name, **{name: values[name] for name in spec.refused})
         torch_class.__init__(self, params, **values)
+        # torch's constructor knows no state_dtype: when given, it joins the defaults (so
+        # groups added later get it too) and every group made so far. Without it the defaults
+        # and groups are torch's own (a group without the key keeps state as torch does).
+        if state_dtype is not None:
+            self.defaults["state_dtype"] = state_dtype
+            for group in self.param_groups:
+                group.setdefault("state_dtype", state_dtype)
         self._after_init(skip_nonfinite, flush_denormals)
+        self._conform_state()
 
     doc = (
         f"torch.optim.{spec.name}'s constructor (its arguments, defaults and checks), then "
-        "optirs's own options ``skip_nonfinite`` and ``flush_denormals``. "
-        + ", ".join(f"``{n}=True``" for n in spec.refused)
-        + " raise ValueError."
+        "optirs's own options ``skip_nonfinite``, ``flush_denormals`` and ``state_dtype`` "
+        "(None: state in the parameter's dtype, as torch; ``torch.bfloat16`` or "
+        "``'bfloat16'``: state kept as bfloat16, computed in float32 and rounded to nearest "
+        "even when stored; float32, float16 and bfloat16 parameters, a group may set its "
+        "own). " + ", ".join(f"``{n}=True``" for n in spec.refused) + " raise ValueError."
     )
     return _spec.make_init(spec.name, "optirs.torch", spec.params, construct, doc)
 

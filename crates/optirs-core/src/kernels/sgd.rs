@@ -74,7 +74,7 @@ pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes
     unsafe {
         match (k.momentum, momentum_buffer) {
             (Some(mu), Some(buf)) => {
-                stream::<S, Q, L, _, 1>(WithMomentum(*k, mu), param, grad, [buf])
+                stream::<S, Q, L, _, 1>(WithMomentum(*k, mu), param, grad, [buf]);
             }
             _ => stream::<S, Q, L, _, 0>(*k, param, grad, []),
         }
