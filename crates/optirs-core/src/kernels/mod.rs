@@ -9,6 +9,7 @@
 
 pub mod adagrad;
 pub mod adam;
+pub mod adam8bit;
 pub mod float;
 pub mod lanes;
 pub mod rmsprop;
