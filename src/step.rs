@@ -40,7 +40,7 @@ use crate::ndarray::{
 
 /// Checks a step counter; returns where its new value goes and that value as torch reads it
 /// back: `step_t += 1` in the counter's dtype, then `step_t.item()`.
-fn check_counter(
+pub(crate) fn check_counter(
     s: &Bound<'_, PyUntypedArray>,
     dtypes: &Dtypes<'_>,
     what: &dyn Fn() -> String,
@@ -121,7 +121,7 @@ fn check_state_dtype(
 /// its group's options use and its step counter; records their memory for the overlap check.
 ///
 /// With `plan`, also hands over the arrays it checked, for a plan of the steps to come.
-fn check_param<'py>(
+pub(crate) fn check_param<'py>(
     kind: Kind,
     hyper: &Hyper,
     state_dtype: Option<DType>,

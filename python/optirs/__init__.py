@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import _core, _spec
+from . import _core, _eightbit, _spec
 from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
 from ._plan import GroupsSnapshot, StepOptions, fork_safe
 
@@ -33,7 +33,9 @@ __all__ = [
     "SGD",
     "Adagrad",
     "Adam",
+    "Adam8bit",
     "AdamW",
+    "AdamW8bit",
     "Optimizer",
     "ParamState",
     "RMSprop",
@@ -766,6 +768,10 @@ class AdamW(Adam):
 
     _spec = _spec.ADAMW
     __init__ = _numpy_init(_spec)
+
+
+#: Adam and AdamW with 8-bit state (blockwise dynamic quantization; see ``optirs._eightbit``).
+Adam8bit, AdamW8bit = _eightbit.make_numpy_classes(Optimizer)
 
 
 class RMSprop(Optimizer):

@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::dtype::DType;
 use crate::error::{panic_message, CoreError};
 use crate::fpenv::FlushGuard;
+use crate::kernels::adam::AdamScalars;
+use crate::kernels::adam8bit::{self, Q8Slices};
 use crate::kernels::{simd, Rule, Slices, Storage};
 use crate::pool;
 use crate::rules::RuleOf;
@@ -115,6 +117,94 @@ impl Checked {
     }
 }
 
+/// An 8-bit Adam parameter that passed every check (see [`adam8bit`]): where its arrays are.
+pub struct CheckedQ8 {
+    dtype: DType,
+    len: usize,
+    block: usize,
+    param: *mut u8,
+    grad: *const u8,
+    /// `exp_avg` and `exp_avg_sq` codes (`len` bytes each), then their absmaxes (one float32
+    /// per block each).
+    codes: [*mut u8; 2],
+    absmax: [*mut f32; 2],
+    step: Option<CounterSlot<'static>>,
+    rule: AdamScalars<f32>,
+}
+
+impl CheckedQ8 {
+    /// A parameter of `len` elements of `dtype` (float32, float16 or bfloat16) at `param`, its
+    /// gradient at `grad`, its moments' codes and per-block absmaxes, its step counter and the
+    /// per-step scalars.
+    ///
+    /// # Safety
+    /// As [`Checked::new`]: until the step returns, `param` and `grad` point to `len` elements
+    /// of `dtype`, each of `codes` to `len` bytes and each of `absmax` to `len.div_ceil(block)`
+    /// float32s, aligned, alive and unmoved, none written through any other address of the
+    /// step (the gradient only read).
+    ///
+    /// # Panics
+    /// For a float64 parameter, or a block size outside `1..=adam8bit::MAX_BLOCK`.
+    #[must_use]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        dtype: DType,
+        len: usize,
+        block: usize,
+        param: *mut u8,
+        grad: *const u8,
+        codes: [*mut u8; 2],
+        absmax: [*mut f32; 2],
+        step: Option<CounterSlot<'static>>,
+        rule: AdamScalars<f32>,
+    ) -> CheckedQ8 {
+        assert!(
+            dtype != DType::F64,
+            "8-bit state is for float32, float16 and bfloat16"
+        );
+        assert!(
+            (1..=adam8bit::MAX_BLOCK).contains(&block),
+            "block size out of range"
+        );
+        CheckedQ8 {
+            dtype,
+            len,
+            block,
+            param,
+            grad,
+            codes,
+            absmax,
+            step,
+            rule,
+        }
+    }
+
+    /// # Safety
+    /// `self` satisfies [`CheckedQ8::new`]'s contract for `'a`, with `S` its dtype.
+    unsafe fn slices<'a, S>(&self) -> Q8Slices<'a, S> {
+        #[allow(clippy::cast_ptr_alignment)] // the constructor's caller vouches for alignment
+        unsafe fn mk<'a, T>(p: *mut T, len: usize) -> &'a mut [T] {
+            if len == 0 {
+                &mut []
+            } else {
+                unsafe { std::slice::from_raw_parts_mut(p, len) }
+            }
+        }
+        let blocks = self.len.div_ceil(self.block);
+        unsafe {
+            Q8Slices {
+                param: mk(self.param.cast::<S>(), self.len),
+                grad: mk(self.grad.cast_mut().cast::<S>(), self.len),
+                exp_avg: mk(self.codes[0], self.len),
+                exp_avg_sq: mk(self.codes[1], self.len),
+                exp_avg_absmax: mk(self.absmax[0], blocks),
+                exp_avg_sq_absmax: mk(self.absmax[1], blocks),
+                block: self.block,
+            }
+        }
+    }
+}
+
 /// Where a counter's new value goes once every check has passed.
 pub enum CounterSlot<'a> {
     F32(&'a mut f32, f32),
@@ -170,6 +260,10 @@ enum Item<'a> {
     F32Bf16(Rule<f32>, Slices<'a, f32, half::bf16>),
     /// float16 parameters with bfloat16 state.
     F16Bf16(Rule<f32>, Slices<'a, half::f16, half::bf16>),
+    /// 8-bit Adam state, per parameter dtype.
+    Q8F32(AdamScalars<f32>, Q8Slices<'a, f32>),
+    Q8F16(AdamScalars<f32>, Q8Slices<'a, half::f16>),
+    Q8Bf16(AdamScalars<f32>, Q8Slices<'a, half::bf16>),
 }
 
 impl Item<'_> {
@@ -181,6 +275,9 @@ impl Item<'_> {
             Item::Bf16(_, s) => s.grad_is_finite(),
             Item::F32Bf16(_, s) => s.grad_is_finite(),
             Item::F16Bf16(_, s) => s.grad_is_finite(),
+            Item::Q8F32(_, s) => s.grad_is_finite(),
+            Item::Q8F16(_, s) => s.grad_is_finite(),
+            Item::Q8Bf16(_, s) => s.grad_is_finite(),
         }
     }
 
@@ -192,6 +289,9 @@ impl Item<'_> {
             Item::Bf16(_, s) => s.len(),
             Item::F32Bf16(_, s) => s.len(),
             Item::F16Bf16(_, s) => s.len(),
+            Item::Q8F32(_, s) => s.len(),
+            Item::Q8F16(_, s) => s.len(),
+            Item::Q8Bf16(_, s) => s.len(),
         }
     }
 
@@ -203,6 +303,11 @@ impl Item<'_> {
             Item::Bf16(r, s) => simd::apply(level, &r, s),
             Item::F32Bf16(r, s) => simd::apply(level, &r, s),
             Item::F16Bf16(r, s) => simd::apply(level, &r, s),
+            // The scalar element function and an exact code search: the same bits at every
+            // level (see `adam8bit`).
+            Item::Q8F32(k, s) => adam8bit::update(&k, s),
+            Item::Q8F16(k, s) => adam8bit::update(&k, s),
+            Item::Q8Bf16(k, s) => adam8bit::update(&k, s),
         }
     }
 }
@@ -303,10 +408,51 @@ pub struct Work<'a> {
 ///
 /// # Panics
 /// Only on request, for tests (`panic_for_tests == "validation"`).
-pub fn prepare(mut checked: Vec<Checked>, options: &Options) -> Result<Work<'static>, CoreError> {
-    let mut items = Vec::with_capacity(checked.len());
+pub fn prepare(checked: Vec<Checked>, options: &Options) -> Result<Work<'static>, CoreError> {
+    prepare_with_q8(checked, Vec::new(), options)
+}
+
+/// [`prepare`] with 8-bit Adam parameters too (`q8`), cut at their block boundaries.
+///
+/// # Errors
+/// As [`prepare`].
+///
+/// # Panics
+/// As [`prepare`].
+pub fn prepare_with_q8(
+    mut checked: Vec<Checked>,
+    mut q8: Vec<CheckedQ8>,
+    options: &Options,
+) -> Result<Work<'static>, CoreError> {
+    let mut items = Vec::with_capacity(checked.len() + q8.len());
     make_items(&checked, &mut items);
-    let counters: Vec<CounterSlot<'_>> = checked.iter_mut().filter_map(|c| c.step.take()).collect();
+    for c in &q8 {
+        // SAFETY: made by `CheckedQ8::new`, whose caller vouched for its memory until the step
+        // returns; paired with its own dtype here.
+        unsafe {
+            match c.dtype {
+                DType::F32 => items.extend(
+                    c.slices::<f32>()
+                        .chunks(CHUNK_ELEMS)
+                        .map(|s| Item::Q8F32(c.rule, s)),
+                ),
+                DType::F16 => items.extend(
+                    c.slices::<half::f16>()
+                        .chunks(CHUNK_ELEMS)
+                        .map(|s| Item::Q8F16(c.rule, s)),
+                ),
+                DType::Bf16 => items.extend(
+                    c.slices::<half::bf16>()
+                        .chunks(CHUNK_ELEMS)
+                        .map(|s| Item::Q8Bf16(c.rule, s)),
+                ),
+                DType::F64 => unreachable!("refused by CheckedQ8::new"),
+            }
+        }
+    }
+    let mut counters: Vec<CounterSlot<'_>> =
+        checked.iter_mut().filter_map(|c| c.step.take()).collect();
+    counters.extend(q8.iter_mut().filter_map(|c| c.step.take()));
 
     // Every check passed: from here on nothing can fail.
     if options.flush_denormals && !FlushGuard::supported() {
