@@ -4,11 +4,14 @@ tensors; state dicts; non-finite gradients; bad input; training quality."""
 
 from __future__ import annotations
 
+import io
 import pickle
 
 import numpy as np
 import optirs
+import optirs.torch as ot
 import pytest
+import torch
 from conftest import (
     assert_same_at_every_simd_level_and_thread_count,
     assert_snapshot_equal,
@@ -234,3 +237,99 @@ def test_bad_state_dict_refused_changing_nothing():
     with pytest.raises(TypeError, match="absmax"):
         opt.load_state_dict(sd)
     assert_snapshot_equal(before, snapshot(opt))
+
+
+# ---- the torch bridge ---------------------------------------------------------------------
+
+
+def _torch_pair(cls_t, cls_n, shapes, steps, seed, **kw):
+    torch.manual_seed(seed)
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    qs = [p.detach().clone() for p in ps]
+    o = cls_t(ps, lr=1e-2, **kw)
+    n = cls_n([q.numpy() for q in qs], lr=1e-2, **kw)
+    for _ in range(steps):
+        gs = [torch.randn(s) for s in shapes]
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        o.step()
+        n.step([g.numpy() for g in gs])
+    return ps, qs, o, n
+
+
+@pytest.mark.parametrize(
+    ("cls_t", "cls_n"), [(ot.Adam8bit, optirs.Adam8bit), (ot.AdamW8bit, optirs.AdamW8bit)]
+)
+def test_torch_bridge_matches_numpy_api(cls_t, cls_n):
+    ps, qs, o, n = _torch_pair(cls_t, cls_n, [(100, 60), (10,), (5000,)], 4, 0, weight_decay=0.1)
+    assert isinstance(o, torch.optim.Adam)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q)
+    for p, q in zip(ps, n.param_groups[0]["params"]):
+        for k, v in o.state[p].items():
+            assert v.numpy().tobytes() == n.state[q][k].tobytes(), k
+
+
+def test_torch_bfloat16_params_same_at_every_level_and_thread_count():
+    def run():
+        torch.manual_seed(1)
+        p = torch.randn(70_001).bfloat16().requires_grad_()
+        opt = ot.AdamW8bit([p], lr=1e-2)
+        for _ in range(3):
+            p.grad = torch.randn(70_001).bfloat16()
+            opt.step()
+        s = opt.state[p]
+        assert p.dtype == torch.bfloat16 and s["exp_avg"].dtype == torch.uint8
+        return [p.detach().view(torch.int16).numpy().tobytes()] + [
+            v.numpy().tobytes() for v in s.values()
+        ]
+
+    assert_same_at_every_simd_level_and_thread_count(run)
+
+
+def test_torch_state_dict_round_trip_and_the_way_back():
+    ps, _, o, _ = _torch_pair(ot.AdamW8bit, optirs.AdamW8bit, [(64, 80), (7,)], 2, 3)
+    buf = io.BytesIO()
+    torch.save(o.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    ps2 = [p.detach().clone().requires_grad_() for p in ps]
+    o2 = ot.AdamW8bit(ps2, lr=1e-2)
+    o2.load_state_dict(sd)
+    for _ in range(3):
+        for p, p2 in zip(ps, ps2):
+            g = torch.randn(p.shape)
+            p.grad, p2.grad = g.clone(), g.clone()
+        o.step()
+        o2.step()
+    for a, b in zip(ps, ps2):
+        assert torch.equal(a, b)
+        for k, v in o.state[a].items():
+            assert torch.equal(v, o2.state[b][k]), k
+    back = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in ps], lr=1e-2)
+    back.load_state_dict(o.dequantized_state_dict())
+    s0 = back.state[back.param_groups[0]["params"][0]]
+    assert s0["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in s0
+    again = ot.AdamW8bit([p.detach().clone().requires_grad_() for p in ps], lr=1e-2)
+    again.load_state_dict(back.state_dict())
+    a0 = again.state[again.param_groups[0]["params"][0]]
+    assert a0["exp_avg"].dtype == torch.uint8
+    # Dequantized, then quantized again: the codes come back where the block's largest
+    # magnitude is a code of magnitude 1 (every block of exp_avg_sq: v >= 0).
+    assert torch.equal(a0["exp_avg_sq"], o.state[ps[0]]["exp_avg_sq"])
+
+
+def test_torch_bad_input_refused_changing_nothing():
+    p = torch.zeros(5000, requires_grad=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        ot.Adam8bit([p], amsgrad=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        ot.AdamW8bit([p], differentiable=True)
+    opt = ot.AdamW8bit([p], lr=1e-2)
+    p.grad = torch.ones(5000)
+    opt.step()
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].to(torch.int16)
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match="uint8"):
+        opt.step()
+    assert torch.equal(p, before) and opt.state[p]["step"].item() == 1.0

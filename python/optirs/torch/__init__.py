@@ -35,7 +35,7 @@ Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward`
 from __future__ import annotations
 
 from ._backward import StepInBackward, step_in_backward
-from ._bridge import SGD, Adagrad, Adam, AdamW, RMSprop
+from ._bridge import SGD, Adagrad, Adam, Adam8bit, AdamW, AdamW8bit, RMSprop
 from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
 from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
@@ -45,7 +45,9 @@ __all__ = [
     "SGD",
     "Adagrad",
     "Adam",
+    "Adam8bit",
     "AdamW",
+    "AdamW8bit",
     "RMSprop",
     "StepInBackward",
     "register_functional_optimizers",
@@ -54,6 +56,6 @@ __all__ = [
 
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
-for _public in (SGD, Adagrad, Adam, AdamW, RMSprop, StepInBackward):
+for _public in (SGD, Adagrad, Adam, Adam8bit, AdamW, AdamW8bit, RMSprop, StepInBackward):
     _public.__module__ = __name__
 del _public
