@@ -303,11 +303,9 @@ impl Item<'_> {
             Item::Bf16(r, s) => simd::apply(level, &r, s),
             Item::F32Bf16(r, s) => simd::apply(level, &r, s),
             Item::F16Bf16(r, s) => simd::apply(level, &r, s),
-            // The scalar element function and an exact code search: the same bits at every
-            // level (see `adam8bit`).
-            Item::Q8F32(k, s) => adam8bit::update(&k, s),
-            Item::Q8F16(k, s) => adam8bit::update(&k, s),
-            Item::Q8Bf16(k, s) => adam8bit::update(&k, s),
+            Item::Q8F32(k, s) => adam8bit::update(level, &k, s),
+            Item::Q8F16(k, s) => adam8bit::update(level, &k, s),
+            Item::Q8Bf16(k, s) => adam8bit::update(level, &k, s),
         }
     }
 }

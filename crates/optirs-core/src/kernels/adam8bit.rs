@@ -5,12 +5,13 @@
 //! [-1, 1] (`exp_avg`, signed) or [0, 1] (`exp_avg_sq`, unsigned), and one float32 absmax per
 //! block of `block` elements: element `j` of block `b` stands for `code[q[j]] * absmax[b]`.
 //!
-//! A step runs block by block, in one pass over the block's memory: dequantize both moments,
-//! run the float32 Adam element function ([`super::adam`]'s, unchanged) for each element,
-//! keeping the new moments in a block-sized buffer on the stack, find each moment's new absmax
-//! and requantize to the nearest code. Work is only ever cut at block boundaries, so the
-//! result does not depend on the chunking or the thread count; the arithmetic is the scalar
-//! element function and an exact nearest-code search, so it does not depend on the SIMD level.
+//! A step runs block by block, in one pass over the block's memory: dequantize both moments
+//! into block-sized float32 buffers on the stack, stream the float32 Adam element function
+//! ([`super::adam`]'s, unchanged) over the parameter, gradient and those buffers with the
+//! level's SIMD lanes (`lanes::stream`, as every float32 step), find each moment's new absmax
+//! and requantize to the nearest code. Work is only ever cut at block boundaries, so the result
+//! does not depend on the chunking or the thread count; `stream` gives the same bits at every
+//! level and the code search is exact, so it does not depend on the SIMD level either.
 //!
 //! # Code maps
 //! [`CodeMap::dynamic`] builds bitsandbytes' dynamic map (`create_dynamic_map(signed,
@@ -36,7 +37,7 @@ use std::sync::OnceLock;
 
 use super::adam::AdamScalars;
 use super::float::{Float, Storage};
-use super::lanes::Elementwise;
+use super::lanes::{stream, StateLanes};
 
 /// The largest block the kernel takes (its per-block buffers live on the stack).
 pub const MAX_BLOCK: usize = 4096;
@@ -47,11 +48,42 @@ pub struct CodeMap {
     /// The values the codes stand for, ascending.
     pub values: [f32; 256],
     /// `(values[i] + values[i + 1]) / 2` in float64 (exact: neighbours are within a factor of
-    /// a few of each other, so their sum needs no more than float64's precision).
-    mid: [f64; 255],
+    /// a few of each other, so their sum needs no more than float64's precision), then +inf,
+    /// which no quotient exceeds, so that the search needs no bounds test.
+    mid: [f64; 256],
     /// The code of 0.
     pub zero: u8,
+    /// Per bucket of quotients sharing the high 16 bits of their order key ([`order`]), from
+    /// the bucket of -1 to that of 1: how many midpoints lie below the bucket's smallest value.
+    first: Vec<u8>,
+    /// The most midpoints inside one bucket: the steps `nearest` takes from `first`.
+    steps: usize,
 }
+
+/// float32 bits as an unsigned key in the order of the values (negatives reversed below the
+/// positives), so that a range of keys is a range of values.
+#[inline(always)]
+fn order(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The float32 whose [`order`] key is `k`.
+fn from_order(k: u32) -> f32 {
+    if k >> 31 == 1 {
+        f32::from_bits(k & 0x7FFF_FFFF)
+    } else {
+        f32::from_bits(!k)
+    }
+}
+
+/// The first and last bucket `nearest` looks up: those of -1 and 1.
+const BUCKET_LO: u32 = 0x407F; // order(-1.0) >> 16
+const BUCKET_HI: u32 = 0xBF80; // order(1.0) >> 16
 
 impl CodeMap {
     /// bitsandbytes' dynamic map, signed (for `exp_avg`) or unsigned (for `exp_avg_sq`).
@@ -85,15 +117,29 @@ impl CodeMap {
         for (v, d) in values.iter_mut().zip(&data) {
             *v = *d as f32;
         }
-        let mut mid = [0f64; 255];
-        for (i, m) in mid.iter_mut().enumerate() {
+        let mut mid = [f64::INFINITY; 256];
+        for (i, m) in mid.iter_mut().take(255).enumerate() {
             *m = f64::midpoint(f64::from(values[i]), f64::from(values[i + 1]));
         }
         let zero = values.iter().position(|&v| v == 0.0).expect("0 is a code");
+        debug_assert_eq!(order(-1.0) >> 16, BUCKET_LO);
+        debug_assert_eq!(order(1.0) >> 16, BUCKET_HI);
+        let below = |x: f32| mid.iter().filter(|&&m| m < f64::from(x)).count();
+        let mut first = Vec::with_capacity((BUCKET_HI - BUCKET_LO + 1) as usize);
+        let mut steps = 0;
+        for key in BUCKET_LO..=BUCKET_HI {
+            let lo = below(from_order(key << 16));
+            let hi = below(from_order((key << 16) | 0xFFFF))
+                + usize::from(mid.contains(&f64::from(from_order((key << 16) | 0xFFFF))));
+            first.push(u8::try_from(lo).expect("at most 255 midpoints"));
+            steps = steps.max(hi - lo);
+        }
         CodeMap {
             values,
             mid,
             zero: u8::try_from(zero).expect("256 codes"),
+            first,
+            steps,
         }
     }
 
@@ -106,26 +152,40 @@ impl CodeMap {
 
     /// The code nearest to `x` (in [-1, 1]); ties to the lower code, NaN to the zero code.
     ///
+    /// The number of midpoints below `x`, found by looking up how many lie below its bucket
+    /// (the high half of its order key) and stepping over the few inside the bucket, with each
+    /// comparison's result added rather than branched on: every element's comparisons are its
+    /// own and would be mispredicted.
+    ///
     /// # Panics
-    /// Never: the search ends at an index below 256.
+    /// Never: the index stays below 256 (the last midpoint is +inf).
     #[inline(always)]
     #[must_use]
     pub fn nearest(&self, x: f32) -> u8 {
         if x.is_nan() {
             return self.zero;
         }
+        let key = (order(x) >> 16).clamp(BUCKET_LO, BUCKET_HI) - BUCKET_LO;
+        let mut i = usize::from(self.first[key as usize]);
         let x = f64::from(x);
-        // The number of midpoints below x: a branch-free binary search over 255 (+1 padding).
-        let mut lo = 0_usize;
-        let mut step = 128_usize;
-        while step > 0 {
-            let probe = lo + step - 1;
-            if probe < 255 && self.mid[probe] < x {
-                lo += step;
-            }
-            step /= 2;
+        for _ in 0..self.steps {
+            i += usize::from(self.mid[i] < x);
         }
-        u8::try_from(lo).expect("at most 255 midpoints")
+        u8::try_from(i).expect("at most 255 midpoints below any value")
+    }
+
+    /// [`CodeMap::nearest`] by binary search over the midpoints (the tests' reference).
+    #[cfg(test)]
+    fn nearest_by_search(&self, x: f32) -> u8 {
+        if x.is_nan() {
+            return self.zero;
+        }
+        let x = f64::from(x);
+        let mut lo = 0_usize;
+        for step in [128, 64, 32, 16, 8, 4, 2, 1] {
+            lo += step * usize::from(self.mid[lo + step - 1] < x);
+        }
+        u8::try_from(lo).expect("at most 255")
     }
 
     /// The code of `x` in a block of absmax `absmax` (see the module documentation).
@@ -260,16 +320,36 @@ impl<'a, S> Q8Slices<'a, S> {
 }
 
 /// One Adam step (amsgrad off) over an 8-bit parameter, block by block (see the module
-/// documentation).
+/// documentation), with the code of the best SIMD level the CPU has up to `level`.
 ///
 /// # Panics
 /// When the lengths do not match (`Q8Slices::lengths_match`).
-#[allow(clippy::needless_pass_by_value)] // a piece of work, consumed as `Slices` are
-pub fn update<S: Storage<Compute = f32>>(k: &AdamScalars<f32>, s: Q8Slices<'_, S>) {
+pub fn update<S: super::simd::Q8Element>(
+    level: super::simd::SimdLevel,
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+) {
     assert!(
         s.lengths_match(),
         "8-bit state does not match its parameter"
     );
+    S::run_q8(level.min(super::simd::SimdLevel::detect()), k, s);
+}
+
+/// The body [`update`] compiles once per level: each block's moments dequantized into float32
+/// buffers on the stack, the float32 Adam element function streamed over the parameter,
+/// gradient and those buffers `L::W` elements at a time (as every float32 step), then each
+/// moment's absmax found and the block requantized.
+///
+/// # Safety
+/// The CPU has `L`'s instructions, and the lengths match.
+#[inline(always)]
+#[allow(clippy::needless_pass_by_value)] // a piece of work, consumed as `Slices` are
+pub(crate) unsafe fn update_inline<S, L>(k: &AdamScalars<f32>, s: Q8Slices<'_, S>)
+where
+    S: Storage<Compute = f32>,
+    L: StateLanes<S, f32>,
+{
     let (cm, cv) = (signed_map(), unsigned_map());
     let k = *k;
     let mut new_m = [0f32; MAX_BLOCK];
@@ -284,20 +364,17 @@ pub fn update<S: Storage<Compute = f32>>(k: &AdamScalars<f32>, s: Q8Slices<'_, S
         .zip(s.exp_avg_sq_absmax.iter_mut());
     for (((((p, g), mq), vq), am), av) in blocks {
         let n = p.len();
-        let (m_out, v_out) = (&mut new_m[..n], &mut new_v[..n]);
-        for j in 0..n {
-            let m = cm.decode(mq[j], *am);
-            let v = cv.decode(vq[j], *av);
-            let (p_new, [m_new, v_new]) =
-                Elementwise::<f32, 2>::elem::<f32>(&k, p[j].load(), g[j].load(), [m, v]);
-            p[j] = S::store(p_new);
-            m_out[j] = m_new;
-            v_out[j] = v_new;
+        let (m, v) = (&mut new_m[..n], &mut new_v[..n]);
+        for ((x, &q), (y, &r)) in m.iter_mut().zip(&*mq).zip(v.iter_mut().zip(&*vq)) {
+            *x = cm.decode(q, *am);
+            *y = cv.decode(r, *av);
         }
-        let (a_m, a_v) = (absmax(m_out), absmax(v_out));
-        for j in 0..n {
-            mq[j] = cm.encode(m_out[j], a_m);
-            vq[j] = cv.encode(v_out[j], a_v);
+        // SAFETY: the caller's CPU has `L`'s instructions; `stream` checks the lengths.
+        unsafe { stream::<S, f32, L, _, 2>(k, p, g, [&mut *m, &mut *v]) };
+        let (a_m, a_v) = (absmax(m), absmax(v));
+        for ((q, &x), (r, &y)) in mq.iter_mut().zip(&*m).zip(vq.iter_mut().zip(&*v)) {
+            *q = cm.encode(x, a_m);
+            *r = cv.encode(y, a_v);
         }
         *am = a_m;
         *av = a_v;
@@ -335,6 +412,8 @@ pub fn dequantize(map: &CodeMap, q: &[u8], absmaxes: &[f32], block: usize, out: 
 #[cfg(test)]
 mod tests {
     use super::super::adam::AdamHyper;
+    use super::super::lanes::Elementwise;
+    use super::super::simd::SimdLevel;
     use super::*;
 
     #[test]
@@ -365,6 +444,33 @@ mod tests {
         }
         for (i, &v) in s.values.iter().enumerate() {
             assert_eq!(usize::from(s.nearest(v)), i, "a code maps to itself");
+        }
+    }
+
+    /// The bucket lookup agrees with the binary search on every code, every midpoint and its
+    /// neighbouring floats, and a sweep of quotients across [-1, 1].
+    #[test]
+    fn bucket_lookup_matches_search() {
+        for map in [signed_map(), unsigned_map()] {
+            assert!(map.steps <= 4, "{}", map.steps);
+            let mut xs: Vec<f32> = vec![-1.0, 1.0, 0.0, -0.0, -2.0, 2.0];
+            for &v in &map.values {
+                xs.push(v);
+            }
+            for &m in &map.mid[..255] {
+                let f = m as f32;
+                for d in -2i32..=2 {
+                    xs.push(f32::from_bits(f.to_bits().wrapping_add_signed(d)));
+                }
+            }
+            let mut k = 0x407F_0000_u32;
+            while k <= 0xBF80_FFFF {
+                xs.push(from_order(k));
+                k += 97;
+            }
+            for x in xs {
+                assert_eq!(map.nearest(x), map.nearest_by_search(x), "{x:e}");
+            }
         }
     }
 
@@ -405,7 +511,7 @@ mod tests {
         };
         let p0: Vec<f32> = (0..n).map(|_| rnd()).collect();
         let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rnd()).collect()).collect();
-        let run = |chunk: usize| {
+        let run = |chunk: usize, level: SimdLevel| {
             let mut p = p0.clone();
             let (mut mq, mut vq) = (vec![127u8; n], vec![0u8; n]);
             let (mut am, mut av) = (vec![0f32; blocks], vec![0f32; blocks]);
@@ -421,7 +527,7 @@ mod tests {
                     block,
                 };
                 for piece in s.chunks(chunk) {
-                    update(&k, piece);
+                    update(level, &k, piece);
                 }
             }
             (p, mq, vq, am, av)
@@ -445,9 +551,13 @@ mod tests {
             }
             (p, mq, vq, am, av)
         };
-        for chunk in [1, 64, 100, 640, 1 << 14] {
-            let got = run(chunk);
-            assert_eq!(got.1, want.1, "chunk {chunk}");
+        let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
+        for (chunk, level) in [1, 64, 100, 640, 1 << 14]
+            .into_iter()
+            .flat_map(|c| levels.clone().map(move |l| (c, l)))
+        {
+            let got = run(chunk, level);
+            assert_eq!(got.1, want.1, "chunk {chunk} {level:?}");
             assert_eq!(got.2, want.2, "chunk {chunk}");
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got.0), bits(&want.0), "chunk {chunk}");

@@ -8,6 +8,8 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use super::adam::AdamScalars;
+use super::adam8bit::Q8Slices;
 use super::lanes::One;
 #[cfg(target_arch = "x86_64")]
 use super::lanes::StateLanes;
@@ -243,3 +245,57 @@ where
     );
     <S as Element<Q>>::run(level.min(SimdLevel::detect()), rule, s);
 }
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q8_avx512<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+) {
+    unsafe { super::adam8bit::update_inline::<S, L>(k, s) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_avx2<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+) {
+    unsafe { super::adam8bit::update_inline::<S, L>(k, s) }
+}
+
+/// A parameter type 8-bit Adam is compiled for at every level (float32, float16, bfloat16):
+/// the lanes that read it and float32 (the dequantized moments) alike.
+pub trait Q8Element: Storage<Compute = f32> {
+    /// `adam8bit::update` once the lengths are checked and `level` clamped.
+    #[doc(hidden)]
+    fn run_q8(level: SimdLevel, k: &AdamScalars<f32>, s: Q8Slices<'_, Self>);
+}
+
+macro_rules! q8_element {
+    ($($t:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
+        impl Q8Element for $t {
+            fn run_q8(level: SimdLevel, k: &AdamScalars<f32>, s: Q8Slices<'_, Self>) {
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `level` is at most what `detect()` found on this CPU.
+                    SimdLevel::Avx512 => unsafe { q8_avx512::<Self, $avx512>(k, s) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    SimdLevel::Avx2 => unsafe { q8_avx2::<Self, $avx2>(k, s) },
+                    // SAFETY: one element at a time, in plain code.
+                    _ => unsafe { super::adam8bit::update_inline::<Self, One>(k, s) },
+                }
+            }
+        }
+    )*};
+}
+
+#[cfg(target_arch = "x86_64")]
+q8_element!(
+    f32 => super::x86::Avx2, super::x86::Avx512;
+    half::f16 => super::x86::Avx2, super::x86::Avx512;
+    half::bf16 => super::x86::Avx2Pairs, super::x86::Avx512Pairs;
+);
+#[cfg(not(target_arch = "x86_64"))]
+q8_element!(f32 => One, One; half::f16 => One, One; half::bf16 => One, One);
