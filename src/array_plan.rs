@@ -107,6 +107,8 @@ impl Held {
 struct Entry {
     group: usize,
     dtype: DType,
+    /// The state buffers' dtype (the parameter's, or bfloat16 under `state_dtype`).
+    state_dtype: DType,
     len: usize,
     dims: Vec<isize>,
     /// Which of the kind's buffers the group's options used.
@@ -135,6 +137,7 @@ pub(crate) struct Stepped<'py> {
     pub(crate) flat: usize,
     pub(crate) group: usize,
     pub(crate) dtype: DType,
+    pub(crate) state_dtype: DType,
     pub(crate) needs: [bool; 3],
     pub(crate) param: Bound<'py, PyUntypedArray>,
     pub(crate) bufs: [Option<Bound<'py, PyUntypedArray>>; 3],
@@ -155,6 +158,7 @@ impl ArrayPlan {
             entries[s.flat] = Some(Entry {
                 group: s.group,
                 dtype: s.dtype,
+                state_dtype: s.state_dtype,
                 len: s.param.len(),
                 dims: dims(&s.param),
                 needs: s.needs,
@@ -206,8 +210,11 @@ impl Plan for ArrayPlan {
         }
         let n_groups = groups.len().ok()?;
         let mut hypers = Vec::with_capacity(n_groups);
+        let mut state_dtypes = Vec::with_capacity(n_groups);
         for gi in 0..n_groups {
-            hypers.push(hyper::read(self.kind, &groups.get_item(gi).ok()?, gi).ok()?);
+            let group = groups.get_item(gi).ok()?;
+            hypers.push(hyper::read(self.kind, &group, gi).ok()?);
+            state_dtypes.push(hyper::state_dtype(&group, gi).ok()?);
         }
         let dtypes = Dtypes::new(py, false);
         let mut rules = RuleMemo::default();
@@ -219,7 +226,11 @@ impl Plan for ArrayPlan {
             }
             let e = e.as_ref()?;
             let hyper = hypers.get(e.group)?;
-            if hyper.needs() != e.needs || !e.param.unchanged(&e.dims) {
+            let state_dtype = state_dtypes.get(e.group)?.unwrap_or(e.dtype);
+            if hyper.needs() != e.needs
+                || state_dtype != e.state_dtype
+                || !e.param.unchanged(&e.dims)
+            {
                 return None;
             }
             let mut bufs = [None; 3];
@@ -250,7 +261,7 @@ impl Plan for ArrayPlan {
             };
             let rule = rules.get(e.group, hyper, e.dtype, count, false).ok()?;
             // SAFETY: the full step checked the parameter and its buffers (C-contiguous,
-            // aligned, writeable, `e.len` elements of `e.dtype`, every written range disjoint
+            // aligned, writeable, `e.len` elements of `e.dtype` and `e.state_dtype`, every written range disjoint
             // from every other: `written`); their headers are unchanged (same memory, dtype,
             // shape and flags) and the plan holds the arrays. The gradient is an aligned
             // contiguous ndarray of that dtype and shape, apart from everything written
@@ -265,6 +276,7 @@ impl Plan for ArrayPlan {
                     counter,
                     rule,
                 )
+                .with_state_dtype(e.state_dtype)
             });
             held.push(g);
         }

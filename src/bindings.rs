@@ -184,6 +184,118 @@ pub mod _core {
         entry(|| Ok(crate::clip::scale_grads(py, &grads, coef, bf16_bits)?))
     }
 
+    /// One 8-bit Adam/AdamW step; see the stubs.
+    #[pyfunction]
+    #[pyo3(signature = (
+        groups, params, grads, states, steps, *, block_size, skip_nonfinite = false,
+        flush_denormals = false, grad_unscale = None, grad_coef = None, bf16_bits = false,
+        commit = None, then = None
+    ))]
+    #[allow(
+        clippy::too_many_arguments,
+        clippy::needless_pass_by_value,
+        clippy::fn_params_excessive_bools
+    )]
+    fn step_adam8bit(
+        py: Python<'_>,
+        groups: &Bound<'_, PyAny>,
+        params: Vec<Bound<'_, PyAny>>,
+        grads: Vec<Bound<'_, PyAny>>,
+        states: Vec<Bound<'_, PyAny>>,
+        steps: Vec<Bound<'_, PyAny>>,
+        block_size: usize,
+        skip_nonfinite: bool,
+        flush_denormals: bool,
+        grad_unscale: Option<f64>,
+        grad_coef: Option<f64>,
+        bf16_bits: bool,
+        commit: Option<Vec<crate::bindings::Commit<'_>>>,
+        then: Option<crate::bindings::Then<'_>>,
+    ) -> PyResult<bool> {
+        let options = crate::course::options(
+            skip_nonfinite,
+            flush_denormals,
+            grad_unscale,
+            grad_coef,
+            None,
+        );
+        entry(|| {
+            let applied = crate::q8::run(
+                py, groups, params, grads, states, steps, block_size, &options, bf16_bits,
+            )?;
+            if applied {
+                crate::bindings::finish(&commit.unwrap_or_default(), then.as_ref())?;
+            }
+            Ok(applied)
+        })
+    }
+
+    /// The 256 values of the dynamic code map, ascending: signed (`exp_avg`) or unsigned
+    /// (`exp_avg_sq`).
+    #[pyfunction]
+    fn code_map(signed: bool) -> PyResult<Vec<f32>> {
+        entry(|| Ok(code(signed).values.to_vec()))
+    }
+
+    fn code(signed: bool) -> &'static optirs_core::kernels::adam8bit::CodeMap {
+        if signed {
+            optirs_core::kernels::adam8bit::signed_map()
+        } else {
+            optirs_core::kernels::adam8bit::unsigned_map()
+        }
+    }
+
+    /// Quantizes float32 values block by block as a step stores a moment: (codes, absmaxes).
+    #[pyfunction]
+    #[allow(clippy::type_complexity, clippy::needless_pass_by_value)] // PyO3 hands arrays over
+    fn quantize_8bit<'py>(
+        py: Python<'py>,
+        x: numpy::PyReadonlyArray1<'py, f32>,
+        signed: bool,
+        block_size: usize,
+    ) -> PyResult<(
+        Bound<'py, numpy::PyArray1<u8>>,
+        Bound<'py, numpy::PyArray1<f32>>,
+    )> {
+        entry(|| {
+            if !(1..=optirs_core::kernels::adam8bit::MAX_BLOCK).contains(&block_size) {
+                return Ok(crate::errors::value_err!("block_size out of range")?);
+            }
+            let x = x.as_slice().map_err(PyErr::from)?;
+            let mut q = vec![0u8; x.len()];
+            let mut a = vec![0f32; x.len().div_ceil(block_size)];
+            optirs_core::kernels::adam8bit::quantize(code(signed), x, block_size, &mut q, &mut a);
+            Ok((
+                numpy::PyArray1::from_vec(py, q),
+                numpy::PyArray1::from_vec(py, a),
+            ))
+        })
+    }
+
+    /// The float32 values 8-bit codes and their block absmaxes stand for.
+    #[pyfunction]
+    #[allow(clippy::needless_pass_by_value)] // PyO3 hands the arrays over by value
+    fn dequantize_8bit<'py>(
+        py: Python<'py>,
+        codes: numpy::PyReadonlyArray1<'py, u8>,
+        absmax: numpy::PyReadonlyArray1<'py, f32>,
+        signed: bool,
+        block_size: usize,
+    ) -> PyResult<Bound<'py, numpy::PyArray1<f32>>> {
+        entry(|| {
+            let q = codes.as_slice().map_err(PyErr::from)?;
+            let a = absmax.as_slice().map_err(PyErr::from)?;
+            if block_size == 0 || a.len() != q.len().div_ceil(block_size) {
+                return Ok(crate::errors::value_err!(
+                    "expected one absmax per block of {block_size} codes"
+                )?);
+            }
+            let mut out = vec![0f32; q.len()];
+            optirs_core::kernels::adam8bit::dequantize(code(signed), q, a, block_size, &mut out);
+            Ok(numpy::PyArray1::from_vec(py, out))
+        })
+    }
+
     /// The memory-traffic ceiling probe: `read_write[k] ^= xor of read_only`, byte by byte,
     /// over the same pool and chunking as a step (used by `python -m optirs bench`).
     #[pyfunction]

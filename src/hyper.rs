@@ -12,7 +12,7 @@ use optirs_core::kernels::rmsprop::RmsPropHyper;
 use optirs_core::kernels::rprop::RpropHyper;
 use optirs_core::kernels::sgd::SgdHyper;
 use optirs_core::torch_raises::PyNumbers;
-use optirs_core::{CoreError, Hyper, Kind, TorchRaises};
+use optirs_core::{CoreError, DType, Hyper, Kind, TorchRaises};
 
 use crate::errors::{type_err, value_err};
 
@@ -89,6 +89,32 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
         Kind::Lion => g.lion()?,
         Kind::Rprop => g.rprop()?,
     })
+}
+
+/// The dtype group `gi` keeps its state buffers in (`state_dtype`, optirs's own option): None
+/// (absent or None: the parameter's dtype, as torch) or bfloat16 (`"bfloat16"`; the Python
+/// APIs store `torch.bfloat16` and `ml_dtypes.bfloat16` under that name).
+pub(crate) fn state_dtype(group: &Bound<'_, PyAny>, gi: usize) -> Result<Option<DType>, CoreError> {
+    let Ok(v) = group.get_item("state_dtype") else {
+        return Ok(None);
+    };
+    if v.is_none() {
+        return Ok(None);
+    }
+    // The Python APIs store the name; a group a user filled in by hand may hold the dtype
+    // itself (`torch.bfloat16`, NumPy's dtype of `ml_dtypes.bfloat16`).
+    let name = v
+        .extract::<String>()
+        .or_else(|_| v.str().map(|s| s.to_string()));
+    match name.as_deref() {
+        Ok("bfloat16" | "torch.bfloat16") => Ok(Some(DType::Bf16)),
+        _ => value_err!(
+            "param_groups[{gi}]['state_dtype'] must be None or 'bfloat16', got {}",
+            v.repr()
+                .map_or_else(|_| String::from("?"), |r| r.to_string())
+        )
+        .map_err(|e: CoreError| e.in_group(gi).arg("state_dtype")),
+    }
 }
 
 /// How many parameters group `gi` holds.

@@ -17,6 +17,7 @@ mod errors;
 mod hyper;
 mod ndarray;
 mod probe;
+mod q8;
 mod step;
 mod torch_plan;
 

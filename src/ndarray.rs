@@ -142,11 +142,13 @@ pub(crate) fn check_buffer(
     what: &dyn Fn() -> String,
     at: Location,
 ) -> Result<(), CoreError> {
-    if dtypes.of(a) != Some(want) {
+    let got = dtypes.of(a);
+    if got != Some(want) {
         return type_err!(
             "{} has dtype {}, expected {} (the dtype of {})",
             what(),
-            dtype_str(a),
+            // The torch bridge hands bfloat16 over as its uint16 bits: named as torch names it.
+            got.map_or_else(|| dtype_str(a), |d| d.name().to_owned()),
             want.name(),
             at.param()
         );

@@ -40,7 +40,7 @@ use crate::ndarray::{
 
 /// Checks a step counter; returns where its new value goes and that value as torch reads it
 /// back: `step_t += 1` in the counter's dtype, then `step_t.item()`.
-fn check_counter(
+pub(crate) fn check_counter(
     s: &Bound<'_, PyUntypedArray>,
     dtypes: &Dtypes<'_>,
     what: &dyn Fn() -> String,
@@ -72,13 +72,59 @@ fn check_counter(
     Ok((slot, new, counter_dtype))
 }
 
+/// The dtype a parameter of `dtype` keeps its state buffers in: its group's `state_dtype`,
+/// else its own.
+fn resolve_state_dtype(
+    state_dtype: Option<DType>,
+    dtype: DType,
+    at: Location,
+) -> std::result::Result<DType, optirs_core::CoreError> {
+    match state_dtype {
+        None => Ok(dtype),
+        // bfloat16 state is computed in float32: a float64 parameter would lose its own
+        // precision through it, so it is refused rather than silently computed in float32.
+        Some(q) if dtype == DType::F64 && q != dtype => value_err!(
+            "{} is float64, but its group asks for state_dtype={:?}; reduced-precision state \
+             is kept for float32, float16 and bfloat16 parameters only (put float64 \
+             parameters in a group with state_dtype=None)",
+            at.param(),
+            q.name()
+        ),
+        Some(q) => Ok(q),
+    }
+}
+
+/// A state buffer of the group's `state_dtype` where that differs from the parameter's, named
+/// as such (`check_buffer` names the parameter's dtype).
+fn check_state_dtype(
+    arr: &Bound<'_, PyUntypedArray>,
+    dtypes: &Dtypes<'_>,
+    dtype: DType,
+    state_dtype: DType,
+    what: &dyn Fn() -> String,
+    at: Location,
+) -> std::result::Result<(), optirs_core::CoreError> {
+    let got = dtypes.of(arr);
+    if state_dtype != dtype && got != Some(state_dtype) {
+        return type_err!(
+            "{} has dtype {}, expected {} (the state_dtype of param_groups[{}])",
+            what(),
+            got.map_or_else(|| dtype_str(arr), |d| d.name().to_owned()),
+            state_dtype.name(),
+            at.group
+        );
+    }
+    Ok(())
+}
+
 /// Validates one parameter that has a gradient: its own array, the gradient, the state buffers
 /// its group's options use and its step counter; records their memory for the overlap check.
 ///
 /// With `plan`, also hands over the arrays it checked, for a plan of the steps to come.
-fn check_param<'py>(
+pub(crate) fn check_param<'py>(
     kind: Kind,
     hyper: &Hyper,
+    state_dtype: Option<DType>,
     rules: &mut RuleMemo,
     at: Location,
     dtypes: &Dtypes<'_>,
@@ -105,6 +151,7 @@ fn check_param<'py>(
             .arg("param");
     }
     let shape = param.shape();
+    let state_dtype = resolve_state_dtype(state_dtype, dtype, at).arg("state_dtype")?;
     let grad = as_array(grad, &|| at.grad()).arg("grad")?;
     check_buffer(grad, dtypes, dtype, shape, &|| at.grad(), at).arg("grad")?;
 
@@ -138,11 +185,12 @@ fn check_param<'py>(
             _ => return value_err!("{} is missing", what()).arg(&arg),
         };
         let arr = as_array(&obj, &what).arg(&arg)?;
-        check_buffer(arr, dtypes, dtype, shape, &what, at).arg(&arg)?;
+        check_state_dtype(arr, dtypes, dtype, state_dtype, &what, at).arg(&arg)?;
+        check_buffer(arr, dtypes, state_dtype, shape, &what, at).arg(&arg)?;
         if !is_writeable(arr) {
             return value_err!("{} is read-only (its writeable flag is False)", what()).arg(&arg);
         }
-        add(arr, dtype, true, Role::State(name));
+        add(arr, state_dtype, true, Role::State(name));
         bufs[i] = Some(data_ptr(arr));
         held[i] = plan.is_some().then(|| arr.clone());
         // `buffers` may be a list another thread empties while the GIL is released: the step
@@ -168,6 +216,7 @@ fn check_param<'py>(
             flat: at.flat,
             group,
             dtype,
+            state_dtype,
             needs: hyper.needs(),
             param: param.clone(),
             bufs: held,
@@ -175,10 +224,12 @@ fn check_param<'py>(
         });
     }
     let rule = rules.get(group, hyper, dtype, count, fresh)?;
-    // SAFETY: the parameter, gradient and buffers are ndarrays of `dtype` with the parameter's
-    // shape (so `len` elements), C-contiguous and aligned (check_layout, check_buffer), the
-    // written ones writeable; the caller holds every one of them until the work returns (see
-    // the module documentation) and runs the overlap check over `spans` before the work.
+    // SAFETY: the parameter and gradient are ndarrays of `dtype`, the buffers of
+    // `state_dtype` (`dtype`, or bfloat16 for a float32, float16 or bfloat16 parameter: checked
+    // above), with the parameter's shape (so `len` elements), C-contiguous and aligned
+    // (check_layout, check_buffer), the written ones writeable; the caller holds every one of
+    // them until the work returns (see the module documentation) and runs the overlap check
+    // over `spans` before the work.
     Ok(unsafe {
         Checked::new(
             dtype,
@@ -189,6 +240,7 @@ fn check_param<'py>(
             step,
             rule,
         )
+        .with_state_dtype(state_dtype)
     })
 }
 
@@ -219,12 +271,14 @@ pub(crate) fn run(
         return Ok(type_err!("param_groups must be a list of dicts")?);
     };
     let mut hypers = Vec::with_capacity(n_groups);
+    let mut state_dtypes = Vec::with_capacity(n_groups);
     let mut group_of = Vec::with_capacity(n);
     for gi in 0..n_groups {
         let Ok(group) = groups.get_item(gi) else {
             return Ok(type_err!("param_groups must be a list of dicts")?);
         };
         hypers.push(hyper::read(kind, &group, gi)?);
+        state_dtypes.push(hyper::state_dtype(&group, gi)?);
         let len = hyper::len_params(&group, gi)?;
         group_of.extend((0..len).map(|index| (gi, index)));
     }
@@ -270,6 +324,7 @@ pub(crate) fn run(
             check_param(
                 kind,
                 &hypers[group],
+                state_dtypes[group],
                 &mut rules,
                 at,
                 &dtypes,

@@ -100,6 +100,8 @@ impl Tracked {
 struct Entry {
     group: usize,
     dtype: DType,
+    /// The state buffers' dtype: the parameter's, or bfloat16 under `state_dtype`.
+    state_dtype: DType,
     len: usize,
     /// `p.dtype` and `p.shape`: a new gradient must have the same.
     dtype_obj: Py<PyAny>,
@@ -205,6 +207,14 @@ fn view_of(v: &Bound<'_, PyAny>, dtypes: &Dtypes<'_>) -> Result<(usize, usize, D
     Ok((ptr, a.len(), dtype))
 }
 
+/// Whether a state buffer of `dt` may belong to a parameter of `dtype` whose other buffers are
+/// of `seen`: the parameter's dtype, or bfloat16 state for a float32 or float16 one, one dtype
+/// for all of a parameter's buffers.
+fn state_fits(dtype: DType, seen: Option<DType>, dt: DType) -> bool {
+    let kernel = dt == dtype || (dt == DType::Bf16 && matches!(dtype, DType::F32 | DType::F16));
+    kernel && seen.is_none_or(|q| q == dt)
+}
+
 impl TorchPlan {
     /// What `tensor` looks like now, to compare with later; refused unless it starts at `ptr`.
     fn track(
@@ -293,6 +303,7 @@ impl TorchPlan {
     /// views are the NumPy arrays the full step just stepped them through. Everything the
     /// plan will write through is read from those views and checked here, so that no argument
     /// can make it write outside memory it holds.
+    #[allow(clippy::too_many_lines)] // one pass over the tuple, each check beside its reading
     fn entry(
         kind: Kind,
         t: &Bound<'_, PyTuple>,
@@ -331,6 +342,7 @@ impl TorchPlan {
 
         let names = kind.buffer_names();
         let mut bufs = [None; 3];
+        let mut state_dtype = None;
         let mut counter = None;
         let mut views = vec![p_view.clone().unbind()];
         let mut tracked_items = Vec::with_capacity(items.len());
@@ -353,11 +365,12 @@ impl TorchPlan {
                 let Some(slot) = names.iter().position(|b| b == key) else {
                     return refuse("an unknown state key");
                 };
-                if bufs[slot].is_some() || dt != dtype || n != len {
+                if bufs[slot].is_some() || !state_fits(dtype, state_dtype, dt) || n != len {
                     return refuse("state buffers must be distinct and match their parameter");
                 }
+                state_dtype = Some(dt);
                 bufs[slot] = Some(ptr);
-                spans.push((ptr, ptr + bytes));
+                spans.push((ptr, ptr + len * dt.size()));
             }
             views.push(view.unbind());
             item_ptrs.push(ptr);
@@ -391,6 +404,7 @@ impl TorchPlan {
         Ok(Entry {
             group,
             dtype,
+            state_dtype: state_dtype.unwrap_or(dtype),
             len,
             dtype_obj: torch_dtype.unbind(),
             shape: shape_obj.unbind(),
@@ -494,8 +508,11 @@ impl TorchPlan {
         let py = groups.py();
         let n_groups = groups.len()?;
         let mut hypers = Vec::with_capacity(n_groups);
+        let mut state_dtypes = Vec::with_capacity(n_groups);
         for gi in 0..n_groups {
-            hypers.push(hyper::read(self.kind, &groups.get_item(gi)?, gi)?);
+            let group = groups.get_item(gi)?;
+            hypers.push(hyper::read(self.kind, &group, gi)?);
+            state_dtypes.push(hyper::state_dtype(&group, gi)?);
         }
         let Ok(state) = state.cast::<PyDict>() else {
             return Ok(None);
@@ -578,9 +595,16 @@ impl TorchPlan {
             else {
                 return Ok(None);
             };
+            // ... kept in the dtype the group asks for now (a parameter without buffers has
+            // nothing to keep).
+            let wanted = state_dtypes.get(e.group).copied().flatten();
+            if e.bufs.iter().any(Option::is_some) && wanted.unwrap_or(e.dtype) != e.state_dtype {
+                return Ok(None);
+            }
             let rule = rules.get(e.group, hyper, e.dtype, count, false)?;
             // SAFETY: every pointer of the entry was read from a NumPy view the plan holds
-            // (C-contiguous, aligned, writeable, `e.len` elements of `e.dtype`, all disjoint:
+            // (C-contiguous, aligned, writeable, `e.len` elements of `e.dtype`, the buffers
+            // of `e.state_dtype` (checked in `entry` to be one the kernels take), all disjoint:
             // `written`), and the tensors still start there (`unmoved`). The gradient is a
             // dense CPU tensor of the parameter's dtype with `e.len` elements, aligned, apart
             // from everything written (`grad_ptr`), held by `grads` until the work returns.
@@ -594,6 +618,7 @@ impl TorchPlan {
                     counter,
                     rule,
                 )
+                .with_state_dtype(e.state_dtype)
             });
             stepped.push(k);
             grads.push(g);

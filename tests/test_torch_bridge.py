@@ -128,6 +128,7 @@ def test_signature_is_torchs(name):
     extras = [
         ("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, False),
         ("flush_denormals", inspect.Parameter.KEYWORD_ONLY, False),
+        ("state_dtype", inspect.Parameter.KEYWORD_ONLY, None),
     ]
     assert ours == theirs + extras
 

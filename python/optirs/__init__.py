@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import _core, _spec
+from . import _core, _eightbit, _spec
 from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
 from ._plan import GroupsSnapshot, StepOptions, fork_safe
 
@@ -36,7 +36,9 @@ __all__ = [
     "Adadelta",
     "Adagrad",
     "Adam",
+    "Adam8bit",
     "AdamW",
+    "AdamW8bit",
     "Lion",
     "Optimizer",
     "ParamState",
@@ -399,6 +401,7 @@ class Optimizer:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
         self._spec.validate(group)
+        group["state_dtype"] = _checked_state_dtype(group.get("state_dtype"), params)
         ids = {id(p) for p in params}
         if len(ids) != len(params):
             raise ValueError("optimizer contains a parameter group with duplicate parameters")
@@ -424,8 +427,12 @@ class Optimizer:
         self, p: np.ndarray, group: Mapping[str, Any], missing: Iterable[str]
     ) -> dict[str, Any]:
         """The state entries ``missing`` names, for ``p`` (``Spec.new_state``, in NumPy)."""
+        dtype = _state_dtype(p, group)
         return self._spec.new_state(
-            missing, group, lambda x: np.full_like(p, x), lambda: np.zeros((), np.float32)
+            missing,
+            group,
+            lambda x: np.full(p.shape, x, dtype=dtype),
+            lambda: np.zeros((), np.float32),
         )
 
     def step(self, grads: Iterable[Any]) -> None:
@@ -649,6 +656,10 @@ class Optimizer:
         by_index: dict[Any, tuple[np.ndarray, dict[str, Any]]] = {}
         for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
             new = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+            # A state dict without it (torch.optim's, an older optirs's) keeps the group's own:
+            # its float32 state is converted to the dtype this optimizer keeps.
+            new.setdefault("state_dtype", group.get("state_dtype"))
+            new["state_dtype"] = _checked_state_dtype(new["state_dtype"], group["params"])
             for name in self.defaults:
                 if name not in new:
                     raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
@@ -680,7 +691,9 @@ class Optimizer:
                 if name == "step":
                     entry[name] = _load_step(value, where)
                 elif value is not None or name != "momentum_buffer":
-                    entry[name] = _load_buffer(value, p, f"{where}['{name}']")
+                    entry[name] = _load_buffer(
+                        value, p, f"{where}['{name}']", _state_dtype(p, group)
+                    )
             # A buffer the kernel makes from the next gradient may be absent, as in torch.
             missing = spec.incomplete(spec.missing(group, entry))
             if entry and missing:
@@ -709,7 +722,7 @@ def _load_step(value: Any, where: str) -> np.ndarray:
     return np.array(_spec.check_step_value(arr, f"{where}['step']"), dtype=np.float32)
 
 
-def _load_buffer(value: Any, p: np.ndarray, where: str) -> np.ndarray:
+def _load_buffer(value: Any, p: np.ndarray, where: str, dtype: np.dtype) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except Exception as e:
@@ -718,8 +731,43 @@ def _load_buffer(value: Any, p: np.ndarray, where: str) -> np.ndarray:
         raise TypeError(f"{where} must be a floating-point array, got dtype {arr.dtype}")
     if arr.shape != p.shape:
         raise ValueError(f"{where} has shape {arr.shape}, but its parameter has shape {p.shape}")
-    # Cast to the parameter's dtype and copy, as torch's load_state_dict does.
-    return np.array(arr, dtype=p.dtype, order="C", copy=True)
+    # Cast to the parameter's dtype (or the group's state_dtype) and copy, as torch's
+    # load_state_dict casts to the parameter's: bfloat16 state saved and loaded again comes back
+    # bit for bit; float32 state loaded into bfloat16 is rounded to nearest even.
+    return np.array(arr, dtype=dtype, order="C", copy=True)
+
+
+def _ml_bfloat16() -> np.dtype:
+    """``ml_dtypes.bfloat16``, imported on first use: NumPy's only bfloat16."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ValueError(
+            "state_dtype='bfloat16' in the NumPy API keeps its state as ml_dtypes.bfloat16 "
+            "arrays: install ml_dtypes (pip install optirs[bfloat16])"
+        ) from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _checked_state_dtype(value: Any, params: Iterable[np.ndarray]) -> str | None:
+    """A group's ``state_dtype``, normalised; bfloat16 state is refused for float64
+    parameters (it is computed in float32, which would lose their precision)."""
+    name = _spec.state_dtype_name(value)
+    if name is not None:
+        _ml_bfloat16()
+        if any(p.dtype == np.float64 for p in params):
+            raise ValueError(
+                "state_dtype='bfloat16' is for float32 and bfloat16 parameters; a float64 "
+                "parameter keeps float64 state (put it in a group with state_dtype=None)"
+            )
+    return name
+
+
+def _state_dtype(p: np.ndarray, group: Mapping[str, Any]) -> np.dtype:
+    """The dtype ``p``'s state buffers are kept in under ``group``."""
+    if group.get("state_dtype") is None or p.dtype == np.float64:
+        return p.dtype
+    return _ml_bfloat16()
 
 
 def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
@@ -732,6 +780,7 @@ def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
         flush_denormals = values.pop("flush_denormals")
         for name, f in convert.items():
             values[name] = f(values[name])
+        values["state_dtype"] = _spec.state_dtype_name(values["state_dtype"])
         defaults = {**values, **spec.fixed}
         spec.validate(defaults)
         Optimizer.__init__(
@@ -745,7 +794,11 @@ def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
     doc = (
         f"Takes torch.optim.{spec.name}'s arguments, defaults and checks (TypeError/ValueError "
         "in torch's words), then optirs's own options ``skip_nonfinite`` (skip a step whose "
-        "gradients hold NaN or infinity, changing nothing) and ``flush_denormals``."
+        "gradients hold NaN or infinity, changing nothing), ``flush_denormals`` and "
+        "``state_dtype`` (None: state in the parameter's dtype, as torch; ``'bfloat16'`` or "
+        "``ml_dtypes.bfloat16``: state kept as bfloat16, computed in float32 and rounded to "
+        "nearest even when stored; float32 and bfloat16 parameters only, a group may set its "
+        "own)."
     )
     return _spec.make_init(spec.name, __name__, spec.numpy_params, construct, doc)
 
@@ -780,6 +833,10 @@ class AdamW(Adam):
 
     _spec = _spec.ADAMW
     __init__ = _numpy_init(_spec)
+
+
+#: Adam and AdamW with 8-bit state (blockwise dynamic quantization; see ``optirs._eightbit``).
+Adam8bit, AdamW8bit = _eightbit.make_numpy_classes(Optimizer)
 
 
 class RMSprop(Optimizer):

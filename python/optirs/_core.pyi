@@ -12,15 +12,19 @@ __all__ = [
     "__version__",
     "_set_openmp",
     "build_info",
+    "code_map",
+    "dequantize_8bit",
     "executor",
     "get_num_threads",
     "grad_norm",
     "scale_grads",
+    "quantize_8bit",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
     "simd_levels",
     "step",
+    "step_adam8bit",
     "traffic",
 ]
 
@@ -30,6 +34,39 @@ CHUNK_ELEMS: int
 #: the rule table: each update rule's state buffers, in the order the kernels take them
 #: (``optirs._spec`` declares the same; tests/test_rules.py checks they agree)
 RULES: dict[str, tuple[str, ...]]
+
+def step_adam8bit(
+    groups: Sequence[Any],
+    params: list[Any],
+    grads: list[Any],
+    states: list[Any],
+    steps: list[Any],
+    *,
+    block_size: int,
+    skip_nonfinite: bool = False,
+    flush_denormals: bool = False,
+    grad_unscale: float | None = None,
+    grad_coef: float | None = None,
+    bf16_bits: bool = False,
+    commit: list[tuple[Any, Any, Any]] | None = None,
+    then: tuple[Any, Any] | None = None,
+) -> bool:
+    """One Adam/AdamW step (amsgrad off) with 8-bit state where a parameter's state tuple has
+    four entries (``exp_avg``/``exp_avg_sq`` uint8 codes of the parameter's shape,
+    ``exp_avg_absmax``/``exp_avg_sq_absmax`` float32, one per block of ``block_size``), float
+    Adam state in the parameter's dtype where it has two (``exp_avg``, ``exp_avg_sq``). Arguments
+    and validation as ``step`` (kind "adam"); float32, float16 and bfloat16 parameters for 8-bit
+    state. ``grad_unscale``/``grad_coef`` as ``step``. Returns whether the update was applied."""
+
+def code_map(signed: bool) -> list[float]:
+    """The 256 values of the dynamic code map (signed: ``exp_avg``; unsigned: ``exp_avg_sq``),
+    ascending."""
+
+def quantize_8bit(x: Any, signed: bool, block_size: int) -> tuple[Any, Any]:
+    """A 1-d float32 array quantized block by block: (uint8 codes, float32 absmaxes)."""
+
+def dequantize_8bit(codes: Any, absmax: Any, signed: bool, block_size: int) -> Any:
+    """The 1-d float32 array that uint8 ``codes`` and their block ``absmax`` stand for."""
 
 @overload
 def step(

@@ -31,7 +31,7 @@ class GroupsSnapshot:
     """The groups' parameter lists (the list objects, their lengths and their elements) and the
     options that decide which state buffers each group uses."""
 
-    __slots__ = ("lens", "lists", "members", "needs", "owners", "params")
+    __slots__ = ("lens", "lists", "members", "needs", "owners", "params", "state_dtypes")
 
     def __init__(self, spec: Spec, groups: Sequence[dict[str, Any]]) -> None:
         # Everything below is read from one copy of each list: another thread may change the
@@ -43,6 +43,8 @@ class GroupsSnapshot:
         self.members: list[list[Any]] = [list(ps) for ps in self.lists]
         self.lens = [len(ps) for ps in self.members]
         self.needs = [spec.needs(g) for g in groups]
+        #: each group's ``state_dtype``: the dtype of the state the plan's buffers hold
+        self.state_dtypes = [g.get("state_dtype") for g in groups]
         #: every parameter, flattened in param_groups order
         self.params: list[Any] = list(chain.from_iterable(self.members))
         #: the group of each of ``params``
@@ -53,9 +55,14 @@ class GroupsSnapshot:
         same state layout. One identity comparison per parameter."""
         if len(groups) != len(self.lists):
             return False
-        for g, ps, n, need in zip(groups, self.lists, self.lens, self.needs):
+        for g, ps, n, need, sd in zip(groups, self.lists, self.lens, self.needs, self.state_dtypes):
             current = g["params"]
-            if current is not ps or len(current) != n or spec.needs(g) != need:
+            if (
+                current is not ps
+                or len(current) != n
+                or spec.needs(g) != need
+                or g.get("state_dtype") != sd
+            ):
                 return False
         return all(map(operator.is_, chain.from_iterable(self.lists), self.params))
 

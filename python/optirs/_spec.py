@@ -515,10 +515,36 @@ SPECS: dict[str, Spec] = {
 }
 
 #: optirs's own options, keyword-only after torch's arguments in both APIs.
+#: ``skip_nonfinite`` and ``flush_denormals`` are the optimizer's; ``state_dtype`` goes into the
+#: defaults and so into every param group (a group may set its own).
 OWN_OPTIONS: tuple[Param, ...] = (
     Param("skip_nonfinite", False, "bool", keyword_only=True),
     Param("flush_denormals", False, "bool", keyword_only=True),
+    Param("state_dtype", None, "Any", keyword_only=True),
 )
+
+#: The one reduced-precision state dtype, as param groups hold it.
+BFLOAT16 = "bfloat16"
+
+
+def state_dtype_name(value: Any) -> str | None:
+    """A ``state_dtype`` as param groups keep it: None (the state takes its parameter's dtype,
+    as in torch) or ``"bfloat16"``, given as that string, ``torch.bfloat16``,
+    ``ml_dtypes.bfloat16`` or its NumPy dtype. Anything else raises ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value
+    elif isinstance(value, type):
+        name = value.__name__  # ml_dtypes.bfloat16, the scalar type
+    else:
+        name = str(value).removeprefix("torch.")  # torch.bfloat16, numpy.dtype(bfloat16)
+    if name == BFLOAT16:
+        return BFLOAT16
+    raise ValueError(
+        "state_dtype must be None (state in the parameter's dtype) or bfloat16 ('bfloat16', "
+        f"torch.bfloat16 or ml_dtypes.bfloat16), got {value!r}"
+    )
 
 
 def make_init(

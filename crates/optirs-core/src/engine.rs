@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::dtype::DType;
 use crate::error::{panic_message, CoreError};
 use crate::fpenv::FlushGuard;
+use crate::kernels::adam::AdamScalars;
+use crate::kernels::adam8bit::{self, Q8Slices};
 use crate::kernels::{simd, Rule, Slices, Storage};
 use crate::norm::{self, GradFactor};
 use crate::pool;
@@ -45,6 +47,8 @@ pub const CHUNK_ELEMS: usize = 1 << 14;
 /// the per-parameter cost of a step over many small tensors.
 pub struct Checked {
     dtype: DType,
+    /// The state buffers' dtype: `dtype`, or bfloat16 under `state_dtype`.
+    state_dtype: DType,
     len: usize,
     param: *mut u8,
     grad: *const u8,
@@ -78,12 +82,126 @@ impl Checked {
     ) -> Checked {
         Checked {
             dtype,
+            state_dtype: dtype,
             len,
             param,
             grad,
             bufs,
             step,
             rule,
+        }
+    }
+}
+
+impl Checked {
+    /// The same parameter with its state buffers of `state_dtype` (bfloat16 for a float32,
+    /// float16 or bfloat16 parameter; the parameter's own dtype for any).
+    ///
+    /// # Safety
+    /// As [`Checked::new`], with every `Some` of `bufs` pointing to `len` elements of
+    /// `state_dtype` rather than of the parameter's dtype.
+    ///
+    /// # Panics
+    /// For a pair of dtypes the kernels are not compiled for (a float64 parameter with
+    /// bfloat16 state): the bindings refuse those.
+    #[must_use]
+    pub unsafe fn with_state_dtype(mut self, state_dtype: DType) -> Checked {
+        assert!(
+            state_dtype == self.dtype
+                || (state_dtype == DType::Bf16 && matches!(self.dtype, DType::F32 | DType::F16)),
+            "no kernel for {} parameters with {} state",
+            self.dtype.name(),
+            state_dtype.name()
+        );
+        self.state_dtype = state_dtype;
+        self
+    }
+}
+
+/// An 8-bit Adam parameter that passed every check (see [`adam8bit`]): where its arrays are.
+pub struct CheckedQ8 {
+    dtype: DType,
+    len: usize,
+    block: usize,
+    param: *mut u8,
+    grad: *const u8,
+    /// `exp_avg` and `exp_avg_sq` codes (`len` bytes each), then their absmaxes (one float32
+    /// per block each).
+    codes: [*mut u8; 2],
+    absmax: [*mut f32; 2],
+    step: Option<CounterSlot<'static>>,
+    rule: AdamScalars<f32>,
+}
+
+impl CheckedQ8 {
+    /// A parameter of `len` elements of `dtype` (float32, float16 or bfloat16) at `param`, its
+    /// gradient at `grad`, its moments' codes and per-block absmaxes, its step counter and the
+    /// per-step scalars.
+    ///
+    /// # Safety
+    /// As [`Checked::new`]: until the step returns, `param` and `grad` point to `len` elements
+    /// of `dtype`, each of `codes` to `len` bytes and each of `absmax` to `len.div_ceil(block)`
+    /// float32s, aligned, alive and unmoved, none written through any other address of the
+    /// step (the gradient only read).
+    ///
+    /// # Panics
+    /// For a float64 parameter, or a block size outside `1..=adam8bit::MAX_BLOCK`.
+    #[must_use]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        dtype: DType,
+        len: usize,
+        block: usize,
+        param: *mut u8,
+        grad: *const u8,
+        codes: [*mut u8; 2],
+        absmax: [*mut f32; 2],
+        step: Option<CounterSlot<'static>>,
+        rule: AdamScalars<f32>,
+    ) -> CheckedQ8 {
+        assert!(
+            dtype != DType::F64,
+            "8-bit state is for float32, float16 and bfloat16"
+        );
+        assert!(
+            (1..=adam8bit::MAX_BLOCK).contains(&block),
+            "block size out of range"
+        );
+        CheckedQ8 {
+            dtype,
+            len,
+            block,
+            param,
+            grad,
+            codes,
+            absmax,
+            step,
+            rule,
+        }
+    }
+
+    /// # Safety
+    /// `self` satisfies [`CheckedQ8::new`]'s contract for `'a`, with `S` its dtype.
+    unsafe fn slices<'a, S>(&self) -> Q8Slices<'a, S> {
+        #[allow(clippy::cast_ptr_alignment)] // the constructor's caller vouches for alignment
+        unsafe fn mk<'a, T>(p: *mut T, len: usize) -> &'a mut [T] {
+            if len == 0 {
+                &mut []
+            } else {
+                unsafe { std::slice::from_raw_parts_mut(p, len) }
+            }
+        }
+        let blocks = self.len.div_ceil(self.block);
+        unsafe {
+            Q8Slices {
+                param: mk(self.param.cast::<S>(), self.len),
+                grad: mk(self.grad.cast_mut().cast::<S>(), self.len),
+                exp_avg: mk(self.codes[0], self.len),
+                exp_avg_sq: mk(self.codes[1], self.len),
+                exp_avg_absmax: mk(self.absmax[0], blocks),
+                exp_avg_sq_absmax: mk(self.absmax[1], blocks),
+                block: self.block,
+            }
         }
     }
 }
@@ -139,6 +257,14 @@ enum Item<'a> {
     F64(Rule<f64>, Slices<'a, f64>),
     F16(Rule<f32>, Slices<'a, half::f16>),
     Bf16(Rule<f32>, Slices<'a, half::bf16>),
+    /// float32 parameters with bfloat16 state.
+    F32Bf16(Rule<f32>, Slices<'a, f32, half::bf16>),
+    /// float16 parameters with bfloat16 state.
+    F16Bf16(Rule<f32>, Slices<'a, half::f16, half::bf16>),
+    /// 8-bit Adam state, per parameter dtype.
+    Q8F32(AdamScalars<f32>, Q8Slices<'a, f32>),
+    Q8F16(AdamScalars<f32>, Q8Slices<'a, half::f16>),
+    Q8Bf16(AdamScalars<f32>, Q8Slices<'a, half::bf16>),
 }
 
 impl Item<'_> {
@@ -148,6 +274,11 @@ impl Item<'_> {
             Item::F64(_, s) => s.grad_is_finite(),
             Item::F16(_, s) => s.grad_is_finite(),
             Item::Bf16(_, s) => s.grad_is_finite(),
+            Item::F32Bf16(_, s) => s.grad_is_finite(),
+            Item::F16Bf16(_, s) => s.grad_is_finite(),
+            Item::Q8F32(_, s) => s.grad_is_finite(),
+            Item::Q8F16(_, s) => s.grad_is_finite(),
+            Item::Q8Bf16(_, s) => s.grad_is_finite(),
         }
     }
 
@@ -157,6 +288,11 @@ impl Item<'_> {
             Item::F64(_, s) => s.len(),
             Item::F16(_, s) => s.len(),
             Item::Bf16(_, s) => s.len(),
+            Item::F32Bf16(_, s) => s.len(),
+            Item::F16Bf16(_, s) => s.len(),
+            Item::Q8F32(_, s) => s.len(),
+            Item::Q8F16(_, s) => s.len(),
+            Item::Q8Bf16(_, s) => s.len(),
         }
     }
 
@@ -170,6 +306,11 @@ impl Item<'_> {
             Item::F64(r, s) => run_factored(level, &r, s, factor),
             Item::F16(r, s) => run_factored(level, &r, s, factor),
             Item::Bf16(r, s) => run_factored(level, &r, s, factor),
+            Item::F32Bf16(r, s) => run_factored(level, &r, s, factor),
+            Item::F16Bf16(r, s) => run_factored(level, &r, s, factor),
+            Item::Q8F32(k, s) => run_factored_q8(level, &k, s, factor),
+            Item::Q8F16(k, s) => run_factored_q8(level, &k, s, factor),
+            Item::Q8Bf16(k, s) => run_factored_q8(level, &k, s, factor),
         }
     }
 
@@ -179,6 +320,11 @@ impl Item<'_> {
             Item::F64(r, s) => simd::apply(level, &r, s),
             Item::F16(r, s) => simd::apply(level, &r, s),
             Item::Bf16(r, s) => simd::apply(level, &r, s),
+            Item::F32Bf16(r, s) => simd::apply(level, &r, s),
+            Item::F16Bf16(r, s) => simd::apply(level, &r, s),
+            Item::Q8F32(k, s) => adam8bit::update(level, &k, s),
+            Item::Q8F16(k, s) => adam8bit::update(level, &k, s),
+            Item::Q8Bf16(k, s) => adam8bit::update(level, &k, s),
         }
     }
 }
@@ -187,12 +333,16 @@ impl Item<'_> {
 /// between being written and being read.
 const SCRATCH_ELEMS: usize = 2048;
 
+/// The scratch holds this many elements: room for the largest 8-bit block
+/// ([`adam8bit::MAX_BLOCK`]), whose pieces must be whole blocks.
+const SCRATCH_CAP: usize = adam8bit::MAX_BLOCK;
+
 thread_local! {
     /// Each thread's gradient scratch: a piece of one work item's gradient as the step reads it
     /// through a [`GradFactor`]. `f64`s, so it is aligned for, and large enough for, any
     /// storage type.
-    static SCRATCH: std::cell::RefCell<[f64; SCRATCH_ELEMS]> =
-        const { std::cell::RefCell::new([0.0; SCRATCH_ELEMS]) };
+    static SCRATCH: std::cell::RefCell<[f64; SCRATCH_CAP]> =
+        const { std::cell::RefCell::new([0.0; SCRATCH_CAP]) };
 }
 
 /// One work item whose gradient is read through `factor` (a clip coefficient, GradScaler's
@@ -200,10 +350,10 @@ thread_local! {
 /// rounded to its dtype, into this thread's scratch, and the rule runs over that piece instead
 /// (elementwise rules give the same bits whatever the cut). Every rule gets it without knowing
 /// of it, and the gradient is only read: the step's memory traffic is the unfactored step's.
-fn run_factored<S: simd::Element>(
+fn run_factored<S: simd::Element<Q>, Q: Storage<Compute = S::Compute>>(
     level: simd::SimdLevel,
     rule: &Rule<S::Compute>,
-    s: Slices<'_, S>,
+    s: Slices<'_, S, Q>,
     factor: GradFactor,
 ) {
     assert!(
@@ -234,11 +384,48 @@ fn run_factored<S: simd::Element>(
     });
 }
 
-/// The slices of one checked parameter, as storage type `S`.
+/// [`run_factored`] for 8-bit state: the pieces are whole blocks (at most
+/// [`SCRATCH_CAP`] elements, the largest block), since a block's absmax is found over the
+/// whole block.
+fn run_factored_q8<S: simd::Q8Element>(
+    level: simd::SimdLevel,
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+    factor: GradFactor,
+) {
+    assert!(
+        std::mem::size_of::<S>() <= std::mem::size_of::<f64>()
+            && std::mem::align_of::<S>() <= std::mem::align_of::<f64>(),
+        "a storage type fits the gradient scratch"
+    );
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        for piece in s.chunks(SCRATCH_CAP) {
+            let n = piece.len();
+            assert!(n <= SCRATCH_CAP, "an 8-bit piece fits the gradient scratch");
+            // SAFETY: as in `run_factored`: n <= SCRATCH_CAP elements of `S` fit the thread's
+            // buffer of SCRATCH_CAP f64s, any bit pattern is a value, borrowed for this call.
+            let scratch: &mut [S] =
+                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<S>(), n) };
+            norm::apply_factor(level, piece.grad, scratch, factor);
+            adam8bit::update(
+                level,
+                k,
+                Q8Slices {
+                    grad: scratch,
+                    ..piece
+                },
+            );
+        }
+    });
+}
+
+/// The slices of one checked parameter, as storage type `S` (its state as `Q`).
 ///
 /// # Safety
-/// `c` must satisfy [`Checked::new`]'s contract, for the lifetime `'a`, with `S` its dtype.
-unsafe fn slices<'a, S>(c: &Checked) -> Slices<'a, S> {
+/// `c` must satisfy [`Checked::new`]'s contract, for the lifetime `'a`, with `S` its dtype and
+/// `Q` its state dtype.
+unsafe fn slices<'a, S, Q>(c: &Checked) -> Slices<'a, S, Q> {
     #[allow(clippy::cast_ptr_alignment)] // Checked::new's caller vouches for the alignment
     unsafe fn mk<'a, S>(p: *mut u8, len: usize) -> &'a mut [S] {
         if len == 0 {
@@ -264,10 +451,10 @@ unsafe fn slices<'a, S>(c: &Checked) -> Slices<'a, S> {
 
 /// Cuts every checked parameter into work items.
 fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
-    fn push<'a, S: Storage>(
-        s: Slices<'a, S>,
+    fn push<'a, S: Storage, Q>(
+        s: Slices<'a, S, Q>,
         rule: Rule<S::Compute>,
-        wrap: fn(Rule<S::Compute>, Slices<'a, S>) -> Item<'a>,
+        wrap: fn(Rule<S::Compute>, Slices<'a, S, Q>) -> Item<'a>,
         items: &mut Vec<Item<'a>>,
     ) {
         items.extend(s.chunks(CHUNK_ELEMS).map(|piece| wrap(rule, piece)));
@@ -276,13 +463,25 @@ fn make_items(checked: &[Checked], items: &mut Vec<Item<'_>>) {
         // SAFETY: every entry of `checked` was made by `Checked::new`, whose caller vouched
         // for its memory until the step returns, and it is paired with its own dtype here.
         unsafe {
-            match (c.dtype, c.rule) {
-                (DType::F32, RuleOf::F32(r)) => push(slices::<f32>(c), r, Item::F32, items),
-                (DType::F16, RuleOf::F32(r)) => push(slices::<half::f16>(c), r, Item::F16, items),
-                (DType::Bf16, RuleOf::F32(r)) => {
-                    push(slices::<half::bf16>(c), r, Item::Bf16, items);
+            match (c.dtype, c.state_dtype, c.rule) {
+                (DType::F32, DType::F32, RuleOf::F32(r)) => {
+                    push(slices::<f32, f32>(c), r, Item::F32, items);
                 }
-                (DType::F64, RuleOf::F64(r)) => push(slices::<f64>(c), r, Item::F64, items),
+                (DType::F16, DType::F16, RuleOf::F32(r)) => {
+                    push(slices::<half::f16, half::f16>(c), r, Item::F16, items);
+                }
+                (DType::Bf16, DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<half::bf16, half::bf16>(c), r, Item::Bf16, items);
+                }
+                (DType::F64, DType::F64, RuleOf::F64(r)) => {
+                    push(slices::<f64, f64>(c), r, Item::F64, items);
+                }
+                (DType::F32, DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<f32, half::bf16>(c), r, Item::F32Bf16, items);
+                }
+                (DType::F16, DType::Bf16, RuleOf::F32(r)) => {
+                    push(slices::<half::f16, half::bf16>(c), r, Item::F16Bf16, items);
+                }
                 _ => unreachable!("the bindings pair each dtype with its compute type"),
             }
         }
@@ -320,10 +519,51 @@ pub struct Work<'a> {
 ///
 /// # Panics
 /// Only on request, for tests (`panic_for_tests == "validation"`).
-pub fn prepare(mut checked: Vec<Checked>, options: &Options) -> Result<Work<'static>, CoreError> {
-    let mut items = Vec::with_capacity(checked.len());
+pub fn prepare(checked: Vec<Checked>, options: &Options) -> Result<Work<'static>, CoreError> {
+    prepare_with_q8(checked, Vec::new(), options)
+}
+
+/// [`prepare`] with 8-bit Adam parameters too (`q8`), cut at their block boundaries.
+///
+/// # Errors
+/// As [`prepare`].
+///
+/// # Panics
+/// As [`prepare`].
+pub fn prepare_with_q8(
+    mut checked: Vec<Checked>,
+    mut q8: Vec<CheckedQ8>,
+    options: &Options,
+) -> Result<Work<'static>, CoreError> {
+    let mut items = Vec::with_capacity(checked.len() + q8.len());
     make_items(&checked, &mut items);
-    let counters: Vec<CounterSlot<'_>> = checked.iter_mut().filter_map(|c| c.step.take()).collect();
+    for c in &q8 {
+        // SAFETY: made by `CheckedQ8::new`, whose caller vouched for its memory until the step
+        // returns; paired with its own dtype here.
+        unsafe {
+            match c.dtype {
+                DType::F32 => items.extend(
+                    c.slices::<f32>()
+                        .chunks(CHUNK_ELEMS)
+                        .map(|s| Item::Q8F32(c.rule, s)),
+                ),
+                DType::F16 => items.extend(
+                    c.slices::<half::f16>()
+                        .chunks(CHUNK_ELEMS)
+                        .map(|s| Item::Q8F16(c.rule, s)),
+                ),
+                DType::Bf16 => items.extend(
+                    c.slices::<half::bf16>()
+                        .chunks(CHUNK_ELEMS)
+                        .map(|s| Item::Q8Bf16(c.rule, s)),
+                ),
+                DType::F64 => unreachable!("refused by CheckedQ8::new"),
+            }
+        }
+    }
+    let mut counters: Vec<CounterSlot<'_>> =
+        checked.iter_mut().filter_map(|c| c.step.take()).collect();
+    counters.extend(q8.iter_mut().filter_map(|c| c.step.take()));
 
     // Every check passed: from here on nothing can fail.
     if options.flush_denormals && !FlushGuard::supported() {

@@ -25,7 +25,10 @@ pub mod rules;
 pub mod torch_raises;
 
 pub use dtype::DType;
-pub use engine::{counter_at, execute, prepare, Checked, CounterSlot, Options, Work, CHUNK_ELEMS};
+pub use engine::{
+    counter_at, execute, prepare, prepare_with_q8, Checked, CheckedQ8, CounterSlot, Options, Work,
+    CHUNK_ELEMS,
+};
 pub use error::{panic_message, CoreError, ErrorKind, Locate, Location, TorchRaises};
 pub use rules::{Hyper, Kind, RuleMemo, RuleOf, RuleSpec, RULES};
 

@@ -44,7 +44,19 @@ Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward`
 from __future__ import annotations
 
 from ._backward import StepInBackward, step_in_backward
-from ._bridge import SGD, Adadelta, Adagrad, Adam, AdamW, Lion, RAdam, RMSprop, Rprop
+from ._bridge import (
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adam8bit,
+    AdamW,
+    AdamW8bit,
+    Lion,
+    RAdam,
+    RMSprop,
+    Rprop,
+)
 from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
 from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
@@ -56,7 +68,9 @@ __all__ = [
     "Adadelta",
     "Adagrad",
     "Adam",
+    "Adam8bit",
     "AdamW",
+    "AdamW8bit",
     "Lion",
     "RAdam",
     "RMSprop",
@@ -69,6 +83,19 @@ __all__ = [
 
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
-for _public in (SGD, Adadelta, Adagrad, Adam, AdamW, Lion, RAdam, RMSprop, Rprop, StepInBackward):
+for _public in (
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adam8bit,
+    AdamW,
+    AdamW8bit,
+    Lion,
+    RAdam,
+    RMSprop,
+    Rprop,
+    StepInBackward,
+):
     _public.__module__ = __name__
 del _public

@@ -16,11 +16,23 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .. import _core, _spec
+from .. import _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
 from . import _clip
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Lion", "RAdam", "RMSprop", "Rprop"]
+__all__ = [
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "Adam8bit",
+    "AdamW",
+    "AdamW8bit",
+    "Lion",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+]
 
 #: How a step reads the gradients when neither a clip coefficient nor GradScaler applies.
 _NO_FACTOR = {"grad_unscale": None, "grad_coef": None}
@@ -92,6 +104,45 @@ class _Bridge:
         for name, default in _OWN_ATTRIBUTES.items():
             if name not in self.__dict__:
                 setattr(self, name, default)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``, then each parameter's state buffers kept in its
+        group's ``state_dtype``.
+
+        torch casts floating state to the parameter's dtype; bfloat16 state comes back bit for
+        bit from there. A state dict without ``state_dtype`` (torch.optim's) keeps each
+        group's own, so float32 state loaded into a bfloat16-state optimizer is rounded to
+        nearest even. The way back: ``torch.optim.AdamW(...).load_state_dict(
+        opt.state_dict())`` casts the bfloat16 state to the parameters' dtype.
+        """
+        kept = [g.get("state_dtype") for g in self.param_groups]
+        saved = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+        if len(saved) == len(kept):
+            for g in saved:
+                if isinstance(g, dict) and "state_dtype" in g:
+                    _spec.state_dtype_name(g["state_dtype"])  # refused before anything changes
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for group, sd in zip(self.param_groups, kept):
+            if group.setdefault("state_dtype", sd) is None:
+                del group["state_dtype"]
+            else:
+                group["state_dtype"] = _spec.state_dtype_name(group["state_dtype"])
+        self._conform_state()
+
+    def _conform_state(self) -> None:
+        """Casts every state buffer to the dtype its group keeps state in (state made by
+        torch's constructor, as Adagrad's, or loaded by torch's ``load_state_dict``)."""
+        names = self._spec.buffers
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                dtype = _state_dtype(p, group)
+                for n in names:
+                    b = state.get(n)
+                    if isinstance(b, torch.Tensor) and b.is_floating_point() and b.dtype != dtype:
+                        state[n] = b.to(dtype)
 
     def _options(self) -> StepOptions:
         return {
@@ -387,12 +438,22 @@ class _Bridge:
         optimizer's defaults, not from the group: torch.optim.Adagrad's ``_init_group`` does
         so, and a drop-in replacement does the same.
         """
+        dtype = _state_dtype(p, group)
         return self._spec.new_state(
             missing,
             self._spec.fill_values(self.defaults, group),
-            lambda x: torch.full_like(p, x, memory_format=torch.preserve_format),
+            lambda x: torch.full_like(p, x, dtype=dtype, memory_format=torch.preserve_format),
             lambda: torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=group.get("fused"))),
         )
+
+
+def _state_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype ``p``'s state buffers are kept in under ``group``: bfloat16 where the group
+    asks for it and the parameter is not float64 (the core refuses that pair), else the
+    parameter's."""
+    if group.get("state_dtype") is None or p.dtype == torch.float64:
+        return p.dtype
+    return torch.bfloat16
 
 
 class _Plan:
@@ -522,6 +583,7 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
     def construct(self: _Bridge, params: Iterable[Any], values: dict[str, Any]) -> None:
         skip_nonfinite = values.pop("skip_nonfinite")
         flush_denormals = values.pop("flush_denormals")
+        state_dtype = _spec.state_dtype_name(values.pop("state_dtype"))
         _refuse(spec.name, **{name: values[name] for name in spec.refused})
         if spec.in_torch:
             getattr(torch.optim, spec.name).__init__(self, params, **values)
@@ -533,7 +595,15 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
             defaults = {**values, **spec.fixed}
             spec.validate(defaults)
             torch.optim.Optimizer.__init__(self, params, defaults)  # type: ignore[arg-type]
+        # torch's constructor knows no state_dtype: when given, it joins the defaults (so
+        # groups added later get it too) and every group made so far. Without it the defaults
+        # and groups are torch's own (a group without the key keeps state as torch does).
+        if state_dtype is not None:
+            self.defaults["state_dtype"] = state_dtype
+            for group in self.param_groups:
+                group.setdefault("state_dtype", state_dtype)
         self._after_init(skip_nonfinite, flush_denormals)
+        self._conform_state()
 
     doc = (
         (
@@ -541,7 +611,11 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
             if spec.in_torch
             else f"optirs.{spec.name}'s arguments, defaults and checks, then "
         )
-        + "optirs's own options ``skip_nonfinite`` and ``flush_denormals``."
+        + "optirs's own options ``skip_nonfinite``, ``flush_denormals`` and ``state_dtype`` "
+        "(None: state in the parameter's dtype, as torch; ``torch.bfloat16`` or "
+        "``'bfloat16'``: state kept as bfloat16, computed in float32 and rounded to nearest "
+        "even when stored; float32, float16 and bfloat16 parameters, a group may set its "
+        "own)."
         + (
             " " + ", ".join(f"``{n}=True``" for n in spec.refused) + " raise ValueError."
             if spec.refused
@@ -623,3 +697,256 @@ class Lion(_Bridge, torch.optim.Optimizer):
 
     _spec = _spec.LION
     __init__ = _bridge_init(_spec)
+
+
+class _Bridge8bit(_Bridge):
+    """The step of ``Adam8bit``/``AdamW8bit``: 8-bit state for parameters of ``min_8bit_size``
+    elements or more, float Adam state for smaller ones (see ``optirs._eightbit``), one call
+    into the core; every tensor checked first, nothing modified on error."""
+
+    block_size: int
+    min_8bit_size: int
+
+    def _init_8bit(
+        self,
+        torch_class: Any,
+        params: Iterable[Any],
+        values: dict[str, Any],
+        block_size: int,
+        min_8bit_size: int,
+        skip_nonfinite: bool,
+        flush_denormals: bool,
+    ) -> None:
+        name = type(self).__name__
+        if values.get("amsgrad"):
+            raise ValueError(f"optirs.torch.{name} does not support amsgrad=True")
+        _refuse(
+            name,
+            differentiable=bool(values.get("differentiable")),
+            capturable=bool(values.get("capturable")),
+        )
+        self.block_size, self.min_8bit_size = _eightbit.check_options(block_size, min_8bit_size)
+        torch_class.__init__(self, params, **values)
+        self._after_init(skip_nonfinite, flush_denormals)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As ``_Bridge``; the block size and threshold are kept across pickling."""
+        super().__setstate__(state)
+        for name, default in (("block_size", 256), ("min_8bit_size", 4096)):
+            if name not in self.__dict__:
+                setattr(self, name, default)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As ``_Bridge``, with the block size and threshold."""
+        state = super().__getstate__()
+        state["block_size"] = self.block_size
+        state["min_8bit_size"] = self.min_8bit_size
+        return state
+
+    def _optirs_step(self) -> bool:
+        return self._optirs_full_step()
+
+    def _new_8bit_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        step = torch.tensor(0.0, dtype=torch.float32)
+        if p.numel() < self.min_8bit_size:
+            zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return {"step": step, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+        made = _eightbit.new_state(tuple(p.shape), p.numel(), self.block_size)
+        out: dict[str, torch.Tensor] = {"step": step}
+        for n in _eightbit.Q8_NAMES:
+            t = torch.from_numpy(made[n])
+            if t.dim() == p.dim() and not p.is_contiguous():
+                t = torch.empty_like(p, dtype=torch.uint8).copy_(t)
+            out[n] = t
+        return out
+
+    def _optirs_full_step(self, groups: list[dict[str, Any]] | None = None) -> bool:
+        groups = self.param_groups if groups is None else groups
+        params: list[Any] = []
+        grads: list[Any] = []
+        states: list[Any] = []
+        steps: list[Any] = []
+        created: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        written: list[torch.Tensor] = []
+        for gi, group in enumerate(groups):
+            if group.get("amsgrad"):
+                raise ValueError(
+                    f"optirs.torch.{type(self).__name__} does not support amsgrad=True"
+                )
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    for lst in (params, grads, states, steps):
+                        lst.append(None)
+                    continue
+                self._check(p, g, gi, i)
+                where = f"param_groups[{gi}]['params'][{i}]"
+                state = self.state.get(p) or {}
+                if not state:
+                    state = self._new_8bit_state(p)
+                    created.append((p, state))
+                eight = _eightbit.is_8bit(state)
+                names = _eightbit.Q8_NAMES if eight else ("exp_avg", "exp_avg_sq")
+                layout = _Layout(p, where)
+                params.append(layout.view(p, where))
+                grads.append(layout.view(g, f"the gradient of {where}"))
+                views: list[Any] = []
+                for n in names:
+                    t = state.get(n)
+                    what = f"state['{n}'] of {where}"
+                    if t is None:
+                        views.append(None)
+                    elif n.endswith("absmax"):
+                        if not isinstance(t, torch.Tensor):
+                            raise TypeError(f"{what} must be a torch.Tensor")
+                        views.append(_numpy(t.detach(), what))
+                    else:
+                        views.append(layout.view(t, what))
+                    if isinstance(t, torch.Tensor):
+                        written.append(t)
+                states.append(tuple(views))
+                step = state.get("step")
+                steps.append(None if step is None else _scalar_view(step, where))
+                written.append(p)
+                if step is not None:
+                    written.append(step)
+        return _core.step_adam8bit(
+            groups,
+            params,
+            grads,
+            states,
+            steps,
+            block_size=self.block_size,
+            bf16_bits=True,
+            commit=[(self.state, p, state) for p, state in created],
+            then=(increment_version, written) if written else None,
+            **self._options(),
+        )
+
+    def dequantized_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` with every 8-bit moment dequantized to float32 and no absmax
+        entries: what ``torch.optim.Adam``/``AdamW`` load (the way back)."""
+        sd: dict[str, Any] = self.state_dict()  # type: ignore[attr-defined]
+        for i, e in list(sd["state"].items()):
+            if _eightbit.is_8bit(e):
+                np_entry = {k: v.numpy() for k, v in e.items() if k in _eightbit.Q8_NAMES}
+                floats = _eightbit.to_float_entry(np_entry, self.block_size)
+                sd["state"][i] = {"step": e["step"]} | {
+                    k: torch.from_numpy(v) for k, v in floats.items()
+                }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a ``state_dict()`` of this class (8-bit entries copied exactly: a run
+        continues bit for bit) or of float32 Adam (``torch.optim.Adam``/``AdamW``): float
+        moments of parameters with ``min_8bit_size`` elements or more are quantized. An 8-bit
+        entry that does not fit raises before anything changes."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_groups = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+        ids = [i for g in saved_groups if isinstance(g, dict) for i in g.get("params", ())]
+        by_id = dict(zip(ids, params))
+        exact: dict[Any, dict[str, torch.Tensor]] = {}
+        floats = dict(state_dict.get("state", {})) if isinstance(state_dict, dict) else {}
+        for i, e in floats.items():
+            if isinstance(e, dict) and _eightbit.is_8bit(e) and i in by_id:
+                np_entry = {
+                    k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+                    for k, v in e.items()
+                    if k in _eightbit.Q8_NAMES
+                }
+                where = f"loaded state[{i!r}]"
+                _eightbit.check_8bit_entry(np_entry, tuple(by_id[i].shape), self.block_size, where)
+                exact[i] = {k: torch.from_numpy(v.copy()) for k, v in np_entry.items()}
+                f = _eightbit.to_float_entry(np_entry, self.block_size)
+                floats[i] = {"step": e.get("step")} | {k: torch.from_numpy(v) for k, v in f.items()}
+        super().load_state_dict({**state_dict, "state": floats})
+        for i, p in by_id.items():
+            entry = self.state.get(p)
+            if not entry:
+                continue
+            if p.numel() < self.min_8bit_size:
+                for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                    entry.pop(k, None)
+            elif i in exact:
+                entry.update(exact[i])
+            else:
+                for codes, absmax, signed in _eightbit._MOMENTS:
+                    q, a = _eightbit.quantize(entry[codes].float().numpy(), signed, self.block_size)
+                    entry[codes], entry[absmax] = torch.from_numpy(q), torch.from_numpy(a)
+
+
+class Adam8bit(_Bridge8bit, torch.optim.Adam):
+    """``torch.optim.Adam`` with 8-bit state (blockwise dynamic quantization; see
+    ``optirs._eightbit``), stepped by optirs. torch's arguments, then keyword-only
+    ``block_size`` (elements per float32 absmax, default 256), ``min_8bit_size`` (smaller
+    parameters keep float state, default 4096), ``skip_nonfinite`` and ``flush_denormals``.
+    ``amsgrad``, ``differentiable`` and ``capturable`` are refused."""
+
+    _spec = _spec.ADAM
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
+    ) -> None:
+        values = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )  # fmt: skip
+        self._init_8bit(
+            torch.optim.Adam, params, values, block_size, min_8bit_size, skip_nonfinite,
+            flush_denormals,
+        )  # fmt: skip
+
+
+class AdamW8bit(_Bridge8bit, torch.optim.AdamW):
+    """``torch.optim.AdamW`` with 8-bit state, stepped by optirs: as ``Adam8bit`` with the
+    weight decay decoupled (default 1e-2)."""
+
+    _spec = _spec.ADAMW
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
+    ) -> None:
+        values = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+        )  # fmt: skip
+        self._init_8bit(
+            torch.optim.AdamW, params, values, block_size, min_8bit_size, skip_nonfinite,
+            flush_denormals,
+        )  # fmt: skip

@@ -62,6 +62,7 @@ impl<S: Storage> Arrays<S> {
         assert_eq!(grad.len(), self.param.len());
         Checked {
             dtype,
+            state_dtype: dtype,
             len: self.param.len(),
             param: self.param.as_mut_ptr().cast(),
             grad: grad.as_ptr().cast(),

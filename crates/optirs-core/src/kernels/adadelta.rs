@@ -1,7 +1,7 @@
 //! Adadelta, following `torch.optim.adadelta._single_tensor_adadelta`.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one Adadelta param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,14 +58,14 @@ impl<T: Float> AdadeltaScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AdadeltaScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    square_avg: &mut [S],
-    acc_delta: &mut [S],
+    square_avg: &mut [Q],
+    acc_delta: &mut [Q],
 ) {
-    unsafe { stream::<S, L, _, 2>(*k, param, grad, [square_avg, acc_delta]) }
+    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [square_avg, acc_delta]) }
 }
 
 /// Buffers `[square_avg, acc_delta]`.

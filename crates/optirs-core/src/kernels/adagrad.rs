@@ -1,7 +1,7 @@
 //! Adagrad (dense gradients), following `torch.optim.adagrad._single_tensor_adagrad`.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one Adagrad param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -55,13 +55,13 @@ impl<T: Float> AdagradScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AdagradScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    sum: &mut [S],
+    sum: &mut [Q],
 ) {
-    unsafe { stream::<S, L, _, 1>(*k, param, grad, [sum]) }
+    unsafe { stream::<S, Q, L, _, 1>(*k, param, grad, [sum]) }
 }
 
 /// Buffers `[sum]`.

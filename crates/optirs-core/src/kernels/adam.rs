@@ -1,7 +1,7 @@
 //! Adam and AdamW, following `torch.optim.adam._single_tensor_adam` (non-capturable path).
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one Adam/AdamW param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -83,20 +83,20 @@ impl<T: Float> AdamScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AdamScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    exp_avg: &mut [S],
-    exp_avg_sq: &mut [S],
-    max_exp_avg_sq: Option<&mut [S]>,
+    exp_avg: &mut [Q],
+    exp_avg_sq: &mut [Q],
+    max_exp_avg_sq: Option<&mut [Q]>,
 ) {
     unsafe {
         match max_exp_avg_sq {
             Some(vmax) if k.amsgrad => {
-                stream::<S, L, _, 3>(*k, param, grad, [exp_avg, exp_avg_sq, vmax]);
+                stream::<S, Q, L, _, 3>(*k, param, grad, [exp_avg, exp_avg_sq, vmax]);
             }
-            _ => stream::<S, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]),
+            _ => stream::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]),
         }
     }
 }

@@ -215,8 +215,46 @@ impl<S: Storage> Lanes<S> for One {
     }
 }
 
-/// Runs `e` over every element of `param`, `grad` and `bufs` (all of one length): `L::W` at a
-/// time, then the rest one at a time.
+/// Lanes that read and write both the parameter's storage type `S` and the state's `Q` as the
+/// same arithmetic values, `W` elements at a time: what [`stream`] walks a step with. Every
+/// `L: Lanes<S>` is `StateLanes<S, S>`; a lanes type with impls for two storage types (the
+/// bfloat16 pairs also read float32 and float16) can step a parameter of one with state of
+/// the other.
+pub trait StateLanes<S: Storage, Q: Storage<Compute = S::Compute>>: Lanes<S> {
+    /// Reads `W` state elements.
+    ///
+    /// # Safety
+    /// As [`Lanes::load`].
+    unsafe fn load_state(src: *const Q) -> Self::V;
+    /// Writes `W` state elements, rounded to `Q`.
+    ///
+    /// # Safety
+    /// As [`Lanes::store`].
+    unsafe fn store_state(dst: *mut Q, v: Self::V);
+}
+
+impl<S, Q, L> StateLanes<S, Q> for L
+where
+    S: Storage,
+    Q: Storage<Compute = S::Compute>,
+    L: Lanes<S> + Lanes<Q, V = <L as Lanes<S>>::V>,
+{
+    #[inline(always)]
+    unsafe fn load_state(src: *const Q) -> Self::V {
+        // The two impls step alike: `W` is one constant of the lanes type.
+        debug_assert_eq!(<L as Lanes<S>>::W, <L as Lanes<Q>>::W);
+        unsafe { <L as Lanes<Q>>::load(src) }
+    }
+    #[inline(always)]
+    unsafe fn store_state(dst: *mut Q, v: Self::V) {
+        unsafe { <L as Lanes<Q>>::store(dst, v) }
+    }
+}
+
+/// Runs `e` over every element of `param`, `grad` (stored as `S`) and `bufs` (the state,
+/// stored as `Q`: `S` itself, or bfloat16 under `state_dtype`), all of one length: `L::W` at a
+/// time, then the rest one at a time. Every value is computed in `S::Compute`; each is rounded
+/// to its own storage type once, when stored.
 ///
 /// `e` comes by value: a local copy of the scalars cannot be written through the arrays'
 /// pointers, so the compiler keeps them in registers and takes the rule's option branches out
@@ -228,14 +266,15 @@ impl<S: Storage> Lanes<S> for One {
 /// # Panics
 /// When the lengths differ.
 #[inline(always)]
-pub unsafe fn stream<S, L, E, const B: usize>(
+pub unsafe fn stream<S, Q, L, E, const B: usize>(
     e: E,
     param: &mut [S],
     grad: &[S],
-    mut bufs: [&mut [S]; B],
+    mut bufs: [&mut [Q]; B],
 ) where
     S: Storage,
-    L: Lanes<S>,
+    Q: Storage<Compute = S::Compute>,
+    L: StateLanes<S, Q>,
     E: Elementwise<S::Compute, B> + Copy,
 {
     let n = param.len();
@@ -246,12 +285,12 @@ pub unsafe fn stream<S, L, E, const B: usize>(
         for i in 0..n {
             // SAFETY: one element of each array, at an index below every length.
             unsafe {
-                let b = std::array::from_fn(|k| L::load(&raw const bufs[k][i]));
+                let b = std::array::from_fn(|k| L::load_state(&raw const bufs[k][i]));
                 let (p_new, b_new) =
                     e.elem(L::load(&raw const param[i]), L::load(&raw const grad[i]), b);
                 L::store(&raw mut param[i], p_new);
                 for k in 0..B {
-                    L::store(&raw mut bufs[k][i], b_new[k]);
+                    L::store_state(&raw mut bufs[k][i], b_new[k]);
                 }
             }
         }
@@ -260,20 +299,22 @@ pub unsafe fn stream<S, L, E, const B: usize>(
     let full = n - n % L::W;
     let p_ptr = param.as_mut_ptr();
     let g_ptr = grad.as_ptr();
-    let b_ptrs: [*mut S; B] = std::array::from_fn(|k| bufs[k].as_mut_ptr());
+    let b_ptrs: [*mut Q; B] = std::array::from_fn(|k| bufs[k].as_mut_ptr());
     let mut i = 0;
     while i < full {
         // SAFETY: i + W <= full <= n, the length of every array; distinct `&mut` slices do not
         // overlap, and the gradient is only read.
-        unsafe { step::<S, L, E, B>(&e, p_ptr.add(i), g_ptr.add(i), b_ptrs.map(|b| b.add(i))) };
+        unsafe {
+            step::<S, Q, L, E, B>(&e, p_ptr.add(i), g_ptr.add(i), b_ptrs.map(|b| b.add(i)));
+        }
         i += L::W;
     }
     if full < n {
         // The last n - full (< W) elements, one at a time: the same operations, so the same
         // bits, as the vectors.
-        let tails: [&mut [S]; B] = bufs.map(|b| &mut b[full..]);
+        let tails: [&mut [Q]; B] = bufs.map(|b| &mut b[full..]);
         // SAFETY: plain code.
-        unsafe { stream::<S, One, E, B>(e, &mut param[full..], &grad[full..], tails) };
+        unsafe { stream::<S, Q, One, E, B>(e, &mut param[full..], &grad[full..], tails) };
     }
 }
 
@@ -282,17 +323,18 @@ pub unsafe fn stream<S, L, E, const B: usize>(
 /// # Safety
 /// Each pointer has `W` elements behind it, and the CPU has `L`'s instructions.
 #[inline(always)]
-unsafe fn step<S, L, E, const B: usize>(e: &E, p: *mut S, g: *const S, b: [*mut S; B])
+unsafe fn step<S, Q, L, E, const B: usize>(e: &E, p: *mut S, g: *const S, b: [*mut Q; B])
 where
     S: Storage,
-    L: Lanes<S>,
+    Q: Storage<Compute = S::Compute>,
+    L: StateLanes<S, Q>,
     E: Elementwise<S::Compute, B>,
 {
     unsafe {
-        let (p_new, b_new) = e.elem(L::load(p), L::load(g), b.map(|x| L::load(x)));
+        let (p_new, b_new) = e.elem(L::load(p), L::load(g), b.map(|x| L::load_state(x)));
         L::store(p, p_new);
         for k in 0..B {
-            L::store(b[k], b_new[k]);
+            L::store_state(b[k], b_new[k]);
         }
     }
 }

@@ -14,7 +14,7 @@
 //! keeps the NaN, as the reference does.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one Lion param group.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -74,13 +74,13 @@ impl<T: Float> LionScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &LionScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    exp_avg: &mut [S],
+    exp_avg: &mut [Q],
 ) {
-    unsafe { stream::<S, L, _, 1>(*k, param, grad, [exp_avg]) }
+    unsafe { stream::<S, Q, L, _, 1>(*k, param, grad, [exp_avg]) }
 }
 
 /// Buffers `[exp_avg]`.

@@ -10,6 +10,7 @@
 pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
+pub mod adam8bit;
 pub mod float;
 pub mod lanes;
 pub mod lion;
@@ -22,7 +23,7 @@ pub mod simd;
 mod x86;
 
 pub use float::{Float, Storage};
-use lanes::Lanes;
+use lanes::StateLanes;
 pub use simd::SimdLevel;
 
 /// The per-step scalars of one parameter: everything a kernel needs besides the slices.
@@ -39,15 +40,16 @@ pub enum Rule<T> {
 }
 
 /// The memory one parameter's update touches. `bufs` holds the state buffers in the order the
-/// rule documents; buffers a rule does not use are `None`.
+/// rule documents; buffers a rule does not use are `None`. The state is stored as `Q`: the
+/// parameter's own type unless the group asks for another (`state_dtype`, bfloat16).
 #[derive(Debug)]
-pub struct Slices<'a, T> {
+pub struct Slices<'a, T, Q = T> {
     pub param: &'a mut [T],
     pub grad: &'a [T],
-    pub bufs: [Option<&'a mut [T]>; 3],
+    pub bufs: [Option<&'a mut [Q]>; 3],
 }
 
-impl<T> Slices<'_, T> {
+impl<T, Q> Slices<'_, T, Q> {
     /// Number of elements of the parameter.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -140,10 +142,12 @@ fn unzip<A, B>(x: Option<(A, B)>) -> (Option<A>, Option<B>) {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub(crate) unsafe fn apply_inline<S: Storage, L: Lanes<S>>(
-    rule: &Rule<S::Compute>,
-    s: Slices<'_, S>,
-) {
+pub(crate) unsafe fn apply_inline<S, Q, L>(rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
+where
+    S: Storage,
+    Q: Storage<Compute = S::Compute>,
+    L: StateLanes<S, Q>,
+{
     debug_assert!(s.lengths_match());
     let Slices {
         param,
@@ -152,40 +156,40 @@ pub(crate) unsafe fn apply_inline<S: Storage, L: Lanes<S>>(
     } = s;
     unsafe {
         match rule {
-            Rule::Sgd(k) => sgd::update::<S, L>(k, param, grad, b0),
+            Rule::Sgd(k) => sgd::update::<S, Q, L>(k, param, grad, b0),
             Rule::Adam(k) => {
                 if let (Some(m), Some(v)) = (b0, b1) {
-                    adam::update::<S, L>(k, param, grad, m, v, b2);
+                    adam::update::<S, Q, L>(k, param, grad, m, v, b2);
                 }
             }
             Rule::RmsProp(k) => {
                 if let Some(sq) = b0 {
-                    rmsprop::update::<S, L>(k, param, grad, sq, b1, b2);
+                    rmsprop::update::<S, Q, L>(k, param, grad, sq, b1, b2);
                 }
             }
             Rule::Adagrad(k) => {
                 if let Some(sum) = b0 {
-                    adagrad::update::<S, L>(k, param, grad, sum);
+                    adagrad::update::<S, Q, L>(k, param, grad, sum);
                 }
             }
             Rule::Adadelta(k) => {
                 if let (Some(sq), Some(acc)) = (b0, b1) {
-                    adadelta::update::<S, L>(k, param, grad, sq, acc);
+                    adadelta::update::<S, Q, L>(k, param, grad, sq, acc);
                 }
             }
             Rule::RAdam(k) => {
                 if let (Some(m), Some(v)) = (b0, b1) {
-                    radam::update::<S, L>(k, param, grad, m, v);
+                    radam::update::<S, Q, L>(k, param, grad, m, v);
                 }
             }
             Rule::Lion(k) => {
                 if let Some(m) = b0 {
-                    lion::update::<S, L>(k, param, grad, m);
+                    lion::update::<S, Q, L>(k, param, grad, m);
                 }
             }
             Rule::Rprop(k) => {
                 if let (Some(prev), Some(ss)) = (b0, b1) {
-                    rprop::update::<S, L>(k, param, grad, prev, ss);
+                    rprop::update::<S, Q, L>(k, param, grad, prev, ss);
                 }
             }
         }

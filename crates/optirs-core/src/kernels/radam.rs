@@ -2,7 +2,7 @@
 //! path): the rectified update where the SMA length `rho_t` exceeds 5, else the unadapted one.
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one RAdam param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -87,14 +87,14 @@ impl<T: Float> RAdamScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &RAdamScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    exp_avg: &mut [S],
-    exp_avg_sq: &mut [S],
+    exp_avg: &mut [Q],
+    exp_avg_sq: &mut [Q],
 ) {
-    unsafe { stream::<S, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]) }
+    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]) }
 }
 
 /// Buffers `[exp_avg, exp_avg_sq]`.

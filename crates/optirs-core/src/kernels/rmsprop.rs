@@ -2,7 +2,7 @@
 //! `torch.optim.rmsprop._single_tensor_rmsprop`.
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one RMSprop param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,27 +69,27 @@ impl<T: Float> RmsPropScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &RmsPropScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    square_avg: &mut [S],
-    momentum_buffer: Option<&mut [S]>,
-    grad_avg: Option<&mut [S]>,
+    square_avg: &mut [Q],
+    momentum_buffer: Option<&mut [Q]>,
+    grad_avg: Option<&mut [Q]>,
 ) {
     unsafe {
         match (k.momentum, k.centered, momentum_buffer, grad_avg) {
             (Some(mu), Some(w), Some(buf), Some(ga)) => {
                 let e = Rms { k: *k, mu, w };
-                stream::<S, L, _, 3>(e, param, grad, [square_avg, buf, ga]);
+                stream::<S, Q, L, _, 3>(e, param, grad, [square_avg, buf, ga]);
             }
             (Some(mu), _, Some(buf), _) => {
                 let e = Rms { k: *k, mu, w: () };
-                stream::<S, L, _, 2>(e, param, grad, [square_avg, buf]);
+                stream::<S, Q, L, _, 2>(e, param, grad, [square_avg, buf]);
             }
             (_, Some(w), _, Some(ga)) => {
                 let e = Rms { k: *k, mu: (), w };
-                stream::<S, L, _, 2>(e, param, grad, [square_avg, ga]);
+                stream::<S, Q, L, _, 2>(e, param, grad, [square_avg, ga]);
             }
             _ => {
                 let e = Rms {
@@ -97,7 +97,7 @@ pub unsafe fn update<S: Storage, L: Lanes<S>>(
                     mu: (),
                     w: (),
                 };
-                stream::<S, L, _, 1>(e, param, grad, [square_avg]);
+                stream::<S, Q, L, _, 1>(e, param, grad, [square_avg]);
             }
         }
     }

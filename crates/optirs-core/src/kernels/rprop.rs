@@ -7,7 +7,7 @@
 //! scheduler sets (an `etaplus` below zero, an `etaminus` of 1) give torch's result.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one Rprop param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -87,14 +87,14 @@ impl<T: Float> RpropScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &RpropScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    prev: &mut [S],
-    step_size: &mut [S],
+    prev: &mut [Q],
+    step_size: &mut [Q],
 ) {
-    unsafe { stream::<S, L, _, 2>(*k, param, grad, [prev, step_size]) }
+    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [prev, step_size]) }
 }
 
 /// `g`, or 0 where the class zeroes the gradient.

@@ -2,7 +2,7 @@
 //! `torch.optim.sgd._single_tensor_sgd`.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, Lanes};
+use super::lanes::{stream, Arith, Elementwise, StateLanes};
 
 /// Hyperparameters of one SGD param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -65,16 +65,18 @@ impl<T: Float> SgdScalars<T> {
 /// # Safety
 /// The CPU has `L`'s instructions.
 #[inline(always)]
-pub unsafe fn update<S: Storage, L: Lanes<S>>(
+pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &SgdScalars<S::Compute>,
     param: &mut [S],
     grad: &[S],
-    momentum_buffer: Option<&mut [S]>,
+    momentum_buffer: Option<&mut [Q]>,
 ) {
     unsafe {
         match (k.momentum, momentum_buffer) {
-            (Some(mu), Some(buf)) => stream::<S, L, _, 1>(WithMomentum(*k, mu), param, grad, [buf]),
-            _ => stream::<S, L, _, 0>(*k, param, grad, []),
+            (Some(mu), Some(buf)) => {
+                stream::<S, Q, L, _, 1>(WithMomentum(*k, mu), param, grad, [buf]);
+            }
+            _ => stream::<S, Q, L, _, 0>(*k, param, grad, []),
         }
     }
 }

@@ -8,9 +8,11 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-#[cfg(target_arch = "x86_64")]
-use super::lanes::Lanes;
+use super::adam::AdamScalars;
+use super::adam8bit::Q8Slices;
 use super::lanes::One;
+#[cfg(target_arch = "x86_64")]
+use super::lanes::StateLanes;
 use super::{Rule, Slices, Storage};
 
 /// An instruction-set level the kernels are compiled for.
@@ -141,26 +143,41 @@ pub fn set_active(level: SimdLevel) -> SimdLevel {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn apply_avx512<S: Storage, L: Lanes<S>>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
-    unsafe { super::apply_inline::<S, L>(rule, s) }
+unsafe fn apply_avx512<S, Q, L>(rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
+where
+    S: Storage,
+    Q: Storage<Compute = S::Compute>,
+    L: StateLanes<S, Q>,
+{
+    unsafe { super::apply_inline::<S, Q, L>(rule, s) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn apply_avx2<S: Storage, L: Lanes<S>>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
-    unsafe { super::apply_inline::<S, L>(rule, s) }
+unsafe fn apply_avx2<S, Q, L>(rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
+where
+    S: Storage,
+    Q: Storage<Compute = S::Compute>,
+    L: StateLanes<S, Q>,
+{
+    unsafe { super::apply_inline::<S, Q, L>(rule, s) }
 }
 
-fn apply_baseline<S: Storage>(rule: &Rule<S::Compute>, s: Slices<'_, S>) {
+fn apply_baseline<S: Storage, Q: Storage<Compute = S::Compute>>(
+    rule: &Rule<S::Compute>,
+    s: Slices<'_, S, Q>,
+) {
     // SAFETY: one element at a time, in plain code.
-    unsafe { super::apply_inline::<S, One>(rule, s) }
+    unsafe { super::apply_inline::<S, Q, One>(rule, s) }
 }
 
-/// A storage type the kernels are compiled for at every level (f32, f64, bfloat16, float16).
-pub trait Element: Storage {
+/// A storage type the kernels are compiled for at every level (f32, f64, bfloat16, float16),
+/// with its state stored as `Q`: the same type, or bfloat16 for float32 and float16
+/// parameters (`state_dtype`).
+pub trait Element<Q: Storage<Compute = Self::Compute> = Self>: Storage {
     /// [`apply`] once the lengths are checked and `level` is clamped to what the CPU has.
     #[doc(hidden)]
-    fn run(level: SimdLevel, rule: &Rule<Self::Compute>, s: Slices<'_, Self>);
+    fn run(level: SimdLevel, rule: &Rule<Self::Compute>, s: Slices<'_, Self, Q>);
 }
 
 /// The lanes each level runs a storage type with: explicit vectors of that level's width
@@ -169,18 +186,21 @@ pub trait Element: Storage {
 /// write float16's F16C conversions, and because measured on Zen 5 they were faster at the
 /// AVX-512 level too (criterion at 10^4 elements: Adam float32 133 -> 151 GiB/s, bfloat16
 /// 39 -> 50, float16 27 -> 61 where it ran the AVX2 vectors).
+///
+/// A float32 or float16 parameter with bfloat16 state runs the bfloat16 pairs: they read the
+/// parameter's type in the same (even, odd) element order as the state.
 macro_rules! element {
-    ($($t:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
-        impl Element for $t {
-            fn run(level: SimdLevel, rule: &Rule<Self::Compute>, s: Slices<'_, Self>) {
+    ($($t:ty, $q:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
+        impl Element<$q> for $t {
+            fn run(level: SimdLevel, rule: &Rule<Self::Compute>, s: Slices<'_, Self, $q>) {
                 match level {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `level` is at most what `detect()` found on this CPU, and the
                     // AVX-512 level implies AVX2, FMA and F16C (see `detect`).
-                    SimdLevel::Avx512 => unsafe { apply_avx512::<Self, $avx512>(rule, s) },
+                    SimdLevel::Avx512 => unsafe { apply_avx512::<Self, $q, $avx512>(rule, s) },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above.
-                    SimdLevel::Avx2 => unsafe { apply_avx2::<Self, $avx2>(rule, s) },
+                    SimdLevel::Avx2 => unsafe { apply_avx2::<Self, $q, $avx2>(rule, s) },
                     _ => apply_baseline(rule, s),
                 }
             }
@@ -190,13 +210,22 @@ macro_rules! element {
 
 #[cfg(target_arch = "x86_64")]
 element!(
-    f32 => super::x86::Avx2, super::x86::Avx512;
-    f64 => super::x86::Avx2, super::x86::Avx512;
-    half::bf16 => super::x86::Avx2Pairs, super::x86::Avx512Pairs;
-    half::f16 => super::x86::Avx2, super::x86::Avx512;
+    f32, f32 => super::x86::Avx2, super::x86::Avx512;
+    f64, f64 => super::x86::Avx2, super::x86::Avx512;
+    half::bf16, half::bf16 => super::x86::Avx2Pairs, super::x86::Avx512Pairs;
+    half::f16, half::f16 => super::x86::Avx2, super::x86::Avx512;
+    f32, half::bf16 => super::x86::Avx2Pairs, super::x86::Avx512Pairs;
+    half::f16, half::bf16 => super::x86::Avx2Pairs, super::x86::Avx512Pairs;
 );
 #[cfg(not(target_arch = "x86_64"))]
-element!(f32 => One, One; f64 => One, One; half::bf16 => One, One; half::f16 => One, One);
+element!(
+    f32, f32 => One, One;
+    f64, f64 => One, One;
+    half::bf16, half::bf16 => One, One;
+    half::f16, half::f16 => One, One;
+    f32, half::bf16 => One, One;
+    half::f16, half::bf16 => One, One;
+);
 
 /// Applies one update rule to one parameter (or chunk) with the code of `level`.
 ///
@@ -205,10 +234,68 @@ element!(f32 => One, One; f64 => One, One; half::bf16 => One, One; half::f16 => 
 ///
 /// # Panics
 /// When the gradient or a buffer is not as long as the parameter.
-pub fn apply<S: Element>(level: SimdLevel, rule: &Rule<S::Compute>, s: Slices<'_, S>) {
+pub fn apply<S, Q>(level: SimdLevel, rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
+where
+    S: Element<Q>,
+    Q: Storage<Compute = S::Compute>,
+{
     assert!(
         s.lengths_match(),
         "gradient and state buffers must match the parameter's length"
     );
-    S::run(level.min(SimdLevel::detect()), rule, s);
+    <S as Element<Q>>::run(level.min(SimdLevel::detect()), rule, s);
 }
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q8_avx512<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+) {
+    unsafe { super::adam8bit::update_inline::<S, L>(k, s) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_avx2<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+) {
+    unsafe { super::adam8bit::update_inline::<S, L>(k, s) }
+}
+
+/// A parameter type 8-bit Adam is compiled for at every level (float32, float16, bfloat16):
+/// the lanes that read it and float32 (the dequantized moments) alike.
+pub trait Q8Element: Storage<Compute = f32> {
+    /// `adam8bit::update` once the lengths are checked and `level` clamped.
+    #[doc(hidden)]
+    fn run_q8(level: SimdLevel, k: &AdamScalars<f32>, s: Q8Slices<'_, Self>);
+}
+
+macro_rules! q8_element {
+    ($($t:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
+        impl Q8Element for $t {
+            fn run_q8(level: SimdLevel, k: &AdamScalars<f32>, s: Q8Slices<'_, Self>) {
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `level` is at most what `detect()` found on this CPU.
+                    SimdLevel::Avx512 => unsafe { q8_avx512::<Self, $avx512>(k, s) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    SimdLevel::Avx2 => unsafe { q8_avx2::<Self, $avx2>(k, s) },
+                    // SAFETY: one element at a time, in plain code.
+                    _ => unsafe { super::adam8bit::update_inline::<Self, One>(k, s) },
+                }
+            }
+        }
+    )*};
+}
+
+#[cfg(target_arch = "x86_64")]
+q8_element!(
+    f32 => super::x86::Avx2, super::x86::Avx512;
+    half::f16 => super::x86::Avx2, super::x86::Avx512;
+    half::bf16 => super::x86::Avx2Pairs, super::x86::Avx512Pairs;
+);
+#[cfg(not(target_arch = "x86_64"))]
+q8_element!(f32 => One, One; half::f16 => One, One; half::bf16 => One, One);

@@ -410,6 +410,34 @@ impl Case {
         }
     }
 
+    /// The per-step scalars of this case's next step, counting it in `step` where the rule
+    /// counts steps.
+    fn rule<T: Float>(&self, step: &mut f32, fresh: bool) -> Rule<T> {
+        let mut count = || {
+            *step += 1.0;
+            f64::from(*step)
+        };
+        match self {
+            Case::Sgd(h) => Rule::Sgd(SgdScalars::new(h, fresh)),
+            Case::Adam(h) => Rule::Adam(AdamScalars::new(h, count())),
+            Case::RmsProp(h) => {
+                count();
+                Rule::RmsProp(RmsPropScalars::new(h))
+            }
+            Case::Adagrad(h) => Rule::Adagrad(AdagradScalars::new(h, count())),
+            Case::Adadelta(h) => {
+                count();
+                Rule::Adadelta(AdadeltaScalars::new(h))
+            }
+            Case::RAdam(h, _) => Rule::RAdam(RAdamScalars::new(h, count())),
+            Case::Lion(h) => Rule::Lion(LionScalars::new(h)),
+            Case::Rprop(h) => {
+                count();
+                Rule::Rprop(RpropScalars::new(h))
+            }
+        }
+    }
+
     fn fill(&self, i: usize) -> f64 {
         match self {
             Case::Rprop(h) if i == 1 => h.lr,
@@ -456,34 +484,7 @@ impl Case {
                 *b = Some(vec![S::store(t(self.fill(i))); n]);
             }
         }
-        let rule = match self {
-            Case::Sgd(h) => Rule::Sgd(SgdScalars::new(h, fresh)),
-            Case::Adam(h) => {
-                s.step += 1.0;
-                Rule::Adam(AdamScalars::new(h, f64::from(s.step)))
-            }
-            Case::RmsProp(h) => {
-                s.step += 1.0;
-                Rule::RmsProp(RmsPropScalars::new(h))
-            }
-            Case::Adagrad(h) => {
-                s.step += 1.0;
-                Rule::Adagrad(AdagradScalars::new(h, f64::from(s.step)))
-            }
-            Case::Adadelta(h) => {
-                s.step += 1.0;
-                Rule::Adadelta(AdadeltaScalars::new(h))
-            }
-            Case::RAdam(h, _) => {
-                s.step += 1.0;
-                Rule::RAdam(RAdamScalars::new(h, f64::from(s.step)))
-            }
-            Case::Lion(h) => Rule::Lion(LionScalars::new(h)),
-            Case::Rprop(h) => {
-                s.step += 1.0;
-                Rule::Rprop(RpropScalars::new(h))
-            }
-        };
+        let rule = self.rule(&mut s.step, fresh);
         let [b0, b1, b2] = &mut s.bufs;
         let slices = Slices {
             param: &mut s.p,
@@ -1149,4 +1150,132 @@ fn split_and_chunks_cover_every_element_once() {
         vec![4, 4, 2]
     );
     assert!(out.iter().all(Slices::lengths_match));
+}
+
+// ---- bfloat16 state (`state_dtype`) -----------------------------------------------------------
+
+/// A parameter stored as `S` with its state stored as bfloat16.
+struct Mixed<S> {
+    p: Vec<S>,
+    bufs: [Option<Vec<half::bf16>>; 3],
+    step: f32,
+}
+
+impl Case {
+    /// One reference step with bfloat16 state: the parameter, gradient and state loaded into
+    /// float32, torch's op sequence there, then the parameter rounded to `S` and the state to
+    /// bfloat16, once each.
+    fn reference_mixed<S: Storage<Compute = f32>>(&self, s: &mut Mixed<S>, grad: &[S]) {
+        let load = |v: &[S]| v.iter().map(|x| x.load()).collect::<Vec<f32>>();
+        let load_q = |v: &[half::bf16]| v.iter().map(|x| x.load()).collect::<Vec<f32>>();
+        let mut c = State {
+            p: load(&s.p),
+            bufs: [0, 1, 2].map(|i| s.bufs[i].as_deref().map(load_q)),
+            step: s.step,
+        };
+        self.reference_compute(&mut c, &load(grad));
+        s.p = c.p.iter().map(|&x| S::store(x)).collect();
+        s.bufs = [0, 1, 2].map(|i| {
+            c.bufs[i]
+                .as_deref()
+                .map(|v| v.iter().map(|&x| half::bf16::store(x)).collect())
+        });
+        s.step = c.step;
+    }
+
+    /// The fused kernel over bfloat16 state, at `level`, cut into `chunk`-element pieces.
+    fn fused_mixed<S>(&self, s: &mut Mixed<S>, grad: &[S], level: SimdLevel, chunk: usize)
+    where
+        S: Element<half::bf16> + Storage<Compute = f32>,
+    {
+        let fresh = s.bufs[0].is_none();
+        let n = s.p.len();
+        for (i, (b, need)) in s.bufs.iter_mut().zip(self.needs()).enumerate() {
+            if need && b.is_none() {
+                *b = Some(vec![half::bf16::store(f32::from_f64(self.fill(i))); n]);
+            }
+        }
+        let rule = self.rule(&mut s.step, fresh);
+        let [b0, b1, b2] = &mut s.bufs;
+        let slices: Slices<'_, S, half::bf16> = Slices {
+            param: &mut s.p,
+            grad,
+            bufs: [b0.as_deref_mut(), b1.as_deref_mut(), b2.as_deref_mut()],
+        };
+        for piece in slices.chunks(chunk) {
+            apply(level, &rule, piece);
+        }
+    }
+}
+
+/// Every rule with bfloat16 state over parameters of `S`, at every level and chunking, against
+/// the reference that computes in float32 and rounds the stored state to bfloat16 once.
+fn check_bf16_state<S>(specials: bool)
+where
+    S: Element<half::bf16> + Storage<Compute = f32> + 'static,
+{
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let cases = cases().into_iter().enumerate();
+    for (_, case) in cases.filter(|(i, _)| !cfg!(miri) || MIRI_CASES.contains(i)) {
+        for &n in LENGTHS {
+            let init: Vec<S> = rng
+                .values::<f32>(n, false)
+                .into_iter()
+                .map(S::store)
+                .collect();
+            let grads: Vec<Vec<S>> = (0..STEPS)
+                .map(|_| {
+                    rng.values::<f32>(n, specials)
+                        .into_iter()
+                        .map(S::store)
+                        .collect()
+                })
+                .collect();
+            let fresh = || Mixed {
+                p: init.clone(),
+                bufs: [None, None, None],
+                step: 0.0,
+            };
+            let mut want = fresh();
+            for (i, need) in case.needs().into_iter().enumerate() {
+                if need && !matches!(case, Case::Sgd(_)) {
+                    let fill = half::bf16::store(f32::from_f64(case.fill(i)));
+                    want.bufs[i] = Some(vec![fill; n]);
+                }
+            }
+            for g in &grads {
+                case.reference_mixed(&mut want, g);
+            }
+            let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
+            for level in levels.filter(|&l| miri_can_run::<S>(l)) {
+                for &chunk in CHUNKS {
+                    let mut got = fresh();
+                    for g in &grads {
+                        case.fused_mixed(&mut got, g, level, chunk);
+                    }
+                    let ctx = format!("{case:?} n={n} level={level:?} chunk={chunk}");
+                    assert_eq!(bits(&got.p), bits(&want.p), "param differs: {ctx}");
+                    for (a, b) in got.bufs.iter().zip(&want.bufs) {
+                        assert_eq!(
+                            a.as_deref().map(bits),
+                            b.as_deref().map(bits),
+                            "state differs: {ctx}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_state_matches_reference_f32_params() {
+    check_bf16_state::<f32>(false);
+    check_bf16_state::<f32>(true);
+}
+
+#[test]
+fn bf16_state_matches_reference_f16_params() {
+    check_bf16_state::<half::f16>(false);
+    check_bf16_state::<half::f16>(true);
 }

@@ -314,6 +314,32 @@ impl Lanes<f32> for Avx2Pairs {
     }
 }
 
+/// float16 in the bfloat16 lanes' element order: a float16 parameter with bfloat16 state
+/// (`state_dtype`) steps through these pairs, converted by F16C as [`Avx2`]'s float16 lanes are.
+impl Lanes<f16> for Avx2Pairs {
+    type V = Pair<F32x8>;
+    const W: usize = 16;
+    #[inline(always)]
+    unsafe fn load(src: *const f16) -> Pair<F32x8> {
+        unsafe {
+            let a = _mm256_cvtph_ps(_mm_loadu_si128(src.cast::<__m128i>()));
+            let b = _mm256_cvtph_ps(_mm_loadu_si128(src.add(8).cast::<__m128i>()));
+            let (even, odd) = deinterleave(a, b);
+            Pair(F32x8(even), F32x8(odd))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut f16, v: Pair<F32x8>) {
+        unsafe {
+            let (a, b) = interleave(v.0 .0, v.1 .0);
+            let ha = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a);
+            let hb = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(b);
+            _mm_storeu_si128(dst.cast::<__m128i>(), ha);
+            _mm_storeu_si128(dst.add(8).cast::<__m128i>(), hb);
+        }
+    }
+}
+
 /// (even elements, odd elements) of the 16 floats `a` then `b`.
 #[inline(always)]
 unsafe fn deinterleave(a: __m256, b: __m256) -> (__m256, __m256) {
@@ -477,6 +503,40 @@ impl Lanes<f32> for Avx512Pairs {
                 _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
             _mm512_storeu_ps(dst, _mm512_permutex2var_ps(even, lo, odd));
             _mm512_storeu_ps(dst.add(16), _mm512_permutex2var_ps(even, hi, odd));
+        }
+    }
+}
+
+/// float16 in the bfloat16 lanes' element order (as for [`Avx2Pairs`]).
+impl Lanes<f16> for Avx512Pairs {
+    type V = Pair<F32x16>;
+    const W: usize = 32;
+    #[inline(always)]
+    unsafe fn load(src: *const f16) -> Pair<F32x16> {
+        unsafe {
+            let a = _mm512_cvtph_ps(_mm256_loadu_si256(src.cast::<__m256i>()));
+            let b = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(16).cast::<__m256i>()));
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            Pair(
+                F32x16(_mm512_permutex2var_ps(a, even, b)),
+                F32x16(_mm512_permutex2var_ps(a, odd, b)),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(dst: *mut f16, v: Pair<F32x16>) {
+        unsafe {
+            let (even, odd) = (v.0 .0, v.1 .0);
+            let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let hi =
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            let a =
+                _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_permutex2var_ps(even, lo, odd));
+            let b =
+                _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_permutex2var_ps(even, hi, odd));
+            _mm256_storeu_si256(dst.cast::<__m256i>(), a);
+            _mm256_storeu_si256(dst.add(16).cast::<__m256i>(), b);
         }
     }
 }

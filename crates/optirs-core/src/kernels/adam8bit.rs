@@ -1,0 +1,568 @@
+//! Adam and AdamW with 8-bit state: blockwise dynamic quantization (Dettmers et al. 2021,
+//! "8-bit Optimizers via Block-wise Quantization"; bitsandbytes' `Adam8bit`).
+//!
+//! Each moment is kept as one byte per element, an index into a 256-entry code map of values in
+//! [-1, 1] (`exp_avg`, signed) or [0, 1] (`exp_avg_sq`, unsigned), and one float32 absmax per
+//! block of `block` elements: element `j` of block `b` stands for `code[q[j]] * absmax[b]`.
+//!
+//! A step runs block by block, in one pass over the block's memory: dequantize both moments
+//! into block-sized float32 buffers on the stack, stream the float32 Adam element function
+//! ([`super::adam`]'s, unchanged) over the parameter, gradient and those buffers with the
+//! level's SIMD lanes (`lanes::stream`, as every float32 step), find each moment's new absmax
+//! and requantize to the nearest code. Work is only ever cut at block boundaries, so the result
+//! does not depend on the chunking or the thread count; `stream` gives the same bits at every
+//! level and the code search is exact, so it does not depend on the SIMD level either.
+//!
+//! # Code maps
+//! [`CodeMap::dynamic`] builds bitsandbytes' dynamic map (`create_dynamic_map(signed,
+//! max_exponent_bits=7, total_bits=8)`): for each decade `i = 0..7`, the midpoints of `k + 1`
+//! evenly spaced points in [0.1, 1] (`k = 2^i` signed, `2^(i+1)` unsigned) scaled by
+//! `10^(i - 6)`, their negatives when signed, then 0 and 1. 127 + 127 + 2 (signed) or 254 + 2
+//! (unsigned) = 256 values, sorted. Each is computed in float64 and rounded once to float32
+//! (bitsandbytes computes the midpoints in float32, so a code may differ from its by a unit in
+//! the last place).
+//!
+//! # Quantization
+//! `x` is divided by the block's absmax (float32, correctly rounded; the quotient lies in
+//! [-1, 1]) and mapped to the nearest code: the number of midpoints between neighbouring codes
+//! (float64, exact) below the quotient, so an exact tie goes to the lower code.
+//!
+//! # Non-finite values
+//! A block whose new moment holds NaN or an infinity has no meaningful scale: its absmax is
+//! stored as NaN and every code as the code of zero, so the whole block dequantizes to NaN on
+//! the next step (and its parameters then turn NaN, as torch's do for the one element). A block
+//! of zeros keeps absmax 0 and the zero code. `skip_nonfinite` keeps such gradients out.
+
+use std::sync::OnceLock;
+
+use super::adam::AdamScalars;
+use super::float::{Float, Storage};
+use super::lanes::{stream, StateLanes};
+
+/// The largest block the kernel takes (its per-block buffers live on the stack).
+pub const MAX_BLOCK: usize = 4096;
+
+/// A sorted 256-entry code map and the midpoints between its neighbours.
+#[derive(Debug)]
+pub struct CodeMap {
+    /// The values the codes stand for, ascending.
+    pub values: [f32; 256],
+    /// `(values[i] + values[i + 1]) / 2` in float64 (exact: neighbours are within a factor of
+    /// a few of each other, so their sum needs no more than float64's precision), then +inf,
+    /// which no quotient exceeds, so that the search needs no bounds test.
+    mid: [f64; 256],
+    /// The code of 0.
+    pub zero: u8,
+    /// Per bucket of quotients sharing the high 16 bits of their order key ([`order`]), from
+    /// the bucket of -1 to that of 1: how many midpoints lie below the bucket's smallest value.
+    first: Vec<u8>,
+    /// The most midpoints inside one bucket: the steps `nearest` takes from `first`.
+    steps: usize,
+}
+
+/// float32 bits as an unsigned key in the order of the values (negatives reversed below the
+/// positives), so that a range of keys is a range of values.
+#[inline(always)]
+fn order(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The float32 whose [`order`] key is `k`.
+fn from_order(k: u32) -> f32 {
+    if k >> 31 == 1 {
+        f32::from_bits(k & 0x7FFF_FFFF)
+    } else {
+        f32::from_bits(!k)
+    }
+}
+
+/// The first and last bucket `nearest` looks up: those of -1 and 1.
+const BUCKET_LO: u32 = 0x407F; // order(-1.0) >> 16
+const BUCKET_HI: u32 = 0xBF80; // order(1.0) >> 16
+
+impl CodeMap {
+    /// bitsandbytes' dynamic map, signed (for `exp_avg`) or unsigned (for `exp_avg_sq`).
+    ///
+    /// # Panics
+    /// Never: the construction gives 256 codes, one of them 0.
+    pub fn dynamic(signed: bool) -> CodeMap {
+        let mut data: Vec<f64> = Vec::with_capacity(256);
+        for i in 0..7_i32 {
+            let k = if signed {
+                1_usize << i
+            } else {
+                1_usize << (i + 1)
+            };
+            let scale = 10f64.powi(i - 6);
+            for j in 0..k {
+                let lo = 0.1 + 0.9 * j as f64 / k as f64;
+                let hi = 0.1 + 0.9 * (j + 1) as f64 / k as f64;
+                let mean = f64::from((scale * (lo + hi) / 2.0) as f32);
+                data.push(mean);
+                if signed {
+                    data.push(-mean);
+                }
+            }
+        }
+        data.push(0.0);
+        data.push(1.0);
+        assert_eq!(data.len(), 256, "the dynamic map has 256 codes");
+        data.sort_by(f64::total_cmp);
+        let mut values = [0f32; 256];
+        for (v, d) in values.iter_mut().zip(&data) {
+            *v = *d as f32;
+        }
+        let mut mid = [f64::INFINITY; 256];
+        for (i, m) in mid.iter_mut().take(255).enumerate() {
+            *m = f64::midpoint(f64::from(values[i]), f64::from(values[i + 1]));
+        }
+        let zero = values.iter().position(|&v| v == 0.0).expect("0 is a code");
+        debug_assert_eq!(order(-1.0) >> 16, BUCKET_LO);
+        debug_assert_eq!(order(1.0) >> 16, BUCKET_HI);
+        let below = |x: f32| mid.iter().filter(|&&m| m < f64::from(x)).count();
+        let mut first = Vec::with_capacity((BUCKET_HI - BUCKET_LO + 1) as usize);
+        let mut steps = 0;
+        for key in BUCKET_LO..=BUCKET_HI {
+            let lo = below(from_order(key << 16));
+            let hi = below(from_order((key << 16) | 0xFFFF))
+                + usize::from(mid.contains(&f64::from(from_order((key << 16) | 0xFFFF))));
+            first.push(u8::try_from(lo).expect("at most 255 midpoints"));
+            steps = steps.max(hi - lo);
+        }
+        CodeMap {
+            values,
+            mid,
+            zero: u8::try_from(zero).expect("256 codes"),
+            first,
+            steps,
+        }
+    }
+
+    /// The value code `q` stands for, scaled by `absmax`.
+    #[inline(always)]
+    #[must_use]
+    pub fn decode(&self, q: u8, absmax: f32) -> f32 {
+        self.values[usize::from(q)] * absmax
+    }
+
+    /// The code nearest to `x` (in [-1, 1]); ties to the lower code, NaN to the zero code.
+    ///
+    /// The number of midpoints below `x`, found by looking up how many lie below its bucket
+    /// (the high half of its order key) and stepping over the few inside the bucket, with each
+    /// comparison's result added rather than branched on: every element's comparisons are its
+    /// own and would be mispredicted.
+    ///
+    /// # Panics
+    /// Never: the index stays below 256 (the last midpoint is +inf).
+    #[inline(always)]
+    #[must_use]
+    pub fn nearest(&self, x: f32) -> u8 {
+        if x.is_nan() {
+            return self.zero;
+        }
+        let key = (order(x) >> 16).clamp(BUCKET_LO, BUCKET_HI) - BUCKET_LO;
+        let mut i = usize::from(self.first[key as usize]);
+        let x = f64::from(x);
+        for _ in 0..self.steps {
+            i += usize::from(self.mid[i] < x);
+        }
+        u8::try_from(i).expect("at most 255 midpoints below any value")
+    }
+
+    /// [`CodeMap::nearest`] by binary search over the midpoints (the tests' reference).
+    #[cfg(test)]
+    fn nearest_by_search(&self, x: f32) -> u8 {
+        if x.is_nan() {
+            return self.zero;
+        }
+        let x = f64::from(x);
+        let mut lo = 0_usize;
+        for step in [128, 64, 32, 16, 8, 4, 2, 1] {
+            lo += step * usize::from(self.mid[lo + step - 1] < x);
+        }
+        u8::try_from(lo).expect("at most 255")
+    }
+
+    /// The code of `x` in a block of absmax `absmax` (see the module documentation).
+    #[inline(always)]
+    #[must_use]
+    pub fn encode(&self, x: f32, absmax: f32) -> u8 {
+        if absmax == 0.0 || !absmax.is_finite() {
+            return self.zero;
+        }
+        self.nearest(x / absmax)
+    }
+}
+
+/// The signed map, for `exp_avg` (built once).
+#[must_use]
+pub fn signed_map() -> &'static CodeMap {
+    static MAP: OnceLock<CodeMap> = OnceLock::new();
+    MAP.get_or_init(|| CodeMap::dynamic(true))
+}
+
+/// The unsigned map, for `exp_avg_sq` (built once).
+#[must_use]
+pub fn unsigned_map() -> &'static CodeMap {
+    static MAP: OnceLock<CodeMap> = OnceLock::new();
+    MAP.get_or_init(|| CodeMap::dynamic(false))
+}
+
+/// The largest magnitude of `xs`; NaN when any is NaN or infinite (see the module docs).
+#[inline(always)]
+fn absmax(xs: &[f32]) -> f32 {
+    let mut a = 0f32;
+    let mut finite = true;
+    for &x in xs {
+        finite &= x.is_finite();
+        a = a.max(x.abs());
+    }
+    if finite {
+        a
+    } else {
+        f32::NAN
+    }
+}
+
+/// The memory one 8-bit parameter's update touches: the parameter and gradient, each moment's
+/// codes, and one absmax per block of `block` elements (the last block may be shorter).
+#[derive(Debug)]
+pub struct Q8Slices<'a, S> {
+    pub param: &'a mut [S],
+    pub grad: &'a [S],
+    pub exp_avg: &'a mut [u8],
+    pub exp_avg_sq: &'a mut [u8],
+    pub exp_avg_absmax: &'a mut [f32],
+    pub exp_avg_sq_absmax: &'a mut [f32],
+    pub block: usize,
+}
+
+impl<'a, S> Q8Slices<'a, S> {
+    /// Number of elements of the parameter.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    /// True when the parameter has no elements.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.param.is_empty()
+    }
+
+    /// True when every array has the length the parameter's asks for.
+    #[must_use]
+    pub fn lengths_match(&self) -> bool {
+        let n = self.param.len();
+        let blocks = n.div_ceil(self.block.max(1));
+        (1..=MAX_BLOCK).contains(&self.block)
+            && self.grad.len() == n
+            && self.exp_avg.len() == n
+            && self.exp_avg_sq.len() == n
+            && self.exp_avg_absmax.len() == blocks
+            && self.exp_avg_sq_absmax.len() == blocks
+    }
+
+    /// Cuts the update into pieces of whole blocks, at most `chunk` elements each (rounded down
+    /// to whole blocks, at least one block).
+    pub fn chunks(self, chunk: usize) -> impl Iterator<Item = Q8Slices<'a, S>> {
+        let per = (chunk / self.block).max(1);
+        let block = self.block;
+        let mut rest = Some(self);
+        std::iter::from_fn(move || {
+            let s = rest.take()?;
+            let n = per * block;
+            if s.param.len() <= n {
+                return Some(s);
+            }
+            let (p0, p1) = s.param.split_at_mut(n);
+            let (g0, g1) = s.grad.split_at(n);
+            let (m0, m1) = s.exp_avg.split_at_mut(n);
+            let (v0, v1) = s.exp_avg_sq.split_at_mut(n);
+            let (am0, am1) = s.exp_avg_absmax.split_at_mut(per);
+            let (av0, av1) = s.exp_avg_sq_absmax.split_at_mut(per);
+            rest = Some(Q8Slices {
+                param: p1,
+                grad: g1,
+                exp_avg: m1,
+                exp_avg_sq: v1,
+                exp_avg_absmax: am1,
+                exp_avg_sq_absmax: av1,
+                block,
+            });
+            Some(Q8Slices {
+                param: p0,
+                grad: g0,
+                exp_avg: m0,
+                exp_avg_sq: v0,
+                exp_avg_absmax: am0,
+                exp_avg_sq_absmax: av0,
+                block,
+            })
+        })
+    }
+
+    /// True when every gradient element is finite.
+    #[must_use]
+    pub fn grad_is_finite(&self) -> bool
+    where
+        S: Storage,
+    {
+        self.grad
+            .iter()
+            .fold(true, |ok, g| ok & g.load().is_finite())
+    }
+}
+
+/// One Adam step (amsgrad off) over an 8-bit parameter, block by block (see the module
+/// documentation), with the code of the best SIMD level the CPU has up to `level`.
+///
+/// # Panics
+/// When the lengths do not match (`Q8Slices::lengths_match`).
+pub fn update<S: super::simd::Q8Element>(
+    level: super::simd::SimdLevel,
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+) {
+    assert!(
+        s.lengths_match(),
+        "8-bit state does not match its parameter"
+    );
+    S::run_q8(level.min(super::simd::SimdLevel::detect()), k, s);
+}
+
+/// The body [`update`] compiles once per level: each block's moments dequantized into float32
+/// buffers on the stack, the float32 Adam element function streamed over the parameter,
+/// gradient and those buffers `L::W` elements at a time (as every float32 step), then each
+/// moment's absmax found and the block requantized.
+///
+/// # Safety
+/// The CPU has `L`'s instructions, and the lengths match.
+#[inline(always)]
+#[allow(clippy::needless_pass_by_value)] // a piece of work, consumed as `Slices` are
+pub(crate) unsafe fn update_inline<S, L>(k: &AdamScalars<f32>, s: Q8Slices<'_, S>)
+where
+    S: Storage<Compute = f32>,
+    L: StateLanes<S, f32>,
+{
+    let (cm, cv) = (signed_map(), unsigned_map());
+    let k = *k;
+    let mut new_m = [0f32; MAX_BLOCK];
+    let mut new_v = [0f32; MAX_BLOCK];
+    let blocks = s
+        .param
+        .chunks_mut(s.block)
+        .zip(s.grad.chunks(s.block))
+        .zip(s.exp_avg.chunks_mut(s.block))
+        .zip(s.exp_avg_sq.chunks_mut(s.block))
+        .zip(s.exp_avg_absmax.iter_mut())
+        .zip(s.exp_avg_sq_absmax.iter_mut());
+    for (((((p, g), mq), vq), am), av) in blocks {
+        let n = p.len();
+        let (m, v) = (&mut new_m[..n], &mut new_v[..n]);
+        for ((x, &q), (y, &r)) in m.iter_mut().zip(&*mq).zip(v.iter_mut().zip(&*vq)) {
+            *x = cm.decode(q, *am);
+            *y = cv.decode(r, *av);
+        }
+        // SAFETY: the caller's CPU has `L`'s instructions; `stream` checks the lengths.
+        unsafe { stream::<S, f32, L, _, 2>(k, p, g, [&mut *m, &mut *v]) };
+        let (a_m, a_v) = (absmax(m), absmax(v));
+        for ((q, &x), (r, &y)) in mq.iter_mut().zip(&*m).zip(vq.iter_mut().zip(&*v)) {
+            *q = cm.encode(x, a_m);
+            *r = cv.encode(y, a_v);
+        }
+        *am = a_m;
+        *av = a_v;
+    }
+}
+
+/// Quantizes `x` into `q` and `absmax`, block by block, as a step stores its moments (for
+/// state made from float32 values: a loaded float32 state dict).
+///
+/// # Panics
+/// When the lengths do not match.
+pub fn quantize(map: &CodeMap, x: &[f32], block: usize, q: &mut [u8], absmaxes: &mut [f32]) {
+    assert!(x.len() == q.len() && absmaxes.len() == x.len().div_ceil(block));
+    for ((xs, qs), a) in x.chunks(block).zip(q.chunks_mut(block)).zip(absmaxes) {
+        *a = absmax(xs);
+        for (qj, &xj) in qs.iter_mut().zip(xs) {
+            *qj = map.encode(xj, *a);
+        }
+    }
+}
+
+/// The float32 values `q` and `absmax` stand for (the way back to float32 state).
+///
+/// # Panics
+/// When the lengths do not match.
+pub fn dequantize(map: &CodeMap, q: &[u8], absmaxes: &[f32], block: usize, out: &mut [f32]) {
+    assert!(out.len() == q.len() && absmaxes.len() == q.len().div_ceil(block));
+    for ((os, qs), &a) in out.chunks_mut(block).zip(q.chunks(block)).zip(absmaxes) {
+        for (o, &qj) in os.iter_mut().zip(qs) {
+            *o = map.decode(qj, a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::adam::AdamHyper;
+    use super::super::lanes::Elementwise;
+    use super::super::simd::SimdLevel;
+    use super::*;
+
+    #[test]
+    fn maps_have_bitsandbytes_shape() {
+        let s = signed_map();
+        let u = unsigned_map();
+        assert!(
+            s.values.windows(2).all(|w| w[0] < w[1]),
+            "signed map sorted, distinct"
+        );
+        assert!(
+            u.values.windows(2).all(|w| w[0] < w[1]),
+            "unsigned map sorted, distinct"
+        );
+        assert_eq!(s.values[255], 1.0);
+        assert_eq!(u.values[255], 1.0);
+        assert_eq!(u.values[0], 0.0);
+        assert_eq!(usize::from(s.zero), 127);
+        assert_eq!(u.zero, 0);
+        // 127 negative codes, the smallest the negated largest midpoint of the top decade.
+        assert!(s.values[0] < -0.99 && s.values[0] > -1.0);
+        // The smallest positive codes are a millionth of the scale.
+        assert!(s.values[128] > 5e-7 && s.values[128] < 6e-7);
+        for (map, x) in [(s, -0.3f32), (s, 0.123), (u, 0.77), (u, 3e-6)] {
+            let q = map.nearest(x);
+            let d = (map.values[usize::from(q)] - x).abs();
+            assert!(map.values.iter().all(|&c| (c - x).abs() >= d), "{x}");
+        }
+        for (i, &v) in s.values.iter().enumerate() {
+            assert_eq!(usize::from(s.nearest(v)), i, "a code maps to itself");
+        }
+    }
+
+    /// The bucket lookup agrees with the binary search on every code, every midpoint and its
+    /// neighbouring floats, and a sweep of quotients across [-1, 1].
+    #[test]
+    fn bucket_lookup_matches_search() {
+        for map in [signed_map(), unsigned_map()] {
+            assert!(map.steps <= 4, "{}", map.steps);
+            let mut xs: Vec<f32> = vec![-1.0, 1.0, 0.0, -0.0, -2.0, 2.0];
+            for &v in &map.values {
+                xs.push(v);
+            }
+            for &m in &map.mid[..255] {
+                let f = m as f32;
+                for d in -2i32..=2 {
+                    xs.push(f32::from_bits(f.to_bits().wrapping_add_signed(d)));
+                }
+            }
+            let mut k = 0x407F_0000_u32;
+            while k <= 0xBF80_FFFF {
+                xs.push(from_order(k));
+                k += 97;
+            }
+            for x in xs {
+                assert_eq!(map.nearest(x), map.nearest_by_search(x), "{x:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn nonfinite_and_zero_blocks() {
+        let m = signed_map();
+        let mut q = [9u8; 4];
+        let mut a = [7f32; 2];
+        quantize(m, &[0.0, -0.0, 1.0, f32::NAN], 2, &mut q, &mut a);
+        assert_eq!(a[0], 0.0);
+        assert!(a[1].is_nan());
+        assert_eq!(q, [m.zero; 4]);
+        let mut out = [0f32; 4];
+        dequantize(m, &q, &a, 2, &mut out);
+        assert_eq!(&out[..2], &[0.0, 0.0]);
+        assert!(out[2].is_nan() && out[3].is_nan());
+    }
+
+    /// The kernel against the same steps written out: dequantize, the float32 Adam element
+    /// function, absmax, nearest code; any chunking gives the same bits.
+    #[test]
+    fn update_matches_reference_and_chunking() {
+        let h = AdamHyper {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            decoupled: true,
+            ..AdamHyper::default()
+        };
+        let n: usize = 1000;
+        let block: usize = 64;
+        let blocks = n.div_ceil(block);
+        let mut x = 0x1234_5678_u32;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (f64::from(x) / f64::from(u32::MAX) - 0.5) as f32
+        };
+        let p0: Vec<f32> = (0..n).map(|_| rnd()).collect();
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rnd()).collect()).collect();
+        let run = |chunk: usize, level: SimdLevel| {
+            let mut p = p0.clone();
+            let (mut mq, mut vq) = (vec![127u8; n], vec![0u8; n]);
+            let (mut am, mut av) = (vec![0f32; blocks], vec![0f32; blocks]);
+            for (t, g) in grads.iter().enumerate() {
+                let k = AdamScalars::<f32>::new(&h, (t + 1) as f64);
+                let s = Q8Slices {
+                    param: &mut p,
+                    grad: g,
+                    exp_avg: &mut mq,
+                    exp_avg_sq: &mut vq,
+                    exp_avg_absmax: &mut am,
+                    exp_avg_sq_absmax: &mut av,
+                    block,
+                };
+                for piece in s.chunks(chunk) {
+                    update(level, &k, piece);
+                }
+            }
+            (p, mq, vq, am, av)
+        };
+        let want = {
+            let mut p = p0.clone();
+            let (mut mq, mut vq) = (vec![127u8; n], vec![0u8; n]);
+            let (mut am, mut av) = (vec![0f32; blocks], vec![0f32; blocks]);
+            for (t, g) in grads.iter().enumerate() {
+                let k = AdamScalars::<f32>::new(&h, (t + 1) as f64);
+                let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+                dequantize(signed_map(), &mq, &am, block, &mut m);
+                dequantize(unsigned_map(), &vq, &av, block, &mut v);
+                for j in 0..n {
+                    let (pn, [mn, vn]) =
+                        Elementwise::<f32, 2>::elem::<f32>(&k, p[j], g[j], [m[j], v[j]]);
+                    (p[j], m[j], v[j]) = (pn, mn, vn);
+                }
+                quantize(signed_map(), &m, block, &mut mq, &mut am);
+                quantize(unsigned_map(), &v, block, &mut vq, &mut av);
+            }
+            (p, mq, vq, am, av)
+        };
+        let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
+        for (chunk, level) in [1, 64, 100, 640, 1 << 14]
+            .into_iter()
+            .flat_map(|c| levels.clone().map(move |l| (c, l)))
+        {
+            let got = run(chunk, level);
+            assert_eq!(got.1, want.1, "chunk {chunk} {level:?}");
+            assert_eq!(got.2, want.2, "chunk {chunk}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.0), bits(&want.0), "chunk {chunk}");
+            assert_eq!(bits(&got.3), bits(&want.3), "chunk {chunk}");
+            assert_eq!(bits(&got.4), bits(&want.4), "chunk {chunk}");
+        }
+    }
+}
