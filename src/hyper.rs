@@ -5,6 +5,7 @@ use pyo3::types::{PyComplex, PyFloat, PyInt};
 
 use optirs_core::kernels::adagrad::AdagradHyper;
 use optirs_core::kernels::adam::AdamHyper;
+use optirs_core::kernels::adamax::AdamaxHyper;
 use optirs_core::kernels::rmsprop::RmsPropHyper;
 use optirs_core::kernels::sgd::SgdHyper;
 use optirs_core::torch_raises::PyNumbers;
@@ -77,6 +78,25 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
                     lr: py_lr,
                     lr_decay: py_lr_decay,
                     ..PyNumbers::default()
+                },
+            )
+        }
+        Kind::Adamax => {
+            let [(beta1, py_beta1), (beta2, py_beta2)] = g.pair("betas")?;
+            let (lr, py_lr) = g.number("lr")?;
+            Hyper::Adamax(
+                AdamaxHyper {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps: g.real("eps")?,
+                    weight_decay: g.real("weight_decay")?,
+                    maximize: g.flag("maximize", Some(false))?,
+                },
+                PyNumbers {
+                    lr: py_lr,
+                    betas: [py_beta1, py_beta2],
+                    lr_decay: false,
                 },
             )
         }

@@ -64,6 +64,7 @@ FULL_STATE_KWARGS = {
     "AdamW": {"lr": 0.01, "amsgrad": True},
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "Adamax": {"lr": 0.01, "weight_decay": 0.1},
 }
 
 # Every state key each optimizer may keep (with FULL_STATE_KWARGS, it keeps them all).

@@ -111,6 +111,8 @@ STATE_KEYS = [
     ),
     ("Adagrad", {}, {"step", "sum"}),
     ("Adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.3}, {"step", "sum"}),
+    ("Adamax", {}, {"step", "exp_avg", "exp_inf"}),
+    ("Adamax", {"weight_decay": 0.1, "maximize": True}, {"step", "exp_avg", "exp_inf"}),
 ]
 
 
@@ -228,6 +230,13 @@ def test_constructor_values_reach_param_groups(name):
             "eps": 1e-5,
             "maximize": True,
         },
+        "Adamax": {
+            "lr": 0.3,
+            "betas": (0.7, 0.8),
+            "eps": 1e-5,
+            "weight_decay": 0.2,
+            "maximize": True,
+        },
     }[name]
     opt = optirs_class(name)([np.zeros(3)], **values)
     group = opt.param_groups[0]
@@ -254,6 +263,7 @@ POSITIONAL = {
         (0.3, 0.7, 0.2, 0.4, 1e-5),
         ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
     ),
+    "Adamax": ((0.3, (0.7, 0.8), 1e-5, 0.2), ("lr", "betas", "eps", "weight_decay")),
 }
 
 

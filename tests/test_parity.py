@@ -103,6 +103,19 @@ COMBOS = [
 # Large learning rates: updates of order 0.1..1 per step, so that atol (1e-5 / 1e-7) is tiny
 # next to one update and a small error in the update rule cannot hide below it.
 COMBOS += [
+    # Adamax: torch's combos
+    ("Adamax", "default", {}),
+    ("Adamax", "lr", {"lr": 0.001}),
+    ("Adamax", "wd", {"weight_decay": 0.1}),
+    ("Adamax", "maximize", {"maximize": True}),
+    ("Adamax", "wd_maximize", {"weight_decay": 0.1, "maximize": True}),
+    # Adamax: extra
+    ("Adamax", "betas_eps", {"lr": 0.02, "betas": (0.5, 0.9), "eps": 1e-4}),
+    ("Adamax", "betas_zero", {"lr": 0.01, "betas": (0.0, 0.0)}),
+    ("Adamax", "eps_zero", {"lr": 0.01, "eps": 0.0, "betas": (0.8, 0.5)}),
+    ("Adamax", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
+]
+COMBOS += [
     ("SGD", "high_lr", {"lr": 0.5, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
     ("SGD", "high_lr_nesterov", {"lr": 0.5, "momentum": 0.5, "nesterov": True}),
     ("Adam", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
@@ -145,6 +158,7 @@ BIG_COMBOS = [
     ("AdamW", {"lr": 0.01, "maximize": True}),
     ("RMSprop", {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.1, "weight_decay": 0.1}),
+    ("Adamax", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
 ]
 
 
@@ -164,6 +178,8 @@ LONG_COMBOS = [
     ("RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True}),
     ("RMSprop", {"lr": 0.001, "weight_decay": 0.01}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    ("Adamax", {"lr": 0.01, "weight_decay": 0.01}),
+    ("Adamax", {"lr": 0.002, "betas": (0.5, 0.99), "maximize": True}),
 ]
 
 
@@ -197,6 +213,10 @@ MULTI_GROUP = {
     "Adagrad": (
         {"lr": 0.1},
         [{"lr_decay": 0.1}, {"lr": 0.01, "eps": 1e-5}, {"weight_decay": 0.1, "maximize": True}],
+    ),
+    "Adamax": (
+        {"lr": 0.01},
+        [{}, {"lr": 0.05, "betas": (0.5, 0.8)}, {"weight_decay": 0.1, "maximize": True}],
     ),
 }
 
@@ -295,6 +315,14 @@ SCHEDULES = {
         {"lr": 0.1},
         {
             2: [(0, {"lr": 0.01}), (1, {"lr_decay": 0.5})],
+            5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
+            8: [(1, {"maximize": True, "lr": 0.3})],
+        },
+    ),
+    "Adamax": (
+        {"lr": 0.01},
+        {
+            2: [(0, {"lr": 0.001}), (1, {"betas": (0.5, 0.9)})],
             5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
             8: [(1, {"maximize": True, "lr": 0.3})],
         },

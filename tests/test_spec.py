@@ -34,6 +34,8 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("RMSprop", {"momentum": 0.5, "centered": True}),
     ("Adagrad", {}),
     ("Adagrad", {"initial_accumulator_value": 0.25}),
+    ("Adamax", {}),
+    ("Adamax", {"weight_decay": 0.1, "maximize": True}),
 ]
 
 
@@ -48,7 +50,7 @@ def _torch_state(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dic
 
 
 def test_every_optimizer_is_declared_once_and_exported() -> None:
-    assert list(SPECS) == ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
+    assert list(SPECS) == ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax"]
     for name, spec in SPECS.items():
         assert spec.name == name
         assert getattr(optirs, name)._spec is spec

@@ -72,6 +72,7 @@ MODEL_KWARGS = {
     "AdamW": {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1},
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "Adamax": {"lr": 0.01, "betas": (0.8, 0.99)},
 }
 
 
@@ -1029,12 +1030,14 @@ TORCH_SPARSE_MESSAGES = {
     "Adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
     "AdamW": "Adam does not support sparse gradients, please consider SparseAdam instead",
     "RMSprop": "RMSprop does not support sparse gradients",
+    "Adamax": "Adamax does not support sparse gradients",
 }
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_sparse_gradient(name, rng):
-    """Adam/AdamW/RMSprop: torch's RuntimeError; SGD/Adagrad (sparse in torch): TypeError."""
+    """Adam/AdamW/RMSprop/Adamax: torch's RuntimeError; SGD/Adagrad (sparse in torch):
+    TypeError."""
     emb = nn.Embedding(10, 3, sparse=True)
     opt = stepped_optimizer(name, rng, emb.weight)
     emb(torch.tensor([1, 4, 4])).sum().backward()

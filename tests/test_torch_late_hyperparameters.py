@@ -40,6 +40,7 @@ BASE = {
     "AdamW": {"lr": 0.01, "amsgrad": True},
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "weight_decay": 0.1},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "Adamax": {"lr": 0.01, "weight_decay": 0.1},
 }
 
 # Values torch.optim's constructor refuses (checked below) and its step takes.
@@ -79,6 +80,15 @@ REFUSED_BY_CONSTRUCTOR = {
         {"weight_decay": -0.1},
         {"initial_accumulator_value": -1.0},
     ],
+    "Adamax": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"eps": -1e-3},
+        {"betas": (0.9, 1.0)},
+        {"betas": (-0.5, 0.999)},
+        {"betas": (1.5, 0.999)},
+        {"weight_decay": -0.1},
+    ],
 }
 # Values the constructor takes too, which the bridge used to refuse or which reach the kernels
 # only now: NaN and infinite learning rates, RMSprop's alpha above 1, SGD's dampening.
@@ -88,6 +98,7 @@ ALSO_STEPPED = {
     "AdamW": [{"betas": (0.9, INF)}],
     "RMSprop": [{"alpha": 1.5}, {"alpha": NAN}],
     "Adagrad": [{"lr_decay": INF}],
+    "Adamax": [{"lr": INF}, {"betas": (NAN, 0.999)}, {"betas": (0.9, INF)}, {"eps": INF}],
 }
 
 
@@ -244,6 +255,10 @@ RAISING = [
     ("SGD", BASE["SGD"], {"lr": 1j}, F32),  # complex: torch fails in a tensor operation
     ("SGD", BASE["SGD"], {"lr": None}, F32),  # not a number: TypeError
     ("Adam", BASE["Adam"], {"eps": "1e-8"}, F32),
+    ("Adamax", BASE["Adamax"], {"betas": (1.0, 0.999)}, F32),  # lr / (1 - 1 ** step)
+    ("Adamax", BASE["Adamax"], {"betas": (1e200, 0.999)}, F64),  # 1e200 ** 3 overflows
+    ("Adamax", BASE["Adamax"], {"lr": 1e300}, F32),
+    ("Adamax", BASE["Adamax"], {"weight_decay": 1e300}, F32),
 ]
 
 

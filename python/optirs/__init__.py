@@ -1,7 +1,8 @@
 """optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
 
-``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` take torch.optim's arguments,
-defaults and error messages, and follow torch.optim's update formulas and operation order::
+``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad`` and ``Adamax`` take torch.optim's
+arguments, defaults and error messages, and follow torch.optim's update formulas and operation
+order::
 
     import numpy as np, optirs
     w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
@@ -34,6 +35,7 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
     "Optimizer",
     "ParamState",
     "RMSprop",
@@ -738,4 +740,15 @@ class Adagrad(Optimizer):
     """
 
     _spec = _spec.ADAGRAD
+    __init__ = _numpy_init(_spec)
+
+
+class Adamax(Optimizer):
+    """Adamax (Adam with an infinity norm), with weight decay and maximize:
+    ``torch.optim.Adamax``'s update over NumPy arrays.
+
+    State: ``step`` (0-d float32), ``exp_avg`` and ``exp_inf``.
+    """
+
+    _spec = _spec.ADAMAX
     __init__ = _numpy_init(_spec)

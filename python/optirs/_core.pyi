@@ -49,8 +49,9 @@ def step(
 ) -> bool:
     """Runs one optimizer step over every parameter of every group, in place.
 
-    ``kind`` is "sgd", "adam", "rmsprop" or "adagrad". ``groups`` are the param-group mappings
-    (hyperparameters under torch's names; ``len(group["params"])`` maps flat indices to groups).
+    ``kind`` is the ``name`` of a row of ``RULES`` ("sgd", "adam", ...). ``groups`` are the
+    param-group mappings (hyperparameters under torch's names; ``len(group["params"])`` maps
+    flat indices to groups).
     ``params``, ``grads``, ``buffers`` (a tuple of state arrays per parameter, in the order of
     ``optirs._spec``), ``steps`` (0-d float32 counters) and ``fresh`` (SGD: the momentum buffer
     was just created; may be empty) are flat, one entry per parameter; a ``None`` gradient skips

@@ -378,8 +378,28 @@ ADAGRAD = Spec(
     state_at_construction=True,
 )
 
+ADAMAX = Spec(
+    name="Adamax",
+    kind="adamax",
+    params=(
+        Param("lr", 2e-3, "float"),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
+        Param("eps", 1e-8, "float"),
+        Param("weight_decay", 0, "float"),
+        _torch_switch("foreach", None, "bool | None", keyword_only=False),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("differentiable", False, "bool"),
+        _torch_switch("capturable", False, "bool"),
+    ),
+    state=(Buffer("exp_avg", "m"), Buffer("exp_inf", "u")),
+    counts_steps=True,
+    validate=_check_adam,
+    refused=("differentiable", "capturable"),
+    sparse_message="Adamax does not support sparse gradients",
+)
+
 #: Every optimizer, by torch.optim's class name, in the order the package lists them.
-SPECS: dict[str, Spec] = {s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD)}
+SPECS: dict[str, Spec] = {s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, ADAMAX)}
 
 #: optirs's own options, keyword-only after torch's arguments in both APIs.
 OWN_OPTIONS: tuple[Param, ...] = (

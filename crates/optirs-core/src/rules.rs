@@ -9,6 +9,7 @@ use crate::dtype::DType;
 use crate::error::CoreError;
 use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use crate::kernels::adam::{AdamHyper, AdamScalars};
+use crate::kernels::adamax::{AdamaxHyper, AdamaxScalars};
 use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
 use crate::kernels::sgd::{SgdHyper, SgdScalars};
 use crate::kernels::{Float, Rule};
@@ -22,6 +23,7 @@ pub enum Kind {
     Adam,
     RmsProp,
     Adagrad,
+    Adamax,
 }
 
 /// One row of the rule table.
@@ -37,7 +39,7 @@ pub struct RuleSpec {
 }
 
 /// The rule table, in `Kind` order.
-pub const RULES: [RuleSpec; 4] = [
+pub const RULES: [RuleSpec; 5] = [
     RuleSpec {
         kind: Kind::Sgd,
         name: "sgd",
@@ -60,6 +62,12 @@ pub const RULES: [RuleSpec; 4] = [
         kind: Kind::Adagrad,
         name: "adagrad",
         buffers: &["sum"],
+        counts_steps: true,
+    },
+    RuleSpec {
+        kind: Kind::Adamax,
+        name: "adamax",
+        buffers: &["exp_avg", "exp_inf"],
         counts_steps: true,
     },
 ];
@@ -104,6 +112,7 @@ pub enum Hyper {
     Adam(AdamHyper, PyNumbers),
     RmsProp(RmsPropHyper),
     Adagrad(AdagradHyper, PyNumbers),
+    Adamax(AdamaxHyper, PyNumbers),
 }
 
 impl Hyper {
@@ -115,6 +124,7 @@ impl Hyper {
             Hyper::Adam(h, _) => [true, true, h.amsgrad],
             Hyper::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
             Hyper::Adagrad(..) => [true, false, false],
+            Hyper::Adamax(..) => [true, true, false],
         }
     }
 
@@ -124,6 +134,7 @@ impl Hyper {
             Hyper::Adam(h, _) => Rule::Adam(AdamScalars::new(h, step)),
             Hyper::RmsProp(h) => Rule::RmsProp(RmsPropScalars::new(h)),
             Hyper::Adagrad(h, _) => Rule::Adagrad(AdagradScalars::new(h, step)),
+            Hyper::Adamax(h, _) => Rule::Adamax(AdamaxScalars::new(h, step)),
         }
     }
 }

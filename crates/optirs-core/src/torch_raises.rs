@@ -22,6 +22,7 @@ use crate::dtype::DType;
 use crate::error::{CoreError, TorchRaises};
 use crate::kernels::adagrad::AdagradHyper;
 use crate::kernels::adam::AdamHyper;
+use crate::kernels::adamax::AdamaxHyper;
 use crate::kernels::rmsprop::RmsPropHyper;
 use crate::kernels::sgd::SgdHyper;
 use crate::rules::Hyper;
@@ -54,6 +55,7 @@ pub fn check(
         Hyper::Adam(h, py) => at.adam(h, *py, step),
         Hyper::RmsProp(h) => at.rmsprop(h),
         Hyper::Adagrad(h, py) => at.adagrad(h, *py, step),
+        Hyper::Adamax(h, py) => at.adamax(h, *py, step),
     }
     .map_err(|e| e.in_group(gi))
 }
@@ -255,6 +257,72 @@ impl Scalars {
             Arg::Value
         };
         self.convert(-h.lr, arg, "lr", "-lr")
+    }
+
+    /// In torch's order: the weight decay, the first moment's weight, `beta1 ** step`,
+    /// `lr / (1 - beta1 ** step)` and the update's value. `exp_inf.mul_(beta2)` and
+    /// `add_(eps)` take any float (infinity where out of range).
+    fn adamax(&self, h: &AdamaxHyper, py: PyNumbers, step: f64) -> Result<(), CoreError> {
+        self.weight_decay(h.weight_decay)?;
+        self.convert(1.0 - h.beta1, Arg::Value, "betas", "1 - betas[0]")?;
+        let correction = self.bias_correction1(h.beta1, py, step)?;
+        if py.lr && py.betas[0] && correction == 0.0 {
+            return self.lr_over_zero(h.beta1, step);
+        }
+        self.convert(
+            -h.lr / correction,
+            Arg::Value,
+            "lr",
+            "-lr / (1 - beta1 ** step)",
+        )
+    }
+
+    /// `1 - beta1 ** step`, or what torch's step raises for it.
+    fn bias_correction1(&self, beta1: f64, py: PyNumbers, step: f64) -> Result<f64, CoreError> {
+        let power = if py.betas[0] {
+            python_pow(beta1, step)
+        } else {
+            PyPow::Real(beta1.powf(step))
+        };
+        match power {
+            PyPow::Real(x) => Ok(1.0 - x),
+            // A fractional count (a loaded state) makes a complex step size, which the
+            // tensor operation refuses, as for Adam.
+            PyPow::Complex => Err(CoreError::torch(
+                TorchRaises::Runtime,
+                format!(
+                    "value cannot be converted to type {} without overflow: \
+                     param_groups[{}]['betas'][0] = {beta1:?} raised to the step count {step} \
+                     is a complex number in Python",
+                    if self.dtype == DType::F64 {
+                        "double"
+                    } else {
+                        "float"
+                    },
+                    self.gi
+                ),
+            )),
+            PyPow::Overflow => Err(CoreError::torch(
+                TorchRaises::Overflow,
+                format!(
+                    "(34, 'Numerical result out of range'): param_groups[{}]['betas'][0] = \
+                     {beta1:?} raised to the step count {step} is out of a float's range",
+                    self.gi
+                ),
+            )),
+        }
+    }
+
+    fn lr_over_zero(&self, beta1: f64, step: f64) -> Result<(), CoreError> {
+        fail(
+            TorchRaises::ZeroDivision,
+            format!(
+                "float division by zero: param_groups[{}]['betas'][0] = {beta1:?} makes the \
+                 bias correction 1 - beta1 ** step zero at step {step}, and torch.optim \
+                 divides lr by it",
+                self.gi
+            ),
+        )
     }
 
     fn adagrad(&self, h: &AdagradHyper, py: PyNumbers, step: f64) -> Result<(), CoreError> {

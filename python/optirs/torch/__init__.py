@@ -1,6 +1,6 @@
 """optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
 
-``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` subclass the
+``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad`` and ``Adamax`` subclass the
 ``torch.optim`` classes of the same name, so construction, validation, param groups,
 ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
 ``step`` differs: one call into optirs's Rust core updates every parameter in place, in the
@@ -35,7 +35,7 @@ Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward`
 from __future__ import annotations
 
 from ._backward import StepInBackward, step_in_backward
-from ._bridge import SGD, Adagrad, Adam, AdamW, RMSprop
+from ._bridge import SGD, Adagrad, Adam, Adamax, AdamW, RMSprop
 from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
 from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
@@ -46,6 +46,7 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
     "RMSprop",
     "StepInBackward",
     "register_functional_optimizers",
@@ -54,6 +55,6 @@ __all__ = [
 
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
-for _public in (SGD, Adagrad, Adam, AdamW, RMSprop, StepInBackward):
+for _public in (SGD, Adagrad, Adam, AdamW, Adamax, RMSprop, StepInBackward):
     _public.__module__ = __name__
 del _public

@@ -19,7 +19,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .. import _core, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Adamax", "RMSprop"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # DLPack's C exchange API (torch 2.10 and later): the plan reads a tensor's data pointer, dtype,
@@ -504,4 +504,12 @@ class Adagrad(_Bridge, torch.optim.Adagrad):
     by optirs, for dense gradients. Same signature; ``differentiable=True`` is refused."""
 
     _spec = _spec.ADAGRAD
+    __init__ = _bridge_init(_spec)
+
+
+class Adamax(_Bridge, torch.optim.Adamax):
+    """``torch.optim.Adamax`` (weight decay, maximize) stepped by optirs. Same signature;
+    ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.ADAMAX
     __init__ = _bridge_init(_spec)

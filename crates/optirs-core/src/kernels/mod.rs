@@ -9,6 +9,7 @@
 
 pub mod adagrad;
 pub mod adam;
+pub mod adamax;
 pub mod float;
 pub mod lanes;
 pub mod rmsprop;
@@ -28,6 +29,7 @@ pub enum Rule<T> {
     Adam(adam::AdamScalars<T>),
     RmsProp(rmsprop::RmsPropScalars<T>),
     Adagrad(adagrad::AdagradScalars<T>),
+    Adamax(adamax::AdamaxScalars<T>),
 }
 
 /// The memory one parameter's update touches. `bufs` holds the state buffers in the order the
@@ -158,6 +160,11 @@ pub(crate) unsafe fn apply_inline<S: Storage, L: Lanes<S>>(
             Rule::Adagrad(k) => {
                 if let Some(sum) = b0 {
                     adagrad::update::<S, L>(k, param, grad, sum);
+                }
+            }
+            Rule::Adamax(k) => {
+                if let (Some(m), Some(u)) = (b0, b1) {
+                    adamax::update::<S, L>(k, param, grad, m, u);
                 }
             }
         }

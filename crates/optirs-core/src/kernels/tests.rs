@@ -5,6 +5,7 @@
 
 use super::adagrad::{AdagradHyper, AdagradScalars};
 use super::adam::{AdamHyper, AdamScalars};
+use super::adamax::{AdamaxHyper, AdamaxScalars};
 use super::rmsprop::{RmsPropHyper, RmsPropScalars};
 use super::sgd::{SgdHyper, SgdScalars};
 use super::simd::{apply, Element, SimdLevel};
@@ -26,8 +27,8 @@ const CHUNKS: &[usize] = if cfg!(miri) {
 
 /// The cases of `cases()` Miri runs: every rule, with 0 to 3 state buffers (SGD without and
 /// with momentum, Adam with amsgrad and without, RMSprop centered with momentum and plain with
-/// momentum, Adagrad). The others differ from these in their arithmetic only.
-const MIRI_CASES: [usize; 7] = [0, 6, 14, 15, 21, 23, 29];
+/// momentum, Adagrad, Adamax). The others differ from these in their arithmetic only.
+const MIRI_CASES: [usize; 8] = [0, 6, 14, 15, 21, 23, 29, 31];
 
 /// Gradients (steps) per case.
 const STEPS: usize = if cfg!(miri) { 2 } else { 4 };
@@ -241,6 +242,32 @@ fn ref_adagrad<T: Float>(h: &AdagradHyper, s: &mut State<T>, grad: &[T]) {
     s.p = addcdiv(&s.p, &g, &std, t(-clr));
 }
 
+fn ref_adamax<T: Float>(h: &AdamaxHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    let [m, u, _] = &mut s.bufs;
+    let (m, u) = (m.as_mut().unwrap(), u.as_mut().unwrap());
+    *m = lerp(m, &g, 1.0 - h.beta1);
+    let abs: Vec<T> = g
+        .iter()
+        .map(|&x| {
+            if x.is_nan() {
+                x
+            } else if x < T::ZERO {
+                -x
+            } else {
+                x + T::ZERO
+            }
+        })
+        .collect();
+    *u = maximum(&mul_scalar(u, t(h.beta2)), &add_scalar(&abs, t(h.eps)));
+    let clr = h.lr / (1.0 - h.beta1.powf(f64::from(s.step)));
+    s.p = addcdiv(&s.p, m, u, t(-clr));
+}
+
 // ---- the harness ------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -249,6 +276,7 @@ enum Case {
     Adam(AdamHyper),
     RmsProp(RmsPropHyper),
     Adagrad(AdagradHyper),
+    Adamax(AdamaxHyper),
 }
 
 impl Case {
@@ -258,6 +286,7 @@ impl Case {
             Case::Adam(h) => [true, true, h.amsgrad],
             Case::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
             Case::Adagrad(_) => [true, false, false],
+            Case::Adamax(_) => [true, true, false],
         }
     }
 
@@ -283,6 +312,7 @@ impl Case {
             Case::Adam(h) => ref_adam(h, s, grad),
             Case::RmsProp(h) => ref_rmsprop(h, s, grad),
             Case::Adagrad(h) => ref_adagrad(h, s, grad),
+            Case::Adamax(h) => ref_adamax(h, s, grad),
         }
     }
 
@@ -309,6 +339,10 @@ impl Case {
             Case::Adagrad(h) => {
                 s.step += 1.0;
                 Rule::Adagrad(AdagradScalars::new(h, f64::from(s.step)))
+            }
+            Case::Adamax(h) => {
+                s.step += 1.0;
+                Rule::Adamax(AdamaxScalars::new(h, f64::from(s.step)))
             }
         };
         let [b0, b1, b2] = &mut s.bufs;
@@ -455,6 +489,18 @@ fn cases() -> Vec<Case> {
             lr_decay: 0.5,
             weight_decay: 0.1,
             ..ada
+        }),
+        Case::Adamax(AdamaxHyper::default()),
+        Case::Adamax(AdamaxHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..AdamaxHyper::default()
+        }),
+        Case::Adamax(AdamaxHyper {
+            beta1: 0.3,
+            beta2: 0.5,
+            eps: 0.0,
+            ..AdamaxHyper::default()
         }),
     ]
 }
