@@ -6,6 +6,7 @@ use pyo3::types::{PyComplex, PyFloat, PyInt};
 use optirs_core::kernels::adagrad::AdagradHyper;
 use optirs_core::kernels::adam::AdamHyper;
 use optirs_core::kernels::adamax::AdamaxHyper;
+use optirs_core::kernels::nadam::NAdamHyper;
 use optirs_core::kernels::rmsprop::RmsPropHyper;
 use optirs_core::kernels::sgd::SgdHyper;
 use optirs_core::torch_raises::PyNumbers;
@@ -82,8 +83,7 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
             )
         }
         Kind::Adamax => {
-            let [(beta1, py_beta1), (beta2, py_beta2)] = g.pair("betas")?;
-            let (lr, py_lr) = g.number("lr")?;
+            let (lr, [beta1, beta2], py) = g.lr_and_betas()?;
             Hyper::Adamax(
                 AdamaxHyper {
                     lr,
@@ -93,11 +93,23 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
                     weight_decay: g.real("weight_decay")?,
                     maximize: g.flag("maximize", Some(false))?,
                 },
-                PyNumbers {
-                    lr: py_lr,
-                    betas: [py_beta1, py_beta2],
-                    lr_decay: false,
+                py,
+            )
+        }
+        Kind::NAdam => {
+            let (lr, [beta1, beta2], py) = g.lr_and_betas()?;
+            Hyper::NAdam(
+                NAdamHyper {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps: g.real("eps")?,
+                    weight_decay: g.real("weight_decay")?,
+                    momentum_decay: g.real("momentum_decay")?,
+                    decoupled: g.flag("decoupled_weight_decay", Some(false))?,
+                    maximize: g.flag("maximize", Some(false))?,
                 },
+                py,
             )
         }
     })
@@ -191,6 +203,18 @@ impl<'py> GroupReader<'_, 'py> {
             (self.to_real(key, &a)?, is_py_number(&a)),
             (self.to_real(key, &b)?, is_py_number(&b)),
         ])
+    }
+
+    /// `betas` then `lr`, and which of them are Python numbers.
+    fn lr_and_betas(&self) -> Result<(f64, [f64; 2], PyNumbers), CoreError> {
+        let [(beta1, py_beta1), (beta2, py_beta2)] = self.pair("betas")?;
+        let (lr, py_lr) = self.number("lr")?;
+        let py = PyNumbers {
+            lr: py_lr,
+            betas: [py_beta1, py_beta2],
+            lr_decay: false,
+        };
+        Ok((lr, [beta1, beta2], py))
     }
 
     /// A truthy option; `default` is used when the key is absent (older state dicts).

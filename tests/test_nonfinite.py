@@ -309,6 +309,7 @@ DRIFT = {
     },
     # Adamax's exp_inf stays above eps: the gradient itself is denormal, and so its average.
     "Adamax": {np.float32: (1e-37, 1e-39), np.float64: (1e-307, 1e-309)},
+    "NAdam": {np.float32: (1e-37, 1e-20), np.float64: (1e-307, 1e-155)},
 }
 DRIFT_KWARGS = {
     "SGD": {"lr": 0.5, "momentum": 0.5, "weight_decay": 0.5},
@@ -317,6 +318,7 @@ DRIFT_KWARGS = {
     "RMSprop": {"lr": 1e-3, "centered": True, "momentum": 0.5},
     "Adagrad": {"lr": 1e-3, "lr_decay": 0.01},
     "Adamax": {"lr": 1e-3, "betas": (0.5, 0.9)},
+    "NAdam": {"lr": 1e-3},
 }
 
 

@@ -114,6 +114,28 @@ COMBOS += [
     ("Adamax", "betas_zero", {"lr": 0.01, "betas": (0.0, 0.0)}),
     ("Adamax", "eps_zero", {"lr": 0.01, "eps": 0.0, "betas": (0.8, 0.5)}),
     ("Adamax", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
+    # NAdam: torch's combos
+    ("NAdam", "default", {}),
+    ("NAdam", "lr", {"lr": 0.01}),
+    ("NAdam", "wd", {"weight_decay": 0.1}),
+    ("NAdam", "wd_momentum_decay", {"weight_decay": 0.1, "momentum_decay": 6e-3}),
+    (
+        "NAdam",
+        "wd_momentum_decay_decoupled",
+        {"weight_decay": 0.1, "momentum_decay": 6e-3, "decoupled_weight_decay": True},
+    ),
+    ("NAdam", "maximize", {"weight_decay": 0.1, "maximize": True}),
+    # NAdam: extra
+    (
+        "NAdam",
+        "decoupled_maximize",
+        {"lr": 0.01, "weight_decay": 0.2, "decoupled_weight_decay": True, "maximize": True},
+    ),
+    ("NAdam", "betas_eps", {"lr": 0.02, "betas": (0.5, 0.9), "eps": 1e-4}),
+    ("NAdam", "betas_zero", {"lr": 0.01, "betas": (0.0, 0.0)}),
+    ("NAdam", "momentum_decay_zero", {"lr": 0.01, "momentum_decay": 0.0}),
+    ("NAdam", "momentum_decay_big", {"lr": 0.01, "momentum_decay": 0.5, "betas": (0.3, 0.5)}),
+    ("NAdam", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
 ]
 COMBOS += [
     ("SGD", "high_lr", {"lr": 0.5, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
@@ -159,6 +181,7 @@ BIG_COMBOS = [
     ("RMSprop", {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.1, "weight_decay": 0.1}),
     ("Adamax", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
+    ("NAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
 ]
 
 
@@ -180,6 +203,8 @@ LONG_COMBOS = [
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
     ("Adamax", {"lr": 0.01, "weight_decay": 0.01}),
     ("Adamax", {"lr": 0.002, "betas": (0.5, 0.99), "maximize": True}),
+    ("NAdam", {"lr": 0.01, "weight_decay": 0.01}),
+    ("NAdam", {"lr": 0.002, "momentum_decay": 0.01, "maximize": True}),
 ]
 
 
@@ -217,6 +242,14 @@ MULTI_GROUP = {
     "Adamax": (
         {"lr": 0.01},
         [{}, {"lr": 0.05, "betas": (0.5, 0.8)}, {"weight_decay": 0.1, "maximize": True}],
+    ),
+    "NAdam": (
+        {"lr": 0.01},
+        [
+            {},
+            {"lr": 0.05, "betas": (0.5, 0.8), "momentum_decay": 0.01},
+            {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+        ],
     ),
 }
 
@@ -324,6 +357,16 @@ SCHEDULES = {
         {
             2: [(0, {"lr": 0.001}), (1, {"betas": (0.5, 0.9)})],
             5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
+            8: [(1, {"maximize": True, "lr": 0.3})],
+        },
+    ),
+    "NAdam": (
+        {"lr": 0.01},
+        {
+            2: [(0, {"lr": 0.001}), (1, {"betas": (0.5, 0.9)})],
+            4: [(0, {"momentum_decay": 0.02})],
+            5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
+            7: [(1, {"weight_decay": 0.2, "decoupled_weight_decay": True})],
             8: [(1, {"maximize": True, "lr": 0.3})],
         },
     ),

@@ -41,6 +41,7 @@ BASE = {
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "weight_decay": 0.1},
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
     "Adamax": {"lr": 0.01, "weight_decay": 0.1},
+    "NAdam": {"lr": 0.01, "weight_decay": 0.1},
 }
 
 # Values torch.optim's constructor refuses (checked below) and its step takes.
@@ -89,6 +90,17 @@ REFUSED_BY_CONSTRUCTOR = {
         {"betas": (1.5, 0.999)},
         {"weight_decay": -0.1},
     ],
+    "NAdam": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"eps": -1e-3},
+        {"betas": (0.9, 1.0)},
+        {"betas": (-0.5, 0.999)},
+        {"betas": (1.5, 0.999)},
+        {"weight_decay": -0.1},
+        {"momentum_decay": -0.01},
+        {"momentum_decay": -100.0},
+    ],
 }
 # Values the constructor takes too, which the bridge used to refuse or which reach the kernels
 # only now: NaN and infinite learning rates, RMSprop's alpha above 1, SGD's dampening.
@@ -99,6 +111,13 @@ ALSO_STEPPED = {
     "RMSprop": [{"alpha": 1.5}, {"alpha": NAN}],
     "Adagrad": [{"lr_decay": INF}],
     "Adamax": [{"lr": INF}, {"betas": (NAN, 0.999)}, {"betas": (0.9, INF)}, {"eps": INF}],
+    "NAdam": [
+        {"lr": INF},
+        {"betas": (NAN, 0.999)},
+        {"momentum_decay": INF},
+        {"momentum_decay": NAN},
+        {"decoupled_weight_decay": True, "weight_decay": 1e30},
+    ],
 }
 
 
@@ -259,6 +278,12 @@ RAISING = [
     ("Adamax", BASE["Adamax"], {"betas": (1e200, 0.999)}, F64),  # 1e200 ** 3 overflows
     ("Adamax", BASE["Adamax"], {"lr": 1e300}, F32),
     ("Adamax", BASE["Adamax"], {"weight_decay": 1e300}, F32),
+    ("NAdam", BASE["NAdam"], {"betas": (1e300, 0.999)}, F32),  # 1 - beta1 does not fit
+    ("NAdam", BASE["NAdam"], {"momentum_decay": -1e10}, F64),  # 0.96 ** -3e10 overflows
+    ("NAdam", BASE["NAdam"], {"betas": (0.9, 1e200)}, F64),  # 1e200 ** 3 overflows
+    ("NAdam", BASE["NAdam"], {"betas": (0.9, 1e300)}, F32),  # 1 - beta2 does not fit
+    ("NAdam", BASE["NAdam"], {"lr": 1e300}, F32),
+    ("NAdam", BASE["NAdam"], {"weight_decay": 1e300}, F32),
 ]
 
 

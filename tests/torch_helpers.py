@@ -21,6 +21,7 @@ import numpy as np
 import optirs.torch
 import torch
 from conftest import default_grad, tolerances, well_conditioned
+from optirs._spec import SPECS
 
 TORCH_DTYPES = (torch.float32, torch.float64)
 NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -78,6 +79,12 @@ def assert_matches_torch(opt, params, topt, tparams, steps: int) -> None:
             if key == "step":
                 assert value.shape == () and value.dtype == tvalue.dtype, (i, value, tvalue)
                 assert float(value) == float(tvalue), f"param {i}: step {value} != {tvalue}"
+                continue
+            if key in SPECS[type(opt).__name__].scalar_names:
+                # 0-d state computed and stored as torch does: bit for bit torch's.
+                assert value.shape == () and value.dtype == tvalue.dtype, (i, key, value, tvalue)
+                same = torch.equal(value, tvalue) or bool(value.isnan() and tvalue.isnan())
+                assert same, (i, key, value.item(), tvalue.item())
                 continue
             assert value.dtype == p.dtype and value.shape == p.shape, (i, key)
             np.testing.assert_allclose(

@@ -1,8 +1,8 @@
 """optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
 
-``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad`` and ``Adamax`` take torch.optim's
-arguments, defaults and error messages, and follow torch.optim's update formulas and operation
-order::
+``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax`` and ``NAdam`` take
+torch.optim's arguments, defaults and error messages, and follow torch.optim's update formulas
+and operation order::
 
     import numpy as np, optirs
     w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
@@ -36,6 +36,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "NAdam",
     "Optimizer",
     "ParamState",
     "RMSprop",
@@ -205,7 +206,7 @@ class _Plan:
 
     def __init__(self, opt: Optimizer, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
-        names = spec.buffers
+        names = spec.entries
         state = opt.state
         self.state = state
         self.version = state._version
@@ -216,7 +217,8 @@ class _Plan:
         #: flat indices of parameters whose state is not complete yet
         self.missing: list[int] = []
         for ps, need in zip(self.groups.members, self.groups.needs):
-            required = [n for n, want in zip(names, need) if want]
+            required = [n for n, want in zip(spec.buffers, need) if want]
+            required.extend(spec.scalar_names)
             if spec.counts_steps:
                 required.append("step")
             for p in ps:
@@ -419,7 +421,11 @@ class Optimizer:
     ) -> dict[str, Any]:
         """The state entries ``missing`` names, for ``p`` (``Spec.new_state``, in NumPy)."""
         return self._spec.new_state(
-            missing, group, lambda x: np.full_like(p, x), lambda: np.zeros((), np.float32)
+            missing,
+            group,
+            lambda x: np.full_like(p, x),
+            lambda: np.zeros((), np.float32),
+            scalar=lambda x: np.array(x, np.float32),
         )
 
     def step(self, grads: Iterable[Any]) -> None:
@@ -494,7 +500,7 @@ class Optimizer:
         """A step in which some parameters get their first state: it is made aside and kept
         only when the step succeeds."""
         spec = self._spec
-        names = spec.buffers
+        names = spec.entries
         buffers = list(plan.buffers)
         steps = list(plan.steps)
         fresh = list(plan.fresh)
@@ -616,6 +622,8 @@ class Optimizer:
             for name, value in saved.items():
                 if name == "step":
                     entry[name] = _load_step(value, where)
+                elif name in spec.scalar_names:
+                    entry[name] = _load_scalar(value, p, f"{where}['{name}']")
                 elif value is not None or name != "momentum_buffer":
                     entry[name] = _load_buffer(value, p, f"{where}['{name}']")
             # A buffer the kernel makes from the next gradient may be absent, as in torch.
@@ -644,6 +652,18 @@ def _load_step(value: Any, where: str) -> np.ndarray:
             )
         )
     return np.array(_spec.check_step_value(arr, f"{where}['step']"), dtype=np.float32)
+
+
+def _load_scalar(value: Any, p: np.ndarray, where: str) -> np.ndarray:
+    # torch's load_state_dict casts every floating state value but ``step`` to the parameter's
+    # dtype, a 0-d one too (exact from float32); the update then rounds it in that dtype.
+    arr = np.asarray(value)
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{where} must be a real number or 0-d array, got {_tn(value)}"
+            + (f" of shape {arr.shape}" if isinstance(value, np.ndarray) else "")
+        )
+    return np.array(arr, dtype=p.dtype)
 
 
 def _load_buffer(value: Any, p: np.ndarray, where: str) -> np.ndarray:
@@ -751,4 +771,15 @@ class Adamax(Optimizer):
     """
 
     _spec = _spec.ADAMAX
+    __init__ = _numpy_init(_spec)
+
+
+class NAdam(Optimizer):
+    """NAdam (Adam with Nesterov momentum and a momentum decay schedule), with L2 or decoupled
+    weight decay and maximize: ``torch.optim.NAdam``'s update over NumPy arrays.
+
+    State: ``step`` and ``mu_product`` (0-d float32), ``exp_avg`` and ``exp_avg_sq``.
+    """
+
+    _spec = _spec.NADAM
     __init__ = _numpy_init(_spec)

@@ -7,6 +7,7 @@ from typing import Any, Literal, final, overload
 __all__ = [
     "CHUNK_ELEMS",
     "RULES",
+    "RULE_SCALARS",
     "ArrayPlan",
     "TorchPlan",
     "__version__",
@@ -28,6 +29,9 @@ CHUNK_ELEMS: int
 #: the rule table: each update rule's state buffers, in the order the kernels take them
 #: (``optirs._spec`` declares the same; tests/test_rules.py checks they agree)
 RULES: dict[str, tuple[str, ...]]
+#: each update rule's per-parameter 0-d state besides ``step`` (NAdam's ``mu_product``), handed
+#: over after its buffers, in the same tuple
+RULE_SCALARS: dict[str, tuple[str, ...]]
 
 @overload
 def step(
@@ -53,8 +57,9 @@ def step(
     param-group mappings (hyperparameters under torch's names; ``len(group["params"])`` maps
     flat indices to groups).
     ``params``, ``grads``, ``buffers`` (a tuple of state arrays per parameter, in the order of
-    ``optirs._spec``), ``steps`` (0-d float32 counters) and ``fresh`` (SGD: the momentum buffer
-    was just created; may be empty) are flat, one entry per parameter; a ``None`` gradient skips
+    ``optirs._spec``: the buffers, then the 0-d scalars of ``RULE_SCALARS``), ``steps`` (0-d
+    float32 counters) and ``fresh`` (SGD: the momentum buffer was just created; may be empty)
+    are flat, one entry per parameter; a ``None`` gradient skips
     that parameter. Everything is validated before anything is written: TypeError or
     ValueError, naming the array, and nothing modified. Hyperparameters are not range-checked
     (the NumPy API does that with torch's constructor checks): where torch.optim's for-loop step

@@ -22,9 +22,12 @@ pub mod rules;
 pub mod torch_raises;
 
 pub use dtype::DType;
-pub use engine::{counter_at, execute, prepare, Checked, CounterSlot, Options, Work, CHUNK_ELEMS};
+pub use engine::{
+    counter_at, execute, prepare, scalar_read, scalar_slot, Checked, CounterSlot, Options, Work,
+    CHUNK_ELEMS,
+};
 pub use error::{panic_message, CoreError, ErrorKind, Locate, Location, TorchRaises};
-pub use rules::{Hyper, Kind, RuleMemo, RuleOf, RuleSpec, RULES};
+pub use rules::{Hyper, Kind, RuleMemo, RuleOf, RuleSpec, MAX_SCALARS, RULES};
 
 #[cfg(test)]
 mod tests {

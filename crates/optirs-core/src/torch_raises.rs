@@ -23,9 +23,10 @@ use crate::error::{CoreError, TorchRaises};
 use crate::kernels::adagrad::AdagradHyper;
 use crate::kernels::adam::AdamHyper;
 use crate::kernels::adamax::AdamaxHyper;
+use crate::kernels::nadam::NAdamHyper;
 use crate::kernels::rmsprop::RmsPropHyper;
 use crate::kernels::sgd::SgdHyper;
-use crate::rules::Hyper;
+use crate::rules::{Hyper, MAX_SCALARS};
 
 /// Which hyperparameters are Python numbers (`float` or `int`), whose arithmetic in torch's
 /// step is Python's.
@@ -49,6 +50,23 @@ pub fn check(
     dtype: DType,
     fresh: bool,
 ) -> Result<(), CoreError> {
+    check_with_scalars(hyper, gi, step, dtype, fresh, [f64::NAN; MAX_SCALARS])
+}
+
+/// As [`check`], for a rule with per-parameter scalar state (`RuleSpec::scalars`): `after`
+/// holds their values once this step has updated them (NAdam's `mu_product`), which torch's
+/// step divides by.
+///
+/// # Errors
+/// As [`check`].
+pub fn check_with_scalars(
+    hyper: &Hyper,
+    gi: usize,
+    step: f64,
+    dtype: DType,
+    fresh: bool,
+    after: [f64; MAX_SCALARS],
+) -> Result<(), CoreError> {
     let at = Scalars { gi, dtype };
     match hyper {
         Hyper::Sgd(h) => at.sgd(h, fresh),
@@ -56,6 +74,7 @@ pub fn check(
         Hyper::RmsProp(h) => at.rmsprop(h),
         Hyper::Adagrad(h, py) => at.adagrad(h, *py, step),
         Hyper::Adamax(h, py) => at.adamax(h, *py, step),
+        Hyper::NAdam(h, py) => at.nadam(h, *py, step, after[0]),
     }
     .map_err(|e| e.in_group(gi))
 }
@@ -275,6 +294,83 @@ impl Scalars {
             "lr",
             "-lr / (1 - beta1 ** step)",
         )
+    }
+
+    /// In torch's order: `beta2 ** step`, the weight decay, the momentum caches (`0.96 **
+    /// (step * momentum_decay)`), the moments' weights, then each `addcdiv`'s value, a Python
+    /// division by `1 - mu_product` (then by `1 - mu_product * mu_next`). `mu_product` is the
+    /// value after this step's factor. `momentum_decay` is taken for a Python number.
+    fn nadam(
+        &self,
+        h: &NAdamHyper,
+        py: PyNumbers,
+        step: f64,
+        mu_product: f64,
+    ) -> Result<(), CoreError> {
+        let gi = self.gi;
+        if py.betas[1] {
+            if let PyPow::Overflow = python_pow(h.beta2, step) {
+                return fail(
+                    TorchRaises::Overflow,
+                    format!(
+                        "(34, 'Numerical result out of range'): param_groups[{gi}]['betas'][1] \
+                         = {:?} raised to the step count {step} is out of a float's range",
+                        h.beta2
+                    ),
+                );
+            }
+        }
+        if !h.decoupled {
+            self.weight_decay(h.weight_decay)?;
+        }
+        for s in [step, step + 1.0] {
+            let exponent = s * h.momentum_decay;
+            if exponent.is_finite() {
+                if let PyPow::Overflow = python_pow(0.96, exponent) {
+                    return fail(
+                        TorchRaises::Overflow,
+                        format!(
+                            "(34, 'Numerical result out of range'): \
+                             param_groups[{gi}]['momentum_decay'] = {:?} makes 0.96 ** ({s} * \
+                             momentum_decay) out of a float's range",
+                            h.momentum_decay
+                        ),
+                    );
+                }
+            }
+        }
+        self.convert(1.0 - h.beta1, Arg::Value, "betas", "1 - betas[0]")?;
+        self.convert(1.0 - h.beta2, Arg::Value, "betas", "1 - betas[1]")?;
+        let mu_next = h.mu(step + 1.0);
+        let python = py.lr && py.betas[0];
+        let values = [
+            (h.mu(step), mu_product, "-lr * (1 - mu) / (1 - mu_product)"),
+            (
+                mu_next,
+                mu_product * mu_next,
+                "-lr * mu_next / (1 - mu_product * mu_next)",
+            ),
+        ];
+        for (i, (mu, product, expr)) in values.into_iter().enumerate() {
+            let numerator = if i == 0 {
+                -h.lr * (1.0 - mu)
+            } else {
+                -h.lr * mu
+            };
+            if python && 1.0 - product == 0.0 {
+                return fail(
+                    TorchRaises::ZeroDivision,
+                    format!(
+                        "float division by zero: param_groups[{gi}]['betas'][0] = {:?} keeps \
+                         the momentum product at 1 at step {step}, and torch.optim divides by \
+                         1 - mu_product",
+                        h.beta1
+                    ),
+                );
+            }
+            self.convert(numerator / (1.0 - product), Arg::Value, "lr", expr)?;
+        }
+        Ok(())
     }
 
     /// `1 - beta1 ** step`, or what torch's step raises for it.

@@ -1,7 +1,7 @@
 """optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
 
-``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad`` and ``Adamax`` subclass the
-``torch.optim`` classes of the same name, so construction, validation, param groups,
+``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax`` and ``NAdam``
+subclass the ``torch.optim`` classes of the same name, so construction, validation, param groups,
 ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
 ``step`` differs: one call into optirs's Rust core updates every parameter in place, in the
 tensors' own storage (the first step through zero-copy NumPy views, later ones through a plan
@@ -35,7 +35,7 @@ Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward`
 from __future__ import annotations
 
 from ._backward import StepInBackward, step_in_backward
-from ._bridge import SGD, Adagrad, Adam, Adamax, AdamW, RMSprop
+from ._bridge import SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop
 from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
 from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
@@ -47,6 +47,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "NAdam",
     "RMSprop",
     "StepInBackward",
     "register_functional_optimizers",
@@ -55,6 +56,6 @@ __all__ = [
 
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
-for _public in (SGD, Adagrad, Adam, AdamW, Adamax, RMSprop, StepInBackward):
+for _public in (SGD, Adagrad, Adam, AdamW, Adamax, NAdam, RMSprop, StepInBackward):
     _public.__module__ = __name__
 del _public

@@ -12,6 +12,7 @@ pub mod adam;
 pub mod adamax;
 pub mod float;
 pub mod lanes;
+pub mod nadam;
 pub mod rmsprop;
 pub mod sgd;
 pub mod simd;
@@ -30,6 +31,7 @@ pub enum Rule<T> {
     RmsProp(rmsprop::RmsPropScalars<T>),
     Adagrad(adagrad::AdagradScalars<T>),
     Adamax(adamax::AdamaxScalars<T>),
+    NAdam(nadam::NAdamScalars<T>),
 }
 
 /// The memory one parameter's update touches. `bufs` holds the state buffers in the order the
@@ -165,6 +167,11 @@ pub(crate) unsafe fn apply_inline<S: Storage, L: Lanes<S>>(
             Rule::Adamax(k) => {
                 if let (Some(m), Some(u)) = (b0, b1) {
                     adamax::update::<S, L>(k, param, grad, m, u);
+                }
+            }
+            Rule::NAdam(k) => {
+                if let (Some(m), Some(v)) = (b0, b1) {
+                    nadam::update::<S, L>(k, param, grad, m, v);
                 }
             }
         }

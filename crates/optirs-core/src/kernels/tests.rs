@@ -6,6 +6,7 @@
 use super::adagrad::{AdagradHyper, AdagradScalars};
 use super::adam::{AdamHyper, AdamScalars};
 use super::adamax::{AdamaxHyper, AdamaxScalars};
+use super::nadam::{NAdamHyper, NAdamScalars};
 use super::rmsprop::{RmsPropHyper, RmsPropScalars};
 use super::sgd::{SgdHyper, SgdScalars};
 use super::simd::{apply, Element, SimdLevel};
@@ -27,8 +28,8 @@ const CHUNKS: &[usize] = if cfg!(miri) {
 
 /// The cases of `cases()` Miri runs: every rule, with 0 to 3 state buffers (SGD without and
 /// with momentum, Adam with amsgrad and without, RMSprop centered with momentum and plain with
-/// momentum, Adagrad, Adamax). The others differ from these in their arithmetic only.
-const MIRI_CASES: [usize; 8] = [0, 6, 14, 15, 21, 23, 29, 31];
+/// momentum, Adagrad, Adamax, NAdam). The others differ from these in their arithmetic only.
+const MIRI_CASES: [usize; 9] = [0, 6, 14, 15, 21, 23, 29, 31, 35];
 
 /// Gradients (steps) per case.
 const STEPS: usize = if cfg!(miri) { 2 } else { 4 };
@@ -268,6 +269,41 @@ fn ref_adamax<T: Float>(h: &AdamaxHyper, s: &mut State<T>, grad: &[T]) {
     s.p = addcdiv(&s.p, m, u, t(-clr));
 }
 
+/// NAdam's float32 `mu_product` after `steps` steps (the parity tests check it against torch).
+fn nadam_mu_product(h: &NAdamHyper, steps: f32) -> f64 {
+    let mut product = 1.0;
+    for s in 1..=steps as u32 {
+        product = h.mu_product_after(f64::from(s), product, false);
+    }
+    product
+}
+
+fn ref_nadam<T: Float>(h: &NAdamHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    let step = f64::from(s.step);
+    let bias_correction2 = 1.0 - h.beta2.powf(step);
+    if h.weight_decay != 0.0 {
+        if h.decoupled {
+            s.p = mul_scalar(&s.p, t(1.0 - h.lr * h.weight_decay));
+        } else {
+            g = add_alpha(&g, &s.p, t(h.weight_decay));
+        }
+    }
+    let mu = h.mu(step);
+    let mu_next = h.mu(step + 1.0);
+    let mu_product = nadam_mu_product(h, s.step);
+    let [m, v, _] = &mut s.bufs;
+    let (m, v) = (m.as_mut().unwrap(), v.as_mut().unwrap());
+    *m = lerp(m, &g, 1.0 - h.beta1);
+    *v = addcmul(&mul_scalar(v, t(h.beta2)), &g, &g, t(1.0 - h.beta2));
+    let denom = add_scalar(&sqrt(&div_scalar(v, t(bias_correction2))), t(h.eps));
+    let value = -h.lr * (1.0 - mu) / (1.0 - mu_product);
+    s.p = addcdiv(&s.p, &g, &denom, t(value));
+    let value = (-h.lr * mu_next) / (1.0 - mu_product * mu_next);
+    s.p = addcdiv(&s.p, m, &denom, t(value));
+}
+
 // ---- the harness ------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -277,6 +313,7 @@ enum Case {
     RmsProp(RmsPropHyper),
     Adagrad(AdagradHyper),
     Adamax(AdamaxHyper),
+    NAdam(NAdamHyper),
 }
 
 impl Case {
@@ -286,7 +323,7 @@ impl Case {
             Case::Adam(h) => [true, true, h.amsgrad],
             Case::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
             Case::Adagrad(_) => [true, false, false],
-            Case::Adamax(_) => [true, true, false],
+            Case::Adamax(_) | Case::NAdam(_) => [true, true, false],
         }
     }
 
@@ -313,6 +350,7 @@ impl Case {
             Case::RmsProp(h) => ref_rmsprop(h, s, grad),
             Case::Adagrad(h) => ref_adagrad(h, s, grad),
             Case::Adamax(h) => ref_adamax(h, s, grad),
+            Case::NAdam(h) => ref_nadam(h, s, grad),
         }
     }
 
@@ -343,6 +381,11 @@ impl Case {
             Case::Adamax(h) => {
                 s.step += 1.0;
                 Rule::Adamax(AdamaxScalars::new(h, f64::from(s.step)))
+            }
+            Case::NAdam(h) => {
+                s.step += 1.0;
+                let mu_product = nadam_mu_product(h, s.step);
+                Rule::NAdam(NAdamScalars::new(h, f64::from(s.step), mu_product))
             }
         };
         let [b0, b1, b2] = &mut s.bufs;
@@ -501,6 +544,21 @@ fn cases() -> Vec<Case> {
             beta2: 0.5,
             eps: 0.0,
             ..AdamaxHyper::default()
+        }),
+        Case::NAdam(NAdamHyper::default()),
+        Case::NAdam(NAdamHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..NAdamHyper::default()
+        }),
+        Case::NAdam(NAdamHyper {
+            lr: 0.01,
+            weight_decay: 0.1,
+            decoupled: true,
+            momentum_decay: 0.1,
+            beta1: 0.3,
+            beta2: 0.5,
+            ..NAdamHyper::default()
         }),
     ]
 }
