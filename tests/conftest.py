@@ -66,6 +66,7 @@ FULL_STATE_KWARGS = {
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
     "Adamax": {"lr": 0.01, "weight_decay": 0.1},
     "NAdam": {"lr": 0.01, "weight_decay": 0.1},
+    "ASGD": {"lr": 0.01, "t0": 2.0, "weight_decay": 0.1},
 }
 
 # Every state key each optimizer may keep (with FULL_STATE_KWARGS, it keeps them all).

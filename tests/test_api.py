@@ -120,6 +120,8 @@ STATE_KEYS = [
         {"weight_decay": 0.1, "decoupled_weight_decay": True},
         {"step", "mu_product", "exp_avg", "exp_avg_sq"},
     ),
+    ("ASGD", {}, {"step", "eta", "mu", "ax"}),
+    ("ASGD", {"t0": 0.0, "weight_decay": 0.1}, {"step", "eta", "mu", "ax"}),
 ]
 
 
@@ -255,6 +257,14 @@ def test_constructor_values_reach_param_groups(name):
             "decoupled_weight_decay": True,
             "maximize": True,
         },
+        "ASGD": {
+            "lr": 0.3,
+            "lambd": 0.7,
+            "alpha": 0.8,
+            "t0": 5.0,
+            "weight_decay": 0.2,
+            "maximize": True,
+        },
     }[name]
     opt = optirs_class(name)([np.zeros(3)], **values)
     group = opt.param_groups[0]
@@ -286,6 +296,7 @@ POSITIONAL = {
         (0.3, (0.7, 0.8), 1e-5, 0.2, 0.01, True),
         ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"),
     ),
+    "ASGD": ((0.3, 0.7, 0.8, 5.0, 0.2), ("lr", "lambd", "alpha", "t0", "weight_decay")),
 }
 
 

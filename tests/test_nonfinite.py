@@ -310,6 +310,8 @@ DRIFT = {
     # Adamax's exp_inf stays above eps: the gradient itself is denormal, and so its average.
     "Adamax": {np.float32: (1e-37, 1e-39), np.float64: (1e-307, 1e-309)},
     "NAdam": {np.float32: (1e-37, 1e-20), np.float64: (1e-307, 1e-155)},
+    # ASGD's weight decay shrinks the parameters, as SGD's.
+    "ASGD": {np.float32: (1e-37, 1e-39), np.float64: (1e-307, 1e-309)},
 }
 DRIFT_KWARGS = {
     "SGD": {"lr": 0.5, "momentum": 0.5, "weight_decay": 0.5},
@@ -319,6 +321,7 @@ DRIFT_KWARGS = {
     "Adagrad": {"lr": 1e-3, "lr_decay": 0.01},
     "Adamax": {"lr": 1e-3, "betas": (0.5, 0.9)},
     "NAdam": {"lr": 1e-3},
+    "ASGD": {"lr": 0.5, "weight_decay": 0.5, "t0": 2.0},
 }
 
 

@@ -136,6 +136,19 @@ COMBOS += [
     ("NAdam", "momentum_decay_zero", {"lr": 0.01, "momentum_decay": 0.0}),
     ("NAdam", "momentum_decay_big", {"lr": 0.01, "momentum_decay": 0.5, "betas": (0.3, 0.5)}),
     ("NAdam", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
+    # ASGD: torch's combos
+    ("ASGD", "default", {}),
+    ("ASGD", "lr", {"lr": 0.02}),
+    ("ASGD", "t0", {"t0": 100}),
+    ("ASGD", "maximize", {"maximize": True}),
+    ("ASGD", "wd", {"weight_decay": 0.1}),
+    ("ASGD", "wd_maximize", {"weight_decay": 0.1, "maximize": True}),
+    # ASGD: extra (t0 small enough that mu leaves 1 within the run: averaging starts)
+    ("ASGD", "averaging", {"lr": 0.05, "t0": 2.0}),
+    ("ASGD", "t0_zero_wd", {"lr": 0.05, "t0": 0.0, "weight_decay": 0.2, "lambd": 0.5}),
+    ("ASGD", "alpha_lambd", {"lr": 0.1, "lambd": 2.0, "alpha": 1.5, "t0": 3.0}),
+    ("ASGD", "alpha_zero", {"lr": 0.1, "lambd": 0.0, "alpha": 0.0, "maximize": True}),
+    ("ASGD", "high_lr", {"lr": 0.5, "t0": 1.0, "weight_decay": 0.1}),
 ]
 COMBOS += [
     ("SGD", "high_lr", {"lr": 0.5, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
@@ -182,6 +195,7 @@ BIG_COMBOS = [
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.1, "weight_decay": 0.1}),
     ("Adamax", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
     ("NAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("ASGD", {"lr": 0.01, "t0": 1.0, "weight_decay": 0.1}),
 ]
 
 
@@ -205,6 +219,8 @@ LONG_COMBOS = [
     ("Adamax", {"lr": 0.002, "betas": (0.5, 0.99), "maximize": True}),
     ("NAdam", {"lr": 0.01, "weight_decay": 0.01}),
     ("NAdam", {"lr": 0.002, "momentum_decay": 0.01, "maximize": True}),
+    ("ASGD", {"lr": 0.01, "t0": 50.0, "weight_decay": 0.01}),
+    ("ASGD", {"lr": 0.05, "lambd": 0.01, "alpha": 0.5, "t0": 0.0, "maximize": True}),
 ]
 
 
@@ -250,6 +266,10 @@ MULTI_GROUP = {
             {"lr": 0.05, "betas": (0.5, 0.8), "momentum_decay": 0.01},
             {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
         ],
+    ),
+    "ASGD": (
+        {"lr": 0.01, "t0": 3.0},
+        [{}, {"lr": 0.05, "lambd": 0.01, "t0": 1e6}, {"weight_decay": 0.1, "maximize": True}],
     ),
 }
 
@@ -368,6 +388,14 @@ SCHEDULES = {
             5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
             7: [(1, {"weight_decay": 0.2, "decoupled_weight_decay": True})],
             8: [(1, {"maximize": True, "lr": 0.3})],
+        },
+    ),
+    "ASGD": (
+        {"lr": 0.01, "t0": 4.0},
+        {
+            2: [(0, {"lr": 0.05}), (1, {"lambd": 0.1, "alpha": 0.5})],
+            5: [(0, {"weight_decay": 0.1, "t0": 1e6})],
+            8: [(1, {"maximize": True, "lr": 0.3, "t0": 0.0})],
         },
     ),
 }

@@ -38,6 +38,8 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("Adamax", {"weight_decay": 0.1, "maximize": True}),
     ("NAdam", {}),
     ("NAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("ASGD", {}),
+    ("ASGD", {"lr": 0.05, "t0": 0.0, "weight_decay": 0.1}),
 ]
 
 
@@ -60,6 +62,7 @@ def test_every_optimizer_is_declared_once_and_exported() -> None:
         "Adagrad",
         "Adamax",
         "NAdam",
+        "ASGD",
     ]
     for name, spec in SPECS.items():
         assert spec.name == name

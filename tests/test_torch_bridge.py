@@ -74,6 +74,7 @@ MODEL_KWARGS = {
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
     "Adamax": {"lr": 0.01, "betas": (0.8, 0.99)},
     "NAdam": {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "ASGD": {"lr": 0.05, "t0": 1.0},
 }
 
 
@@ -1039,13 +1040,14 @@ TORCH_SPARSE_MESSAGES = {
     "RMSprop": "RMSprop does not support sparse gradients",
     "Adamax": "Adamax does not support sparse gradients",
     "NAdam": "NAdam does not support sparse gradients",
+    "ASGD": "ASGD does not support sparse gradients",
 }
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_sparse_gradient(name, rng):
-    """Adam/AdamW/RMSprop/Adamax/NAdam: torch's RuntimeError; SGD/Adagrad (sparse in torch):
-    TypeError."""
+    """Adam/AdamW/RMSprop/Adamax/NAdam/ASGD: torch's RuntimeError; SGD/Adagrad (sparse in
+    torch): TypeError."""
     emb = nn.Embedding(10, 3, sparse=True)
     opt = stepped_optimizer(name, rng, emb.weight)
     emb(torch.tensor([1, 4, 4])).sum().backward()

@@ -42,6 +42,7 @@ BASE = {
     "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
     "Adamax": {"lr": 0.01, "weight_decay": 0.1},
     "NAdam": {"lr": 0.01, "weight_decay": 0.1},
+    "ASGD": {"lr": 0.01, "t0": 2.0, "weight_decay": 0.1},
 }
 
 # Values torch.optim's constructor refuses (checked below) and its step takes.
@@ -101,6 +102,13 @@ REFUSED_BY_CONSTRUCTOR = {
         {"momentum_decay": -0.01},
         {"momentum_decay": -100.0},
     ],
+    "ASGD": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"lambd": -0.5},
+        {"alpha": -0.5},
+        {"weight_decay": -0.1},
+    ],
 }
 # Values the constructor takes too, which the bridge used to refuse or which reach the kernels
 # only now: NaN and infinite learning rates, RMSprop's alpha above 1, SGD's dampening.
@@ -118,6 +126,7 @@ ALSO_STEPPED = {
         {"momentum_decay": NAN},
         {"decoupled_weight_decay": True, "weight_decay": 1e30},
     ],
+    "ASGD": [{"lr": INF}, {"t0": NAN}, {"t0": -INF}, {"lambd": INF}, {"alpha": NAN}],
 }
 
 
@@ -284,6 +293,12 @@ RAISING = [
     ("NAdam", BASE["NAdam"], {"betas": (0.9, 1e300)}, F32),  # 1 - beta2 does not fit
     ("NAdam", BASE["NAdam"], {"lr": 1e300}, F32),
     ("NAdam", BASE["NAdam"], {"weight_decay": 1e300}, F32),
+    ("ASGD", BASE["ASGD"], {"alpha": 1e300}, F64),  # (1 + ...) ** 1e300 overflows
+    ("ASGD", BASE["ASGD"], {"alpha": -1e300}, F32),  # ... ** -1e300 is 0: lr / 0
+    # 1 + (-1/3 * 1.0) * 3 is 0 at step 3: lr / 0 ** alpha, then 0 ** -1
+    ("ASGD", BASE["ASGD"], {"lambd": -1 / 3, "lr": 1.0}, F32),
+    ("ASGD", BASE["ASGD"], {"lambd": -1 / 3, "lr": 1.0, "alpha": -1.0}, F64),
+    ("ASGD", BASE["ASGD"], {"weight_decay": 1e300}, F32),
 ]
 
 

@@ -1,8 +1,8 @@
 """optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
 
-``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax`` and ``NAdam`` take
-torch.optim's arguments, defaults and error messages, and follow torch.optim's update formulas
-and operation order::
+``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam`` and
+``ASGD`` take torch.optim's arguments, defaults and error messages, and follow torch.optim's
+update formulas and operation order::
 
     import numpy as np, optirs
     w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
@@ -31,6 +31,7 @@ from ._plan import GroupsSnapshot, StepOptions, fork_safe
 __version__: str = _core.__version__
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adagrad",
     "Adam",
@@ -782,4 +783,15 @@ class NAdam(Optimizer):
     """
 
     _spec = _spec.NADAM
+    __init__ = _numpy_init(_spec)
+
+
+class ASGD(Optimizer):
+    """Averaged SGD, with weight decay and maximize: ``torch.optim.ASGD``'s update over NumPy
+    arrays.
+
+    State: ``step``, ``eta`` and ``mu`` (0-d float32) and ``ax`` (the averaged parameter).
+    """
+
+    _spec = _spec.ASGD
     __init__ = _numpy_init(_spec)

@@ -465,8 +465,41 @@ NADAM = Spec(
     scalars=(Scalar("mu_product", 1.0),),
 )
 
+
+def _check_asgd(g: Mapping[str, Any]) -> None:
+    _check_lr(g)
+    _nonneg("lambd", g["lambd"], "Invalid lambd value: {}")
+    _nonneg("alpha", g["alpha"], "Invalid alpha value: {}")
+    _check_wd(g)
+    _real("t0", g["t0"])
+
+
+ASGD = Spec(
+    name="ASGD",
+    kind="asgd",
+    params=(
+        Param("lr", 1e-2, "float"),
+        Param("lambd", 1e-4, "float"),
+        Param("alpha", 0.75, "float"),
+        Param("t0", 1e6, "float"),
+        Param("weight_decay", 0, "float"),
+        _torch_switch("foreach", None, "bool | None", keyword_only=False),
+        Param("maximize", False, "bool"),
+        _torch_switch("differentiable", False, "bool", keyword_only=False),
+        _torch_switch("capturable", False, "bool", keyword_only=False),
+    ),
+    state=(Buffer("ax", "ax"),),
+    counts_steps=True,
+    validate=_check_asgd,
+    refused=("differentiable", "capturable"),
+    sparse_message="ASGD does not support sparse gradients",
+    scalars=(Scalar("eta", "lr"), Scalar("mu", 1.0)),
+)
+
 #: Every optimizer, by torch.optim's class name, in the order the package lists them.
-SPECS: dict[str, Spec] = {s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, ADAMAX, NADAM)}
+SPECS: dict[str, Spec] = {
+    s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, ADAMAX, NADAM, ASGD)
+}
 
 #: optirs's own options, keyword-only after torch's arguments in both APIs.
 OWN_OPTIONS: tuple[Param, ...] = (

@@ -11,6 +11,7 @@ use crate::error::CoreError;
 use crate::kernels::adagrad::{AdagradHyper, AdagradScalars};
 use crate::kernels::adam::{AdamHyper, AdamScalars};
 use crate::kernels::adamax::{AdamaxHyper, AdamaxScalars};
+use crate::kernels::asgd::{AsgdHyper, AsgdScalars};
 use crate::kernels::nadam::{NAdamHyper, NAdamScalars};
 use crate::kernels::rmsprop::{RmsPropHyper, RmsPropScalars};
 use crate::kernels::sgd::{SgdHyper, SgdScalars};
@@ -27,6 +28,7 @@ pub enum Kind {
     Adagrad,
     Adamax,
     NAdam,
+    Asgd,
 }
 
 /// One row of the rule table.
@@ -49,7 +51,7 @@ pub struct RuleSpec {
 pub const MAX_SCALARS: usize = 2;
 
 /// The rule table, in `Kind` order.
-pub const RULES: [RuleSpec; 6] = [
+pub const RULES: [RuleSpec; 7] = [
     RuleSpec {
         kind: Kind::Sgd,
         name: "sgd",
@@ -91,6 +93,13 @@ pub const RULES: [RuleSpec; 6] = [
         buffers: &["exp_avg", "exp_avg_sq"],
         counts_steps: true,
         scalars: &["mu_product"],
+    },
+    RuleSpec {
+        kind: Kind::Asgd,
+        name: "asgd",
+        buffers: &["ax"],
+        counts_steps: true,
+        scalars: &["eta", "mu"],
     },
 ];
 
@@ -142,6 +151,7 @@ pub enum Hyper {
     Adagrad(AdagradHyper, PyNumbers),
     Adamax(AdamaxHyper, PyNumbers),
     NAdam(NAdamHyper, PyNumbers),
+    Asgd(AsgdHyper, PyNumbers),
 }
 
 impl Hyper {
@@ -152,7 +162,7 @@ impl Hyper {
             Hyper::Sgd(h) => [h.momentum != 0.0, false, false],
             Hyper::Adam(h, _) => [true, true, h.amsgrad],
             Hyper::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
-            Hyper::Adagrad(..) => [true, false, false],
+            Hyper::Adagrad(..) | Hyper::Asgd(..) => [true, false, false],
             Hyper::Adamax(..) | Hyper::NAdam(..) => [true, true, false],
         }
     }
@@ -173,13 +183,15 @@ impl Hyper {
                 h.mu_product_after(step, old[0], dtypes[0] == DType::F64),
                 0.0,
             ],
+            // Whatever the stored dtype: `torch.as_tensor` of a Python float is float32.
+            Hyper::Asgd(h, _) => [h.eta_after(step), h.mu_after(step)],
             _ => [0.0; MAX_SCALARS],
         }
     }
 
     /// `scalars`: the per-parameter scalar state before this step and after it.
     fn rule<T: Float>(&self, step: f64, fresh: bool, scalars: [[f64; MAX_SCALARS]; 2]) -> Rule<T> {
-        let [_, after] = scalars;
+        let [before, after] = scalars;
         match self {
             Hyper::Sgd(h) => Rule::Sgd(SgdScalars::new(h, fresh)),
             Hyper::Adam(h, _) => Rule::Adam(AdamScalars::new(h, step)),
@@ -187,6 +199,7 @@ impl Hyper {
             Hyper::Adagrad(h, _) => Rule::Adagrad(AdagradScalars::new(h, step)),
             Hyper::Adamax(h, _) => Rule::Adamax(AdamaxScalars::new(h, step)),
             Hyper::NAdam(h, _) => Rule::NAdam(NAdamScalars::new(h, step, after[0])),
+            Hyper::Asgd(h, _) => Rule::Asgd(AsgdScalars::new(h, before[0], before[1])),
         }
     }
 }
@@ -279,7 +292,7 @@ impl RuleMemo {
             }
         }
         let after = hyper.scalars_after(count, old, dtypes);
-        torch_raises::check_with_scalars(hyper, group, count, dtype, fresh, after)?;
+        torch_raises::check_with_scalars(hyper, group, count, dtype, fresh, [old, after])?;
         let rule = hyper.rule_of(dtype, count, fresh, [old, after]);
         self.last_scalars = Some((key, rule, after));
         Ok((rule, after))

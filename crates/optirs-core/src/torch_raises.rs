@@ -23,6 +23,7 @@ use crate::error::{CoreError, TorchRaises};
 use crate::kernels::adagrad::AdagradHyper;
 use crate::kernels::adam::AdamHyper;
 use crate::kernels::adamax::AdamaxHyper;
+use crate::kernels::asgd::{AsgdHyper, EtaPower};
 use crate::kernels::nadam::NAdamHyper;
 use crate::kernels::rmsprop::RmsPropHyper;
 use crate::kernels::sgd::SgdHyper;
@@ -50,12 +51,12 @@ pub fn check(
     dtype: DType,
     fresh: bool,
 ) -> Result<(), CoreError> {
-    check_with_scalars(hyper, gi, step, dtype, fresh, [f64::NAN; MAX_SCALARS])
+    check_with_scalars(hyper, gi, step, dtype, fresh, [[f64::NAN; MAX_SCALARS]; 2])
 }
 
-/// As [`check`], for a rule with per-parameter scalar state (`RuleSpec::scalars`): `after`
-/// holds their values once this step has updated them (NAdam's `mu_product`), which torch's
-/// step divides by.
+/// As [`check`], for a rule with per-parameter scalar state (`RuleSpec::scalars`): `scalars`
+/// holds their values before this step (ASGD's `eta`, which torch hands to a tensor
+/// operation) and after it (NAdam's `mu_product`, which torch's step divides by).
 ///
 /// # Errors
 /// As [`check`].
@@ -65,8 +66,9 @@ pub fn check_with_scalars(
     step: f64,
     dtype: DType,
     fresh: bool,
-    after: [f64; MAX_SCALARS],
+    scalars: [[f64; MAX_SCALARS]; 2],
 ) -> Result<(), CoreError> {
+    let [before, after] = scalars;
     let at = Scalars { gi, dtype };
     match hyper {
         Hyper::Sgd(h) => at.sgd(h, fresh),
@@ -75,6 +77,7 @@ pub fn check_with_scalars(
         Hyper::Adagrad(h, py) => at.adagrad(h, *py, step),
         Hyper::Adamax(h, py) => at.adamax(h, *py, step),
         Hyper::NAdam(h, py) => at.nadam(h, *py, step, after[0]),
+        Hyper::Asgd(h, py) => at.asgd(h, *py, step, before[0]),
     }
     .map_err(|e| e.in_group(gi))
 }
@@ -371,6 +374,51 @@ impl Scalars {
             self.convert(numerator / (1.0 - product), Arg::Value, "lr", expr)?;
         }
         Ok(())
+    }
+
+    /// In torch's order: the weight decay, `add_(grad, alpha=-eta)` with the stored `eta`,
+    /// then the new `eta`, `lr / ((1 + lambd * lr * step) ** alpha)` in Python floats (`lr`,
+    /// `lambd` and `alpha` taken for Python numbers where `lr` is one).
+    fn asgd(&self, h: &AsgdHyper, py: PyNumbers, step: f64, eta: f64) -> Result<(), CoreError> {
+        let gi = self.gi;
+        self.weight_decay(h.weight_decay)?;
+        self.convert(-eta, Arg::Alpha, "lr", "-eta (state['eta'], from lr)")?;
+        if !py.lr {
+            return Ok(());
+        }
+        let base = h.eta_base(step);
+        let what = format!(
+            "param_groups[{gi}]['lambd'] = {:?}, param_groups[{gi}]['lr'] = {:?} and \
+             param_groups[{gi}]['alpha'] = {:?} make (1 + lambd * lr * step) ** alpha = \
+             {base:?} ** {:?} at step {step}",
+            h.lambd, h.lr, h.alpha, h.alpha
+        );
+        if base == 0.0 && h.alpha < 0.0 {
+            return fail(
+                TorchRaises::ZeroDivision,
+                format!("0.0 cannot be raised to a negative power: {what}"),
+            );
+        }
+        let finite = base.is_finite() && h.alpha.is_finite();
+        match h.eta_power(step) {
+            EtaPower::Real(x) if finite && x.is_infinite() => fail(
+                TorchRaises::Overflow,
+                format!("(34, 'Numerical result out of range'): {what}"),
+            ),
+            EtaPower::Real(0.0) => fail(
+                TorchRaises::ZeroDivision,
+                format!("float division by zero: {what}, and torch.optim divides lr by it"),
+            ),
+            EtaPower::Complex(re, im) if !(re.is_finite() && im.is_finite()) => fail(
+                TorchRaises::Overflow,
+                format!("complex exponentiation: {what}"),
+            ),
+            EtaPower::Complex(re, im) if re == 0.0 && im == 0.0 => fail(
+                TorchRaises::ZeroDivision,
+                format!("complex division by zero: {what}, and torch.optim divides lr by it"),
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// `1 - beta1 ** step`, or what torch's step raises for it.

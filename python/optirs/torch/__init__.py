@@ -1,11 +1,11 @@
 """optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
 
-``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax`` and ``NAdam``
-subclass the ``torch.optim`` classes of the same name, so construction, validation, param groups,
-``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
-``step`` differs: one call into optirs's Rust core updates every parameter in place, in the
-tensors' own storage (the first step through zero-copy NumPy views, later ones through a plan
-the core re-checks each step; see ``_Plan``)::
+``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam`` and
+``ASGD`` subclass the ``torch.optim`` classes of the same name, so construction, validation,
+param groups, ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are
+torch's own; only ``step`` differs: one call into optirs's Rust core updates every parameter in
+place, in the tensors' own storage (the first step through zero-copy NumPy views, later ones
+through a plan the core re-checks each step; see ``_Plan``)::
 
     import torch, optirs.torch
     opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
@@ -35,13 +35,14 @@ Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward`
 from __future__ import annotations
 
 from ._backward import StepInBackward, step_in_backward
-from ._bridge import SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop
+from ._bridge import ASGD, SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop
 from ._bridge import _Bridge as _Bridge  # the tests reach the shared step through here
 from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
 from ._distributed import register_functional_optimizers
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adagrad",
     "Adam",
@@ -56,6 +57,6 @@ __all__ = [
 
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
-for _public in (SGD, Adagrad, Adam, AdamW, Adamax, NAdam, RMSprop, StepInBackward):
+for _public in (ASGD, SGD, Adagrad, Adam, AdamW, Adamax, NAdam, RMSprop, StepInBackward):
     _public.__module__ = __name__
 del _public

@@ -19,7 +19,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .. import _core, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RMSprop"]
+__all__ = ["ASGD", "SGD", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RMSprop"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # DLPack's C exchange API (torch 2.10 and later): the plan reads a tensor's data pointer, dtype,
@@ -526,4 +526,12 @@ class NAdam(_Bridge, torch.optim.NAdam):
     optirs. Same signature; ``differentiable=True`` and ``capturable=True`` are refused."""
 
     _spec = _spec.NADAM
+    __init__ = _bridge_init(_spec)
+
+
+class ASGD(_Bridge, torch.optim.ASGD):
+    """``torch.optim.ASGD`` (lambd, alpha, t0, weight decay, maximize) stepped by optirs. Same
+    signature; ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.ASGD
     __init__ = _bridge_init(_spec)

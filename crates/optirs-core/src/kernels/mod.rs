@@ -10,6 +10,7 @@
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
+pub mod asgd;
 pub mod float;
 pub mod lanes;
 pub mod nadam;
@@ -32,6 +33,7 @@ pub enum Rule<T> {
     Adagrad(adagrad::AdagradScalars<T>),
     Adamax(adamax::AdamaxScalars<T>),
     NAdam(nadam::NAdamScalars<T>),
+    Asgd(asgd::AsgdScalars<T>),
 }
 
 /// The memory one parameter's update touches. `bufs` holds the state buffers in the order the
@@ -172,6 +174,11 @@ pub(crate) unsafe fn apply_inline<S: Storage, L: Lanes<S>>(
             Rule::NAdam(k) => {
                 if let (Some(m), Some(v)) = (b0, b1) {
                     nadam::update::<S, L>(k, param, grad, m, v);
+                }
+            }
+            Rule::Asgd(k) => {
+                if let Some(ax) = b0 {
+                    asgd::update::<S, L>(k, param, grad, ax);
                 }
             }
         }

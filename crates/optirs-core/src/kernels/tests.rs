@@ -6,6 +6,7 @@
 use super::adagrad::{AdagradHyper, AdagradScalars};
 use super::adam::{AdamHyper, AdamScalars};
 use super::adamax::{AdamaxHyper, AdamaxScalars};
+use super::asgd::{AsgdHyper, AsgdScalars};
 use super::nadam::{NAdamHyper, NAdamScalars};
 use super::rmsprop::{RmsPropHyper, RmsPropScalars};
 use super::sgd::{SgdHyper, SgdScalars};
@@ -28,8 +29,8 @@ const CHUNKS: &[usize] = if cfg!(miri) {
 
 /// The cases of `cases()` Miri runs: every rule, with 0 to 3 state buffers (SGD without and
 /// with momentum, Adam with amsgrad and without, RMSprop centered with momentum and plain with
-/// momentum, Adagrad, Adamax, NAdam). The others differ from these in their arithmetic only.
-const MIRI_CASES: [usize; 9] = [0, 6, 14, 15, 21, 23, 29, 31, 35];
+/// momentum, Adagrad, Adamax, NAdam, ASGD). The others differ from these in their arithmetic only.
+const MIRI_CASES: [usize; 10] = [0, 6, 14, 15, 21, 23, 29, 31, 35, 37];
 
 /// Gradients (steps) per case.
 const STEPS: usize = if cfg!(miri) { 2 } else { 4 };
@@ -304,6 +305,36 @@ fn ref_nadam<T: Float>(h: &NAdamHyper, s: &mut State<T>, grad: &[T]) {
     s.p = addcdiv(&s.p, m, &denom, t(value));
 }
 
+/// ASGD's float32 `eta` and `mu` before step `step` (1 on the first): the values the steps
+/// before it stored (the parity tests check them against torch).
+#[allow(clippy::cast_possible_truncation)]
+fn asgd_eta_mu(h: &AsgdHyper, step: f32) -> (f64, f64) {
+    if step <= 1.0 {
+        (f64::from(h.lr as f32), 1.0)
+    } else {
+        let before = f64::from(step) - 1.0;
+        (h.eta_after(before), h.mu_after(before))
+    }
+}
+
+fn ref_asgd<T: Float>(h: &AsgdHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    let (eta, mu) = asgd_eta_mu(h, s.step);
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    s.p = mul_scalar(&s.p, t(1.0 - h.lambd * eta));
+    s.p = add_alpha(&s.p, &g, t(-eta));
+    let ax = s.bufs[0].as_mut().unwrap();
+    if mu == 1.0 {
+        ax.clone_from(&s.p);
+    } else {
+        let diff: Vec<T> = s.p.iter().zip(ax.iter()).map(|(&p, &a)| p - a).collect();
+        *ax = add_alpha(ax, &mul_scalar(&diff, t(mu)), T::ONE);
+    }
+}
+
 // ---- the harness ------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -314,6 +345,7 @@ enum Case {
     Adagrad(AdagradHyper),
     Adamax(AdamaxHyper),
     NAdam(NAdamHyper),
+    Asgd(AsgdHyper),
 }
 
 impl Case {
@@ -322,7 +354,7 @@ impl Case {
             Case::Sgd(h) => [h.momentum != 0.0, false, false],
             Case::Adam(h) => [true, true, h.amsgrad],
             Case::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
-            Case::Adagrad(_) => [true, false, false],
+            Case::Adagrad(_) | Case::Asgd(_) => [true, false, false],
             Case::Adamax(_) | Case::NAdam(_) => [true, true, false],
         }
     }
@@ -351,6 +383,7 @@ impl Case {
             Case::Adagrad(h) => ref_adagrad(h, s, grad),
             Case::Adamax(h) => ref_adamax(h, s, grad),
             Case::NAdam(h) => ref_nadam(h, s, grad),
+            Case::Asgd(h) => ref_asgd(h, s, grad),
         }
     }
 
@@ -386,6 +419,11 @@ impl Case {
                 s.step += 1.0;
                 let mu_product = nadam_mu_product(h, s.step);
                 Rule::NAdam(NAdamScalars::new(h, f64::from(s.step), mu_product))
+            }
+            Case::Asgd(h) => {
+                s.step += 1.0;
+                let (eta, mu) = asgd_eta_mu(h, s.step);
+                Rule::Asgd(AsgdScalars::new(h, eta, mu))
             }
         };
         let [b0, b1, b2] = &mut s.bufs;
@@ -559,6 +597,21 @@ fn cases() -> Vec<Case> {
             beta1: 0.3,
             beta2: 0.5,
             ..NAdamHyper::default()
+        }),
+        Case::Asgd(AsgdHyper::default()),
+        Case::Asgd(AsgdHyper {
+            lr: 0.05,
+            t0: 1.0,
+            weight_decay: 0.1,
+            maximize: true,
+            ..AsgdHyper::default()
+        }),
+        Case::Asgd(AsgdHyper {
+            lr: 0.1,
+            lambd: 0.5,
+            alpha: 0.5,
+            t0: 0.0,
+            ..AsgdHyper::default()
         }),
     ]
 }
