@@ -169,6 +169,9 @@ def test_bytes_per_element_follow_the_declared_state() -> None:
         "rmsprop": (20, "read p,g,sq; write p,sq"),
         "rmsprop-cm": (36, "read p,g,sq,buf,ga; write p,sq,buf,ga"),
         "adagrad": (20, "read p,g,sum; write p,sum"),
+        "adamax": (28, "read p,g,m,u; write p,m,u"),
+        "nadam": (28, "read p,g,m,v; write p,m,v"),
+        "asgd": (20, "read p,g,ax; write p,ax"),
     }
     assert cases.CASES["rmsprop-cm"].arrays == 5
 

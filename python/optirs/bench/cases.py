@@ -161,6 +161,9 @@ CASES: dict[str, OptimizerCase] = {
             has_fused=False,
         ),
         OptimizerCase("adagrad", "Adagrad", {"lr": 1e-2}, has_fused=True),
+        OptimizerCase("adamax", "Adamax", {"lr": 2e-3}, has_fused=False),
+        OptimizerCase("nadam", "NAdam", {"lr": 2e-3}, has_fused=False),
+        OptimizerCase("asgd", "ASGD", {"lr": 1e-2}, has_fused=False),
     )
 }
 """The benchmarked optimizer configurations, by name."""
