@@ -362,6 +362,14 @@ mod tests {
             assert_eq!(r.kind as usize, i);
             assert_eq!(Kind::parse(r.name), Ok(r.kind));
             assert!(r.buffers.len() <= 3, "the kernels take at most 3 buffers");
+            assert!(
+                r.scalars.len() <= MAX_SCALARS,
+                "at most MAX_SCALARS 0-d state values"
+            );
+            assert!(
+                r.counts_steps || r.scalars.is_empty(),
+                "0-d state goes with a counter"
+            );
         }
         assert_eq!(
             Kind::parse("lbfgs").unwrap_err().arg.as_deref(),
