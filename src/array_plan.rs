@@ -29,7 +29,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use optirs_core::overlap::touches;
-use optirs_core::{counter_at, Checked, DType, Kind, RuleMemo};
+use optirs_core::{counter_at, Checked, DType, Kind, RuleMemo, MAX_SCALARS};
 
 use crate::boundary;
 use crate::course::{self, Plan};
@@ -117,6 +117,8 @@ struct Entry {
     bufs: [Option<Held>; 3],
     /// The step counter, and whether it is float64.
     counter: Option<(Held, bool)>,
+    /// The rule's per-parameter 0-d state scalars, with their dtypes.
+    scalars: [Option<(Held, DType)>; MAX_SCALARS],
 }
 
 /// The NumPy API's cached step; see the module documentation.
@@ -142,6 +144,7 @@ pub(crate) struct Stepped<'py> {
     pub(crate) param: Bound<'py, PyUntypedArray>,
     pub(crate) bufs: [Option<Bound<'py, PyUntypedArray>>; 3],
     pub(crate) counter: Option<(Bound<'py, PyUntypedArray>, bool)>,
+    pub(crate) scalars: [Option<(Bound<'py, PyUntypedArray>, DType)>; MAX_SCALARS],
 }
 
 impl ArrayPlan {
@@ -165,6 +168,7 @@ impl ArrayPlan {
                 param: Held::new(&s.param),
                 bufs: s.bufs.map(|b| b.as_ref().map(Held::new)),
                 counter: s.counter.map(|(c, wide)| (Held::new(&c), wide)),
+                scalars: s.scalars.map(|x| x.map(|(a, dt)| (Held::new(&a), dt))),
             });
         }
         written.sort_unstable();
@@ -259,7 +263,19 @@ impl Plan for ArrayPlan {
                 }
                 None => (None, 0.0),
             };
-            let rule = rules.get(e.group, hyper, e.dtype, count, false).ok()?;
+            let mut scalars = [None; MAX_SCALARS];
+            for (ptr, s) in scalars.iter_mut().zip(&e.scalars) {
+                if let Some((h, dt)) = s {
+                    if !h.unchanged(&[]) {
+                        return None;
+                    }
+                    *ptr = Some((h.data as *mut u8, *dt));
+                }
+            }
+            // SAFETY: the full step checked each scalar (0-d, aligned, of its dtype, apart
+            // from every other array written); its header is unchanged and the plan holds it.
+            let (rule, slots) =
+                unsafe { rules.get_at(e.group, hyper, e.dtype, count, false, scalars) }.ok()?;
             // SAFETY: the full step checked the parameter and its buffers (C-contiguous,
             // aligned, writeable, `e.len` elements of `e.dtype` and `e.state_dtype`, every written range disjoint
             // from every other: `written`); their headers are unchanged (same memory, dtype,
@@ -277,6 +293,7 @@ impl Plan for ArrayPlan {
                     rule,
                 )
                 .with_state_dtype(e.state_dtype)
+                .with_scalars(slots)
             });
             held.push(g);
         }

@@ -83,6 +83,12 @@ pub mod _core {
             rules.set_item(r.name, pyo3::types::PyTuple::new(py, r.buffers)?)?;
         }
         m.add("RULES", rules)?;
+        // Each rule's per-parameter 0-d state besides `step`, handed over after its buffers.
+        let scalars = pyo3::types::PyDict::new(py);
+        for r in &RULES {
+            scalars.set_item(r.name, pyo3::types::PyTuple::new(py, r.scalars)?)?;
+        }
+        m.add("RULE_SCALARS", scalars)?;
         Ok(())
     }
 

@@ -6,7 +6,10 @@ use pyo3::types::{PyComplex, PyFloat, PyInt};
 use optirs_core::kernels::adadelta::AdadeltaHyper;
 use optirs_core::kernels::adagrad::AdagradHyper;
 use optirs_core::kernels::adam::AdamHyper;
+use optirs_core::kernels::adamax::AdamaxHyper;
+use optirs_core::kernels::asgd::AsgdHyper;
 use optirs_core::kernels::lion::LionHyper;
+use optirs_core::kernels::nadam::NAdamHyper;
 use optirs_core::kernels::radam::RAdamHyper;
 use optirs_core::kernels::rmsprop::RmsPropHyper;
 use optirs_core::kernels::rprop::RpropHyper;
@@ -88,6 +91,9 @@ pub(crate) fn read(kind: Kind, group: &Bound<'_, PyAny>, gi: usize) -> Result<Hy
         Kind::RAdam => g.radam()?,
         Kind::Lion => g.lion()?,
         Kind::Rprop => g.rprop()?,
+        Kind::Adamax => adamax(&g)?,
+        Kind::NAdam => nadam(&g)?,
+        Kind::Asgd => asgd(&g)?,
     })
 }
 
@@ -115,6 +121,61 @@ pub(crate) fn state_dtype(group: &Bound<'_, PyAny>, gi: usize) -> Result<Option<
         )
         .map_err(|e: CoreError| e.in_group(gi).arg("state_dtype")),
     }
+}
+
+/// The hyperparameters of torch.optim.Adamax's group.
+fn adamax(g: &GroupReader<'_, '_>) -> Result<Hyper, CoreError> {
+    let (lr, [beta1, beta2], py) = g.lr_and_betas()?;
+    Ok(Hyper::Adamax(
+        AdamaxHyper {
+            lr,
+            beta1,
+            beta2,
+            eps: g.real("eps")?,
+            weight_decay: g.real("weight_decay")?,
+            maximize: g.flag("maximize", Some(false))?,
+        },
+        py,
+    ))
+}
+
+/// The hyperparameters of torch.optim.NAdam's group.
+fn nadam(g: &GroupReader<'_, '_>) -> Result<Hyper, CoreError> {
+    let (lr, [beta1, beta2], py) = g.lr_and_betas()?;
+    Ok(Hyper::NAdam(
+        NAdamHyper {
+            lr,
+            beta1,
+            beta2,
+            eps: g.real("eps")?,
+            weight_decay: g.real("weight_decay")?,
+            momentum_decay: g.real("momentum_decay")?,
+            decoupled: g.flag("decoupled_weight_decay", Some(false))?,
+            maximize: g.flag("maximize", Some(false))?,
+        },
+        py,
+    ))
+}
+
+/// The hyperparameters of torch.optim.ASGD's group.
+fn asgd(g: &GroupReader<'_, '_>) -> Result<Hyper, CoreError> {
+    let (lr, py_lr) = g.number("lr")?;
+    let lr_f32 = !py_lr && g.is_float32_tensor("lr");
+    Ok(Hyper::Asgd(
+        AsgdHyper {
+            lr,
+            lambd: g.real("lambd")?,
+            alpha: g.real("alpha")?,
+            t0: g.real("t0")?,
+            weight_decay: g.real("weight_decay")?,
+            maximize: g.flag("maximize", Some(false))?,
+            lr_f32,
+        },
+        PyNumbers {
+            lr: py_lr,
+            ..PyNumbers::default()
+        },
+    ))
 }
 
 /// How many parameters group `gi` holds.
@@ -205,6 +266,27 @@ impl<'py> GroupReader<'_, 'py> {
             (self.to_real(key, &a)?, is_py_number(&a)),
             (self.to_real(key, &b)?, is_py_number(&b)),
         ])
+    }
+
+    /// `betas` then `lr`, and which of them are Python numbers.
+    fn lr_and_betas(&self) -> Result<(f64, [f64; 2], PyNumbers), CoreError> {
+        let [(beta1, py_beta1), (beta2, py_beta2)] = self.pair("betas")?;
+        let (lr, py_lr) = self.number("lr")?;
+        let py = PyNumbers {
+            lr: py_lr,
+            betas: [py_beta1, py_beta2],
+            lr_decay: false,
+        };
+        Ok((lr, [beta1, beta2], py))
+    }
+
+    /// Whether the value is a torch float32 tensor (its arithmetic in torch's step is float32).
+    fn is_float32_tensor(&self, key: &str) -> bool {
+        self.group
+            .get_item(key)
+            .and_then(|v| v.getattr("dtype"))
+            .and_then(|d| d.str().map(|s| s.to_string()))
+            .is_ok_and(|s| s == "torch.float32")
     }
 
     /// A truthy option; `default` is used when the key is absent (older state dicts).

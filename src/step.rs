@@ -28,6 +28,7 @@ use pyo3::types::{PyTuple, PyTupleMethods};
 use optirs_core::overlap::{check_overlaps_reusing, Role, Span};
 use optirs_core::{
     counter_at, Checked, CounterSlot, DType, Hyper, Kind, Locate, Location, Options, RuleMemo,
+    MAX_SCALARS,
 };
 
 use crate::array_plan::{ArrayPlan, Stepped};
@@ -115,6 +116,75 @@ fn check_state_dtype(
         );
     }
     Ok(())
+}
+
+/// Checks a per-parameter 0-d state scalar (NAdam's `mu_product`, ASGD's `eta`); returns its
+/// dtype. torch keeps these float32, or in the parameter's dtype once a state dict is loaded.
+fn check_scalar(
+    s: &Bound<'_, PyUntypedArray>,
+    dtypes: &Dtypes<'_>,
+    what: &dyn Fn() -> String,
+) -> std::result::Result<DType, optirs_core::CoreError> {
+    let (Some(dtype), 0) = (dtypes.of(s), s.ndim()) else {
+        return type_err!(
+            "{} must be a 0-d floating-point array, got dtype {} with shape {:?}",
+            what(),
+            dtype_str(s),
+            s.shape()
+        );
+    };
+    check_layout(s, what)?;
+    if !is_writeable(s) {
+        return value_err!("{} is read-only (its writeable flag is False)", what());
+    }
+    Ok(dtype)
+}
+
+/// The rule's per-parameter 0-d state (`Kind::scalar_names`), which follows the buffers in
+/// the parameter's state tuple: each checked, its memory recorded for the overlap check and
+/// held (`keep`) until the work returns. Returns each one's address and dtype, and with
+/// `hold` the arrays, for a plan.
+#[allow(clippy::type_complexity)]
+fn check_scalars<'py>(
+    kind: Kind,
+    at: Location,
+    dtypes: &Dtypes<'_>,
+    buffers: &Bound<'py, PyAny>,
+    spans: &mut Vec<Span>,
+    keep: &mut Vec<Bound<'py, PyAny>>,
+    hold: bool,
+) -> std::result::Result<
+    (
+        [Option<(*mut u8, DType)>; MAX_SCALARS],
+        [Option<(Bound<'py, PyUntypedArray>, DType)>; MAX_SCALARS],
+    ),
+    optirs_core::CoreError,
+> {
+    let first = kind.buffer_names().len();
+    let mut ptrs = [None; MAX_SCALARS];
+    let mut held = [None, None];
+    for (j, name) in kind.scalar_names().iter().enumerate() {
+        let what = || at.state(name);
+        let arg = format!("state['{name}']");
+        let obj = match buffers.get_item(first + j) {
+            Ok(obj) if !obj.is_none() => obj,
+            _ => return value_err!("{} is missing", what()).arg(&arg),
+        };
+        let arr = as_array(&obj, &what).arg(&arg)?.clone();
+        let dt = check_scalar(&arr, dtypes, &what).arg(&arg)?;
+        let (start, end) = span(&arr, dt);
+        spans.push(Span {
+            start,
+            end,
+            writes: true,
+            role: Role::State(name),
+            at,
+        });
+        keep.push(obj);
+        ptrs[j] = Some((data_ptr(&arr), dt));
+        held[j] = hold.then_some((arr, dt));
+    }
+    Ok((ptrs, held))
 }
 
 /// Validates one parameter that has a gradient: its own array, the gradient, the state buffers
@@ -211,6 +281,8 @@ pub(crate) fn check_param<'py>(
     } else {
         (None, 0.0, None)
     };
+    let (scalar_ptrs, scalar_held) =
+        check_scalars(kind, at, dtypes, buffers, spans, keep, plan.is_some())?;
     if let Some(plan) = plan {
         plan.push(Stepped {
             flat: at.flat,
@@ -221,9 +293,13 @@ pub(crate) fn check_param<'py>(
             param: param.clone(),
             bufs: held,
             counter: counter_held,
+            scalars: scalar_held,
         });
     }
-    let rule = rules.get(group, hyper, dtype, count, fresh)?;
+    // SAFETY: each scalar is a 0-d array of its dtype, aligned (check_scalar), which the
+    // overlap check keeps apart from every other array of the step and the caller holds
+    // (`keep`) until the work returns.
+    let (rule, slots) = unsafe { rules.get_at(group, hyper, dtype, count, fresh, scalar_ptrs)? };
     // SAFETY: the parameter and gradient are ndarrays of `dtype`, the buffers of
     // `state_dtype` (`dtype`, or bfloat16 for a float32, float16 or bfloat16 parameter: checked
     // above), with the parameter's shape (so `len` elements), C-contiguous and aligned
@@ -241,6 +317,7 @@ pub(crate) fn check_param<'py>(
             rule,
         )
         .with_state_dtype(state_dtype)
+        .with_scalars(slots)
     })
 }
 

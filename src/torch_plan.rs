@@ -44,7 +44,7 @@ use numpy::npyffi::{NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEAB
 use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 
 use optirs_core::overlap::touches;
-use optirs_core::{counter_at, Checked, CoreError, DType, Kind, RuleMemo};
+use optirs_core::{counter_at, Checked, CoreError, DType, Kind, RuleMemo, MAX_SCALARS};
 
 use crate::boundary;
 use crate::course::{self, Plan};
@@ -116,6 +116,8 @@ struct Entry {
     /// The kernels' state buffers (in the rule table's order) and the step counter.
     bufs: [Option<usize>; 3],
     counter: Option<(usize, bool)>,
+    /// The rule's per-parameter 0-d state scalars (`Kind::scalar_names`), with their dtypes.
+    scalars: [Option<(usize, DType)>; MAX_SCALARS],
     /// The NumPy views the pointers above were read from: they hold the tensors' memory.
     _views: Vec<Py<PyAny>>,
 }
@@ -298,6 +300,79 @@ impl TorchPlan {
                 })
     }
 
+    /// Sorts an entry's state views by key: the kernels' buffers (in the rule table's order),
+    /// the step counter and the rule's 0-d scalars, each checked against the parameter's
+    /// `(dtype, len)` and recorded in `spans` and `views`; returns them and each view's
+    /// pointer, in `keys` order.
+    #[allow(clippy::type_complexity)]
+    fn place(
+        kind: Kind,
+        keys: &[String],
+        item_views: &Bound<'_, PyTuple>,
+        dtypes: &Dtypes<'_>,
+        (dtype, len): (DType, usize),
+        spans: &mut Vec<(usize, usize)>,
+        views: &mut Vec<Py<PyAny>>,
+    ) -> Result<(
+        [Option<usize>; 3],
+        Option<DType>,
+        Option<(usize, bool)>,
+        [Option<(usize, DType)>; MAX_SCALARS],
+        Vec<usize>,
+    )> {
+        let names = kind.buffer_names();
+        let mut bufs = [None; 3];
+        let mut state_dtype = None;
+        let mut counter = None;
+        let mut scalars = [None; MAX_SCALARS];
+        let mut item_ptrs = Vec::with_capacity(keys.len());
+        for (key, view) in keys.iter().zip(item_views.iter()) {
+            let (ptr, n, dt) = view_of(&view, dtypes)?;
+            if key == "step" {
+                let wide = match dt {
+                    DType::F64 => true,
+                    DType::F32 => false,
+                    _ => return refuse("a step counter must be float32 or float64"),
+                };
+                let is_0d = view.cast::<PyUntypedArray>()?.ndim() == 0;
+                if !is_0d || counter.is_some() || !kind.counts_steps() {
+                    return refuse("one 0-d step counter, for a kind that counts steps");
+                }
+                counter = Some((ptr, wide));
+                spans.push((ptr, ptr + dt.size()));
+            } else if let Some(j) = kind.scalar_names().iter().position(|s| s == key) {
+                let is_0d = view.cast::<PyUntypedArray>()?.ndim() == 0;
+                if !is_0d || scalars[j].replace((ptr, dt)).is_some() {
+                    return refuse("one 0-d array per state scalar");
+                }
+                spans.push((ptr, ptr + dt.size()));
+            } else {
+                let Some(slot) = names.iter().position(|b| b == key) else {
+                    return refuse("an unknown state key");
+                };
+                if bufs[slot].is_some() || !state_fits(dtype, state_dtype, dt) || n != len {
+                    return refuse("state buffers must be distinct and match their parameter");
+                }
+                state_dtype = Some(dt);
+                bufs[slot] = Some(ptr);
+                spans.push((ptr, ptr + len * dt.size()));
+            }
+            views.push(view.unbind());
+            item_ptrs.push(ptr);
+        }
+        if kind.counts_steps() && counter.is_none() {
+            return refuse("a step counter is missing");
+        }
+        if scalars
+            .iter()
+            .take(kind.scalar_names().len())
+            .any(Option::is_none)
+        {
+            return refuse("a state scalar is missing");
+        }
+        Ok((bufs, state_dtype, counter, scalars, item_ptrs))
+    }
+
     /// Reads one entry tuple, `(group, p, p_view, keys, items, item_views)`: `items` are the
     /// state tensors the step uses, under the names in `keys` (buffers and "step"), and the
     /// views are the NumPy arrays the full step just stepped them through. Everything the
@@ -340,44 +415,17 @@ impl TorchPlan {
         let bytes = len * dtype.size();
         spans.push((param_ptr, param_ptr + bytes));
 
-        let names = kind.buffer_names();
-        let mut bufs = [None; 3];
-        let mut state_dtype = None;
-        let mut counter = None;
         let mut views = vec![p_view.clone().unbind()];
         let mut tracked_items = Vec::with_capacity(items.len());
-        let mut item_ptrs = Vec::with_capacity(items.len());
-        for (key, view) in keys.iter().zip(item_views.iter()) {
-            let (ptr, n, dt) = view_of(&view, &dtypes)?;
-            if key == "step" {
-                let wide = match dt {
-                    DType::F64 => true,
-                    DType::F32 => false,
-                    _ => return refuse("a step counter must be float32 or float64"),
-                };
-                let is_0d = view.cast::<PyUntypedArray>()?.ndim() == 0;
-                if !is_0d || counter.is_some() || !kind.counts_steps() {
-                    return refuse("one 0-d step counter, for a kind that counts steps");
-                }
-                counter = Some((ptr, wide));
-                spans.push((ptr, ptr + dt.size()));
-            } else {
-                let Some(slot) = names.iter().position(|b| b == key) else {
-                    return refuse("an unknown state key");
-                };
-                if bufs[slot].is_some() || !state_fits(dtype, state_dtype, dt) || n != len {
-                    return refuse("state buffers must be distinct and match their parameter");
-                }
-                state_dtype = Some(dt);
-                bufs[slot] = Some(ptr);
-                spans.push((ptr, ptr + len * dt.size()));
-            }
-            views.push(view.unbind());
-            item_ptrs.push(ptr);
-        }
-        if kind.counts_steps() && counter.is_none() {
-            return refuse("a step counter is missing");
-        }
+        let (bufs, state_dtype, counter, scalars, item_ptrs) = TorchPlan::place(
+            kind,
+            &keys,
+            &item_views,
+            &dtypes,
+            (dtype, len),
+            spans,
+            &mut views,
+        )?;
 
         // torch's methods release the GIL, so another thread may re-point `p` (`p.data =
         // p.data[:k]` keeps the pointer) between any two of these reads: everything kept
@@ -421,6 +469,7 @@ impl TorchPlan {
             items: tracked_items,
             bufs,
             counter,
+            scalars,
             _views: views,
         })
     }
@@ -498,6 +547,31 @@ impl TorchPlan {
         })
     }
 
+    /// Whether entry `e`'s parameter is unmoved and its state entry (`entry`, the value the
+    /// state dict holds for it) still holds the same tensors, unmoved.
+    fn current(&self, e: &Entry, entry: Option<&Bound<'_, PyAny>>, py: Python<'_>) -> Result<bool> {
+        if !self.unmoved(&e.param, py)? {
+            return Ok(false);
+        }
+        let entry = entry.and_then(|v| v.cast::<PyDict>().ok());
+        if entry.is_none() && !e.keys.is_empty() {
+            return Ok(false);
+        }
+        for (key, item) in e.keys.iter().zip(&e.items) {
+            let Some(entry) = entry else {
+                return Ok(false);
+            };
+            match entry.get_item(key.bind(py))? {
+                Some(v) if v.is(item.tensor.bind(py)) => {}
+                _ => return Ok(false),
+            }
+            if !self.unmoved(item, py)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Checks everything and returns the work, or None when the full path must look.
     #[allow(clippy::type_complexity)]
     fn check_all<'py>(
@@ -553,24 +627,8 @@ impl TorchPlan {
             } else {
                 g
             };
-            if !self.unmoved(&e.param, py)? {
+            if !self.current(e, entry_of[k].as_ref(), py)? {
                 return Ok(None);
-            }
-            let entry = entry_of[k].as_ref().and_then(|v| v.cast::<PyDict>().ok());
-            if entry.is_none() && !e.keys.is_empty() {
-                return Ok(None);
-            }
-            for (key, item) in e.keys.iter().zip(&e.items) {
-                let Some(entry) = entry else {
-                    return Ok(None);
-                };
-                match entry.get_item(key.bind(py))? {
-                    Some(v) if v.is(item.tensor.bind(py)) => {}
-                    _ => return Ok(None),
-                }
-                if !self.unmoved(item, py)? {
-                    return Ok(None);
-                }
             }
             let Some(grad) = self.grad_ptr(e, &g)? else {
                 return Ok(None);
@@ -601,7 +659,12 @@ impl TorchPlan {
             if e.bufs.iter().any(Option::is_some) && wanted.unwrap_or(e.dtype) != e.state_dtype {
                 return Ok(None);
             }
-            let rule = rules.get(e.group, hyper, e.dtype, count, false)?;
+            let scalars = e.scalars.map(|s| s.map(|(ptr, dt)| (ptr as *mut u8, dt)));
+            // SAFETY: the full step checked each scalar (a 0-d, aligned array of its dtype,
+            // apart from every other array it wrote), its storage is held by the plan, and
+            // the state entry is still that tensor, unmoved.
+            let (rule, slots) =
+                unsafe { rules.get_at(e.group, hyper, e.dtype, count, false, scalars)? };
             // SAFETY: every pointer of the entry was read from a NumPy view the plan holds
             // (C-contiguous, aligned, writeable, `e.len` elements of `e.dtype`, the buffers
             // of `e.state_dtype` (checked in `entry` to be one the kernels take), all disjoint:
@@ -619,6 +682,7 @@ impl TorchPlan {
                     rule,
                 )
                 .with_state_dtype(e.state_dtype)
+                .with_scalars(slots)
             });
             stepped.push(k);
             grads.push(g);

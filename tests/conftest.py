@@ -68,10 +68,17 @@ FULL_STATE_KWARGS = {
     "RAdam": {"lr": 0.01, "weight_decay": 0.1},
     "Lion": {"lr": 0.01, "weight_decay": 0.1},
     "Rprop": {"lr": 0.01, "etas": (0.4, 1.3)},
+    "Adamax": {"lr": 0.01, "weight_decay": 0.1},
+    "NAdam": {"lr": 0.01, "weight_decay": 0.1},
+    "ASGD": {"lr": 0.01, "t0": 2.0, "weight_decay": 0.1},
 }
 
 # Every state key each optimizer may keep (with FULL_STATE_KWARGS, it keeps them all).
 FULL_STATE_KEYS = {name: set(spec.keys) for name, spec in SPECS.items()}
+# The parameter-shaped ones among them (the rest: ``step`` and 0-d scalars like NAdam's
+# ``mu_product``, SCALAR_KEYS).
+BUFFER_KEYS = {name: set(spec.buffers) for name, spec in SPECS.items()}
+SCALAR_KEYS = {name: set(spec.scalar_names) for name, spec in SPECS.items()}
 
 
 def optirs_class(name: str) -> type:
@@ -367,6 +374,13 @@ def assert_matches_torch(opt, params, topt, tparams, steps: int) -> None:
                 assert float(value) == float(tvalue), f"param {i}: step"
                 continue
             texpected = tvalue.detach().numpy()
+            if key in opt._spec.scalar_names:
+                # 0-d state (NAdam's mu_product, ASGD's eta and mu): computed as torch computes
+                # it and stored in the same dtype, so bit for bit torch's.
+                assert value.shape == () and value.dtype == texpected.dtype, (i, key, value)
+                same = value.tobytes() == texpected.tobytes()
+                assert same or (np.isnan(value) and np.isnan(texpected)), (i, key, value, tvalue)
+                continue
             assert value.dtype == p.dtype and value.shape == p.shape, (i, key)
             np.testing.assert_allclose(
                 value, texpected, **tol, equal_nan=True, err_msg=f"state[{i}][{key!r}]"

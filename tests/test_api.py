@@ -16,6 +16,7 @@ from conftest import (
     FULL_STATE_KWARGS,
     HYPERPARAMETERS,
     OPTIMIZER_NAMES,
+    SCALAR_KEYS,
     assert_bitwise_equal_params,
     assert_same_at_every_simd_level_and_thread_count,
     flat_params,
@@ -111,6 +112,16 @@ STATE_KEYS = [
     ),
     ("Adagrad", {}, {"step", "sum"}),
     ("Adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.3}, {"step", "sum"}),
+    ("Adamax", {}, {"step", "exp_avg", "exp_inf"}),
+    ("Adamax", {"weight_decay": 0.1, "maximize": True}, {"step", "exp_avg", "exp_inf"}),
+    ("NAdam", {}, {"step", "mu_product", "exp_avg", "exp_avg_sq"}),
+    (
+        "NAdam",
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+        {"step", "mu_product", "exp_avg", "exp_avg_sq"},
+    ),
+    ("ASGD", {}, {"step", "eta", "mu", "ax"}),
+    ("ASGD", {"t0": 0.0, "weight_decay": 0.1}, {"step", "eta", "mu", "ax"}),
 ]
 
 
@@ -142,6 +153,8 @@ def test_state_keys_and_types(name, kwargs, keys, dtype, rng):
         assert isinstance(value, np.ndarray)
         if key == "step":
             assert value.shape == () and value.dtype == np.float32 and float(value) == 3.0
+        elif key in SCALAR_KEYS[name]:
+            assert value.shape == () and value.dtype == np.float32
         else:
             assert value.shape == p.shape and value.dtype == dtype
             assert not np.shares_memory(value, p)
@@ -239,6 +252,30 @@ def test_constructor_values_reach_param_groups(name):
         },
         "Lion": {"lr": 0.3, "betas": (0.7, 0.8), "weight_decay": 0.2, "maximize": True},
         "Rprop": {"lr": 0.3, "etas": (0.4, 1.5), "step_sizes": (1e-3, 2.0), "maximize": True},
+        "Adamax": {
+            "lr": 0.3,
+            "betas": (0.7, 0.8),
+            "eps": 1e-5,
+            "weight_decay": 0.2,
+            "maximize": True,
+        },
+        "NAdam": {
+            "lr": 0.3,
+            "betas": (0.7, 0.8),
+            "eps": 1e-5,
+            "weight_decay": 0.2,
+            "momentum_decay": 0.01,
+            "decoupled_weight_decay": True,
+            "maximize": True,
+        },
+        "ASGD": {
+            "lr": 0.3,
+            "lambd": 0.7,
+            "alpha": 0.8,
+            "t0": 5.0,
+            "weight_decay": 0.2,
+            "maximize": True,
+        },
     }[name]
     opt = optirs_class(name)([np.zeros(3)], **values)
     group = opt.param_groups[0]
@@ -274,6 +311,12 @@ POSITIONAL = {
     ),
     "Lion": ((0.3, (0.7, 0.8), 0.2), ("lr", "betas", "weight_decay")),
     "Rprop": ((0.3, (0.4, 1.5), (1e-3, 2.0)), ("lr", "etas", "step_sizes")),
+    "Adamax": ((0.3, (0.7, 0.8), 1e-5, 0.2), ("lr", "betas", "eps", "weight_decay")),
+    "NAdam": (
+        (0.3, (0.7, 0.8), 1e-5, 0.2, 0.01, True),
+        ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"),
+    ),
+    "ASGD": ((0.3, 0.7, 0.8, 5.0, 0.2), ("lr", "lambd", "alpha", "t0", "weight_decay")),
 }
 
 
@@ -320,6 +363,9 @@ def test_result_does_not_depend_on_position_in_the_array(name, dtype):
     assert np.concatenate(pieces).tobytes() == whole.tobytes()
     for key, value in opt_whole.state[whole].items():
         if key == "step":
+            continue
+        if key in SCALAR_KEYS[name]:  # 0-d, per parameter: the same for every piece
+            assert all(opt_pieces.state[x][key].tobytes() == value.tobytes() for x in pieces)
             continue
         joined = np.concatenate([opt_pieces.state[piece][key] for piece in pieces])
         assert joined.tobytes() == value.tobytes(), key

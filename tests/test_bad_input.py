@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    BUFFER_KEYS,
     DTYPE_IDS,
     FLOAT_DTYPES,
     FULL_STATE_KEYS,
     FULL_STATE_KWARGS,
     OPTIMIZER_NAMES,
+    SCALAR_KEYS,
     assert_bitwise_equal_params,
     assert_bitwise_equal_state,
     assert_message,
@@ -668,7 +670,7 @@ def test_load_state_dict_refuses_bad_buffer(name, corrupt, exc):
     sd = source.opt.state_dict()
     for group in sd["param_groups"]:
         group["lr"] = 0.123  # so that a partially applied load would show
-    key = sorted(FULL_STATE_KEYS[name] - {"step"})[-1]
+    key = sorted(BUFFER_KEYS[name])[-1]
     sd["state"][3][key] = corrupt(sd["state"][3][key])
 
     target = Setup(name, np.float32)
@@ -709,3 +711,77 @@ def test_scalar_out_of_float32_range_raises_like_torchs_step(name, values):
     assert_snapshot_equal(before, snapshot(opt))
     wide = optirs_class(name)([np.ones(5)], **values)
     wide.step([np.ones(5)])
+
+
+# --------------------------------------------------------------------------------------------
+# 0-d state besides step (NAdam's mu_product, ASGD's eta and mu)
+# --------------------------------------------------------------------------------------------
+
+SCALAR_CASES = [(name, key) for name in OPTIMIZER_NAMES for key in sorted(SCALAR_KEYS[name])]
+BAD_SCALARS = [
+    ("not_0d", lambda v: np.zeros(3, v.dtype), TypeError, "0-d"),
+    ("integer", lambda v: np.zeros((), np.int32), TypeError, "0-d floating-point"),
+    ("read_only", lambda v: _read_only(v), ValueError, "read-only"),
+]
+
+
+def _read_only(v):
+    out = v.copy()
+    out.flags.writeable = False
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cid", "make", "exc", "keyword"), BAD_SCALARS, ids=[c[0] for c in BAD_SCALARS]
+)
+@pytest.mark.parametrize(("name", "key"), SCALAR_CASES, ids=[f"{n}-{k}" for n, k in SCALAR_CASES])
+def test_bad_scalar_state_is_refused_naming_it(name, key, cid, make, exc, keyword):
+    s = Setup(name, np.float32)
+    good = s.grads()
+    entry = s.opt.state[s.params[2]]
+    saved = entry[key]
+    entry[key] = make(saved)
+    before = snapshot(s.opt)
+    with pytest.raises(exc) as excinfo:
+        s.opt.step(good)
+    message = str(excinfo.value)
+    assert f"state['{key}']" in message and keyword in message, message
+    assert "param_groups[1]['params'][0]" in message, message
+    assert_snapshot_equal(before, snapshot(s.opt))
+    entry[key] = saved
+    assert_continues_like_untouched_twin(s, name, np.float32, good)
+
+
+@pytest.mark.parametrize(("name", "key"), SCALAR_CASES, ids=[f"{n}-{k}" for n, k in SCALAR_CASES])
+def test_bridge_refuses_bad_scalar_state_naming_it(name, key):
+    import optirs.torch
+
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = getattr(optirs.torch, name)([p], **FULL_STATE_KWARGS[name])
+    p.grad = torch.randn(5)
+    opt.step()
+    opt.state[p][key] = torch.zeros(3)
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match=rf"state\['{key}'\].*0-d"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    opt.state[p][key] = 1.5  # not a tensor
+    with pytest.raises(TypeError, match=rf"state\['{key}'\]"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    del opt.state[p][key]
+    with pytest.raises(ValueError, match=rf"state\['{key}'\].*missing"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize(("name", "key"), SCALAR_CASES, ids=[f"{n}-{k}" for n, k in SCALAR_CASES])
+def test_load_state_dict_refuses_bad_scalar_state(name, key):
+    source = Setup(name, np.float32)
+    sd = source.opt.state_dict()
+    sd["state"][3][key] = np.zeros(2, np.float32)
+    target = Setup(name, np.float32, seed=8)
+    before = snapshot(target.opt)
+    with pytest.raises(TypeError, match=rf"state\[3\]\['{key}'\].*0-d"):
+        target.opt.load_state_dict(sd)
+    assert_snapshot_equal(before, snapshot(target.opt))

@@ -172,6 +172,9 @@ def test_bytes_per_element_follow_the_declared_state() -> None:
         "adadelta": (28, "read p,g,sq,acc; write p,sq,acc"),
         "radam": (28, "read p,g,m,v; write p,m,v"),
         "rprop": (28, "read p,g,prev,ss; write p,prev,ss"),
+        "adamax": (28, "read p,g,m,u; write p,m,u"),
+        "nadam": (28, "read p,g,m,v; write p,m,v"),
+        "asgd": (20, "read p,g,ax; write p,ax"),
     }
     assert cases.CASES["rmsprop-cm"].arrays == 5
 

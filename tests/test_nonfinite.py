@@ -323,6 +323,11 @@ DRIFT = {
     # Rprop's step sizes shrink by etas[0] at each sign flip, from an lr near the bottom of the
     # range (DRIFT_KWARGS; the gradients themselves are normal).
     "Rprop": {np.float32: (1e-37, 1.0), np.float64: (1e-307, 1.0)},
+    # Adamax's exp_inf stays above eps: the gradient itself is denormal, and so its average.
+    "Adamax": {np.float32: (1e-37, 1e-39), np.float64: (1e-307, 1e-309)},
+    "NAdam": {np.float32: (1e-37, 1e-20), np.float64: (1e-307, 1e-155)},
+    # ASGD's weight decay shrinks the parameters, as SGD's.
+    "ASGD": {np.float32: (1e-37, 1e-39), np.float64: (1e-307, 1e-309)},
 }
 DRIFT_KWARGS = {
     "SGD": {"lr": 0.5, "momentum": 0.5, "weight_decay": 0.5},
@@ -337,6 +342,9 @@ DRIFT_KWARGS = {
         np.float32: {"lr": 1e-30, "etas": (1e-3, 1.2), "step_sizes": (0.0, 50.0)},
         np.float64: {"lr": 1e-300, "etas": (1e-3, 1.2), "step_sizes": (0.0, 50.0)},
     },
+    "Adamax": {"lr": 1e-3, "betas": (0.5, 0.9)},
+    "NAdam": {"lr": 1e-3},
+    "ASGD": {"lr": 0.5, "weight_decay": 0.5, "t0": 2.0},
 }
 
 

@@ -166,6 +166,54 @@ COMBOS = [
 # Large learning rates: updates of order 0.1..1 per step, so that atol (1e-5 / 1e-7) is tiny
 # next to one update and a small error in the update rule cannot hide below it.
 COMBOS += [
+    # Adamax: torch's combos
+    ("Adamax", "default", {}),
+    ("Adamax", "lr", {"lr": 0.001}),
+    ("Adamax", "wd", {"weight_decay": 0.1}),
+    ("Adamax", "maximize", {"maximize": True}),
+    ("Adamax", "wd_maximize", {"weight_decay": 0.1, "maximize": True}),
+    # Adamax: extra
+    ("Adamax", "betas_eps", {"lr": 0.02, "betas": (0.5, 0.9), "eps": 1e-4}),
+    ("Adamax", "betas_zero", {"lr": 0.01, "betas": (0.0, 0.0)}),
+    ("Adamax", "eps_zero", {"lr": 0.01, "eps": 0.0, "betas": (0.8, 0.5)}),
+    ("Adamax", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
+    # NAdam: torch's combos
+    ("NAdam", "default", {}),
+    ("NAdam", "lr", {"lr": 0.01}),
+    ("NAdam", "wd", {"weight_decay": 0.1}),
+    ("NAdam", "wd_momentum_decay", {"weight_decay": 0.1, "momentum_decay": 6e-3}),
+    (
+        "NAdam",
+        "wd_momentum_decay_decoupled",
+        {"weight_decay": 0.1, "momentum_decay": 6e-3, "decoupled_weight_decay": True},
+    ),
+    ("NAdam", "maximize", {"weight_decay": 0.1, "maximize": True}),
+    # NAdam: extra
+    (
+        "NAdam",
+        "decoupled_maximize",
+        {"lr": 0.01, "weight_decay": 0.2, "decoupled_weight_decay": True, "maximize": True},
+    ),
+    ("NAdam", "betas_eps", {"lr": 0.02, "betas": (0.5, 0.9), "eps": 1e-4}),
+    ("NAdam", "betas_zero", {"lr": 0.01, "betas": (0.0, 0.0)}),
+    ("NAdam", "momentum_decay_zero", {"lr": 0.01, "momentum_decay": 0.0}),
+    ("NAdam", "momentum_decay_big", {"lr": 0.01, "momentum_decay": 0.5, "betas": (0.3, 0.5)}),
+    ("NAdam", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
+    # ASGD: torch's combos
+    ("ASGD", "default", {}),
+    ("ASGD", "lr", {"lr": 0.02}),
+    ("ASGD", "t0", {"t0": 100}),
+    ("ASGD", "maximize", {"maximize": True}),
+    ("ASGD", "wd", {"weight_decay": 0.1}),
+    ("ASGD", "wd_maximize", {"weight_decay": 0.1, "maximize": True}),
+    # ASGD: extra (t0 small enough that mu leaves 1 within the run: averaging starts)
+    ("ASGD", "averaging", {"lr": 0.05, "t0": 2.0}),
+    ("ASGD", "t0_zero_wd", {"lr": 0.05, "t0": 0.0, "weight_decay": 0.2, "lambd": 0.5}),
+    ("ASGD", "alpha_lambd", {"lr": 0.1, "lambd": 2.0, "alpha": 1.5, "t0": 3.0}),
+    ("ASGD", "alpha_zero", {"lr": 0.1, "lambd": 0.0, "alpha": 0.0, "maximize": True}),
+    ("ASGD", "high_lr", {"lr": 0.5, "t0": 1.0, "weight_decay": 0.1}),
+]
+COMBOS += [
     ("SGD", "high_lr", {"lr": 0.5, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
     ("SGD", "high_lr_nesterov", {"lr": 0.5, "momentum": 0.5, "nesterov": True}),
     ("Adam", "high_lr", {"lr": 0.5, "weight_decay": 0.1}),
@@ -216,6 +264,9 @@ BIG_COMBOS = [
     ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "betas": (0.9, 0.6)}),
     ("Lion", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
     ("Rprop", {"lr": 0.01, "etas": (0.4, 1.3)}),
+    ("Adamax", {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
+    ("NAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("ASGD", {"lr": 0.01, "t0": 1.0, "weight_decay": 0.1}),
 ]
 
 
@@ -240,6 +291,12 @@ LONG_COMBOS = [
     ("RAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
     ("Lion", {"lr": 1e-3, "weight_decay": 0.1}),
     ("Rprop", {"lr": 0.01}),
+    ("Adamax", {"lr": 0.01, "weight_decay": 0.01}),
+    ("Adamax", {"lr": 0.002, "betas": (0.5, 0.99), "maximize": True}),
+    ("NAdam", {"lr": 0.01, "weight_decay": 0.01}),
+    ("NAdam", {"lr": 0.002, "momentum_decay": 0.01, "maximize": True}),
+    ("ASGD", {"lr": 0.01, "t0": 50.0, "weight_decay": 0.01}),
+    ("ASGD", {"lr": 0.05, "lambd": 0.01, "alpha": 0.5, "t0": 0.0, "maximize": True}),
 ]
 
 
@@ -293,6 +350,22 @@ MULTI_GROUP = {
     "Rprop": (
         {"lr": 0.01},
         [{"etas": (0.3, 1.5)}, {"lr": 0.1, "step_sizes": (1e-3, 0.2)}, {"maximize": True}],
+    ),
+    "Adamax": (
+        {"lr": 0.01},
+        [{}, {"lr": 0.05, "betas": (0.5, 0.8)}, {"weight_decay": 0.1, "maximize": True}],
+    ),
+    "NAdam": (
+        {"lr": 0.01},
+        [
+            {},
+            {"lr": 0.05, "betas": (0.5, 0.8), "momentum_decay": 0.01},
+            {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+        ],
+    ),
+    "ASGD": (
+        {"lr": 0.01, "t0": 3.0},
+        [{}, {"lr": 0.05, "lambd": 0.01, "t0": 1e6}, {"weight_decay": 0.1, "maximize": True}],
     ),
 }
 
@@ -425,6 +498,32 @@ SCHEDULES = {
             2: [(0, {"lr": 0.5}), (1, {"etas": (0.3, 1.6)})],
             5: [(0, {"step_sizes": (1e-3, 0.05)})],
             8: [(1, {"maximize": True})],
+        },
+    ),
+    "Adamax": (
+        {"lr": 0.01},
+        {
+            2: [(0, {"lr": 0.001}), (1, {"betas": (0.5, 0.9)})],
+            5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
+            8: [(1, {"maximize": True, "lr": 0.3})],
+        },
+    ),
+    "NAdam": (
+        {"lr": 0.01},
+        {
+            2: [(0, {"lr": 0.001}), (1, {"betas": (0.5, 0.9)})],
+            4: [(0, {"momentum_decay": 0.02})],
+            5: [(0, {"weight_decay": 0.1, "eps": 1e-3})],
+            7: [(1, {"weight_decay": 0.2, "decoupled_weight_decay": True})],
+            8: [(1, {"maximize": True, "lr": 0.3})],
+        },
+    ),
+    "ASGD": (
+        {"lr": 0.01, "t0": 4.0},
+        {
+            2: [(0, {"lr": 0.05}), (1, {"lambd": 0.1, "alpha": 0.5})],
+            5: [(0, {"weight_decay": 0.1, "t0": 1e6})],
+            8: [(1, {"maximize": True, "lr": 0.3, "t0": 0.0})],
         },
     ),
 }

@@ -16,6 +16,12 @@ def test_every_spec_declares_its_rules_buffers_in_the_cores_order():
         assert _core.RULES[spec.kind] == spec.buffers, spec.name
 
 
+def test_every_spec_declares_its_rules_scalar_state_in_the_cores_order():
+    for spec in SPECS.values():
+        assert _core.RULE_SCALARS[spec.kind] == spec.scalar_names, spec.name
+    assert set(_core.RULE_SCALARS) == set(_core.RULES)
+
+
 def test_every_rule_of_the_core_has_a_spec():
     assert set(_core.RULES) == {spec.kind for spec in SPECS.values()}
     assert all(isinstance(b, tuple) for b in _core.RULES.values())

@@ -40,6 +40,12 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("Lion", {}),
     ("Rprop", {}),
     ("Rprop", {"lr": 0.25}),
+    ("Adamax", {}),
+    ("Adamax", {"weight_decay": 0.1, "maximize": True}),
+    ("NAdam", {}),
+    ("NAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("ASGD", {}),
+    ("ASGD", {"lr": 0.05, "t0": 0.0, "weight_decay": 0.1}),
 ]
 
 #: The optimizers torch.optim has; the others (Lion) are checked against the tests' reference
@@ -61,6 +67,7 @@ def test_every_optimizer_is_declared_once_and_exported() -> None:
     assert list(SPECS) == [
         *("SGD", "Adam", "AdamW", "RMSprop", "Adagrad"),
         *("Adadelta", "RAdam", "Lion", "Rprop"),
+        *("Adamax", "NAdam", "ASGD"),
     ]
     assert [n for n in SPECS if not SPECS[n].in_torch] == ["Lion"]
     assert not hasattr(torch.optim, "Lion")
@@ -118,16 +125,24 @@ def test_declared_defaults_are_torchs(name: str) -> None:
     ids=[f"{n}-" + "-".join(kw) if kw else f"{n}-default" for n, kw in CONFIGS],
 )
 def test_declared_state_is_what_torch_keeps(name: str, kwargs: dict[str, Any]) -> None:
-    """The buffers a group needs (plus ``step``) are the keys torch's step leaves, with the
-    values a new buffer starts from (checked through optirs's own first step)."""
+    """The buffers a group needs (plus ``step`` and the 0-d scalars) are the keys torch's step
+    leaves, with the values a new buffer starts from (checked through optirs's own first
+    step)."""
     spec = SPECS[name]
     state, group = _torch_state(name, kwargs)
-    expected = set(spec.required(group)) | ({"step"} if spec.counts_steps else set())
+    expected = (
+        set(spec.required(group))
+        | ({"step"} if spec.counts_steps else set())
+        | set(spec.scalar_names)
+    )
     assert set(state) == expected
     assert spec.missing(group, {}) == [
         *spec.required(group),
         *(["step"] if spec.counts_steps else []),
+        *spec.scalar_names,
     ]
+    for key in spec.scalar_names:
+        assert state[key].dim() == 0 and state[key].dtype == torch.float32, key
     w = np.ones(3, np.float32)
     opt = getattr(optirs, name)([w], **kwargs)
     opt.step([np.full(3, 0.5, np.float32)])
@@ -135,6 +150,8 @@ def test_declared_state_is_what_torch_keeps(name: str, kwargs: dict[str, Any]) -
     assert set(ours) == expected
     for key, value in state.items():
         np.testing.assert_allclose(ours[key], value.numpy(), rtol=1e-6, err_msg=key)
+    for key in spec.scalar_names:
+        assert ours[key].shape == () and ours[key].dtype == np.float32, key
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -28,7 +28,7 @@ import re
 import optirs.torch
 import pytest
 import torch
-from conftest import DTYPE_IDS, FULL_STATE_KEYS, FULL_STATE_KWARGS, OPTIMIZER_NAMES
+from conftest import DTYPE_IDS, FULL_STATE_KEYS, FULL_STATE_KWARGS, OPTIMIZER_NAMES, SCALAR_KEYS
 from optirs._spec import SPECS
 from test_parity import (
     COMBO_IDS,
@@ -84,6 +84,9 @@ MODEL_KWARGS = {
     },
     "Lion": {"lr": 0.01, "weight_decay": 0.1},
     "Rprop": {"lr": 0.01, "etas": (0.4, 1.3)},
+    "Adamax": {"lr": 0.01, "betas": (0.8, 0.99)},
+    "NAdam": {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "ASGD": {"lr": 0.05, "t0": 1.0},
 }
 
 
@@ -352,7 +355,7 @@ def test_state_and_state_dict_format(name, full, dtype, rng):
         assert sorted(state) == sorted(tstate)
         for key, value in state.items():
             assert type(value) is type(tstate[key])
-            if key == "step":
+            if key == "step" or key in ours._spec.scalar_names:
                 assert value.shape == () and value.dtype == F32 and value.device.type == "cpu"
             else:
                 assert value.dtype == p.dtype and value.shape == p.shape
@@ -465,6 +468,12 @@ def test_state_dict_moves_between_torch_and_optirs(direction, name, dtype, rng):
     saved = src.state_dict()
     dst = dst_cls(_clone_groups(src, lr=0.9), **{**kwargs, "lr": 0.7})
     dst.load_state_dict(saved)
+    # torch's load_state_dict casts 0-d state values (NAdam's mu_product) to the parameters'
+    # dtype, which changes how they round from then on: the reference resumes with them cast
+    # too, as torch.optim itself resuming from this checkpoint would.
+    for tp in pair.tparams:
+        for key in SCALAR_KEYS[name] & set(pair.topt.state.get(tp, {})):
+            pair.topt.state[tp][key] = pair.topt.state[tp][key].to(tp.dtype)
     assert [g["lr"] for g in dst.param_groups] == [g["lr"] for g in src.param_groups]
     assert_matches_torch(dst, all_params(dst), pair.topt, pair.tparams, k)
     for step in range(k, k + m):
@@ -1072,12 +1081,16 @@ TORCH_SPARSE_MESSAGES = {
     "Adadelta": "Adadelta does not support sparse gradients",
     "RAdam": "RAdam does not support sparse gradients",
     "Rprop": "Rprop does not support sparse gradients",
+    "Adamax": "Adamax does not support sparse gradients",
+    "NAdam": "NAdam does not support sparse gradients",
+    "ASGD": "ASGD does not support sparse gradients",
 }
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_sparse_gradient(name, rng):
-    """Adam/AdamW/RMSprop: torch's RuntimeError; SGD/Adagrad (sparse in torch): TypeError."""
+    """Adam/AdamW/RMSprop/Adamax/NAdam/ASGD: torch's RuntimeError; SGD/Adagrad (sparse in
+    torch): TypeError."""
     emb = nn.Embedding(10, 3, sparse=True)
     opt = stepped_optimizer(name, rng, emb.weight)
     emb(torch.tensor([1, 4, 4])).sum().backward()

@@ -44,6 +44,9 @@ BASE = {
     "RAdam": {"lr": 0.01, "weight_decay": 0.1, "betas": (0.9, 0.5)},
     "Lion": {"lr": 0.01, "weight_decay": 0.1},
     "Rprop": {"lr": 0.01},
+    "Adamax": {"lr": 0.01, "weight_decay": 0.1},
+    "NAdam": {"lr": 0.01, "weight_decay": 0.1},
+    "ASGD": {"lr": 0.01, "t0": 2.0, "weight_decay": 0.1},
 }
 
 # Values torch.optim's constructor refuses (checked below) and its step takes.
@@ -109,6 +112,33 @@ REFUSED_BY_CONSTRUCTOR = {
         {"etas": (0.5, 0.9)},
         {"etas": (0.0, 1.2)},
     ],
+    "Adamax": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"eps": -1e-3},
+        {"betas": (0.9, 1.0)},
+        {"betas": (-0.5, 0.999)},
+        {"betas": (1.5, 0.999)},
+        {"weight_decay": -0.1},
+    ],
+    "NAdam": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"eps": -1e-3},
+        {"betas": (0.9, 1.0)},
+        {"betas": (-0.5, 0.999)},
+        {"betas": (1.5, 0.999)},
+        {"weight_decay": -0.1},
+        {"momentum_decay": -0.01},
+        {"momentum_decay": -100.0},
+    ],
+    "ASGD": [
+        {"lr": -0.01},
+        {"lr": NAN},
+        {"lambd": -0.5},
+        {"alpha": -0.5},
+        {"weight_decay": -0.1},
+    ],
 }
 # Values the constructor takes too, which the bridge used to refuse or which reach the kernels
 # only now: NaN and infinite learning rates, RMSprop's alpha above 1, SGD's dampening.
@@ -122,6 +152,15 @@ ALSO_STEPPED = {
     "RAdam": [{"lr": INF}, {"betas": (NAN, 0.5)}, {"decoupled_weight_decay": True}],
     "Lion": [{"lr": INF}, {"betas": (NAN, 0.9)}, {"betas": (1.0, 0.0)}],
     "Rprop": [{"lr": INF}, {"step_sizes": (0.5, 0.1)}, {"step_sizes": (NAN, 1.0)}],
+    "Adamax": [{"lr": INF}, {"betas": (NAN, 0.999)}, {"betas": (0.9, INF)}, {"eps": INF}],
+    "NAdam": [
+        {"lr": INF},
+        {"betas": (NAN, 0.999)},
+        {"momentum_decay": INF},
+        {"momentum_decay": NAN},
+        {"decoupled_weight_decay": True, "weight_decay": 1e30},
+    ],
+    "ASGD": [{"lr": INF}, {"t0": NAN}, {"t0": -INF}, {"lambd": INF}, {"alpha": NAN}],
 }
 
 
@@ -279,6 +318,22 @@ RAISING = [
     ("SGD", BASE["SGD"], {"lr": 1j}, F32),  # complex: torch fails in a tensor operation
     ("SGD", BASE["SGD"], {"lr": None}, F32),  # not a number: TypeError
     ("Adam", BASE["Adam"], {"eps": "1e-8"}, F32),
+    ("Adamax", BASE["Adamax"], {"betas": (1.0, 0.999)}, F32),  # lr / (1 - 1 ** step)
+    ("Adamax", BASE["Adamax"], {"betas": (1e200, 0.999)}, F64),  # 1e200 ** 3 overflows
+    ("Adamax", BASE["Adamax"], {"lr": 1e300}, F32),
+    ("Adamax", BASE["Adamax"], {"weight_decay": 1e300}, F32),
+    ("NAdam", BASE["NAdam"], {"betas": (1e300, 0.999)}, F32),  # 1 - beta1 does not fit
+    ("NAdam", BASE["NAdam"], {"momentum_decay": -1e10}, F64),  # 0.96 ** -3e10 overflows
+    ("NAdam", BASE["NAdam"], {"betas": (0.9, 1e200)}, F64),  # 1e200 ** 3 overflows
+    ("NAdam", BASE["NAdam"], {"betas": (0.9, 1e300)}, F32),  # 1 - beta2 does not fit
+    ("NAdam", BASE["NAdam"], {"lr": 1e300}, F32),
+    ("NAdam", BASE["NAdam"], {"weight_decay": 1e300}, F32),
+    ("ASGD", BASE["ASGD"], {"alpha": 1e300}, F64),  # (1 + ...) ** 1e300 overflows
+    ("ASGD", BASE["ASGD"], {"alpha": -1e300}, F32),  # ... ** -1e300 is 0: lr / 0
+    # 1 + (-1/3 * 1.0) * 3 is 0 at step 3: lr / 0 ** alpha, then 0 ** -1
+    ("ASGD", BASE["ASGD"], {"lambd": -1 / 3, "lr": 1.0}, F32),
+    ("ASGD", BASE["ASGD"], {"lambd": -1 / 3, "lr": 1.0, "alpha": -1.0}, F64),
+    ("ASGD", BASE["ASGD"], {"weight_decay": 1e300}, F32),
 ]
 
 

@@ -135,6 +135,9 @@ def _layouts():
         ("RAdam", {"lr": 0.01, "betas": (0.9, 0.5)}),
         ("Lion", {"lr": 0.01, "weight_decay": 0.1}),
         ("Rprop", {"lr": 0.01}),
+        ("Adamax", {"lr": 0.01, "weight_decay": 0.1}),
+        ("NAdam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+        ("ASGD", {"lr": 0.05, "t0": 2.0, "weight_decay": 0.1}),
     ],
 )
 def test_dense_non_contiguous_parameters_are_updated_in_place(name, kwargs, layout):
@@ -158,6 +161,34 @@ def test_dense_non_contiguous_parameters_are_updated_in_place(name, kwargs, layo
     torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1.3e-6 * 2, atol=1e-5)
     for key, value in ref.state[theirs].items():
         torch.testing.assert_close(opt.state[ours][key], value, rtol=1.3e-6 * 2, atol=1e-5)
+
+
+NO_FUSED = {
+    "Adamax": {"lr": 0.01, "weight_decay": 0.1},
+    "NAdam": {"lr": 0.01, "weight_decay": 0.1, "momentum_decay": 0.01},
+    "ASGD": {"lr": 0.05, "t0": 2.0, "weight_decay": 0.1},
+}
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(NO_FUSED))
+def test_reduced_precision_without_a_fused_torch_path_is_float32_math_rounded_once(name, dtype):
+    """torch has no fused Adamax, NAdam or ASGD: a 16-bit step is the float32 step of the same
+    values, rounded once into the parameter's dtype, and the 0-d state stays float32."""
+    kwargs = NO_FUSED[name]
+    ours, _ = _pair((517,), dtype, seed=5)
+    master = nn.Parameter(ours.detach().float())
+    grad = torch.randn(517, generator=torch.Generator().manual_seed(6)).to(dtype)
+    ours.grad, master.grad = grad.clone(), grad.float()
+    opt = getattr(optirs.torch, name)([ours], **kwargs)
+    opt.step()
+    ref = getattr(torch.optim, name)([master], foreach=False, **kwargs)
+    ref.step()
+    torch.testing.assert_close(ours.detach().float(), master.detach(), rtol=4e-3, atol=1e-6)
+    assert torch.equal(ours.detach(), master.detach().to(dtype))
+    for key in optirs.torch.__dict__[name]._spec.scalar_names:
+        assert opt.state[ours][key].dtype == torch.float32
+        assert torch.equal(opt.state[ours][key], ref.state[master][key]), key
 
 
 def test_gradient_with_another_layout_than_a_non_contiguous_parameter_is_refused():

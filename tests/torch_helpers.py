@@ -22,6 +22,7 @@ import optirs.torch
 import torch
 from conftest import default_grad, tolerances, well_conditioned
 from conftest import torch_class as torch_class  # torch.optim's, or the tests' Lion reference
+from optirs._spec import SPECS
 
 TORCH_DTYPES = (torch.float32, torch.float64)
 NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -76,6 +77,12 @@ def assert_matches_torch(opt, params, topt, tparams, steps: int) -> None:
                 assert value.shape == () and value.dtype == tvalue.dtype, (i, value, tvalue)
                 assert float(value) == float(tvalue), f"param {i}: step {value} != {tvalue}"
                 continue
+            if key in _scalar_names(opt, topt):
+                # 0-d state computed and stored as torch does: bit for bit torch's.
+                assert value.shape == () and value.dtype == tvalue.dtype, (i, key, value, tvalue)
+                same = torch.equal(value, tvalue) or bool(value.isnan() and tvalue.isnan())
+                assert same, (i, key, value.item(), tvalue.item())
+                continue
             assert value.dtype == p.dtype and value.shape == p.shape, (i, key)
             np.testing.assert_allclose(
                 value.numpy(),
@@ -84,6 +91,16 @@ def assert_matches_torch(opt, params, topt, tparams, steps: int) -> None:
                 equal_nan=True,
                 err_msg=f"state[{i}][{key!r}]",
             )
+
+
+def _scalar_names(*opts: Any) -> tuple[str, ...]:
+    """The 0-d state names (besides ``step``) of the optimizer among ``opts`` that optirs
+    declares (the other may be torch's class, or the tests' Lion reference)."""
+    for o in opts:
+        spec = SPECS.get(type(o).__name__)
+        if spec is not None:
+            return spec.scalar_names
+    return ()
 
 
 GradFn = Callable[[np.random.Generator, int, int, np.ndarray], "np.ndarray | None"]

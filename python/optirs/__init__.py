@@ -1,8 +1,9 @@
 """optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
 
-``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam`` and
-``Rprop`` take torch.optim's arguments, defaults and error messages, and follow torch.optim's
-update formulas and operation order; ``Lion`` follows lion-pytorch's::
+``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``,
+``Rprop``, ``Adamax``, ``NAdam`` and ``ASGD`` take torch.optim's arguments, defaults and error
+messages, and follow torch.optim's update formulas and operation order; ``Lion`` follows
+lion-pytorch's::
 
     import numpy as np, optirs
     w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
@@ -32,6 +33,7 @@ from ._plan import GroupsSnapshot, StepOptions, fork_safe
 __version__: str = _core.__version__
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adadelta",
     "Adagrad",
@@ -39,7 +41,9 @@ __all__ = [
     "Adam8bit",
     "AdamW",
     "AdamW8bit",
+    "Adamax",
     "Lion",
+    "NAdam",
     "Optimizer",
     "ParamState",
     "RAdam",
@@ -213,7 +217,7 @@ class _Plan:
 
     def __init__(self, opt: Optimizer, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
-        names = spec.buffers
+        names = spec.entries
         state = opt.state
         self.state = state
         self.version = state._version
@@ -224,7 +228,8 @@ class _Plan:
         #: flat indices of parameters whose state is not complete yet
         self.missing: list[int] = []
         for ps, need in zip(self.groups.members, self.groups.needs):
-            required = [n for n, want in zip(names, need) if want]
+            required = [n for n, want in zip(spec.buffers, need) if want]
+            required.extend(spec.scalar_names)
             if spec.counts_steps:
                 required.append("step")
             for p in ps:
@@ -433,6 +438,7 @@ class Optimizer:
             group,
             lambda x: np.full(p.shape, x, dtype=dtype),
             lambda: np.zeros((), np.float32),
+            scalar=lambda x: np.array(x, np.float32),
         )
 
     def step(self, grads: Iterable[Any]) -> None:
@@ -564,7 +570,7 @@ class Optimizer:
         """A step in which some parameters get their first state: it is made aside and kept
         only when the step succeeds."""
         spec = self._spec
-        names = spec.buffers
+        names = spec.entries
         buffers = list(plan.buffers)
         steps = list(plan.steps)
         fresh = list(plan.fresh)
@@ -690,6 +696,8 @@ class Optimizer:
             for name, value in saved.items():
                 if name == "step":
                     entry[name] = _load_step(value, where)
+                elif name in spec.scalar_names:
+                    entry[name] = _load_scalar(value, p, f"{where}['{name}']")
                 elif value is not None or name != "momentum_buffer":
                     entry[name] = _load_buffer(
                         value, p, f"{where}['{name}']", _state_dtype(p, group)
@@ -720,6 +728,18 @@ def _load_step(value: Any, where: str) -> np.ndarray:
             )
         )
     return np.array(_spec.check_step_value(arr, f"{where}['step']"), dtype=np.float32)
+
+
+def _load_scalar(value: Any, p: np.ndarray, where: str) -> np.ndarray:
+    # torch's load_state_dict casts every floating state value but ``step`` to the parameter's
+    # dtype, a 0-d one too (exact from float32); the update then rounds it in that dtype.
+    arr = np.asarray(value)
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{where} must be a real number or 0-d array, got {_tn(value)}"
+            + (f" of shape {arr.shape}" if isinstance(value, np.ndarray) else "")
+        )
+    return np.array(arr, dtype=p.dtype)
 
 
 def _load_buffer(value: Any, p: np.ndarray, where: str, dtype: np.dtype) -> np.ndarray:
@@ -909,4 +929,37 @@ class Lion(Optimizer):
     """
 
     _spec = _spec.LION
+    __init__ = _numpy_init(_spec)
+
+
+class Adamax(Optimizer):
+    """Adamax (Adam with an infinity norm), with weight decay and maximize:
+    ``torch.optim.Adamax``'s update over NumPy arrays.
+
+    State: ``step`` (0-d float32), ``exp_avg`` and ``exp_inf``.
+    """
+
+    _spec = _spec.ADAMAX
+    __init__ = _numpy_init(_spec)
+
+
+class NAdam(Optimizer):
+    """NAdam (Adam with Nesterov momentum and a momentum decay schedule), with L2 or decoupled
+    weight decay and maximize: ``torch.optim.NAdam``'s update over NumPy arrays.
+
+    State: ``step`` and ``mu_product`` (0-d float32), ``exp_avg`` and ``exp_avg_sq``.
+    """
+
+    _spec = _spec.NADAM
+    __init__ = _numpy_init(_spec)
+
+
+class ASGD(Optimizer):
+    """Averaged SGD, with weight decay and maximize: ``torch.optim.ASGD``'s update over NumPy
+    arrays.
+
+    State: ``step``, ``eta`` and ``mu`` (0-d float32) and ``ax`` (the averaged parameter).
+    """
+
+    _spec = _spec.ASGD
     __init__ = _numpy_init(_spec)

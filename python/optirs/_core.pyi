@@ -7,6 +7,7 @@ from typing import Any, Literal, final, overload
 __all__ = [
     "CHUNK_ELEMS",
     "RULES",
+    "RULE_SCALARS",
     "ArrayPlan",
     "TorchPlan",
     "__version__",
@@ -17,8 +18,8 @@ __all__ = [
     "executor",
     "get_num_threads",
     "grad_norm",
-    "scale_grads",
     "quantize_8bit",
+    "scale_grads",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
@@ -34,6 +35,9 @@ CHUNK_ELEMS: int
 #: the rule table: each update rule's state buffers, in the order the kernels take them
 #: (``optirs._spec`` declares the same; tests/test_rules.py checks they agree)
 RULES: dict[str, tuple[str, ...]]
+#: each update rule's per-parameter 0-d state besides ``step`` (NAdam's ``mu_product``), handed
+#: over after its buffers, in the same tuple
+RULE_SCALARS: dict[str, tuple[str, ...]]
 
 def step_adam8bit(
     groups: Sequence[Any],
@@ -90,12 +94,13 @@ def step(
 ) -> bool:
     """Runs one optimizer step over every parameter of every group, in place.
 
-    ``kind`` names a rule of ``RULES`` ("sgd", "adam", ..., "lion", "rprop"). ``groups`` are the
+    ``kind`` names a rule of ``RULES`` ("sgd", "adam", ..., "rprop", "asgd"). ``groups`` are the
     param-group mappings (hyperparameters under torch's names; ``len(group["params"])`` maps
     flat indices to groups).
     ``params``, ``grads``, ``buffers`` (a tuple of state arrays per parameter, in the order of
-    ``optirs._spec``), ``steps`` (0-d float32 counters) and ``fresh`` (SGD: the momentum buffer
-    was just created; may be empty) are flat, one entry per parameter; a ``None`` gradient skips
+    ``optirs._spec``: the buffers, then the 0-d scalars of ``RULE_SCALARS``), ``steps`` (0-d
+    float32 counters) and ``fresh`` (SGD: the momentum buffer was just created; may be empty)
+    are flat, one entry per parameter; a ``None`` gradient skips
     that parameter. Everything is validated before anything is written: TypeError or
     ValueError, naming the array, and nothing modified. Hyperparameters are not range-checked
     (the NumPy API does that with torch's constructor checks): where torch.optim's for-loop step

@@ -200,6 +200,17 @@ class Buffer:
 
 
 @dataclass(frozen=True)
+class Scalar:
+    """One per-parameter 0-d state value besides ``step`` (NAdam's ``mu_product``, ASGD's
+    ``eta``), which the core reads before the step and updates with the counter. torch keeps it
+    as a 0-d float32 tensor (in the parameter's dtype once a state dict is loaded)."""
+
+    name: str
+    #: what a new one holds: a number, or the name of the group hyperparameter it starts from
+    fill: float | str
+
+
+@dataclass(frozen=True)
 class Spec:
     """One optimizer: what torch.optim calls it, its arguments, checks and state."""
 
@@ -227,6 +238,9 @@ class Spec:
     #: torch.optim has a class of this name (Lion has none: its bridge class subclasses
     #: ``torch.optim.Optimizer``, and the tests compare it with a reference of their own)
     in_torch: bool = True
+    #: per-parameter 0-d state besides ``step``, in the order the core takes it (after the
+    #: buffers, in the same tuple)
+    scalars: tuple[Scalar, ...] = ()
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -234,9 +248,21 @@ class Spec:
         return tuple(b.name for b in self.state)
 
     @property
+    def scalar_names(self) -> tuple[str, ...]:
+        """The per-parameter 0-d state values' names, in the order the core takes them."""
+        return tuple(s.name for s in self.scalars)
+
+    @property
+    def entries(self) -> tuple[str, ...]:
+        """What the core takes per parameter, in its order: the buffers, then the scalars."""
+        return (*self.buffers, *self.scalar_names)
+
+    @property
     def keys(self) -> frozenset[str]:
         """Every state key a parameter may have."""
-        return frozenset((*self.buffers, *(("step",) if self.counts_steps else ())))
+        return frozenset(
+            (*self.buffers, *(("step",) if self.counts_steps else ()), *self.scalar_names)
+        )
 
     @property
     def numpy_params(self) -> tuple[Param, ...]:
@@ -274,6 +300,7 @@ class Spec:
         names = [b.name for b in self.state if b.when(group) and state.get(b.name) is None]
         if self.counts_steps and (state.get("step") is None if none_step else "step" not in state):
             names.append("step")
+        names.extend(n for n in self.scalar_names if state.get(n) is None)
         return names
 
     def incomplete(self, missing: Collection[str]) -> list[str]:
@@ -292,15 +319,26 @@ class Spec:
         values: Mapping[str, Any],
         full: Callable[[float], T],
         step: Callable[[], T],
+        scalar: Callable[[float], T] | None = None,
+        group: Mapping[str, Any] | None = None,
     ) -> dict[str, T]:
         """The entries ``missing`` names, made the one way both APIs make them: ``full(x)`` a
         buffer like the parameter filled with ``x`` (0, or the hyperparameter the buffer's
-        ``fill`` names, read from ``values``), ``step()`` a zero step counter."""
+        ``fill`` names, read from ``values``), ``step()`` a zero step counter, ``scalar(x)`` a
+        0-d state value holding ``x`` (its ``fill``, or the hyperparameter it names, read from
+        ``group``, as torch's ``_init_group`` reads it; ``values`` when None)."""
         fills = {b.name: b.fill for b in self.state}
+        scalar_fills = {s.name: s.fill for s in self.scalars}
         out: dict[str, T] = {}
         for n in missing:
             if n == "step":
                 out[n] = step()
+            elif n in scalar_fills:
+                if scalar is None:
+                    raise TypeError(f"{self.name} keeps 0-d state: new_state needs scalar=")
+                start = scalar_fills[n]
+                source = values if group is None else group
+                out[n] = scalar(float(source[start]) if isinstance(start, str) else start)
             else:
                 fill = fills[n]
                 out[n] = full(0.0 if fill is None else values[fill])
@@ -509,9 +547,90 @@ LION = Spec(
     in_torch=False,
 )
 
+ADAMAX = Spec(
+    name="Adamax",
+    kind="adamax",
+    params=(
+        Param("lr", 2e-3, "float"),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
+        Param("eps", 1e-8, "float"),
+        Param("weight_decay", 0, "float"),
+        _torch_switch("foreach", None, "bool | None", keyword_only=False),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("differentiable", False, "bool"),
+        _torch_switch("capturable", False, "bool"),
+    ),
+    state=(Buffer("exp_avg", "m"), Buffer("exp_inf", "u")),
+    counts_steps=True,
+    validate=_check_adam,
+    refused=("differentiable", "capturable"),
+    sparse_message="Adamax does not support sparse gradients",
+)
+
+
+def _check_nadam(g: Mapping[str, Any]) -> None:
+    _check_adam(g)
+    _nonneg("momentum_decay", g["momentum_decay"], "Invalid momentum_decay value: {}")
+
+
+NADAM = Spec(
+    name="NAdam",
+    kind="nadam",
+    params=(
+        Param("lr", 2e-3, "float"),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
+        Param("eps", 1e-8, "float"),
+        Param("weight_decay", 0, "float"),
+        Param("momentum_decay", 4e-3, "float"),
+        Param("decoupled_weight_decay", False, "bool"),
+        _torch_switch("foreach", None, "bool | None"),
+        Param("maximize", False, "bool", keyword_only=True),
+        _torch_switch("capturable", False, "bool"),
+        _torch_switch("differentiable", False, "bool"),
+    ),
+    state=(Buffer("exp_avg", "m"), Buffer("exp_avg_sq", "v")),
+    counts_steps=True,
+    validate=_check_nadam,
+    refused=("differentiable", "capturable"),
+    sparse_message="NAdam does not support sparse gradients",
+    scalars=(Scalar("mu_product", 1.0),),
+)
+
+
+def _check_asgd(g: Mapping[str, Any]) -> None:
+    _check_lr(g)
+    _nonneg("lambd", g["lambd"], "Invalid lambd value: {}")
+    _nonneg("alpha", g["alpha"], "Invalid alpha value: {}")
+    _check_wd(g)
+    _real("t0", g["t0"])
+
+
+ASGD = Spec(
+    name="ASGD",
+    kind="asgd",
+    params=(
+        Param("lr", 1e-2, "float"),
+        Param("lambd", 1e-4, "float"),
+        Param("alpha", 0.75, "float"),
+        Param("t0", 1e6, "float"),
+        Param("weight_decay", 0, "float"),
+        _torch_switch("foreach", None, "bool | None", keyword_only=False),
+        Param("maximize", False, "bool"),
+        _torch_switch("differentiable", False, "bool", keyword_only=False),
+        _torch_switch("capturable", False, "bool", keyword_only=False),
+    ),
+    state=(Buffer("ax", "ax"),),
+    counts_steps=True,
+    validate=_check_asgd,
+    refused=("differentiable", "capturable"),
+    sparse_message="ASGD does not support sparse gradients",
+    scalars=(Scalar("eta", "lr"), Scalar("mu", 1.0)),
+)
+
 #: Every optimizer, by torch.optim's class name, in the order the package lists them.
 SPECS: dict[str, Spec] = {
-    s.name: s for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, ADADELTA, RADAM, LION, RPROP)
+    s.name: s
+    for s in (SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, ADADELTA, RADAM, LION, RPROP, ADAMAX, NADAM, ASGD)
 }
 
 #: optirs's own options, keyword-only after torch's arguments in both APIs.

@@ -34,7 +34,7 @@ use crate::kernels::adam8bit::{self, Q8Slices};
 use crate::kernels::{simd, Rule, Slices, Storage};
 use crate::norm::{self, GradFactor};
 use crate::pool;
-use crate::rules::RuleOf;
+use crate::rules::{RuleOf, MAX_SCALARS};
 use crate::value_err;
 
 /// Elements per work item: a chunk's parameter, gradient and state stay within L2 together.
@@ -56,6 +56,8 @@ pub struct Checked {
     /// The step counter and its value once this step is applied. `'static` stands for "this
     /// step": the counter's array is held alive by the caller until the step returns.
     step: Option<CounterSlot<'static>>,
+    /// Where the rule's per-parameter scalar state (`RuleSpec::scalars`) gets its new values.
+    scalars: [Option<CounterSlot<'static>>; MAX_SCALARS],
     rule: RuleOf,
 }
 
@@ -88,8 +90,17 @@ impl Checked {
             grad,
             bufs,
             step,
+            scalars: [None, None],
             rule,
         }
+    }
+
+    /// The same, with the slots ([`scalar_slot`]) where the rule's per-parameter scalar state
+    /// gets its new values once the step has run, as the step counter does.
+    #[must_use]
+    pub fn with_scalars(mut self, scalars: [Option<CounterSlot<'static>>; MAX_SCALARS]) -> Checked {
+        self.scalars = scalars;
+        self
     }
 }
 
@@ -206,10 +217,12 @@ impl CheckedQ8 {
     }
 }
 
-/// Where a counter's new value goes once every check has passed.
+/// Where a counter's (or another 0-d state value's) new value goes once every check has passed.
 pub enum CounterSlot<'a> {
     F32(&'a mut f32, f32),
     F64(&'a mut f64, f64),
+    F16(&'a mut half::f16, half::f16),
+    Bf16(&'a mut half::bf16, half::bf16),
 }
 
 impl CounterSlot<'_> {
@@ -217,6 +230,52 @@ impl CounterSlot<'_> {
         match self {
             CounterSlot::F32(slot, v) => *slot = v,
             CounterSlot::F64(slot, v) => *slot = v,
+            CounterSlot::F16(slot, v) => *slot = v,
+            CounterSlot::Bf16(slot, v) => *slot = v,
+        }
+    }
+}
+
+/// The value of the 0-d state scalar of `dtype` at `p` (NAdam's `mu_product`, ASGD's `eta`
+/// and `mu`), as torch's `.item()` reads it.
+///
+/// # Safety
+/// `p` points to one aligned, initialised element of that dtype, which nothing else of the
+/// step writes.
+#[allow(clippy::cast_ptr_alignment)] // the caller guarantees the alignment
+#[must_use]
+pub unsafe fn scalar_read(p: *const u8, dtype: DType) -> f64 {
+    unsafe {
+        match dtype {
+            DType::F32 => f64::from(*p.cast::<f32>()),
+            DType::F64 => *p.cast::<f64>(),
+            DType::F16 => f64::from((*p.cast::<half::f16>()).load()),
+            DType::Bf16 => f64::from((*p.cast::<half::bf16>()).load()),
+        }
+    }
+}
+
+/// Where the 0-d state scalar of `dtype` at `p` gets `value` once the step has run. `value` is
+/// what the rule computed for that storage (`Hyper::scalars_after`): exact in float64 and
+/// float32; float16 and bfloat16 round it once from float32, as torch's ops on such a 0-d
+/// tensor compute in float32.
+///
+/// # Safety
+/// As [`scalar_read`], and the element stays alive, read and written by nothing else of the
+/// step, until the step returns.
+#[allow(clippy::cast_ptr_alignment, clippy::cast_possible_truncation)]
+#[must_use]
+pub unsafe fn scalar_slot(p: *mut u8, dtype: DType, value: f64) -> CounterSlot<'static> {
+    unsafe {
+        match dtype {
+            DType::F32 => CounterSlot::F32(&mut *p.cast::<f32>(), value as f32),
+            DType::F64 => CounterSlot::F64(&mut *p.cast::<f64>(), value),
+            DType::F16 => {
+                CounterSlot::F16(&mut *p.cast::<half::f16>(), Storage::store(value as f32))
+            }
+            DType::Bf16 => {
+                CounterSlot::Bf16(&mut *p.cast::<half::bf16>(), Storage::store(value as f32))
+            }
         }
     }
 }
@@ -561,8 +620,11 @@ pub fn prepare_with_q8(
             }
         }
     }
-    let mut counters: Vec<CounterSlot<'_>> =
-        checked.iter_mut().filter_map(|c| c.step.take()).collect();
+    let mut counters: Vec<CounterSlot<'_>> = Vec::with_capacity(checked.len());
+    for c in &mut checked {
+        counters.extend(c.step.take());
+        counters.extend(c.scalars.iter_mut().filter_map(Option::take));
+    }
     counters.extend(q8.iter_mut().filter_map(|c| c.step.take()));
 
     // Every check passed: from here on nothing can fail.

@@ -26,11 +26,11 @@ pub mod torch_raises;
 
 pub use dtype::DType;
 pub use engine::{
-    counter_at, execute, prepare, prepare_with_q8, Checked, CheckedQ8, CounterSlot, Options, Work,
-    CHUNK_ELEMS,
+    counter_at, execute, prepare, prepare_with_q8, scalar_read, scalar_slot, Checked, CheckedQ8,
+    CounterSlot, Options, Work, CHUNK_ELEMS,
 };
 pub use error::{panic_message, CoreError, ErrorKind, Locate, Location, TorchRaises};
-pub use rules::{Hyper, Kind, RuleMemo, RuleOf, RuleSpec, RULES};
+pub use rules::{Hyper, Kind, RuleMemo, RuleOf, RuleSpec, MAX_SCALARS, RULES};
 
 #[cfg(test)]
 mod tests {

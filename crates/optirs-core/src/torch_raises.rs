@@ -23,11 +23,14 @@ use crate::error::{CoreError, TorchRaises};
 use crate::kernels::adadelta::AdadeltaHyper;
 use crate::kernels::adagrad::AdagradHyper;
 use crate::kernels::adam::AdamHyper;
+use crate::kernels::adamax::AdamaxHyper;
+use crate::kernels::asgd::{AsgdHyper, EtaPower};
+use crate::kernels::nadam::NAdamHyper;
 use crate::kernels::radam::RAdamHyper;
 use crate::kernels::rmsprop::RmsPropHyper;
 use crate::kernels::rprop::RpropHyper;
 use crate::kernels::sgd::SgdHyper;
-use crate::rules::Hyper;
+use crate::rules::{Hyper, MAX_SCALARS};
 
 /// Which hyperparameters are Python numbers (`float` or `int`), whose arithmetic in torch's
 /// step is Python's.
@@ -51,6 +54,24 @@ pub fn check(
     dtype: DType,
     fresh: bool,
 ) -> Result<(), CoreError> {
+    check_with_scalars(hyper, gi, step, dtype, fresh, [[f64::NAN; MAX_SCALARS]; 2])
+}
+
+/// As [`check`], for a rule with per-parameter scalar state (`RuleSpec::scalars`): `scalars`
+/// holds their values before this step (ASGD's `eta`, which torch hands to a tensor
+/// operation) and after it (NAdam's `mu_product`, which torch's step divides by).
+///
+/// # Errors
+/// As [`check`].
+pub fn check_with_scalars(
+    hyper: &Hyper,
+    gi: usize,
+    step: f64,
+    dtype: DType,
+    fresh: bool,
+    scalars: [[f64; MAX_SCALARS]; 2],
+) -> Result<(), CoreError> {
+    let [before, after] = scalars;
     let at = Scalars { gi, dtype };
     match hyper {
         Hyper::Sgd(h) => at.sgd(h, fresh),
@@ -62,6 +83,9 @@ pub fn check(
         // No torch.optim.Lion: what its reference's operations raise is not a contract.
         Hyper::Lion(_) => Ok(()),
         Hyper::Rprop(h) => at.rprop(h),
+        Hyper::Adamax(h, py) => at.adamax(h, *py, step),
+        Hyper::NAdam(h, py) => at.nadam(h, *py, step, after[0]),
+        Hyper::Asgd(h, py) => at.asgd(h, *py, step, before[0]),
     }
     .map_err(|e| e.in_group(gi))
 }
@@ -263,6 +287,194 @@ impl Scalars {
             Arg::Value
         };
         self.convert(-h.lr, arg, "lr", "-lr")
+    }
+
+    /// In torch's order: the weight decay, the first moment's weight, `beta1 ** step`,
+    /// `lr / (1 - beta1 ** step)` and the update's value. `exp_inf.mul_(beta2)` and
+    /// `add_(eps)` take any float (infinity where out of range).
+    fn adamax(&self, h: &AdamaxHyper, py: PyNumbers, step: f64) -> Result<(), CoreError> {
+        self.weight_decay(h.weight_decay)?;
+        self.convert(1.0 - h.beta1, Arg::Value, "betas", "1 - betas[0]")?;
+        let correction = self.bias_correction1(h.beta1, py, step)?;
+        if py.lr && py.betas[0] && correction == 0.0 {
+            return self.lr_over_zero(h.beta1, step);
+        }
+        self.convert(
+            -h.lr / correction,
+            Arg::Value,
+            "lr",
+            "-lr / (1 - beta1 ** step)",
+        )
+    }
+
+    /// In torch's order: `beta2 ** step`, the weight decay, the momentum caches (`0.96 **
+    /// (step * momentum_decay)`), the moments' weights, then each `addcdiv`'s value, a Python
+    /// division by `1 - mu_product` (then by `1 - mu_product * mu_next`). `mu_product` is the
+    /// value after this step's factor. `momentum_decay` is taken for a Python number.
+    fn nadam(
+        &self,
+        h: &NAdamHyper,
+        py: PyNumbers,
+        step: f64,
+        mu_product: f64,
+    ) -> Result<(), CoreError> {
+        let gi = self.gi;
+        if py.betas[1] {
+            if let PyPow::Overflow = python_pow(h.beta2, step) {
+                return fail(
+                    TorchRaises::Overflow,
+                    format!(
+                        "(34, 'Numerical result out of range'): param_groups[{gi}]['betas'][1] \
+                         = {:?} raised to the step count {step} is out of a float's range",
+                        h.beta2
+                    ),
+                );
+            }
+        }
+        if !h.decoupled {
+            self.weight_decay(h.weight_decay)?;
+        }
+        for s in [step, step + 1.0] {
+            let exponent = s * h.momentum_decay;
+            if exponent.is_finite() {
+                if let PyPow::Overflow = python_pow(0.96, exponent) {
+                    return fail(
+                        TorchRaises::Overflow,
+                        format!(
+                            "(34, 'Numerical result out of range'): \
+                             param_groups[{gi}]['momentum_decay'] = {:?} makes 0.96 ** ({s} * \
+                             momentum_decay) out of a float's range",
+                            h.momentum_decay
+                        ),
+                    );
+                }
+            }
+        }
+        self.convert(1.0 - h.beta1, Arg::Value, "betas", "1 - betas[0]")?;
+        self.convert(1.0 - h.beta2, Arg::Value, "betas", "1 - betas[1]")?;
+        let mu_next = h.mu(step + 1.0);
+        let python = py.lr && py.betas[0];
+        let values = [
+            (h.mu(step), mu_product, "-lr * (1 - mu) / (1 - mu_product)"),
+            (
+                mu_next,
+                mu_product * mu_next,
+                "-lr * mu_next / (1 - mu_product * mu_next)",
+            ),
+        ];
+        for (i, (mu, product, expr)) in values.into_iter().enumerate() {
+            let numerator = if i == 0 {
+                -h.lr * (1.0 - mu)
+            } else {
+                -h.lr * mu
+            };
+            if python && 1.0 - product == 0.0 {
+                return fail(
+                    TorchRaises::ZeroDivision,
+                    format!(
+                        "float division by zero: param_groups[{gi}]['betas'][0] = {:?} keeps \
+                         the momentum product at 1 at step {step}, and torch.optim divides by \
+                         1 - mu_product",
+                        h.beta1
+                    ),
+                );
+            }
+            self.convert(numerator / (1.0 - product), Arg::Value, "lr", expr)?;
+        }
+        Ok(())
+    }
+
+    /// In torch's order: the weight decay, `add_(grad, alpha=-eta)` with the stored `eta`,
+    /// then the new `eta`, `lr / ((1 + lambd * lr * step) ** alpha)` in Python floats (`lr`,
+    /// `lambd` and `alpha` taken for Python numbers where `lr` is one).
+    fn asgd(&self, h: &AsgdHyper, py: PyNumbers, step: f64, eta: f64) -> Result<(), CoreError> {
+        let gi = self.gi;
+        self.weight_decay(h.weight_decay)?;
+        self.convert(-eta, Arg::Alpha, "lr", "-eta (state['eta'], from lr)")?;
+        if !py.lr {
+            return Ok(());
+        }
+        let base = h.eta_base(step);
+        let what = format!(
+            "param_groups[{gi}]['lambd'] = {:?}, param_groups[{gi}]['lr'] = {:?} and \
+             param_groups[{gi}]['alpha'] = {:?} make (1 + lambd * lr * step) ** alpha = \
+             {base:?} ** {:?} at step {step}",
+            h.lambd, h.lr, h.alpha, h.alpha
+        );
+        if base == 0.0 && h.alpha < 0.0 {
+            return fail(
+                TorchRaises::ZeroDivision,
+                format!("0.0 cannot be raised to a negative power: {what}"),
+            );
+        }
+        let finite = base.is_finite() && h.alpha.is_finite();
+        match h.eta_power(step) {
+            EtaPower::Real(x) if finite && x.is_infinite() => fail(
+                TorchRaises::Overflow,
+                format!("(34, 'Numerical result out of range'): {what}"),
+            ),
+            EtaPower::Real(0.0) => fail(
+                TorchRaises::ZeroDivision,
+                format!("float division by zero: {what}, and torch.optim divides lr by it"),
+            ),
+            EtaPower::Complex(re, im) if !(re.is_finite() && im.is_finite()) => fail(
+                TorchRaises::Overflow,
+                format!("complex exponentiation: {what}"),
+            ),
+            EtaPower::Complex(re, im) if re == 0.0 && im == 0.0 => fail(
+                TorchRaises::ZeroDivision,
+                format!("complex division by zero: {what}, and torch.optim divides lr by it"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// `1 - beta1 ** step`, or what torch's step raises for it.
+    fn bias_correction1(&self, beta1: f64, py: PyNumbers, step: f64) -> Result<f64, CoreError> {
+        let power = if py.betas[0] {
+            python_pow(beta1, step)
+        } else {
+            PyPow::Real(beta1.powf(step))
+        };
+        match power {
+            PyPow::Real(x) => Ok(1.0 - x),
+            // A fractional count (a loaded state) makes a complex step size, which the
+            // tensor operation refuses, as for Adam.
+            PyPow::Complex => Err(CoreError::torch(
+                TorchRaises::Runtime,
+                format!(
+                    "value cannot be converted to type {} without overflow: \
+                     param_groups[{}]['betas'][0] = {beta1:?} raised to the step count {step} \
+                     is a complex number in Python",
+                    if self.dtype == DType::F64 {
+                        "double"
+                    } else {
+                        "float"
+                    },
+                    self.gi
+                ),
+            )),
+            PyPow::Overflow => Err(CoreError::torch(
+                TorchRaises::Overflow,
+                format!(
+                    "(34, 'Numerical result out of range'): param_groups[{}]['betas'][0] = \
+                     {beta1:?} raised to the step count {step} is out of a float's range",
+                    self.gi
+                ),
+            )),
+        }
+    }
+
+    fn lr_over_zero(&self, beta1: f64, step: f64) -> Result<(), CoreError> {
+        fail(
+            TorchRaises::ZeroDivision,
+            format!(
+                "float division by zero: param_groups[{}]['betas'][0] = {beta1:?} makes the \
+                 bias correction 1 - beta1 ** step zero at step {step}, and torch.optim \
+                 divides lr by it",
+                self.gi
+            ),
+        )
     }
 
     fn adagrad(&self, h: &AdagradHyper, py: PyNumbers, step: f64) -> Result<(), CoreError> {

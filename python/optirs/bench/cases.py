@@ -164,6 +164,9 @@ CASES: dict[str, OptimizerCase] = {
         OptimizerCase("adadelta", "Adadelta", {"lr": 1.0}, has_fused=False),
         OptimizerCase("radam", "RAdam", {"lr": 1e-3}, has_fused=False),
         OptimizerCase("rprop", "Rprop", {"lr": 1e-2}, has_fused=False),
+        OptimizerCase("adamax", "Adamax", {"lr": 2e-3}, has_fused=False),
+        OptimizerCase("nadam", "NAdam", {"lr": 2e-3}, has_fused=False),
+        OptimizerCase("asgd", "ASGD", {"lr": 1e-2}, has_fused=False),
     )
 }
 """The benchmarked optimizer configurations, by name."""

@@ -1,12 +1,12 @@
 """optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
 
-``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``
-and ``Rprop`` subclass the ``torch.optim`` classes of the same name (``Lion``, which torch.optim
-lacks, subclasses ``torch.optim.Optimizer``), so construction, validation, param groups,
-``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
-``step`` differs: one call into optirs's Rust core updates every parameter in place, in the
-tensors' own storage (the first step through zero-copy NumPy views, later ones through a plan
-the core re-checks each step; see ``_Plan``)::
+``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``,
+``Rprop``, ``Adamax``, ``NAdam`` and ``ASGD`` subclass the ``torch.optim`` classes of the same
+name (``Lion``, which torch.optim lacks, subclasses ``torch.optim.Optimizer``), so construction,
+validation, param groups, ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and
+schedulers are torch's own; only ``step`` differs: one call into optirs's Rust core updates every
+parameter in place, in the tensors' own storage (the first step through zero-copy NumPy views,
+later ones through a plan the core re-checks each step; see ``_Plan``)::
 
     import torch, optirs.torch
     opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
@@ -45,14 +45,17 @@ from __future__ import annotations
 
 from ._backward import StepInBackward, step_in_backward
 from ._bridge import (
+    ASGD,
     SGD,
     Adadelta,
     Adagrad,
     Adam,
     Adam8bit,
+    Adamax,
     AdamW,
     AdamW8bit,
     Lion,
+    NAdam,
     RAdam,
     RMSprop,
     Rprop,
@@ -64,6 +67,7 @@ from ._clip import clip_grad_norm_
 from ._distributed import register_functional_optimizers
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adadelta",
     "Adagrad",
@@ -71,7 +75,9 @@ __all__ = [
     "Adam8bit",
     "AdamW",
     "AdamW8bit",
+    "Adamax",
     "Lion",
+    "NAdam",
     "RAdam",
     "RMSprop",
     "Rprop",
@@ -84,6 +90,7 @@ __all__ = [
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
 for _public in (
+    ASGD,
     SGD,
     Adadelta,
     Adagrad,
@@ -91,7 +98,9 @@ for _public in (
     Adam8bit,
     AdamW,
     AdamW8bit,
+    Adamax,
     Lion,
+    NAdam,
     RAdam,
     RMSprop,
     Rprop,

@@ -21,6 +21,7 @@ from .._plan import GroupsSnapshot, StepOptions, fork_safe
 from . import _clip
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adadelta",
     "Adagrad",
@@ -28,7 +29,9 @@ __all__ = [
     "Adam8bit",
     "AdamW",
     "AdamW8bit",
+    "Adamax",
     "Lion",
+    "NAdam",
     "RAdam",
     "RMSprop",
     "Rprop",
@@ -400,6 +403,7 @@ class _Bridge:
                         layout.view(b, f"state['{n}'] of {where}") if n in need_names else None
                         for b, n in zip(bufs, names)
                     )
+                    + tuple(_scalar_view(state.get(n), where, n) for n in spec.scalar_names)
                 )
                 # SGD keeps no step: a stray entry is ignored, as torch.optim.SGD does.
                 step = state.get("step") if spec.counts_steps else None
@@ -409,6 +413,7 @@ class _Bridge:
                 written.extend(b for b, n in zip(bufs, names) if b is not None and n in need_names)
                 if step is not None:
                     written.append(step)
+                written.extend(state[n] for n in spec.scalar_names)
         # The core wrote through NumPy views, which autograd cannot see: it bumps the version
         # counters as torch's in-place ops would (`then`), so a graph that saved an old value
         # refuses to backpropagate through it instead of silently using the new one. It keeps
@@ -444,6 +449,8 @@ class _Bridge:
             self._spec.fill_values(self.defaults, group),
             lambda x: torch.full_like(p, x, dtype=dtype, memory_format=torch.preserve_format),
             lambda: torch.tensor(0.0, dtype=_get_scalar_dtype(is_fused=group.get("fused"))),
+            scalar=lambda x: torch.tensor(x, dtype=_get_scalar_dtype()),
+            group=group,
         )
 
 
@@ -479,6 +486,8 @@ class _Plan:
         for gi, (ps, need) in enumerate(zip(self.groups.members, self.groups.needs)):
             keys = tuple(n for n, want in zip(spec.buffers, need) if want)
             keys += ("step",) if spec.counts_steps else ()
+            keys += spec.scalar_names
+            scalar_keys = {"step", *spec.scalar_names}
             for i, p in enumerate(ps):
                 # Only what the full step just checked: a parameter that had no gradient
                 # sends the next step it has one back to the full step.
@@ -490,7 +499,7 @@ class _Plan:
                 items = tuple(state[k] for k in keys)
                 layout = _Layout(p, where)
                 views = tuple(
-                    _scalar_view(t, where) if k == "step" else layout.view(t, where)
+                    _scalar_view(t, where, k) if k in scalar_keys else layout.view(t, where)
                     for k, t in zip(keys, items)
                 )
                 entries.append((gi, p, layout.view(p, where), keys, items, views))
@@ -564,8 +573,8 @@ def _numpy(t: torch.Tensor, what: str) -> Any:
         raise TypeError(f"{what} cannot be handed to optirs: {e}") from None
 
 
-def _scalar_view(t: Any, where: str) -> Any:
-    what = f"state['step'] of {where}"
+def _scalar_view(t: Any, where: str, key: str = "step") -> Any:
+    what = f"state['{key}'] of {where}"
     if not isinstance(t, torch.Tensor):
         raise TypeError(
             f"{what} must be a 0-d float32 tensor, as torch.optim keeps it; got {type(t).__name__}"
@@ -950,3 +959,27 @@ class AdamW8bit(_Bridge8bit, torch.optim.AdamW):
             torch.optim.AdamW, params, values, block_size, min_8bit_size, skip_nonfinite,
             flush_denormals,
         )  # fmt: skip
+
+
+class Adamax(_Bridge, torch.optim.Adamax):
+    """``torch.optim.Adamax`` (weight decay, maximize) stepped by optirs. Same signature;
+    ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.ADAMAX
+    __init__ = _bridge_init(_spec)
+
+
+class NAdam(_Bridge, torch.optim.NAdam):
+    """``torch.optim.NAdam`` (momentum decay, L2 or decoupled weight decay, maximize) stepped by
+    optirs. Same signature; ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.NADAM
+    __init__ = _bridge_init(_spec)
+
+
+class ASGD(_Bridge, torch.optim.ASGD):
+    """``torch.optim.ASGD`` (lambd, alpha, t0, weight decay, maximize) stepped by optirs. Same
+    signature; ``differentiable=True`` and ``capturable=True`` are refused."""
+
+    _spec = _spec.ASGD
+    __init__ = _bridge_init(_spec)

@@ -11,9 +11,12 @@ pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod adam8bit;
+pub mod adamax;
+pub mod asgd;
 pub mod float;
 pub mod lanes;
 pub mod lion;
+pub mod nadam;
 pub mod radam;
 pub mod rmsprop;
 pub mod rprop;
@@ -37,6 +40,9 @@ pub enum Rule<T> {
     RAdam(radam::RAdamScalars<T>),
     Lion(lion::LionScalars<T>),
     Rprop(rprop::RpropScalars<T>),
+    Adamax(adamax::AdamaxScalars<T>),
+    NAdam(nadam::NAdamScalars<T>),
+    Asgd(asgd::AsgdScalars<T>),
 }
 
 /// The memory one parameter's update touches. `bufs` holds the state buffers in the order the
@@ -190,6 +196,21 @@ where
             Rule::Rprop(k) => {
                 if let (Some(prev), Some(ss)) = (b0, b1) {
                     rprop::update::<S, Q, L>(k, param, grad, prev, ss);
+                }
+            }
+            Rule::Adamax(k) => {
+                if let (Some(m), Some(u)) = (b0, b1) {
+                    adamax::update::<S, Q, L>(k, param, grad, m, u);
+                }
+            }
+            Rule::NAdam(k) => {
+                if let (Some(m), Some(v)) = (b0, b1) {
+                    nadam::update::<S, Q, L>(k, param, grad, m, v);
+                }
+            }
+            Rule::Asgd(k) => {
+                if let Some(ax) = b0 {
+                    asgd::update::<S, Q, L>(k, param, grad, ax);
                 }
             }
         }

@@ -6,7 +6,10 @@
 use super::adadelta::{AdadeltaHyper, AdadeltaScalars};
 use super::adagrad::{AdagradHyper, AdagradScalars};
 use super::adam::{AdamHyper, AdamScalars};
+use super::adamax::{AdamaxHyper, AdamaxScalars};
+use super::asgd::{AsgdHyper, AsgdScalars};
 use super::lion::{LionHyper, LionScalars};
+use super::nadam::{NAdamHyper, NAdamScalars};
 use super::radam::{RAdamHyper, RAdamScalars};
 use super::rmsprop::{RmsPropHyper, RmsPropScalars};
 use super::rprop::{RpropHyper, RpropScalars};
@@ -30,9 +33,9 @@ const CHUNKS: &[usize] = if cfg!(miri) {
 
 /// The cases of `cases()` Miri runs: every rule, with 0 to 3 state buffers (SGD without and
 /// with momentum, Adam with amsgrad and without, RMSprop centered with momentum and plain with
-/// momentum, Adagrad, Adadelta, RAdam across its switch to the rectified update, Lion, Rprop).
-/// The others differ from these in their arithmetic only.
-const MIRI_CASES: [usize; 12] = [0, 6, 14, 15, 21, 23, 29, 30, 34, 36, 38, 41];
+/// momentum, Adagrad, Adadelta, RAdam across its switch to the rectified update, Lion, Rprop,
+/// Adamax, NAdam, ASGD). The others differ from these in their arithmetic only.
+const MIRI_CASES: [usize; 15] = [0, 6, 14, 15, 21, 23, 29, 30, 34, 36, 38, 41, 43, 47, 49];
 
 /// Gradients (steps) per case.
 const STEPS: usize = if cfg!(miri) { 2 } else { 4 };
@@ -374,6 +377,97 @@ fn ref_rprop<T: Float>(h: &RpropHyper, s: &mut State<T>, grad: &[T]) {
     *prev = g;
 }
 
+fn ref_adamax<T: Float>(h: &AdamaxHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    let [m, u, _] = &mut s.bufs;
+    let (m, u) = (m.as_mut().unwrap(), u.as_mut().unwrap());
+    *m = lerp(m, &g, 1.0 - h.beta1);
+    let abs: Vec<T> = g
+        .iter()
+        .map(|&x| {
+            if x.is_nan() {
+                x
+            } else if x < T::ZERO {
+                -x
+            } else {
+                x + T::ZERO
+            }
+        })
+        .collect();
+    *u = maximum(&mul_scalar(u, t(h.beta2)), &add_scalar(&abs, t(h.eps)));
+    let clr = h.lr / (1.0 - h.beta1.powf(f64::from(s.step)));
+    s.p = addcdiv(&s.p, m, u, t(-clr));
+}
+
+/// NAdam's float32 `mu_product` after `steps` steps (the parity tests check it against torch).
+fn nadam_mu_product(h: &NAdamHyper, steps: f32) -> f64 {
+    let mut product = 1.0;
+    for s in 1..=steps as u32 {
+        product = h.mu_product_after(f64::from(s), product, false);
+    }
+    product
+}
+
+fn ref_nadam<T: Float>(h: &NAdamHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    let step = f64::from(s.step);
+    let bias_correction2 = 1.0 - h.beta2.powf(step);
+    if h.weight_decay != 0.0 {
+        if h.decoupled {
+            s.p = mul_scalar(&s.p, t(1.0 - h.lr * h.weight_decay));
+        } else {
+            g = add_alpha(&g, &s.p, t(h.weight_decay));
+        }
+    }
+    let mu = h.mu(step);
+    let mu_next = h.mu(step + 1.0);
+    let mu_product = nadam_mu_product(h, s.step);
+    let [m, v, _] = &mut s.bufs;
+    let (m, v) = (m.as_mut().unwrap(), v.as_mut().unwrap());
+    *m = lerp(m, &g, 1.0 - h.beta1);
+    *v = addcmul(&mul_scalar(v, t(h.beta2)), &g, &g, t(1.0 - h.beta2));
+    let denom = add_scalar(&sqrt(&div_scalar(v, t(bias_correction2))), t(h.eps));
+    let value = -h.lr * (1.0 - mu) / (1.0 - mu_product);
+    s.p = addcdiv(&s.p, &g, &denom, t(value));
+    let value = (-h.lr * mu_next) / (1.0 - mu_product * mu_next);
+    s.p = addcdiv(&s.p, m, &denom, t(value));
+}
+
+/// ASGD's float32 `eta` and `mu` before step `step` (1 on the first): the values the steps
+/// before it stored (the parity tests check them against torch).
+#[allow(clippy::cast_possible_truncation)]
+fn asgd_eta_mu(h: &AsgdHyper, step: f32) -> (f64, f64) {
+    if step <= 1.0 {
+        (f64::from(h.lr as f32), 1.0)
+    } else {
+        let before = f64::from(step) - 1.0;
+        (h.eta_after(before), h.mu_after(before))
+    }
+}
+
+fn ref_asgd<T: Float>(h: &AsgdHyper, s: &mut State<T>, grad: &[T]) {
+    let mut g = if h.maximize { neg(grad) } else { grad.to_vec() };
+    s.step += 1.0;
+    let (eta, mu) = asgd_eta_mu(h, s.step);
+    if h.weight_decay != 0.0 {
+        g = add_alpha(&g, &s.p, t(h.weight_decay));
+    }
+    s.p = mul_scalar(&s.p, t(1.0 - h.lambd * eta));
+    s.p = add_alpha(&s.p, &g, t(-eta));
+    let ax = s.bufs[0].as_mut().unwrap();
+    if mu == 1.0 {
+        ax.clone_from(&s.p);
+    } else {
+        let diff: Vec<T> = s.p.iter().zip(ax.iter()).map(|(&p, &a)| p - a).collect();
+        *ax = add_alpha(ax, &mul_scalar(&diff, t(mu)), T::ONE);
+    }
+}
+
 // ---- the harness ------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -388,6 +482,9 @@ enum Case {
     RAdam(RAdamHyper, f32),
     Lion(LionHyper),
     Rprop(RpropHyper),
+    Adamax(AdamaxHyper),
+    NAdam(NAdamHyper),
+    Asgd(AsgdHyper),
 }
 
 impl Case {
@@ -396,12 +493,15 @@ impl Case {
             Case::Sgd(h) => [h.momentum != 0.0, false, false],
             Case::Adam(h) => [true, true, h.amsgrad],
             Case::RmsProp(h) => [true, h.momentum > 0.0, h.centered],
-            Case::Adagrad(_) | Case::Lion(_) => [true, false, false],
-            Case::Adadelta(_) | Case::RAdam(..) | Case::Rprop(_) => [true, true, false],
+            Case::Adagrad(_) | Case::Lion(_) | Case::Asgd(_) => [true, false, false],
+            Case::Adadelta(_)
+            | Case::RAdam(..)
+            | Case::Rprop(_)
+            | Case::Adamax(_)
+            | Case::NAdam(_) => [true, true, false],
         }
     }
 
-    /// What buffer `i` starts as (Rprop's `step_size`: the learning rate).
     /// The step count a case's state starts from.
     fn first_step(&self) -> f32 {
         match self {
@@ -435,9 +535,21 @@ impl Case {
                 count();
                 Rule::Rprop(RpropScalars::new(h))
             }
+            Case::Adamax(h) => Rule::Adamax(AdamaxScalars::new(h, count())),
+            Case::NAdam(h) => {
+                let now = count();
+                let mu_product = nadam_mu_product(h, *step);
+                Rule::NAdam(NAdamScalars::new(h, now, mu_product))
+            }
+            Case::Asgd(h) => {
+                count();
+                let (eta, mu) = asgd_eta_mu(h, *step);
+                Rule::Asgd(AsgdScalars::new(h, eta, mu))
+            }
         }
     }
 
+    /// What buffer `i` starts as (Rprop's `step_size`: the learning rate).
     fn fill(&self, i: usize) -> f64 {
         match self {
             Case::Rprop(h) if i == 1 => h.lr,
@@ -471,6 +583,9 @@ impl Case {
             Case::RAdam(h, _) => ref_radam(h, s, grad),
             Case::Lion(h) => ref_lion(h, s, grad),
             Case::Rprop(h) => ref_rprop(h, s, grad),
+            Case::Adamax(h) => ref_adamax(h, s, grad),
+            Case::NAdam(h) => ref_nadam(h, s, grad),
+            Case::Asgd(h) => ref_asgd(h, s, grad),
         }
     }
 
@@ -702,6 +817,49 @@ fn cases() -> Vec<Case> {
             etaminus: 1.0,
             etaplus: -2.0,
             ..rprop
+        }),
+        // 42.. Adamax, 45.. NAdam, 48.. ASGD
+        Case::Adamax(AdamaxHyper::default()),
+        Case::Adamax(AdamaxHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..AdamaxHyper::default()
+        }),
+        Case::Adamax(AdamaxHyper {
+            beta1: 0.3,
+            beta2: 0.5,
+            eps: 0.0,
+            ..AdamaxHyper::default()
+        }),
+        Case::NAdam(NAdamHyper::default()),
+        Case::NAdam(NAdamHyper {
+            weight_decay: 0.1,
+            maximize: true,
+            ..NAdamHyper::default()
+        }),
+        Case::NAdam(NAdamHyper {
+            lr: 0.01,
+            weight_decay: 0.1,
+            decoupled: true,
+            momentum_decay: 0.1,
+            beta1: 0.3,
+            beta2: 0.5,
+            ..NAdamHyper::default()
+        }),
+        Case::Asgd(AsgdHyper::default()),
+        Case::Asgd(AsgdHyper {
+            lr: 0.05,
+            t0: 1.0,
+            weight_decay: 0.1,
+            maximize: true,
+            ..AsgdHyper::default()
+        }),
+        Case::Asgd(AsgdHyper {
+            lr: 0.1,
+            lambd: 0.5,
+            alpha: 0.5,
+            t0: 0.0,
+            ..AsgdHyper::default()
         }),
     ]
 }
