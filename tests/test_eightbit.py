@@ -333,3 +333,74 @@ def test_torch_bad_input_refused_changing_nothing():
     with pytest.raises(TypeError, match="uint8"):
         opt.step()
     assert torch.equal(p, before) and opt.state[p]["step"].item() == 1.0
+
+
+# ---- the passes around the step: fused clipping and GradScaler ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls_t", "cls_n"), [(ot.Adam8bit, optirs.Adam8bit), (ot.AdamW8bit, optirs.AdamW8bit)]
+)
+@pytest.mark.parametrize("block", [256, 100])
+def test_fused_clip_is_clip_then_step_bit_for_bit(cls_t, cls_n, block):
+    """``opt.clip_grad_norm_(c); opt.step()`` with 8-bit state equals torch's clipping of the
+    gradients followed by the plain 8-bit step, bit for bit (parameters and every state entry),
+    in both APIs, with the gradients left as they were; a block size that does not divide the
+    gradient scratch's pieces included."""
+    torch.manual_seed(3)
+    shapes = [(70, 130), (5000,), (10,)]
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    arrays = [p.detach().clone().numpy() for p in ps]
+    fused = cls_t(ps, lr=1e-2, weight_decay=0.1, block_size=block)
+    plain = cls_t(qs, lr=1e-2, weight_decay=0.1, block_size=block)
+    numpy_opt = cls_n(arrays, lr=1e-2, weight_decay=0.1, block_size=block)
+    for step in range(4):
+        gs = [torch.randn(s) * (5.0 if step % 2 else 0.01) for s in shapes]
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = fused.clip_grad_norm_(0.5)
+        np_norm = numpy_opt.clip_grad_norm_([g.numpy() for g in gs], 0.5)
+        assert float(norm) == np_norm
+        fused.step()
+        numpy_opt.step([g.numpy().copy() for g in gs])
+        torch.nn.utils.clip_grads_with_norm_(qs, 0.5, norm)
+        plain.step()
+        for p, q, a, g in zip(ps, qs, arrays, gs):
+            assert torch.equal(p.detach(), q.detach()), step
+            assert p.detach().numpy().tobytes() == a.tobytes(), step
+            assert torch.equal(p.grad, g), "the gradients are not modified"
+            for key, value in fused.state[p].items():
+                assert torch.equal(value, plain.state[q][key]), key
+
+
+@pytest.mark.parametrize("cls", [ot.Adam8bit, ot.AdamW8bit])
+def test_grad_scaler_unscales_inside_the_8bit_step(cls):
+    """Under ``torch.amp.GradScaler`` the 8-bit step unscales as it reads (a power-of-two
+    scale: exact) and skips a step whose gradients overflowed, as ``unscale_`` beforehand
+    and the plain step do."""
+    torch.manual_seed(4)
+    shapes = [(64, 80), (7,)]
+    a = [torch.randn(s, requires_grad=True) for s in shapes]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    oa, ob = cls(a, lr=1e-2), cls(b, lr=1e-2)
+    assert oa._step_supports_amp_scaling
+    sa, sb = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in "ab")
+    for step in range(5):
+        gs = [torch.randn(s) for s in shapes]
+        if step == 2:
+            gs[0][0, 0] = float("inf")  # this step is skipped, and the scale backs off
+        for params, opt, scaler in ((a, oa, sa), (b, ob, sb)):
+            opt.zero_grad()
+            loss = sum((p * g).sum() for p, g in zip(params, gs))
+            scaler.scale(loss).backward()
+            if opt is ob:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        assert sa.get_scale() == sb.get_scale()
+        for p, q in zip(a, b):
+            assert torch.equal(p, q), step
+        for p, q in zip(a, b):
+            for key, value in oa.state[p].items():
+                assert torch.equal(value, ob.state[q][key]), key

@@ -436,7 +436,7 @@ class Optimizer:
         return self._spec.new_state(
             missing,
             group,
-            lambda x: np.full(p.shape, x, dtype=dtype),
+            lambda x: np.full(np.shape(p), x, dtype=dtype),
             lambda: np.zeros((), np.float32),
             scalar=lambda x: np.array(x, np.float32),
         )
@@ -784,9 +784,11 @@ def _checked_state_dtype(value: Any, params: Iterable[np.ndarray]) -> str | None
 
 
 def _state_dtype(p: np.ndarray, group: Mapping[str, Any]) -> np.dtype:
-    """The dtype ``p``'s state buffers are kept in under ``group``."""
-    if group.get("state_dtype") is None or p.dtype == np.float64:
-        return p.dtype
+    """The dtype ``p``'s state buffers are kept in under ``group``. ``p`` may be anything a
+    user put in a group: the core refuses what is not a parameter, after this."""
+    dtype = np.asarray(p).dtype
+    if group.get("state_dtype") is None or dtype == np.float64:
+        return dtype
     return _ml_bfloat16()
 
 
