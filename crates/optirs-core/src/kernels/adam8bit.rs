@@ -27,15 +27,14 @@
 //! [-1, 1]) and mapped to the nearest code: the number of midpoints between neighbouring codes
 //! (float64, exact) below the quotient, so an exact tie goes to the lower code.
 //!
-//! That count is found without a search: a table indexed by the quotient's order key (its
-//! sign, exponent and top 8 mantissa bits) gives the count below the key's bucket, and no
-//! bucket holds more than one midpoint (checked when the map is built), so one integer
-//! comparison with that midpoint's key finishes it. The divisions run in a loop of their own
-//! (vectorized, each correctly rounded); at the AVX2 and AVX-512 levels the lookups are AVX2
-//! gathers, whose `unsafe` is sound because every index is clamped into its table (the bucket
-//! table carries 3 bytes of padding for the 4-byte reads) and the level guarantees AVX2. Every
-//! level computes the same codes, which the tests check against an exhaustive nearest-code
-//! search.
+//! That count is found without a search: one table entry per bucket of the quotient's order
+//! key (its sign, exponent and top 8 mantissa bits) gives the count below the bucket and the
+//! key of the one midpoint the bucket may hold (no bucket holds two: checked when the map is
+//! built), so one integer comparison finishes it. The divisions run in a loop of their own
+//! (vectorized, each correctly rounded); at the AVX2 and AVX-512 levels the table lookups and
+//! the decoding are AVX2 gathers, whose `unsafe` is sound because every index is clamped into
+//! its table and the level guarantees AVX2. Every level computes the same codes, which the
+//! tests check against an exhaustive nearest-code search.
 //!
 //! # Non-finite values
 //! A block whose new moment holds NaN or an infinity has no meaningful scale: its absmax is
@@ -62,16 +61,16 @@ pub struct CodeMap {
     /// which no quotient exceeds, so that the search needs no bounds test.
     #[cfg_attr(not(test), allow(dead_code))] // the definition; the tests' search reads it
     mid: [f64; 256],
-    /// `mid` as order keys ([`order`]): the key of the smallest float32 above each midpoint
-    /// (none equals a float32's key and none is 0, so `mid[i] < x` exactly when
-    /// `order(x) >= thr[i]` for an `x` that is not NaN), then `u32::MAX`, which no key reaches.
-    thr: [u32; 256],
     /// The code of 0.
     pub zero: u8,
     /// Per bucket of quotients sharing the high bits of their order key ([`order`]), from
-    /// the bucket of -1 to that of 1: how many midpoints lie below the bucket's smallest value.
-    /// Three bytes of padding follow, so that a 32-bit gather may read at every bucket.
-    first: Box<[u8; BUCKETS + 3]>,
+    /// the bucket of -1 to that of 1: in the low byte, how many midpoints lie below the
+    /// bucket's smallest value; above it, the low `BUCKET_SHIFT` bits of the key of the
+    /// smallest float32 above the bucket's one midpoint, or `1 << BUCKET_SHIFT` (above every
+    /// key's low bits) when the bucket holds none. A key counts that midpoint exactly when its
+    /// low bits reach that threshold (the midpoints are no float32 values' keys' equals once
+    /// moved to the next float32, and none is 0, so `mid < x` is `order(x) >= threshold`).
+    table: Box<[u32; BUCKETS]>,
 }
 
 /// float32 bits as an unsigned key in the order of the values (negatives reversed below the
@@ -98,6 +97,8 @@ fn from_order(k: u32) -> f32 {
 /// The low bits of an order key a bucket spans: 2^15 floats, 8 mantissa bits kept, so that no
 /// bucket inside [-1, 1] holds more than one midpoint and `nearest` makes one comparison.
 const BUCKET_SHIFT: u32 = 15;
+/// The low bits of an order key inside its bucket.
+const LOW: u32 = (1 << BUCKET_SHIFT) - 1;
 #[cfg(target_arch = "x86_64")]
 const BUCKET_SHIFT_I: i32 = BUCKET_SHIFT.cast_signed();
 /// The first and last bucket `nearest` looks up: those of -1 and 1.
@@ -157,25 +158,29 @@ impl CodeMap {
                 order(f) + 1
             };
         }
-        let mut first: Box<[u8; BUCKETS + 3]> = vec![0u8; BUCKETS + 3]
+        let mut table: Box<[u32; BUCKETS]> = vec![0u32; BUCKETS]
             .into_boxed_slice()
             .try_into()
             .expect("the length asked for");
         let mut steps = 0;
-        for (f, key) in first.iter_mut().zip(BUCKET_LO..=BUCKET_HI) {
-            let last = from_order((key << BUCKET_SHIFT) | ((1 << BUCKET_SHIFT) - 1));
+        for (e, key) in table.iter_mut().zip(BUCKET_LO..=BUCKET_HI) {
+            let last = from_order((key << BUCKET_SHIFT) | LOW);
             let lo = below(from_order(key << BUCKET_SHIFT));
             let hi = below(last) + usize::from(mid.contains(&f64::from(last)));
-            *f = u8::try_from(lo).expect("at most 255 midpoints");
             steps = steps.max(hi - lo);
+            let t = if thr[lo] >> BUCKET_SHIFT == key {
+                thr[lo] & LOW
+            } else {
+                1 << BUCKET_SHIFT
+            };
+            *e = u32::try_from(lo).expect("at most 255 midpoints") | (t << 8);
         }
         assert!(steps <= 1, "a bucket holds at most one midpoint");
         CodeMap {
             values,
             mid,
-            thr,
             zero: u8::try_from(zero).expect("256 codes"),
-            first,
+            table,
         }
     }
 
@@ -209,10 +214,39 @@ impl CodeMap {
     fn nearest_not_nan(&self, x: f32) -> u8 {
         let key = order(x);
         let bucket = (key >> BUCKET_SHIFT).clamp(BUCKET_LO, BUCKET_HI) - BUCKET_LO;
-        let i = self.first[bucket as usize];
+        let e = self.table[bucket as usize];
         // One comparison: no bucket holds two midpoints (checked when the map is built). It
-        // never carries past 255: no key reaches the last threshold.
-        i.wrapping_add(u8::from(key >= self.thr[usize::from(i)]))
+        // never carries past 255: no bucket holds a midpoint above the last code.
+        (e as u8).wrapping_add(u8::from(key & LOW >= e >> 8))
+    }
+
+    /// `x[j] = self.decode(q[j], absmax)`, eight at a time with AVX2's gathers (the same
+    /// correctly rounded product, so the same bits).
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn decode_avx2(&self, q: &[u8], absmax: f32, x: &mut [f32]) {
+        use std::arch::x86_64::{
+            _mm256_cvtepu8_epi32, _mm256_i32gather_ps, _mm256_mul_ps, _mm256_set1_ps,
+            _mm256_storeu_ps, _mm_loadl_epi64,
+        };
+        let n = x.len().min(q.len());
+        let whole = n - n % 8;
+        let a = _mm256_set1_ps(absmax);
+        for j in (0..whole).step_by(8) {
+            // SAFETY: `j + 8 <= q.len()`: 8 bytes read unaligned.
+            let b = unsafe { _mm_loadl_epi64(q.as_ptr().add(j).cast()) };
+            // SAFETY: every index is a byte, below 256, the length of `values`.
+            let c =
+                unsafe { _mm256_i32gather_ps::<4>(self.values.as_ptr(), _mm256_cvtepu8_epi32(b)) };
+            // SAFETY: `j + 8 <= x.len()`; an unaligned store.
+            unsafe { _mm256_storeu_ps(x.as_mut_ptr().add(j), _mm256_mul_ps(c, a)) };
+        }
+        for (xj, &qj) in x[whole..n].iter_mut().zip(&q[whole..n]) {
+            *xj = self.decode(qj, absmax);
+        }
     }
 
     /// `q[j] = self.nearest_not_nan(x[j])`, eight at a time with AVX2's gathers (the same
@@ -224,24 +258,24 @@ impl CodeMap {
     #[target_feature(enable = "avx2")]
     unsafe fn nearest_avx2(&self, x: &[f32], q: &mut [u8]) {
         use std::arch::x86_64::{
-            _mm256_and_si256, _mm256_castps_si256, _mm256_cmpeq_epi32, _mm256_cvtsi256_si32,
-            _mm256_extract_epi32, _mm256_i32gather_epi32, _mm256_loadu_ps, _mm256_max_epu32,
-            _mm256_min_epu32, _mm256_or_si256, _mm256_packus_epi16, _mm256_packus_epi32,
-            _mm256_set1_epi32, _mm256_srai_epi32, _mm256_srli_epi32, _mm256_sub_epi32,
-            _mm256_xor_si256,
+            _mm256_add_epi32, _mm256_and_si256, _mm256_castps_si256, _mm256_cmpgt_epi32,
+            _mm256_cvtsi256_si32, _mm256_extract_epi32, _mm256_i32gather_epi32, _mm256_loadu_ps,
+            _mm256_max_epu32, _mm256_min_epu32, _mm256_or_si256, _mm256_packus_epi16,
+            _mm256_packus_epi32, _mm256_set1_epi32, _mm256_srai_epi32, _mm256_srli_epi32,
+            _mm256_sub_epi32, _mm256_xor_si256,
         };
         let n = x.len().min(q.len());
         let whole = n - n % 8;
-        let top = _mm256_set1_epi32(i32::MIN);
+        let (top, one) = (_mm256_set1_epi32(i32::MIN), _mm256_set1_epi32(1));
         let (lo, hi) = (
             _mm256_set1_epi32(BUCKET_LO.cast_signed()),
             _mm256_set1_epi32(BUCKET_HI.cast_signed()),
         );
-        let byte = _mm256_set1_epi32(0xFF);
-        // A gather takes an `i32` pointer but reads each lane's 4 bytes unaligned.
-        #[allow(clippy::cast_ptr_alignment)]
-        let first = self.first.as_ptr().cast::<i32>();
-        let thr = self.thr.as_ptr().cast::<i32>();
+        let (byte, low) = (
+            _mm256_set1_epi32(0xFF),
+            _mm256_set1_epi32(LOW.cast_signed()),
+        );
+        let table = self.table.as_ptr().cast::<i32>();
         for j in (0..whole).step_by(8) {
             // SAFETY: `j + 8 <= x.len()`; an unaligned load.
             let b = _mm256_castps_si256(unsafe { _mm256_loadu_ps(x.as_ptr().add(j)) });
@@ -253,14 +287,12 @@ impl CodeMap {
                 ),
                 lo,
             );
-            // SAFETY: `bucket < BUCKETS`, and `first` has 3 bytes after its last bucket, so
-            // each lane's 4 bytes lie inside it; the low byte is the bucket's.
-            let i = _mm256_and_si256(unsafe { _mm256_i32gather_epi32::<1>(first, bucket) }, byte);
-            // SAFETY: `i < 256`, the length of `thr`.
-            let t = unsafe { _mm256_i32gather_epi32::<4>(thr, i) };
-            // All ones (-1) where `key >= t` unsigned; subtracting adds 1.
-            let ge = _mm256_cmpeq_epi32(_mm256_max_epu32(key, t), key);
-            let c = _mm256_sub_epi32(i, ge);
+            // SAFETY: `bucket < BUCKETS`, the length of `table`.
+            let e = unsafe { _mm256_i32gather_epi32::<4>(table, bucket) };
+            // Both below 2^16: a signed comparison. All ones (-1) where the key's low bits
+            // fall short of the threshold, so that `code + 1` comes back to `code` there.
+            let short = _mm256_cmpgt_epi32(_mm256_srli_epi32::<8>(e), _mm256_and_si256(key, low));
+            let c = _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(e, byte), one), short);
             let c = _mm256_packus_epi32(c, c);
             let c = _mm256_packus_epi16(c, c);
             let (c0, c1) = (_mm256_cvtsi256_si32(c), _mm256_extract_epi32::<4>(c));
@@ -466,9 +498,10 @@ pub(crate) unsafe fn update_inline<S, L, const GATHER: bool>(
     for (((((p, g), mq), vq), am), av) in blocks {
         let n = p.len();
         let (m, v) = (&mut new_m[..n], &mut new_v[..n]);
-        for ((x, &q), (y, &r)) in m.iter_mut().zip(&*mq).zip(v.iter_mut().zip(&*vq)) {
-            *x = cm.decode(q, *am);
-            *y = cv.decode(r, *av);
+        // SAFETY: with `GATHER`, the caller's CPU has AVX2.
+        unsafe {
+            decode_block::<GATHER>(cm, mq, *am, m);
+            decode_block::<GATHER>(cv, vq, *av, v);
         }
         // SAFETY: the caller's CPU has `L`'s instructions; `stream` checks the lengths.
         unsafe { stream::<S, f32, L, _, 2>(k, p, g, [&mut *m, &mut *v]) };
@@ -480,6 +513,23 @@ pub(crate) unsafe fn update_inline<S, L, const GATHER: bool>(
         }
         *am = a_m;
         *av = a_v;
+    }
+}
+
+/// `x[j] = map.decode(q[j], absmax)` for one block.
+///
+/// # Safety
+/// With `GATHER`, the CPU has AVX2.
+#[inline(always)]
+unsafe fn decode_block<const GATHER: bool>(map: &CodeMap, q: &[u8], absmax: f32, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if GATHER {
+        // SAFETY: the caller's CPU has AVX2.
+        unsafe { map.decode_avx2(q, absmax, x) };
+        return;
+    }
+    for (xj, &qj) in x.iter_mut().zip(q) {
+        *xj = map.decode(qj, absmax);
     }
 }
 
@@ -705,6 +755,30 @@ mod tests {
                     // SAFETY: the CPU has AVX2.
                     unsafe { map.nearest_avx2(block, &mut q) };
                     assert_eq!(q, want);
+                }
+            }
+        }
+    }
+
+    /// AVX2's gathered decode gives the scalar decode's bits for every code, with ordinary,
+    /// zero, infinite and NaN absmaxes, and any tail length.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn gathered_decode_matches() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let q: Vec<u8> = (0..=255).chain((0..=255).rev()).chain(3..10).collect();
+        for map in [signed_map(), unsigned_map()] {
+            for a in [0.37f32, 1e-30, 0.0, -0.0, f32::INFINITY, f32::NAN, 3e38] {
+                for n in [q.len(), 13, 8, 7, 0] {
+                    let mut got = vec![0f32; n];
+                    // SAFETY: the CPU has AVX2.
+                    unsafe { map.decode_avx2(&q[..n], a, &mut got) };
+                    let want: Vec<u32> =
+                        q[..n].iter().map(|&c| map.decode(c, a).to_bits()).collect();
+                    let got: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+                    assert_eq!(got, want, "{a}");
                 }
             }
         }
