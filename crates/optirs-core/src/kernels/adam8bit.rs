@@ -27,6 +27,15 @@
 //! [-1, 1]) and mapped to the nearest code: the number of midpoints between neighbouring codes
 //! (float64, exact) below the quotient, so an exact tie goes to the lower code.
 //!
+//! That count is found without a search: one table entry per bucket of the quotient's order
+//! key (its sign, exponent and top 8 mantissa bits) gives the count below the bucket and the
+//! key of the one midpoint the bucket may hold (no bucket holds two: checked when the map is
+//! built), so one integer comparison finishes it. The divisions run in a loop of their own
+//! (vectorized, each correctly rounded); at the AVX2 and AVX-512 levels the table lookups are
+//! AVX2 gathers, whose `unsafe` is sound because every index is clamped into the table and the
+//! level guarantees AVX2. Every level computes the same codes, which the
+//! tests check against an exhaustive nearest-code search.
+//!
 //! # Non-finite values
 //! A block whose new moment holds NaN or an infinity has no meaningful scale: its absmax is
 //! stored as NaN and every code as the code of zero, so the whole block dequantizes to NaN on
@@ -50,14 +59,18 @@ pub struct CodeMap {
     /// `(values[i] + values[i + 1]) / 2` in float64 (exact: neighbours are within a factor of
     /// a few of each other, so their sum needs no more than float64's precision), then +inf,
     /// which no quotient exceeds, so that the search needs no bounds test.
+    #[cfg_attr(not(test), allow(dead_code))] // the definition; the tests' search reads it
     mid: [f64; 256],
     /// The code of 0.
     pub zero: u8,
-    /// Per bucket of quotients sharing the high 16 bits of their order key ([`order`]), from
-    /// the bucket of -1 to that of 1: how many midpoints lie below the bucket's smallest value.
-    first: Vec<u8>,
-    /// The most midpoints inside one bucket: the steps `nearest` takes from `first`.
-    steps: usize,
+    /// Per bucket of quotients sharing the high bits of their order key ([`order`]), from
+    /// the bucket of -1 to that of 1: in the low byte, how many midpoints lie below the
+    /// bucket's smallest value; above it, the low `BUCKET_SHIFT` bits of the key of the
+    /// smallest float32 above the bucket's one midpoint, or `1 << BUCKET_SHIFT` (above every
+    /// key's low bits) when the bucket holds none. A key counts that midpoint exactly when its
+    /// low bits reach that threshold (the midpoints are no float32 values' keys' equals once
+    /// moved to the next float32, and none is 0, so `mid < x` is `order(x) >= threshold`).
+    table: Box<[u32; BUCKETS]>,
 }
 
 /// float32 bits as an unsigned key in the order of the values (negatives reversed below the
@@ -81,15 +94,25 @@ fn from_order(k: u32) -> f32 {
     }
 }
 
+/// The low bits of an order key a bucket spans: 2^15 floats, 8 mantissa bits kept, so that no
+/// bucket inside [-1, 1] holds more than one midpoint and `nearest` makes one comparison.
+const BUCKET_SHIFT: u32 = 15;
+/// The low bits of an order key inside its bucket.
+const LOW: u32 = (1 << BUCKET_SHIFT) - 1;
+#[cfg(target_arch = "x86_64")]
+const BUCKET_SHIFT_I: i32 = BUCKET_SHIFT.cast_signed();
 /// The first and last bucket `nearest` looks up: those of -1 and 1.
-const BUCKET_LO: u32 = 0x407F; // order(-1.0) >> 16
-const BUCKET_HI: u32 = 0xBF80; // order(1.0) >> 16
+const BUCKET_LO: u32 = 0x407F_FFFF >> BUCKET_SHIFT; // order(-1.0)
+const BUCKET_HI: u32 = 0xBF80_0000 >> BUCKET_SHIFT; // order(1.0)
+/// The number of buckets from that of -1 to that of 1.
+const BUCKETS: usize = (BUCKET_HI - BUCKET_LO + 1) as usize;
 
 impl CodeMap {
     /// bitsandbytes' dynamic map, signed (for `exp_avg`) or unsigned (for `exp_avg_sq`).
     ///
     /// # Panics
-    /// Never: the construction gives 256 codes, one of them 0.
+    /// Never: the construction gives 256 codes, one of them 0, and buckets narrow enough for
+    /// the dynamic maps.
     pub fn dynamic(signed: bool) -> CodeMap {
         let mut data: Vec<f64> = Vec::with_capacity(256);
         for i in 0..7_i32 {
@@ -122,24 +145,42 @@ impl CodeMap {
             *m = f64::midpoint(f64::from(values[i]), f64::from(values[i + 1]));
         }
         let zero = values.iter().position(|&v| v == 0.0).expect("0 is a code");
-        debug_assert_eq!(order(-1.0) >> 16, BUCKET_LO);
-        debug_assert_eq!(order(1.0) >> 16, BUCKET_HI);
-        let below = |x: f32| mid.iter().filter(|&&m| m < f64::from(x)).count();
-        let mut first = Vec::with_capacity((BUCKET_HI - BUCKET_LO + 1) as usize);
-        let mut steps = 0;
-        for key in BUCKET_LO..=BUCKET_HI {
-            let lo = below(from_order(key << 16));
-            let hi = below(from_order((key << 16) | 0xFFFF))
-                + usize::from(mid.contains(&f64::from(from_order((key << 16) | 0xFFFF))));
-            first.push(u8::try_from(lo).expect("at most 255 midpoints"));
-            steps = steps.max(hi - lo);
+        debug_assert_eq!(order(-1.0) >> BUCKET_SHIFT, BUCKET_LO);
+        debug_assert_eq!(order(1.0) >> BUCKET_SHIFT, BUCKET_HI);
+        let below = |x: f32| mid.partition_point(|&m| m < f64::from(x));
+        let mut thr = [u32::MAX; 256];
+        for (t, &m) in thr.iter_mut().zip(&mid[..255]) {
+            assert!(m != 0.0, "no midpoint is 0");
+            let f = m as f32;
+            *t = if f64::from(f) > m {
+                order(f)
+            } else {
+                order(f) + 1
+            };
         }
+        let mut table: Box<[u32; BUCKETS]> = vec![0u32; BUCKETS]
+            .into_boxed_slice()
+            .try_into()
+            .expect("the length asked for");
+        let mut steps = 0;
+        for (e, key) in table.iter_mut().zip(BUCKET_LO..=BUCKET_HI) {
+            let last = from_order((key << BUCKET_SHIFT) | LOW);
+            let lo = below(from_order(key << BUCKET_SHIFT));
+            let hi = below(last) + usize::from(mid.contains(&f64::from(last)));
+            steps = steps.max(hi - lo);
+            let t = if thr[lo] >> BUCKET_SHIFT == key {
+                thr[lo] & LOW
+            } else {
+                1 << BUCKET_SHIFT
+            };
+            *e = u32::try_from(lo).expect("at most 255 midpoints") | (t << 8);
+        }
+        assert!(steps <= 1, "a bucket holds at most one midpoint");
         CodeMap {
             values,
             mid,
             zero: u8::try_from(zero).expect("256 codes"),
-            first,
-            steps,
+            table,
         }
     }
 
@@ -153,9 +194,9 @@ impl CodeMap {
     /// The code nearest to `x` (in [-1, 1]); ties to the lower code, NaN to the zero code.
     ///
     /// The number of midpoints below `x`, found by looking up how many lie below its bucket
-    /// (the high half of its order key) and stepping over the few inside the bucket, with each
-    /// comparison's result added rather than branched on: every element's comparisons are its
-    /// own and would be mispredicted.
+    /// (the high bits of its order key) and comparing with the one midpoint the bucket may
+    /// hold, the result added rather than branched on: every element's comparison is its own
+    /// and would be mispredicted.
     ///
     /// # Panics
     /// Never: the index stays below 256 (the last midpoint is +inf).
@@ -165,13 +206,73 @@ impl CodeMap {
         if x.is_nan() {
             return self.zero;
         }
-        let key = (order(x) >> 16).clamp(BUCKET_LO, BUCKET_HI) - BUCKET_LO;
-        let mut i = usize::from(self.first[key as usize]);
-        let x = f64::from(x);
-        for _ in 0..self.steps {
-            i += usize::from(self.mid[i] < x);
+        self.nearest_not_nan(x)
+    }
+
+    /// [`CodeMap::nearest`] for an `x` that is not NaN.
+    #[inline(always)]
+    fn nearest_not_nan(&self, x: f32) -> u8 {
+        let key = order(x);
+        let bucket = (key >> BUCKET_SHIFT).clamp(BUCKET_LO, BUCKET_HI) - BUCKET_LO;
+        let e = self.table[bucket as usize];
+        // One comparison: no bucket holds two midpoints (checked when the map is built). It
+        // never carries past 255: no bucket holds a midpoint above the last code.
+        (e as u8).wrapping_add(u8::from(key & LOW >= e >> 8))
+    }
+
+    /// `q[j] = self.nearest_not_nan(x[j])`, eight at a time with AVX2's gathers (the same
+    /// table, bucket and comparison as the scalar code, so the same codes).
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nearest_avx2(&self, x: &[f32], q: &mut [u8]) {
+        use std::arch::x86_64::{
+            _mm256_add_epi32, _mm256_and_si256, _mm256_castps_si256, _mm256_cmpgt_epi32,
+            _mm256_cvtsi256_si32, _mm256_extract_epi32, _mm256_i32gather_epi32, _mm256_loadu_ps,
+            _mm256_max_epu32, _mm256_min_epu32, _mm256_or_si256, _mm256_packus_epi16,
+            _mm256_packus_epi32, _mm256_set1_epi32, _mm256_srai_epi32, _mm256_srli_epi32,
+            _mm256_sub_epi32, _mm256_xor_si256,
+        };
+        let n = x.len().min(q.len());
+        let whole = n - n % 8;
+        let (top, one) = (_mm256_set1_epi32(i32::MIN), _mm256_set1_epi32(1));
+        let (lo, hi) = (
+            _mm256_set1_epi32(BUCKET_LO.cast_signed()),
+            _mm256_set1_epi32(BUCKET_HI.cast_signed()),
+        );
+        let (byte, low) = (
+            _mm256_set1_epi32(0xFF),
+            _mm256_set1_epi32(LOW.cast_signed()),
+        );
+        let table = self.table.as_ptr().cast::<i32>();
+        for j in (0..whole).step_by(8) {
+            // SAFETY: `j + 8 <= x.len()`; an unaligned load.
+            let b = _mm256_castps_si256(unsafe { _mm256_loadu_ps(x.as_ptr().add(j)) });
+            let key = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32::<31>(b), top));
+            let bucket = _mm256_sub_epi32(
+                _mm256_min_epu32(
+                    _mm256_max_epu32(_mm256_srli_epi32::<BUCKET_SHIFT_I>(key), lo),
+                    hi,
+                ),
+                lo,
+            );
+            // SAFETY: `bucket < BUCKETS`, the length of `table`.
+            let e = unsafe { _mm256_i32gather_epi32::<4>(table, bucket) };
+            // Both below 2^16: a signed comparison. All ones (-1) where the key's low bits
+            // fall short of the threshold, so that `code + 1` comes back to `code` there.
+            let short = _mm256_cmpgt_epi32(_mm256_srli_epi32::<8>(e), _mm256_and_si256(key, low));
+            let c = _mm256_add_epi32(_mm256_add_epi32(_mm256_and_si256(e, byte), one), short);
+            let c = _mm256_packus_epi32(c, c);
+            let c = _mm256_packus_epi16(c, c);
+            let (c0, c1) = (_mm256_cvtsi256_si32(c), _mm256_extract_epi32::<4>(c));
+            q[j..j + 4].copy_from_slice(&c0.to_le_bytes());
+            q[j + 4..j + 8].copy_from_slice(&c1.to_le_bytes());
         }
-        u8::try_from(i).expect("at most 255 midpoints below any value")
+        for (qj, &v) in q[whole..n].iter_mut().zip(&x[whole..n]) {
+            *qj = self.nearest_not_nan(v);
+        }
     }
 
     /// [`CodeMap::nearest`] by binary search over the midpoints (the tests' reference).
@@ -214,16 +315,17 @@ pub fn unsigned_map() -> &'static CodeMap {
 }
 
 /// The largest magnitude of `xs`; NaN when any is NaN or infinite (see the module docs).
+///
+/// The largest of the magnitudes' bits as integers, which order non-negative floats as their
+/// values do and put infinities and NaNs above every finite one: a plain integer maximum, which
+/// the compiler vectorizes (`f32::max`'s NaN rule keeps it from vectorizing a float one).
 #[inline(always)]
 fn absmax(xs: &[f32]) -> f32 {
-    let mut a = 0f32;
-    let mut finite = true;
-    for &x in xs {
-        finite &= x.is_finite();
-        a = a.max(x.abs());
-    }
-    if finite {
-        a
+    let top = xs
+        .iter()
+        .fold(0u32, |a, x| a.max(x.to_bits() & 0x7FFF_FFFF));
+    if top < f32::INFINITY.to_bits() {
+        f32::from_bits(top)
     } else {
         f32::NAN
     }
@@ -345,8 +447,10 @@ pub fn update<S: super::simd::Q8Element>(
 /// The CPU has `L`'s instructions, and the lengths match.
 #[inline(always)]
 #[allow(clippy::needless_pass_by_value)] // a piece of work, consumed as `Slices` are
-pub(crate) unsafe fn update_inline<S, L>(k: &AdamScalars<f32>, s: Q8Slices<'_, S>)
-where
+pub(crate) unsafe fn update_inline<S, L, const GATHER: bool>(
+    k: &AdamScalars<f32>,
+    s: Q8Slices<'_, S>,
+) where
     S: Storage<Compute = f32>,
     L: StateLanes<S, f32>,
 {
@@ -365,6 +469,7 @@ where
     for (((((p, g), mq), vq), am), av) in blocks {
         let n = p.len();
         let (m, v) = (&mut new_m[..n], &mut new_v[..n]);
+        // Plain code: AVX2's gathers measured no faster here.
         for ((x, &q), (y, &r)) in m.iter_mut().zip(&*mq).zip(v.iter_mut().zip(&*vq)) {
             *x = cm.decode(q, *am);
             *y = cv.decode(r, *av);
@@ -372,12 +477,45 @@ where
         // SAFETY: the caller's CPU has `L`'s instructions; `stream` checks the lengths.
         unsafe { stream::<S, f32, L, _, 2>(k, p, g, [&mut *m, &mut *v]) };
         let (a_m, a_v) = (absmax(m), absmax(v));
-        for ((q, &x), (r, &y)) in mq.iter_mut().zip(&*m).zip(vq.iter_mut().zip(&*v)) {
-            *q = cm.encode(x, a_m);
-            *r = cv.encode(y, a_v);
+        // SAFETY: with `GATHER`, the caller's CPU has AVX2.
+        unsafe {
+            encode_block::<GATHER>(cm, m, a_m, mq);
+            encode_block::<GATHER>(cv, v, a_v, vq);
         }
         *am = a_m;
         *av = a_v;
+    }
+}
+
+/// `q[j] = map.encode(x[j], absmax)` for one block, overwriting `x` with the quotients: the
+/// divisions in a loop of their own, which the compiler vectorizes (each is correctly rounded,
+/// so the lanes give the division's bits), and the code search after it.
+///
+/// # Safety
+/// With `GATHER`, the CPU has AVX2.
+#[inline(always)]
+unsafe fn encode_block<const GATHER: bool>(
+    map: &CodeMap,
+    x: &mut [f32],
+    absmax: f32,
+    q: &mut [u8],
+) {
+    if absmax == 0.0 || !absmax.is_finite() {
+        q.fill(map.zero);
+        return;
+    }
+    for v in x.iter_mut() {
+        *v /= absmax;
+    }
+    // The quotients of finite values by a finite, nonzero absmax: never NaN.
+    #[cfg(target_arch = "x86_64")]
+    if GATHER {
+        // SAFETY: the caller's CPU has AVX2.
+        unsafe { map.nearest_avx2(x, q) };
+        return;
+    }
+    for (qj, &v) in q.iter_mut().zip(&*x) {
+        *qj = map.nearest_not_nan(v);
     }
 }
 
@@ -452,7 +590,6 @@ mod tests {
     #[test]
     fn bucket_lookup_matches_search() {
         for map in [signed_map(), unsigned_map()] {
-            assert!(map.steps <= 4, "{}", map.steps);
             let mut xs: Vec<f32> = vec![-1.0, 1.0, 0.0, -0.0, -2.0, 2.0];
             for &v in &map.values {
                 xs.push(v);
@@ -470,6 +607,109 @@ mod tests {
             }
             for x in xs {
                 assert_eq!(map.nearest(x), map.nearest_by_search(x), "{x:e}");
+            }
+        }
+    }
+
+    /// The nearest code by its definition: the least distance to `x`, the lower code on a tie,
+    /// over all 256. The distances are float64 differences of two float32 values in [-1, 1]:
+    /// exact when |x| >= 2^-29 (53 bits span the codes' and x's), and for smaller |x| the zero
+    /// code is at distance |x| (exact) while every other is more than 10^-7 away, so rounding
+    /// cannot change which is least. Finite `x` only; beyond [-1, 1] the nearest is the end
+    /// code on that side (the codes span [-1, 1] or [0, 1]), so `x` is clamped first, keeping
+    /// the differences exact.
+    fn nearest_exhaustive(map: &CodeMap, x: f32) -> u8 {
+        let x = f64::from(x.clamp(-1.0, 1.0));
+        let mut best = 0;
+        for (i, &c) in map.values.iter().enumerate() {
+            if (f64::from(c) - x).abs() < (f64::from(map.values[best]) - x).abs() {
+                best = i;
+            }
+        }
+        u8::try_from(best).expect("256 codes")
+    }
+
+    /// Every search agrees: the table lookup (scalar, and AVX2's gathers where the CPU has
+    /// them) against the binary search on tens of millions of float32 values across [-1, 1]
+    /// and the edge cases, and all of them against the exhaustive definition on millions and
+    /// the edge cases (ties included: midpoints that are float32 values go to the lower code).
+    #[test]
+    fn fast_search_is_exact_nearest() {
+        let keys_in_unit = order(-1.0)..=order(1.0);
+        for map in [signed_map(), unsigned_map()] {
+            let mut edge: Vec<f32> = vec![
+                0.0,
+                -0.0,
+                1.0,
+                -1.0,
+                f32::MIN_POSITIVE,
+                -f32::MIN_POSITIVE,
+                f32::from_bits(1),
+                f32::from_bits(0x8000_0001),
+                f32::from_bits(0x007F_FFFF),
+                f32::from_bits(0x807F_FFFF),
+                f32::MAX,
+                f32::MIN,
+                2.0,
+                -2.0,
+            ];
+            let mut ties = 0;
+            for (&v, &m) in map.values.iter().zip(&map.mid[..255]) {
+                let f = m as f32;
+                ties += usize::from(f64::from(f) == m);
+                for c in [v, f] {
+                    for d in -4i32..=4 {
+                        edge.push(from_order(order(c).wrapping_add_signed(d)));
+                    }
+                }
+            }
+            assert!(
+                ties > 0,
+                "some midpoints are float32 values: ties are tested"
+            );
+            for &x in &edge {
+                assert_eq!(map.nearest(x), nearest_exhaustive(map, x), "{x:e}");
+                assert_eq!(map.nearest(x), map.nearest_by_search(x), "{x:e}");
+            }
+            // Infinities saturate; NaN (any payload, either sign) is the zero code.
+            assert_eq!(map.nearest(f32::INFINITY), 255);
+            assert_eq!(map.nearest(f32::NEG_INFINITY), 0);
+            for nan in [
+                f32::NAN,
+                -f32::NAN,
+                f32::from_bits(0x7F80_0001),
+                f32::from_bits(0xFFFF_FFFF),
+            ] {
+                assert_eq!(map.nearest(nan), map.zero);
+            }
+            // Millions against the definition: every 1021st key in [-1, 1], every 4099th key
+            // of all finite floats.
+            let wide = (0..=u32::MAX)
+                .step_by(4099)
+                .map(from_order)
+                .filter(|x| x.is_finite());
+            for x in keys_in_unit
+                .clone()
+                .step_by(1021)
+                .map(from_order)
+                .chain(wide)
+            {
+                assert_eq!(map.nearest(x), nearest_exhaustive(map, x), "{x:e}");
+            }
+            // Tens of millions against the binary search, in blocks as the kernel runs them.
+            let mut xs: Vec<f32> = keys_in_unit.clone().step_by(37).map(from_order).collect();
+            xs.extend(&edge);
+            for block in xs.chunks(MAX_BLOCK) {
+                let want: Vec<u8> = block.iter().map(|&x| map.nearest_by_search(x)).collect();
+                let got: Vec<u8> = block.iter().map(|&x| map.nearest(x)).collect();
+                assert_eq!(got, want);
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") {
+                    let mut q = vec![0u8; block.len()];
+                    // SAFETY: the CPU has AVX2.
+                    unsafe { map.nearest_avx2(block, &mut q) };
+                    assert_eq!(q, want);
+                }
             }
         }
     }

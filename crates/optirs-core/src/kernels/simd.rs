@@ -252,7 +252,7 @@ unsafe fn q8_avx512<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
     k: &AdamScalars<f32>,
     s: Q8Slices<'_, S>,
 ) {
-    unsafe { super::adam8bit::update_inline::<S, L>(k, s) }
+    unsafe { super::adam8bit::update_inline::<S, L, true>(k, s) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -261,7 +261,7 @@ unsafe fn q8_avx2<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
     k: &AdamScalars<f32>,
     s: Q8Slices<'_, S>,
 ) {
-    unsafe { super::adam8bit::update_inline::<S, L>(k, s) }
+    unsafe { super::adam8bit::update_inline::<S, L, true>(k, s) }
 }
 
 /// A parameter type 8-bit Adam is compiled for at every level (float32, float16, bfloat16):
@@ -284,7 +284,7 @@ macro_rules! q8_element {
                     // SAFETY: as above.
                     SimdLevel::Avx2 => unsafe { q8_avx2::<Self, $avx2>(k, s) },
                     // SAFETY: one element at a time, in plain code.
-                    _ => unsafe { super::adam8bit::update_inline::<Self, One>(k, s) },
+                    _ => unsafe { super::adam8bit::update_inline::<Self, One, false>(k, s) },
                 }
             }
         }
