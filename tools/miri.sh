@@ -48,11 +48,7 @@ cargo +"$NIGHTLY" miri setup
 cargo +"$NIGHTLY" miri test -p optirs-core --lib --no-run
 echo "=== miri: built ($((SECONDS - start)) s) ==="
 set +e
-# The 8-bit kernel's tests are left out: building its code maps' lookup table and sweeping
-# quotients took over 8 minutes under Miri for the first test alone (2026-12-06). Its unsafe
-# code (AVX2 gathers into the table, indices clamped) is checked natively against the binary
-# search and the exhaustive definition on millions of values; a Miri-sized test is still to do.
-group "kernels (baseline and AVX2)" "" --skip pool --skip engine:: --skip omp:: --skip adam8bit
+group "kernels (baseline and AVX2)" "" --skip pool --skip engine:: --skip omp::
 group "step engine without threads" "" engine:: --skip pool
 group "thread pool and step engine on it, seeds $SEEDS" "-Zmiri-ignore-leaks -Zmiri-many-seeds=$SEEDS" pool
 group "OpenMP executor on a stand-in team, seeds $SEEDS" "-Zmiri-many-seeds=$SEEDS" omp::

@@ -166,7 +166,9 @@ impl CodeMap {
         for (e, key) in table.iter_mut().zip(BUCKET_LO..=BUCKET_HI) {
             let last = from_order((key << BUCKET_SHIFT) | LOW);
             let lo = below(from_order(key << BUCKET_SHIFT));
-            let hi = below(last) + usize::from(mid.contains(&f64::from(last)));
+            // Midpoints at or below the bucket's last value: a binary search, as `below` (the
+            // midpoints are distinct).
+            let hi = mid.partition_point(|&m| m <= f64::from(last));
             steps = steps.max(hi - lo);
             let t = if thr[lo] >> BUCKET_SHIFT == key {
                 thr[lo] & LOW
@@ -677,8 +679,12 @@ mod tests {
                 ties > 0,
                 "some midpoints are float32 values: ties are tested"
             );
-            for &x in &edge {
-                assert_eq!(map.nearest(x), nearest_exhaustive(map, x), "{x:e}");
+            // Under Miri every 7th against the definition (each costs 256 comparisons there),
+            // all against the search.
+            for (i, &x) in edge.iter().enumerate() {
+                if i % sweep(1) == 0 || i % 7 == 0 {
+                    assert_eq!(map.nearest(x), nearest_exhaustive(map, x), "{x:e}");
+                }
                 assert_eq!(map.nearest(x), map.nearest_by_search(x), "{x:e}");
             }
             // Infinities saturate; NaN (any payload, either sign) is the zero code.
@@ -753,7 +759,7 @@ mod tests {
             decoupled: true,
             ..AdamHyper::default()
         };
-        let n: usize = 1000;
+        let n: usize = if cfg!(miri) { 300 } else { 1000 };
         let block: usize = 64;
         let blocks = n.div_ceil(block);
         let mut x = 0x1234_5678_u32;
@@ -806,8 +812,14 @@ mod tests {
             (p, mq, vq, am, av)
         };
         let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
-        for (chunk, level) in [1, 64, 100, 640, 1 << 14]
-            .into_iter()
+        let chunks: &[usize] = if cfg!(miri) {
+            &[64, 100, 1 << 14]
+        } else {
+            &[1, 64, 100, 640, 1 << 14]
+        };
+        for (chunk, level) in chunks
+            .iter()
+            .copied()
             .flat_map(|c| levels.clone().map(move |l| (c, l)))
         {
             let got = run(chunk, level);

@@ -190,7 +190,12 @@ impl Storage for half::f16 {
         let nan = 0x7E00 | ((a & 0x007F_FFFF) >> 13);
         // Normal results: rebias the exponent, then round the 13 dropped bits to nearest even
         // (a carry out of the mantissa moves up the exponent, up to infinity at 65520).
-        let normal = (a.wrapping_sub((127 - 15) << 23) + 0x0FFF + ((a >> 13) & 1)) >> 13;
+        // Wrapping throughout: this is computed for every input and only used for normal results,
+        // where nothing wraps; others (below 2^-14) would wrap below zero.
+        let normal = (a
+            .wrapping_sub((127 - 15) << 23)
+            .wrapping_add(0x0FFF + ((a >> 13) & 1)))
+            >> 13;
         // Subnormal results: adding 0.5 lines the value's bits up with float16's subnormal
         // mantissa, and the float addition rounds to nearest even on the way.
         let subnormal = (f32::from_bits(a) + 0.5)
