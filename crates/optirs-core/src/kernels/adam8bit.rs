@@ -147,7 +147,6 @@ impl CodeMap {
         let zero = values.iter().position(|&v| v == 0.0).expect("0 is a code");
         debug_assert_eq!(order(-1.0) >> BUCKET_SHIFT, BUCKET_LO);
         debug_assert_eq!(order(1.0) >> BUCKET_SHIFT, BUCKET_HI);
-        let below = |x: f32| mid.partition_point(|&m| m < f64::from(x));
         let mut thr = [u32::MAX; 256];
         for (t, &m) in thr.iter_mut().zip(&mid[..255]) {
             assert!(m != 0.0, "no midpoint is 0");
@@ -162,13 +161,19 @@ impl CodeMap {
             .into_boxed_slice()
             .try_into()
             .expect("the length asked for");
-        let mut steps = 0;
+        // The buckets ascend in value, so the midpoints below each bucket's first value (`lo`)
+        // and at or below its last (`hi`) are counted by two pointers moving up once over the
+        // sorted midpoints; the last is +inf, which stops both.
+        let (mut lo, mut hi, mut steps) = (0_usize, 0_usize, 0);
         for (e, key) in table.iter_mut().zip(BUCKET_LO..=BUCKET_HI) {
-            let last = from_order((key << BUCKET_SHIFT) | LOW);
-            let lo = below(from_order(key << BUCKET_SHIFT));
-            // Midpoints at or below the bucket's last value: a binary search, as `below` (the
-            // midpoints are distinct).
-            let hi = mid.partition_point(|&m| m <= f64::from(last));
+            let first = f64::from(from_order(key << BUCKET_SHIFT));
+            let last = f64::from(from_order((key << BUCKET_SHIFT) | LOW));
+            while mid[lo] < first {
+                lo += 1;
+            }
+            while mid[hi] <= last {
+                hi += 1;
+            }
             steps = steps.max(hi - lo);
             let t = if thr[lo] >> BUCKET_SHIFT == key {
                 thr[lo] & LOW
