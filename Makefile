@@ -62,10 +62,10 @@ test-rust: $(DEPS) ## only the Rust tests (the core's run without Python: cargo 
 	cargo test --release --workspace --lib --tests
 
 # Both need a nightly toolchain (tools/nightly.sh installs it when missing, or says the check
-# was not run when it cannot). Times on the 2-core dev machine: miri 3.5-4 min (MIRI_SEEDS=0..16
-# scheduler seeds for the pool), tsan 1.5 min once built, 3.5 min from a clean target/tsan.
+# was not run when it cannot). Times on the 2-core dev machine: miri 11 min, 9 of them the kernels (MIRI_SEEDS=0..16
+# scheduler seeds for the pool), tsan 4.5 min, loom 2 min.
 .PHONY: miri
-miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, baseline + AVX2 (~4 min)
+miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, baseline + AVX2 (~11 min)
 	tools/miri.sh
 
 .PHONY: tsan
