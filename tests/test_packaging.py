@@ -211,3 +211,53 @@ def test_sdist_builds_and_installs(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) == pytest.approx(0.5)
+
+
+def test_metadata_a_user_sees_on_pypi():
+    """License as an SPDX expression (PEP 639), the project's links, the extras' names."""
+    meta = metadata.metadata("optirs")
+    assert meta["License-Expression"] == "MIT"
+    assert not [c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [])
+    assert {"Homepage", "Documentation", "Issues", "Source", "Changelog"} <= urls.keys()
+    assert {"torch", "bench", "bfloat16"} <= set(meta.get_all("Provides-Extra") or [])
+
+
+def test_without_torch_the_messages_name_the_extra():
+    """``import optirs.torch`` and the benchmark, where torch is not installed, say what to
+    install (run in a child whose ``import torch`` fails)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import optirs\n"
+        "try:\n"
+        "    import optirs.torch\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT:', e)\n"
+        "from optirs.bench.timing import _import_torch\n"
+        "try:\n"
+        "    _import_torch()\n"
+        "except SystemExit as e:\n"
+        "    print('BENCH:', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "IMPORT: optirs.torch needs PyTorch: pip install 'optirs[torch]'" in out
+    assert "BENCH: the benchmark compares against PyTorch: pip install 'optirs[bench]'" in out
+
+
+def test_the_console_script_says_its_own_name(tmp_path):
+    """Usage lines say ``optirs`` when run as the console script, ``python -m optirs`` as a
+    module."""
+    from optirs.__main__ import build_parser
+
+    script = tmp_path / "optirs"
+    code = "import sys; from optirs.__main__ import build_parser; print(build_parser().prog)"
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.argv = [{str(script)!r}]; {code}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "optirs"
+    assert build_parser().prog == "python -m optirs"  # pytest's argv[0] is not the script

@@ -43,6 +43,14 @@ Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward`
 
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401  (imported for its error: the message below)
+except ImportError as _missing:
+    raise ImportError(
+        "optirs.torch needs PyTorch: pip install 'optirs[torch]' (for the CPU-only build, "
+        "first: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+    ) from _missing
+
 from ._backward import StepInBackward, step_in_backward
 from ._bridge import (
     ASGD,
