@@ -18,7 +18,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
-from . import _clip
+from . import _clip, _dtensor
 
 __all__ = [
     "ASGD",
@@ -377,6 +377,10 @@ class _Bridge:
                     continue
                 self._check(p, g, gi, i)
                 where = f"param_groups[{gi}]['params'][{i}]"
+                # A DTensor's local shard, gradient and state (views) are what the core steps.
+                lp, lg = _dtensor.check_pair(
+                    p, g, where, type(self).__name__, getattr(spec, "elementwise", True)
+                )
                 state = self.state.get(p) or {}
                 missing = spec.missing(group, state)
                 # As torch: state is made when a parameter has none. A parameter with state
@@ -395,12 +399,17 @@ class _Bridge:
                     state = {**state, **self._new_state(p, group, missing)}
                     created.append((p, state))
                 bufs = [state.get(n) for n in names]
-                layout = _Layout(p, where)
-                params.append(layout.view(p, where))
-                grads.append(layout.view(g, f"the gradient of {where}"))
+                layout = _Layout(lp, where)
+                params.append(layout.view(lp, where))
+                grads.append(layout.view(lg, f"the gradient of {where}"))
                 buffers.append(
                     tuple(
-                        layout.view(b, f"state['{n}'] of {where}") if n in need_names else None
+                        layout.view(
+                            _dtensor.local_state(p, b, f"state['{n}'] of {where}"),
+                            f"state['{n}'] of {where}",
+                        )
+                        if n in need_names
+                        else None
                         for b, n in zip(bufs, names)
                     )
                     + tuple(_scalar_view(state.get(n), where, n) for n in spec.scalar_names)
@@ -480,6 +489,10 @@ class _Plan:
 
     def __init__(self, opt: _Bridge, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
+        if _dtensor.any_dtensor(p for g in groups for p in g["params"]):
+            # The plan reads each parameter's gradient as a plain tensor: an optimizer with
+            # DTensor parameters takes the full step, which steps their local shards.
+            raise TypeError("no plan for DTensor parameters")
         self.state = opt.state
         self.groups = GroupsSnapshot(spec, groups)
         entries: list[Any] = []
@@ -755,6 +768,23 @@ class _Bridge8bit(_Bridge):
     def _optirs_step(self) -> bool:
         return self._optirs_full_step()
 
+    def _refuse_8bit_dtensor(self, p: torch.Tensor, where: str) -> None:
+        """A DTensor parameter that would get 8-bit state is refused: its blocks would start
+        at its local shard's first element, so the quantization (and the result) would depend
+        on how the parameter is sharded, and the per-block scales could not be resharded or
+        checkpointed with the parameter's placements. Smaller ones keep float state (DTensors
+        laid out as the parameter), which is exact under any sharding."""
+        if _dtensor.any_dtensor((p,)) and p.numel() >= self.min_8bit_size:
+            name = type(self).__name__
+            raise ValueError(
+                f"optirs.torch.{name} does not keep 8-bit state for DTensor parameters: "
+                f"{where} ({p.numel()} elements, at least min_8bit_size={self.min_8bit_size}) "
+                "would be quantized in blocks of its local shard, giving results that depend "
+                "on the sharding and per-block scales that cannot be resharded; use "
+                f"optirs.torch.{name.replace('8bit', '')} (optionally state_dtype="
+                "torch.bfloat16), or a min_8bit_size above the DTensor parameters' sizes"
+            )
+
     def _new_8bit_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         step = torch.tensor(0.0, dtype=torch.float32)
         if p.numel() < self.min_8bit_size:
@@ -790,15 +820,17 @@ class _Bridge8bit(_Bridge):
                     continue
                 self._check(p, g, gi, i)
                 where = f"param_groups[{gi}]['params'][{i}]"
+                lp, lg = _dtensor.check_pair(p, g, where, type(self).__name__)
+                self._refuse_8bit_dtensor(p, where)
                 state = self.state.get(p) or {}
                 if not state:
                     state = self._new_8bit_state(p)
                     created.append((p, state))
                 eight = _eightbit.is_8bit(state)
                 names = _eightbit.Q8_NAMES if eight else ("exp_avg", "exp_avg_sq")
-                layout = _Layout(p, where)
-                params.append(layout.view(p, where))
-                grads.append(layout.view(g, f"the gradient of {where}"))
+                layout = _Layout(lp, where)
+                params.append(layout.view(lp, where))
+                grads.append(layout.view(lg, f"the gradient of {where}"))
                 views: list[Any] = []
                 for n in names:
                     t = state.get(n)
@@ -810,7 +842,7 @@ class _Bridge8bit(_Bridge):
                             raise TypeError(f"{what} must be a torch.Tensor")
                         views.append(_numpy(t.detach(), what))
                     else:
-                        views.append(layout.view(t, what))
+                        views.append(layout.view(_dtensor.local_state(p, t, what), what))
                     if isinstance(t, torch.Tensor):
                         written.append(t)
                 states.append(tuple(views))
@@ -856,6 +888,9 @@ class _Bridge8bit(_Bridge):
         by_id = dict(zip(ids, params))
         exact: dict[Any, dict[str, torch.Tensor]] = {}
         floats = dict(state_dict.get("state", {})) if isinstance(state_dict, dict) else {}
+        for i, p in by_id.items():
+            if floats.get(i):
+                self._refuse_8bit_dtensor(p, f"the parameter of loaded state[{i!r}]")
         for i, e in floats.items():
             if isinstance(e, dict) and _eightbit.is_8bit(e) and i in by_id:
                 np_entry = {

@@ -1,0 +1,204 @@
+"""DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism's ``distribute_tensor``).
+
+A ``DTensor`` is a wrapper: each rank holds a local tensor (``to_local()``, a view of the same
+memory) and the placements say how the locals make up the full tensor. optirs's rules are
+element-wise, so stepping every rank's local shard with the local shards of its gradient and
+state is the step of the full tensor, split: the bridge hands the core the locals, in the same
+single call as every other parameter, and keeps the state as DTensors with the parameter's
+mesh and placements (``torch.full_like`` of a DTensor is one), as torch.optim does, so that
+``state_dict()``, ``torch.distributed.checkpoint`` and resharding see what they see with
+torch.optim. The step counter (and ASGD's ``eta``/``mu``) stay plain 0-d tensors, as torch's.
+
+Refused, naming the parameter: a ``Partial`` placement (the parameter or gradient is a sum of
+the ranks' locals, not a split of it: an element-wise step of each local is not a step of the
+sum), a gradient that is not a DTensor with the parameter's mesh and placements (or a DTensor
+gradient of a plain parameter), and state that is not laid out as the parameter. A rule whose
+step is not element-wise (``Spec.elementwise`` False, such as a factored second moment) is
+refused for every placement but ``Replicate``.
+
+The gradient norm over DTensor gradients (``reduce_norm``) is torch's: each gradient's norm is
+the norm of the full tensor, so the locals' contributions are combined over the mesh
+dimensions the gradient is sharded on (a sum of p-th powers, or a maximum for ``inf``), while
+mesh dimensions where it is replicated are not counted again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["DTensor", "any_dtensor", "check_pair", "local", "local_state", "reduce_norm"]
+
+DTensor: Any
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed
+    DTensor = None
+
+
+def any_dtensor(tensors: Any) -> bool:
+    """Whether any of ``tensors`` is a DTensor."""
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def _partial(placements: Any) -> bool:
+    return any(pl.is_partial() for pl in placements)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's local tensor of a DTensor (a view of the same memory), else ``t``."""
+    if DTensor is not None and isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def check_pair(
+    p: Any, g: Any, where: str, name: str, elementwise: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local tensors of parameter ``p`` and its gradient ``g``, after checking that a
+    local step is the full tensor's step (see the module docstring). ``name``: the optimizer's
+    class name, for messages."""
+    p_is = DTensor is not None and isinstance(p, DTensor)
+    g_is = DTensor is not None and isinstance(g, DTensor)
+    if not p_is and not g_is:
+        return p, g
+    if not p_is:
+        raise TypeError(
+            f"the gradient of {where} is a DTensor, but the parameter is a plain tensor: "
+            "optirs.torch steps a parameter and its gradient laid out alike"
+        )
+    if _partial(p.placements):
+        raise ValueError(
+            f"optirs.torch.{name} cannot step {where}: it is a DTensor with a Partial "
+            f"placement ({p.placements}), a sum of the ranks' local tensors, whose update is "
+            "not an update of each local tensor; redistribute it to Shard or Replicate first"
+        )
+    if not g_is:
+        raise TypeError(
+            f"{where} is a DTensor but its gradient is a plain tensor: optirs.torch steps a "
+            "DTensor parameter with a DTensor gradient of the same mesh and placements"
+        )
+    if _partial(g.placements):
+        raise ValueError(
+            f"the gradient of {where} has a Partial placement ({g.placements}): it is not "
+            f"reduced yet; optirs.torch.{name} steps reduced (Shard or Replicate) gradients"
+        )
+    if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+        raise ValueError(
+            f"the gradient of {where} is laid out as {tuple(g.placements)} on "
+            f"{g.device_mesh}, but the parameter as {tuple(p.placements)} on "
+            f"{p.device_mesh}: redistribute the gradient to the parameter's placements"
+        )
+    if not elementwise and any(not pl.is_replicate() for pl in p.placements):
+        raise ValueError(
+            f"optirs.torch.{name}'s update is not element-wise: a sharded {where} "
+            f"({tuple(p.placements)}) would be stepped differently from the full tensor; "
+            "replicate it, or use an element-wise optimizer"
+        )
+    lp, lg = local(p), local(g)
+    if lg.shape != lp.shape:
+        raise ValueError(
+            f"the gradient of {where} has local shape {tuple(lg.shape)}, but the parameter's "
+            f"local shard has {tuple(lp.shape)}"
+        )
+    return lp, lg
+
+
+def local_state(p: Any, t: Any, what: str) -> Any:
+    """The local tensor of state buffer ``t`` of DTensor parameter ``p`` (``t`` unchanged
+    when ``p`` is a plain tensor); it must be a DTensor of ``p``'s mesh and placements."""
+    if DTensor is None or not isinstance(p, DTensor):
+        if DTensor is not None and isinstance(t, DTensor):
+            raise TypeError(f"{what} is a DTensor, but its parameter is a plain tensor")
+        return t
+    if not isinstance(t, DTensor):
+        raise TypeError(
+            f"{what} must be a DTensor with its parameter's mesh and placements "
+            f"({tuple(p.placements)}), as torch.optim keeps it; got {type(t).__name__}"
+        )
+    if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements):
+        raise ValueError(
+            f"{what} is laid out as {tuple(t.placements)} on {t.device_mesh}, but its "
+            f"parameter as {tuple(p.placements)} on {p.device_mesh}"
+        )
+    return local(t)
+
+
+def reduce_norm(grads: list[Any], norm_type: float, local_norm: Any) -> tuple[float, torch.dtype]:
+    """The total ``norm_type`` norm of ``grads`` (DTensors and plain tensors), as torch's
+    ``clip_grad_norm_`` computes it for DTensors, and the gradients' promoted dtype.
+
+    ``local_norm(tensors)`` gives the norm of a list of plain tensors (the core's one pass) as
+    ``(float, dtype)``. Gradients are bucketed by mesh and by the mesh dimensions they are
+    sharded on (every rank sees the same parameters in the same order, so every rank makes the
+    same buckets and the same collectives): one local norm and one all-reduce over each such
+    mesh dimension per bucket (a sum of p-th powers; a maximum for ``inf``, a minimum for
+    ``-inf``). Plain gradients count as they are, on every rank (as in torch, where a plain
+    tensor is not communicated). Accumulated in float64 (torch: float32).
+    """
+    import torch.distributed as dist
+
+    p = float(norm_type)
+    inf = float("inf")
+    buckets: dict[Any, tuple[Any, tuple[int, ...], list[torch.Tensor]]] = {}
+    dtypes: list[torch.dtype] = []
+    for g in grads:
+        dtypes.append(g.dtype)
+        if isinstance(g, DTensor):
+            if _partial(g.placements):
+                raise ValueError(
+                    f"a gradient has a Partial placement ({g.placements}): it is not reduced "
+                    "yet, and its norm is not defined by its local tensors"
+                )
+            dims = tuple(d for d, pl in enumerate(g.placements) if not pl.is_replicate())
+            key: Any = (id(g.device_mesh), dims)
+            mesh = g.device_mesh
+            lg = local(g)
+        else:
+            key, mesh, dims, lg = None, None, (), g
+        buckets.setdefault(key, (mesh, dims, []))[2].append(lg)
+    if p == inf:
+        op, identity = dist.ReduceOp.MAX, 0.0
+    elif p == -inf:
+        op, identity = dist.ReduceOp.MIN, inf
+    else:
+        op, identity = dist.ReduceOp.SUM, 0.0
+
+    def power(n: float) -> float:
+        # What the ranks' contributions add up as.
+        if p in (inf, -inf, 0.0):
+            return n
+        return n**p
+
+    acc = identity
+    for mesh, dims, locals_ in buckets.values():
+        # An empty shard (a rank past the end of an uneven split) adds nothing; inf and -inf
+        # norms of nothing would raise.
+        nonempty = [t for t in locals_ if t.numel() > 0] if mesh is not None else locals_
+        value = power(local_norm(nonempty)[0]) if nonempty else identity
+        if dims:
+            # A NaN travels as a flag beside the value: a MAX or MIN reduction may drop it.
+            nan = value != value
+            sign = -1.0 if p == -inf else 1.0
+            buf = torch.tensor([identity if nan else value, sign * nan], dtype=torch.float64)
+            for d in dims:
+                dist.all_reduce(buf, op=op, group=mesh.get_group(d))
+            value = float("nan") if buf[1] != 0 else float(buf[0])
+        if value != value or acc != acc:
+            acc = float("nan")
+        elif p == inf:
+            acc = max(acc, value)
+        elif p == -inf:
+            acc = min(acc, value)
+        else:
+            acc += value
+    if p in (inf, -inf, 0.0):
+        total = acc
+    else:
+        total = acc ** (1.0 / p)
+    dtype = dtypes[0] if dtypes else torch.float32
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return total, dtype
