@@ -343,6 +343,26 @@ def _refusals(mesh: Any) -> dict[str, str]:
     return out
 
 
+def _skip_case(mesh: Any, rank: int) -> dict[str, Any]:
+    """``skip_nonfinite`` with an infinity in rank 1's shard only: every rank skips."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    out = {}
+    for name in ("AdamW", "AdamW8bit"):
+        p = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+        opt = getattr(optirs.torch, name)([p], lr=0.1, skip_nonfinite=True)
+        local = torch.ones(2, 2)
+        if rank == 1:
+            local[1, 0] = float("inf")
+        p.grad = DTensor.from_local(local, mesh, [Shard(0)])
+        opt.step()
+        skipped = (opt.last_step_skipped, opt.skipped_steps, full(p))
+        p.grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+        opt.step()
+        out[name] = {"skipped": skipped, "then": (opt.last_step_skipped, full(p))}
+    return out
+
+
 def worker(rank: int, out_dir: Path) -> None:
     """Runs every case on this rank; saves the results to ``rank{rank}.pt``."""
     import torch.distributed as dist
@@ -363,6 +383,7 @@ def worker(rank: int, out_dir: Path) -> None:
     results["checkpoint"] = _checkpoint_case(mesh, out_dir)
     results["clip"] = _clip_case(mesh)
     results["refusals"] = _refusals(mesh)
+    results["skip"] = _skip_case(mesh, rank)
     torch.save(results, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -565,6 +586,16 @@ def test_refusals_name_the_reason(results):
         assert out["8bit"].startswith("ValueError") and "8-bit" in out["8bit"]
         assert out["8bit_unchanged"] == "True"
         assert out["8bit_small"] == "stepped"
+
+
+def test_skip_nonfinite_skips_on_every_rank(results):
+    for r in results:
+        for name, out in r["skip"].items():
+            skipped, count, values = out["skipped"]
+            assert skipped and count == 1, name
+            assert torch.equal(values, torch.ones(4, 2)), name
+            applied, values = out["then"]
+            assert not applied and (values < 1).all(), name
 
 
 if __name__ == "__main__":

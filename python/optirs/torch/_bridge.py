@@ -423,6 +423,8 @@ class _Bridge:
                 if step is not None:
                     written.append(step)
                 written.extend(state[n] for n in spec.scalar_names)
+        if self._skip_everywhere(groups, grads):
+            return False
         # The core wrote through NumPy views, which autograd cannot see: it bumps the version
         # counters as torch's in-place ops would (`then`), so a graph that saved an old value
         # refuses to backpropagate through it instead of silently using the new one. It keeps
@@ -441,6 +443,22 @@ class _Bridge:
             then=(increment_version, written) if written else None,
             **self._options(),
         )
+
+    def _skip_everywhere(self, groups: list[dict[str, Any]], grads: list[Any]) -> bool:
+        """With ``skip_nonfinite`` and DTensor parameters: whether some rank's gradients hold a
+        NaN or infinity, agreed by all ranks (``_dtensor.nonfinite_anywhere``) so that they
+        skip together; the core's own check then decides nothing differently per rank."""
+        if not getattr(self, "skip_nonfinite", False):
+            return False
+        meshes = _dtensor.meshes_of(p for g in groups for p in g["params"])
+        if not meshes:
+            return False
+
+        def inf_norm(views: list[Any]) -> float:
+            norm: float = _core.grad_norm(views, float("inf"), None, bf16_bits=True)[0]
+            return norm
+
+        return _dtensor.nonfinite_anywhere(grads, meshes, inf_norm)
 
     def _new_state(
         self, p: torch.Tensor, group: dict[str, Any], missing: Iterable[str]
@@ -851,6 +869,8 @@ class _Bridge8bit(_Bridge):
                 written.append(p)
                 if step is not None:
                     written.append(step)
+        if self._skip_everywhere(groups, grads):
+            return False
         return _core.step_adam8bit(
             groups,
             params,

@@ -28,7 +28,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTensor", "any_dtensor", "check_pair", "local", "local_state", "reduce_norm"]
+__all__ = [
+    "DTensor",
+    "any_dtensor",
+    "check_pair",
+    "local",
+    "local_state",
+    "meshes_of",
+    "nonfinite_anywhere",
+    "reduce_norm",
+]
 
 DTensor: Any
 try:
@@ -202,3 +211,30 @@ def reduce_norm(grads: list[Any], norm_type: float, local_norm: Any) -> tuple[fl
     for other in dtypes[1:]:
         dtype = torch.promote_types(dtype, other)
     return total, dtype
+
+
+def meshes_of(params: Any) -> list[Any]:
+    """The device meshes of the DTensors among ``params``, in order of first appearance."""
+    found: list[Any] = []
+    if DTensor is None:
+        return found
+    for p in params:
+        if isinstance(p, DTensor) and all(p.device_mesh is not m for m in found):
+            found.append(p.device_mesh)
+    return found
+
+
+def nonfinite_anywhere(views: list[Any], meshes: list[Any], local_inf_norm: Any) -> bool:
+    """Whether any rank of ``meshes`` has a NaN or infinity among its gradients ``views``
+    (NumPy arrays, None skipped): ``skip_nonfinite`` must skip a step on every rank or on none,
+    or the shards of one parameter would drift apart. ``local_inf_norm(views)``: the largest
+    absolute value (NaN when any is NaN). One MAX all-reduce per mesh dimension."""
+    import torch.distributed as dist
+
+    arrays = [v for v in views if v is not None and v.size > 0]
+    norm = local_inf_norm(arrays) if arrays else 0.0
+    flag = torch.tensor([0.0 if norm - norm == 0.0 else 1.0], dtype=torch.float64)
+    for mesh in meshes:
+        for d in range(mesh.ndim):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+    return bool(flag[0] != 0.0)
