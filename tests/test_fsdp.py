@@ -183,12 +183,20 @@ def _fsdp_case(mesh: Any, config: str, which: str) -> dict[str, Any]:
     model = sharded_model(mesh)
     params = list(model.parameters())
     opt = make_optimizer(config, params, which)
+    full_steps = []
+    if which == "optirs":
+        # Counts the steps that did not go through the cached plan.
+        full_step = opt._optirs_full_step
+        opt._optirs_full_step = lambda *a: full_steps.append(1) or full_step(*a)
     for step in range(STEPS):
         train_step(model, opt, step)
     return {
         "params": [full(p) for p in params],
         "param_layouts": [layout(p) for p in params],
         "state": state_summary(opt, params),
+        "full_steps": len(full_steps),
+        # The plan lends each local tensor its gradient for the step only.
+        "local_grads_left": sum(p._local_tensor.grad is not None for p in params),
     }
 
 
@@ -205,12 +213,20 @@ def _dtensor_case(mesh: Any, config: str, which: str) -> dict[str, Any]:
         for t, pl in zip(fulls, place)
     ]
     opt = make_optimizer(config, params, which)
+    full_steps = []
+    if which == "optirs":
+        full_step = opt._optirs_full_step
+        opt._optirs_full_step = lambda *a: full_steps.append(1) or full_step(*a)
     for _ in range(STEPS):
         for p, t, pl in zip(params, fulls, place):
             grad = torch.randn(t.shape, generator=g)
             p.grad = grad if pl is None else distribute_tensor(grad, mesh, pl)
         opt.step()
-    return {"params": [full(p) for p in params], "state": state_summary(opt, params)}
+    return {
+        "params": [full(p) for p in params],
+        "state": state_summary(opt, params),
+        "full_steps": len(full_steps),
+    }
 
 
 def _checkpoint_case(mesh: Any, out_dir: Path) -> dict[str, Any]:
@@ -335,6 +351,15 @@ def _refusals(mesh: Any) -> dict[str, str]:
     attempt("mismatch", optirs.torch.AdamW([q]))
     q.grad = torch.ones(4, 2)  # torch accepts a plain gradient of the global shape
     attempt("plain_grad", optirs.torch.AdamW([q]))
+    # After a step that made a plan: the plan sees the new layout and the full step refuses.
+    q.grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+    opt = optirs.torch.AdamW([q])
+    opt.step()
+    opt.step()
+    before = full(q)
+    q.grad = distribute_tensor(torch.ones(4, 2), mesh, [Replicate()])
+    attempt("mismatch_after_plan", opt)
+    out["mismatch_after_plan_unchanged"] = str(torch.equal(full(q), before))
     q.grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
     before = full(q)
     attempt("8bit", optirs.torch.AdamW8bit([q], min_8bit_size=8))
@@ -463,6 +488,10 @@ def test_fsdp2_equals_unsharded_optirs_bitwise(results, config):
     for rank, r in enumerate(results):
         got = r["fsdp", config, "optirs"]
         assert set(got["param_layouts"]) == {("Shard(dim=0)",)}
+        # The first step looks at everything; the others go through the cached plan
+        # (8-bit optimizers have none).
+        assert got["full_steps"] == (STEPS if "8bit" in config else 1)
+        assert got["local_grads_left"] == 0
         assert_equal(got["params"], expected, f"rank {rank} {config}")
 
 
@@ -497,6 +526,7 @@ def test_distribute_tensor_shard_replicate_and_plain_equal_unsharded_bitwise(res
     for rank, r in enumerate(results):
         got = r["dtensor", config, "optirs"]
         assert_equal(got["params"], expected, f"rank {rank} {config}")
+        assert got["full_steps"] == (STEPS if "8bit" in config else 1)  # then the plan
         for state, want in zip(got["state"], [("Shard(dim=0)",), ("Replicate()",), "plain"]):
             # Buffers laid out as their parameter; 0-d scalars (step, ASGD's eta and mu,
             # NAdam's mu_product) plain, as torch.optim keeps them.
@@ -583,6 +613,8 @@ def test_refusals_name_the_reason(results):
         assert "param_groups[0]['params'][0]" in out["partial"]
         assert out["mismatch"].startswith("ValueError") and "redistribute" in out["mismatch"]
         assert out["plain_grad"].startswith("TypeError") and "plain tensor" in out["plain_grad"]
+        assert out["mismatch_after_plan"] == out["mismatch"]
+        assert out["mismatch_after_plan_unchanged"] == "True"
         assert out["8bit"].startswith("ValueError") and "8-bit" in out["8bit"]
         assert out["8bit_unchanged"] == "True"
         assert out["8bit_small"] == "stepped"

@@ -444,15 +444,25 @@ class _Bridge:
             **self._options(),
         )
 
-    def _skip_everywhere(self, groups: list[dict[str, Any]], grads: list[Any]) -> bool:
+    def _skip_everywhere(
+        self, groups: list[dict[str, Any]], grads: list[Any] | None = None
+    ) -> bool:
         """With ``skip_nonfinite`` and DTensor parameters: whether some rank's gradients hold a
         NaN or infinity, agreed by all ranks (``_dtensor.nonfinite_anywhere``) so that they
-        skip together; the core's own check then decides nothing differently per rank."""
+        skip together; the core's own check then decides nothing differently per rank.
+        ``grads``: the gradients' NumPy views (default: made here from the groups')."""
         if not getattr(self, "skip_nonfinite", False):
             return False
         meshes = _dtensor.meshes_of(p for g in groups for p in g["params"])
         if not meshes:
             return False
+        if grads is None:
+            grads = [
+                _clip._flat_view(_dtensor.local(p.grad))
+                for g in groups
+                for p in g["params"]
+                if p.grad is not None
+            ]
 
         def inf_norm(views: list[Any]) -> float:
             norm: float = _core.grad_norm(views, float("inf"), None, bf16_bits=True)[0]
@@ -501,18 +511,26 @@ class _Plan:
     step runs: it raises the precise error or builds a new plan. The plan is given the NumPy
     views of every parameter and state tensor it writes, takes its pointers from them and holds
     them, so that memory outlives any re-pointing.
+
+    DTensor parameters: the core plan is built over their local tensors (``_dtensor.Local``),
+    which stand in for them at each step: the local tensor is given the gradient's local
+    tensor as ``.grad`` for the duration of the call, and the core is handed a state dict
+    keyed by the local tensors whose entries are the state's local tensors. Python checks
+    first, per DTensor parameter, what the core cannot see (the gradient a DTensor laid out
+    as the parameter, the local tensors and state entries the same objects as when the plan
+    was made); anything else sends the step to the full path.
     """
 
-    __slots__ = ("core", "groups", "state")
+    __slots__ = ("core", "groups", "locals", "plain", "state")
 
     def __init__(self, opt: _Bridge, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
-        if _dtensor.any_dtensor(p for g in groups for p in g["params"]):
-            # The plan reads each parameter's gradient as a plain tensor: an optimizer with
-            # DTensor parameters takes the full step, which steps their local shards.
-            raise TypeError("no plan for DTensor parameters")
         self.state = opt.state
         self.groups = GroupsSnapshot(spec, groups)
+        #: the stand-ins of the DTensor parameters
+        self.locals: list[_dtensor.Local] = []
+        #: whether some parameter is a plain tensor (its state is read from opt.state)
+        self.plain = False
         entries: list[Any] = []
         for gi, (ps, need) in enumerate(zip(self.groups.members, self.groups.needs)):
             keys = tuple(n for n, want in zip(spec.buffers, need) if want)
@@ -520,13 +538,20 @@ class _Plan:
             keys += spec.scalar_names
             scalar_keys = {"step", *spec.scalar_names}
             for i, p in enumerate(ps):
+                grad = p.grad
+                stand_in = _dtensor.Local.of(p, opt.state, keys)
+                if stand_in is None:
+                    self.plain = True
+                else:
+                    self.locals.append(stand_in)
+                    p = stand_in.local
                 # Only what the full step just checked: a parameter that had no gradient
                 # sends the next step it has one back to the full step.
-                if p.grad is None:
+                if grad is None:
                     entries.append(p)
                     continue
                 where = f"param_groups[{gi}]['params'][{i}]"
-                state = opt.state.get(p, {})
+                state = opt.state.get(p, {}) if stand_in is None else stand_in.state
                 items = tuple(state[k] for k in keys)
                 layout = _Layout(p, where)
                 views = tuple(
@@ -543,7 +568,25 @@ class _Plan:
     def step(self, opt: _Bridge) -> bool | None:
         """Steps through the plan and returns whether the update was applied; None (nothing
         done) when something changed and the full step must look again."""
-        return self.core.step(opt.param_groups, opt.state, **opt._options())
+        if not self.locals:
+            return self.core.step(opt.param_groups, opt.state, **opt._options())
+        state = dict(opt.state) if self.plain else {}
+        try:
+            for stand_in in self.locals:
+                if not stand_in.prepare(opt.state, state):
+                    return None
+            if opt._skip_everywhere(opt.param_groups):
+                return False
+            applied = self.core.step(opt.param_groups, state, **opt._options())
+        finally:
+            # The gradients' memory is not kept alive by the stand-ins.
+            for stand_in in self.locals:
+                stand_in.local.grad = None
+        if applied:
+            # The core bumped the local tensors' version counters; torch's in-place ops on a
+            # DTensor bump the DTensor's (see _optirs_full_step).
+            increment_version([t for s in self.locals if s.written for t in s.written])
+        return applied
 
 
 class _Layout:

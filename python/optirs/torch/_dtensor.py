@@ -30,6 +30,7 @@ import torch
 
 __all__ = [
     "DTensor",
+    "Local",
     "any_dtensor",
     "check_pair",
     "local",
@@ -55,9 +56,13 @@ def _partial(placements: Any) -> bool:
     return any(pl.is_partial() for pl in placements)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The rank's local tensor of a DTensor (a view of the same memory), else ``t``."""
+def local(t: Any) -> torch.Tensor:
+    """The rank's local tensor of a DTensor (what ``to_local()`` returns a view of, without
+    autograd), else ``t``."""
     if DTensor is not None and isinstance(t, DTensor):
+        lt = getattr(t, "_local_tensor", None)
+        if isinstance(lt, torch.Tensor):
+            return lt
         with torch.no_grad():
             return t.to_local()
     return t
@@ -238,3 +243,60 @@ def nonfinite_anywhere(views: list[Any], meshes: list[Any], local_inf_norm: Any)
         for d in range(mesh.ndim):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
     return bool(flag[0] != 0.0)
+
+
+class Local:
+    """A DTensor parameter's stand-in in the bridge's cached plan (``_bridge._Plan``): its local
+    tensor, and what ``prepare`` checks before each step that the full step would check."""
+
+    __slots__ = ("entry", "items", "keys", "local", "param", "spec", "state", "written")
+
+    @classmethod
+    def of(cls, p: Any, state: Any, keys: tuple[str, ...]) -> Local | None:
+        """``p``'s stand-in, or None when ``p`` is a plain tensor."""
+        if DTensor is None or not isinstance(p, DTensor):
+            return None
+        return cls(p, state, keys)
+
+    def __init__(self, p: Any, state: Any, keys: tuple[str, ...]) -> None:
+        self.param = p
+        self.local = local(p)
+        self.spec = (p.device_mesh, tuple(p.placements))
+        self.keys = keys
+        entry = state.get(p)
+        #: the parameter's state dict, and its entries, as the plan found them
+        self.entry = entry
+        self.items = tuple(entry[k] for k in keys) if entry else ()
+        #: the state dict the core sees: the entries' local tensors
+        self.state = {k: local(t) for k, t in zip(keys, self.items)}
+        #: the DTensors a step writes (the core bumps their local tensors' versions)
+        self.written = [p, *(t for t in self.items if isinstance(t, DTensor))]
+
+    def prepare(self, state: Any, stand_ins: dict[Any, Any]) -> bool:
+        """Hands the local tensor the gradient's local tensor and adds the local state to
+        ``stand_ins``; False (the full step must look) when anything is not as the plan was
+        made: the gradient not a DTensor of the parameter's mesh and placements, the local
+        tensors or state entries not the same objects."""
+        p = self.param
+        if local(p) is not self.local:
+            return False
+        g = p.grad
+        if g is None:
+            self.local.grad = None
+        else:
+            if (
+                type(g) is not DTensor
+                or (g.device_mesh is not self.spec[0] and g.device_mesh != self.spec[0])
+                or tuple(g.placements) != self.spec[1]
+            ):
+                return False
+            self.local.grad = local(g)
+        entry = state.get(p)
+        if entry is not self.entry:
+            return False
+        if entry:
+            for k, t in zip(self.keys, self.items):
+                if entry.get(k) is not t or local(t) is not self.state[k]:
+                    return False
+            stand_ins[self.local] = self.state
+        return True
