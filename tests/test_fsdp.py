@@ -385,6 +385,24 @@ def _skip_case(mesh: Any, rank: int) -> dict[str, Any]:
         p.grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
         opt.step()
         out[name] = {"skipped": skipped, "then": (opt.last_step_skipped, full(p))}
+    # torch.amp.GradScaler: its found_inf is agreed across ranks by torch; optirs unscales the
+    # still-scaled local gradients as it reads them.
+    for which in ("optirs", "torch"):
+        p = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+        # SGD: its update is proportional to the gradient, so a missed unscale shows.
+        opt = make_optimizer("SGD", [p], which)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        values = []
+        for bad in (True, False):
+            scaler.scale(torch.ones(()))
+            local = torch.full((2, 2), 3.0)
+            if bad and rank == 1:
+                local[1, 0] = float("inf")
+            p.grad = DTensor.from_local(local, mesh, [Shard(0)])
+            scaler.step(opt)
+            scaler.update()
+            values.append(full(p))
+        out["scaler", which] = values
     return out
 
 
@@ -620,9 +638,18 @@ def test_refusals_name_the_reason(results):
         assert out["8bit_small"] == "stepped"
 
 
+def test_grad_scaler_skips_on_every_rank_and_unscales(results):
+    for r in results:
+        mine, ref = r["skip"]["scaler", "optirs"], r["skip"]["scaler", "torch"]
+        assert torch.equal(mine[0], torch.ones(4, 2)) and torch.equal(ref[0], torch.ones(4, 2))
+        assert (ref[1] != 1).all()
+        torch.testing.assert_close(mine[1], ref[1])
+
+
 def test_skip_nonfinite_skips_on_every_rank(results):
     for r in results:
-        for name, out in r["skip"].items():
+        for name in ("AdamW", "AdamW8bit"):
+            out = r["skip"][name]
             skipped, count, values = out["skipped"]
             assert skipped and count == 1, name
             assert torch.equal(values, torch.ones(4, 2)), name
