@@ -31,6 +31,7 @@ replicated gradients together, where a replicated one must be counted once).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -365,6 +366,16 @@ def _refusals(mesh: Any) -> dict[str, str]:
     attempt("8bit", optirs.torch.AdamW8bit([q], min_8bit_size=8))
     out["8bit_unchanged"] = str(torch.equal(full(q), before))
     attempt("8bit_small", optirs.torch.AdamW8bit([q], min_8bit_size=9))
+
+    # A rule that is not element-wise (as a factored one would be): sharded refused,
+    # replicated stepped.
+    class NotElementwise(optirs.torch.AdamW):
+        _spec = dataclasses.replace(optirs.torch.AdamW._spec, elementwise=False)
+
+    attempt("not_elementwise_shard", NotElementwise([q]))
+    r = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Replicate()]))
+    r.grad = distribute_tensor(torch.ones(4, 2), mesh, [Replicate()])
+    attempt("not_elementwise_replicate", NotElementwise([r]))
     return out
 
 
@@ -636,6 +647,9 @@ def test_refusals_name_the_reason(results):
         assert out["8bit"].startswith("ValueError") and "8-bit" in out["8bit"]
         assert out["8bit_unchanged"] == "True"
         assert out["8bit_small"] == "stepped"
+        assert out["not_elementwise_shard"].startswith("ValueError")
+        assert "not element-wise" in out["not_elementwise_shard"]
+        assert out["not_elementwise_replicate"] == "stepped"
 
 
 def test_grad_scaler_skips_on_every_rank_and_unscales(results):

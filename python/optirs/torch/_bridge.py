@@ -378,9 +378,7 @@ class _Bridge:
                 self._check(p, g, gi, i)
                 where = f"param_groups[{gi}]['params'][{i}]"
                 # A DTensor's local shard, gradient and state (views) are what the core steps.
-                lp, lg = _dtensor.check_pair(
-                    p, g, where, type(self).__name__, getattr(spec, "elementwise", True)
-                )
+                lp, lg = _dtensor.check_pair(p, g, where, type(self).__name__, spec.elementwise)
                 state = self.state.get(p) or {}
                 missing = spec.missing(group, state)
                 # As torch: state is made when a parameter has none. A parameter with state
