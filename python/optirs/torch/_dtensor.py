@@ -180,18 +180,22 @@ def reduce_norm(grads: list[Any], norm_type: float, local_norm: Any) -> tuple[fl
     else:
         op, identity = dist.ReduceOp.SUM, 0.0
 
-    def power(n: float) -> float:
-        # What the ranks' contributions add up as.
-        if p in (inf, -inf, 0.0):
-            return n
-        return n**p
+    def power(n: float, e: float) -> float:
+        # As float64 tensor arithmetic would give it: inf where Python's floats raise
+        # (overflow; 0 to a negative power).
+        try:
+            return n**e
+        except (OverflowError, ZeroDivisionError):
+            return inf
 
     acc = identity
     for mesh, dims, locals_ in buckets.values():
         # An empty shard (a rank past the end of an uneven split) adds nothing; inf and -inf
         # norms of nothing would raise.
         nonempty = [t for t in locals_ if t.numel() > 0] if mesh is not None else locals_
-        value = power(local_norm(nonempty)[0]) if nonempty else identity
+        value = local_norm(nonempty)[0] if nonempty else identity
+        if p not in (inf, -inf, 0.0) and nonempty:
+            value = power(value, p)  # what the ranks' contributions add up as
         if dims:
             # A NaN travels as a flag beside the value: a MAX or MIN reduction may drop it.
             nan = value != value
@@ -208,10 +212,7 @@ def reduce_norm(grads: list[Any], norm_type: float, local_norm: Any) -> tuple[fl
             acc = min(acc, value)
         else:
             acc += value
-    if p in (inf, -inf, 0.0):
-        total = acc
-    else:
-        total = acc ** (1.0 / p)
+    total = acc if p in (inf, -inf, 0.0) else power(acc, 1.0 / p)
     dtype = dtypes[0] if dtypes else torch.float32
     for other in dtypes[1:]:
         dtype = torch.promote_types(dtype, other)
