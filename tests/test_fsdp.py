@@ -232,6 +232,32 @@ def _dtensor_case(mesh: Any, config: str, which: str) -> dict[str, Any]:
     }
 
 
+def _two_d_case() -> dict[str, Any]:
+    """A 2-D mesh (2 x 1, as HSDP or FSDP + TP lay parameters out): AdamW over
+    ``[Shard(0), Replicate()]`` and ``[Replicate(), Shard(0)]`` parameters, and the norm of
+    their gradients (each counted once: the second is whole on every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
+    g = torch.Generator().manual_seed(5)
+    fulls = [torch.randn(7, 5, generator=g), torch.randn(6, generator=g)]
+    place = [[Shard(0), Replicate()], [Replicate(), Shard(0)]]
+    params = [nn.Parameter(distribute_tensor(t.clone(), mesh, pl)) for t, pl in zip(fulls, place)]
+    opt = optirs.torch.AdamW(params, lr=1e-2)
+    norms = []
+    for _ in range(STEPS):
+        for p, t, pl in zip(params, fulls, place):
+            p.grad = distribute_tensor(torch.randn(t.shape, generator=g), mesh, pl)
+        norms.append(full(opt.clip_grad_norm_(0.5)))
+        opt.step()
+    return {
+        "params": [full(p) for p in params],
+        "norms": norms,
+        "state": state_summary(opt, params),
+    }
+
+
 def _checkpoint_case(mesh: Any, out_dir: Path) -> dict[str, Any]:
     """AdamW: 2 steps, dcp.save; a fresh model and optimizer dcp.load it and take 2 more."""
     import torch.distributed.checkpoint as dcp
@@ -436,6 +462,7 @@ def worker(rank: int, out_dir: Path) -> None:
         for which in ("optirs", "torch") if torch_name else ("optirs",):
             results["fsdp", config, which] = _fsdp_case(mesh, config, which)
             results["dtensor", config, which] = _dtensor_case(mesh, config, which)
+    results["two_d"] = _two_d_case()
     results["checkpoint"] = _checkpoint_case(mesh, out_dir)
     results["clip"] = _clip_case(mesh)
     results["refusals"] = _refusals(mesh)
@@ -563,6 +590,30 @@ def test_distribute_tensor_shard_replicate_and_plain_equal_unsharded_bitwise(res
             # NAdam's mu_product) plain, as torch.optim keeps them.
             assert {v[0] for v in state.values() if v[1].dim() > 0} == {want}, config
             assert {v[0] for v in state.values() if v[1].dim() == 0} <= {"plain"}, config
+
+
+def test_two_d_mesh_matches_unsharded(results):
+    g = torch.Generator().manual_seed(5)
+    fulls = [torch.randn(7, 5, generator=g), torch.randn(6, generator=g)]
+    params = [nn.Parameter(t.clone()) for t in fulls]
+    opt = optirs.torch.AdamW(params, lr=1e-2)
+    norms = []
+    for _ in range(STEPS):
+        for p, t in zip(params, fulls):
+            p.grad = torch.randn(t.shape, generator=g)
+        norms.append(opt.clip_grad_norm_(0.5))
+        opt.step()
+    for r in results:
+        got = r["two_d"]
+        # The norm is reduced in float64 (the unsharded one in the core's own order):
+        # equal within tolerance; each step is clipped by it.
+        for a, e in zip(got["norms"], norms):
+            torch.testing.assert_close(a, e)
+            assert float(e) > 0.5
+        for a, e in zip(got["params"], params):
+            torch.testing.assert_close(a, full(e))
+        assert got["state"][0]["exp_avg"][0] == ("Shard(dim=0)", "Replicate()")
+        assert got["state"][1]["exp_avg"][0] == ("Replicate()", "Shard(dim=0)")
 
 
 def test_distributed_checkpoint_resumes_bitwise(results):
