@@ -25,7 +25,10 @@ steps (``get_optimizer_state_dict``), loads into a fresh model and optimizer
 bit for bit; the parent then loads the same checkpoint into an unsharded model in one process
 (resharding 2 -> 1) and continues it the same way. Clip cases compare optirs's norm (free
 function and fused) with torch's over DTensor gradients (norm types 2, 1, inf; sharded and
-replicated gradients together, where a replicated one must be counted once).
+replicated gradients together, where a replicated one must be counted once; and a 2-D mesh).
+``skip_nonfinite`` and ``torch.amp.GradScaler`` with an infinity in one rank's shard must skip
+on every rank. The refusals (``Partial``, mismatched placements, 8-bit state, a rule that is
+not element-wise) are checked by their messages.
 """
 
 from __future__ import annotations
