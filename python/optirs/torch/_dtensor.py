@@ -291,7 +291,11 @@ class Local:
                 or tuple(g.placements) != self.spec[1]
             ):
                 return False
-            self.local.grad = local(g)
+            try:
+                self.local.grad = local(g)
+            except (RuntimeError, TypeError):
+                # torch's setter refuses another dtype or shape: the full step says why.
+                return False
         entry = state.get(p)
         if entry is not self.entry:
             return False
