@@ -9,10 +9,15 @@ mesh and placements (``torch.full_like`` of a DTensor is one), as torch.optim do
 ``state_dict()``, ``torch.distributed.checkpoint`` and resharding see what they see with
 torch.optim. The step counter (and ASGD's ``eta``/``mu``) stay plain 0-d tensors, as torch's.
 
-Refused, naming the parameter: a ``Partial`` placement (the parameter or gradient is a sum of
-the ranks' locals, not a split of it: an element-wise step of each local is not a step of the
-sum), a gradient that is not a DTensor with the parameter's mesh and placements (or a DTensor
-gradient of a plain parameter), and state that is not laid out as the parameter. A rule whose
+A gradient laid out otherwise than its parameter (tensor parallelism can leave a
+``Replicate`` or ``Partial`` gradient on a ``Shard`` parameter) is redistributed to the
+parameter's placements first, as torch.optim's DTensor arithmetic does; such steps take the
+full path (a collective may be needed, which every rank makes in the same order).
+
+Refused, naming the parameter: a ``Partial`` parameter (a sum of the ranks' locals, not a
+split of it: an element-wise step of each local is not a step of the sum), a gradient that is
+not a DTensor on the parameter's mesh (or a DTensor gradient of a plain parameter), and state
+that is not laid out as the parameter. A rule whose
 step is not element-wise (``Spec.elementwise`` False, such as a factored second moment) is
 refused for every placement but ``Replicate``.
 
@@ -94,17 +99,16 @@ def check_pair(
             f"{where} is a DTensor but its gradient is a plain tensor: optirs.torch steps a "
             "DTensor parameter with a DTensor gradient of the same mesh and placements"
         )
-    if _partial(g.placements):
+    if g.device_mesh != p.device_mesh:
         raise ValueError(
-            f"the gradient of {where} has a Partial placement ({g.placements}): it is not "
-            f"reduced yet; optirs.torch.{name} steps reduced (Shard or Replicate) gradients"
+            f"the gradient of {where} is on {g.device_mesh}, but the parameter on "
+            f"{p.device_mesh}: redistribute the gradient to the parameter's mesh"
         )
-    if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
-        raise ValueError(
-            f"the gradient of {where} is laid out as {tuple(g.placements)} on "
-            f"{g.device_mesh}, but the parameter as {tuple(p.placements)} on "
-            f"{p.device_mesh}: redistribute the gradient to the parameter's placements"
-        )
+    if tuple(g.placements) != tuple(p.placements):
+        # As torch.optim's DTensor ops do, the gradient is brought to the parameter's
+        # placements (a local slice from Replicate to Shard; a reduction from Partial, which
+        # every rank makes here, in the same order of parameters).
+        g = g.redistribute(p.device_mesh, p.placements)
     if not elementwise and any(not pl.is_replicate() for pl in p.placements):
         raise ValueError(
             f"optirs.torch.{name}'s update is not element-wise: a sharded {where} "
