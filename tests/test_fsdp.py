@@ -307,8 +307,9 @@ def _checkpoint_case(mesh: Any, out_dir: Path) -> dict[str, Any]:
 
 
 def _clip_case(mesh: Any) -> dict[str, Any]:
-    """Norms of DTensor gradients (sharded, replicated and both), optirs's and torch's."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    """Norms of DTensor gradients (sharded, replicated, partial, together), optirs's and
+    torch's."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     out: dict[str, Any] = {}
     for norm_type in CLIP_NORMS:
@@ -326,6 +327,12 @@ def _clip_case(mesh: Any) -> dict[str, Any]:
                     p = nn.Parameter(distribute_tensor(torch.randn(shape, generator=g), mesh, pl))
                     p.grad = distribute_tensor(torch.randn(shape, generator=g), mesh, pl)
                     params.append(p)
+                # A Partial gradient (each rank holds half) on a Replicate parameter.
+                p = nn.Parameter(
+                    distribute_tensor(torch.randn(5, generator=g), mesh, [Replicate()])
+                )
+                p.grad = DTensor.from_local(torch.randn(5, generator=g) / 2, mesh, [Partial()])
+                params.append(p)
             grads = [p.grad.detach().clone() for p in params]
             expected: Any = None
             clipped_by_torch: Any = None

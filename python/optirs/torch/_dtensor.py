@@ -166,9 +166,13 @@ def reduce_norm(grads: list[Any], norm_type: float, local_norm: Any) -> tuple[fl
         dtypes.append(g.dtype)
         if isinstance(g, DTensor):
             if _partial(g.placements):
-                raise ValueError(
-                    f"a gradient has a Partial placement ({g.placements}): it is not reduced "
-                    "yet, and its norm is not defined by its local tensors"
+                # Not reduced yet: its norm is the reduced tensor's (a copy made here; the
+                # gradient itself is scaled as it is, which scales the sum alike).
+                from torch.distributed.tensor import Replicate
+
+                g = g.redistribute(
+                    g.device_mesh,
+                    [Replicate() if pl.is_partial() else pl for pl in g.placements],
                 )
             dims = tuple(d for d, pl in enumerate(g.placements) if not pl.is_replicate())
             key: Any = (id(g.device_mesh), dims)
