@@ -50,6 +50,9 @@ use crate::kernels::float::{lerp, LerpWeight};
 use crate::kernels::{simd, simd::SimdLevel, Float, Storage};
 use crate::pool;
 
+/// Stands for the parameter in the core's messages; the bindings put its name in its place.
+pub const PARAM: &str = "{param}";
+
 /// The most elements of one piece (a matrix's piece is whole rows: at least one row). Smaller
 /// under Miri, so that its tests cross piece boundaries on a few hundred elements.
 pub const PIECE: usize = if cfg!(miri) { 64 } else { CHUNK_ELEMS };
@@ -184,12 +187,13 @@ fn py_min(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Python's `a / b` for floats: ZeroDivisionError on zero, as torch's step raises.
-fn py_div(a: f64, b: f64) -> Result<f64, CoreError> {
+/// Python's `a / b` for floats: ZeroDivisionError on zero, as torch's step raises (`why`
+/// completes torch's message).
+fn py_div(a: f64, b: f64, why: impl FnOnce() -> String) -> Result<f64, CoreError> {
     if b == 0.0 {
         Err(CoreError::torch(
             TorchRaises::ZeroDivision,
-            "float division by zero".to_owned(),
+            format!("float division by zero: {}", why()),
         ))
     } else {
         Ok(a / b)
@@ -202,7 +206,10 @@ fn py_pow(a: f64, b: f64) -> Result<f64, CoreError> {
     if r.is_infinite() && a.is_finite() && b.is_finite() {
         Err(CoreError::torch(
             TorchRaises::Overflow,
-            "(34, 'Numerical result out of range')".to_owned(),
+            format!(
+                "(34, 'Numerical result out of range'): step ** beta2_decay = {a:?} ** {b:?} \
+                 for {PARAM}"
+            ),
         ))
     } else {
         Ok(r)
@@ -224,7 +231,10 @@ fn fits(x: f64, dtype: DType, what: &str) -> Result<(), CoreError> {
     if dtype != DType::F64 && x.is_finite() && (x as f32).is_infinite() {
         return Err(CoreError::torch(
             TorchRaises::Runtime,
-            format!("value cannot be converted to type float without overflow ({what} = {x})"),
+            format!(
+                "value cannot be converted to type float without overflow: {what} = {x:?} for \
+                 {PARAM}, and {PARAM} is computed in float32"
+            ),
         ));
     }
     Ok(())
@@ -658,14 +668,20 @@ fn scalars_of(p: &Param) -> Result<Scalars, CoreError> {
     let h = &p.hyper;
     let step = p.count;
     let weight = py_pow(step, h.beta2_decay).map_err(|e| e.arg("beta2_decay"))?;
-    let rho = py_min(
-        h.lr,
-        py_div(1.0, step.powf(0.5)).map_err(|e| e.arg("step"))?,
-    );
+    // The count is at least 1 here (the bindings refuse a negative one).
+    let rho = py_min(h.lr, 1.0 / step.powf(0.5));
     let sqrt_n = (p.len as f64).powf(0.5);
     // torch divides the parameter's norm by `numel ** 0.5` and the update's by that times d.
-    py_div(0.0, sqrt_n)?;
-    py_div(0.0, sqrt_n * h.d).map_err(|e| e.arg("d"))?;
+    py_div(0.0, sqrt_n, || {
+        format!("{PARAM} has no elements, and torch.optim.Adafactor divides by numel ** 0.5")
+    })?;
+    py_div(0.0, sqrt_n * h.d, || {
+        format!(
+            "d = {:?} for {PARAM}, and torch.optim.Adafactor divides by numel ** 0.5 * d",
+            h.d
+        )
+    })
+    .map_err(|e| e.arg("d"))?;
     let eps1 = h.eps1.unwrap_or_else(|| finfo_eps(p.dtype));
     let eps1_sq = eps1 * eps1;
     fits(eps1, p.dtype, "eps[0]").map_err(|e| e.arg("eps"))?;
