@@ -1,9 +1,9 @@
 """optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
 
 ``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``,
-``Rprop``, ``Adamax``, ``NAdam``, ``ASGD`` and ``Adafactor`` take torch.optim's arguments, defaults and error
-messages, and follow torch.optim's update formulas and operation order; ``Lion`` follows
-lion-pytorch's::
+``Rprop``, ``Adamax``, ``NAdam``, ``ASGD`` and ``Adafactor`` take torch.optim's arguments,
+defaults and error messages, and follow torch.optim's update formulas and operation order;
+``Lion`` follows lion-pytorch's::
 
     import numpy as np, optirs
     w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
@@ -970,4 +970,4 @@ class ASGD(Optimizer):
 
 #: Adafactor: row and column factors of the second moment, its own step in the core (see
 #: ``optirs._adafactor``).
-Adafactor = _adafactor.make_numpy_class(Optimizer)
+Adafactor = _adafactor.make_numpy_class(Optimizer, _load_step, _load_buffer)

@@ -14,7 +14,7 @@ count and SIMD level (``optirs_core::adafactor`` documents it).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,10 +40,13 @@ def _tn(x: Any) -> str:
     return type(x).__name__
 
 
-def make_numpy_class(optimizer_base: Any) -> type:
-    """``Adafactor`` over the NumPy API's ``Optimizer``."""
-    # The base class's loaders (shape and dtype checks, casts to the parameter's dtype).
-    from . import _load_buffer, _load_step
+def make_numpy_class(
+    optimizer_base: Any,
+    _load_step: Callable[[Any, str], np.ndarray],
+    _load_buffer: Callable[[Any, np.ndarray, str, np.dtype], np.ndarray],
+) -> type:
+    """``Adafactor`` over the NumPy API's ``Optimizer``, loading state with its loaders of a
+    saved ``step`` and of a state array (checks, then a copy cast to the parameter's dtype)."""
 
     class Adafactor(optimizer_base):  # type: ignore[misc,valid-type]
         """Adafactor (Shazeer and Stern 2018) as ``torch.optim.Adafactor`` computes it (its
@@ -72,6 +75,8 @@ def make_numpy_class(optimizer_base: Any) -> type:
         """
 
         _spec = _spec.ADAFACTOR
+        param_groups: list[dict[str, Any]]
+        state: Any
 
         def __init__(
             self,
@@ -252,7 +257,9 @@ def make_numpy_class(optimizer_base: Any) -> type:
             self.state = new_state
             self._plan = None
 
+    # Named as ``optirs.Adafactor``, so that pickle finds it there.
     Adafactor.__module__ = "optirs"
+    Adafactor.__qualname__ = "Adafactor"
     return Adafactor
 
 
@@ -263,7 +270,6 @@ def _as_numpy(value: Any) -> Any:
         t = value.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":
             import ml_dtypes
-
             import torch
 
             return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
