@@ -1,12 +1,12 @@
 """optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
 
 ``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``,
-``Rprop``, ``Adamax``, ``NAdam``, ``ASGD`` and ``Adafactor`` subclass the ``torch.optim``
-classes of the same name (``Lion``, which torch.optim lacks, subclasses
-``torch.optim.Optimizer``), so construction, validation, param groups,
-``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and schedulers are torch's own; only
-``step`` differs: one call into optirs's Rust core updates every parameter in place, in the tensors' own storage (the first step through zero-copy NumPy views,
-later ones through a plan the core re-checks each step; see ``_Plan``)::
+``Rprop``, ``Adamax``, ``NAdam``, ``ASGD`` and ``Adafactor`` subclass the ``torch.optim`` classes of
+the same name (``Lion``, which torch.optim lacks, subclasses ``torch.optim.Optimizer``), so
+construction, validation, param groups, ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and
+schedulers are torch's own; only ``step`` differs: one call into optirs's Rust core updates every
+parameter in place, in the tensors' own storage (the first step through zero-copy NumPy views, later
+ones through a plan the core re-checks each step; see ``_Plan``)::
 
     import torch, optirs.torch
     opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
