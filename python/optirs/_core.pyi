@@ -25,6 +25,7 @@ __all__ = [
     "simd_level",
     "simd_levels",
     "step",
+    "step_adafactor",
     "step_adam8bit",
     "traffic",
 ]
