@@ -147,11 +147,10 @@ def make_numpy_class(
                     continue
                 entry = self.state.get(p)
                 if not entry:
-                    # torch makes the state from the gradient's shape; a gradient of another
-                    # shape is refused by the core before anything is kept.
-                    shape = np.shape(g) if isinstance(g, np.ndarray) else np.shape(p)
+                    # torch makes it from the gradient's shape, which is the parameter's (a
+                    # gradient of another shape is refused before anything is kept).
                     entry = {"step": np.zeros((), np.float32)}
-                    for n, s in state_shapes(tuple(shape)).items():
+                    for n, s in state_shapes(tuple(np.shape(p))).items():
                         entry[n] = np.zeros(s, dtype=p.dtype)
                     created.append((p, entry))
                 states.append(tuple(entry.get(n) for n in NAMES))
