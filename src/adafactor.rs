@@ -184,17 +184,17 @@ pub(crate) fn run(
         located.push(at);
     }
     check_overlaps_reusing(&spans)?;
-    let work = match adafactor::prepare(checked, options) {
-        Ok(work) => work,
-        Err((Some(i), e)) => {
+    let locate = |(i, e): (Option<usize>, CoreError)| match i {
+        Some(i) => {
             let at = located[i];
             let message = e.message.replace(adafactor::PARAM, &at.param());
-            return Err(CoreError { message, ..e }.at(at).into());
+            CoreError { message, ..e }.at(at)
         }
-        Err((None, e)) => return Err(e.into()),
+        None => e,
     };
+    let work = adafactor::prepare(checked, options).map_err(locate)?;
     // `params`, `grads`, `steps` and `keep` hold every array alive until the work is done.
-    let applied = py.detach(move || work.run());
+    let applied = py.detach(move || work.run()).map_err(locate)?;
     drop(keep);
     Ok(applied)
 }

@@ -282,10 +282,10 @@ impl<T: Float> GradRead<T> {
     }
 }
 
-/// `torch.clamp(x, min=lo)`: NaN stays NaN.
+/// `torch.clamp(x, min=lo)`: NaN in either gives NaN.
 #[inline(always)]
 fn clamp_min<T: Float>(x: T, lo: T) -> T {
-    if x < lo {
+    if x < lo || lo.is_nan() {
         lo
     } else {
         x
@@ -684,16 +684,14 @@ fn scalars_of(p: &Param) -> Result<Scalars, CoreError> {
     .map_err(|e| e.arg("d"))?;
     let eps1 = h.eps1.unwrap_or_else(|| finfo_eps(p.dtype));
     let eps1_sq = eps1 * eps1;
-    fits(eps1, p.dtype, "eps[0]").map_err(|e| e.arg("eps"))?;
+    // A factored parameter's mean is clamped to eps1 itself; every update to eps1 ** 2.
+    if matches!(p.factoring, Factoring::Matrix { .. }) {
+        fits(eps1, p.dtype, "eps[0]").map_err(|e| e.arg("eps"))?;
+    }
     fits(eps1_sq, p.dtype, "eps[0] ** 2").map_err(|e| e.arg("eps"))?;
     fits(weight, p.dtype, "step ** beta2_decay").map_err(|e| e.arg("beta2_decay"))?;
-    let decay = if h.weight_decay == 0.0 {
-        None
-    } else {
-        let k = 1.0 - h.lr * h.weight_decay;
-        fits(k, p.dtype, "1 - lr * weight_decay").map_err(|e| e.arg("weight_decay"))?;
-        Some(k)
-    };
+    // torch multiplies by it (`param.mul_`), which takes any float: inf where it overflows.
+    let decay = (h.weight_decay != 0.0).then_some(1.0 - h.lr * h.weight_decay);
     Ok(Scalars {
         weight,
         rho,
@@ -716,11 +714,16 @@ impl Work {
     /// Updates every parameter and its state; returns whether the update was applied (false:
     /// skipped for a non-finite gradient under `skip_nonfinite`, nothing written).
     ///
+    /// # Errors
+    /// RuntimeError, with nothing written, where torch's step raises on a value only the
+    /// arrays' contents decide: a float32 (or 16-bit) parameter's step size `-alpha / denom`
+    /// out of float32's range (`param.add_(update, alpha=...)`; `eps[1]` of 1e300 makes it).
+    /// As [`prepare`]'s, with the parameter's index.
+    ///
     /// # Panics
     /// When a work item panicked (an internal error): re-raised once the pass has run, saying
     /// the step stopped part-way; the step counters are not advanced then.
-    #[must_use]
-    pub fn run(self) -> bool {
+    pub fn run(self) -> Result<bool, (Option<usize>, CoreError)> {
         let Work {
             mut params,
             scalars,
@@ -729,7 +732,7 @@ impl Work {
         } = self;
         let total: usize = params.iter().map(|p| p.len).sum();
         if options.skip_nonfinite && !pool::all(&params, total, grad_is_finite) {
-            return false;
+            return Ok(false);
         }
         let flush = options.flush_denormals;
         let work = pieces(&params);
@@ -741,38 +744,41 @@ impl Work {
             for (piece, s) in work.iter().zip(&norms) {
                 sums[piece.param] += *s;
             }
-            let applies: Vec<Apply> = params
-                .iter()
-                .zip(&scalars)
-                .zip(&mids)
-                .zip(&sums)
-                .map(|(((p, k), m), &sum)| {
-                    let unorm = to_compute(sum.sqrt(), p.dtype);
-                    let denom = py_max(1.0, unorm / (k.sqrt_n * p.hyper.d));
-                    Apply {
-                        decay: k.decay,
-                        step: to_compute(-m.alpha / denom, p.dtype),
-                        weight: k.weight,
-                        eps1_sq: k.eps1_sq,
-                    }
-                })
-                .collect();
+            let mut applies = Vec::with_capacity(params.len());
+            for (i, ((p, k), m)) in params.iter().zip(&scalars).zip(&mids).enumerate() {
+                let unorm = to_compute(sums[i].sqrt(), p.dtype);
+                let denom = py_max(1.0, unorm / (k.sqrt_n * p.hyper.d));
+                let step = -m.alpha / denom;
+                fits(step, p.dtype, "-alpha / denom, the step size,")
+                    .map_err(|e| (Some(i), e.arg("eps")))?;
+                applies.push(Apply {
+                    decay: k.decay,
+                    step: to_compute(step, p.dtype),
+                    weight: k.weight,
+                    eps1_sq: k.eps1_sq,
+                });
+            }
+            // Nothing has been written before this point.
+            store_factors(&params, &mids);
             apply_pass(&params, &work, &mids, &applies, &options, level, flush);
+            Ok(())
         }));
-        if let Err(payload) = ran {
-            std::panic::resume_unwind(Box::new(format!(
+        match ran {
+            Err(payload) => std::panic::resume_unwind(Box::new(format!(
                 "{}; the Adafactor step stopped part-way: parameters and state of this step \
                  may be partly updated while their step counts are not (restore them from a \
                  checkpoint)",
                 panic_message(payload.as_ref())
-            )));
+            ))),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) => {}
         }
         for p in &mut params {
             if let Some(slot) = p.step.take() {
                 slot.write();
             }
         }
-        true
+        Ok(true)
     }
 }
 
@@ -863,13 +869,12 @@ fn factor_pass(
         m.alpha = py_max(p.hyper.eps2, pnorm / k.sqrt_n) * k.rho;
         if let Factoring::Matrix { batch, rows, cols } = p.factoring {
             // SAFETY: `Param::new`'s contract: `row_var` and `col_var` hold `batch * rows` and
-            // `batch * cols` elements that nothing else of the step touches; no work item is
-            // running.
+            // `batch * cols` elements that nothing of the step writes before `store_factors`.
             unsafe {
                 by_dtype!(p.dtype, S => factor_matrix::<S>(
                     p, k, m, batch, rows, cols,
-                    part_mut::<S>(p.state[0], 0, batch * rows),
-                    part_mut::<S>(p.state[1], 0, batch * cols),
+                    part::<S>(p.state[0], 0, batch * rows),
+                    part::<S>(p.state[1], 0, batch * cols),
                 ));
             }
         }
@@ -877,8 +882,9 @@ fn factor_pass(
     mids
 }
 
-/// The new `row_var`, `col_var` and clamped means of one factored parameter from its sums of
-/// squares (in `m.rows`, `m.cols` on entry), as torch computes them:
+/// The new `row_var`, `col_var` (kept in `m`, stored by [`store_factors`]) and clamped means
+/// of one factored parameter from its sums of squares (in `m.rows`, `m.cols` on entry), as
+/// torch computes them:
 /// `row_var.lerp_(vector_norm(g, dim=-1).square_().div_(cols), w)`, the same over columns,
 /// then `row_var.mean(dim=-2).clamp_(min=eps1)`.
 #[allow(clippy::too_many_arguments)]
@@ -889,8 +895,8 @@ fn factor_matrix<S: Storage>(
     batch: usize,
     rows: usize,
     cols: usize,
-    row_var: &mut [S],
-    col_var: &mut [S],
+    row_var: &[S],
+    col_var: &[S],
 ) {
     type C<S> = <S as Storage>::Compute;
     let w = LerpWeight::<C<S>>::new(k.weight);
@@ -899,15 +905,11 @@ fn factor_matrix<S: Storage>(
         let norm = C::<S>::from_f64(to_compute(sum.sqrt(), p.dtype));
         norm * norm / C::<S>::from_f64(n as f64)
     };
-    for (sum, v) in m.rows.iter_mut().zip(row_var.iter_mut()) {
-        let new = lerp(v.load(), mean_sq(*sum, cols), &w);
-        *v = S::store(new);
-        *sum = new.to_f64();
+    for (sum, v) in m.rows.iter_mut().zip(row_var) {
+        *sum = lerp(v.load(), mean_sq(*sum, cols), &w).to_f64();
     }
-    for (sum, v) in m.cols.iter_mut().zip(col_var.iter_mut()) {
-        let new = lerp(v.load(), mean_sq(*sum, rows), &w);
-        *v = S::store(new);
-        *sum = new.to_f64();
+    for (sum, v) in m.cols.iter_mut().zip(col_var) {
+        *sum = lerp(v.load(), mean_sq(*sum, rows), &w).to_f64();
     }
     let eps1 = C::<S>::from_f64(k.eps1);
     m.means = (0..batch)
@@ -918,6 +920,29 @@ fn factor_matrix<S: Storage>(
             clamp_min(mean, eps1).to_f64()
         })
         .collect();
+}
+
+/// Writes every factored parameter's new `row_var` and `col_var` (their compute-type values,
+/// rounded to the storage type).
+fn store_factors(params: &[Param], mids: &[Mid]) {
+    for (p, m) in params.iter().zip(mids) {
+        if let Factoring::Matrix { batch, rows, cols } = p.factoring {
+            // SAFETY: `Param::new`'s contract: `row_var` and `col_var` hold `batch * rows` and
+            // `batch * cols` elements that nothing else of the step touches; no work item is
+            // running.
+            unsafe {
+                by_dtype!(p.dtype, S => {
+                    let store = |dst: &mut [S], src: &[f64]| {
+                        for (d, &x) in dst.iter_mut().zip(src) {
+                            *d = S::store(<S as Storage>::Compute::from_f64(x));
+                        }
+                    };
+                    store(part_mut::<S>(p.state[0], 0, batch * rows), &m.rows);
+                    store(part_mut::<S>(p.state[1], 0, batch * cols), &m.cols);
+                });
+            }
+        }
+    }
 }
 
 fn update_norm_pass(

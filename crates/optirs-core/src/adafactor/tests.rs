@@ -103,7 +103,7 @@ fn run<S: Storage>(
             }
         })
         .collect();
-    Ok(prepare(params, options)?.run())
+    prepare(params, options)?.run()
 }
 
 /// torch's `_single_tensor_adafactor` for one parameter, written plainly: one element at a
@@ -385,7 +385,33 @@ fn torch_failures_are_refused_before_anything_is_written() {
     )
     .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Torch(TorchRaises::Runtime));
+    // A step size out of float32's range is known once the norms are: refused all the same,
+    // before the row and column factors or the parameter are written.
+    let (at, e) = run(
+        &mut c,
+        Hyper {
+            eps2: 1e300,
+            ..HYPER
+        },
+        &options(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (at, e.kind),
+        (Some(0), ErrorKind::Torch(TorchRaises::Runtime))
+    );
     assert_eq!(c, vec![case::<f32>(&[3, 4], 1)]);
+    // float64 takes it.
+    let mut c = vec![case::<f64>(&[3, 4], 1)];
+    assert!(run(
+        &mut c,
+        Hyper {
+            eps2: 1e300,
+            ..HYPER
+        },
+        &options()
+    )
+    .unwrap());
 }
 
 #[test]
