@@ -569,3 +569,27 @@ def test_pickle_and_deepcopy_keep_options():
     n = optirs.Adafactor([np.ones(3, np.float32)], flush_denormals=True)
     n2 = pickle.loads(pickle.dumps(n))
     assert n2.flush_denormals and type(n2).__name__ == "Adafactor"
+
+
+def test_large_tensors_are_closer_to_the_exact_result_than_torchs_float32():
+    """torch's float32 norms of large tensors accumulate in float32 (the update's RMS of 4
+    million elements is off by about 1e-4 relative, of GPT-2's embedding by 3e-3); optirs's in
+    float64. Against torch's float64 step (the exact result, near enough), optirs's float32 step
+    is far closer: the difference from torch's float32 step is torch's rounding."""
+    rng = np.random.default_rng(0)
+    shape = (2000, 2000)
+    p = rng.standard_normal(shape, dtype=np.float32)
+    g = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+    t32 = torch.from_numpy(p.copy()).requires_grad_()
+    t32.grad = torch.from_numpy(g)
+    t64 = torch.from_numpy(p.astype(np.float64)).requires_grad_()
+    t64.grad = torch.from_numpy(g.astype(np.float64))
+    eps = (float(np.finfo(np.float32).eps), 1e-3)
+    optirs.Adafactor([p]).step([g])
+    torch.optim.Adafactor([t32]).step()
+    torch.optim.Adafactor([t64], eps=eps).step()
+    exact = t64.detach().numpy()
+    ours = np.abs(p - exact).max()
+    theirs = np.abs(t32.detach().numpy() - exact).max()
+    assert ours < 1e-6
+    assert ours * 10 < theirs
