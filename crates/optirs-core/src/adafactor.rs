@@ -341,6 +341,33 @@ macro_rules! per_level {
     };
 }
 
+/// Binds `$r` to a closure reading a gradient element as the step reads it, and runs `$body`
+/// once per kind of reading, each with its own closure type: the plain and negated readings
+/// (no unscale, no clip) compile to loops without branches, which the compiler vectorises.
+macro_rules! with_reader {
+    ($read:expr, $s:ty, $r:ident => $body:expr) => {{
+        let read = $read;
+        if read.unscale.is_none() && read.coef.is_none() {
+            if read.neg {
+                let $r = |x: $s| -x.load();
+                $body
+            } else {
+                let $r = |x: $s| x.load();
+                $body
+            }
+        } else {
+            let $r = move |x: $s| read.read(x);
+            $body
+        }
+    }};
+}
+
+/// The lanes of a sum, added in index order.
+#[inline(always)]
+fn total(acc: [f64; LANES]) -> f64 {
+    acc.into_iter().fold(0.0, |a, b| a + b)
+}
+
 /// Pass 1 over one piece: the sum of `p^2`; for a matrix piece (`cols > 0`), each row's sum of
 /// `g^2` into `rows_out` and the piece's column sums of `g^2` into `cols_out`.
 #[inline(always)]
@@ -354,13 +381,15 @@ fn reduce_inline<S: Storage>(
 ) -> f64 {
     let psum = sum_sq(p, |x: S| x.load().to_f64());
     if cols > 0 {
-        for (row, out) in g.chunks_exact(cols).zip(rows_out.iter_mut()) {
-            *out = sum_sq(row, |x: S| read.read(x).to_f64());
-            for (acc, &x) in cols_out.iter_mut().zip(row) {
-                let v = read.read(x).to_f64();
-                *acc += v * v;
+        with_reader!(read, S, rd => {
+            for (row, out) in g.chunks_exact(cols).zip(rows_out.iter_mut()) {
+                *out = sum_sq(row, |x: S| rd(x).to_f64());
+                for (acc, &x) in cols_out.iter_mut().zip(row) {
+                    let v = rd(x).to_f64();
+                    *acc += v * v;
+                }
             }
-        }
+        });
     }
     psum
 }
@@ -392,7 +421,8 @@ fn vector_u<T: Float>(v: T, g: T, w: &LerpWeight<T>, eps1_sq: T) -> (T, T) {
 }
 
 /// Pass 3 over one piece: the sum of `u^2` (`var`: the vector's `variance` piece, or None for
-/// a matrix piece with its `factors`).
+/// a matrix piece with its `factors`). Element `i` of a vector piece, or of a matrix row, goes
+/// to accumulator `i % LANES`; a matrix piece's rows are added in order.
 #[inline(always)]
 fn update_norm_inline<S: Storage>(
     g: &[S],
@@ -405,27 +435,47 @@ fn update_norm_inline<S: Storage>(
     let eps1_sq = S::Compute::from_f64(eps1_sq);
     if let Some(var) = var {
         let w = LerpWeight::<S::Compute>::new(weight);
-        let mut acc = [0.0f64; LANES];
-        for (i, (&x, &v)) in g.iter().zip(var).enumerate() {
-            let (_, u) = vector_u(v.load(), read.read(x), &w, eps1_sq);
-            let u = u.to_f64();
-            acc[i % LANES] += u * u;
-        }
-        return acc.into_iter().fold(0.0, |a, b| a + b);
+        return with_reader!(read, S, rd => {
+            let mut acc = [0.0f64; LANES];
+            let mut gs = g.chunks_exact(LANES);
+            let mut vs = var.chunks_exact(LANES);
+            for (gc, vc) in (&mut gs).zip(&mut vs) {
+                for j in 0..LANES {
+                    let u = vector_u(vc[j].load(), rd(gc[j]), &w, eps1_sq).1.to_f64();
+                    acc[j] += u * u;
+                }
+            }
+            for (j, (&x, &v)) in gs.remainder().iter().zip(vs.remainder()).enumerate() {
+                let u = vector_u(v.load(), rd(x), &w, eps1_sq).1.to_f64();
+                acc[j] += u * u;
+            }
+            total(acc)
+        });
     }
     let cols = factors.cols.len();
     let mean = S::Compute::from_f64(factors.mean);
-    let mut total = 0.0f64;
-    for (row, &r) in g.chunks_exact(cols).zip(factors.rows) {
-        let r = S::Compute::from_f64(r);
-        let mut acc = [0.0f64; LANES];
-        for (i, (&x, &c)) in row.iter().zip(factors.cols).enumerate() {
-            let u = matrix_u(r, S::Compute::from_f64(c), mean, eps1_sq, read.read(x)).to_f64();
-            acc[i % LANES] += u * u;
+    with_reader!(read, S, rd => {
+        let mut sum = 0.0f64;
+        for (row, &r) in g.chunks_exact(cols).zip(factors.rows) {
+            let r = S::Compute::from_f64(r);
+            let mut acc = [0.0f64; LANES];
+            let mut gs = row.chunks_exact(LANES);
+            let mut cs = factors.cols.chunks_exact(LANES);
+            for (gc, cc) in (&mut gs).zip(&mut cs) {
+                for j in 0..LANES {
+                    let c = S::Compute::from_f64(cc[j]);
+                    let u = matrix_u(r, c, mean, eps1_sq, rd(gc[j])).to_f64();
+                    acc[j] += u * u;
+                }
+            }
+            for (j, (&x, &c)) in gs.remainder().iter().zip(cs.remainder()).enumerate() {
+                let u = matrix_u(r, S::Compute::from_f64(c), mean, eps1_sq, rd(x)).to_f64();
+                acc[j] += u * u;
+            }
+            sum += total(acc);
         }
-        total += acc.into_iter().fold(0.0, |a, b| a + b);
-    }
-    total
+        sum
+    })
 }
 
 per_level!(update_norm, update_norm_inline, update_norm_avx512, update_norm_avx2,
@@ -441,7 +491,8 @@ struct Apply {
     eps1_sq: f64,
 }
 
-/// Pass 5 over one piece: `p = p * decay + step * u`, and a vector's new `variance`.
+/// Pass 5 over one piece: `p = p * decay + step * u`, and a vector's new `variance`. Without
+/// weight decay the factor is 1, which changes no value (`x * 1 == x`, NaN and -0 included).
 #[inline(always)]
 fn apply_inline<S: Storage>(
     p: &mut [S],
@@ -453,33 +504,33 @@ fn apply_inline<S: Storage>(
 ) {
     let eps1_sq = S::Compute::from_f64(a.eps1_sq);
     let step = S::Compute::from_f64(a.step);
-    let decay = a.decay.map(S::Compute::from_f64);
-    let decayed = |x: S| match decay {
-        Some(k) => x.load() * k,
-        None => x.load(),
-    };
+    let decay = a.decay.map_or(S::Compute::ONE, S::Compute::from_f64);
     if let Some(var) = var {
         let w = LerpWeight::<S::Compute>::new(a.weight);
-        for ((pv, &x), v) in p.iter_mut().zip(g).zip(var) {
-            let (nv, u) = vector_u(v.load(), read.read(x), &w, eps1_sq);
-            *v = S::store(nv);
-            *pv = S::store(decayed(*pv) + step * u);
-        }
+        with_reader!(read, S, rd => {
+            for ((pv, &x), v) in p.iter_mut().zip(g).zip(var) {
+                let (nv, u) = vector_u(v.load(), rd(x), &w, eps1_sq);
+                *v = S::store(nv);
+                *pv = S::store(pv.load() * decay + step * u);
+            }
+        });
         return;
     }
     let cols = factors.cols.len();
     let mean = S::Compute::from_f64(factors.mean);
-    for ((prow, grow), &r) in p
-        .chunks_exact_mut(cols)
-        .zip(g.chunks_exact(cols))
-        .zip(factors.rows)
-    {
-        let r = S::Compute::from_f64(r);
-        for ((pv, &x), &c) in prow.iter_mut().zip(grow).zip(factors.cols) {
-            let u = matrix_u(r, S::Compute::from_f64(c), mean, eps1_sq, read.read(x));
-            *pv = S::store(decayed(*pv) + step * u);
+    with_reader!(read, S, rd => {
+        for ((prow, grow), &r) in p
+            .chunks_exact_mut(cols)
+            .zip(g.chunks_exact(cols))
+            .zip(factors.rows)
+        {
+            let r = S::Compute::from_f64(r);
+            for ((pv, &x), &c) in prow.iter_mut().zip(grow).zip(factors.cols) {
+                let u = matrix_u(r, S::Compute::from_f64(c), mean, eps1_sq, rd(x));
+                *pv = S::store(pv.load() * decay + step * u);
+            }
         }
-    }
+    });
 }
 
 per_level!(apply, apply_inline, apply_avx512, apply_avx2,
