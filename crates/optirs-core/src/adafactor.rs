@@ -381,13 +381,28 @@ fn reduce_inline<S: Storage>(
 ) -> f64 {
     let psum = sum_sq(p, |x: S| x.load().to_f64());
     if cols > 0 {
+        // One read of each row for both sums; each accumulator adds in the order `sum_sq`
+        // would.
         with_reader!(read, S, rd => {
             for (row, out) in g.chunks_exact(cols).zip(rows_out.iter_mut()) {
-                *out = sum_sq(row, |x: S| rd(x).to_f64());
-                for (acc, &x) in cols_out.iter_mut().zip(row) {
-                    let v = rd(x).to_f64();
-                    *acc += v * v;
+                let mut acc = [0.0f64; LANES];
+                let mut gs = row.chunks_exact(LANES);
+                let mut cs = cols_out.chunks_exact_mut(LANES);
+                for (gc, cc) in (&mut gs).zip(&mut cs) {
+                    for j in 0..LANES {
+                        let v = rd(gc[j]).to_f64();
+                        let v = v * v;
+                        acc[j] += v;
+                        cc[j] += v;
+                    }
                 }
+                for (j, (&x, c)) in gs.remainder().iter().zip(cs.into_remainder()).enumerate() {
+                    let v = rd(x).to_f64();
+                    let v = v * v;
+                    acc[j] += v;
+                    *c += v;
+                }
+                *out = total(acc);
             }
         });
     }
