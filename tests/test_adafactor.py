@@ -593,3 +593,21 @@ def test_large_tensors_are_closer_to_the_exact_result_than_torchs_float32():
     theirs = np.abs(t32.detach().numpy() - exact).max()
     assert ours < 1e-6
     assert ours * 10 < theirs
+
+
+def test_step_in_backward_steps_like_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    twin = copy.deepcopy(model)
+    opt = optirs.torch.Adafactor(model.parameters(), lr=0.05)
+    ref = torch.optim.Adafactor(twin.parameters(), lr=0.05)
+    x = torch.randn(16, 4)
+    with optirs.torch.step_in_backward(model, opt):
+        for _ in range(3):
+            model(x).pow(2).sum().backward()
+            ref.zero_grad()
+            twin(x).pow(2).sum().backward()
+            ref.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(opt.state[model[0].weight]["step"]) == 3.0
