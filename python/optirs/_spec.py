@@ -782,5 +782,6 @@ ADAFACTOR = Spec(
     counts_steps=True,
     validate=_check_adafactor,
     refused=(),
+    elementwise=False,
     sparse_message="Adafactor does not support sparse gradients",
 )

@@ -1153,6 +1153,14 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
                     continue
                 self._check(p, g, gi, i)
                 where = f"param_groups[{gi}]['params'][{i}]"
+                if _dtensor.any_dtensor((p, g)):
+                    # Its rows, columns and norms span every rank's shard: a local step is not
+                    # the full tensor's step.
+                    raise TypeError(
+                        f"optirs.torch.Adafactor does not step DTensor parameters ({where} is "
+                        "one): its factors and norms span the whole tensor; use "
+                        "torch.optim.Adafactor"
+                    )
                 state = self.state.get(p) or {}
                 if not state:
                     # As torch's `_init_group`, from the gradient's shape.
