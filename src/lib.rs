@@ -7,6 +7,7 @@
 //! `step` (the full step), `clip` (gradient norms and clipping) → `array_plan`, `torch_plan` (the cached steps) → `course` (what
 //! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core.
 
+mod adafactor;
 mod array_plan;
 mod bindings;
 mod boundary;
