@@ -110,7 +110,7 @@ def _ceiling(traffic: dict[str, int]) -> tuple[Callable[[], None], float]:
 def _bnb() -> Any:
     """bitsandbytes, or None when it is not installed (or does not import)."""
     try:
-        import bitsandbytes
+        import bitsandbytes  # type: ignore[import-not-found,unused-ignore]
     except Exception:  # any failure to import (a missing native library too): no bnb row
         return None
     return bitsandbytes
@@ -171,7 +171,7 @@ def quantization_report(torch: Any, n: int, seed: int, bnb: Any) -> list[dict[st
         back = optirs._core.dequantize_8bit(codes, scales, signed, BLOCK)
         found = {"optirs": (np.asarray(codes), np.asarray(back))}
         if bnb is not None:
-            import bitsandbytes.functional as F
+            import bitsandbytes.functional as F  # type: ignore[import-not-found,unused-ignore]
 
             code = torch.tensor(optirs._core.code_map(signed), dtype=torch.float32)
             q, state = F.quantize_blockwise(torch.from_numpy(data), code=code, blocksize=BLOCK)
