@@ -14,6 +14,7 @@ mod clip;
 mod course;
 mod dlpack;
 mod errors;
+mod flat_watch;
 mod hyper;
 mod ndarray;
 mod probe;

@@ -16,9 +16,11 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
+import numpy as np
+
 from .. import _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
-from . import _clip
+from . import _clip, _flat
 
 __all__ = [
     "ASGD",
@@ -131,6 +133,7 @@ class _Bridge:
             else:
                 group["state_dtype"] = _spec.state_dtype_name(group["state_dtype"])
         self._conform_state()
+        self._adopt_flat_state()
 
     def _conform_state(self) -> None:
         """Casts every state buffer to the dtype its group keeps state in (state made by
@@ -186,12 +189,41 @@ class _Bridge:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; also drops a coefficient ``clip_grad_norm_`` recorded.
+        Parameters made flat by ``flatten_parameters`` keep their gradient views, zeroed (one
+        ``zero_()`` per flat gradient buffer), and get them back where user code replaced or
+        dropped them: as torch's ``set_to_none=False``.
 
         Args:
-            set_to_none: as torch: set the gradients to None instead of zeroing them.
+            set_to_none: as torch: set the gradients to None instead of zeroing them (for
+                parameters that are not flat).
         """
         self.__dict__.pop("_optirs_clip_coef", None)
-        super().zero_grad(set_to_none)  # type: ignore[misc]
+        if not _flat.any_flat():
+            super().zero_grad(set_to_none)  # type: ignore[misc]
+            return
+        flat = self.__dict__.get("_optirs_flat_plan")
+        if flat is not None and flat.zero_grad(self):
+            return
+        # Flat parameters get their gradient view back, zeroed (whatever set_to_none says:
+        # dropping the view would make backward allocate a new gradient); the others as torch.
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    own = _flat.owner(p)
+                    if own is not None:
+                        g = own[0].grad_views[own[1]]
+                        g.zero_()
+                        if p.grad is not g:
+                            p.grad = g
+                    elif p.grad is not None:
+                        if set_to_none:
+                            p.grad = None
+                        else:
+                            if p.grad.grad_fn is not None:
+                                p.grad.detach_()
+                            else:
+                                p.grad.requires_grad_(False)
+                            p.grad.zero_()
 
     def _lock(self) -> threading.Lock:
         # Made on first use: torch's own pickling and deepcopy drop unknown attributes.
@@ -282,6 +314,11 @@ class _Bridge:
         # only, and steps with whatever a schedule or the user sets later. The core raises
         # only where torch's step raises (src/torch_raises.rs).
         groups = self.param_groups
+        flat = self.__dict__.get("_optirs_flat_plan")
+        if flat is not None:
+            applied = flat.step(self)
+            if applied is not None:
+                return applied
         plan = getattr(self, "_optirs_plan", None)
         if plan is not None and plan.fits(self, groups):
             applied = plan.step(self)
@@ -297,6 +334,9 @@ class _Bridge:
                 # at every tensor afresh instead. (KeyError: another thread removed a state
                 # entry since the step.)
                 self._optirs_plan = None
+            self.__dict__["_optirs_flat_plan"] = (
+                _FlatPlan.build(self, groups) if _flat.any_flat() else None
+            )
         return applied
 
     def step_parameters(self, params: Iterable[torch.Tensor]) -> bool:
@@ -444,6 +484,9 @@ class _Bridge:
         so, and a drop-in replacement does the same.
         """
         dtype = _state_dtype(p, group)
+        own = _flat.owner(p)
+        if own is not None:
+            return self._new_flat_state(p, own, group, missing, dtype)
         return self._spec.new_state(
             missing,
             self._spec.fill_values(self.defaults, group),
@@ -452,6 +495,87 @@ class _Bridge:
             scalar=lambda x: torch.tensor(x, dtype=_get_scalar_dtype()),
             group=group,
         )
+
+
+    def _flat_slot(
+        self, fb: _flat._FlatBuffer, k: int, name: str, dtype: torch.dtype, shape: Any
+    ) -> torch.Tensor:
+        """Parameter ``k`` of ``fb``'s place in the flat state buffer ``name`` of ``dtype``
+        (made on first use): a view of its shape, or 0-d for a step counter or scalar."""
+        buffers = self.__dict__.setdefault("_optirs_flat_state", {})
+        key = (id(fb), name, dtype)
+        found = buffers.get(key)
+        per_element = shape is not None
+        if found is None or found[0] is not fb:
+            size = fb.starts[-1] if per_element else fb.count
+            found = buffers[key] = (fb, torch.zeros(size, dtype=dtype, device=fb.data.device))
+        flat = found[1]
+        if not per_element:
+            return flat[k]
+        a = fb.starts[k]
+        return flat[a : a + fb.numels[k]].view(shape)
+
+    def _new_flat_state(
+        self,
+        p: torch.Tensor,
+        own: tuple[_flat._FlatBuffer, int],
+        group: dict[str, Any],
+        missing: Iterable[str],
+        dtype: torch.dtype,
+    ) -> dict[str, torch.Tensor]:
+        """``_new_state`` for a flat parameter: each entry a view of the optimizer's flat
+        state buffer of that name (the values torch would make)."""
+        fb, k = own
+        spec = self._spec
+        values = spec.fill_values(self.defaults, group)
+        out: dict[str, torch.Tensor] = {}
+        for n in missing:
+            out.update(
+                spec.new_state(
+                    [n],
+                    values,
+                    lambda x, n=n: self._flat_slot(fb, k, n, dtype, p.shape).fill_(x),
+                    lambda n=n: self._flat_slot(
+                        fb, k, n, _get_scalar_dtype(is_fused=group.get("fused")), None
+                    ).fill_(0.0),
+                    scalar=lambda x, n=n: self._flat_slot(
+                        fb, k, n, _get_scalar_dtype(), None
+                    ).fill_(x),
+                    group=group,
+                )
+            )
+        return out
+
+    def _adopt_flat_state(self) -> None:
+        """Copies each flat parameter's state tensors (as ``load_state_dict`` made them) into
+        the flat state buffers and puts the views in their place, so the flat step can run."""
+        if not _flat.any_flat():
+            return
+        spec = self._spec
+        names = (*spec.buffers, *(("step",) if spec.counts_steps else ()), *spec.scalar_names)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    own = _flat.owner(p)
+                    entry = self.state.get(p)
+                    if own is None or not entry:
+                        continue
+                    for n in names:
+                        t = entry.get(n)
+                        if not isinstance(t, torch.Tensor) or t.device != p.device:
+                            continue
+                        if n in spec.buffers:
+                            if t.shape != p.shape:
+                                continue
+                            slot = self._flat_slot(own[0], own[1], n, t.dtype, p.shape)
+                        elif t.dim() == 0:
+                            slot = self._flat_slot(own[0], own[1], n, t.dtype, None)
+                        else:
+                            continue
+                        if slot is not t:
+                            slot.copy_(t)
+                            entry[n] = slot
+        self.__dict__.pop("_optirs_flat_plan", None)
 
 
 def _state_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -513,6 +637,218 @@ class _Plan:
         """Steps through the plan and returns whether the update was applied; None (nothing
         done) when something changed and the full step must look again."""
         return self.core.step(opt.param_groups, opt.state, **opt._options())
+
+
+class _Run:
+    """Parameters ``k0..k1`` of one flat buffer, adjacent in one group, whose state lies in the
+    same flat state buffers: stepped as one tensor (split where their step counters or 0-d
+    state differ)."""
+
+    __slots__ = ("bufs", "fb", "gi", "k0", "k1", "scalars")
+
+    def __init__(self, gi: int, fb: _flat._FlatBuffer, k: int, bufs: Any, scalars: Any) -> None:
+        self.gi, self.fb, self.k0, self.k1 = gi, fb, k, k + 1
+        #: NumPy views of the whole flat state buffers (None where the group uses none)
+        self.bufs = bufs
+        #: NumPy views of the flat step counters, then the 0-d state, one element a parameter
+        self.scalars = scalars
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """``(k0, k1)`` ranges whose parameters hold bitwise the same counters and scalars."""
+        k0, k1 = self.k0, self.k1
+        if not self.scalars or k1 - k0 < 2:
+            return [(k0, k1)]
+        differ = None
+        for a in self.scalars:
+            bits = a[k0:k1].view(np.uint64 if a.itemsize == 8 else np.uint32)
+            d = bits[1:] != bits[:-1]
+            differ = d if differ is None else differ | d
+        cuts = np.flatnonzero(differ)
+        if not len(cuts):
+            return [(k0, k1)]
+        edges = [k0, *(int(c) + k0 + 1 for c in cuts), k1]
+        return list(zip(edges[:-1], edges[1:]))
+
+
+class _FlatPlan:
+    """The step over flat buffers (``optirs.torch.flatten_parameters``).
+
+    Built after a full step when every parameter of every group is flat, has its gradient view
+    as ``p.grad`` and its state entries as views of this optimizer's flat state buffers. Each
+    later step checks in one native call (``_core.FlatWatch``) that all of that still holds,
+    then hands the core one tensor per run of adjacent parameters (``_Run``): the rules are
+    element-wise, so a run steps exactly as its parameters would one by one, provided they share
+    their step counter and 0-d state, which is checked bit for bit (a run is split where they
+    differ, e.g. after a step in which a parameter had no gradient). The counters and scalars of
+    a run's first parameter are stepped, then copied to the others.
+
+    Anything else (a gradient replaced or set to None, a parameter re-pointed, a state entry
+    replaced, groups changed) returns None and the per-tensor step runs: slower, never wrong.
+    """
+
+    __slots__ = ("covered", "groups", "runs", "state", "watch", "written")
+
+    @staticmethod
+    def build(opt: _Bridge, groups: list[dict[str, Any]]) -> _FlatPlan | None:
+        """The plan for ``opt`` as it is now, or None where it cannot step flat."""
+        spec = opt._spec
+        if type(opt)._optirs_step is not _Bridge._optirs_step:
+            return None  # the 8-bit optimizers: their blocks would straddle parameters
+        kept = opt.__dict__.get("_optirs_flat_state", {})
+        snapshot = GroupsSnapshot(spec, groups)
+        scalar_names = (("step",) if spec.counts_steps else ()) + spec.scalar_names
+        params: list[Any] = []
+        grads: list[Any] = []
+        entries: list[Any] = []
+        runs: list[_Run] = []
+        bases: dict[int, Any] = {}
+        last: tuple[Any, ...] | None = None
+        for gi, (group, ps, need) in enumerate(zip(groups, snapshot.members, snapshot.needs)):
+            for p in ps:
+                own = _flat.owner(p)
+                if own is None:
+                    return None
+                fb, k = own
+                g = fb.grad_views[k]
+                entry = opt.state.get(p)
+                if p.grad is not g or not isinstance(entry, dict) or p.dtype not in _DTYPES:
+                    return None
+                found: list[Any] = []
+                for n, want in zip(spec.buffers, need):
+                    if not want:
+                        found.append(None)
+                        continue
+                    t = entry.get(n)
+                    flat = _flat_base(kept, fb, n, t)
+                    if (
+                        flat is None
+                        or t.dtype != _state_dtype(p, group)
+                        or t.storage_offset() != fb.starts[k]
+                        or t.shape != p.shape
+                        or not t.is_contiguous()
+                    ):
+                        return None
+                    found.append(flat)
+                for n in scalar_names:
+                    t = entry.get(n)
+                    flat = _flat_base(kept, fb, n, t)
+                    if flat is None or t.dim() != 0 or t.storage_offset() != k:
+                        return None
+                    found.append(flat)
+                key = (gi, fb, *map(id, found))
+                if last == key and runs[-1].k1 == k:
+                    runs[-1].k1 += 1
+                else:
+                    views = [None if t is None else _numpy(t, "a flat state buffer") for t in found]
+                    nb = len(spec.buffers)
+                    runs.append(_Run(gi, fb, k, views[:nb], views[nb:]))
+                    last = key
+                for t in found:
+                    if t is not None:
+                        bases[id(t)] = t
+                params.append(p)
+                grads.append(g)
+                entries.append(entry)
+        if not params:
+            return None
+        plan = _FlatPlan()
+        plan.state = opt.state
+        plan.groups = snapshot
+        plan.runs = runs
+        plan.watch = _core.FlatWatch(params, grads, entries, _EXCHANGE_API)
+        fbs = {id(r.fb): r.fb for r in runs}
+        # Flat buffers all of whose parameters this optimizer steps: zero_grad zeros them whole.
+        counts: dict[int, int] = {}
+        for r in runs:
+            counts[id(r.fb)] = counts.get(id(r.fb), 0) + r.k1 - r.k0
+        plan.covered = [fb for i, fb in fbs.items() if counts[i] == fb.count]
+        # The core writes behind autograd's back: version counters are bumped as torch's in-place
+        # ops would. A parameter has its own counter (``p.data = view`` keeps it); the state
+        # views share their flat buffer's.
+        plan.written = [*params, *(fb.data for fb in fbs.values()), *bases.values()]
+        return plan
+
+    def step(self, opt: _Bridge) -> bool | None:
+        """One step over the flat buffers; None (nothing written) when something changed."""
+        spec = opt._spec
+        groups = opt.param_groups
+        if opt.state is not self.state or not self.groups.unchanged(spec, groups):
+            return None
+        if not self.watch.current(opt.state):
+            return None
+        members: list[list[Any]] = [[] for _ in groups]
+        params: list[Any] = []
+        grads: list[Any] = []
+        buffers: list[Any] = []
+        steps: list[Any] = []
+        done: list[tuple[_Run, int, int]] = []
+        counts = spec.counts_steps
+        for r in self.runs:
+            fb = r.fb
+            data = _numpy(fb.data, "a flat parameter buffer")
+            grad = _numpy(fb.grad, "a flat gradient buffer")
+            for k0, k1 in r.pieces():
+                a, b = fb.starts[k0], fb.starts[k1]
+                members[r.gi].append(None)
+                params.append(data[a:b])
+                grads.append(grad[a:b])
+                one = [s[k0 : k0 + 1].reshape(()) for s in r.scalars]
+                buffers.append(
+                    tuple(None if x is None else x[a:b] for x in r.bufs)
+                    + tuple(one[1:] if counts else one)
+                )
+                steps.append(one[0] if counts else None)
+                done.append((r, k0, k1))
+        seg_groups = [{**g, "params": m} for g, m in zip(groups, members)]
+        applied = _core.step(
+            spec.kind,
+            seg_groups,
+            params,
+            grads,
+            buffers,
+            steps,
+            [],
+            bf16_bits=True,
+            then=(increment_version, self.written),
+            **opt._options(),
+        )
+        if applied:
+            for r, k0, k1 in done:
+                for s in r.scalars:
+                    s[k0 + 1 : k1] = s[k0]
+        return applied
+
+    def zero_grad(self, opt: _Bridge) -> bool:
+        """Zeros the gradients of a flat optimizer; False (nothing done) when the plan no longer
+        describes the optimizer's parameters."""
+        if not self.groups.unchanged(opt._spec, opt.param_groups):
+            return False
+        covered = {id(fb) for fb in self.covered}
+        with torch.no_grad():
+            for fb in self.covered:
+                fb.grad.zero_()
+            for r in self.runs:
+                if id(r.fb) not in covered:
+                    r.fb.grad[r.fb.starts[r.k0] : r.fb.starts[r.k1]].zero_()
+        stray = self.watch.stray_grads()
+        if stray:
+            params = self.groups.params
+            for k in stray:
+                own = _flat.owner(params[k])
+                if own is not None:
+                    params[k].grad = own[0].grad_views[own[1]]
+        return True
+
+
+def _flat_base(kept: dict[Any, Any], fb: _flat._FlatBuffer, name: str, t: Any) -> Any:
+    """The flat state buffer ``t`` is a view of, when it is this optimizer's buffer ``name``
+    for ``fb``; else None."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    found = kept.get((id(fb), name, t.dtype))
+    if found is None or found[0] is not fb or t._base is not found[1]:
+        return None
+    return found[1]
 
 
 class _Layout:
@@ -613,6 +949,7 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
                 group.setdefault("state_dtype", state_dtype)
         self._after_init(skip_nonfinite, flush_denormals)
         self._conform_state()
+        self._adopt_flat_state()  # Adagrad's constructor makes state
 
     doc = (
         (
