@@ -39,6 +39,8 @@ pub struct FlatWatch {
     values: Vec<Vec<Py<PyAny>>>,
     /// `id(p)` -> its index.
     index: HashMap<usize, usize>,
+    /// How many parameters have an entry (not None).
+    present: usize,
     exchange: Option<Exchange>,
 }
 
@@ -83,6 +85,7 @@ impl FlatWatch {
             entries: Vec::with_capacity(n),
             values: Vec::with_capacity(n),
             index: HashMap::with_capacity(n),
+            present: 0,
             exchange: exchange_api.and_then(Exchange::from_capsule),
         };
         for t in params.iter().chain(grads.iter()) {
@@ -95,13 +98,18 @@ impl FlatWatch {
             watch.places.push(place);
         }
         for (k, (p, e)) in params.iter().zip(entries.iter()).enumerate() {
-            let Ok(d) = e.cast::<PyDict>() else {
-                return Err(optirs_core::CoreError::value_error(
-                    "FlatWatch: state entries must be dicts".to_string(),
-                )
-                .into());
-            };
-            watch.values.push(d.values().iter().map(Bound::unbind).collect());
+            if e.is_none() {
+                watch.values.push(Vec::new());
+            } else {
+                let Ok(d) = e.cast::<PyDict>() else {
+                    return Err(optirs_core::CoreError::value_error(
+                        "FlatWatch: state entries must be dicts or None".to_string(),
+                    )
+                    .into());
+                };
+                watch.values.push(d.values().iter().map(Bound::unbind).collect());
+                watch.present += 1;
+            }
             watch.entries.push(e.unbind());
             if watch.index.insert(p.as_ptr() as usize, k).is_some() {
                 return Err(optirs_core::CoreError::value_error(
@@ -124,7 +132,15 @@ impl FlatWatch {
             let Some(&k) = self.index.get(&(key.as_ptr() as usize)) else {
                 continue;
             };
-            if !value.is(self.entries[k].bind(py)) {
+            let expected = self.entries[k].bind(py);
+            if expected.is_none() {
+                // A parameter without state (plain SGD): an empty entry may have appeared.
+                if value.cast::<PyDict>().is_ok_and(|d| d.is_empty()) {
+                    continue;
+                }
+                return Ok(false);
+            }
+            if !value.is(expected) {
                 return Ok(false);
             }
             let d = value.cast::<PyDict>().map_err(PyErr::from)?;
@@ -135,7 +151,7 @@ impl FlatWatch {
             }
             seen += 1;
         }
-        if seen != self.params.len() {
+        if seen != self.present {
             return Ok(false);
         }
         if !self.stray(py)?.is_empty() {
@@ -165,7 +181,7 @@ impl FlatWatch {
 impl FlatWatch {
     /// `FlatWatch(params, grads, entries, exchange_api=None)`: the parameters, the gradient
     /// views each must keep as `p.grad`, and each parameter's state dict (its values are kept
-    /// as they are now). `exchange_api` is torch's DLPack exchange API capsule, through which
+    /// as they are now), or None for a parameter without state (it may gain an empty one). `exchange_api` is torch's DLPack exchange API capsule, through which
     /// the tensors' layouts are read when given (else `data_ptr()` and `shape`).
     #[new]
     #[pyo3(signature = (params, grads, entries, exchange_api = None))]

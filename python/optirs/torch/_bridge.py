@@ -710,8 +710,16 @@ class _FlatPlan:
                     return None
                 fb, k = own
                 g = fb.grad_views[k]
-                entry = opt.state.get(p)
-                if p.grad is not g or not isinstance(entry, dict) or p.dtype not in _DTYPES:
+                entry = opt.state.get(p) or None
+                if p.grad is not g or p.dtype not in _DTYPES or not _lies_at(p, fb.data, fb, k):
+                    return None
+                if not _lies_at(g, fb.grad, fb, k):
+                    return None
+                if entry is None:
+                    if any(need) or scalar_names:
+                        return None
+                    entry = {}
+                elif not isinstance(entry, dict):
                     return None
                 found: list[Any] = []
                 for n, want in zip(spec.buffers, need):
@@ -748,7 +756,7 @@ class _FlatPlan:
                         bases[id(t)] = t
                 params.append(p)
                 grads.append(g)
-                entries.append(entry)
+                entries.append(entry or None)
         if not params:
             return None
         plan = _FlatPlan()
@@ -838,6 +846,17 @@ class _FlatPlan:
                 if own is not None:
                     params[k].grad = own[0].grad_views[own[1]]
         return True
+
+
+def _lies_at(t: torch.Tensor, flat: torch.Tensor, fb: _flat._FlatBuffer, k: int) -> bool:
+    """Whether ``t`` is parameter ``k``'s contiguous piece of ``flat`` (not re-pointed)."""
+    return (
+        t.dtype == flat.dtype
+        and t.is_contiguous()
+        and t.numel() == fb.numels[k]
+        and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        and t.data_ptr() == flat.data_ptr() + fb.starts[k] * flat.element_size()
+    )
 
 
 def _flat_base(kept: dict[Any, Any], fb: _flat._FlatBuffer, name: str, t: Any) -> Any:
