@@ -195,18 +195,27 @@ def test_gradients_accumulate_in_place_into_the_flat_buffer():
 
 
 def test_zero_grad_gives_back_dropped_and_replaced_views(flat_steps):
-    model, opt = train(True, ot.Adam, {"lr": 1e-2}, steps=2)
+    model = make_model()
+    flat = ot.flatten_parameters(model)
+    opt = ot.Adam(model.parameters(), lr=1e-2)
+    for i in range(2):
+        opt.zero_grad()
+        loss_of(model, i, torch.float32).backward()
+        opt.step()
+    assert flat_steps == [True]
     ps = list(model.parameters())
     views = [p.grad for p in ps]
     ps[0].grad = None
     ps[1].grad = torch.ones_like(ps[1])
-    opt.zero_grad()
+    opt.zero_grad()  # through the plan
     assert all(p.grad is v for p, v in zip(ps, views)) and not any(v.any() for v in views)
     model.zero_grad()  # torch's: drops every view
     assert all(p.grad is None for p in ps)
-    flat = ot.FlatParameters  # the handle's zero_grad gives them back too
-    assert flat is not None
-    opt.zero_grad(set_to_none=False)
+    flat.zero_grad()  # the handle's gives them back
+    assert all(p.grad is v for p, v in zip(ps, views))
+    model.zero_grad()
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    opt.zero_grad(set_to_none=False)  # groups changed: the per-parameter way
     assert all(p.grad is v for p, v in zip(ps, views))
 
 
@@ -340,7 +349,8 @@ def test_torch_save_of_model_and_optimizer_continues_the_same_bits(tmp_path, fla
     o2 = ot.NAdam(m2.parameters(), lr=1e-2)
     m2.load_state_dict(ck["model"])
     o2.load_state_dict(ck["opt"])
-    # load_state_dict copied the state into the flat buffers: the next step is flat at once.
+    # load_state_dict copied the state into the flat buffers: after the first step (a full
+    # step, which builds the plan), the steps are flat.
     assert all(opt_s["exp_avg"]._base is not None for opt_s in o2.state.values())
     n = len(flat_steps)
     for i in range(3, 6):
