@@ -55,14 +55,13 @@ fn same(a: &Place, b: &Place, py: Python<'_>) -> Result<bool> {
 impl FlatWatch {
     fn place(&self, t: &Bound<'_, PyAny>) -> Result<Option<Place>> {
         let py = t.py();
-        Ok(match &self.exchange {
-            Some(ex) => ex.describe(t, |v| v.to_owned()).map(Place::Layout),
-            None => {
-                let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
-                let shape = t.getattr(intern!(py, "shape"))?.unbind();
-                Some(Place::Ptr(ptr, shape))
-            }
-        })
+        if let Some(ex) = &self.exchange {
+            #[allow(clippy::redundant_closure_for_method_calls)] // the closure fixes the lifetime
+            return Ok(ex.describe(t, |v| v.to_owned()).map(Place::Layout));
+        }
+        let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        let shape = t.getattr(intern!(py, "shape"))?.unbind();
+        Ok(Some(Place::Ptr(ptr, shape)))
     }
 
     fn build(
@@ -107,7 +106,9 @@ impl FlatWatch {
                     )
                     .into());
                 };
-                watch.values.push(d.values().iter().map(Bound::unbind).collect());
+                watch
+                    .values
+                    .push(d.values().iter().map(Bound::unbind).collect());
                 watch.present += 1;
             }
             watch.entries.push(e.unbind());
@@ -135,7 +136,7 @@ impl FlatWatch {
             let expected = self.entries[k].bind(py);
             if expected.is_none() {
                 // A parameter without state (plain SGD): an empty entry may have appeared.
-                if value.cast::<PyDict>().is_ok_and(|d| d.is_empty()) {
+                if value.cast::<PyDict>().is_ok_and(PyDictMethods::is_empty) {
                     continue;
                 }
                 return Ok(false);

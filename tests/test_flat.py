@@ -36,7 +36,10 @@ DTYPES = {
 #: one configuration per optimizer, with the options that change which state it keeps
 CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "SGD": (ot.SGD, {"lr": 0.05}),
-    "SGD-nesterov-wd": (ot.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
+    "SGD-nesterov-wd": (
+        ot.SGD,
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+    ),
     "Adam": (ot.Adam, {"lr": 1e-2}),
     "Adam-amsgrad-wd": (ot.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
     "AdamW": (ot.AdamW, {"lr": 1e-2}),
@@ -173,10 +176,13 @@ def test_state_is_flat_and_in_torchs_format():
 def test_gradients_accumulate_in_place_into_the_flat_buffer():
     model = make_model()
     flat = ot.flatten_parameters(model)
-    (data, grad), = flat.buffers
+    ((data, grad),) = flat.buffers
     views = [p.grad for p in model.parameters()]
     assert all(v._base is grad for v in views)
-    assert all(p.data_ptr() == data[s:].data_ptr() for p, s in zip(model.parameters(), [0, 72, 84, 228, 240]))
+    assert all(
+        p.data_ptr() == data[s:].data_ptr()
+        for p, s in zip(model.parameters(), [0, 72, 84, 228, 240])
+    )
     loss_of(model, 0, torch.float32).backward()
     once = grad.clone()
     assert once.abs().sum() > 0
@@ -260,7 +266,7 @@ def test_a_replaced_gradient_is_read_and_the_view_is_not(flat_steps):
 def test_a_repointed_parameter_falls_back(flat_steps):
     def repoint(i, model, opt):
         if i == 2:
-            p = list(model.parameters())[0]
+            p = next(iter(model.parameters()))
             p.data = p.data.clone()
 
     ref, _ = train(False, ot.Adam, {"lr": 1e-2}, each=repoint)

@@ -167,6 +167,32 @@ class ArrayPlan:
         """How many parameters the plan covers."""
 
 @final
+class FlatWatch:
+    """What the torch bridge's flat step (``optirs.torch.flatten_parameters``) re-checks each
+    step, in one call: object identities and the layouts torch reports; writes nothing."""
+
+    def __new__(
+        cls,
+        params: list[Any],
+        grads: list[Any],
+        entries: list[Any],
+        exchange_api: Any = None,
+    ) -> FlatWatch:
+        """``params``, the gradient views each must keep as ``p.grad``, and each parameter's
+        state dict (its values kept as they are now; None for a parameter without state).
+        ``exchange_api``: torch's DLPack exchange API capsule, through which the layouts are
+        read when given (else ``data_ptr()`` and ``shape``)."""
+
+    def current(self, state: Any) -> bool:
+        """Whether ``state`` holds each parameter's entry with the same values in the same
+        order, each ``p.grad`` is its view, and every parameter and gradient keeps its layout
+        and data pointer."""
+
+    def stray_grads(self) -> list[int]:
+        """Indices of the parameters whose ``p.grad`` is not their view."""
+
+    def __len__(self) -> int: ...
+
 class TorchPlan:
     """The torch bridge's cached step (``optirs.torch``), built after a full step has checked
     every tensor. Each later step re-checks in Rust what can change between steps and steps

@@ -206,9 +206,7 @@ def _train_table(runs: list[dict[str, Any]]) -> str:
             row += [str(r["batch"]), r["optimizer"], api]
             row += [str(r["threads"]), _fmt_ms(impls[optirs_name]["median_s"])]
             row += [_fmt_ms(impls[p]["median_s"] if p in impls else None) for p in paths]
-            row += [
-                _fmt_ratio(ratios[p]["paired_median"] if p in ratios else None) for p in paths
-            ]
+            row += [_fmt_ratio(ratios[p]["paired_median"] if p in ratios else None) for p in paths]
             row += [_fmt_ms(impls[optirs_name]["step_median_s"])]
             row += [_fmt_ms(impls[p]["step_median_s"] if p in impls else None) for p in paths]
             rows.append(row)

@@ -12,11 +12,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
-
-import numpy as np
 
 from .. import _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
@@ -496,7 +495,6 @@ class _Bridge:
             group=group,
         )
 
-
     def _flat_slot(
         self, fb: _flat._FlatBuffer, k: int, name: str, dtype: torch.dtype, shape: Any
     ) -> torch.Tensor:
@@ -530,20 +528,18 @@ class _Bridge:
         values = spec.fill_values(self.defaults, group)
         out: dict[str, torch.Tensor] = {}
         for n in missing:
-            out.update(
-                spec.new_state(
-                    [n],
-                    values,
-                    lambda x, n=n: self._flat_slot(fb, k, n, dtype, p.shape).fill_(x),
-                    lambda n=n: self._flat_slot(
-                        fb, k, n, _get_scalar_dtype(is_fused=group.get("fused")), None
-                    ).fill_(0.0),
-                    scalar=lambda x, n=n: self._flat_slot(
-                        fb, k, n, _get_scalar_dtype(), None
-                    ).fill_(x),
-                    group=group,
-                )
-            )
+
+            def full(x: float, n: str = n) -> torch.Tensor:
+                return self._flat_slot(fb, k, n, dtype, p.shape).fill_(x)
+
+            def step(n: str = n) -> torch.Tensor:
+                scalar_dtype = _get_scalar_dtype(is_fused=group.get("fused"))
+                return self._flat_slot(fb, k, n, scalar_dtype, None).fill_(0.0)
+
+            def scalar(x: float, n: str = n) -> torch.Tensor:
+                return self._flat_slot(fb, k, n, _get_scalar_dtype(), None).fill_(x)
+
+            out.update(spec.new_state([n], values, full, step, scalar=scalar, group=group))
         return out
 
     def _adopt_flat_state(self) -> None:
@@ -658,11 +654,10 @@ class _Run:
         k0, k1 = self.k0, self.k1
         if not self.scalars or k1 - k0 < 2:
             return [(k0, k1)]
-        differ = None
+        differ = np.zeros(k1 - k0 - 1, dtype=bool)
         for a in self.scalars:
             bits = a[k0:k1].view(np.uint64 if a.itemsize == 8 else np.uint32)
-            d = bits[1:] != bits[:-1]
-            differ = d if differ is None else differ | d
+            differ |= bits[1:] != bits[:-1]
         cuts = np.flatnonzero(differ)
         if not len(cuts):
             return [(k0, k1)]
@@ -687,6 +682,12 @@ class _FlatPlan:
     """
 
     __slots__ = ("covered", "groups", "runs", "state", "watch", "written")
+    covered: list[_flat._FlatBuffer]
+    groups: GroupsSnapshot
+    runs: list[_Run]
+    state: Any
+    watch: Any
+    written: list[torch.Tensor]
 
     @staticmethod
     def build(opt: _Bridge, groups: list[dict[str, Any]]) -> _FlatPlan | None:
@@ -730,6 +731,7 @@ class _FlatPlan:
                     flat = _flat_base(kept, fb, n, t)
                     if (
                         flat is None
+                        or not isinstance(t, torch.Tensor)
                         or t.dtype != _state_dtype(p, group)
                         or t.storage_offset() != fb.starts[k]
                         or t.shape != p.shape
@@ -740,7 +742,9 @@ class _FlatPlan:
                 for n in scalar_names:
                     t = entry.get(n)
                     flat = _flat_base(kept, fb, n, t)
-                    if flat is None or t.dim() != 0 or t.storage_offset() != k:
+                    if not isinstance(t, torch.Tensor) or flat is None:
+                        return None
+                    if t.dim() != 0 or t.storage_offset() != k:
                         return None
                     found.append(flat)
                 key = (gi, fb, *map(id, found))
