@@ -32,8 +32,8 @@ enum Place {
 pub struct FlatWatch {
     params: Vec<Py<PyAny>>,
     grads: Vec<Py<PyAny>>,
-    /// Per parameter, then per gradient.
-    places: Vec<Place>,
+    /// Per parameter, then per gradient (None for a gradient that must stay None).
+    places: Vec<Option<Place>>,
     /// Per parameter: its state entry (the dict) and the values it held, in order.
     entries: Vec<Py<PyAny>>,
     values: Vec<Vec<Py<PyAny>>>,
@@ -88,13 +88,18 @@ impl FlatWatch {
             exchange: exchange_api.and_then(Exchange::from_capsule),
         };
         for t in params.iter().chain(grads.iter()) {
+            if t.is_none() {
+                // A parameter that must stay without a gradient.
+                watch.places.push(None);
+                continue;
+            }
             let Some(place) = watch.place(&t)? else {
                 return Err(optirs_core::CoreError::value_error(
                     "FlatWatch: a tensor not in CPU memory".to_string(),
                 )
                 .into());
             };
-            watch.places.push(place);
+            watch.places.push(Some(place));
         }
         for (k, (p, e)) in params.iter().zip(entries.iter()).enumerate() {
             if e.is_none() {
@@ -159,6 +164,9 @@ impl FlatWatch {
             return Ok(false);
         }
         for (t, kept) in self.params.iter().chain(&self.grads).zip(&self.places) {
+            let Some(kept) = kept else {
+                continue; // a None gradient, checked by `stray`
+            };
             let t = t.bind(py);
             let unmoved = match (&self.exchange, kept) {
                 // Compared in place, without copying the layout: 2000 tensors a step.
@@ -191,7 +199,7 @@ impl FlatWatch {
 #[pymethods]
 impl FlatWatch {
     /// `FlatWatch(params, grads, entries, exchange_api=None)`: the parameters, the gradient
-    /// views each must keep as `p.grad`, and each parameter's state dict (its values are kept
+    /// views each must keep as `p.grad` (None: must stay None), and each parameter's state dict (its values are kept
     /// as they are now), or None for a parameter without state (it may gain an empty one). `exchange_api` is torch's DLPack exchange API capsule, through which
     /// the tensors' layouts are read when given (else `data_ptr()` and `shape`).
     #[new]

@@ -389,6 +389,30 @@ def test_a_graph_that_saved_a_parameter_refuses_after_a_flat_step(flat_steps):
         loss.backward()
 
 
+def test_frozen_parameters_get_no_gradient_and_are_not_stepped(flat_steps):
+    def run(flat: bool) -> tuple[nn.Module, Any]:
+        model = make_model()
+        model[2].weight.requires_grad_(False)
+        if flat:
+            ot.flatten_parameters(model)
+            assert model[2].weight.grad is None and model[2].bias.grad is not None
+        # All parameters given, as users do: the frozen one has no gradient and is skipped.
+        opt = ot.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+        for i in range(4):
+            opt.zero_grad()
+            loss_of(model, i, torch.float32).backward()
+            opt.step()
+        assert model[2].weight.grad is None
+        return model, opt
+
+    (ref, ref_opt), (got, opt) = run(False), run(True)
+    assert_same(got, ref)
+    assert_same_state(opt, ref_opt)
+    assert torch.equal(got[2].weight, make_model()[2].weight)
+    assert flat_steps == [True] * 3
+    assert [(r.k0, r.k1) for r in opt.__dict__["_optirs_flat_plan"].runs] == [(0, 2), (3, 6)]
+
+
 def test_mixed_dtypes_make_one_buffer_each():
     model = make_model()
     model[2].double()

@@ -178,7 +178,8 @@ class FlatWatch:
         entries: list[Any],
         exchange_api: Any = None,
     ) -> FlatWatch:
-        """``params``, the gradient views each must keep as ``p.grad``, and each parameter's
+        """``params``, the gradient views each must keep as ``p.grad`` (None: a frozen
+        parameter that must stay without a gradient), and each parameter's
         state dict (its values kept as they are now; None for a parameter without state).
         ``exchange_api``: torch's DLPack exchange API capsule, through which the layouts are
         read when given (else ``data_ptr()`` and ``shape``)."""

@@ -201,7 +201,7 @@ class _Bridge:
             super().zero_grad(set_to_none)  # type: ignore[misc]
             return
         flat = self.__dict__.get("_optirs_flat_plan")
-        if flat is not None and flat.zero_grad(self):
+        if flat is not None and flat.zero_grad(self, set_to_none):
             return
         # Flat parameters get their gradient view back, zeroed (whatever set_to_none says:
         # dropping the view would make backward allocate a new gradient); the others as torch.
@@ -209,8 +209,8 @@ class _Bridge:
             for group in self.param_groups:
                 for p in group["params"]:
                     own = _flat.owner(p)
-                    if own is not None:
-                        g = own[0].grad_views[own[1]]
+                    g = None if own is None else own[0].grad_views[own[1]]
+                    if g is not None:
                         g.zero_()
                         if p.grad is not g:
                             p.grad = g
@@ -714,6 +714,12 @@ class _FlatPlan:
                 entry = opt.state.get(p) or None
                 if p.grad is not g or p.dtype not in _DTYPES or not _lies_at(p, fb.data, fb, k):
                     return None
+                if g is None:
+                    # Frozen, without a gradient: not stepped; the watch sees that it stays so.
+                    params.append(p)
+                    grads.append(None)
+                    entries.append(entry)
+                    continue
                 if not _lies_at(g, fb.grad, fb, k):
                     return None
                 if entry is None:
@@ -830,9 +836,10 @@ class _FlatPlan:
                     s[k0 + 1 : k1] = s[k0]
         return applied
 
-    def zero_grad(self, opt: _Bridge) -> bool:
+    def zero_grad(self, opt: _Bridge, set_to_none: bool) -> bool:
         """Zeros the gradients of a flat optimizer; False (nothing done) when the plan no longer
-        describes the optimizer's parameters."""
+        describes the optimizer's parameters. A frozen parameter given a gradient since is
+        treated as torch would (``set_to_none``)."""
         if not self.groups.unchanged(opt._spec, opt.param_groups):
             return False
         covered = {id(fb) for fb in self.covered}
@@ -846,9 +853,16 @@ class _FlatPlan:
         if stray:
             params = self.groups.params
             for k in stray:
-                own = _flat.owner(params[k])
-                if own is not None:
-                    params[k].grad = own[0].grad_views[own[1]]
+                p = params[k]
+                own = _flat.owner(p)
+                g = None if own is None else own[0].grad_views[own[1]]
+                if g is not None:
+                    p.grad = g
+                elif p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
         return True
 
 

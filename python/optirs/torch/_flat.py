@@ -43,23 +43,28 @@ class _FlatBuffer:
         self.grad = torch.zeros_like(self.data)
         # Weak: the registry's values must not keep its keys alive.
         self.params = [weakref.ref(p) for p in params]
-        self.grad_views: list[torch.Tensor] = []
+        #: each parameter's gradient view; None for a frozen one (``requires_grad=False``),
+        #: which keeps its ``p.grad`` (None: an optimizer skips it, as torch's would)
+        self.grad_views: list[torch.Tensor | None] = []
         with torch.no_grad():
             for p, a, n in zip(params, self.starts, self.numels):
                 view = self.data[a : a + n].view(p.shape)
                 view.copy_(p)
+                p.data = view
+                if not p.requires_grad:
+                    self.grad_views.append(None)
+                    continue
                 g = self.grad[a : a + n].view(p.shape)
                 if p.grad is not None:
                     g.copy_(p.grad)
                 self.grad_views.append(g)
-                p.data = view
                 p.grad = g
 
     def attach(self) -> None:
         """Gives every live parameter whose ``p.grad`` is not its view that view back."""
         for ref, g in zip(self.params, self.grad_views):
             p = ref()
-            if p is not None and p.grad is not g:
+            if p is not None and g is not None and p.grad is not g:
                 p.grad = g
 
 
@@ -121,8 +126,10 @@ def flatten_parameters(model_or_params: torch.nn.Module | Iterable[torch.Tensor]
     ``state_dict``/``load_state_dict`` copy through it) and becomes a contiguous view of its
     buffer (a channels_last parameter becomes contiguous), in the order given. Each gets a
     gradient that is a view of a flat gradient buffer (holding its old gradient's values, if
-    it had one), into which ``backward()`` accumulates in place. Call it before making the
-    optimizer (and before wrapping the model in DDP). Returns a ``FlatParameters`` handle.
+    it had one), into which ``backward()`` accumulates in place; a frozen parameter
+    (``requires_grad=False``) moves too but gets no gradient view, so optimizers skip it as
+    before. Call it before making the optimizer (and before wrapping the model in DDP).
+    Returns a ``FlatParameters`` handle.
 
     Raises, changing nothing: TypeError for something that is not a floating tensor of
     float32, float64, float16 or bfloat16, ValueError for a tensor that is not a leaf, is
