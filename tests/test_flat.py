@@ -371,6 +371,32 @@ def test_torch_save_of_model_and_optimizer_continues_the_same_bits(tmp_path, fla
     assert_same(loaded, model)
 
 
+def test_a_torch_optim_state_dict_loads_into_the_flat_buffers(flat_steps):
+    def run(flat: bool) -> tuple[nn.Module, Any]:
+        model = make_model()
+        t = torch.optim.RAdam(model.parameters(), lr=1e-2, foreach=False)
+        for i in range(2):
+            t.zero_grad()
+            loss_of(model, i, torch.float32).backward()
+            t.step()
+        if flat:
+            ot.flatten_parameters(model)
+        opt = ot.RAdam(model.parameters(), lr=1e-2)
+        opt.load_state_dict(copy.deepcopy(t.state_dict()))
+        bufs = opt.__dict__.get("_optirs_flat_state", {})
+        assert len(bufs) == (3 if flat else 0)  # exp_avg, exp_avg_sq, step
+        for i in range(2, 5):
+            opt.zero_grad()
+            loss_of(model, i, torch.float32).backward()
+            opt.step()
+        return model, opt
+
+    (ref, ref_opt), (got, opt) = run(False), run(True)
+    assert_same(got, ref)
+    assert_same_state(opt, ref_opt)
+    assert flat_steps == [True, True]
+
+
 def test_eight_bit_optimizers_step_flat_parameters_per_tensor(flat_steps):
     ref, _ = train(False, ot.AdamW8bit, {"lr": 1e-2, "min_8bit_size": 64, "block_size": 64})
     got, opt = train(True, ot.AdamW8bit, {"lr": 1e-2, "min_8bit_size": 64, "block_size": 64})
