@@ -197,7 +197,7 @@ class _Bridge:
                 parameters that are not flat).
         """
         self.__dict__.pop("_optirs_clip_coef", None)
-        if not _flat.any_flat():
+        if not self._optirs_has_flat():
             super().zero_grad(set_to_none)  # type: ignore[misc]
             return
         flat = self.__dict__.get("_optirs_flat_plan")
@@ -223,6 +223,18 @@ class _Bridge:
                             else:
                                 p.grad.requires_grad_(False)
                             p.grad.zero_()
+
+    def _optirs_has_flat(self) -> bool:
+        """Whether any of this optimizer's parameters is flat, remembered while the groups'
+        parameter lists stay the same (a registry lookup per parameter otherwise)."""
+        if not _flat.any_flat():
+            return False
+        key = [(id(g["params"]), len(g["params"])) for g in self.param_groups]
+        cached = self.__dict__.get("_optirs_flat_cache")
+        if cached is None or cached[0] != key:
+            found = any(_flat.owner(p) is not None for g in self.param_groups for p in g["params"])
+            cached = self.__dict__["_optirs_flat_cache"] = (key, found)
+        return bool(cached[1])
 
     def _lock(self) -> threading.Lock:
         # Made on first use: torch's own pickling and deepcopy drop unknown attributes.
@@ -334,7 +346,7 @@ class _Bridge:
                 # entry since the step.)
                 self._optirs_plan = None
             self.__dict__["_optirs_flat_plan"] = (
-                _FlatPlan.build(self, groups) if _flat.any_flat() else None
+                _FlatPlan.build(self, groups) if self._optirs_has_flat() else None
             )
         return applied
 
