@@ -237,7 +237,7 @@ TRAIN_MODELS: dict[str, TrainModel] = {
         TrainModel("mlp-l", "mlp", (784, 2048, 2048, 2048, 10), 128),
         TrainModel("cnn", "cnn", (32, 64, 256), 64),
         TrainModel("transformer", "transformer", (1000, 256, 4, 1024, 2, 64), 16),
-        TrainModel("deep", "deep", (64, 128, 32, 10), 32),
+        TrainModel("deep", "deep", (32, 32, 64, 4), 32),
     )
 }
 """The training-loop benchmark's models (``--train``), by name."""
