@@ -160,29 +160,40 @@ impl FlatWatch {
         if seen != self.present {
             return Ok(false);
         }
-        if !self.stray(py)?.is_empty() {
-            return Ok(false);
-        }
-        for (t, kept) in self.params.iter().chain(&self.grads).zip(&self.places) {
-            let Some(kept) = kept else {
-                continue; // a None gradient, checked by `stray`
-            };
-            let t = t.bind(py);
-            let unmoved = match (&self.exchange, kept) {
-                // Compared in place, without copying the layout: 2000 tensors a step.
-                (Some(ex), Place::Layout(l)) => {
-                    ex.describe(t, |v| v.ptr == l.ptr && v.same_kind(l)) == Some(true)
-                }
-                _ => match self.place(t)? {
-                    Some(now) => same(&now, kept, py)?,
-                    None => false,
-                },
-            };
-            if !unmoved {
+        // One pass over the parameters (each one's objects are read together): its gradient is
+        // its view, and it and the view lie where they did.
+        let n = self.params.len();
+        let grad = intern!(py, "grad");
+        for (k, (p, g)) in self.params.iter().zip(&self.grads).enumerate() {
+            let p = p.bind(py);
+            let g = g.bind(py);
+            if !p.getattr(grad)?.is(g) {
+                return Ok(false);
+            }
+            if !self.unmoved(p, self.places[k].as_ref(), py)?
+                || !self.unmoved(g, self.places[n + k].as_ref(), py)?
+            {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Whether `t` still lies where it did (`kept`; None: nothing to compare, a None gradient).
+    fn unmoved(&self, t: &Bound<'_, PyAny>, kept: Option<&Place>, py: Python<'_>) -> Result<bool> {
+        let Some(kept) = kept else {
+            return Ok(true);
+        };
+        Ok(match (&self.exchange, kept) {
+            // Compared in place, without copying the layout: 2000 tensors a step.
+            (Some(ex), Place::Layout(l)) => {
+                ex.describe(t, |v| v.ptr == l.ptr && v.same_kind(l)) == Some(true)
+            }
+            _ => match self.place(t)? {
+                Some(now) => same(&now, kept, py)?,
+                None => false,
+            },
+        })
     }
 
     fn stray(&self, py: Python<'_>) -> Result<Vec<usize>> {
