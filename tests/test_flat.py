@@ -572,3 +572,39 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     _ddp_worker(a.ddp_rank, a.out)
+
+
+def test_flat_watch_sees_each_change_and_refuses_bad_input():
+    from optirs import _core
+
+    ps = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))]
+    ot.flatten_parameters(ps)
+    grads = [p.grad for p in ps]
+    state: dict[Any, Any] = {p: {"step": torch.tensor(0.0)} for p in ps}
+    for api in (_bridge._EXCHANGE_API, None):  # DLPack's exchange API, and data_ptr()/shape
+        w = _core.FlatWatch(ps, grads, [state[p] for p in ps], api)
+        assert len(w) == 2 and w.current(state) and w.stray_grads() == []
+        state[ps[0]]["extra"] = 1  # an entry gained a key
+        assert not w.current(state)
+        del state[ps[0]]["extra"]
+        assert w.current(state)
+        kept = state.pop(ps[1])  # an entry gone
+        assert not w.current(state)
+        state[ps[1]] = dict(kept)  # a new dict with the same values
+        assert not w.current(state)
+        state[ps[1]] = kept
+        ps[1].grad = None
+        assert not w.current(state) and w.stray_grads() == [1]
+        ps[1].grad = grads[1]
+        old = ps[0].data
+        ps[0].data = old.clone()
+        assert not w.current(state)
+        ps[0].data = old
+        assert w.current(state)
+        assert not w.current([])  # not a dict
+    with pytest.raises(ValueError, match="same length"):
+        _core.FlatWatch(ps, grads[:1], [None, None])
+    with pytest.raises(ValueError, match="dicts or None"):
+        _core.FlatWatch(ps, grads, [None, 3])
+    with pytest.raises(ValueError, match="listed twice"):
+        _core.FlatWatch([ps[0], ps[0]], [grads[0], grads[0]], [None, None])
