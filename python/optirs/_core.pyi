@@ -1,5 +1,5 @@
 """Type stubs of the Rust extension ``optirs._core``. Keep in step with ``src/bindings.rs``
-and the plans (``src/array_plan.rs``, ``src/torch_plan.rs``)."""
+and the plans (``src/array_plan.rs``, ``src/torch_plan.rs``, ``src/flat_watch.rs``)."""
 
 from collections.abc import Sequence
 from typing import Any, Literal, final, overload
@@ -9,6 +9,7 @@ __all__ = [
     "RULES",
     "RULE_SCALARS",
     "ArrayPlan",
+    "FlatWatch",
     "TorchPlan",
     "__version__",
     "_set_openmp",
@@ -194,6 +195,7 @@ class FlatWatch:
 
     def __len__(self) -> int: ...
 
+@final
 class TorchPlan:
     """The torch bridge's cached step (``optirs.torch``), built after a full step has checked
     every tensor. Each later step re-checks in Rust what can change between steps and steps
