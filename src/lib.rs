@@ -5,7 +5,8 @@
 //!
 //! Modules, each depending only on those listed after it: `bindings` (the pymodule) →
 //! `step` (the full step), `clip` (gradient norms and clipping) → `array_plan`, `torch_plan` (the cached steps) → `course` (what
-//! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core.
+//! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core;
+//! `flat_watch` (the torch bridge's flat-step check) depends on `dlpack` and `boundary`.
 
 mod array_plan;
 mod bindings;
