@@ -397,6 +397,19 @@ def test_a_torch_optim_state_dict_loads_into_the_flat_buffers(flat_steps):
     assert flat_steps == [True, True]
 
 
+def test_every_elementwise_rule_is_listed_and_others_step_per_tensor(monkeypatch, flat_steps):
+    from optirs import _spec
+
+    # Every optimizer of this branch is element-wise; a rule added later (Adafactor's factored
+    # moments read a parameter's shape) is not flattened until it is listed.
+    assert {s.kind for s in _spec.SPECS.values()} == _bridge._ELEMENTWISE
+    monkeypatch.setattr(_bridge, "_ELEMENTWISE", frozenset())
+    ref, _ = train(False, ot.Adam, {"lr": 1e-2})
+    got, opt = train(True, ot.Adam, {"lr": 1e-2})
+    assert_same(got, ref)
+    assert flat_steps == [] and opt.__dict__.get("_optirs_flat_plan") is None
+
+
 def test_eight_bit_optimizers_step_flat_parameters_per_tensor(flat_steps):
     ref, _ = train(False, ot.AdamW8bit, {"lr": 1e-2, "min_8bit_size": 64, "block_size": 64})
     got, opt = train(True, ot.AdamW8bit, {"lr": 1e-2, "min_8bit_size": 64, "block_size": 64})

@@ -677,6 +677,14 @@ class _Run:
         return list(zip(edges[:-1], edges[1:]))
 
 
+#: The rules whose update of an element reads only that element's parameter, gradient and
+#: state (and per-parameter 0-d state): stepping adjacent parameters as one flat tensor gives
+#: the same bits. A rule added later steps flat parameters per tensor until it is listed here.
+_ELEMENTWISE = frozenset(
+    "adadelta adagrad adam adamax asgd lion nadam radam rmsprop rprop sgd".split()
+)
+
+
 class _FlatPlan:
     """The step over flat buffers (``optirs.torch.flatten_parameters``).
 
@@ -707,6 +715,8 @@ class _FlatPlan:
         spec = opt._spec
         if type(opt)._optirs_step is not _Bridge._optirs_step:
             return None  # the 8-bit optimizers: their blocks would straddle parameters
+        if spec.kind not in _ELEMENTWISE:
+            return None  # a rule that reads a parameter's shape (factored moments) or norm
         kept = opt.__dict__.get("_optirs_flat_state", {})
         snapshot = GroupsSnapshot(spec, groups)
         scalar_names = (("step",) if spec.counts_steps else ()) + spec.scalar_names
