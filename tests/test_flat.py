@@ -397,14 +397,13 @@ def test_a_torch_optim_state_dict_loads_into_the_flat_buffers(flat_steps):
     assert flat_steps == [True, True]
 
 
-def test_every_elementwise_rule_is_listed_and_others_step_per_tensor(monkeypatch, flat_steps):
-    from optirs import _spec
+def test_rules_that_are_not_elementwise_step_per_tensor(monkeypatch, flat_steps):
+    import dataclasses
 
-    # Every listed rule exists; a rule added later (Adafactor's factored moments read a
-    # parameter's shape) is not flattened unless it is listed.
-    assert _bridge._ELEMENTWISE <= {s.kind for s in _spec.SPECS.values()}
-    assert len(_bridge._ELEMENTWISE) == 11
-    monkeypatch.setattr(_bridge, "_ELEMENTWISE", frozenset())
+    # A rule declared not element-wise (``Spec.elementwise``: factored moments read a
+    # parameter's shape) is never stepped flat; its parameters still train as unflat.
+    spec = dataclasses.replace(ot.Adam._spec, elementwise=False)
+    monkeypatch.setattr(ot.Adam, "_spec", spec)
     ref, _ = train(False, ot.Adam, {"lr": 1e-2})
     got, opt = train(True, ot.Adam, {"lr": 1e-2})
     assert_same(got, ref)

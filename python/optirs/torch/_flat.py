@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from . import _dtensor
+
 __all__ = ["FlatParameters", "flatten_parameters"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -133,7 +135,8 @@ def flatten_parameters(model_or_params: torch.nn.Module | Iterable[torch.Tensor]
 
     Raises, changing nothing: TypeError for something that is not a floating tensor of
     float32, float64, float16 or bfloat16, ValueError for a tensor that is not a leaf, is
-    sparse, is already flattened, or whose gradient does not match it, and for no parameters.
+    sparse, a DTensor, is already flattened, or whose gradient does not match it, and for no
+    parameters.
     """
     if isinstance(model_or_params, torch.nn.Module):
         given: list[Any] = list(model_or_params.parameters())
@@ -159,6 +162,11 @@ def flatten_parameters(model_or_params: torch.nn.Module | Iterable[torch.Tensor]
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if _dtensor.any_dtensor([p]):
+            raise ValueError(
+                f"{where} is a DTensor: flatten_parameters takes unsharded parameters "
+                "(FSDP2 keeps its own sharded storage)"
+            )
         if p.layout != torch.strided:
             raise ValueError(f"{where} is not a dense tensor (layout {p.layout})")
         if p.dtype not in _DTYPES:
