@@ -241,6 +241,51 @@ pub mod _core {
         })
     }
 
+    /// One Adafactor step; see the stubs.
+    #[pyfunction]
+    #[pyo3(signature = (
+        groups, params, grads, states, steps, *, skip_nonfinite = false,
+        flush_denormals = false, grad_unscale = None, grad_coef = None, bf16_bits = false,
+        commit = None, then = None
+    ))]
+    #[allow(
+        clippy::too_many_arguments,
+        clippy::needless_pass_by_value,
+        clippy::fn_params_excessive_bools
+    )]
+    fn step_adafactor(
+        py: Python<'_>,
+        groups: &Bound<'_, PyAny>,
+        params: Vec<Bound<'_, PyAny>>,
+        grads: Vec<Bound<'_, PyAny>>,
+        states: Vec<Bound<'_, PyAny>>,
+        steps: Vec<Bound<'_, PyAny>>,
+        skip_nonfinite: bool,
+        flush_denormals: bool,
+        grad_unscale: Option<f64>,
+        grad_coef: Option<f64>,
+        bf16_bits: bool,
+        commit: Option<Vec<crate::bindings::Commit<'_>>>,
+        then: Option<crate::bindings::Then<'_>>,
+    ) -> PyResult<bool> {
+        let options = crate::course::options(
+            skip_nonfinite,
+            flush_denormals,
+            grad_unscale,
+            grad_coef,
+            None,
+        );
+        entry(|| {
+            let applied = crate::adafactor::run(
+                py, groups, params, grads, states, steps, &options, bf16_bits,
+            )?;
+            if applied {
+                crate::bindings::finish(&commit.unwrap_or_default(), then.as_ref())?;
+            }
+            Ok(applied)
+        })
+    }
+
     /// The 256 values of the dynamic code map, ascending: signed (`exp_avg`) or unsigned
     /// (`exp_avg_sq`).
     #[pyfunction]

@@ -373,3 +373,39 @@ impl<'py> GroupReader<'_, 'py> {
 fn is_py_number(v: &Bound<'_, PyAny>) -> bool {
     v.is_exact_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>()
 }
+
+/// Group `gi`'s Adafactor hyperparameters (`lr`, `beta2_decay`, `eps` = `(eps1 or None, eps2)`,
+/// `d`, `weight_decay`, `maximize`).
+pub(crate) fn adafactor(
+    group: &Bound<'_, PyAny>,
+    gi: usize,
+) -> Result<optirs_core::adafactor::Hyper, CoreError> {
+    let g = GroupReader { group, gi };
+    let eps = g.item("eps")?;
+    let bad = || {
+        g.locate(
+            "eps",
+            type_err!("param_groups[{gi}]['eps'] must be a pair (eps1 or None, eps2) of floats"),
+        )
+    };
+    if eps.len().ok() != Some(2) {
+        return bad();
+    }
+    let (Ok(e1), Ok(e2)) = (eps.get_item(0), eps.get_item(1)) else {
+        return bad();
+    };
+    let eps1 = if e1.is_none() {
+        None
+    } else {
+        Some(g.to_real("eps", &e1)?)
+    };
+    Ok(optirs_core::adafactor::Hyper {
+        lr: g.real("lr")?,
+        beta2_decay: g.real("beta2_decay")?,
+        eps1,
+        eps2: g.to_real("eps", &e2)?,
+        d: g.real("d")?,
+        weight_decay: g.real("weight_decay")?,
+        maximize: g.flag("maximize", Some(false))?,
+    })
+}

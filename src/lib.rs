@@ -8,6 +8,7 @@
 //! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core;
 //! `flat_watch` (the torch bridge's flat-step check) depends on `dlpack` and `boundary`.
 
+mod adafactor;
 mod array_plan;
 mod bindings;
 mod boundary;

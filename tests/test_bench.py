@@ -175,6 +175,8 @@ def test_bytes_per_element_follow_the_declared_state() -> None:
         "adamax": (28, "read p,g,m,u; write p,m,u"),
         "nadam": (28, "read p,g,m,v; write p,m,v"),
         "asgd": (20, "read p,g,ax; write p,ax"),
+        # The one-pass minimum: its factored state is per row and column, not per element.
+        "adafactor": (12, "read p,g; write p"),
     }
     assert cases.CASES["rmsprop-cm"].arrays == 5
 

@@ -410,6 +410,20 @@ def test_rules_that_are_not_elementwise_step_per_tensor(monkeypatch, flat_steps)
     assert flat_steps == [] and opt.__dict__.get("_optirs_flat_plan") is None
 
 
+@pytest.mark.parametrize("dtype_id", ["f32", "bf16"])
+def test_adafactor_steps_flat_parameters_per_tensor(dtype_id, flat_steps):
+    dtype = DTYPES[dtype_id]
+    ref, ref_opt = train(False, ot.Adafactor, {"lr": 1e-2, "weight_decay": 0.1}, dtype)
+    got, opt = train(True, ot.Adafactor, {"lr": 1e-2, "weight_decay": 0.1}, dtype)
+    assert_same(got, ref)
+    assert_same_state(opt, ref_opt)
+    assert flat_steps == [] and opt.__dict__.get("_optirs_flat_plan") is None
+    # Its state stays its own (row and column factors), not flat views.
+    assert "_optirs_flat_state" not in opt.__dict__
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert "_optirs_flat_state" not in opt.__dict__
+
+
 def test_eight_bit_optimizers_step_flat_parameters_per_tensor(flat_steps):
     ref, _ = train(False, ot.AdamW8bit, {"lr": 1e-2, "min_8bit_size": 64, "block_size": 64})
     got, opt = train(True, ot.AdamW8bit, {"lr": 1e-2, "min_8bit_size": 64, "block_size": 64})

@@ -421,6 +421,10 @@ def _refusals(mesh: Any) -> dict[str, str]:
     r = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Replicate()]))
     r.grad = distribute_tensor(torch.ones(4, 2), mesh, [Replicate()])
     attempt("not_elementwise_replicate", NotElementwise([r]))
+    # Adafactor (rows, columns and norms over the whole tensor) refuses DTensor parameters.
+    before = full(q)
+    attempt("adafactor", optirs.torch.Adafactor([q]))
+    out["adafactor_unchanged"] = str(torch.equal(full(q), before))
     return out
 
 
@@ -548,11 +552,13 @@ def assert_equal(actual: list[torch.Tensor], expected: list[torch.Tensor], what:
 
 
 def test_every_optimizer_is_covered():
+    # Adafactor refuses DTensor parameters (test_refusals_name_the_reason).
     public = {
         name
         for name in optirs.torch.__all__
         if isinstance(getattr(optirs.torch, name), type)
         and issubclass(getattr(optirs.torch, name), torch.optim.Optimizer)
+        and name != "Adafactor"
     }
     assert public == {config.split("-")[0] for config in CONFIGS}
 
@@ -718,6 +724,8 @@ def test_refusals_name_the_reason(results):
         assert out["not_elementwise_shard"].startswith("ValueError")
         assert "not element-wise" in out["not_elementwise_shard"]
         assert out["not_elementwise_replicate"] == "stepped"
+        assert out["adafactor"].startswith("TypeError") and "DTensor" in out["adafactor"]
+        assert out["adafactor_unchanged"] == "True"
 
 
 def test_grad_scaler_skips_on_every_rank_and_unscales(results):

@@ -140,8 +140,10 @@ def test_glibc_symbol_versions_fit_the_manylinux_tag(tmp_path):
     assert libs <= MANYLINUX_LIBS, libs - MANYLINUX_LIBS
 
 
-#: What a musllinux extension may link without bundling it: musl's libc, and libgcc_s.
-MUSL_LIBS = {"libc.musl-x86_64.so.1", "libc.musl-aarch64.so.1", "libgcc_s.so.1"}
+#: What a musllinux extension may link without bundling it: musl's libc under either name
+#: (``libc.so``, which musl's loader resolves to itself, is what a zig-linked build asks for;
+#: seen here on a `maturin build --zig --target x86_64-unknown-linux-musl` wheel), and libgcc_s.
+MUSL_LIBS = {"libc.so", "libc.musl-x86_64.so.1", "libc.musl-aarch64.so.1", "libgcc_s.so.1"}
 
 
 @needs_wheel

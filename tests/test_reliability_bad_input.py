@@ -804,3 +804,142 @@ def test_huge_int_hyperparameter(api, name, key):
 def test_huge_int_hyperparameter_at_construction(name, key):
     with pytest.raises((TypeError, ValueError), match=key):
         optirs_class(name)([np.zeros(3, np.float32)], **{key: HUGE})
+
+
+# --------------------------------------------------------------------------------------------
+# Adafactor (its own entry point, outside the rule table): edge values written into
+# param_groups between steps, through both APIs
+# --------------------------------------------------------------------------------------------
+
+ADAFACTOR_KEYS = ("lr", "beta2_decay", "eps[0]", "eps[1]", "d", "weight_decay")
+ADAFACTOR_SHAPES = ((7,), (3, 5), (17,), (2, 3, 4))
+
+
+def _adafactor_update(key: str, value: float) -> dict:
+    if key.startswith("eps"):
+        eps: list = [None, 1e-3]
+        eps[int(key[-2])] = value
+        return {"eps": tuple(eps)}
+    return {key: value}
+
+
+def _adafactor_verdict(update: dict) -> str | None:
+    try:
+        torch.optim.Adafactor([torch.zeros(3)], **update)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _adafactor_grads(rng, dtype):
+    return [random_array(rng, s, dtype) for s in ADAFACTOR_SHAPES]
+
+
+@pytest.mark.parametrize("value", EDGE_VALUES, ids=str)
+@pytest.mark.parametrize("key", ADAFACTOR_KEYS)
+def test_adafactor_numpy_param_group_edge_value(key, value):
+    """Refused in torch's words with nothing changed (training then continues bitwise like an
+    untouched twin), or stepped like torch.optim.Adafactor."""
+    import optirs
+
+    update = _adafactor_update(key, value)
+    verdict = _adafactor_verdict(update)
+
+    def setup():
+        rng = np.random.default_rng(3)
+        params = [random_array(rng, s, np.float64) for s in ADAFACTOR_SHAPES]
+        opt = optirs.Adafactor(
+            [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.1}]
+        )
+        for _ in range(2):
+            opt.step(_adafactor_grads(rng, np.float64))
+        return rng, params, opt
+
+    rng, params, opt = setup()
+    theirs = [torch.from_numpy(p.copy()).requires_grad_() for p in params]
+    ref = torch.optim.Adafactor(
+        [{"params": theirs[:2]}, {"params": theirs[2:], "weight_decay": 0.1}]
+    )
+    ref.load_state_dict(
+        {
+            "state": {
+                i: {k: torch.from_numpy(np.array(v)) for k, v in e.items()}
+                for i, e in opt.state_dict()["state"].items()
+            },
+            "param_groups": opt.state_dict()["param_groups"],
+        }
+    )
+    opt.param_groups[1].update(update)
+    grads = _adafactor_grads(rng, np.float64)
+    if verdict is not None:
+        before = snapshot(opt)
+        with pytest.raises(ValueError) as excinfo:
+            opt.step(grads)
+        assert str(excinfo.value) == verdict
+        assert_snapshot_equal(before, snapshot(opt))
+        _, twin_params, twin = setup()
+        opt.param_groups[1] = {**twin.param_groups[1], "params": params[2:]}
+        for _ in range(2):
+            opt.step([g.copy() for g in grads])
+            twin.step([g.copy() for g in grads])
+        assert_bitwise_equal_params(params, twin_params)
+        return
+    ref.param_groups[1].update(update)
+    for _ in range(3):
+        for p, g in zip(theirs, grads):
+            p.grad = torch.from_numpy(g.copy())
+        with np.errstate(all="ignore"):
+            try:
+                ref.step()
+            except (ZeroDivisionError, OverflowError, RuntimeError) as exc:
+                # Where torch's step raises, optirs raises the same, changing nothing.
+                before = snapshot(opt)
+                with pytest.raises(type(exc)):
+                    opt.step(grads)
+                assert_snapshot_equal(before, snapshot(opt))
+                return
+            opt.step(grads)
+        for p, q in zip(theirs, params):
+            np.testing.assert_allclose(q, p.detach().numpy(), rtol=1e-7, atol=1e-7, equal_nan=True)
+        grads = _adafactor_grads(rng, np.float64)
+
+
+@pytest.mark.parametrize("value", EDGE_VALUES, ids=str)
+@pytest.mark.parametrize("key", ADAFACTOR_KEYS)
+def test_adafactor_bridge_param_group_edge_value(key, value):
+    """The bridge validates in the constructor only, as torch.optim: it steps with what is set
+    later as torch's step does (float32 here: where torch's float32 ops refuse a scalar, or its
+    Python arithmetic divides by zero or overflows, optirs raises the same before changing
+    anything)."""
+    import optirs.torch
+
+    rng = np.random.default_rng(4)
+    start = [random_tensor(rng, s, torch.float32) for s in ADAFACTOR_SHAPES]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    opt = optirs.torch.Adafactor([{"params": ours[:2]}, {"params": ours[2:], "lr": 0.05}])
+    ref = torch.optim.Adafactor([{"params": theirs[:2]}, {"params": theirs[2:], "lr": 0.05}])
+    update = _adafactor_update(key, value)
+    for step in range(4):
+        if step == 2:
+            opt.param_groups[1].update(update)
+            ref.param_groups[1].update(update)
+        for p, q in zip(ours, theirs):
+            g = random_tensor(rng, p.shape, torch.float32)
+            p.grad, q.grad = g.clone(), g.clone()
+        try:
+            ref.step()
+        except (ZeroDivisionError, OverflowError, RuntimeError) as exc:
+            before = [p.detach().clone() for p in ours]
+            state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ours}
+            with pytest.raises(type(exc)):
+                opt.step()
+            for p, b in zip(ours, before):
+                assert torch.equal(p.detach(), b) or (p.isnan() == b.isnan()).all()
+            for p in ours:
+                for k, v in state[id(p)].items():
+                    assert torch.equal(opt.state[p][k].nan_to_num(), v.nan_to_num()), k
+            return
+        opt.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -7,7 +7,8 @@
 #    vectors (built with +avx2,+f16c, so that Miri's x86 shims run them; float16's vector store
 #    and the AVX-512 level use intrinsics Miri lacks, see kernels/tests.rs). Sizes shrink under
 #    cfg(miri).
-#    With them the rule table's, the overlap check's and torch_raises' tests.
+#    With them the rule table's, the overlap check's and torch_raises' tests, and Adafactor's
+#    passes (adafactor::, pieces of 64 elements under Miri).
 # 2. The step engine alone: `counter_at`.
 # 3. The thread pool's tests and the step engine on the pool (raw pointers to slices, work items
 #    moved between threads), each under several scheduler seeds (MIRI_SEEDS). The pool's

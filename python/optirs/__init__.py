@@ -1,9 +1,9 @@
 """optirs: the optimizer step of neural-network training, in Rust, in place over NumPy arrays.
 
 ``optirs.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``,
-``Rprop``, ``Adamax``, ``NAdam`` and ``ASGD`` take torch.optim's arguments, defaults and error
-messages, and follow torch.optim's update formulas and operation order; ``Lion`` follows
-lion-pytorch's::
+``Rprop``, ``Adamax``, ``NAdam``, ``ASGD`` and ``Adafactor`` take torch.optim's arguments,
+defaults and error messages, and follow torch.optim's update formulas and operation order;
+``Lion`` follows lion-pytorch's::
 
     import numpy as np, optirs
     w = np.zeros((256, 128), np.float32); b = np.zeros(128, np.float32)
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import _core, _eightbit, _spec
+from . import _adafactor, _core, _eightbit, _spec
 from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
 from ._plan import GroupsSnapshot, StepOptions, fork_safe
 
@@ -36,6 +36,7 @@ __all__ = [
     "ASGD",
     "SGD",
     "Adadelta",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "Adam8bit",
@@ -965,3 +966,8 @@ class ASGD(Optimizer):
 
     _spec = _spec.ASGD
     __init__ = _numpy_init(_spec)
+
+
+#: Adafactor: row and column factors of the second moment, its own step in the core (see
+#: ``optirs._adafactor``).
+Adafactor = _adafactor.make_numpy_class(Optimizer, _load_step, _load_buffer)

@@ -26,6 +26,7 @@ __all__ = [
     "simd_level",
     "simd_levels",
     "step",
+    "step_adafactor",
     "step_adam8bit",
     "traffic",
 ]
@@ -62,6 +63,31 @@ def step_adam8bit(
     Adam state in the parameter's dtype where it has two (``exp_avg``, ``exp_avg_sq``). Arguments
     and validation as ``step`` (kind "adam"); float32, float16 and bfloat16 parameters for 8-bit
     state. ``grad_unscale``/``grad_coef`` as ``step``. Returns whether the update was applied."""
+
+def step_adafactor(
+    groups: Sequence[Any],
+    params: list[Any],
+    grads: list[Any],
+    states: list[Any],
+    steps: list[Any],
+    *,
+    skip_nonfinite: bool = False,
+    flush_denormals: bool = False,
+    grad_unscale: float | None = None,
+    grad_coef: float | None = None,
+    bf16_bits: bool = False,
+    commit: list[tuple[Any, Any, Any]] | None = None,
+    then: tuple[Any, Any] | None = None,
+) -> bool:
+    """One ``torch.optim.Adafactor`` step (its for-loop formulas). Each group holds ``lr``,
+    ``beta2_decay``, ``eps`` (``(eps1 or None, eps2)``), ``d``, ``weight_decay`` and
+    ``maximize``; each state tuple is ``(row_var, col_var, variance)`` in the parameter's dtype:
+    ``row_var`` (the shape with the last dimension 1) and ``col_var`` (the next-to-last 1) for a
+    parameter of two or more dimensions, ``variance`` (its shape) otherwise; an entry the
+    parameter does not use may be None. Validation, ``grad_unscale``/``grad_coef``, ``commit``
+    and ``then`` as ``step``; ZeroDivisionError (an empty parameter, ``d`` of 0),
+    OverflowError and RuntimeError where torch's step raises, nothing written. Returns whether
+    the update was applied."""
 
 def code_map(signed: bool) -> list[float]:
     """The 256 values of the dynamic code map (signed: ``exp_avg``; unsigned: ``exp_avg_sq``),

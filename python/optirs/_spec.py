@@ -726,3 +726,62 @@ def check_step_value(value: Any, where: str) -> float:
     if not (math.isfinite(s) and s >= 0):
         raise ValueError(f"{where}: 'step' must be finite and non-negative, got {s}")
     return s
+
+
+def _check_adafactor(g: Mapping[str, Any]) -> None:
+    # torch.optim.Adafactor's constructor checks, in its order and words.
+    lr = g["lr"]
+    if hasattr(lr, "numel") and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= _real("lr", lr):
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+    if not 0.0 >= _real("beta2_decay", g["beta2_decay"]):
+        raise ValueError(f"beta2_decay should be <= 0 but is: {g['beta2_decay']}")
+    eps = g["eps"]
+    try:
+        n = len(eps)
+    except TypeError:
+        n = -1
+    if n != 2:
+        raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
+    if eps[0] is not None and not 0.0 <= _real("eps[0]", eps[0]):
+        raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+    if not 0.0 <= _real("eps[1]", eps[1]):
+        raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+    if not 1.0 <= _real("d", g["d"]):
+        raise ValueError(f"Clipping threshold d should be >= 1 but is: {g['d']}")
+    _nonneg("weight_decay", g["weight_decay"], "weight_decay should be >= 0 but is: {}")
+
+
+def _factored(group: Mapping[str, Any]) -> bool:
+    # Which of a parameter's entries exist depends on its shape, not on its group: both the
+    # factored pair and the vector's variance are declared, and the Adafactor classes choose.
+    return True
+
+
+#: Adafactor: not a rule of the core's table (its step needs row, column and whole-tensor
+#: reductions: ``_core.step_adafactor``), so not in ``SPECS``; its arguments, checks and state
+#: names are declared here for its two classes (``optirs._adafactor``, ``optirs.torch``).
+ADAFACTOR = Spec(
+    name="Adafactor",
+    kind="adafactor",
+    params=(
+        Param("lr", 1e-2, "float"),
+        Param("beta2_decay", -0.8, "float"),
+        Param("eps", (None, 1e-3), "tuple[float | None, float]", convert=_pair),
+        Param("d", 1.0, "float"),
+        Param("weight_decay", 0.0, "float"),
+        _torch_switch("foreach", None, "bool | None"),
+        Param("maximize", False, "bool", keyword_only=True),
+    ),
+    state=(
+        Buffer("row_var", "r", when=_factored),
+        Buffer("col_var", "c", when=_factored),
+        Buffer("variance", "v", when=_factored),
+    ),
+    counts_steps=True,
+    validate=_check_adafactor,
+    refused=(),
+    elementwise=False,
+    sparse_message="Adafactor does not support sparse gradients",
+)

@@ -226,7 +226,7 @@ pub enum CounterSlot<'a> {
 }
 
 impl CounterSlot<'_> {
-    fn write(self) {
+    pub(crate) fn write(self) {
         match self {
             CounterSlot::F32(slot, v) => *slot = v,
             CounterSlot::F64(slot, v) => *slot = v,

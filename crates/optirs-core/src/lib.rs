@@ -9,9 +9,12 @@
 //! - [`dtype`]: the element types. [`engine`]: work items, chunking, counters, the step.
 //! - [`norm`]: gradient norms and clipping (`clip_grad_norm_`), and how a step reads each
 //!   gradient through a clip coefficient or GradScaler's scale.
+//! - [`adafactor`]: Adafactor, which needs row, column and whole-tensor reductions: its own
+//!   passes over the pool rather than a rule.
 //! - [`overlap`]: the aliasing check and its cache. [`pool`]: the thread pool, and [`omp`]:
 //!   the OpenMP team it hands large steps to when the process has one. [`fpenv`]: flush-to-zero. [`error`]: the typed error with its location.
 
+pub mod adafactor;
 pub mod dtype;
 pub mod engine;
 pub mod error;

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .._spec import SPECS, Buffer
+from .._spec import ADAFACTOR, SPECS, Buffer
 
 TORCH_PATHS: dict[str, dict[str, bool]] = {
     "for-loop": {"foreach": False},
@@ -121,7 +121,12 @@ class OptimizerCase:
 
     @property
     def buffers(self) -> tuple[Buffer, ...]:
-        """The state buffers a step of this configuration reads and writes."""
+        """The state buffers a step of this configuration reads and writes. Adafactor's are
+        none per element: a matrix keeps one value per row and column (``variance``, one per
+        element, is only for the vectors, a small share of these workloads), so its ceiling
+        is the one-pass minimum (read p, g; write p), which its reductions keep it above."""
+        if self.cls == ADAFACTOR.name:
+            return ()
         spec = SPECS[self.cls]
         used = set(spec.required({**spec.defaults, **self.kwargs}))
         return tuple(b for b in spec.state if b.name in used)
@@ -172,6 +177,7 @@ CASES: dict[str, OptimizerCase] = {
         OptimizerCase("adamax", "Adamax", {"lr": 2e-3}, has_fused=False),
         OptimizerCase("nadam", "NAdam", {"lr": 2e-3}, has_fused=False),
         OptimizerCase("asgd", "ASGD", {"lr": 1e-2}, has_fused=False),
+        OptimizerCase("adafactor", "Adafactor", {"lr": 1e-2}, has_fused=False),
     )
 }
 """The benchmarked optimizer configurations, by name."""

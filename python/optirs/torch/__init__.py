@@ -1,12 +1,12 @@
 """optirs.torch: drop-in replacements for torch.optim's CPU optimizers.
 
 ``optirs.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``RAdam``,
-``Rprop``, ``Adamax``, ``NAdam`` and ``ASGD`` subclass the ``torch.optim`` classes of the same
-name (``Lion``, which torch.optim lacks, subclasses ``torch.optim.Optimizer``), so construction,
-validation, param groups, ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and
+``Rprop``, ``Adamax``, ``NAdam``, ``ASGD`` and ``Adafactor`` subclass the ``torch.optim`` classes of
+the same name (``Lion``, which torch.optim lacks, subclasses ``torch.optim.Optimizer``), so
+construction, validation, param groups, ``state_dict``/``load_state_dict``, hooks, ``zero_grad`` and
 schedulers are torch's own; only ``step`` differs: one call into optirs's Rust core updates every
-parameter in place, in the tensors' own storage (the first step through zero-copy NumPy views,
-later ones through a plan the core re-checks each step; see ``_Plan``)::
+parameter in place, in the tensors' own storage (the first step through zero-copy NumPy views, later
+ones through a plan the core re-checks each step; see ``_Plan``)::
 
     import torch, optirs.torch
     opt = optirs.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
@@ -31,7 +31,8 @@ read each gradient multiplied by the clip coefficient, without writing the gradi
 ``optirs.torch.clip_grad_norm_`` is a drop-in ``torch.nn.utils.clip_grad_norm_``.
 ``torch.amp.GradScaler`` hands the optimizers its scale and inf flag (they set
 ``_step_supports_amp_scaling``, as torch's fused optimizers do): a step with an inf is
-skipped, and still-scaled gradients are unscaled as the step reads them.
+skipped, and still-scaled gradients are unscaled as the step reads them. ``Adafactor`` does
+not claim it, as torch's does not: GradScaler unscales its gradients and skips for it.
 
 DTensor parameters (FSDP2's ``fully_shard``, ``distribute_tensor``) are stepped through their
 local shards in the same single call, with state kept as DTensors laid out as the parameters
@@ -64,6 +65,7 @@ from ._bridge import (
     ASGD,
     SGD,
     Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adam8bit,
@@ -87,6 +89,7 @@ __all__ = [
     "ASGD",
     "SGD",
     "Adadelta",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "Adam8bit",
@@ -112,6 +115,7 @@ for _public in (
     ASGD,
     SGD,
     Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adam8bit,

@@ -17,7 +17,7 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .. import _core, _eightbit, _spec
+from .. import _adafactor, _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
 from . import _clip, _dtensor, _flat
 
@@ -25,6 +25,7 @@ __all__ = [
     "ASGD",
     "SGD",
     "Adadelta",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "Adam8bit",
@@ -592,9 +593,9 @@ class _Bridge:
     def _adopt_flat_state(self) -> None:
         """Copies each flat parameter's state tensors (as ``load_state_dict`` made them) into
         the flat state buffers and puts the views in their place, so the flat step can run."""
-        if not _flat.any_flat():
-            return
         spec = self._spec
+        if not _flat.any_flat() or not _steps_flat(self):
+            return
         names = (*spec.buffers, *(("step",) if spec.counts_steps else ()), *spec.scalar_names)
         with torch.no_grad():
             for group in self.param_groups:
@@ -777,10 +778,8 @@ class _FlatPlan:
     def build(opt: _Bridge, groups: list[dict[str, Any]]) -> _FlatPlan | None:
         """The plan for ``opt`` as it is now, or None where it cannot step flat."""
         spec = opt._spec
-        if type(opt)._optirs_step is not _Bridge._optirs_step:
-            return None  # the 8-bit optimizers: their blocks would straddle parameters
-        if not spec.elementwise:
-            return None  # a rule that reads a parameter's shape (factored moments) or norm
+        if not _steps_flat(opt):
+            return None
         kept = opt.__dict__.get("_optirs_flat_state", {})
         snapshot = GroupsSnapshot(spec, groups)
         scalar_names = (("step",) if spec.counts_steps else ()) + spec.scalar_names
@@ -950,6 +949,13 @@ class _FlatPlan:
                     else:
                         p.grad.detach_().zero_()
         return True
+
+
+def _steps_flat(opt: _Bridge) -> bool:
+    """Whether ``opt`` can step flat parameters as flat runs: not the 8-bit optimizers (their
+    blocks would straddle parameters) nor Adafactor (its own step), nor any rule that is not
+    element-wise (``Spec.elementwise``: factored moments read a parameter's shape)."""
+    return type(opt)._optirs_step is _Bridge._optirs_step and opt._spec.elementwise
 
 
 def _lies_at(t: torch.Tensor, flat: torch.Tensor, fb: _flat._FlatBuffer, k: int) -> bool:
@@ -1467,3 +1473,145 @@ class ASGD(_Bridge, torch.optim.ASGD):
 
     _spec = _spec.ASGD
     __init__ = _bridge_init(_spec)
+
+
+class Adafactor(_Bridge, torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` stepped by optirs (its for-loop formulas; one call into the
+    core per step, see ``optirs._adafactor``). torch's signature
+    ``(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
+    foreach=None, maximize=False)``, its checks and state (``step``; ``row_var``/``col_var``
+    for parameters of two or more dimensions, ``variance`` for the others), then keyword-only
+    ``skip_nonfinite`` and ``flush_denormals``. ``foreach`` is accepted and ignored (one path).
+
+    As torch's Adafactor, it does not take GradScaler's scale (``_step_supports_amp_scaling``
+    is False): ``GradScaler.step`` unscales the gradients and skips a step with an inf itself.
+    A dense parameter that is not contiguous (transposed, channels_last) is stepped through
+    contiguous copies of it and its gradient, copied back once the step is applied: its rows
+    and columns are those of its shape, not of its memory.
+    """
+
+    _spec = _spec.ADAFACTOR
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        skip_nonfinite: bool = False,
+        flush_denormals: bool = False,
+    ) -> None:
+        torch.optim.Adafactor.__init__(
+            self,
+            params,  # type: ignore[arg-type]
+            lr=lr,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            d=d,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        self._after_init(skip_nonfinite, flush_denormals)
+        self._step_supports_amp_scaling = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As ``_Bridge``; GradScaler support stays torch's (none)."""
+        super().__setstate__(state)
+        self._step_supports_amp_scaling = False
+
+    def _optirs_step(self) -> bool:
+        return self._optirs_full_step()
+
+    def _optirs_full_step(self, groups: list[dict[str, Any]] | None = None) -> bool:
+        groups = self.param_groups if groups is None else groups
+        params: list[Any] = []
+        grads: list[Any] = []
+        states: list[Any] = []
+        steps: list[Any] = []
+        created: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        written: list[torch.Tensor] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for gi, group in enumerate(groups):
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    for lst in (params, grads, states, steps):
+                        lst.append(None)
+                    continue
+                self._check(p, g, gi, i)
+                where = f"param_groups[{gi}]['params'][{i}]"
+                if _dtensor.any_dtensor((p, g)):
+                    # Its rows, columns and norms span every rank's shard: a local step is not
+                    # the full tensor's step.
+                    raise TypeError(
+                        f"optirs.torch.Adafactor does not step DTensor parameters ({where} is "
+                        "one): its factors and norms span the whole tensor; use "
+                        "torch.optim.Adafactor"
+                    )
+                state = self.state.get(p) or {}
+                if not state:
+                    # As torch's `_init_group`, from the gradient's shape.
+                    state = {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
+                    if g.dim() > 1:
+                        state["row_var"] = g.new_zeros((*g.shape[:-1], 1))
+                        state["col_var"] = g.new_zeros((*g.shape[:-2], 1, g.shape[-1]))
+                    else:
+                        state["variance"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                    created.append((p, state))
+                if p.is_contiguous():
+                    pv, gv = p, g
+                    written.append(p)
+                else:
+                    if not _is_dense(p):
+                        raise ValueError(
+                            f"{where} must be contiguous or at least dense in memory (no gaps "
+                            f"or overlaps between elements), got shape {tuple(p.shape)} with "
+                            f"strides {p.stride()}"
+                        )
+                    pv = p.detach().contiguous()
+                    gv = g.detach().contiguous()
+                    copies.append((p, pv))
+                params.append(_numpy(pv.detach(), where))
+                grads.append(_numpy(gv.detach().contiguous(), f"the gradient of {where}"))
+                views: list[Any] = []
+                for n in _adafactor.NAMES:
+                    t = state.get(n)
+                    if t is None:
+                        views.append(None)
+                        continue
+                    what = f"state['{n}'] of {where}"
+                    if not isinstance(t, torch.Tensor):
+                        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+                    if t.device.type != "cpu":
+                        raise ValueError(
+                            f"optirs.torch updates CPU tensors only; {what} is on {t.device}"
+                        )
+                    views.append(_numpy(t.detach(), what))
+                    written.append(t)
+                states.append(tuple(views))
+                step = state.get("step")
+                steps.append(None if step is None else _scalar_view(step, where))
+                if step is not None:
+                    written.append(step)
+        applied: bool = _core.step_adafactor(
+            groups,
+            params,
+            grads,
+            states,
+            steps,
+            bf16_bits=True,
+            commit=[(self.state, p, state) for p, state in created],
+            then=(increment_version, written) if written else None,
+            **self._options(),
+        )
+        if applied:
+            with torch.no_grad():
+                for p, c in copies:
+                    p.copy_(c)
+        return applied

@@ -1,0 +1,200 @@
+//! The Adafactor step (`_core.step_adafactor`): every parameter, gradient, state array and step
+//! counter checked, and every written range apart from every other, before anything is
+//! written; then `optirs_core::adafactor`'s passes with the interpreter released.
+
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use optirs_core::adafactor::{self, Factoring, Hyper, Param};
+use optirs_core::overlap::{check_overlaps_reusing, Role, Span};
+use optirs_core::{CoreError, Locate, Location, Options};
+
+use crate::errors::{type_err, value_err, Result};
+use crate::hyper;
+use crate::ndarray::{
+    as_array, check_buffer, check_layout, data_ptr, dtype_str, is_writeable, span, Dtypes,
+};
+use crate::step::check_counter;
+
+/// The state entries, in the order a state tuple holds them (torch's `_init_group` order).
+pub(crate) const NAMES: [&str; 3] = ["row_var", "col_var", "variance"];
+
+/// Validates one parameter and records its memory for the overlap check.
+#[allow(clippy::too_many_lines)] // one pass, each check by its array
+fn check<'py>(
+    hyper: Hyper,
+    at: Location,
+    dtypes: &Dtypes<'_>,
+    objs: [&Bound<'py, PyAny>; 4],
+    spans: &mut Vec<Span>,
+    keep: &mut Vec<Bound<'py, PyAny>>,
+) -> std::result::Result<Param, CoreError> {
+    let [param, grad, state, step] = objs;
+    let param = as_array(param, &|| at.param()).arg("param")?;
+    let Some(dtype) = dtypes.of(param) else {
+        return type_err!(
+            "{} has dtype {}; optirs updates float32, float64, float16 and bfloat16 arrays",
+            at.param(),
+            dtype_str(param)
+        )
+        .arg("param");
+    };
+    check_layout(param, &|| at.param()).arg("param")?;
+    if !is_writeable(param) {
+        return value_err!("{} is read-only (its writeable flag is False)", at.param())
+            .arg("param");
+    }
+    let shape = param.shape().to_vec();
+    let len = param.len();
+    let grad = as_array(grad, &|| at.grad()).arg("grad")?;
+    check_buffer(grad, dtypes, dtype, &shape, &|| at.grad(), at).arg("grad")?;
+    let mut add = |a: &Bound<'_, PyUntypedArray>, writes: bool, role: Role| {
+        let (start, end) = span(a, dtype);
+        if end > start {
+            spans.push(Span {
+                start,
+                end,
+                writes,
+                role,
+                at,
+            });
+        }
+    };
+    add(param, true, Role::Param);
+    add(grad, false, Role::Grad);
+
+    // As torch's `_init_group`: factored over the last two dimensions when the gradient has
+    // more than one.
+    let n = shape.len();
+    let (factoring, wanted): (Factoring, Vec<(usize, Vec<usize>)>) = if n > 1 {
+        let mut row = shape.clone();
+        row[n - 1] = 1;
+        let mut col = shape.clone();
+        col[n - 2] = 1;
+        (
+            Factoring::Matrix {
+                batch: shape[..n - 2].iter().product(),
+                rows: shape[n - 2],
+                cols: shape[n - 1],
+            },
+            vec![(0, row), (1, col)],
+        )
+    } else {
+        (Factoring::Vector, vec![(2, shape.clone())])
+    };
+    let mut ptrs = [std::ptr::null_mut(); 2];
+    for (k, (i, want)) in wanted.into_iter().enumerate() {
+        let name = NAMES[i];
+        let what = || at.state(name);
+        let arg = format!("state['{name}']");
+        let obj = match state.get_item(i) {
+            Ok(obj) if !obj.is_none() => obj,
+            _ => return value_err!("{} is missing", what()).arg(&arg),
+        };
+        let arr = as_array(&obj, &what).arg(&arg)?;
+        check_buffer(arr, dtypes, dtype, &want, &what, at).arg(&arg)?;
+        if !is_writeable(arr) {
+            return value_err!("{} is read-only (its writeable flag is False)", what()).arg(&arg);
+        }
+        ptrs[k] = data_ptr(arr);
+        add(arr, true, Role::State(name));
+        keep.push(obj.clone());
+    }
+    let what = || at.state("step");
+    if step.is_none() {
+        return value_err!("{} is missing", what()).arg("state['step']");
+    }
+    let s = as_array(step, &what).arg("state['step']")?;
+    let (slot, count, counter_dtype) = check_counter(s, dtypes, &what).arg("state['step']")?;
+    let (start, end) = span(s, counter_dtype);
+    spans.push(Span {
+        start,
+        end,
+        writes: true,
+        role: Role::State("step"),
+        at,
+    });
+    // SAFETY: the parameter, gradient and state are ndarrays of `dtype` of the shapes checked
+    // above (the state of `factoring`'s sizes), C-contiguous and aligned, the written ones
+    // writeable; the caller holds every one (`keep`, and its own argument lists) until the
+    // work returns, and runs the overlap check over `spans` before it.
+    Ok(unsafe {
+        Param::new(
+            dtype,
+            len,
+            data_ptr(param),
+            data_ptr(grad).cast_const(),
+            factoring,
+            ptrs,
+            Some(slot),
+            count,
+            hyper,
+        )
+    })
+}
+
+/// One Adafactor step; see `_core.step_adafactor` in the stubs. Each state tuple is
+/// `(row_var, col_var, variance)`, the entries a parameter does not use None or ignored.
+///
+/// # Errors
+/// A [`CoreError`] for any input that does not fit, or where torch's step raises; nothing has
+/// been written then.
+#[allow(clippy::needless_pass_by_value)]
+pub(crate) fn run(
+    py: Python<'_>,
+    groups: &Bound<'_, PyAny>,
+    params: Vec<Bound<'_, PyAny>>,
+    grads: Vec<Bound<'_, PyAny>>,
+    states: Vec<Bound<'_, PyAny>>,
+    steps: Vec<Bound<'_, PyAny>>,
+    options: &Options,
+    bf16_bits: bool,
+) -> Result<bool> {
+    let n = params.len();
+    let Ok(n_groups) = groups.len() else {
+        return Ok(type_err!("param_groups must be a list of dicts")?);
+    };
+    let mut hypers = Vec::with_capacity(n_groups);
+    let mut group_of = Vec::with_capacity(n);
+    for gi in 0..n_groups {
+        let Ok(group) = groups.get_item(gi) else {
+            return Ok(type_err!("param_groups must be a list of dicts")?);
+        };
+        hypers.push(hyper::adafactor(&group, gi)?);
+        group_of.extend((0..hyper::len_params(&group, gi)?).map(|index| (gi, index)));
+    }
+    if group_of.len() != n || grads.len() != n || states.len() != n || steps.len() != n {
+        return Ok(value_err!(
+            "expected one gradient, state tuple and step counter per parameter ({n})"
+        )?);
+    }
+    let dtypes = Dtypes::new(py, bf16_bits);
+    let mut checked = Vec::new();
+    let mut located = Vec::new();
+    let mut spans = Vec::with_capacity(n * 5);
+    let mut keep = Vec::new();
+    for (flat, grad) in grads.iter().enumerate() {
+        if grad.is_none() {
+            continue;
+        }
+        let (group, index) = group_of[flat];
+        let at = Location { flat, group, index };
+        let objs = [&params[flat], grad, &states[flat], &steps[flat]];
+        checked.push(check(hypers[group], at, &dtypes, objs, &mut spans, &mut keep).at(at)?);
+        located.push(at);
+    }
+    check_overlaps_reusing(&spans)?;
+    let locate = |(i, e): (Option<usize>, CoreError)| match i {
+        Some(i) => {
+            let at = located[i];
+            let message = e.message.replace(adafactor::PARAM, &at.param());
+            CoreError { message, ..e }.at(at)
+        }
+        None => e,
+    };
+    let work = adafactor::prepare(checked, options).map_err(locate)?;
+    // `params`, `grads`, `steps` and `keep` hold every array alive until the work is done.
+    let applied = py.detach(move || work.run()).map_err(locate)?;
+    drop(keep);
+    Ok(applied)
+}
