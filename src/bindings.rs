@@ -48,6 +48,8 @@ pub mod _core {
     #[pymodule_export]
     use crate::array_plan::ArrayPlan;
     #[pymodule_export]
+    use crate::flat_watch::FlatWatch;
+    #[pymodule_export]
     use crate::torch_plan::TorchPlan;
 
     use pyo3::prelude::*;

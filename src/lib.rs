@@ -5,7 +5,8 @@
 //!
 //! Modules, each depending only on those listed after it: `bindings` (the pymodule) →
 //! `step` (the full step), `clip` (gradient norms and clipping) → `array_plan`, `torch_plan` (the cached steps) → `course` (what
-//! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core.
+//! both share) → `hyper`, `ndarray`, `dlpack`, `probe` → `boundary` → `errors` → the core;
+//! `flat_watch` (the torch bridge's flat-step check) depends on `dlpack` and `boundary`.
 
 mod adafactor;
 mod array_plan;
@@ -15,6 +16,7 @@ mod clip;
 mod course;
 mod dlpack;
 mod errors;
+mod flat_watch;
 mod hyper;
 mod ndarray;
 mod probe;

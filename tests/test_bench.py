@@ -229,6 +229,8 @@ def test_training_models_have_their_advertised_sizes() -> None:
     assert sizes["mlp-s"] == 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
     assert 2.8e6 < sizes["mlp-m"] < 3.0e6 and 9.9e6 < sizes["mlp-l"] < 10.1e6
     assert 0.4e6 < sizes["cnn"] < 0.5e6 and 2.0e6 < sizes["transformer"] < 2.2e6
+    # 32-32, 64 blocks of LayerNorm(32) and 32-32, LayerNorm(32), 32-4
+    assert sizes["deep"] == 32 * 32 + 32 + 64 * (2 * 32 + 32 * 32 + 32) + 2 * 32 + 32 * 4 + 4
     for name, m in cases.TRAIN_MODELS.items():
         x, y = train.make_batches(torch, m, 0)[0]
         logits = train.build_model(torch, m)(x)
@@ -258,6 +260,34 @@ def test_bench_clipping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "clipped step" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--clip takes"):
         main(["bench", "--sizes", "none", "--clip", "0"])
+
+
+def test_bench_many_tensors_flat_api(tmp_path: Path) -> None:
+    """--api torch-flat steps the many-tensor workload through flatten_parameters."""
+    data = _bench_json(
+        tmp_path, "--sizes", "none", "--many", "--optimizers", "adam", "--api", "torch,torch-flat"
+    )
+    (run,) = data["runs"]
+    assert run["apis"] == ["torch", "torch-flat"]
+    assert {"optirs.torch", "optirs.torch flat", "fused"} <= set(run["impls"])
+    _check_run(run)
+
+
+def test_bench_training_loop_flat(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--api torch-flat adds a flat optirs.torch loop to --train, with its own speed-ups."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--sizes", "none", "--train", "deep", "--api", "torch-flat"]
+    argv += ["--repeats", "2", "--warmup", "1", "--train-sample-ms", "1", "--threads", "1"]
+    argv += ["--json", str(out), "--plot", "none"]
+    assert main(argv) == 0
+    (run,) = json.loads(out.read_text())["train"]
+    assert set(run["impls"]) == {"optirs.torch", "optirs.torch flat", "fused", "for-loop"}
+    assert set(run["flat_ratios"]) == {"fused", "for-loop"} and run["tensors"] == 262
+    # trained flat from the same weights on the same batches: the same bits as unflat
+    diffs = run["max_abs_diff_from_for_loop"]
+    assert diffs["optirs.torch flat"] == diffs["optirs.torch"] <= train.AGREEMENT_TOL
+    text = capsys.readouterr().out
+    assert "torch-flat" in text and "deep" in text
 
 
 def test_bench_lowbit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

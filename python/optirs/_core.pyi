@@ -1,5 +1,5 @@
 """Type stubs of the Rust extension ``optirs._core``. Keep in step with ``src/bindings.rs``
-and the plans (``src/array_plan.rs``, ``src/torch_plan.rs``)."""
+and the plans (``src/array_plan.rs``, ``src/torch_plan.rs``, ``src/flat_watch.rs``)."""
 
 from collections.abc import Sequence
 from typing import Any, Literal, final, overload
@@ -9,6 +9,7 @@ __all__ = [
     "RULES",
     "RULE_SCALARS",
     "ArrayPlan",
+    "FlatWatch",
     "TorchPlan",
     "__version__",
     "_set_openmp",
@@ -191,6 +192,34 @@ class ArrayPlan:
 
     def __len__(self) -> int:
         """How many parameters the plan covers."""
+
+@final
+class FlatWatch:
+    """What the torch bridge's flat step (``optirs.torch.flatten_parameters``) re-checks each
+    step, in one call: object identities and the layouts torch reports; writes nothing."""
+
+    def __new__(
+        cls,
+        params: list[Any],
+        grads: list[Any],
+        entries: list[Any],
+        exchange_api: Any = None,
+    ) -> FlatWatch:
+        """``params``, the gradient views each must keep as ``p.grad`` (None: a frozen
+        parameter that must stay without a gradient), and each parameter's
+        state dict (its values kept as they are now; None for a parameter without state).
+        ``exchange_api``: torch's DLPack exchange API capsule, through which the layouts are
+        read when given (else ``data_ptr()`` and ``shape``)."""
+
+    def current(self, state: Any) -> bool:
+        """Whether ``state`` holds each parameter's entry with the same values in the same
+        order, each ``p.grad`` is its view, and every parameter and gradient keeps its layout
+        and data pointer."""
+
+    def stray_grads(self) -> list[int]:
+        """Indices of the parameters whose ``p.grad`` is not their view."""
+
+    def __len__(self) -> int: ...
 
 @final
 class TorchPlan:

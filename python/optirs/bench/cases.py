@@ -22,8 +22,13 @@ TORCH_PATHS: dict[str, dict[str, bool]] = {
 """torch.optim keyword arguments selecting each of its CPU code paths."""
 
 
-APIS: dict[str, str] = {"numpy": "optirs", "torch": "optirs.torch"}
-"""optirs's APIs (``--api``) and the implementation name each is reported under."""
+APIS: dict[str, str] = {
+    "numpy": "optirs",
+    "torch": "optirs.torch",
+    "torch-flat": "optirs.torch flat",
+}
+"""optirs's APIs (``--api``) and the implementation name each is reported under; ``torch-flat``
+is the torch bridge over parameters made contiguous by ``optirs.torch.flatten_parameters``."""
 
 
 IMPLS: tuple[str, ...] = (*APIS.values(), *TORCH_PATHS)
@@ -80,10 +85,10 @@ class DType:
 
 
 DTYPES: dict[str, DType] = {
-    "float32": DType("float32", "f32", 4, np.float32, ("numpy", "torch"), 1e-4),
-    "bfloat16": DType("bfloat16", "bf16", 2, np.uint16, ("torch",), 2.0**-4),
+    "float32": DType("float32", "f32", 4, np.float32, ("numpy", "torch", "torch-flat"), 1e-4),
+    "bfloat16": DType("bfloat16", "bf16", 2, np.uint16, ("torch", "torch-flat"), 2.0**-4),
     # three more mantissa bits than bfloat16
-    "float16": DType("float16", "f16", 2, np.float16, ("torch",), 2.0**-7),
+    "float16": DType("float16", "f16", 2, np.float16, ("torch", "torch-flat"), 2.0**-7),
 }
 """The dtypes ``--dtype`` accepts."""
 
@@ -218,7 +223,10 @@ class TrainModel:
     convolutions with ``widths[0]`` and ``widths[1]`` channels, each followed by ReLU and a 2x2
     max-pool, then a hidden layer of ``widths[2]`` and 10 classes, on 1x28x28 inputs) or
     ``"transformer"`` (``widths``: vocabulary, model width, heads, feed-forward width, layers,
-    sequence length; a pre-norm encoder without dropout predicting a token at each position).
+    sequence length; a pre-norm encoder without dropout predicting a token at each position)
+    or ``"deep"`` (``widths``: input, width, blocks, classes; an input layer, then blocks of
+    LayerNorm, Linear and ReLU, then LayerNorm and the output layer: many small tensors, 4 per
+    block, the case ``flatten_parameters`` is for).
     """
 
     name: str
@@ -235,6 +243,7 @@ TRAIN_MODELS: dict[str, TrainModel] = {
         TrainModel("mlp-l", "mlp", (784, 2048, 2048, 2048, 10), 128),
         TrainModel("cnn", "cnn", (32, 64, 256), 64),
         TrainModel("transformer", "transformer", (1000, 256, 4, 1024, 2, 64), 16),
+        TrainModel("deep", "deep", (32, 32, 64, 4), 32),
     )
 }
 """The training-loop benchmark's models (``--train``), by name."""

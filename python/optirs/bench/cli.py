@@ -112,7 +112,7 @@ def _parse_dtypes(text: str) -> list[DType]:
 
 
 def _parse_apis(text: str) -> list[str]:
-    """Parses ``"numpy,torch"`` (or ``all``)."""
+    """Parses ``"numpy,torch,torch-flat"`` (or ``all``)."""
     return _parse_names(text, APIS, "API(s)")
 
 
@@ -210,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["numpy"],
         metavar="LIST",
         help="optirs APIs from numpy (optirs.X on ndarrays), torch (optirs.torch.X on the "
-        "torch paths' tensors) (default: numpy)",
+        "torch paths' tensors), torch-flat (optirs.torch.X on tensors made contiguous by "
+        "optirs.torch.flatten_parameters) (default: numpy)",
     )
     parser.add_argument(
         "--threads",

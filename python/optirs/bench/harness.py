@@ -157,6 +157,15 @@ def _build_impls(
         tparams = tensors()
         bopt = getattr(bridge, case.cls)(tparams, **case.kwargs)
         impls[APIS["torch"]] = _Impl(APIS["torch"], bopt.step, _torch_snapshot(tparams), bopt)
+    if "torch-flat" in apis:
+        import optirs.torch as bridge
+
+        tparams = tensors()
+        # Copies the shared gradients' values into its flat gradient buffer, once.
+        bridge.flatten_parameters(tparams)
+        fopt = getattr(bridge, case.cls)(tparams, **case.kwargs)
+        name = APIS["torch-flat"]
+        impls[name] = _Impl(name, fopt.step, _torch_snapshot(tparams), fopt)
     missing: dict[str, str] = {}
     for path, path_kwargs in TORCH_PATHS.items():
         if path == "fused" and not case.has_fused:

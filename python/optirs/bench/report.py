@@ -192,23 +192,25 @@ def _fmt_params(n: int) -> str:
 def _train_table(runs: list[dict[str, Any]]) -> str:
     """Time per iteration, speed-ups and step time in the loop, one line per run."""
     paths = list(TRAIN_PATHS)
-    head = ["model", "params", "batch", "optimizer", "thr", "optirs ms"]
+    head = ["model", "params", "tensors", "batch", "optimizer", "api", "thr", "optirs ms"]
     head += [f"{p} ms" for p in paths] + [f"x {p}" for p in paths]
     head += ["step: optirs ms"] + [f"{p} ms" for p in paths]
     rows = [head]
     for r in runs:
         impls = r["impls"]
-        optirs_name = APIS["torch"]
-        row = [r["model"], _fmt_params(r["params"]), str(r["batch"]), r["optimizer"]]
-        row += [str(r["threads"]), _fmt_ms(impls[optirs_name]["median_s"])]
-        row += [_fmt_ms(impls[p]["median_s"] if p in impls else None) for p in paths]
-        row += [
-            _fmt_ratio(r["ratios"][p]["paired_median"] if p in r["ratios"] else None) for p in paths
-        ]
-        row += [_fmt_ms(impls[optirs_name]["step_median_s"])]
-        row += [_fmt_ms(impls[p]["step_median_s"] if p in impls else None) for p in paths]
-        rows.append(row)
-    return _render(rows, 4)
+        variants = [("torch", APIS["torch"], r["ratios"])]
+        if APIS["torch-flat"] in impls:
+            variants.append(("torch-flat", APIS["torch-flat"], r.get("flat_ratios", {})))
+        for api, optirs_name, ratios in variants:
+            row = [r["model"], _fmt_params(r["params"]), str(r.get("tensors", "-"))]
+            row += [str(r["batch"]), r["optimizer"], api]
+            row += [str(r["threads"]), _fmt_ms(impls[optirs_name]["median_s"])]
+            row += [_fmt_ms(impls[p]["median_s"] if p in impls else None) for p in paths]
+            row += [_fmt_ratio(ratios[p]["paired_median"] if p in ratios else None) for p in paths]
+            row += [_fmt_ms(impls[optirs_name]["step_median_s"])]
+            row += [_fmt_ms(impls[p]["step_median_s"] if p in impls else None) for p in paths]
+            rows.append(row)
+    return _render(rows, 6)
 
 
 def print_train_table(runs: list[dict[str, Any]]) -> None:
@@ -225,5 +227,8 @@ def print_train_table(runs: list[dict[str, Any]]) -> None:
         "  copy of the model from the same weights on the same batches; the implementations",
         "  take turns, a sample of iterations each, in an order rotated every round.",
         "for-loop is torch.optim's CPU default (foreach and fused unset).",
+        "api torch-flat: optirs.torch.X over parameters made contiguous by",
+        "  optirs.torch.flatten_parameters (one flat parameter, gradient and state buffer per",
+        "  dtype; step() one native call over them).",
     ]
     print("\n".join(notes))

@@ -28,6 +28,9 @@ from .timing import _calibrate, _rotations, _set_threads
 OPTIRS = APIS["torch"]
 """The name optirs.torch's runs are reported under."""
 
+FLAT = APIS["torch-flat"]
+"""The name of optirs.torch's runs over ``flatten_parameters`` (``--api`` with torch-flat)."""
+
 BATCHES = 4
 """Distinct batches each loop cycles through (the same sequence for every implementation)."""
 
@@ -61,6 +64,12 @@ def build_model(torch: Any, spec: TrainModel) -> Any:
         )
     if spec.kind == "transformer":
         return _tiny_lm(torch, *w)
+    if spec.kind == "deep":
+        inputs, width, blocks, classes = w
+        layers = [nn.Linear(inputs, width)]
+        for _ in range(blocks):
+            layers += [nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU()]
+        return nn.Sequential(*layers, nn.LayerNorm(width), nn.Linear(width, classes))
     raise ValueError(f"unknown model kind {spec.kind!r}")
 
 
@@ -94,7 +103,7 @@ def make_batches(torch: Any, spec: TrainModel, seed: int) -> list[tuple[Any, Any
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(BATCHES):
-        if spec.kind == "mlp":
+        if spec.kind in ("mlp", "deep"):
             x = torch.randn(spec.batch, spec.widths[0], generator=gen)
             y = torch.randint(spec.widths[-1], (spec.batch,), generator=gen)
         elif spec.kind == "cnn":
@@ -143,9 +152,10 @@ class _Samples:
 
 
 def _build_loops(
-    torch: Any, spec: TrainModel, case: OptimizerCase, seed: int
+    torch: Any, spec: TrainModel, case: OptimizerCase, seed: int, flat: bool = False
 ) -> tuple[dict[str, _Loop], dict[str, str]]:
-    """optirs.torch and each torch path on copies of one initialised model."""
+    """optirs.torch (and, with ``flat``, optirs.torch over ``flatten_parameters``) and each
+    torch path on copies of one initialised model."""
     import optirs.torch as bridge
 
     torch.manual_seed(seed)
@@ -158,6 +168,12 @@ def _build_loops(
     loops[OPTIRS] = _Loop(
         model, getattr(bridge, case.cls)(model.parameters(), **case.kwargs), batches, loss
     )
+    if flat:
+        model = copy.deepcopy(base)
+        bridge.flatten_parameters(model)
+        loops[FLAT] = _Loop(
+            model, getattr(bridge, case.cls)(model.parameters(), **case.kwargs), batches, loss
+        )
     for path, path_kwargs in TRAIN_PATHS.items():
         if path == "fused" and not case.has_fused:
             missing[path] = f"torch.optim.{case.cls} has no fused kernel"
@@ -212,10 +228,14 @@ def _summarize(
         for name, s in samples.items()
     }
     ratios = {}
+    flat_ratios = {}
     for path in TRAIN_PATHS:
         if path in samples:
             paired = [t / o for t, o in zip(samples[path].per_iter_s, samples[OPTIRS].per_iter_s)]
             ratios[path] = {"paired_median": statistics.median(paired), "paired": paired}
+            if FLAT in samples:
+                paired = [t / o for t, o in zip(samples[path].per_iter_s, samples[FLAT].per_iter_s)]
+                flat_ratios[path] = {"paired_median": statistics.median(paired), "paired": paired}
     return {
         "model": spec.name,
         "kind": spec.kind,
@@ -228,6 +248,8 @@ def _summarize(
         "threads": threads,
         "impls": impls,
         "ratios": ratios,
+        # Speed-ups of optirs.torch over flatten_parameters (present with --api torch-flat).
+        **({"flat_ratios": flat_ratios} if FLAT in samples else {}),
     }
 
 
@@ -236,8 +258,11 @@ def run_train(torch: Any, config: BenchConfig, progress: Progress) -> list[dict[
     runs: list[dict[str, Any]] = []
     for spec in config.train_models:
         for case in config.train_cases:
-            loops, missing = _build_loops(torch, spec, case, config.seed)
+            loops, missing = _build_loops(
+                torch, spec, case, config.seed, flat="torch-flat" in config.apis
+            )
             params = sum(p.numel() for p in loops[OPTIRS].model.parameters())
+            tensors = len(list(loops[OPTIRS].model.parameters()))
             diffs: dict[str, float] = {}
             for i, threads in enumerate(config.threads):
                 _set_threads(torch, threads)
@@ -258,6 +283,7 @@ def run_train(torch: Any, config: BenchConfig, progress: Progress) -> list[dict[
                 iters = {n: _calibrate(loop, config.train_sample_s) for n, loop in loops.items()}
                 samples = _time_rounds(loops, iters, config.repeats)
                 result = _summarize(spec, case, threads, params, samples)
+                result["tensors"] = tensors
                 result["max_abs_diff_from_for_loop"] = diffs
                 result["unavailable"] = missing
                 runs.append(result)

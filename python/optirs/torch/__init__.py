@@ -42,6 +42,10 @@ Also here: ``step_in_backward`` (each parameter stepped as soon as its gradient 
 ``optirs.torch._backward``) and ``register_functional_optimizers`` (ZeRO's
 ``overlap_with_ddp=True``; nothing is registered with ``torch.distributed`` until it is called).
 
+Contiguous buffers: ``flatten_parameters(model)`` moves the parameters into one flat buffer per
+dtype and device, with gradients pre-assigned as views of a flat gradient buffer; the optimizers
+then keep their state flat and step a few flat buffers in one native call (see ``_flat``).
+
 Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward``,
 ``_clip``, ``_distributed``, ``_dtensor``. None imports this package, so there is no import cycle.
 """
@@ -79,6 +83,7 @@ from ._bridge import _core as _core
 from ._bridge import _Plan as _Plan
 from ._clip import clip_grad_norm_
 from ._distributed import register_functional_optimizers
+from ._flat import FlatParameters, flatten_parameters
 
 __all__ = [
     "ASGD",
@@ -91,6 +96,7 @@ __all__ = [
     "AdamW",
     "AdamW8bit",
     "Adamax",
+    "FlatParameters",
     "Lion",
     "NAdam",
     "RAdam",
@@ -98,6 +104,7 @@ __all__ = [
     "Rprop",
     "StepInBackward",
     "clip_grad_norm_",
+    "flatten_parameters",
     "register_functional_optimizers",
     "step_in_backward",
 ]
@@ -121,6 +128,7 @@ for _public in (
     RMSprop,
     Rprop,
     StepInBackward,
+    FlatParameters,
 ):
     _public.__module__ = __name__
 del _public

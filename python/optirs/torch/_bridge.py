@@ -12,13 +12,14 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _adafactor, _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
-from . import _clip, _dtensor
+from . import _clip, _dtensor, _flat
 
 __all__ = [
     "ASGD",
@@ -132,6 +133,7 @@ class _Bridge:
             else:
                 group["state_dtype"] = _spec.state_dtype_name(group["state_dtype"])
         self._conform_state()
+        self._adopt_flat_state()
 
     def _conform_state(self) -> None:
         """Casts every state buffer to the dtype its group keeps state in (state made by
@@ -187,12 +189,53 @@ class _Bridge:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; also drops a coefficient ``clip_grad_norm_`` recorded.
+        Parameters made flat by ``flatten_parameters`` keep their gradient views, zeroed (one
+        ``zero_()`` per flat gradient buffer), and get them back where user code replaced or
+        dropped them: as torch's ``set_to_none=False``.
 
         Args:
-            set_to_none: as torch: set the gradients to None instead of zeroing them.
+            set_to_none: as torch: set the gradients to None instead of zeroing them (for
+                parameters that are not flat).
         """
         self.__dict__.pop("_optirs_clip_coef", None)
-        super().zero_grad(set_to_none)  # type: ignore[misc]
+        if not self._optirs_has_flat():
+            super().zero_grad(set_to_none)  # type: ignore[misc]
+            return
+        flat = self.__dict__.get("_optirs_flat_plan")
+        if flat is not None and flat.zero_grad(self, set_to_none):
+            return
+        # Flat parameters get their gradient view back, zeroed (whatever set_to_none says:
+        # dropping the view would make backward allocate a new gradient); the others as torch.
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    own = _flat.owner(p)
+                    g = None if own is None else own[0].grad_views[own[1]]
+                    if g is not None:
+                        g.zero_()
+                        if p.grad is not g:
+                            p.grad = g
+                    elif p.grad is not None:
+                        if set_to_none:
+                            p.grad = None
+                        else:
+                            if p.grad.grad_fn is not None:
+                                p.grad.detach_()
+                            else:
+                                p.grad.requires_grad_(False)
+                            p.grad.zero_()
+
+    def _optirs_has_flat(self) -> bool:
+        """Whether any of this optimizer's parameters is flat, remembered while the groups'
+        parameter lists stay the same (a registry lookup per parameter otherwise)."""
+        if not _flat.any_flat():
+            return False
+        key = [(id(g["params"]), len(g["params"])) for g in self.param_groups]
+        cached = self.__dict__.get("_optirs_flat_cache")
+        if cached is None or cached[0] != key:
+            found = any(_flat.owner(p) is not None for g in self.param_groups for p in g["params"])
+            cached = self.__dict__["_optirs_flat_cache"] = (key, found)
+        return bool(cached[1])
 
     def _lock(self) -> threading.Lock:
         # Made on first use: torch's own pickling and deepcopy drop unknown attributes.
@@ -283,6 +326,11 @@ class _Bridge:
         # only, and steps with whatever a schedule or the user sets later. The core raises
         # only where torch's step raises (src/torch_raises.rs).
         groups = self.param_groups
+        flat = self.__dict__.get("_optirs_flat_plan")
+        if flat is not None:
+            applied = flat.step(self)
+            if applied is not None:
+                return applied
         plan = getattr(self, "_optirs_plan", None)
         if plan is not None and plan.fits(self, groups):
             applied = plan.step(self)
@@ -298,6 +346,9 @@ class _Bridge:
                 # at every tensor afresh instead. (KeyError: another thread removed a state
                 # entry since the step.)
                 self._optirs_plan = None
+            self.__dict__["_optirs_flat_plan"] = (
+                _FlatPlan.build(self, groups) if self._optirs_has_flat() else None
+            )
         return applied
 
     def step_parameters(self, params: Iterable[torch.Tensor]) -> bool:
@@ -480,6 +531,9 @@ class _Bridge:
         so, and a drop-in replacement does the same.
         """
         dtype = _state_dtype(p, group)
+        own = _flat.owner(p)
+        if own is not None:
+            return self._new_flat_state(p, own, group, missing, dtype)
         return self._spec.new_state(
             missing,
             self._spec.fill_values(self.defaults, group),
@@ -488,6 +542,84 @@ class _Bridge:
             scalar=lambda x: torch.tensor(x, dtype=_get_scalar_dtype()),
             group=group,
         )
+
+    def _flat_slot(
+        self, fb: _flat._FlatBuffer, k: int, name: str, dtype: torch.dtype, shape: Any
+    ) -> torch.Tensor:
+        """Parameter ``k`` of ``fb``'s place in the flat state buffer ``name`` of ``dtype``
+        (made on first use): a view of its shape, or 0-d for a step counter or scalar."""
+        buffers = self.__dict__.setdefault("_optirs_flat_state", {})
+        key = (id(fb), name, dtype)
+        found = buffers.get(key)
+        per_element = shape is not None
+        if found is None or found[0] is not fb:
+            size = fb.starts[-1] if per_element else fb.count
+            found = buffers[key] = (fb, torch.zeros(size, dtype=dtype, device=fb.data.device))
+        flat = found[1]
+        if not per_element:
+            return flat[k]
+        a = fb.starts[k]
+        return flat[a : a + fb.numels[k]].view(shape)
+
+    def _new_flat_state(
+        self,
+        p: torch.Tensor,
+        own: tuple[_flat._FlatBuffer, int],
+        group: dict[str, Any],
+        missing: Iterable[str],
+        dtype: torch.dtype,
+    ) -> dict[str, torch.Tensor]:
+        """``_new_state`` for a flat parameter: each entry a view of the optimizer's flat
+        state buffer of that name (the values torch would make)."""
+        fb, k = own
+        spec = self._spec
+        values = spec.fill_values(self.defaults, group)
+        out: dict[str, torch.Tensor] = {}
+        for n in missing:
+
+            def full(x: float, n: str = n) -> torch.Tensor:
+                return self._flat_slot(fb, k, n, dtype, p.shape).fill_(x)
+
+            def step(n: str = n) -> torch.Tensor:
+                scalar_dtype = _get_scalar_dtype(is_fused=group.get("fused"))
+                return self._flat_slot(fb, k, n, scalar_dtype, None).fill_(0.0)
+
+            def scalar(x: float, n: str = n) -> torch.Tensor:
+                return self._flat_slot(fb, k, n, _get_scalar_dtype(), None).fill_(x)
+
+            out.update(spec.new_state([n], values, full, step, scalar=scalar, group=group))
+        return out
+
+    def _adopt_flat_state(self) -> None:
+        """Copies each flat parameter's state tensors (as ``load_state_dict`` made them) into
+        the flat state buffers and puts the views in their place, so the flat step can run."""
+        spec = self._spec
+        if not _flat.any_flat() or not _steps_flat(self):
+            return
+        names = (*spec.buffers, *(("step",) if spec.counts_steps else ()), *spec.scalar_names)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    own = _flat.owner(p)
+                    entry = self.state.get(p)
+                    if own is None or not entry:
+                        continue
+                    for n in names:
+                        t = entry.get(n)
+                        if not isinstance(t, torch.Tensor) or t.device != p.device:
+                            continue
+                        if n in spec.buffers:
+                            if t.shape != p.shape:
+                                continue
+                            slot = self._flat_slot(own[0], own[1], n, t.dtype, p.shape)
+                        elif t.dim() == 0:
+                            slot = self._flat_slot(own[0], own[1], n, t.dtype, None)
+                        else:
+                            continue
+                        if slot is not t:
+                            slot.copy_(t)
+                            entry[n] = slot
+        self.__dict__.pop("_optirs_flat_plan", None)
 
 
 def _state_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -588,6 +720,266 @@ class _Plan:
         return applied
 
 
+class _Run:
+    """Parameters ``k0..k1`` of one flat buffer, adjacent in one group, whose state lies in the
+    same flat state buffers: stepped as one tensor (split where their step counters or 0-d
+    state differ)."""
+
+    __slots__ = ("bufs", "fb", "gi", "k0", "k1", "scalars")
+
+    def __init__(self, gi: int, fb: _flat._FlatBuffer, k: int, bufs: Any, scalars: Any) -> None:
+        self.gi, self.fb, self.k0, self.k1 = gi, fb, k, k + 1
+        #: NumPy views of the whole flat state buffers (None where the group uses none)
+        self.bufs = bufs
+        #: NumPy views of the flat step counters, then the 0-d state, one element a parameter
+        self.scalars = scalars
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """``(k0, k1)`` ranges whose parameters hold bitwise the same counters and scalars."""
+        k0, k1 = self.k0, self.k1
+        if not self.scalars or k1 - k0 < 2:
+            return [(k0, k1)]
+        differ = np.zeros(k1 - k0 - 1, dtype=bool)
+        for a in self.scalars:
+            bits = a[k0:k1].view(np.uint64 if a.itemsize == 8 else np.uint32)
+            differ |= bits[1:] != bits[:-1]
+        cuts = np.flatnonzero(differ)
+        if not len(cuts):
+            return [(k0, k1)]
+        edges = [k0, *(int(c) + k0 + 1 for c in cuts), k1]
+        return list(zip(edges[:-1], edges[1:]))
+
+
+class _FlatPlan:
+    """The step over flat buffers (``optirs.torch.flatten_parameters``).
+
+    Built after a full step when every parameter of every group is flat, has its gradient view
+    as ``p.grad`` and its state entries as views of this optimizer's flat state buffers. Each
+    later step checks in one native call (``_core.FlatWatch``) that all of that still holds,
+    then hands the core one tensor per run of adjacent parameters (``_Run``): the rules are
+    element-wise, so a run steps exactly as its parameters would one by one, provided they share
+    their step counter and 0-d state, which is checked bit for bit (a run is split where they
+    differ, e.g. after a step in which a parameter had no gradient). The counters and scalars of
+    a run's first parameter are stepped, then copied to the others.
+
+    Anything else (a gradient replaced or set to None, a parameter re-pointed, a state entry
+    replaced, groups changed) returns None and the per-tensor step runs: slower, never wrong.
+    """
+
+    __slots__ = ("covered", "groups", "runs", "state", "watch", "written")
+    covered: list[_flat._FlatBuffer]
+    groups: GroupsSnapshot
+    runs: list[_Run]
+    state: Any
+    watch: Any
+    written: list[torch.Tensor]
+
+    @staticmethod
+    def build(opt: _Bridge, groups: list[dict[str, Any]]) -> _FlatPlan | None:
+        """The plan for ``opt`` as it is now, or None where it cannot step flat."""
+        spec = opt._spec
+        if not _steps_flat(opt):
+            return None
+        kept = opt.__dict__.get("_optirs_flat_state", {})
+        snapshot = GroupsSnapshot(spec, groups)
+        scalar_names = (("step",) if spec.counts_steps else ()) + spec.scalar_names
+        params: list[Any] = []
+        grads: list[Any] = []
+        entries: list[Any] = []
+        runs: list[_Run] = []
+        bases: dict[int, Any] = {}
+        last: tuple[Any, ...] | None = None
+        for gi, (group, ps, need) in enumerate(zip(groups, snapshot.members, snapshot.needs)):
+            for p in ps:
+                own = _flat.owner(p)
+                if own is None:
+                    return None
+                fb, k = own
+                g = fb.grad_views[k]
+                entry = opt.state.get(p) or None
+                if p.grad is not g or p.dtype not in _DTYPES or not _lies_at(p, fb.data, fb, k):
+                    return None
+                if g is None:
+                    # Frozen, without a gradient: not stepped; the watch sees that it stays so.
+                    params.append(p)
+                    grads.append(None)
+                    entries.append(entry)
+                    continue
+                if not _lies_at(g, fb.grad, fb, k):
+                    return None
+                if entry is None:
+                    if any(need) or scalar_names:
+                        return None
+                    entry = {}
+                elif not isinstance(entry, dict):
+                    return None
+                found: list[Any] = []
+                for n, want in zip(spec.buffers, need):
+                    if not want:
+                        found.append(None)
+                        continue
+                    t = entry.get(n)
+                    flat = _flat_base(kept, fb, n, t)
+                    if (
+                        flat is None
+                        or not isinstance(t, torch.Tensor)
+                        or t.dtype != _state_dtype(p, group)
+                        or t.storage_offset() != fb.starts[k]
+                        or t.shape != p.shape
+                        or not t.is_contiguous()
+                    ):
+                        return None
+                    found.append(flat)
+                for n in scalar_names:
+                    t = entry.get(n)
+                    flat = _flat_base(kept, fb, n, t)
+                    if not isinstance(t, torch.Tensor) or flat is None:
+                        return None
+                    if t.dim() != 0 or t.storage_offset() != k:
+                        return None
+                    found.append(flat)
+                key = (gi, fb, *map(id, found))
+                if last == key and runs[-1].k1 == k:
+                    runs[-1].k1 += 1
+                else:
+                    views = [None if t is None else _numpy(t, "a flat state buffer") for t in found]
+                    nb = len(spec.buffers)
+                    runs.append(_Run(gi, fb, k, views[:nb], views[nb:]))
+                    last = key
+                for t in found:
+                    if t is not None:
+                        bases[id(t)] = t
+                params.append(p)
+                grads.append(g)
+                entries.append(entry or None)
+        if not params:
+            return None
+        plan = _FlatPlan()
+        plan.state = opt.state
+        plan.groups = snapshot
+        plan.runs = runs
+        plan.watch = _core.FlatWatch(params, grads, entries, _EXCHANGE_API)
+        fbs = {id(r.fb): r.fb for r in runs}
+        # Flat buffers all of whose parameters this optimizer steps: zero_grad zeros them whole.
+        counts: dict[int, int] = {}
+        for r in runs:
+            counts[id(r.fb)] = counts.get(id(r.fb), 0) + r.k1 - r.k0
+        plan.covered = [fb for i, fb in fbs.items() if counts[i] == fb.count]
+        # The core writes behind autograd's back: version counters are bumped as torch's in-place
+        # ops would. A parameter has its own counter (``p.data = view`` keeps it); the state
+        # views share their flat buffer's.
+        plan.written = [*params, *(fb.data for fb in fbs.values()), *bases.values()]
+        return plan
+
+    def step(self, opt: _Bridge) -> bool | None:
+        """One step over the flat buffers; None (nothing written) when something changed."""
+        spec = opt._spec
+        groups = opt.param_groups
+        if opt.state is not self.state or not self.groups.unchanged(spec, groups):
+            return None
+        if not self.watch.current(opt.state):
+            return None
+        members: list[list[Any]] = [[] for _ in groups]
+        params: list[Any] = []
+        grads: list[Any] = []
+        buffers: list[Any] = []
+        steps: list[Any] = []
+        done: list[tuple[_Run, int, int]] = []
+        counts = spec.counts_steps
+        for r in self.runs:
+            fb = r.fb
+            data = _numpy(fb.data, "a flat parameter buffer")
+            grad = _numpy(fb.grad, "a flat gradient buffer")
+            for k0, k1 in r.pieces():
+                a, b = fb.starts[k0], fb.starts[k1]
+                members[r.gi].append(None)
+                params.append(data[a:b])
+                grads.append(grad[a:b])
+                one = [s[k0 : k0 + 1].reshape(()) for s in r.scalars]
+                buffers.append(
+                    tuple(None if x is None else x[a:b] for x in r.bufs)
+                    + tuple(one[1:] if counts else one)
+                )
+                steps.append(one[0] if counts else None)
+                done.append((r, k0, k1))
+        seg_groups = [{**g, "params": m} for g, m in zip(groups, members)]
+        applied = _core.step(
+            spec.kind,
+            seg_groups,
+            params,
+            grads,
+            buffers,
+            steps,
+            [],
+            bf16_bits=True,
+            then=(increment_version, self.written),
+            **opt._options(),
+        )
+        if applied:
+            for r, k0, k1 in done:
+                for s in r.scalars:
+                    s[k0 + 1 : k1] = s[k0]
+        return applied
+
+    def zero_grad(self, opt: _Bridge, set_to_none: bool) -> bool:
+        """Zeros the gradients of a flat optimizer; False (nothing done) when the plan no longer
+        describes the optimizer's parameters. A frozen parameter given a gradient since is
+        treated as torch would (``set_to_none``)."""
+        if not self.groups.unchanged(opt._spec, opt.param_groups):
+            return False
+        covered = {id(fb) for fb in self.covered}
+        with torch.no_grad():
+            for fb in self.covered:
+                fb.grad.zero_()
+            for r in self.runs:
+                if id(r.fb) not in covered:
+                    r.fb.grad[r.fb.starts[r.k0] : r.fb.starts[r.k1]].zero_()
+        stray = self.watch.stray_grads()
+        if stray:
+            params = self.groups.params
+            for k in stray:
+                p = params[k]
+                own = _flat.owner(p)
+                g = None if own is None else own[0].grad_views[own[1]]
+                if g is not None:
+                    p.grad = g
+                elif p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+        return True
+
+
+def _steps_flat(opt: _Bridge) -> bool:
+    """Whether ``opt`` can step flat parameters as flat runs: not the 8-bit optimizers (their
+    blocks would straddle parameters) nor Adafactor (its own step), nor any rule that is not
+    element-wise (``Spec.elementwise``: factored moments read a parameter's shape)."""
+    return type(opt)._optirs_step is _Bridge._optirs_step and opt._spec.elementwise
+
+
+def _lies_at(t: torch.Tensor, flat: torch.Tensor, fb: _flat._FlatBuffer, k: int) -> bool:
+    """Whether ``t`` is parameter ``k``'s contiguous piece of ``flat`` (not re-pointed)."""
+    return (
+        t.dtype == flat.dtype
+        and t.is_contiguous()
+        and t.numel() == fb.numels[k]
+        and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        and t.data_ptr() == flat.data_ptr() + fb.starts[k] * flat.element_size()
+    )
+
+
+def _flat_base(kept: dict[Any, Any], fb: _flat._FlatBuffer, name: str, t: Any) -> Any:
+    """The flat state buffer ``t`` is a view of, when it is this optimizer's buffer ``name``
+    for ``fb``; else None."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    found = kept.get((id(fb), name, t.dtype))
+    if found is None or found[0] is not fb or t._base is not found[1]:
+        return None
+    return found[1]
+
+
 class _Layout:
     """How one parameter's tensors are handed to the core.
 
@@ -686,6 +1078,7 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
                 group.setdefault("state_dtype", state_dtype)
         self._after_init(skip_nonfinite, flush_denormals)
         self._conform_state()
+        self._adopt_flat_state()  # Adagrad's constructor makes state
 
     doc = (
         (
