@@ -695,7 +695,7 @@ class Optimizer:
                 by_index[i] = (p, new)
 
         new_state = ParamState()
-        known = set(spec.keys)
+        known = {*spec.keys, _spec.MASTER}
         for i, saved in saved_state.items():
             if i not in by_index:
                 raise ValueError(f"loaded state dict has state for unknown parameter index {i!r}")

@@ -261,7 +261,7 @@ class Spec:
     def keys(self) -> frozenset[str]:
         """Every state key a parameter may have."""
         return frozenset(
-            (*self.buffers, *(("step",) if self.counts_steps else ()), *self.scalar_names, MASTER)
+            (*self.buffers, *(("step",) if self.counts_steps else ()), *self.scalar_names)
         )
 
     @property
