@@ -370,7 +370,7 @@ def test_eight_bit_adam_refuses_the_options():
         )
 
 
-# ---- the digits MLP held in bfloat16 --------------------------------------------------------------
+# ---- the digits MLP held in bfloat16 ---------------------------------------------------------
 
 STEPS = 600
 BATCH = 128
