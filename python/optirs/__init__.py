@@ -852,7 +852,10 @@ def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
         "``state_dtype`` (None: state in the parameter's dtype, as torch; ``'bfloat16'`` or "
         "``ml_dtypes.bfloat16``: state kept as bfloat16, computed in float32 and rounded to "
         "nearest even when stored; float32 and bfloat16 parameters only, a group may set its "
-        "own)."
+        "own), ``bf16_stochastic_round`` (bfloat16 parameters rounded stochastically, keyed by "
+        "``seed``: an int, default drawn from ``optirs.manual_seed``'s seed or 0), and "
+        "``master_weights`` (a float32 ``master_param`` state entry per float16/bfloat16 "
+        "parameter); see the README's '16-bit parameters that learn'."
     )
     return _spec.make_init(spec.name, __name__, spec.numpy_params, construct, doc)
 

@@ -693,7 +693,11 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
         "(None: state in the parameter's dtype, as torch; ``torch.bfloat16`` or "
         "``'bfloat16'``: state kept as bfloat16, computed in float32 and rounded to nearest "
         "even when stored; float32, float16 and bfloat16 parameters, a group may set its "
-        "own)."
+        "own), ``bf16_stochastic_round`` (bfloat16 parameters rounded stochastically, keyed by "
+        "``seed``: an int, default drawn from ``optirs.manual_seed``'s seed or "
+        "``torch.initial_seed()``) and ``master_weights`` (a float32 ``master_param`` state "
+        "entry per float16/bfloat16 parameter); see the README's '16-bit parameters that "
+        "learn'."
         + (
             " " + ", ".join(f"``{n}=True``" for n in spec.refused) + " raise ValueError."
             if spec.refused
