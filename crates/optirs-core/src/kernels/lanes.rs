@@ -494,10 +494,21 @@ impl<S: Storage> ParamIo<S> for Stochastic<S> {
         // every level writes the same bits whatever the compiler makes of this loop.
         let mut buf = [<S::Compute as Float>::ZERO; MAX_W];
         debug_assert!(L::W <= MAX_W);
+        // Element i + j's index within the parameter, in two u32 halves (`sr::bits`, computed
+        // without 64-bit lanes: the low half counts up from the block's, the high half takes
+        // its carry).
+        #[allow(clippy::cast_possible_truncation)]
+        let (lo0, hi0) = {
+            let base = self.key.offset.wrapping_add(i as u64);
+            (base as u32, (base >> 32) as u32)
+        };
         unsafe {
             L::store_compute(buf.as_mut_ptr(), v);
             for (j, &x) in buf.iter().enumerate().take(L::W) {
-                *self.p.add(i + j) = S::store_sr(x, sr::bits(self.key, i + j));
+                #[allow(clippy::cast_possible_truncation)] // j < W <= 32
+                let lo = lo0.wrapping_add(j as u32);
+                let hi = hi0.wrapping_add(u32::from(lo < lo0));
+                *self.p.add(i + j) = S::store_sr(x, sr::mix(self.key, lo, hi));
             }
         }
     }

@@ -69,5 +69,13 @@ fn lowbias32(mut x: u32) -> u32 {
 #[allow(clippy::cast_possible_truncation)] // the halves of the index
 pub fn bits(key: SrKey, i: usize) -> u32 {
     let idx = key.offset.wrapping_add(i as u64);
-    lowbias32(lowbias32((idx as u32) ^ key.k0) ^ (idx >> 32) as u32 ^ key.k1)
+    mix(key, idx as u32, (idx >> 32) as u32)
+}
+
+/// [`bits`] of the element whose index within the parameter has the halves `lo` and `hi`: all
+/// `u32` arithmetic, so that a loop over consecutive elements vectorises.
+#[inline(always)]
+#[must_use]
+pub fn mix(key: SrKey, lo: u32, hi: u32) -> u32 {
+    lowbias32(lowbias32(lo ^ key.k0) ^ hi ^ key.k1)
 }

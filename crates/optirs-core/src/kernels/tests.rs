@@ -1552,6 +1552,38 @@ fn random_bits_depend_on_seed_step_parameter_and_index_only() {
     for i in 0..20 {
         assert_eq!(bits(k.advanced(10), i), bits(k, i + 10));
     }
+    // Across 2^32, where the index's high half carries (the vector store counts in halves).
+    let near = k.advanced((1usize << 32) - 40);
+    let mut p = vec![half::bf16::from_f32(1.0); 80];
+    let g = vec![half::bf16::from_f32(1e-3); 80];
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+        let want: Vec<u16> = (0..80)
+            .map(|i| {
+                let x = 1.0f32 - 0.1f32 * half::bf16::from_f32(1e-3).to_f32();
+                sr_reference(x, bits(near, i)).to_bits()
+            })
+            .collect();
+        p.fill(half::bf16::from_f32(1.0));
+        let rule = Rule::Sgd(SgdScalars::new(
+            &SgdHyper {
+                lr: 0.1,
+                ..SgdHyper::default()
+            },
+            false,
+        ));
+        let s = Slices {
+            param: &mut p,
+            grad: &g,
+            bufs: [None, None, None],
+            rounding: super::lanes::Rounding::Stochastic(near),
+        };
+        apply(level, &rule, s);
+        assert_eq!(
+            p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want,
+            "{level:?}"
+        );
+    }
     let n = if cfg!(miri) { 64 } else { 4096 };
     let distinct = |k: SrKey| {
         let mut v: Vec<u32> = (0..n).map(|i| bits(k, i)).collect();
