@@ -418,3 +418,25 @@ def test_bfloat16_training_with_each_remedy_ends_within_2_percent_of_float32():
     assert plain > 1.5 * base, (plain, base)  # round to nearest stalls
     assert abs(master - base) <= 0.02 * base, (master, base)
     assert abs(sr - base) <= 0.02 * base, (sr, base)
+
+
+def test_switching_master_weights_on_later_makes_the_copy():
+    a = np.linspace(-1, 1, 10).astype(BF16)
+    opt = optirs.AdamW([a], lr=1e-3)
+    for _ in range(3):
+        opt.step([np.full(10, 0.5, BF16)])
+    opt.param_groups[0]["master_weights"] = True
+    opt.step([np.full(10, 0.5, BF16)])
+    m = opt.state[a]["master_param"]
+    assert m.dtype == np.float32 and np.array_equal(m.astype(BF16), a)
+
+    p = nn.Parameter(torch.linspace(-1, 1, 10).to(torch.bfloat16))
+    p.grad = torch.full_like(p, 0.5)
+    topt = ot.AdamW([p], lr=1e-3)
+    for _ in range(3):
+        topt.step()
+    topt.param_groups[0]["master_weights"] = True
+    topt.step()
+    tm = topt.state[p]["master_param"]
+    assert tm.dtype == torch.float32 and torch.equal(tm.to(torch.bfloat16), p.detach())
+    assert np.array_equal(tm.numpy(), m)

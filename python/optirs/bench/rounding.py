@@ -47,12 +47,12 @@ def run_rounding(threads: int, repeats: int, sample_s: float, scale: int) -> lis
             p.grad = g.clone()
         if kind == "torch_fused":
             return torch.optim.AdamW(ps, lr=1e-4, fused=True).step
-        kw: dict[str, Any] = {
+        options: dict[str, dict[str, Any]] = {
             "nearest": {},
             "stochastic": {"bf16_stochastic_round": True, "seed": 0},
             "master": {"master_weights": True},
-        }[kind]
-        return ot.AdamW(ps, lr=1e-4, **kw).step
+        }
+        return ot.AdamW(ps, lr=1e-4, **options[kind]).step
 
     steps = {k: make(k) for k in ("torch_fused", "nearest", "stochastic", "master")}
     for s in steps.values():
