@@ -144,7 +144,7 @@ def step(
     commit: list[tuple[Any, Any, Any]] | None = None,
     then: tuple[Any, Any] | None = None,
     _panic_for_tests: str | None = None,
-) -> tuple[bool, ArrayPlan]: ...
+) -> tuple[bool, ArrayPlan | None]: ...
 
 @final
 class ArrayPlan:
