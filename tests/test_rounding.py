@@ -76,12 +76,19 @@ def test_nan_and_infinity_stay():
 # ---- reproducibility -----------------------------------------------------------------------------
 
 
-def _run_sr(seed: int, threads: int | None = None, level: str | None = None, n: int = 70_001):
-    """Five AdamW steps with stochastic rounding over a parameter of several work items."""
+def _run_sr(
+    seed: int | None,
+    threads: int | None = None,
+    level: str | None = None,
+    n: int = 70_001,
+):
+    """Five AdamW steps with stochastic rounding (``seed``; None: master weights instead) over
+    a parameter of several work items."""
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(n).to(torch.bfloat16))
     q = nn.Parameter(torch.randn(3, 5).to(torch.bfloat16))
-    opt = ot.AdamW([p, q], lr=1e-3, bf16_stochastic_round=True, seed=seed)
+    kw = {"master_weights": True} if seed is None else {"bf16_stochastic_round": True, "seed": seed}
+    opt = ot.AdamW([p, q], lr=1e-3, **kw)
     g = torch.Generator().manual_seed(5)
     old_threads, old_level = optirs.get_num_threads(), optirs.simd_level()
     try:
@@ -108,6 +115,12 @@ def test_bitwise_reproducible_across_threads_levels_and_runs():
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (threads, level)
     other = _run_sr(8)
     assert not torch.equal(other[0], want[0]), "another seed draws other bits"
+    master = _run_sr(None)
+    for threads in (1, 3):
+        for level in optirs.simd_levels():
+            got = _run_sr(None, threads, level)
+            for a, b in zip(got, master):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (threads, level)
 
 
 def test_default_seed_follows_manual_seed():
