@@ -84,6 +84,10 @@ lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff, actionlint
 	ruff format --check python tests examples
 	actionlint -color=false .github/workflows/*.yml
 
+.PHONY: release-check
+release-check: $(DEPS) ## dry-run each release test job's requirements for its platform and Python (needs PyPI)
+	tools/release-check.sh
+
 .PHONY: format
 format: $(DEPS) ## apply cargo fmt and ruff format
 	cargo fmt --all

@@ -40,7 +40,10 @@ pub(crate) fn finish(commit: &[Commit<'_>], then: Option<&Then<'_>>) -> PyResult
     first.map_or(Ok(()), Err)
 }
 
-#[pymodule]
+// Not declared free-threading-safe (PyO3's default would): no free-threaded (cp313t/cp314t)
+// build is made or tested yet, so a free-threaded interpreter that loads a source build turns the
+// GIL back on, with its warning, rather than trust an unchecked claim.
+#[pymodule(gil_used = true)]
 pub mod _core {
     #[pymodule_export]
     use crate::array_plan::ArrayPlan;

@@ -256,3 +256,38 @@ def test_bench_clipping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "clipped step" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--clip takes"):
         main(["bench", "--sizes", "none", "--clip", "0"])
+
+
+def test_bench_lowbit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--lowbit N``: AdamW with float32, bfloat16 and 8-bit state against torch's fused
+    AdamW, each with its bytes and ceiling, and the 8-bit round-trip report, in the JSON."""
+    from optirs.bench.lowbit import bytes_per_step
+
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "none", "--lowbit", "5e4", "--repeats", "2", "--sample-ms", "1"]
+    assert main(["bench", *args, "--threads", "1", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())["lowbit"]
+    rows = {r["what"]: r for r in saved["steps"]}
+    assert {"torch fused", "optirs f32", "optirs bf16", "optirs 8bit"} <= rows.keys()
+    # 28 bytes an element at float32, 20 with bfloat16 state, 16 + two absmaxes a block at 8 bits.
+    assert rows["torch fused"]["bytes_per_elem"] == rows["optirs f32"]["bytes_per_elem"] == 28
+    assert rows["optirs bf16"]["bytes_per_elem"] == 20
+    assert rows["optirs 8bit"]["bytes_per_elem"] == pytest.approx(16 + 16 / 256, rel=1e-3)
+    assert rows["optirs 8bit"]["state_bytes_per_elem"] <= 2.1
+    assert rows["optirs bf16"]["state_bytes_per_elem"] <= 4.1
+    for r in rows.values():
+        assert r["elements"] == 50_000 and r["threads"] == 1
+        assert _positive(r["ms"]) and _positive(r["speedup_vs_fused"])
+        assert _positive(r["pct_of_ceiling"]) and len(r["times_s"]) == 2
+    quant = saved["quantization"]
+    ours = [q for q in quant if q["impl"] == "optirs"]
+    assert len(ours) == 2
+    # Nearest of 256 codes: within half the widest gap between neighbouring codes (1/128 of
+    # the absmax at the signed map's ends), on average far less.
+    for q in ours:
+        assert 0 < q["mean_rel_err"] < q["max_rel_err"] <= 1 / 128
+    assert "8-bit round trip" in capsys.readouterr().out
+    # Small tensors keep float32 state in the 8-bit optimizer, and count as such.
+    assert bytes_per_step("8bit", [100]) == bytes_per_step("f32", [100])
+    with pytest.raises(SystemExit, match="--lowbit takes"):
+        main(["bench", "--sizes", "none", "--lowbit", "0"])

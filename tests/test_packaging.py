@@ -9,6 +9,7 @@ checks of the installed package still run.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -65,15 +66,44 @@ def test_release_build():
     assert optirs._core.build_info()["profile"] == "release"
 
 
+#: This platform's wheel tag (a regular expression) and its extension module's file name.
+if sys.platform.startswith("linux"):
+    PLATFORM_TAG = r"(?:manylinux2014|manylinux_\d+_\d+|musllinux_\d+_\d+)_(?P<arch>\w+)"
+    EXTENSION = "optirs/_core.abi3.so"
+elif sys.platform == "darwin":
+    PLATFORM_TAG = r"macosx_\d+_\d+_(?P<arch>x86_64|arm64|universal2)"
+    EXTENSION = "optirs/_core.abi3.so"
+elif sys.platform == "win32":
+    PLATFORM_TAG = r"win_(?P<arch>amd64|arm64)"
+    EXTENSION = "optirs/_core.pyd"
+else:  # pragma: no cover - no wheel is built for other platforms
+    PLATFORM_TAG, EXTENSION = r"(?P<arch>\w+)", "optirs/_core.abi3.so"
+
+#: platform.machine() as each platform's wheel tags spell the architecture
+TAG_ARCH = {"amd64": "x86_64", "arm64": "aarch64", "x86_64": "x86_64", "aarch64": "aarch64"}
+
+
+def _tag_arch(arch: str) -> str:
+    return TAG_ARCH.get(arch.lower(), arch.lower())
+
+
 @needs_wheel
-def test_wheel_is_abi3_manylinux_and_not_pure():
+def test_wheel_is_abi3_for_this_platform_and_not_pure():
+    """One abi3 wheel per platform: tagged cp39-abi3 and this OS's platform tag, for this
+    machine's architecture (macOS's universal2 holds both), with compiled code inside."""
     name = Path(WHEEL).name
-    assert re.fullmatch(r"optirs-[\w.]+-cp39-abi3-(manylinux[\w.]+)\.whl", name), name
+    m = re.fullmatch(rf"optirs-[\w.]+-cp39-abi3-((?:{PLATFORM_TAG}\.?)+)\.whl", name)
+    assert m, name
     with zipfile.ZipFile(WHEEL) as z:
         wheel_meta = z.read(f"optirs-{optirs.__version__}.dist-info/WHEEL").decode()
     assert "Root-Is-Purelib: false" in wheel_meta
     tags = re.findall(r"^Tag: (\S+)$", wheel_meta, re.MULTILINE)
-    assert tags and all(t.startswith("cp39-abi3-manylinux") for t in tags), tags
+    assert tags, wheel_meta
+    for tag in tags:
+        t = re.fullmatch(rf"cp39-abi3-{PLATFORM_TAG}", tag)
+        assert t, tag
+        if t["arch"] != "universal2":
+            assert _tag_arch(t["arch"]) == _tag_arch(platform.machine()), (tag, platform.machine())
 
 
 def _manylinux_glibc(name: str) -> tuple[int, int]:
@@ -88,6 +118,8 @@ def _manylinux_glibc(name: str) -> tuple[int, int]:
 def test_glibc_symbol_versions_fit_the_manylinux_tag(tmp_path):
     """An auditwheel-style check: every versioned glibc symbol the extension imports exists in
     the glibc its tag names, and it links only libraries every manylinux system has."""
+    if "manylinux" not in Path(WHEEL).name:
+        pytest.skip("not a manylinux wheel: no glibc (see the musllinux and macOS checks)")
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) is needed to read the extension's symbol versions"
     with zipfile.ZipFile(WHEEL) as z:
@@ -108,6 +140,34 @@ def test_glibc_symbol_versions_fit_the_manylinux_tag(tmp_path):
     assert libs <= MANYLINUX_LIBS, libs - MANYLINUX_LIBS
 
 
+#: What a musllinux extension may link without bundling it: musl's libc under either name
+#: (``libc.so``, which musl's loader resolves to itself, is what a zig-linked build asks for;
+#: seen here on a `maturin build --zig --target x86_64-unknown-linux-musl` wheel), and libgcc_s.
+MUSL_LIBS = {"libc.so", "libc.musl-x86_64.so.1", "libc.musl-aarch64.so.1", "libgcc_s.so.1"}
+
+
+@needs_wheel
+def test_musllinux_and_macos_wheels_link_only_system_libraries(tmp_path):
+    """musllinux: only musl's libc (and libgcc_s), as auditwheel allows; macOS: only the system
+    libraries under /usr/lib and /System."""
+    name = Path(WHEEL).name
+    if "musllinux" not in name and "macosx" not in name:
+        pytest.skip("a manylinux or Windows wheel (manylinux: the glibc check)")
+    with zipfile.ZipFile(WHEEL) as z:
+        z.extract(EXTENSION, tmp_path)
+    lib = str(tmp_path / EXTENSION)
+    if "musllinux" in name:
+        objdump = shutil.which("objdump")
+        assert objdump, "objdump (binutils) is needed to read the extension's dependencies"
+        out = subprocess.run([objdump, "-p", lib], check=True, capture_output=True, text=True)
+        libs = set(re.findall(r"NEEDED\s+(\S+)", out.stdout))
+        assert libs <= MUSL_LIBS, libs - MUSL_LIBS
+    else:
+        out = subprocess.run(["otool", "-L", lib], check=True, capture_output=True, text=True)
+        deps = [line.split()[0] for line in out.stdout.splitlines()[1:] if line.strip()]
+        assert deps and all(d.startswith(("/usr/lib/", "/System/")) for d in deps), deps
+
+
 @needs_wheel
 def test_wheel_contents_and_size():
     with zipfile.ZipFile(WHEEL) as z:
@@ -119,7 +179,7 @@ def test_wheel_contents_and_size():
         "optirs/py.typed",
     ):
         assert required in names
-    assert any(re.fullmatch(r"optirs/_core\.abi3\.so", n) for n in names), names
+    assert EXTENSION in names, names
     assert not any(n.startswith(("tests/", "src/", "target/")) for n in names)
     assert os.path.getsize(WHEEL) <= MAX_WHEEL_BYTES
 
@@ -211,3 +271,53 @@ def test_sdist_builds_and_installs(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) == pytest.approx(0.5)
+
+
+def test_metadata_a_user_sees_on_pypi():
+    """License as an SPDX expression (PEP 639), the project's links, the extras' names."""
+    meta = metadata.metadata("optirs")
+    assert meta["License-Expression"] == "MIT"
+    assert not [c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [])
+    assert {"Homepage", "Documentation", "Issues", "Source", "Changelog"} <= urls.keys()
+    assert {"torch", "bench", "bfloat16"} <= set(meta.get_all("Provides-Extra") or [])
+
+
+def test_without_torch_the_messages_name_the_extra():
+    """``import optirs.torch`` and the benchmark, where torch is not installed, say what to
+    install (run in a child whose ``import torch`` fails)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import optirs\n"
+        "try:\n"
+        "    import optirs.torch\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT:', e)\n"
+        "from optirs.bench.timing import _import_torch\n"
+        "try:\n"
+        "    _import_torch()\n"
+        "except SystemExit as e:\n"
+        "    print('BENCH:', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "IMPORT: optirs.torch needs PyTorch: pip install 'optirs[torch]'" in out
+    assert "BENCH: the benchmark compares against PyTorch: pip install 'optirs[bench]'" in out
+
+
+def test_the_console_script_says_its_own_name(tmp_path):
+    """Usage lines say ``optirs`` when run as the console script, ``python -m optirs`` as a
+    module."""
+    from optirs.__main__ import build_parser
+
+    script = tmp_path / "optirs"
+    code = "import sys; from optirs.__main__ import build_parser; print(build_parser().prog)"
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.argv = [{str(script)!r}]; {code}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "optirs"
+    assert build_parser().prog == "python -m optirs"  # pytest's argv[0] is not the script

@@ -61,8 +61,10 @@ def _print_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m optirs`` argument parser, with one subparser per command."""
+    # `optirs` when run as the console script, `python -m optirs` as a module.
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
-        prog="python -m optirs",
+        prog="optirs" if invoked in ("optirs", "optirs.exe") else "python -m optirs",
         description="optirs command-line tools.",
     )
     parser.add_argument("--version", action="version", version=f"optirs {__version__}")

@@ -241,6 +241,10 @@ class Spec:
     #: per-parameter 0-d state besides ``step``, in the order the core takes it (after the
     #: buffers, in the same tuple)
     scalars: tuple[Scalar, ...] = ()
+    #: each element's update reads only that element's parameter, gradient and state (and the
+    #: scalars): a DTensor's local shard can then be stepped on its own (``optirs.torch._dtensor``);
+    #: False for factored rules, which are refused on sharded DTensor parameters
+    elementwise: bool = True
 
     @property
     def buffers(self) -> tuple[str, ...]:

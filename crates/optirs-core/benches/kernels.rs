@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the fused kernels: throughput in bytes of memory traffic per step,
 //! from cache-resident sizes to main memory, single-threaded, at the best SIMD level and at the
-//! baseline; every rule in float32, and Adam in bfloat16 and float16. `cargo bench --bench kernels` (or `make bench-rust`); `OPTIRS_BENCH_MAX=100000000`
+//! baseline; every rule in float32, Adam in bfloat16 and float16, and the gradient norm. `cargo bench --bench kernels` (or `make bench-rust`); `OPTIRS_BENCH_MAX=100000000`
 //! adds the 10^8-element size.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -162,5 +162,38 @@ fn bench_16_bit(c: &mut Criterion) {
     run(c, "adam_f16", half::f16::from_f32, &levels);
 }
 
-criterion_group!(benches, bench, bench_16_bit);
+/// The gradient norm (`clip_grad_norm_`'s first pass) over float32 and bfloat16, single-threaded,
+/// at each SIMD level: bytes read per element are the gradient's.
+fn bench_norm(c: &mut Criterion) {
+    use optirs_core::dtype::DType;
+    use optirs_core::norm::{norms, GradRef, NormType};
+    optirs_core::pool::set_num_threads(1);
+    let levels = levels();
+    for (name, dtype, size) in [
+        ("norm2_f32", DType::F32, 4usize),
+        ("norm2_bf16", DType::Bf16, 2),
+    ] {
+        let mut group = c.benchmark_group(name);
+        for n in sizes() {
+            if n >= 10_000_000 {
+                group.sample_size(10);
+            }
+            group.throughput(Throughput::Bytes((size * n) as u64));
+            // 0x3E80 as bfloat16, 0x3E80_3E80 as float32: finite values either way; u64s keep
+            // the float32s aligned.
+            let data = vec![0x3E80_3E80_3E80_3E80u64; (n * size).div_ceil(8)];
+            // SAFETY: `data` outlives every use of `g` and is only read.
+            let g = [unsafe { GradRef::new(dtype, data.as_ptr().cast(), n) }];
+            for &level in &levels {
+                group.bench_with_input(BenchmarkId::new(level.name(), n), &n, |b, _| {
+                    optirs_core::kernels::simd::set_active(level);
+                    b.iter(|| norms(&g, NormType::Two));
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_16_bit, bench_norm);
 criterion_main!(benches);

@@ -31,7 +31,15 @@
 
 use crate::dtype::DType;
 use crate::engine::CHUNK_ELEMS;
-use crate::kernels::{simd::SimdLevel, Float, Storage};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::{
+    lanes::Arith,
+    x86::{Avx2, Avx512, Wide8},
+};
+use crate::kernels::{
+    simd::{FactorElement, SimdLevel},
+    Float, Storage,
+};
 use crate::pool;
 
 /// Independent accumulators per piece: enough dependency chains to keep vector adders busy at
@@ -186,7 +194,8 @@ impl GradRef {
     }
 }
 
-/// The accumulation over one piece, written once and compiled per SIMD level.
+/// The accumulation over one piece at the baseline level (and for norm types the vector
+/// loop does not cover), one element at a time.
 #[inline(always)]
 fn piece_inline<S: Storage>(xs: &[S], p: NormType) -> f64 {
     // One loop per norm type, each with its operation known: a loop that matched the type
@@ -199,6 +208,12 @@ fn piece_inline<S: Storage>(xs: &[S], p: NormType) -> f64 {
         NormType::NegInf => lanes(xs, p, |a, x| min_nan(a, x.abs())),
         NormType::P(e) => lanes(xs, p, |a, x| a + x.abs().powf(e)),
     };
+    reduce(acc, p)
+}
+
+/// The accumulators combined in their fixed order.
+#[inline(always)]
+fn reduce(acc: [f64; LANES], p: NormType) -> f64 {
     acc.into_iter()
         .reduce(|a, b| p.combine(a, b))
         .unwrap_or(p.identity())
@@ -220,28 +235,103 @@ fn lanes<S: Storage>(xs: &[S], p: NormType, add: impl Fn(f64, f64) -> f64) -> [f
     acc
 }
 
+/// [`piece_inline`] with `L`'s `f64` vectors, spelled out: the compiler left the scalar loop
+/// (32 `f64` chains fed by conversions) scalar, about 1 element a cycle, a third of the
+/// memory's speed at 2 threads. Four vectors of 8 lanes are the 32 accumulators (lane `j` of
+/// vector `k` is accumulator `8k + j`, as in [`lanes`]), each lane's operation the scalar
+/// one's IEEE operation, so the bits are the baseline's; the tail runs the scalar operations.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn piece_wide<S: Storage, L: Wide8<S>>(xs: &[S], p: NormType) -> f64 {
+    let zero = L::V::splat(0.0);
+    let one = L::V::splat(1.0);
+    // |x| as `0 - x` where `x > 0` fails: +0 for either zero, as `f64::abs` gives (negation
+    // would give -0 for +0, which `min` would keep); NaN stays NaN.
+    let abs = |x: L::V| x.select_gt(zero, x, zero - x);
+    let acc = match p {
+        NormType::Two => wide::<S, L>(xs, p, |a, x| a + x * x, |a, x| a + x * x),
+        NormType::One => wide::<S, L>(xs, p, |a, x| a + abs(x), |a, x| a + x.abs()),
+        NormType::Zero => wide::<S, L>(
+            xs,
+            p,
+            |a, x| a + x.select_eq(zero, zero, one),
+            |a, x| a + if x == 0.0 { 0.0 } else { 1.0 },
+        ),
+        NormType::Inf => wide::<S, L>(xs, p, |a, x| a.maximum(abs(x)), |a, x| max_nan(a, x.abs())),
+        NormType::NegInf => {
+            wide::<S, L>(xs, p, |a, x| a.minimum(abs(x)), |a, x| min_nan(a, x.abs()))
+        }
+        NormType::P(_) => return piece_inline(xs, p),
+    };
+    reduce(acc, p)
+}
+
+/// The vector loop of [`piece_wide`]: `add` over whole groups of [`LANES`] elements, `add1`
+/// (the same operation on one lane) over the tail.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn wide<S: Storage, L: Wide8<S>>(
+    xs: &[S],
+    p: NormType,
+    add: impl Fn(L::V, L::V) -> L::V,
+    add1: impl Fn(f64, f64) -> f64,
+) -> [f64; LANES] {
+    let mut acc = [L::V::splat(p.identity()); LANES / 8];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `c` holds LANES = 8 * acc.len() elements; the caller runs with `L`'s
+            // instructions (the `target_feature` functions below).
+            *a = add(*a, unsafe { L::load8(c.as_ptr().add(8 * k)) });
+        }
+    }
+    let mut out = [0.0; LANES];
+    for (k, a) in acc.into_iter().enumerate() {
+        // SAFETY: `out` has room for 8 lanes at 8 * k < LANES; instructions as above.
+        unsafe { L::store8(out.as_mut_ptr().add(8 * k), a) };
+    }
+    for (j, x) in chunks.remainder().iter().enumerate() {
+        out[j] = add1(out[j], x.load().to_f64());
+    }
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn piece_avx512<S: Storage>(xs: &[S], p: NormType) -> f64 {
-    piece_inline(xs, p)
+fn piece_avx512<S: Storage>(xs: &[S], p: NormType) -> f64
+where
+    Avx512: Wide8<S>,
+{
+    piece_wide::<S, Avx512>(xs, p)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn piece_avx2<S: Storage>(xs: &[S], p: NormType) -> f64 {
-    piece_inline(xs, p)
+fn piece_avx2<S: Storage>(xs: &[S], p: NormType) -> f64
+where
+    Avx2: Wide8<S>,
+{
+    piece_wide::<S, Avx2>(xs, p)
 }
 
-fn piece<S: Storage>(level: SimdLevel, xs: &[S], p: NormType) -> f64 {
+#[cfg(target_arch = "x86_64")]
+fn piece<S: Storage>(level: SimdLevel, xs: &[S], p: NormType) -> f64
+where
+    Avx512: Wide8<S>,
+    Avx2: Wide8<S>,
+{
     match level.min(SimdLevel::detect()) {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the level's features (`detect`, clamped above).
         SimdLevel::Avx512 => unsafe { piece_avx512(xs, p) },
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { piece_avx2(xs, p) },
-        _ => piece_inline(xs, p),
+        SimdLevel::Baseline => piece_inline(xs, p),
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn piece<S: Storage>(_level: SimdLevel, xs: &[S], p: NormType) -> f64 {
+    piece_inline(xs, p)
 }
 
 /// `g = g * c` rounded to the storage type, written once and compiled per level.
@@ -343,7 +433,13 @@ pub fn norms(grads: &[GradRef], p: NormType) -> Vec<f64> {
     for (&(i, _, _), part) in work.iter().zip(&partial) {
         acc[i] = p.combine(acc[i], *part);
     }
-    acc.into_iter().map(|a| p.finish(a)).collect()
+    // One NaN for every level: a lane's NaN may carry another sign than the baseline's `abs`.
+    acc.into_iter()
+        .map(|a| match p.finish(a) {
+            n if n.is_nan() => f64::NAN,
+            n => n,
+        })
+        .collect()
 }
 
 /// The total norm as torch's `_get_total_norm` gives it: each gradient's norm rounded to its
@@ -431,58 +527,14 @@ impl GradFactor {
     }
 }
 
-#[inline(always)]
-fn factor_inline<S: Storage>(src: &[S], dst: &mut [S], f: GradFactor) {
-    let unscale = f.unscale.map(S::Compute::from_f64);
-    let coef = f.coef.map(S::Compute::from_f64);
-    match (unscale, coef) {
-        (Some(u), Some(c)) => {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = S::store(S::store(s.load() / u).load() * c);
-            }
-        }
-        (Some(u), None) => {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = S::store(s.load() / u);
-            }
-        }
-        (None, Some(c)) => {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = S::store(s.load() * c);
-            }
-        }
-        (None, None) => dst.copy_from_slice(src),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn factor_avx512<S: Storage>(src: &[S], dst: &mut [S], f: GradFactor) {
-    factor_inline(src, dst, f);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn factor_avx2<S: Storage>(src: &[S], dst: &mut [S], f: GradFactor) {
-    factor_inline(src, dst, f);
-}
-
 /// Writes `src` read through `f` into `dst` (one work item's gradient, into a scratch buffer
 /// the item's update then reads in its place).
 ///
 /// # Panics
 /// When the lengths differ.
-pub fn apply_factor<S: Storage>(level: SimdLevel, src: &[S], dst: &mut [S], f: GradFactor) {
+pub fn apply_factor<S: FactorElement>(level: SimdLevel, src: &[S], dst: &mut [S], f: GradFactor) {
     assert_eq!(src.len(), dst.len());
-    match level.min(SimdLevel::detect()) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has the level's features (`detect`, clamped above).
-        SimdLevel::Avx512 => unsafe { factor_avx512(src, dst, f) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        SimdLevel::Avx2 => unsafe { factor_avx2(src, dst, f) },
-        _ => factor_inline(src, dst, f),
-    }
+    S::factor(level, src, dst, f.unscale, f.coef);
 }
 
 #[cfg(test)]
@@ -537,31 +589,90 @@ mod tests {
         assert_eq!(norms(&g, NormType::NegInf)[0], 1.0);
     }
 
-    #[test]
-    fn every_simd_level_and_thread_count_gives_the_same_bits() {
+    /// Every norm type at every level and thread count, over each dtype: one set of bits.
+    fn same_bits_everywhere<S: Storage + Copy>(dtype: DType, from: impl Fn(f32) -> S) {
         // Past the pool's threshold natively; under Miri a few pieces each, on one thread (the
-        // pool's own tests run there with threads).
-        let xs: Vec<Vec<f32>> = (0..5).map(|i| data(3 * PIECE + 5 * i, i as u32)).collect();
-        let g = refs(&xs, DType::F32);
+        // pool's own tests run there with threads). Lengths leave tails of every size; zeros of
+        // both signs (the vector |x| must give +0 for both, as `abs`), an infinity in one.
+        let xs: Vec<Vec<S>> = (0..5)
+            .map(|i| {
+                let mut x = data(3 * PIECE + 5 * i, i as u32);
+                x[3] = -0.0;
+                x[40] = 0.0;
+                if i == 4 {
+                    x[7] = f32::INFINITY;
+                }
+                x.into_iter().map(&from).collect()
+            })
+            .collect();
+        let g = refs(&xs, dtype);
         let before = simd::active();
         let mut seen = Vec::new();
         for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
             simd::set_active(level);
             for threads in [1, 2, 3] {
                 pool::set_num_threads(threads);
-                for p in [NormType::Two, NormType::One, NormType::P(3.5)] {
-                    seen.push((p, norms(&g, p)));
+                for p in [
+                    NormType::Two,
+                    NormType::One,
+                    NormType::Zero,
+                    NormType::Inf,
+                    NormType::NegInf,
+                    NormType::P(3.5),
+                ] {
+                    seen.push((level, threads, p, norms(&g, p)));
                 }
             }
         }
         simd::set_active(before);
-        for (p, n) in &seen {
-            let first = &seen.iter().find(|(q, _)| q == p).unwrap().1;
+        for (level, threads, p, n) in &seen {
+            let first = &seen.iter().find(|(_, _, q, _)| q == p).unwrap().3;
             assert_eq!(
                 n.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                first.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                first.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{dtype:?} {p:?} at {level:?} x {threads}"
             );
         }
+        // The smallest magnitude is a zero: +0, whichever sign it had.
+        let neg_inf = &seen
+            .iter()
+            .find(|(_, _, q, _)| *q == NormType::NegInf)
+            .unwrap()
+            .3;
+        assert!(neg_inf.iter().all(|x| x.to_bits() == 0));
+    }
+
+    #[test]
+    fn every_simd_level_and_thread_count_gives_the_same_bits() {
+        same_bits_everywhere(DType::F32, |x| x);
+        same_bits_everywhere(DType::F64, f64::from);
+        same_bits_everywhere(DType::Bf16, half::bf16::from_f32);
+        // The software conversion: Miri has no F16C to run `from_f32` with.
+        same_bits_everywhere(DType::F16, half::f16::from_f32_const);
+    }
+
+    #[test]
+    fn a_nan_norm_has_one_bit_pattern_at_every_level() {
+        let xs = [vec![1.0f32; 40], vec![-1.0f32; 40]];
+        let mut xs = xs.to_vec();
+        xs[0][33] = f32::NAN;
+        xs[1][5] = -f32::NAN;
+        let g = refs(&xs, DType::F32);
+        let before = simd::active();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+            simd::set_active(level);
+            for p in [
+                NormType::Two,
+                NormType::One,
+                NormType::Inf,
+                NormType::NegInf,
+            ] {
+                for n in norms(&g, p) {
+                    assert_eq!(n.to_bits(), f64::NAN.to_bits(), "{p:?} at {level:?}");
+                }
+            }
+        }
+        simd::set_active(before);
     }
 
     #[test]

@@ -59,7 +59,7 @@ DEFAULT_PLOT = Path("bench-results/bench.png")
 DEFAULT_JSON = Path("bench-results/bench.json")
 
 
-NO_TORCH_MESSAGE = "the benchmark compares against PyTorch: pip install torch"
+NO_TORCH_MESSAGE = "the benchmark compares against PyTorch: pip install 'optirs[bench]'"
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shapes (default when given without a value, ~4 GiB RAM) or one tensor of WHAT elements",
     )
     parser.add_argument(
+        "--lowbit",
+        nargs="?",
+        const="gpt2",
+        default=None,
+        metavar="WHAT",
+        help="also time AdamW with low-bit state: torch's fused float32 AdamW against optirs "
+        "with float32, bfloat16 (state_dtype) and 8-bit (AdamW8bit) state, and bitsandbytes' "
+        "CPU AdamW8bit when it is installed, each against its own traffic ceiling, then an 8-bit "
+        "round-trip error report; on GPT-2 small's shapes (default when given without a value, "
+        "~5 GiB RAM) or one tensor of WHAT elements",
+    )
+    parser.add_argument(
         "--train-optimizers",
         type=_parse_optimizers,
         default=[CASES["adamw"]],
@@ -265,8 +277,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         workloads.append(Workload("1000x1000", "many", ((1000,),) * 1000))
     if args.gpt2:
         workloads.append(Workload("gpt2-124M", "gpt2", gpt2_small_shapes()))
-    if not workloads and not args.train and not getattr(args, "clip", None):
-        raise SystemExit("nothing to run: give --sizes, --many, --gpt2, --train or --clip")
+    if (
+        not workloads
+        and not args.train
+        and not getattr(args, "clip", None)
+        and not getattr(args, "lowbit", None)
+    ):
+        raise SystemExit(
+            "nothing to run: give --sizes, --many, --gpt2, --train, --clip or --lowbit"
+        )
     if (
         args.repeats < 1
         or args.warmup < 1
@@ -305,30 +324,48 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _run_all(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """The step-alone and training runs, then the clipping benchmark when asked for."""
+    """The step-alone and training runs, then the clipping and low-bit benchmarks when asked
+    for (each added to the JSON under its own key)."""
     results: dict[str, Any] = {}
     if config.workloads or config.train_models:
         results = run(config)
+    extra: dict[str, Any] = {}
     if args.clip:
-        from .clip import run_clip, shapes_for
+        from .clip import run_clip
+        from .clip import shapes_for as clip_shapes
         from .timing import _import_torch
 
-        results["clip"] = run_clip(
+        extra["clip"] = run_clip(
             _import_torch(),
-            shapes_for(args.clip),
+            clip_shapes(args.clip),
             config.threads,
             config.repeats,
             config.sample_s,
             config.settle_s,
             config.seed,
         )
-        if config.json_path is not None:
-            # Added to the JSON the step-alone runs wrote, or a JSON of its own.
-            path = config.json_path
-            saved = json.loads(path.read_text()) if results.keys() - {"clip"} else {}
-            saved["clip"] = results["clip"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(saved, indent=1))
+    if getattr(args, "lowbit", None):
+        from .lowbit import run_lowbit
+        from .lowbit import shapes_for as lowbit_shapes
+        from .timing import _import_torch
+
+        extra["lowbit"] = run_lowbit(
+            _import_torch(),
+            lowbit_shapes(args.lowbit),
+            config.threads,
+            config.repeats,
+            config.sample_s,
+            config.settle_s,
+            config.seed,
+        )
+    if extra and config.json_path is not None:
+        # Added to the JSON the step-alone runs wrote, or a JSON of its own.
+        path = config.json_path
+        saved = json.loads(path.read_text()) if results else {}
+        saved.update(extra)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=1))
+    results.update(extra)
     return results
 
 

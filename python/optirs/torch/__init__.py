@@ -33,15 +33,27 @@ read each gradient multiplied by the clip coefficient, without writing the gradi
 ``_step_supports_amp_scaling``, as torch's fused optimizers do): a step with an inf is
 skipped, and still-scaled gradients are unscaled as the step reads them.
 
+DTensor parameters (FSDP2's ``fully_shard``, ``distribute_tensor``) are stepped through their
+local shards in the same single call, with state kept as DTensors laid out as the parameters
+(see ``_dtensor``), and ``clip_grad_norm_`` takes their full norm across the ranks.
+
 Also here: ``step_in_backward`` (each parameter stepped as soon as its gradient is ready; see
 ``optirs.torch._backward``) and ``register_functional_optimizers`` (ZeRO's
 ``overlap_with_ddp=True``; nothing is registered with ``torch.distributed`` until it is called).
 
 Modules: ``_bridge`` (the optimizer classes and their cached step), ``_backward``,
-``_distributed``. None imports this package, so there is no import cycle.
+``_clip``, ``_distributed``, ``_dtensor``. None imports this package, so there is no import cycle.
 """
 
 from __future__ import annotations
+
+try:
+    import torch as _torch  # noqa: F401  (imported for its error: the message below)
+except ImportError as _missing:
+    raise ImportError(
+        "optirs.torch needs PyTorch: pip install 'optirs[torch]' (for the CPU-only build, "
+        "first: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+    ) from _missing
 
 from ._backward import StepInBackward, step_in_backward
 from ._bridge import (

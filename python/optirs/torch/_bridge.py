@@ -18,7 +18,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
-from . import _clip
+from . import _clip, _dtensor
 
 __all__ = [
     "ASGD",
@@ -394,6 +394,8 @@ class _Bridge:
                     continue
                 self._check(p, g, gi, i)
                 where = f"param_groups[{gi}]['params'][{i}]"
+                # A DTensor's local shard, gradient and state (views) are what the core steps.
+                lp, lg = _dtensor.check_pair(p, g, where, type(self).__name__, spec.elementwise)
                 state = self.state.get(p) or {}
                 master = _spec.wants_master(group, p.dtype in (torch.float16, torch.bfloat16))
                 missing = spec.missing(group, state, master=master)
@@ -413,17 +415,27 @@ class _Bridge:
                     state = {**state, **self._new_state(p, group, missing)}
                     created.append((p, state))
                 bufs = [state.get(n) for n in names]
-                layout = _Layout(p, where)
-                params.append(layout.view(p, where))
-                grads.append(layout.view(g, f"the gradient of {where}"))
+                layout = _Layout(lp, where)
+                params.append(layout.view(lp, where))
+                grads.append(layout.view(lg, f"the gradient of {where}"))
                 buffers.append(
                     tuple(
-                        layout.view(b, f"state['{n}'] of {where}") if n in need_names else None
+                        layout.view(
+                            _dtensor.local_state(p, b, f"state['{n}'] of {where}"),
+                            f"state['{n}'] of {where}",
+                        )
+                        if n in need_names
+                        else None
                         for b, n in zip(bufs, names)
                     )
                     + tuple(_scalar_view(state.get(n), where, n) for n in spec.scalar_names)
                     + (
-                        layout.view(state[_spec.MASTER], f"state['{_spec.MASTER}'] of {where}")
+                        layout.view(
+                            _dtensor.local_state(
+                                p, state[_spec.MASTER], f"state['{_spec.MASTER}'] of {where}"
+                            ),
+                            f"state['{_spec.MASTER}'] of {where}",
+                        )
                         if master
                         else None,
                     )
@@ -439,6 +451,8 @@ class _Bridge:
                 written.extend(state[n] for n in spec.scalar_names)
                 if master:
                     written.append(state[_spec.MASTER])
+        if self._skip_everywhere(groups, grads):
+            return False
         # The core wrote through NumPy views, which autograd cannot see: it bumps the version
         # counters as torch's in-place ops would (`then`), so a graph that saved an old value
         # refuses to backpropagate through it instead of silently using the new one. It keeps
@@ -457,6 +471,32 @@ class _Bridge:
             then=(increment_version, written) if written else None,
             **self._options(),
         )
+
+    def _skip_everywhere(
+        self, groups: list[dict[str, Any]], grads: list[Any] | None = None
+    ) -> bool:
+        """With ``skip_nonfinite`` and DTensor parameters: whether some rank's gradients hold a
+        NaN or infinity, agreed by all ranks (``_dtensor.nonfinite_anywhere``) so that they
+        skip together; the core's own check then decides nothing differently per rank.
+        ``grads``: the gradients' NumPy views (default: made here from the groups')."""
+        if not getattr(self, "skip_nonfinite", False):
+            return False
+        meshes = _dtensor.meshes_of(p for g in groups for p in g["params"])
+        if not meshes:
+            return False
+        if grads is None:
+            grads = [
+                _clip._flat_view(_dtensor.local(p.grad))
+                for g in groups
+                for p in g["params"]
+                if p.grad is not None
+            ]
+
+        def inf_norm(views: list[Any]) -> float:
+            norm: float = _core.grad_norm(views, float("inf"), None, bf16_bits=True)[0]
+            return norm
+
+        return _dtensor.nonfinite_anywhere(grads, meshes, inf_norm)
 
     def _new_state(
         self, p: torch.Tensor, group: dict[str, Any], missing: Iterable[str]
@@ -531,14 +571,26 @@ class _Plan:
     step runs: it raises the precise error or builds a new plan. The plan is given the NumPy
     views of every parameter and state tensor it writes, takes its pointers from them and holds
     them, so that memory outlives any re-pointing.
+
+    DTensor parameters: the core plan is built over their local tensors (``_dtensor.Local``),
+    which stand in for them at each step: the local tensor is given the gradient's local
+    tensor as ``.grad`` for the duration of the call, and the core is handed a state dict
+    keyed by the local tensors whose entries are the state's local tensors. Python checks
+    first, per DTensor parameter, what the core cannot see (the gradient a DTensor laid out
+    as the parameter, the local tensors and state entries the same objects as when the plan
+    was made); anything else sends the step to the full path.
     """
 
-    __slots__ = ("core", "groups", "state")
+    __slots__ = ("core", "groups", "locals", "plain", "state")
 
     def __init__(self, opt: _Bridge, groups: list[dict[str, Any]]) -> None:
         spec = opt._spec
         self.state = opt.state
         self.groups = GroupsSnapshot(spec, groups)
+        #: the stand-ins of the DTensor parameters
+        self.locals: list[_dtensor.Local] = []
+        #: whether some parameter is a plain tensor (its state is read from opt.state)
+        self.plain = False
         entries: list[Any] = []
         for gi, (ps, need) in enumerate(zip(self.groups.members, self.groups.needs)):
             keys = tuple(n for n, want in zip(spec.buffers, need) if want)
@@ -546,13 +598,20 @@ class _Plan:
             keys += spec.scalar_names
             scalar_keys = {"step", *spec.scalar_names}
             for i, p in enumerate(ps):
+                grad = p.grad
+                stand_in = _dtensor.Local.of(p, opt.state, keys)
+                if stand_in is None:
+                    self.plain = True
+                else:
+                    self.locals.append(stand_in)
+                    p = stand_in.local
                 # Only what the full step just checked: a parameter that had no gradient
                 # sends the next step it has one back to the full step.
-                if p.grad is None:
+                if grad is None:
                     entries.append(p)
                     continue
                 where = f"param_groups[{gi}]['params'][{i}]"
-                state = opt.state.get(p, {})
+                state = opt.state.get(p, {}) if stand_in is None else stand_in.state
                 items = tuple(state[k] for k in keys)
                 layout = _Layout(p, where)
                 views = tuple(
@@ -569,7 +628,25 @@ class _Plan:
     def step(self, opt: _Bridge) -> bool | None:
         """Steps through the plan and returns whether the update was applied; None (nothing
         done) when something changed and the full step must look again."""
-        return self.core.step(opt.param_groups, opt.state, **opt._options())
+        if not self.locals:
+            return self.core.step(opt.param_groups, opt.state, **opt._options())
+        state = dict(opt.state) if self.plain else {}
+        try:
+            for stand_in in self.locals:
+                if not stand_in.prepare(opt.state, state):
+                    return None
+            if opt._skip_everywhere(opt.param_groups):
+                return False
+            applied = self.core.step(opt.param_groups, state, **opt._options())
+        finally:
+            # The gradients' memory is not kept alive by the stand-ins.
+            for stand_in in self.locals:
+                stand_in.local.grad = None
+        if applied:
+            # The core bumped the local tensors' version counters; torch's in-place ops on a
+            # DTensor bump the DTensor's (see _optirs_full_step).
+            increment_version([t for s in self.locals if s.written for t in s.written])
+        return applied
 
 
 class _Layout:
@@ -828,6 +905,23 @@ class _Bridge8bit(_Bridge):
     def _optirs_step(self) -> bool:
         return self._optirs_full_step()
 
+    def _refuse_8bit_dtensor(self, p: torch.Tensor, where: str) -> None:
+        """A DTensor parameter that would get 8-bit state is refused: its blocks would start
+        at its local shard's first element, so the quantization (and the result) would depend
+        on how the parameter is sharded, and the per-block scales could not be resharded or
+        checkpointed with the parameter's placements. Smaller ones keep float state (DTensors
+        laid out as the parameter), which is exact under any sharding."""
+        if _dtensor.any_dtensor((p,)) and p.numel() >= self.min_8bit_size:
+            name = type(self).__name__
+            raise ValueError(
+                f"optirs.torch.{name} does not keep 8-bit state for DTensor parameters: "
+                f"{where} ({p.numel()} elements, at least min_8bit_size={self.min_8bit_size}) "
+                "would be quantized in blocks of its local shard, giving results that depend "
+                "on the sharding and per-block scales that cannot be resharded; use "
+                f"optirs.torch.{name.replace('8bit', '')} (optionally state_dtype="
+                "torch.bfloat16), or a min_8bit_size above the DTensor parameters' sizes"
+            )
+
     def _new_8bit_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         step = torch.tensor(0.0, dtype=torch.float32)
         if p.numel() < self.min_8bit_size:
@@ -863,15 +957,17 @@ class _Bridge8bit(_Bridge):
                     continue
                 self._check(p, g, gi, i)
                 where = f"param_groups[{gi}]['params'][{i}]"
+                lp, lg = _dtensor.check_pair(p, g, where, type(self).__name__)
+                self._refuse_8bit_dtensor(p, where)
                 state = self.state.get(p) or {}
                 if not state:
                     state = self._new_8bit_state(p)
                     created.append((p, state))
                 eight = _eightbit.is_8bit(state)
                 names = _eightbit.Q8_NAMES if eight else ("exp_avg", "exp_avg_sq")
-                layout = _Layout(p, where)
-                params.append(layout.view(p, where))
-                grads.append(layout.view(g, f"the gradient of {where}"))
+                layout = _Layout(lp, where)
+                params.append(layout.view(lp, where))
+                grads.append(layout.view(lg, f"the gradient of {where}"))
                 views: list[Any] = []
                 for n in names:
                     t = state.get(n)
@@ -883,7 +979,7 @@ class _Bridge8bit(_Bridge):
                             raise TypeError(f"{what} must be a torch.Tensor")
                         views.append(_numpy(t.detach(), what))
                     else:
-                        views.append(layout.view(t, what))
+                        views.append(layout.view(_dtensor.local_state(p, t, what), what))
                     if isinstance(t, torch.Tensor):
                         written.append(t)
                 states.append(tuple(views))
@@ -892,6 +988,8 @@ class _Bridge8bit(_Bridge):
                 written.append(p)
                 if step is not None:
                     written.append(step)
+        if self._skip_everywhere(groups, grads):
+            return False
         return _core.step_adam8bit(
             groups,
             params,
@@ -929,6 +1027,9 @@ class _Bridge8bit(_Bridge):
         by_id = dict(zip(ids, params))
         exact: dict[Any, dict[str, torch.Tensor]] = {}
         floats = dict(state_dict.get("state", {})) if isinstance(state_dict, dict) else {}
+        for i, p in by_id.items():
+            if floats.get(i):
+                self._refuse_8bit_dtensor(p, f"the parameter of loaded state[{i!r}]")
         for i, e in floats.items():
             if isinstance(e, dict) and _eightbit.is_8bit(e) and i in by_id:
                 np_entry = {

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import _core
+from . import _dtensor
 
 __all__ = ["clip_grad_norm_"]
 
@@ -75,9 +76,14 @@ def total_norm(
     coefficient ``min(max_norm / (norm + 1e-6), 1)`` computed in that dtype (NaN kept).
 
     ``views``: the gradients' NumPy views where the caller has made them already.
+
+    With DTensor gradients the norm is the full tensors' (``_dtensor.reduce_norm``: local
+    norms combined across the ranks), returned as a replicated DTensor, as torch's is.
     """
     norm_type = float(norm_type)
     max_norm = float(max_norm)
+    if _dtensor.any_dtensor(grads):
+        return _distributed_total_norm(grads, max_norm, norm_type, error_if_nonfinite)
     if views is None:
         views = [_flat_view(g) for g in grads]
         if any(v is None for v in views):
@@ -91,6 +97,33 @@ def total_norm(
         raise _nonfinite_error(norm_type)
     assert coef is not None  # max_norm was given
     return total, coef
+
+
+def _distributed_total_norm(
+    grads: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
+) -> tuple[torch.Tensor, float]:
+    """``total_norm`` over gradients some of which are DTensors: every rank must call it."""
+
+    def local_norm(ts: list[torch.Tensor]) -> tuple[float, str]:
+        views = [_flat_view(t) for t in ts]
+        if any(v is None for v in views):
+            raise ValueError(
+                "optirs computes the norm of dense CPU float32, float64, float16 and bfloat16 "
+                "gradients only (DTensor gradients: of such local tensors)"
+            )
+        norm, dtype, _ = _core.grad_norm(views, norm_type, None, bf16_bits=True)
+        return norm, dtype
+
+    norm, dtype = _dtensor.reduce_norm(grads, norm_type, local_norm)
+    total = torch.tensor(norm, dtype=dtype)
+    # torch's arithmetic on a 0-d tensor of the promoted dtype (as the core's clip_coef).
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise _nonfinite_error(norm_type)
+    mesh = next(g.device_mesh for g in grads if isinstance(g, _dtensor.DTensor))
+    from torch.distributed.tensor import Replicate
+
+    return _dtensor.DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim), coef
 
 
 @torch.no_grad()
@@ -132,7 +165,7 @@ def clip_grad_norm_(
                 stacklevel=3,
             )
     grads = [p.grad for p in parameters if p.grad is not None]
-    views = [_flat_view(g) for g in grads]
+    views = [_flat_view(_dtensor.local(g)) for g in grads]
     if any(v is None for v in views):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite)
     total, coef = total_norm(grads, max_norm, norm_type, error_if_nonfinite, views)

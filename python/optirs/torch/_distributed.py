@@ -11,8 +11,9 @@ parameters, reads its ``param_groups`` (or ``param_group``), and the DDP communi
 of ``ddp_comm_hooks/ddp_zero_hook.py`` call ``step(gradients)`` with one gradient (a view of the
 all-reduced DDP bucket) or ``None`` per parameter.
 
-``optirs.torch.register_functional_optimizers()`` registers ``optirs.torch.SGD``, ``Adam``,
-``AdamW``, ``RMSprop`` and ``Adagrad`` in that map, when the program asks (idempotently).
+``optirs.torch.register_functional_optimizers()`` registers every ``optirs.torch`` optimizer
+(``SGD``, ``Adam``, ``AdamW``, ..., ``Lion``, ``Adam8bit``, ``AdamW8bit``) in that map, when the
+program asks (idempotently).
 Importing ``optirs.torch`` registers nothing: torch's registry is process-wide state, and a
 program that never uses ZeRO's overlap should not find optirs in it. The functional class wraps
 a real ``optirs.torch`` optimizer over the same parameters, so:
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._bridge import SGD, Adagrad, Adam, AdamW, RMSprop
+from . import _bridge
 
 __all__ = ["FUNCTIONAL_OPTIMIZERS", "FunctionalOptimizer", "register_functional_optimizers"]
 
@@ -138,7 +139,7 @@ def _functional(cls: type[torch.optim.Optimizer]) -> type[FunctionalOptimizer]:
 
 #: optirs.torch class -> its functional counterpart
 FUNCTIONAL_OPTIMIZERS: dict[type[torch.optim.Optimizer], type[FunctionalOptimizer]] = {
-    cls: _functional(cls) for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)
+    cls: _functional(cls) for cls in (getattr(_bridge, name) for name in _bridge.__all__)
 }
 
 

@@ -13,6 +13,7 @@ pub mod adam;
 pub mod adam8bit;
 pub mod adamax;
 pub mod asgd;
+pub(crate) mod factor;
 pub mod float;
 pub mod lanes;
 pub mod lion;
@@ -24,7 +25,7 @@ pub mod sgd;
 pub mod simd;
 pub mod sr;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 pub use float::{Float, Storage};
 use lanes::{ParamOut, Rounding, StateLanes};

@@ -174,7 +174,7 @@ fn apply_baseline<S: Storage, Q: Storage<Compute = S::Compute>>(
 /// A storage type the kernels are compiled for at every level (f32, f64, bfloat16, float16),
 /// with its state stored as `Q`: the same type, or bfloat16 for float32 and float16
 /// parameters (`state_dtype`).
-pub trait Element<Q: Storage<Compute = Self::Compute> = Self>: Storage {
+pub trait Element<Q: Storage<Compute = Self::Compute> = Self>: FactorElement {
     /// [`apply`] once the lengths are checked and `level` is clamped to what the CPU has.
     #[doc(hidden)]
     fn run(level: SimdLevel, rule: &Rule<Self::Compute>, s: Slices<'_, Self, Q>);
@@ -227,6 +227,82 @@ element!(
     half::f16, half::bf16 => One, One;
 );
 
+/// A gradient type the factored read (`super::factor`) is compiled for at every level, with the
+/// lanes its steps run with.
+pub trait FactorElement: Storage {
+    /// `super::factor::apply` at `level` (clamped to what the CPU has).
+    #[doc(hidden)]
+    fn factor(
+        level: SimdLevel,
+        src: &[Self],
+        dst: &mut [Self],
+        unscale: Option<f64>,
+        coef: Option<f64>,
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn factor_avx512<S: Storage, L: StateLanes<S, S>>(
+    src: &[S],
+    dst: &mut [S],
+    unscale: Option<f64>,
+    coef: Option<f64>,
+) {
+    unsafe { super::factor::apply::<S, L>(src, dst, unscale, coef) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn factor_avx2<S: Storage, L: StateLanes<S, S>>(
+    src: &[S],
+    dst: &mut [S],
+    unscale: Option<f64>,
+    coef: Option<f64>,
+) {
+    unsafe { super::factor::apply::<S, L>(src, dst, unscale, coef) }
+}
+
+macro_rules! factor_element {
+    ($($t:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
+        impl FactorElement for $t {
+            fn factor(
+                level: SimdLevel,
+                src: &[Self],
+                dst: &mut [Self],
+                unscale: Option<f64>,
+                coef: Option<f64>,
+            ) {
+                match level.min(SimdLevel::detect()) {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has the level's features (`detect`, clamped above).
+                    SimdLevel::Avx512 => unsafe {
+                        factor_avx512::<Self, $avx512>(src, dst, unscale, coef)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    SimdLevel::Avx2 => unsafe {
+                        factor_avx2::<Self, $avx2>(src, dst, unscale, coef)
+                    },
+                    // SAFETY: one element at a time, in plain code.
+                    _ => unsafe { super::factor::apply::<Self, One>(src, dst, unscale, coef) },
+                }
+            }
+        }
+    )*};
+}
+
+// The lanes the steps of each type run with (`element!`), so a factored piece is read as fast.
+#[cfg(target_arch = "x86_64")]
+factor_element!(
+    f32 => super::x86::Avx2, super::x86::Avx512;
+    f64 => super::x86::Avx2, super::x86::Avx512;
+    half::f16 => super::x86::Avx2, super::x86::Avx512;
+    half::bf16 => super::x86::Avx2Pairs, super::x86::Avx512Pairs;
+);
+#[cfg(not(target_arch = "x86_64"))]
+factor_element!(f32 => One, One; f64 => One, One; half::f16 => One, One; half::bf16 => One, One);
+
 /// Applies one update rule to one parameter (or chunk) with the code of `level`.
 ///
 /// A level the CPU lacks falls back to the best one it has, so this never executes an
@@ -266,7 +342,7 @@ unsafe fn q8_avx2<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
 
 /// A parameter type 8-bit Adam is compiled for at every level (float32, float16, bfloat16):
 /// the lanes that read it and float32 (the dequantized moments) alike.
-pub trait Q8Element: Storage<Compute = f32> {
+pub trait Q8Element: Storage<Compute = f32> + FactorElement {
     /// `adam8bit::update` once the lengths are checked and `level` clamped.
     #[doc(hidden)]
     fn run_q8(level: SimdLevel, k: &AdamScalars<f32>, s: Q8Slices<'_, Self>);

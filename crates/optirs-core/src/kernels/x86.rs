@@ -17,26 +17,29 @@
 use std::arch::x86_64::{
     __m128i, __m256, __m256d, __m256i, _mm256_add_epi32, _mm256_add_pd, _mm256_add_ps,
     _mm256_and_si256, _mm256_blend_epi16, _mm256_blendv_epi8, _mm256_blendv_pd, _mm256_blendv_ps,
-    _mm256_castpd_ps, _mm256_castps_pd, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_pd,
-    _mm256_cmp_ps, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_div_pd, _mm256_div_ps, _mm256_fmadd_pd,
-    _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mul_pd,
-    _mm256_mul_ps, _mm256_or_pd, _mm256_or_ps, _mm256_or_si256, _mm256_permute2f128_ps,
-    _mm256_permute4x64_pd, _mm256_set1_epi32, _mm256_set1_pd, _mm256_set1_ps, _mm256_shuffle_ps,
-    _mm256_slli_epi32, _mm256_sqrt_pd, _mm256_sqrt_ps, _mm256_srli_epi32, _mm256_storeu_pd,
-    _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_pd, _mm256_sub_ps, _mm256_unpackhi_ps,
-    _mm256_unpacklo_ps, _mm256_xor_pd, _mm256_xor_ps, _mm_loadu_si128, _mm_storeu_si128,
-    _CMP_EQ_OQ, _CMP_GT_OQ, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
+    _mm256_castpd_ps, _mm256_castps256_ps128, _mm256_castps_pd, _mm256_castps_si256,
+    _mm256_castsi256_ps, _mm256_cmp_pd, _mm256_cmp_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps,
+    _mm256_cvtps_pd, _mm256_cvtps_ph, _mm256_div_pd, _mm256_div_ps, _mm256_extractf128_ps,
+    _mm256_fmadd_pd, _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps, _mm256_loadu_si256,
+    _mm256_mul_pd, _mm256_mul_ps, _mm256_or_pd, _mm256_or_ps, _mm256_or_si256,
+    _mm256_permute2f128_ps, _mm256_permute4x64_pd, _mm256_set1_epi32, _mm256_set1_pd,
+    _mm256_set1_ps, _mm256_shuffle_ps, _mm256_slli_epi32, _mm256_sqrt_pd, _mm256_sqrt_ps,
+    _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_pd,
+    _mm256_sub_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps, _mm256_xor_pd, _mm256_xor_ps,
+    _mm_loadu_ps, _mm_loadu_si128, _mm_storeu_si128, _CMP_EQ_OQ, _CMP_GT_OQ, _CMP_UNORD_Q,
+    _MM_FROUND_TO_NEAREST_INT,
 };
 use std::arch::x86_64::{
     __m512, __m512d, __m512i, _mm512_add_epi32, _mm512_add_pd, _mm512_add_ps, _mm512_and_si512,
     _mm512_castpd_si512, _mm512_castps_si512, _mm512_castsi512_pd, _mm512_castsi512_ps,
-    _mm512_cmp_pd_mask, _mm512_cmp_ps_mask, _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_div_pd,
-    _mm512_div_ps, _mm512_fmadd_pd, _mm512_fmadd_ps, _mm512_loadu_pd, _mm512_loadu_ps,
-    _mm512_loadu_si512, _mm512_mask_blend_epi32, _mm512_mask_blend_pd, _mm512_mask_blend_ps,
-    _mm512_mul_pd, _mm512_mul_ps, _mm512_or_si512, _mm512_permutex2var_ps, _mm512_set1_epi32,
-    _mm512_set1_epi64, _mm512_set1_pd, _mm512_set1_ps, _mm512_setr_epi32, _mm512_slli_epi32,
-    _mm512_sqrt_pd, _mm512_sqrt_ps, _mm512_srli_epi32, _mm512_storeu_pd, _mm512_storeu_ps,
-    _mm512_storeu_si512, _mm512_sub_pd, _mm512_sub_ps, _mm512_ternarylogic_epi32, _mm512_xor_si512,
+    _mm512_cmp_pd_mask, _mm512_cmp_ps_mask, _mm512_cvtph_ps, _mm512_cvtps_pd, _mm512_cvtps_ph,
+    _mm512_div_pd, _mm512_div_ps, _mm512_fmadd_pd, _mm512_fmadd_ps, _mm512_loadu_pd,
+    _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_blend_epi32, _mm512_mask_blend_pd,
+    _mm512_mask_blend_ps, _mm512_mul_pd, _mm512_mul_ps, _mm512_or_si512, _mm512_permutex2var_ps,
+    _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set1_pd, _mm512_set1_ps, _mm512_setr_epi32,
+    _mm512_slli_epi32, _mm512_sqrt_pd, _mm512_sqrt_ps, _mm512_srli_epi32, _mm512_storeu_pd,
+    _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_pd, _mm512_sub_ps, _mm512_ternarylogic_epi32,
+    _mm512_xor_si512,
 };
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -540,3 +543,90 @@ impl Lanes<f16> for Avx512Pairs {
         }
     }
 }
+
+/// Eight elements of a storage type read as `f64` lanes, for the gradient norms
+/// (`crate::norm`), which accumulate in `f64`. Every conversion is exact (float32 and both
+/// 16-bit types widen without rounding), so a lane holds what `Storage::load` then
+/// `Float::to_f64` gives for its element.
+pub trait Wide8<S> {
+    /// Eight `f64` lanes.
+    type V: Arith<f64>;
+    /// Reads eight elements.
+    ///
+    /// # Safety
+    /// `src` points to 8 readable elements, and the CPU has this type's instructions.
+    unsafe fn load8(src: *const S) -> Self::V;
+    /// Writes the eight lanes.
+    ///
+    /// # Safety
+    /// `dst` points to 8 writable `f64`s, and the CPU has this type's instructions.
+    unsafe fn store8(dst: *mut f64, v: Self::V);
+}
+
+/// Eight bfloat16s as float32s: each one the high half of its float32.
+#[inline(always)]
+unsafe fn bf16x8_to_f32(src: *const bf16) -> __m256 {
+    unsafe {
+        let h = _mm_loadu_si128(src.cast::<__m128i>());
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
+/// Eight float16s as float32s (F16C, exact).
+#[inline(always)]
+unsafe fn f16x8_to_f32(src: *const f16) -> __m256 {
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src.cast::<__m128i>())) }
+}
+
+// SAFETY of every `Wide8` impl: as the `Lanes` impls', the caller guarantees 8 elements behind
+// the pointer and the instruction set; all loads and stores are unaligned ones.
+
+macro_rules! wide8 {
+    ($lanes:ty => $v:ty, store = |$d:ident, $x:ident| $store:expr, $($s:ty => |$p:ident| $load:expr),* $(,)?) => {
+        $(
+            impl Wide8<$s> for $lanes {
+                type V = $v;
+                #[inline(always)]
+                unsafe fn load8($p: *const $s) -> $v {
+                    unsafe { $load }
+                }
+                #[inline(always)]
+                unsafe fn store8($d: *mut f64, $x: $v) {
+                    unsafe { $store }
+                }
+            }
+        )*
+    };
+}
+
+/// Four `f64` lanes from the low or high half of eight `f32`s.
+#[inline(always)]
+unsafe fn halves(f: __m256) -> Pair<F64x4> {
+    unsafe {
+        Pair(
+            F64x4(_mm256_cvtps_pd(_mm256_castps256_ps128(f))),
+            F64x4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f))),
+        )
+    }
+}
+
+wide8!(
+    Avx2 => Pair<F64x4>,
+    store = |d, v| {
+        _mm256_storeu_pd(d, v.0 .0);
+        _mm256_storeu_pd(d.add(4), v.1 .0);
+    },
+    f32 => |p| Pair(F64x4(_mm256_cvtps_pd(_mm_loadu_ps(p))), F64x4(_mm256_cvtps_pd(_mm_loadu_ps(p.add(4))))),
+    f64 => |p| Pair(F64x4(_mm256_loadu_pd(p)), F64x4(_mm256_loadu_pd(p.add(4)))),
+    f16 => |p| halves(f16x8_to_f32(p)),
+    bf16 => |p| halves(bf16x8_to_f32(p)),
+);
+
+wide8!(
+    Avx512 => F64x8,
+    store = |d, v| _mm512_storeu_pd(d, v.0),
+    f32 => |p| F64x8(_mm512_cvtps_pd(_mm256_loadu_ps(p))),
+    f64 => |p| F64x8(_mm512_loadu_pd(p)),
+    f16 => |p| F64x8(_mm512_cvtps_pd(f16x8_to_f32(p))),
+    bf16 => |p| F64x8(_mm512_cvtps_pd(bf16x8_to_f32(p))),
+);
