@@ -219,6 +219,9 @@ impl Plan for ArrayPlan {
             let group = groups.get_item(gi).ok()?;
             hypers.push(hyper::read(self.kind, &group, gi).ok()?);
             state_dtypes.push(hyper::state_dtype(&group, gi).ok()?);
+            if !crate::step::Rounding::read(&group, gi).ok()?.is_plain() {
+                return None;
+            }
         }
         let dtypes = Dtypes::new(py, false);
         let mut rules = RuleMemo::default();

@@ -154,6 +154,9 @@ pub mod _core {
             }
             Ok(match made {
                 Some(p) => (applied, p).into_pyobject(py)?.into_any().unbind(),
+                // A plan asked for but not made (a group with optirs's rounding options):
+                // (applied, None), so that the caller's unpacking holds.
+                None if plan => (applied, py.None()).into_pyobject(py)?.into_any().unbind(),
                 None => PyBool::new(py, applied).to_owned().into_any().unbind(),
             })
         })

@@ -178,6 +178,66 @@ fn asgd(g: &GroupReader<'_, '_>) -> Result<Hyper, CoreError> {
     ))
 }
 
+/// Group `gi`'s stochastic rounding (`bf16_stochastic_round`, optirs's own option): None when
+/// off (absent or False), else the generator's `seed` and the group's step count `sr_step`
+/// (absent: 0), which key the random bits of this step.
+pub(crate) fn stochastic(
+    group: &Bound<'_, PyAny>,
+    gi: usize,
+) -> Result<Option<(u64, u64)>, CoreError> {
+    if !flag_entry(group, gi, "bf16_stochastic_round")? {
+        return Ok(None);
+    }
+    let count = |key: &str, absent: Option<u64>| -> Result<u64, CoreError> {
+        let v = match group.get_item(key) {
+            Ok(v) if !v.is_none() => v,
+            _ => {
+                return absent.map_or_else(
+                    || {
+                        value_err!(
+                            "param_groups[{gi}] has bf16_stochastic_round=True but no '{key}' \
+                             entry"
+                        )
+                        .map_err(|e: CoreError| e.in_group(gi).arg(key))
+                    },
+                    Ok,
+                )
+            }
+        };
+        if v.is_instance_of::<pyo3::types::PyBool>() || !v.is_instance_of::<PyInt>() {
+            return type_err!(
+                "param_groups[{gi}]['{key}'] must be an int, got {}",
+                crate::ndarray::type_name(&v)
+            )
+            .map_err(|e: CoreError| e.in_group(gi).arg(key));
+        }
+        v.extract::<u64>().or_else(|_| {
+            value_err!("param_groups[{gi}]['{key}'] must be in [0, 2**64), got {v}")
+                .map_err(|e: CoreError| e.in_group(gi).arg(key))
+        })
+    };
+    Ok(Some((count("seed", None)?, count("sr_step", Some(0))?)))
+}
+
+/// Whether group `gi` keeps float32 master copies of its 16-bit parameters (`master_weights`).
+pub(crate) fn master_weights(group: &Bound<'_, PyAny>, gi: usize) -> Result<bool, CoreError> {
+    flag_entry(group, gi, "master_weights")
+}
+
+/// A bool entry of optirs's own: absent or None is False; anything but a bool is refused.
+fn flag_entry(group: &Bound<'_, PyAny>, gi: usize, key: &str) -> Result<bool, CoreError> {
+    match group.get_item(key) {
+        Ok(v) if !v.is_none() => v.extract::<bool>().or_else(|_| {
+            type_err!(
+                "param_groups[{gi}]['{key}'] must be a bool, got {}",
+                crate::ndarray::type_name(&v)
+            )
+            .map_err(|e: CoreError| e.in_group(gi).arg(key))
+        }),
+        _ => Ok(false),
+    }
+}
+
 /// How many parameters group `gi` holds.
 pub(crate) fn len_params(group: &Bound<'_, PyAny>, gi: usize) -> Result<usize, CoreError> {
     GroupReader { group, gi }.len_params()

@@ -214,6 +214,12 @@ pub(crate) fn run(
                     .map_err(|e: CoreError| e.in_group(gi).arg("amsgrad"))?);
             }
         }
+        if !crate::step::Rounding::read(&group, gi)?.is_plain() {
+            return Ok(value_err!(
+                "8-bit Adam does not support bf16_stochastic_round or master_weights yet"
+            )
+            .map_err(|e: CoreError| e.in_group(gi).arg("bf16_stochastic_round"))?);
+        }
         hypers.push(h);
         group_of.extend((0..hyper::len_params(&group, gi)?).map(|index| (gi, index)));
     }
@@ -258,6 +264,7 @@ pub(crate) fn run(
                     Kind::Adam,
                     &hypers[group],
                     None,
+                    crate::step::Rounding::default(),
                     &mut rules,
                     at,
                     &dtypes,

@@ -31,6 +31,8 @@ use optirs_core::{
     MAX_SCALARS,
 };
 
+use optirs_core::kernels::sr::SrKey;
+
 use crate::array_plan::{ArrayPlan, Stepped};
 use crate::course::run_detached;
 use crate::errors::{type_err, value_err, Result};
@@ -187,14 +189,95 @@ fn check_scalars<'py>(
     Ok((ptrs, held))
 }
 
+/// The parameter's rounding options checked: stochastic rounding's key (bfloat16 parameters;
+/// refused for float16, with master weights), and the float32 master copy's address (16-bit
+/// parameters under `master_weights`: the entry after the scalars in the state tuple, checked,
+/// its memory recorded for the overlap check and held in `keep`).
+#[allow(clippy::too_many_arguments)]
+fn check_rounding<'py>(
+    kind: Kind,
+    rounding: Rounding,
+    dtype: DType,
+    shape: &[usize],
+    at: Location,
+    dtypes: &Dtypes<'_>,
+    buffers: &Bound<'py, PyAny>,
+    spans: &mut Vec<Span>,
+    keep: &mut Vec<Bound<'py, PyAny>>,
+) -> std::result::Result<(Option<SrKey>, Option<*mut u8>), optirs_core::CoreError> {
+    let group = at.group;
+    let sr_key = match (rounding.stochastic, dtype) {
+        (Some(_), _) if rounding.master => {
+            return value_err!(
+                "param_groups[{group}] asks for both bf16_stochastic_round and master_weights; \
+                 a float32 master copy makes stochastic rounding unnecessary: choose one"
+            )
+            .arg("bf16_stochastic_round");
+        }
+        (Some(_), DType::F16) => {
+            return value_err!(
+                "{} is float16, but its group asks for bf16_stochastic_round, which rounds to \
+                 bfloat16 only; keep float16 parameters with master_weights=True (or in a group \
+                 without stochastic rounding)",
+                at.param()
+            )
+            .arg("bf16_stochastic_round");
+        }
+        #[allow(clippy::cast_possible_truncation)] // a parameter's index fits 64 bits
+        (Some((seed, sr_step)), DType::Bf16) => Some(SrKey::new(seed, sr_step, at.flat as u64)),
+        // float32 and float64 parameters keep every bit of their result: nothing to round.
+        _ => None,
+    };
+    // float32 and float64 parameters are their own master copy: the option leaves them alone.
+    let master = if rounding.master && matches!(dtype, DType::F16 | DType::Bf16) {
+        let idx = kind.buffer_names().len() + kind.scalar_names().len();
+        let what = || at.state(MASTER);
+        let arg = format!("state['{MASTER}']");
+        let obj = match buffers.get_item(idx) {
+            Ok(obj) if !obj.is_none() => obj,
+            _ => return value_err!("{} is missing", what()).arg(&arg),
+        };
+        let arr = as_array(&obj, &what).arg(&arg)?;
+        let got = dtypes.of(arr);
+        if got != Some(DType::F32) {
+            return type_err!(
+                "{} has dtype {}, expected float32 (master_weights keeps a float32 copy)",
+                what(),
+                got.map_or_else(|| dtype_str(arr), |d| d.name().to_owned())
+            )
+            .arg(&arg);
+        }
+        check_buffer(arr, dtypes, DType::F32, shape, &what, at).arg(&arg)?;
+        if !is_writeable(arr) {
+            return value_err!("{} is read-only (its writeable flag is False)", what()).arg(&arg);
+        }
+        let (start, end) = span(arr, DType::F32);
+        spans.push(Span {
+            start,
+            end,
+            writes: true,
+            role: Role::State(MASTER),
+            at,
+        });
+        keep.push(obj.clone());
+        Some(data_ptr(arr))
+    } else {
+        None
+    };
+
+    Ok((sr_key, master))
+}
+
 /// Validates one parameter that has a gradient: its own array, the gradient, the state buffers
 /// its group's options use and its step counter; records their memory for the overlap check.
 ///
 /// With `plan`, also hands over the arrays it checked, for a plan of the steps to come.
+#[allow(clippy::too_many_lines)] // one parameter's checks, in the order they apply
 pub(crate) fn check_param<'py>(
     kind: Kind,
     hyper: &Hyper,
     state_dtype: Option<DType>,
+    rounding: Rounding,
     rules: &mut RuleMemo,
     at: Location,
     dtypes: &Dtypes<'_>,
@@ -281,6 +364,9 @@ pub(crate) fn check_param<'py>(
     } else {
         (None, 0.0, None)
     };
+    let (sr_key, master) = check_rounding(
+        kind, rounding, dtype, shape, at, dtypes, buffers, spans, keep,
+    )?;
     let (scalar_ptrs, scalar_held) =
         check_scalars(kind, at, dtypes, buffers, spans, keep, plan.is_some())?;
     if let Some(plan) = plan {
@@ -306,7 +392,7 @@ pub(crate) fn check_param<'py>(
     // (check_layout, check_buffer), the written ones writeable; the caller holds every one of
     // them until the work returns (see the module documentation) and runs the overlap check
     // over `spans` before the work.
-    Ok(unsafe {
+    let mut checked = unsafe {
         Checked::new(
             dtype,
             param.len(),
@@ -318,7 +404,46 @@ pub(crate) fn check_param<'py>(
         )
         .with_state_dtype(state_dtype)
         .with_scalars(slots)
-    })
+    };
+    if let Some(key) = sr_key {
+        checked = checked.with_stochastic_rounding(key);
+    }
+    if let Some(m) = master {
+        // SAFETY: a float32 ndarray of the parameter's shape (so `len` elements), C-contiguous
+        // and aligned (check_buffer), writeable, held (`keep`) until the work returns, its
+        // memory in `spans` for the overlap check; a 16-bit parameter (checked above).
+        checked = unsafe { checked.with_master(m) };
+    }
+    Ok(checked)
+}
+
+/// The state entry of a 16-bit parameter's float32 master copy (`master_weights`).
+pub(crate) const MASTER: &str = "master_param";
+
+/// A group's optirs-only rounding options.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Rounding {
+    /// `bf16_stochastic_round`: the seed and the group's step count.
+    pub(crate) stochastic: Option<(u64, u64)>,
+    /// `master_weights`.
+    pub(crate) master: bool,
+}
+
+impl Rounding {
+    pub(crate) fn read(
+        group: &Bound<'_, PyAny>,
+        gi: usize,
+    ) -> std::result::Result<Rounding, optirs_core::CoreError> {
+        Ok(Rounding {
+            stochastic: hyper::stochastic(group, gi)?,
+            master: hyper::master_weights(group, gi)?,
+        })
+    }
+
+    /// Whether a plan may step this group: plans know nothing of these options.
+    pub(crate) fn is_plain(self) -> bool {
+        self.stochastic.is_none() && !self.master
+    }
 }
 
 /// Runs one step. See `optirs._core.step` in the stubs for the contract. Returns whether the
@@ -349,6 +474,7 @@ pub(crate) fn run(
     };
     let mut hypers = Vec::with_capacity(n_groups);
     let mut state_dtypes = Vec::with_capacity(n_groups);
+    let mut roundings: Vec<Rounding> = Vec::with_capacity(n_groups);
     let mut group_of = Vec::with_capacity(n);
     for gi in 0..n_groups {
         let Ok(group) = groups.get_item(gi) else {
@@ -356,6 +482,7 @@ pub(crate) fn run(
         };
         hypers.push(hyper::read(kind, &group, gi)?);
         state_dtypes.push(hyper::state_dtype(&group, gi)?);
+        roundings.push(Rounding::read(&group, gi)?);
         let len = hyper::len_params(&group, gi)?;
         group_of.extend((0..len).map(|index| (gi, index)));
     }
@@ -402,6 +529,7 @@ pub(crate) fn run(
                 kind,
                 &hypers[group],
                 state_dtypes[group],
+                roundings[group],
                 &mut rules,
                 at,
                 &dtypes,
@@ -415,6 +543,8 @@ pub(crate) fn run(
         );
     }
     check_overlaps_reusing(&spans)?;
+    // A plan steps without these options: every step of such a group is a full one.
+    let plan = plan && roundings.iter().all(|r| r.is_plain());
     let plan = plan.then(|| {
         let written = spans
             .iter()
@@ -427,5 +557,15 @@ pub(crate) fn run(
     // array) hold every array alive until the work is done.
     let applied = run_detached(py, checked, options)?;
     drop(keep);
+    if applied {
+        // The next step draws fresh bits: each group with stochastic rounding counts its steps.
+        for (gi, r) in roundings.iter().enumerate() {
+            if let Some((_, sr_step)) = r.stochastic {
+                groups
+                    .get_item(gi)?
+                    .set_item("sr_step", sr_step.wrapping_add(1))?;
+            }
+        }
+    }
     Ok((applied, plan))
 }

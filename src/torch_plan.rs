@@ -587,6 +587,9 @@ impl TorchPlan {
             let group = groups.get_item(gi)?;
             hypers.push(hyper::read(self.kind, &group, gi)?);
             state_dtypes.push(hyper::state_dtype(&group, gi)?);
+            if !crate::step::Rounding::read(&group, gi).is_ok_and(crate::step::Rounding::is_plain) {
+                return Ok(None);
+            }
         }
         let Ok(state) = state.cast::<PyDict>() else {
             return Ok(None);

@@ -132,6 +132,9 @@ def test_signature_is_torchs(name):
         ("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, False),
         ("flush_denormals", inspect.Parameter.KEYWORD_ONLY, False),
         ("state_dtype", inspect.Parameter.KEYWORD_ONLY, None),
+        ("bf16_stochastic_round", inspect.Parameter.KEYWORD_ONLY, False),
+        ("master_weights", inspect.Parameter.KEYWORD_ONLY, False),
+        ("seed", inspect.Parameter.KEYWORD_ONLY, None),
     ]
     assert ours == theirs + extras
 

@@ -29,6 +29,7 @@ import numpy as np
 from . import _adafactor, _core, _eightbit, _spec
 from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level, simd_levels
 from ._plan import GroupsSnapshot, StepOptions, fork_safe
+from ._spec import manual_seed
 
 __version__: str = _core.__version__
 
@@ -52,6 +53,7 @@ __all__ = [
     "Rprop",
     "__version__",
     "get_num_threads",
+    "manual_seed",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
@@ -228,19 +230,23 @@ class _Plan:
         self.steps: list[Any] = []
         #: flat indices of parameters whose state is not complete yet
         self.missing: list[int] = []
-        for ps, need in zip(self.groups.members, self.groups.needs):
+        for ps, need, group in zip(self.groups.members, self.groups.needs, groups):
             required = [n for n, want in zip(spec.buffers, need) if want]
             required.extend(spec.scalar_names)
             if spec.counts_steps:
                 required.append("step")
             for p in ps:
                 entry = state.get(p, _EMPTY)
-                if any(entry.get(n) is None for n in required):
+                master = _spec.wants_master(group, _is_16_bit(p))
+                if any(entry.get(n) is None for n in required) or (
+                    master and entry.get(_spec.MASTER) is None
+                ):
                     self.missing.append(len(self.buffers))
                     self.buffers.append(None)
                     self.steps.append(None)
                 else:
-                    self.buffers.append(tuple(map(entry.get, names)))
+                    # The master copy, where kept, follows the buffers and scalars.
+                    self.buffers.append((*map(entry.get, names), entry.get(_spec.MASTER)))
                     self.steps.append(entry.get("step"))
         self.fresh = [False] * len(self.params)
         #: the core's plan of these lists (``_core.ArrayPlan``), made by the first full step
@@ -408,6 +414,7 @@ class Optimizer:
             group["betas"] = tuple(group["betas"])
         self._spec.validate(group)
         group["state_dtype"] = _checked_state_dtype(group.get("state_dtype"), params)
+        _spec.check_rounding_group(group, "param_group")
         ids = {id(p) for p in params}
         if len(ids) != len(params):
             raise ValueError("optimizer contains a parameter group with duplicate parameters")
@@ -434,13 +441,17 @@ class Optimizer:
     ) -> dict[str, Any]:
         """The state entries ``missing`` names, for ``p`` (``Spec.new_state``, in NumPy)."""
         dtype = _state_dtype(p, group)
-        return self._spec.new_state(
+        out = self._spec.new_state(
             missing,
             group,
             lambda x: np.full(np.shape(p), x, dtype=dtype),
             lambda: np.zeros((), np.float32),
             scalar=lambda x: np.array(x, np.float32),
         )
+        if _spec.MASTER in missing:
+            # The parameter's value, exactly (every 16-bit value is a float32).
+            out[_spec.MASTER] = np.array(p, dtype=np.float32, order="C", copy=True)
+        return out
 
     def step(self, grads: Iterable[Any]) -> None:
         """Updates every parameter in place from its gradient.
@@ -582,12 +593,13 @@ class Optimizer:
                 continue
             p, group = plan.params[i], owners[i]
             state = dict(self.state.get(p, _EMPTY))
-            missing = spec.missing(group, state, none_step=False)
+            master = _spec.wants_master(group, _is_16_bit(p))
+            missing = spec.missing(group, state, none_step=False, master=master)
             if not missing:
                 continue
             state.update(self._new_state(p, group, missing))
             created.append((p, state))
-            buffers[i] = tuple(state.get(n) for n in names)
+            buffers[i] = (*(state.get(n) for n in names), state.get(_spec.MASTER))
             steps[i] = state.get("step")
             fresh[i] = spec.fresh(missing)
         # The core keeps the new state itself (`commit`) once the update is applied, before it
@@ -667,6 +679,11 @@ class Optimizer:
             # its float32 state is converted to the dtype this optimizer keeps.
             new.setdefault("state_dtype", group.get("state_dtype"))
             new["state_dtype"] = _checked_state_dtype(new["state_dtype"], group["params"])
+            # Likewise the rounding options: a saved seed and step count restore the stream.
+            for key in _spec.ROUNDING_KEYS:
+                if key in group:
+                    new.setdefault(key, group[key])
+            _spec.check_rounding_group(new, f"loaded param_groups[{gi}]")
             for name in self.defaults:
                 if name not in new:
                     raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
@@ -679,7 +696,7 @@ class Optimizer:
                 by_index[i] = (p, new)
 
         new_state = ParamState()
-        known = set(spec.keys)
+        known = {*spec.keys, _spec.MASTER}
         for i, saved in saved_state.items():
             if i not in by_index:
                 raise ValueError(f"loaded state dict has state for unknown parameter index {i!r}")
@@ -699,6 +716,8 @@ class Optimizer:
                     entry[name] = _load_step(value, where)
                 elif name in spec.scalar_names:
                     entry[name] = _load_scalar(value, p, f"{where}['{name}']")
+                elif name == _spec.MASTER:
+                    entry[name] = _load_buffer(value, p, f"{where}['{name}']", np.dtype(np.float32))
                 elif value is not None or name != "momentum_buffer":
                     entry[name] = _load_buffer(
                         value, p, f"{where}['{name}']", _state_dtype(p, group)
@@ -784,6 +803,11 @@ def _checked_state_dtype(value: Any, params: Iterable[np.ndarray]) -> str | None
     return name
 
 
+def _is_16_bit(p: Any) -> bool:
+    """float16 or bfloat16: a parameter that keeps a master copy under ``master_weights``."""
+    return bool(np.asarray(p).dtype.itemsize == 2)
+
+
 def _state_dtype(p: np.ndarray, group: Mapping[str, Any]) -> np.dtype:
     """The dtype ``p``'s state buffers are kept in under ``group``. ``p`` may be anything a
     user put in a group: the core refuses what is not a parameter, after this."""
@@ -804,6 +828,14 @@ def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
         for name, f in convert.items():
             values[name] = f(values[name])
         values["state_dtype"] = _spec.state_dtype_name(values["state_dtype"])
+        values.update(
+            _spec.rounding_entries(
+                values.pop("bf16_stochastic_round"),
+                values.pop("master_weights"),
+                values.pop("seed"),
+                default_base=0,
+            )
+        )
         defaults = {**values, **spec.fixed}
         spec.validate(defaults)
         Optimizer.__init__(
@@ -821,7 +853,10 @@ def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
         "``state_dtype`` (None: state in the parameter's dtype, as torch; ``'bfloat16'`` or "
         "``ml_dtypes.bfloat16``: state kept as bfloat16, computed in float32 and rounded to "
         "nearest even when stored; float32 and bfloat16 parameters only, a group may set its "
-        "own)."
+        "own), ``bf16_stochastic_round`` (bfloat16 parameters rounded stochastically, keyed by "
+        "``seed``: an int, default drawn from ``optirs.manual_seed``'s seed or 0), and "
+        "``master_weights`` (a float32 ``master_param`` state entry per float16/bfloat16 "
+        "parameter); see the README's '16-bit parameters that learn'."
     )
     return _spec.make_init(spec.name, __name__, spec.numpy_params, construct, doc)
 

@@ -125,7 +125,8 @@ def step(
     param-group mappings (hyperparameters under torch's names; ``len(group["params"])`` maps
     flat indices to groups).
     ``params``, ``grads``, ``buffers`` (a tuple of state arrays per parameter, in the order of
-    ``optirs._spec``: the buffers, then the 0-d scalars of ``RULE_SCALARS``), ``steps`` (0-d
+    ``optirs._spec``: the buffers, then the 0-d scalars of ``RULE_SCALARS``, then the float32
+    ``master_param`` of a 16-bit parameter whose group has ``master_weights``), ``steps`` (0-d
     float32 counters) and ``fresh`` (SGD: the momentum buffer was just created; may be empty)
     are flat, one entry per parameter; a ``None`` gradient skips
     that parameter. Everything is validated before anything is written: TypeError or
@@ -139,7 +140,10 @@ def step(
     reads each gradient divided by ``grad_unscale`` (GradScaler's scale) and then multiplied by
     ``grad_coef`` (a clip coefficient), each result rounded to the gradient's dtype; the
     gradients themselves are not written. With
-    ``plan``, returns ``(applied, ArrayPlan)``: the plan of the steps after this one.
+    ``plan``, returns ``(applied, ArrayPlan)``: the plan of the steps after this one
+    (``(applied, None)`` when a group has ``bf16_stochastic_round`` or ``master_weights``,
+    which plans do not cover). A group with ``bf16_stochastic_round`` gets its ``sr_step``
+    advanced by one when the update is applied.
     ``bf16_bits`` (the torch bridge): uint16 arrays are bfloat16 bit patterns; otherwise integer
     arrays are refused and bfloat16 arrays are ``ml_dtypes.bfloat16``. Once the update is
     applied, before returning: ``mapping[key] = value`` for each triple of ``commit`` and then
@@ -167,7 +171,7 @@ def step(
     commit: list[tuple[Any, Any, Any]] | None = None,
     then: tuple[Any, Any] | None = None,
     _panic_for_tests: str | None = None,
-) -> tuple[bool, ArrayPlan]: ...
+) -> tuple[bool, ArrayPlan | None]: ...
 
 @final
 class ArrayPlan:

@@ -31,7 +31,7 @@ class GroupsSnapshot:
     """The groups' parameter lists (the list objects, their lengths and their elements) and the
     options that decide which state buffers each group uses."""
 
-    __slots__ = ("lens", "lists", "members", "needs", "owners", "params", "state_dtypes")
+    __slots__ = ("lens", "lists", "masters", "members", "needs", "owners", "params", "state_dtypes")
 
     def __init__(self, spec: Spec, groups: Sequence[dict[str, Any]]) -> None:
         # Everything below is read from one copy of each list: another thread may change the
@@ -45,6 +45,8 @@ class GroupsSnapshot:
         self.needs = [spec.needs(g) for g in groups]
         #: each group's ``state_dtype``: the dtype of the state the plan's buffers hold
         self.state_dtypes = [g.get("state_dtype") for g in groups]
+        #: each group's ``master_weights``: whether its 16-bit parameters' lists hold a master
+        self.masters = [bool(g.get("master_weights")) for g in groups]
         #: every parameter, flattened in param_groups order
         self.params: list[Any] = list(chain.from_iterable(self.members))
         #: the group of each of ``params``
@@ -55,13 +57,16 @@ class GroupsSnapshot:
         same state layout. One identity comparison per parameter."""
         if len(groups) != len(self.lists):
             return False
-        for g, ps, n, need, sd in zip(groups, self.lists, self.lens, self.needs, self.state_dtypes):
+        for g, ps, n, need, sd, m in zip(
+            groups, self.lists, self.lens, self.needs, self.state_dtypes, self.masters
+        ):
             current = g["params"]
             if (
                 current is not ps
                 or len(current) != n
                 or spec.needs(g) != need
                 or g.get("state_dtype") != sd
+                or bool(g.get("master_weights")) != m
             ):
                 return False
         return all(map(operator.is_, chain.from_iterable(self.lists), self.params))

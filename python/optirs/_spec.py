@@ -296,7 +296,12 @@ class Spec:
         return tuple(b.name for b in self.state if b.when(group))
 
     def missing(
-        self, group: Mapping[str, Any], state: Mapping[str, Any], *, none_step: bool = True
+        self,
+        group: Mapping[str, Any],
+        state: Mapping[str, Any],
+        *,
+        none_step: bool = True,
+        master: bool = False,
     ) -> list[str]:
         """The entries (buffers, then ``step``) a parameter of ``group`` lacks to step: absent
         or None; a ``step`` of None only with ``none_step`` (the NumPy API leaves such an
@@ -305,12 +310,15 @@ class Spec:
         if self.counts_steps and (state.get("step") is None if none_step else "step" not in state):
             names.append("step")
         names.extend(n for n in self.scalar_names if state.get(n) is None)
+        if master and state.get(MASTER) is None:
+            names.append(MASTER)
         return names
 
     def incomplete(self, missing: Collection[str]) -> list[str]:
         """Of ``missing``, what a parameter that has other state must not lack: every entry
         but a buffer the kernel makes from the gradient (torch's "no momentum buffer yet")."""
-        from_grad = {b.name for b in self.state if b.from_grad}
+        # A master copy absent from a loaded state is made from the parameter.
+        from_grad = {b.name for b in self.state if b.from_grad} | {MASTER}
         return [n for n in missing if n not in from_grad]
 
     def fresh(self, missing: Collection[str]) -> bool:
@@ -335,6 +343,8 @@ class Spec:
         scalar_fills = {s.name: s.fill for s in self.scalars}
         out: dict[str, T] = {}
         for n in missing:
+            if n == MASTER:
+                continue  # made by the caller, from the parameter
             if n == "step":
                 out[n] = step()
             elif n in scalar_fills:
@@ -644,7 +654,116 @@ OWN_OPTIONS: tuple[Param, ...] = (
     Param("skip_nonfinite", False, "bool", keyword_only=True),
     Param("flush_denormals", False, "bool", keyword_only=True),
     Param("state_dtype", None, "Any", keyword_only=True),
+    Param("bf16_stochastic_round", False, "bool", keyword_only=True),
+    Param("master_weights", False, "bool", keyword_only=True),
+    Param("seed", None, "Any", keyword_only=True),
 )
+
+#: The state entry of a 16-bit parameter's float32 master copy (``master_weights=True``).
+MASTER = "master_param"
+
+#: The param-group entries of optirs's rounding options (``rounding_entries``).
+ROUNDING_KEYS = ("bf16_stochastic_round", "seed", "sr_step", "master_weights")
+
+_seeds: dict[str, int | None] = {"base": None, "count": 0}
+
+
+def manual_seed(seed: int) -> None:
+    """Seeds the seeds of stochastic rounding: each optimizer made after this call with
+    ``bf16_stochastic_round=True`` and no ``seed=`` takes the next seed drawn from ``seed``, so
+    that a program that calls ``optirs.manual_seed(s)`` first rounds alike on every run.
+
+    Args:
+        seed: an int in ``[0, 2**64)``.
+    """
+    _seeds["base"] = checked_seed(seed)
+    _seeds["count"] = 0
+
+
+def next_seed(default_base: int) -> int:
+    """The seed of the next optimizer made without ``seed=``: drawn from
+    ``optirs.manual_seed``'s seed if it was called, else from ``default_base`` (the torch API
+    passes ``torch.initial_seed()``, so ``torch.manual_seed`` makes runs repeat; the NumPy API
+    0). The n-th draw is SplitMix64 of (base, n): distinct optimizers get distinct streams."""
+    base = _seeds["base"]
+    if base is None:
+        base = default_base
+    n = _seeds["count"] or 0
+    _seeds["count"] = n + 1
+    mask = (1 << 64) - 1
+    z = (base + (n + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def checked_seed(seed: Any) -> int:
+    """A seed: an int (not a bool) in ``[0, 2**64)``; TypeError or ValueError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def rounding_entries(
+    bf16_stochastic_round: Any, master_weights: Any, seed: Any, default_base: int
+) -> dict[str, Any]:
+    """The param-group entries of optirs's rounding options, checked: none when both are off
+    (groups stay torch's own), ``bf16_stochastic_round``, ``seed`` and ``sr_step`` (the group's
+    count of steps, which keys the random bits with the seed) with stochastic rounding,
+    ``master_weights`` with master weights. Both at once are refused (a float32 master copy
+    makes stochastic rounding unnecessary)."""
+    for name, value in (
+        ("bf16_stochastic_round", bf16_stochastic_round),
+        ("master_weights", master_weights),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if seed is not None:
+        seed = checked_seed(seed)
+    if bf16_stochastic_round and master_weights:
+        raise ValueError(
+            "bf16_stochastic_round=True and master_weights=True together: a float32 master copy "
+            "makes stochastic rounding unnecessary; choose one"
+        )
+    if bf16_stochastic_round:
+        return {
+            "bf16_stochastic_round": True,
+            "seed": next_seed(default_base) if seed is None else seed,
+            "sr_step": 0,
+        }
+    if master_weights:
+        return {"master_weights": True}
+    return {}
+
+
+def check_rounding_group(group: Mapping[str, Any], where: str) -> None:
+    """Refuses a group whose rounding entries are of the wrong type (a loaded state dict's)."""
+    for name in ("bf16_stochastic_round", "master_weights"):
+        v = group.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{where}['{name}'] must be a bool, got {type(v).__name__}")
+    if group.get("bf16_stochastic_round"):
+        if group.get("master_weights"):
+            raise ValueError(
+                f"{where} has both bf16_stochastic_round and master_weights: choose one"
+            )
+        checked_seed(group.get("seed"))
+        checked_seed(group.get("sr_step", 0))
+
+
+def has_rounding(group: Mapping[str, Any]) -> bool:
+    """Whether a group asks for stochastic rounding or master weights (the core plans no step
+    of such a group)."""
+    return bool(group.get("bf16_stochastic_round") or group.get("master_weights"))
+
+
+def wants_master(group: Mapping[str, Any], dtype_is_16_bit: bool) -> bool:
+    """Whether a parameter keeps a float32 master copy: a 16-bit one in a group with
+    ``master_weights=True`` (float32 and float64 parameters are their own master copy)."""
+    return bool(group.get("master_weights")) and dtype_is_16_bit
+
 
 #: The one reduced-precision state dtype, as param groups hold it.
 BFLOAT16 = "bfloat16"

@@ -111,6 +111,7 @@ fn bench(c: &mut Criterion) {
                             param: &mut p,
                             grad: &g,
                             bufs: used.map(|b| b.map(Vec::as_mut_slice)),
+                            rounding: optirs_core::kernels::lanes::Rounding::Nearest,
                         };
                         apply(level, &rule, s);
                     });
@@ -147,6 +148,7 @@ fn bench_16_bit(c: &mut Criterion) {
                             param: &mut p,
                             grad: &g,
                             bufs: [Some(&mut m), Some(&mut v), None],
+                            rounding: optirs_core::kernels::lanes::Rounding::Nearest,
                         };
                         apply(level, &rule, s);
                     });

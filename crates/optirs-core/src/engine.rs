@@ -31,6 +31,8 @@ use crate::error::{panic_message, CoreError};
 use crate::fpenv::FlushGuard;
 use crate::kernels::adam::AdamScalars;
 use crate::kernels::adam8bit::{self, Q8Slices};
+use crate::kernels::lanes::Rounding;
+use crate::kernels::sr::SrKey;
 use crate::kernels::{simd, Rule, Slices, Storage};
 use crate::norm::{self, GradFactor};
 use crate::pool;
@@ -59,6 +61,10 @@ pub struct Checked {
     /// Where the rule's per-parameter scalar state (`RuleSpec::scalars`) gets its new values.
     scalars: [Option<CounterSlot<'static>>; MAX_SCALARS],
     rule: RuleOf,
+    /// Stochastic rounding's key for this parameter and step (bfloat16 parameters only).
+    sr: Option<SrKey>,
+    /// The float32 master copy (`len` elements) of a 16-bit parameter.
+    master: Option<*mut u8>,
 }
 
 impl Checked {
@@ -92,6 +98,8 @@ impl Checked {
             step,
             scalars: [None, None],
             rule,
+            sr: None,
+            master: None,
         }
     }
 
@@ -125,6 +133,41 @@ impl Checked {
             state_dtype.name()
         );
         self.state_dtype = state_dtype;
+        self
+    }
+
+    /// The same parameter written with stochastic rounding drawn from `key` (its offset 0: the
+    /// work items' keys are offset by where they begin).
+    ///
+    /// # Panics
+    /// For a parameter that is not bfloat16, or one with a master copy: the bindings refuse
+    /// those.
+    #[must_use]
+    pub fn with_stochastic_rounding(mut self, key: SrKey) -> Checked {
+        assert!(
+            self.dtype == DType::Bf16 && self.master.is_none(),
+            "stochastic rounding is for bfloat16 parameters without a master copy"
+        );
+        self.sr = Some(key);
+        self
+    }
+
+    /// The same parameter with a float32 master copy at `master`: the step reads and writes
+    /// it, and writes the parameter from it rounded to nearest.
+    ///
+    /// # Safety
+    /// As [`Checked::new`]: `master` points to `len` aligned float32 elements, alive and
+    /// unmoved until the step returns, which nothing else of the step reads or writes.
+    ///
+    /// # Panics
+    /// For a parameter that is not float16 or bfloat16, or one with stochastic rounding.
+    #[must_use]
+    pub unsafe fn with_master(mut self, master: *mut u8) -> Checked {
+        assert!(
+            matches!(self.dtype, DType::Bf16 | DType::F16) && self.sr.is_none(),
+            "a master copy is for float16 and bfloat16 parameters, without stochastic rounding"
+        );
+        self.master = Some(master);
         self
     }
 }
@@ -484,7 +527,7 @@ fn run_factored_q8<S: simd::Q8Element>(
 /// # Safety
 /// `c` must satisfy [`Checked::new`]'s contract, for the lifetime `'a`, with `S` its dtype and
 /// `Q` its state dtype.
-unsafe fn slices<'a, S, Q>(c: &Checked) -> Slices<'a, S, Q> {
+unsafe fn slices<'a, S: Storage, Q>(c: &Checked) -> Slices<'a, S, Q> {
     #[allow(clippy::cast_ptr_alignment)] // Checked::new's caller vouches for the alignment
     unsafe fn mk<'a, S>(p: *mut u8, len: usize) -> &'a mut [S] {
         if len == 0 {
@@ -504,6 +547,11 @@ unsafe fn slices<'a, S, Q>(c: &Checked) -> Slices<'a, S, Q> {
                 std::slice::from_raw_parts(c.grad.cast(), c.len)
             },
             bufs: c.bufs.map(|b| b.map(|p| mk(p, c.len))),
+            rounding: match (c.sr, c.master) {
+                (Some(key), _) => Rounding::Stochastic(key),
+                (None, Some(m)) => Rounding::Master(mk::<S::Compute>(m, c.len)),
+                (None, None) => Rounding::Nearest,
+            },
         }
     }
 }

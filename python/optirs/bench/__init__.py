@@ -34,7 +34,9 @@ torch is imported lazily: the benchmark needs it, the package does not.
 Modules, each importing only those before it: ``cases`` (what is run), ``metadata`` (machine
 and versions), ``timing`` (interleaved rounds), ``report`` (tables), ``plot`` (PNG), ``train``
 (the training loops), ``clip`` (the clipping benchmark), ``harness`` (the step-alone runs and
-the whole run), ``cli`` (the ``bench`` command's options).
+the whole run), ``cli`` (the ``bench`` command's options). ``rounding`` (bfloat16 AdamW with
+stochastic rounding and master weights against torch's fused step) runs on its own:
+``python -m optirs.bench.rounding``.
 """
 
 from __future__ import annotations

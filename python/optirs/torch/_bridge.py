@@ -121,17 +121,33 @@ class _Bridge:
         opt.state_dict())`` casts the bfloat16 state to the parameters' dtype.
         """
         kept = [g.get("state_dtype") for g in self.param_groups]
+        kept_rounding = [
+            {k: g[k] for k in _spec.ROUNDING_KEYS if k in g} for g in self.param_groups
+        ]
         saved = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
         if len(saved) == len(kept):
-            for g in saved:
+            for gi, (g, own) in enumerate(zip(saved, kept_rounding)):
                 if isinstance(g, dict) and "state_dtype" in g:
                     _spec.state_dtype_name(g["state_dtype"])  # refused before anything changes
+                if isinstance(g, dict):
+                    _spec.check_rounding_group({**own, **g}, f"loaded param_groups[{gi}]")
+        masters = _saved_masters(self.param_groups, state_dict)
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        for group, sd in zip(self.param_groups, kept):
+        for group, sd, own in zip(self.param_groups, kept, kept_rounding):
             if group.setdefault("state_dtype", sd) is None:
                 del group["state_dtype"]
             else:
                 group["state_dtype"] = _spec.state_dtype_name(group["state_dtype"])
+            # A state dict without them (torch.optim's) keeps the optimizer's rounding options.
+            for k, v in own.items():
+                group.setdefault(k, v)
+        # torch cast every floating state tensor to its parameter's dtype: the master copies
+        # are float32 again, bit for bit as saved.
+        for p, m in masters:
+            if p in self.state:
+                self.state[p][_spec.MASTER] = m.detach().to(
+                    device=p.device, dtype=torch.float32, copy=True
+                )
         self._conform_state()
         self._adopt_flat_state()
 
@@ -338,7 +354,8 @@ class _Bridge:
                 return applied
         self._optirs_plan = None
         applied = self._optirs_full_step()
-        if applied:
+        # The core plans no step of a group with optirs's rounding options: no plan to make.
+        if applied and not any(_spec.has_rounding(g) for g in groups):
             try:
                 self._optirs_plan = _Plan(self, groups)
             except (TypeError, ValueError, KeyError, RuntimeError):
@@ -432,7 +449,8 @@ class _Bridge:
                 # A DTensor's local shard, gradient and state (views) are what the core steps.
                 lp, lg = _dtensor.check_pair(p, g, where, type(self).__name__, spec.elementwise)
                 state = self.state.get(p) or {}
-                missing = spec.missing(group, state)
+                master = _spec.wants_master(group, p.dtype in (torch.float16, torch.bfloat16))
+                missing = spec.missing(group, state, master=master)
                 # As torch: state is made when a parameter has none. A parameter with state
                 # that lacks an entry (a partial state dict, an option switched on later) is
                 # refused, naming it, where torch would fail with a KeyError; SGD's momentum
@@ -463,6 +481,16 @@ class _Bridge:
                         for b, n in zip(bufs, names)
                     )
                     + tuple(_scalar_view(state.get(n), where, n) for n in spec.scalar_names)
+                    + (
+                        layout.view(
+                            _dtensor.local_state(
+                                p, state[_spec.MASTER], f"state['{_spec.MASTER}'] of {where}"
+                            ),
+                            f"state['{_spec.MASTER}'] of {where}",
+                        )
+                        if master
+                        else None,
+                    )
                 )
                 # SGD keeps no step: a stray entry is ignored, as torch.optim.SGD does.
                 step = state.get("step") if spec.counts_steps else None
@@ -473,6 +501,8 @@ class _Bridge:
                 if step is not None:
                     written.append(step)
                 written.extend(state[n] for n in spec.scalar_names)
+                if master:
+                    written.append(state[_spec.MASTER])
         if self._skip_everywhere(groups, grads):
             return False
         # The core wrote through NumPy views, which autograd cannot see: it bumps the version
@@ -532,9 +562,12 @@ class _Bridge:
         """
         dtype = _state_dtype(p, group)
         own = _flat.owner(p)
-        if own is not None:
+        # Groups that round stochastically or keep master copies are stepped per tensor (their
+        # random bits are keyed by each parameter's own index; the master copy is the
+        # parameter's): their state stays per tensor too, so no flat plan covers them.
+        if own is not None and not _rounds(group):
             return self._new_flat_state(p, own, group, missing, dtype)
-        return self._spec.new_state(
+        out = self._spec.new_state(
             missing,
             self._spec.fill_values(self.defaults, group),
             lambda x: torch.full_like(p, x, dtype=dtype, memory_format=torch.preserve_format),
@@ -542,6 +575,43 @@ class _Bridge:
             scalar=lambda x: torch.tensor(x, dtype=_get_scalar_dtype()),
             group=group,
         )
+        if _spec.MASTER in missing:
+            # The parameter's value, exactly, in its memory format.
+            out[_spec.MASTER] = p.detach().to(
+                torch.float32, memory_format=torch.preserve_format, copy=True
+            )
+        return out
+
+
+def _rounds(group: dict[str, Any]) -> bool:
+    """Whether ``group`` asks for stochastic rounding or master weights (``_spec.ROUNDING_KEYS``)."""
+    return bool(group.get("bf16_stochastic_round")) or bool(group.get("master_weights"))
+
+
+def _saved_masters(
+    groups: list[dict[str, Any]], state_dict: Any
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter's saved master copy (``master_weights``), matched by position as torch's
+    ``load_state_dict`` matches state; nothing for a state dict that is not one (torch's
+    ``load_state_dict`` raises for it)."""
+    if not isinstance(state_dict, dict):
+        return []
+    saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+        return []
+    out = []
+    for g, sg in zip(groups, saved_groups):
+        if not isinstance(sg, dict):
+            return []
+        for p, i in zip(g["params"], sg.get("params", ())):
+            m = (
+                saved_state.get(i, {}).get(_spec.MASTER)
+                if isinstance(saved_state.get(i), dict)
+                else None
+            )
+            if isinstance(m, torch.Tensor):
+                out.append((p, m))
+    return out
 
     def _flat_slot(
         self, fb: _flat._FlatBuffer, k: int, name: str, dtype: torch.dtype, shape: Any
@@ -790,6 +860,8 @@ class _FlatPlan:
         bases: dict[int, Any] = {}
         last: tuple[Any, ...] | None = None
         for gi, (group, ps, need) in enumerate(zip(groups, snapshot.members, snapshot.needs)):
+            if _rounds(group):
+                return None  # stepped per tensor: see _new_state
             for p in ps:
                 own = _flat.owner(p)
                 if own is None:
@@ -876,6 +948,8 @@ class _FlatPlan:
         spec = opt._spec
         groups = opt.param_groups
         if opt.state is not self.state or not self.groups.unchanged(spec, groups):
+            return None
+        if any(map(_rounds, groups)):  # switched on since the plan was built: per tensor
             return None
         if not self.watch.current(opt.state):
             return None
@@ -1058,6 +1132,12 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
         skip_nonfinite = values.pop("skip_nonfinite")
         flush_denormals = values.pop("flush_denormals")
         state_dtype = _spec.state_dtype_name(values.pop("state_dtype"))
+        rounding = _spec.rounding_entries(
+            values.pop("bf16_stochastic_round"),
+            values.pop("master_weights"),
+            values.pop("seed"),
+            default_base=torch.initial_seed() & ((1 << 64) - 1),
+        )
         _refuse(spec.name, **{name: values[name] for name in spec.refused})
         if spec.in_torch:
             getattr(torch.optim, spec.name).__init__(self, params, **values)
@@ -1076,6 +1156,12 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
             self.defaults["state_dtype"] = state_dtype
             for group in self.param_groups:
                 group.setdefault("state_dtype", state_dtype)
+        # The rounding options likewise, present only when asked for.
+        if rounding:
+            self.defaults.update(rounding)
+            for group in self.param_groups:
+                for k, v in rounding.items():
+                    group.setdefault(k, v)
         self._after_init(skip_nonfinite, flush_denormals)
         self._conform_state()
         self._adopt_flat_state()  # Adagrad's constructor makes state
@@ -1090,7 +1176,11 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
         "(None: state in the parameter's dtype, as torch; ``torch.bfloat16`` or "
         "``'bfloat16'``: state kept as bfloat16, computed in float32 and rounded to nearest "
         "even when stored; float32, float16 and bfloat16 parameters, a group may set its "
-        "own)."
+        "own), ``bf16_stochastic_round`` (bfloat16 parameters rounded stochastically, keyed by "
+        "``seed``: an int, default drawn from ``optirs.manual_seed``'s seed or "
+        "``torch.initial_seed()``) and ``master_weights`` (a float32 ``master_param`` state "
+        "entry per float16/bfloat16 parameter); see the README's '16-bit parameters that "
+        "learn'."
         + (
             " " + ", ".join(f"``{n}=True``" for n in spec.refused) + " raise ValueError."
             if spec.refused

@@ -78,6 +78,8 @@ impl<S: Storage> Arrays<S> {
             }),
             scalars: [None, None],
             rule,
+            sr: None,
+            master: None,
         }
     }
 

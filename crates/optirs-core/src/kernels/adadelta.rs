@@ -1,7 +1,7 @@
 //! Adadelta, following `torch.optim.adadelta._single_tensor_adadelta`.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one Adadelta param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,12 +60,12 @@ impl<T: Float> AdadeltaScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AdadeltaScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     square_avg: &mut [Q],
     acc_delta: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [square_avg, acc_delta]) }
+    unsafe { stream_param::<S, Q, L, _, 2>(*k, param, grad, [square_avg, acc_delta]) }
 }
 
 /// Buffers `[square_avg, acc_delta]`.

@@ -1,7 +1,7 @@
 //! Adagrad (dense gradients), following `torch.optim.adagrad._single_tensor_adagrad`.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one Adagrad param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,11 +57,11 @@ impl<T: Float> AdagradScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AdagradScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     sum: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 1>(*k, param, grad, [sum]) }
+    unsafe { stream_param::<S, Q, L, _, 1>(*k, param, grad, [sum]) }
 }
 
 /// Buffers `[sum]`.

@@ -1,7 +1,7 @@
 //! Adam and AdamW, following `torch.optim.adam._single_tensor_adam` (non-capturable path).
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one Adam/AdamW param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -85,7 +85,7 @@ impl<T: Float> AdamScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AdamScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     exp_avg: &mut [Q],
     exp_avg_sq: &mut [Q],
@@ -94,9 +94,9 @@ pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes
     unsafe {
         match max_exp_avg_sq {
             Some(vmax) if k.amsgrad => {
-                stream::<S, Q, L, _, 3>(*k, param, grad, [exp_avg, exp_avg_sq, vmax]);
+                stream_param::<S, Q, L, _, 3>(*k, param, grad, [exp_avg, exp_avg_sq, vmax]);
             }
-            _ => stream::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]),
+            _ => stream_param::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]),
         }
     }
 }

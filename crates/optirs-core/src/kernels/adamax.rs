@@ -1,7 +1,7 @@
 //! Adamax, following `torch.optim.adamax._single_tensor_adamax` (non-capturable path).
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one Adamax param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -64,12 +64,12 @@ impl<T: Float> AdamaxScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AdamaxScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     exp_avg: &mut [Q],
     exp_inf: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_inf]) }
+    unsafe { stream_param::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_inf]) }
 }
 
 /// Buffers `[exp_avg, exp_inf]`.

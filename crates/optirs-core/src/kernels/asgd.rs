@@ -6,7 +6,7 @@
 //! [`AsgdHyper::mu_after`]).
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one ASGD param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -172,11 +172,11 @@ impl<T: Float> AsgdScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &AsgdScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     ax: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 1>(*k, param, grad, [ax]) }
+    unsafe { stream_param::<S, Q, L, _, 1>(*k, param, grad, [ax]) }
 }
 
 /// Buffers `[ax]`.

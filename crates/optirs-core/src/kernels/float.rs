@@ -6,7 +6,8 @@ use super::lanes::Arith;
 
 /// `f32` or `f64`: the arithmetic the update rules need, all correctly rounded IEEE operations.
 pub trait Float:
-    Copy
+    Storage<Compute = Self>
+    + Copy
     + Send
     + Sync
     + PartialOrd
@@ -106,6 +107,16 @@ pub trait Storage: Copy + Send + Sync + std::fmt::Debug + 'static {
     type Compute: Float;
     fn load(self) -> Self::Compute;
     fn store(x: Self::Compute) -> Self;
+    /// `x` rounded stochastically with the 32 random bits `r`: up or down to a neighbour with
+    /// probability proportional to the distance from the other (see [`super::sr`]). Types
+    /// that compute in themselves store `x` unchanged; float16 rounds to nearest (the bindings
+    /// refuse stochastic rounding for it).
+    #[inline(always)]
+    #[must_use]
+    fn store_sr(x: Self::Compute, r: u32) -> Self {
+        let _ = r;
+        Self::store(x)
+    }
 }
 
 impl Storage for f32 {
@@ -145,6 +156,18 @@ impl Storage for half::bf16 {
     fn store(x: f32) -> half::bf16 {
         let bits = x.to_bits();
         let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
+        let quiet_nan = (bits >> 16) | 0x0040;
+        half::bf16::from_bits((if x.is_nan() { quiet_nan } else { rounded }) as u16)
+    }
+    /// torchao's `_fp32_to_bf16_sr`: 16 random bits added below the kept ones, then truncated,
+    /// so the magnitude rounds up with probability (dropped bits) / 2^16, down otherwise; an
+    /// exact bfloat16 stays itself. Infinity stays infinite (its dropped bits are 0, the sum
+    /// carries nowhere); a finite value above the largest bfloat16 may carry into infinity,
+    /// as round to nearest does from halfway. NaN is kept quiet, as [`Storage::store`].
+    #[inline(always)]
+    fn store_sr(x: f32, r: u32) -> half::bf16 {
+        let bits = x.to_bits();
+        let rounded = bits.wrapping_add(r >> 16) >> 16;
         let quiet_nan = (bits >> 16) | 0x0040;
         half::bf16::from_bits((if x.is_nan() { quiet_nan } else { rounded }) as u16)
     }

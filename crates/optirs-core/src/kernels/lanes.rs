@@ -18,6 +18,7 @@
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use super::float::{Float, Storage};
+use super::sr::{self, SrKey};
 
 /// What an update rule computes with: `T` itself, or a vector of `T`s operated on lane by lane.
 pub trait Arith<T: Float>:
@@ -231,14 +232,33 @@ pub trait StateLanes<S: Storage, Q: Storage<Compute = S::Compute>>: Lanes<S> {
     /// # Safety
     /// As [`Lanes::store`].
     unsafe fn store_state(dst: *mut Q, v: Self::V);
+    /// Reads `W` elements of the compute type (a float32 master copy), in element order.
+    ///
+    /// # Safety
+    /// As [`Lanes::load`].
+    unsafe fn load_compute(src: *const S::Compute) -> Self::V;
+    /// Writes `W` elements of the compute type, unrounded, in element order.
+    ///
+    /// # Safety
+    /// As [`Lanes::store`].
+    unsafe fn store_compute(dst: *mut S::Compute, v: Self::V);
 }
 
 impl<S, Q, L> StateLanes<S, Q> for L
 where
     S: Storage,
     Q: Storage<Compute = S::Compute>,
-    L: Lanes<S> + Lanes<Q, V = <L as Lanes<S>>::V>,
+    L: Lanes<S> + Lanes<Q, V = <L as Lanes<S>>::V> + Lanes<S::Compute, V = <L as Lanes<S>>::V>,
 {
+    #[inline(always)]
+    unsafe fn load_compute(src: *const S::Compute) -> Self::V {
+        debug_assert_eq!(<L as Lanes<S>>::W, <L as Lanes<S::Compute>>::W);
+        unsafe { <L as Lanes<S::Compute>>::load(src) }
+    }
+    #[inline(always)]
+    unsafe fn store_compute(dst: *mut S::Compute, v: Self::V) {
+        unsafe { <L as Lanes<S::Compute>>::store(dst, v) }
+    }
     #[inline(always)]
     unsafe fn load_state(src: *const Q) -> Self::V {
         // The two impls step alike: `W` is one constant of the lanes type.
@@ -336,5 +356,238 @@ where
         for k in 0..B {
             L::store_state(b[k], b_new[k]);
         }
+    }
+}
+
+/// How a step writes a parameter's new values.
+#[derive(Debug)]
+pub enum Rounding<'a, C> {
+    /// Rounded to nearest even (what torch's fused CPU optimizers do).
+    Nearest,
+    /// Rounded stochastically ([`Storage::store_sr`]) with the random bits of `SrKey`, whose
+    /// offset is the index of the slice's first element within its parameter.
+    Stochastic(SrKey),
+    /// A master copy in the compute type (float32 for 16-bit parameters): the step reads and
+    /// writes it, and writes the parameter from it rounded to nearest.
+    Master(&'a mut [C]),
+}
+
+impl<C> Rounding<'_, C> {
+    /// The rounding of the first `n` elements and of the rest.
+    #[must_use]
+    pub fn split_at(self, n: usize) -> (Self, Self) {
+        match self {
+            Rounding::Nearest => (Rounding::Nearest, Rounding::Nearest),
+            Rounding::Stochastic(k) => {
+                (Rounding::Stochastic(k), Rounding::Stochastic(k.advanced(n)))
+            }
+            Rounding::Master(m) => {
+                let (a, b) = m.split_at_mut(n);
+                (Rounding::Master(a), Rounding::Master(b))
+            }
+        }
+    }
+
+    /// False when a master copy is not `n` elements long.
+    #[must_use]
+    pub fn len_matches(&self, n: usize) -> bool {
+        match self {
+            Rounding::Master(m) => m.len() == n,
+            _ => true,
+        }
+    }
+}
+
+/// A parameter's values and how its new values are written: what a rule's `update` takes.
+#[derive(Debug)]
+pub struct ParamOut<'a, S: Storage> {
+    pub values: &'a mut [S],
+    pub rounding: Rounding<'a, S::Compute>,
+}
+
+impl<'a, S: Storage> From<&'a mut [S]> for ParamOut<'a, S> {
+    fn from(values: &'a mut [S]) -> Self {
+        ParamOut {
+            values,
+            rounding: Rounding::Nearest,
+        }
+    }
+}
+
+/// [`stream`] with the parameter written as `param.rounding` says. Round to nearest is
+/// [`stream`] itself; the other two run the same element function through [`stream_io`], in the
+/// same single pass over memory.
+///
+/// # Safety
+/// As [`stream`].
+///
+/// # Panics
+/// When the lengths differ.
+#[inline(always)]
+pub unsafe fn stream_param<S, Q, L, E, const B: usize>(
+    e: E,
+    param: ParamOut<'_, S>,
+    grad: &[S],
+    bufs: [&mut [Q]; B],
+) where
+    S: Storage,
+    Q: Storage<Compute = S::Compute>,
+    L: StateLanes<S, Q>,
+    E: Elementwise<S::Compute, B> + Copy,
+{
+    let ParamOut { values, rounding } = param;
+    let n = values.len();
+    assert!(grad.len() == n && bufs.iter().all(|b| b.len() == n) && rounding.len_matches(n));
+    let p = values.as_mut_ptr();
+    // SAFETY (all three): every array has n elements (checked above), the `&mut` ones distinct
+    // and so not overlapping; the caller vouches for the instructions.
+    unsafe {
+        match rounding {
+            Rounding::Nearest => stream::<S, Q, L, E, B>(e, values, grad, bufs),
+            Rounding::Stochastic(key) => {
+                stream_io::<S, Q, L, E, B, _>(e, Stochastic { p, key }, n, grad, bufs);
+            }
+            Rounding::Master(m) => {
+                let m = m.as_mut_ptr();
+                stream_io::<S, Q, L, E, B, _>(e, Master { p, m }, n, grad, bufs);
+            }
+        }
+    }
+}
+
+/// Where the element function reads the parameter from and how its result is written.
+trait ParamIo<S: Storage>: Copy {
+    /// Reads `L::W` parameter values from element `i`.
+    ///
+    /// # Safety
+    /// Elements `i..i + L::W` exist; the CPU has `L`'s instructions.
+    unsafe fn load<Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(self, i: usize) -> L::V;
+    /// Writes `L::W` new parameter values from element `i`.
+    ///
+    /// # Safety
+    /// As `load`.
+    unsafe fn store<Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(self, i: usize, v: L::V);
+}
+
+/// The widest lanes type's elements per value (bfloat16 pairs of 16 float32 lanes).
+const MAX_W: usize = 32;
+
+#[derive(Clone, Copy)]
+struct Stochastic<S> {
+    p: *mut S,
+    key: SrKey,
+}
+
+impl<S: Storage> ParamIo<S> for Stochastic<S> {
+    #[inline(always)]
+    unsafe fn load<Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(self, i: usize) -> L::V {
+        unsafe { L::load(self.p.add(i)) }
+    }
+    #[inline(always)]
+    unsafe fn store<Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
+        self,
+        i: usize,
+        v: L::V,
+    ) {
+        // The values in element order (the bfloat16 pairs hold even and odd elements apart),
+        // each rounded with its own element's bits: integer arithmetic, exact at any width, so
+        // every level writes the same bits whatever the compiler makes of this loop.
+        let mut buf = [<S::Compute as Float>::ZERO; MAX_W];
+        debug_assert!(L::W <= MAX_W);
+        // Element i + j's index within the parameter, in two u32 halves (`sr::bits`, computed
+        // without 64-bit lanes: the low half counts up from the block's, the high half takes
+        // its carry).
+        #[allow(clippy::cast_possible_truncation)]
+        let (lo0, hi0) = {
+            let base = self.key.offset.wrapping_add(i as u64);
+            (base as u32, (base >> 32) as u32)
+        };
+        unsafe {
+            L::store_compute(buf.as_mut_ptr(), v);
+            for (j, &x) in buf.iter().enumerate().take(L::W) {
+                #[allow(clippy::cast_possible_truncation)] // j < W <= 32
+                let lo = lo0.wrapping_add(j as u32);
+                let hi = hi0.wrapping_add(u32::from(lo < lo0));
+                *self.p.add(i + j) = S::store_sr(x, sr::mix(self.key, lo, hi));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Master<S: Storage> {
+    p: *mut S,
+    m: *mut S::Compute,
+}
+
+impl<S: Storage> ParamIo<S> for Master<S> {
+    #[inline(always)]
+    unsafe fn load<Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(self, i: usize) -> L::V {
+        unsafe { L::load_compute(self.m.add(i)) }
+    }
+    #[inline(always)]
+    unsafe fn store<Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
+        self,
+        i: usize,
+        v: L::V,
+    ) {
+        unsafe {
+            L::store_compute(self.m.add(i), v);
+            L::store(self.p.add(i), v);
+        }
+    }
+}
+
+/// [`stream`] with the parameter read and written through `io`, over `n` elements.
+///
+/// # Safety
+/// As [`stream`]; `io` addresses `n` elements, not overlapping the other arrays.
+#[inline(always)]
+unsafe fn stream_io<S, Q, L, E, const B: usize, P>(
+    e: E,
+    io: P,
+    n: usize,
+    grad: &[S],
+    mut bufs: [&mut [Q]; B],
+) where
+    S: Storage,
+    Q: Storage<Compute = S::Compute>,
+    L: StateLanes<S, Q>,
+    E: Elementwise<S::Compute, B> + Copy,
+    P: ParamIo<S>,
+{
+    let full = n - n % L::W;
+    let g_ptr = grad.as_ptr();
+    let b_ptrs: [*mut Q; B] = std::array::from_fn(|k| bufs[k].as_mut_ptr());
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + W <= full <= n, the length of every array (the caller's promise for
+        // `io`); the gradient is only read.
+        unsafe {
+            let b = b_ptrs.map(|b| L::load_state(b.add(i)));
+            let (p_new, b_new) = e.elem(io.load::<Q, L>(i), L::load(g_ptr.add(i)), b);
+            io.store::<Q, L>(i, p_new);
+            for k in 0..B {
+                L::store_state(b_ptrs[k].add(i), b_new[k]);
+            }
+        }
+        i += L::W;
+    }
+    while i < n {
+        // SAFETY: i < n; one element at a time, in plain code (the same operations, so the same
+        // bits, as the vectors).
+        unsafe {
+            let b = b_ptrs.map(|b| <One as StateLanes<S, Q>>::load_state(b.add(i)));
+            let (p_new, b_new) = e.elem(
+                io.load::<Q, One>(i),
+                <One as Lanes<S>>::load(g_ptr.add(i)),
+                b,
+            );
+            io.store::<Q, One>(i, p_new);
+            for k in 0..B {
+                <One as StateLanes<S, Q>>::store_state(b_ptrs[k].add(i), b_new[k]);
+            }
+        }
+        i += 1;
     }
 }

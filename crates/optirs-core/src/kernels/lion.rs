@@ -14,7 +14,7 @@
 //! keeps the NaN, as the reference does.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one Lion param group.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,11 +76,11 @@ impl<T: Float> LionScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &LionScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     exp_avg: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 1>(*k, param, grad, [exp_avg]) }
+    unsafe { stream_param::<S, Q, L, _, 1>(*k, param, grad, [exp_avg]) }
 }
 
 /// Buffers `[exp_avg]`.

@@ -23,11 +23,12 @@ pub mod rmsprop;
 pub mod rprop;
 pub mod sgd;
 pub mod simd;
+pub mod sr;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
 pub use float::{Float, Storage};
-use lanes::StateLanes;
+use lanes::{ParamOut, Rounding, StateLanes};
 pub use simd::SimdLevel;
 
 /// The per-step scalars of one parameter: everything a kernel needs besides the slices.
@@ -50,13 +51,29 @@ pub enum Rule<T> {
 /// rule documents; buffers a rule does not use are `None`. The state is stored as `Q`: the
 /// parameter's own type unless the group asks for another (`state_dtype`, bfloat16).
 #[derive(Debug)]
-pub struct Slices<'a, T, Q = T> {
+pub struct Slices<'a, T: Storage, Q = T> {
     pub param: &'a mut [T],
     pub grad: &'a [T],
     pub bufs: [Option<&'a mut [Q]>; 3],
+    /// How the parameter's new values are written (round to nearest, stochastically, or from
+    /// a float32 master copy).
+    pub rounding: Rounding<'a, T::Compute>,
 }
 
-impl<T, Q> Slices<'_, T, Q> {
+impl<'a, T: Storage, Q> Slices<'a, T, Q> {
+    /// The slices of one parameter, rounded to nearest.
+    #[must_use]
+    pub fn new(param: &'a mut [T], grad: &'a [T], bufs: [Option<&'a mut [Q]>; 3]) -> Self {
+        Slices {
+            param,
+            grad,
+            bufs,
+            rounding: Rounding::Nearest,
+        }
+    }
+}
+
+impl<T: Storage, Q> Slices<'_, T, Q> {
     /// Number of elements of the parameter.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -81,16 +98,19 @@ impl<T, Q> Slices<'_, T, Q> {
         let (b0a, b0b) = unzip(b0);
         let (b1a, b1b) = unzip(b1);
         let (b2a, b2b) = unzip(b2);
+        let (r0, r1) = self.rounding.split_at(n);
         (
             Slices {
                 param: p0,
                 grad: g0,
                 bufs: [b0a, b1a, b2a],
+                rounding: r0,
             },
             Slices {
                 param: p1,
                 grad: g1,
                 bufs: [b0b, b1b, b2b],
+                rounding: r1,
             },
         )
     }
@@ -117,10 +137,7 @@ impl<T, Q> Slices<'_, T, Q> {
 
     /// True when every gradient element is finite (no NaN, no infinity).
     #[must_use]
-    pub fn grad_is_finite(&self) -> bool
-    where
-        T: Storage,
-    {
+    pub fn grad_is_finite(&self) -> bool {
         // A running AND the compiler vectorises, rather than an early exit it cannot.
         self.grad
             .iter()
@@ -131,7 +148,9 @@ impl<T, Q> Slices<'_, T, Q> {
     #[must_use]
     pub fn lengths_match(&self) -> bool {
         let n = self.param.len();
-        self.grad.len() == n && self.bufs.iter().flatten().all(|b| b.len() == n)
+        self.grad.len() == n
+            && self.bufs.iter().flatten().all(|b| b.len() == n)
+            && self.rounding.len_matches(n)
     }
 }
 
@@ -160,7 +179,12 @@ where
         param,
         grad,
         bufs: [b0, b1, b2],
+        rounding,
     } = s;
+    let param = ParamOut {
+        values: param,
+        rounding,
+    };
     unsafe {
         match rule {
             Rule::Sgd(k) => sgd::update::<S, Q, L>(k, param, grad, b0),

@@ -1,7 +1,7 @@
 //! NAdam, following `torch.optim.nadam._single_tensor_nadam` (non-capturable path).
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one NAdam param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -108,12 +108,12 @@ impl<T: Float> NAdamScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &NAdamScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     exp_avg: &mut [Q],
     exp_avg_sq: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]) }
+    unsafe { stream_param::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]) }
 }
 
 /// Buffers `[exp_avg, exp_avg_sq]`.

@@ -2,7 +2,7 @@
 //! path): the rectified update where the SMA length `rho_t` exceeds 5, else the unadapted one.
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one RAdam param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,12 +89,12 @@ impl<T: Float> RAdamScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &RAdamScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     exp_avg: &mut [Q],
     exp_avg_sq: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]) }
+    unsafe { stream_param::<S, Q, L, _, 2>(*k, param, grad, [exp_avg, exp_avg_sq]) }
 }
 
 /// Buffers `[exp_avg, exp_avg_sq]`.

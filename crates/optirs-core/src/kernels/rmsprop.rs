@@ -2,7 +2,7 @@
 //! `torch.optim.rmsprop._single_tensor_rmsprop`.
 
 use super::float::{lerp, Float, LerpWeight, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one RMSprop param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,7 +71,7 @@ impl<T: Float> RmsPropScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &RmsPropScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     square_avg: &mut [Q],
     momentum_buffer: Option<&mut [Q]>,
@@ -81,15 +81,15 @@ pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes
         match (k.momentum, k.centered, momentum_buffer, grad_avg) {
             (Some(mu), Some(w), Some(buf), Some(ga)) => {
                 let e = Rms { k: *k, mu, w };
-                stream::<S, Q, L, _, 3>(e, param, grad, [square_avg, buf, ga]);
+                stream_param::<S, Q, L, _, 3>(e, param, grad, [square_avg, buf, ga]);
             }
             (Some(mu), _, Some(buf), _) => {
                 let e = Rms { k: *k, mu, w: () };
-                stream::<S, Q, L, _, 2>(e, param, grad, [square_avg, buf]);
+                stream_param::<S, Q, L, _, 2>(e, param, grad, [square_avg, buf]);
             }
             (_, Some(w), _, Some(ga)) => {
                 let e = Rms { k: *k, mu: (), w };
-                stream::<S, Q, L, _, 2>(e, param, grad, [square_avg, ga]);
+                stream_param::<S, Q, L, _, 2>(e, param, grad, [square_avg, ga]);
             }
             _ => {
                 let e = Rms {
@@ -97,7 +97,7 @@ pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes
                     mu: (),
                     w: (),
                 };
-                stream::<S, Q, L, _, 1>(e, param, grad, [square_avg]);
+                stream_param::<S, Q, L, _, 1>(e, param, grad, [square_avg]);
             }
         }
     }

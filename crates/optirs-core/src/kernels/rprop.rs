@@ -7,7 +7,7 @@
 //! scheduler sets (an `etaplus` below zero, an `etaminus` of 1) give torch's result.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one Rprop param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,12 +89,12 @@ impl<T: Float> RpropScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &RpropScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     prev: &mut [Q],
     step_size: &mut [Q],
 ) {
-    unsafe { stream::<S, Q, L, _, 2>(*k, param, grad, [prev, step_size]) }
+    unsafe { stream_param::<S, Q, L, _, 2>(*k, param, grad, [prev, step_size]) }
 }
 
 /// `g`, or 0 where the class zeroes the gradient.

@@ -2,7 +2,7 @@
 //! `torch.optim.sgd._single_tensor_sgd`.
 
 use super::float::{Float, Storage};
-use super::lanes::{stream, Arith, Elementwise, StateLanes};
+use super::lanes::{stream_param, Arith, Elementwise, ParamOut, StateLanes};
 
 /// Hyperparameters of one SGD param group, as torch stores them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -67,16 +67,16 @@ impl<T: Float> SgdScalars<T> {
 #[inline(always)]
 pub unsafe fn update<S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>>(
     k: &SgdScalars<S::Compute>,
-    param: &mut [S],
+    param: ParamOut<'_, S>,
     grad: &[S],
     momentum_buffer: Option<&mut [Q]>,
 ) {
     unsafe {
         match (k.momentum, momentum_buffer) {
             (Some(mu), Some(buf)) => {
-                stream::<S, Q, L, _, 1>(WithMomentum(*k, mu), param, grad, [buf]);
+                stream_param::<S, Q, L, _, 1>(WithMomentum(*k, mu), param, grad, [buf]);
             }
-            _ => stream::<S, Q, L, _, 0>(*k, param, grad, []),
+            _ => stream_param::<S, Q, L, _, 0>(*k, param, grad, []),
         }
     }
 }

@@ -591,6 +591,18 @@ impl Case {
 
     /// The fused kernel, at `level`, cut into `chunk`-element pieces.
     fn fused<S: Element>(&self, s: &mut State<S>, grad: &[S], level: SimdLevel, chunk: usize) {
+        self.fused_rounded(s, grad, level, chunk, super::lanes::Rounding::Nearest);
+    }
+
+    /// [`Case::fused`] with the parameter written as `rounding` says.
+    fn fused_rounded<S: Element>(
+        &self,
+        s: &mut State<S>,
+        grad: &[S],
+        level: SimdLevel,
+        chunk: usize,
+        rounding: super::lanes::Rounding<'_, S::Compute>,
+    ) {
         let fresh = s.bufs[0].is_none();
         let n = s.p.len();
         let needs = self.needs();
@@ -605,6 +617,7 @@ impl Case {
             param: &mut s.p,
             grad,
             bufs: [b0.as_deref_mut(), b1.as_deref_mut(), b2.as_deref_mut()],
+            rounding,
         };
         for piece in slices.chunks(chunk) {
             apply(level, &rule, piece);
@@ -1301,6 +1314,7 @@ fn split_and_chunks_cover_every_element_once() {
         param: &mut p,
         grad: &g,
         bufs: [Some(&mut b), None, None],
+        rounding: super::lanes::Rounding::Nearest,
     };
     let out: Vec<_> = s.chunks(4).collect();
     assert_eq!(
@@ -1359,6 +1373,7 @@ impl Case {
             param: &mut s.p,
             grad,
             bufs: [b0.as_deref_mut(), b1.as_deref_mut(), b2.as_deref_mut()],
+            rounding: super::lanes::Rounding::Nearest,
         };
         for piece in slices.chunks(chunk) {
             apply(level, &rule, piece);
@@ -1436,4 +1451,292 @@ fn bf16_state_matches_reference_f32_params() {
 fn bf16_state_matches_reference_f16_params() {
     check_bf16_state::<half::f16>(false);
     check_bf16_state::<half::f16>(true);
+}
+
+// ---- stochastic rounding and master weights ---------------------------------------------------
+
+/// The stochastic rounding of `x` to bfloat16 with random bits `r`, written from its
+/// definition: the neighbour below (toward zero) and above in magnitude, the upper one taken when
+/// the 16 random bits are at least 2^16 minus the dropped bits (probability dropped / 2^16).
+fn sr_reference(x: f32, r: u32) -> half::bf16 {
+    if x.is_nan() {
+        return half::bf16::from_bits(((x.to_bits() >> 16) | 0x40) as u16);
+    }
+    let below = x.to_bits() >> 16;
+    let dropped = x.to_bits() & 0xFFFF;
+    let up = (r >> 16) >= 0x1_0000 - dropped && dropped != 0;
+    half::bf16::from_bits((if up { below + 1 } else { below }) as u16)
+}
+
+#[test]
+fn bf16_stochastic_store_matches_its_definition() {
+    let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+    let mut specials: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::MAX,
+        -f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45,
+        1.0,
+        -1.0,
+    ];
+    let n = if cfg!(miri) { 200 } else { 100_000 };
+    specials.extend((0..n).map(|_| f32::from_bits((rng.next_f64() * f64::from(u32::MAX)) as u32)));
+    for (i, &x) in specials.iter().enumerate() {
+        for r in [
+            0,
+            u32::MAX,
+            0x8000_0000,
+            super::sr::bits(super::sr::SrKey::new(7, 1, 0), i),
+        ] {
+            let got = half::bf16::store_sr(x, r);
+            let want = sr_reference(x, r);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "x={x:e} ({:#x}) r={r:#x}",
+                x.to_bits()
+            );
+            // Either neighbour: the truncation, or one bfloat16 step further from zero.
+            let trunc = x.to_bits() >> 16;
+            if !x.is_nan() {
+                assert!(
+                    u32::from(got.to_bits()) == trunc || u32::from(got.to_bits()) == trunc + 1,
+                    "x={x:e}"
+                );
+            }
+        }
+    }
+    // Infinity stays, an exact bfloat16 stays, the largest float32 may round to infinity.
+    assert_eq!(
+        half::bf16::store_sr(f32::INFINITY, u32::MAX).to_bits(),
+        0x7F80
+    );
+    assert_eq!(half::bf16::store_sr(1.5, u32::MAX).to_bits(), 0x3FC0);
+    assert_eq!(half::bf16::store_sr(f32::MAX, u32::MAX).to_bits(), 0x7F80);
+    assert_eq!(half::bf16::store_sr(f32::MAX, 0).to_bits(), 0x7F7F);
+}
+
+#[test]
+fn stochastic_rounding_goes_up_as_often_as_the_distance_says() {
+    // 1 + k/8 of a bfloat16 step above 1.0: rounded up with probability k/8.
+    let n = if cfg!(miri) { 512 } else { 1 << 16 };
+    let ulp = f32::from_bits(0x3F81_0000) - 1.0;
+    for k in 1..8u32 {
+        let x = 1.0 + ulp * (k as f32) / 8.0;
+        let key = super::sr::SrKey::new(42, u64::from(k), 3);
+        let ups = (0..n)
+            .filter(|&i| half::bf16::store_sr(x, super::sr::bits(key, i)).to_bits() == 0x3F81)
+            .count();
+        let p = f64::from(k) / 8.0;
+        let mean = p * n as f64;
+        let sd = (n as f64 * p * (1.0 - p)).sqrt();
+        // Five standard deviations: a fixed seed, so this either always passes or never does.
+        assert!(
+            (ups as f64 - mean).abs() < 5.0 * sd,
+            "k={k}: {ups} of {n} rounded up, expected about {mean}"
+        );
+    }
+}
+
+#[test]
+fn random_bits_depend_on_seed_step_parameter_and_index_only() {
+    use super::sr::{bits, SrKey};
+    let k = SrKey::new(1, 2, 3);
+    // A slice starting 10 elements in sees the same bits as the whole parameter there.
+    for i in 0..20 {
+        assert_eq!(bits(k.advanced(10), i), bits(k, i + 10));
+    }
+    // Across 2^32, where the index's high half carries (the vector store counts in halves).
+    let near = k.advanced((1usize << 32) - 40);
+    let mut p = vec![half::bf16::from_f32(1.0); 80];
+    let g = vec![half::bf16::from_f32(1e-3); 80];
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+        let want: Vec<u16> = (0..80)
+            .map(|i| {
+                let x = 1.0f32 - 0.1f32 * half::bf16::from_f32(1e-3).to_f32();
+                sr_reference(x, bits(near, i)).to_bits()
+            })
+            .collect();
+        p.fill(half::bf16::from_f32(1.0));
+        let rule = Rule::Sgd(SgdScalars::new(
+            &SgdHyper {
+                lr: 0.1,
+                ..SgdHyper::default()
+            },
+            false,
+        ));
+        let s = Slices {
+            param: &mut p,
+            grad: &g,
+            bufs: [None, None, None],
+            rounding: super::lanes::Rounding::Stochastic(near),
+        };
+        apply(level, &rule, s);
+        assert_eq!(
+            p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want,
+            "{level:?}"
+        );
+    }
+    let n = if cfg!(miri) { 64 } else { 4096 };
+    let distinct = |k: SrKey| {
+        let mut v: Vec<u32> = (0..n).map(|i| bits(k, i)).collect();
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    };
+    assert_eq!(
+        distinct(k),
+        n,
+        "an index's bits are a bijection for one key"
+    );
+    for other in [
+        SrKey::new(0, 2, 3),
+        SrKey::new(1, 3, 3),
+        SrKey::new(1, 2, 4),
+    ] {
+        let same = (0..n).filter(|&i| bits(k, i) == bits(other, i)).count();
+        assert!(same <= 2, "{other:?}: {same} of {n} equal");
+    }
+}
+
+/// Every rule over bfloat16 parameters with stochastic rounding, at every level and chunking,
+/// against the reference: the float32 step of the loaded values, its state rounded to nearest,
+/// the parameter rounded by [`sr_reference`] with element i's bits.
+#[test]
+fn stochastic_rounding_kernels_match_reference_bf16() {
+    type S = half::bf16;
+    let mut rng = Rng(0x0051_7A7E);
+    let cases = cases().into_iter().enumerate();
+    for (_, case) in cases.filter(|(i, _)| !cfg!(miri) || MIRI_CASES.contains(i)) {
+        for &n in LENGTHS {
+            let init: Vec<S> = stored(rng.values(n, false));
+            let grads: Vec<Vec<S>> = (0..STEPS).map(|_| stored(rng.values(n, true))).collect();
+            let fresh = || State {
+                p: init.clone(),
+                bufs: [None, None, None],
+                step: case.first_step(),
+            };
+            let key = |step: usize| super::sr::SrKey::new(0x00C0_FFEE, step as u64, 5);
+            let mut want = fresh();
+            for (i, need) in case.needs().into_iter().enumerate() {
+                if need && !matches!(case, Case::Sgd(_)) {
+                    want.bufs[i] = Some(vec![S::store(t(case.fill(i))); n]);
+                }
+            }
+            for (step, g) in grads.iter().enumerate() {
+                let load = |v: &[S]| v.iter().map(|x| x.load()).collect::<Vec<f32>>();
+                let mut c = State {
+                    p: load(&want.p),
+                    bufs: [0, 1, 2].map(|i| want.bufs[i].as_deref().map(load)),
+                    step: want.step,
+                };
+                case.reference_compute(&mut c, &load(g));
+                want.p =
+                    c.p.iter()
+                        .enumerate()
+                        .map(|(i, &x)| sr_reference(x, super::sr::bits(key(step), i)))
+                        .collect();
+                want.bufs =
+                    [0, 1, 2].map(|i| c.bufs[i].as_deref().map(|v| stored::<S>(v.to_vec())));
+                want.step = c.step;
+            }
+            let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
+            for level in levels {
+                for &chunk in CHUNKS {
+                    let mut got = fresh();
+                    for (step, g) in grads.iter().enumerate() {
+                        let r = super::lanes::Rounding::Stochastic(key(step));
+                        case.fused_rounded(&mut got, g, level, chunk, r);
+                    }
+                    let ctx = format!("{case:?} n={n} level={level:?} chunk={chunk}");
+                    assert_eq!(bits(&got.p), bits(&want.p), "param differs: {ctx}");
+                    for (a, b) in got.bufs.iter().zip(&want.bufs) {
+                        assert_eq!(
+                            a.as_deref().map(bits),
+                            b.as_deref().map(bits),
+                            "state: {ctx}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every rule over 16-bit parameters with a float32 master copy, at every level and chunking,
+/// against the reference: the float32 step of the master copy (state rounded to the
+/// parameter's type), the parameter the master rounded to nearest.
+fn check_master<S: Element + Storage<Compute = f32> + 'static>() {
+    let mut rng = Rng(0x003A_57E2);
+    let cases = cases().into_iter().enumerate();
+    for (_, case) in cases.filter(|(i, _)| !cfg!(miri) || MIRI_CASES.contains(i)) {
+        for &n in LENGTHS {
+            let master0: Vec<f32> = rng.values(n, false);
+            let grads: Vec<Vec<S>> = (0..STEPS).map(|_| stored(rng.values(n, true))).collect();
+            let fresh = || State {
+                p: stored::<S>(master0.clone()),
+                bufs: [None, None, None],
+                step: case.first_step(),
+            };
+            let mut want = fresh();
+            let mut want_master = master0.clone();
+            for (i, need) in case.needs().into_iter().enumerate() {
+                if need && !matches!(case, Case::Sgd(_)) {
+                    want.bufs[i] = Some(vec![S::store(t(case.fill(i))); n]);
+                }
+            }
+            for g in &grads {
+                let load = |v: &[S]| v.iter().map(|x| x.load()).collect::<Vec<f32>>();
+                let mut c = State {
+                    p: want_master.clone(),
+                    bufs: [0, 1, 2].map(|i| want.bufs[i].as_deref().map(load)),
+                    step: want.step,
+                };
+                case.reference_compute(&mut c, &load(g));
+                want.p = stored(c.p.clone());
+                want_master = c.p;
+                want.bufs =
+                    [0, 1, 2].map(|i| c.bufs[i].as_deref().map(|v| stored::<S>(v.to_vec())));
+                want.step = c.step;
+            }
+            let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
+            for level in levels.filter(|&l| miri_can_run::<S>(l)) {
+                for &chunk in CHUNKS {
+                    let mut got = fresh();
+                    let mut master = master0.clone();
+                    for g in &grads {
+                        let r = super::lanes::Rounding::Master(&mut master);
+                        case.fused_rounded(&mut got, g, level, chunk, r);
+                    }
+                    let ctx = format!("{case:?} n={n} level={level:?} chunk={chunk}");
+                    assert_eq!(bits(&master), bits(&want_master), "master differs: {ctx}");
+                    assert_eq!(bits(&got.p), bits(&want.p), "param differs: {ctx}");
+                    for (a, b) in got.bufs.iter().zip(&want.bufs) {
+                        assert_eq!(
+                            a.as_deref().map(bits),
+                            b.as_deref().map(bits),
+                            "state: {ctx}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn master_weights_kernels_match_reference_bf16() {
+    check_master::<half::bf16>();
+}
+
+#[test]
+fn master_weights_kernels_match_reference_f16() {
+    check_master::<half::f16>();
 }

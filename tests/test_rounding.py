@@ -1,0 +1,455 @@
+"""16-bit parameters that learn: ``bf16_stochastic_round=True`` and ``master_weights=True``.
+
+The digits MLP held in bfloat16 (the issue's measurement), reproducibility across threads and
+SIMD levels, the rounding's two neighbours and their frequencies, state dict round trips (torch
+and back), every optimizer of both APIs, and bad input refused with nothing modified."""
+
+from __future__ import annotations
+
+import io
+
+import ml_dtypes
+import numpy as np
+import optirs
+import optirs.torch as ot
+import pytest
+import torch
+from optirs import _spec
+from torch import nn
+from torch.func import functional_call
+
+BF16 = ml_dtypes.bfloat16
+
+
+# ---- the rounding itself ----------------------------------------------------------------------
+
+
+def _neighbours(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bfloat16 at or toward zero from each float32 (truncation), the next one away from
+    zero, and the fraction of a bfloat16 step the float32 lies beyond the first."""
+    bits = x32.view(torch.int32)
+    down = (bits & ~0xFFFF).view(torch.float32)
+    up = ((bits & ~0xFFFF) + 0x10000).view(torch.float32)
+    frac = (bits & 0xFFFF).to(torch.float64) / 65536.0
+    return down.to(torch.bfloat16), up.to(torch.bfloat16), frac
+
+
+def test_each_element_is_rounded_to_a_neighbour_as_often_as_its_distance_says():
+    torch.manual_seed(3)
+    n = 200_000
+    p0 = torch.randn(n).to(torch.bfloat16)
+    g = (torch.randn(n) * 1e-2).to(torch.bfloat16)
+    # The float32 result of one AdamW step of these values: torch.optim in float32 (optirs's
+    # float32 step is bitwise torch's).
+    p32 = nn.Parameter(p0.float())
+    p32.grad = g.float()
+    torch.optim.AdamW([p32], lr=1e-3).step()
+    x32 = p32.detach()
+    down, up, frac = _neighbours(x32)
+
+    p = nn.Parameter(p0.clone())
+    p.grad = g.clone()
+    ot.AdamW([p], lr=1e-3, bf16_stochastic_round=True, seed=11).step()
+    got = p.detach()
+    is_down = got.view(torch.int16) == down.view(torch.int16)
+    is_up = got.view(torch.int16) == up.view(torch.int16)
+    assert bool((is_down | is_up).all()), "an element rounded to neither neighbour"
+    # Exact results stay; the rest go up with probability `frac`.
+    assert bool(is_down[frac == 0].all())
+    expected = float(frac.sum())
+    sd = float((frac * (1 - frac)).sum()) ** 0.5
+    ups = int((is_up & ~is_down).sum())
+    assert abs(ups - expected) < 5 * sd, (ups, expected, sd)
+    # Round to nearest would have rounded differently often: the bits are not nearest's.
+    nearest = x32.to(torch.bfloat16)
+    assert int((got != nearest).sum()) > n // 10
+
+
+def test_nan_and_infinity_stay():
+    p = nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16))
+    p.grad = torch.tensor([float("nan"), float("inf"), 0.0, 1.0], dtype=torch.bfloat16)
+    ot.SGD([p], lr=1.0, bf16_stochastic_round=True, seed=1).step()
+    v = p.detach().float()
+    assert torch.isnan(v[0]) and v[1] == float("-inf") and v[2] == 3.0 and v[3] == 3.0
+
+
+# ---- reproducibility -----------------------------------------------------------------------------
+
+
+def _run_sr(
+    seed: int | None,
+    threads: int | None = None,
+    level: str | None = None,
+    n: int = 70_001,
+):
+    """Five AdamW steps with stochastic rounding (``seed``; None: master weights instead) over
+    a parameter of several work items."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(n).to(torch.bfloat16))
+    q = nn.Parameter(torch.randn(3, 5).to(torch.bfloat16))
+    kw = {"master_weights": True} if seed is None else {"bf16_stochastic_round": True, "seed": seed}
+    opt = ot.AdamW([p, q], lr=1e-3, **kw)
+    g = torch.Generator().manual_seed(5)
+    old_threads, old_level = optirs.get_num_threads(), optirs.simd_level()
+    try:
+        if threads is not None:
+            optirs.set_num_threads(threads)
+        if level is not None:
+            optirs.set_simd_level(level)
+        for _ in range(5):
+            p.grad = (torch.randn(n, generator=g) * 1e-2).to(torch.bfloat16)
+            q.grad = (torch.randn(3, 5, generator=g) * 1e-2).to(torch.bfloat16)
+            opt.step()
+    finally:
+        optirs.set_num_threads(old_threads)
+        optirs.set_simd_level(old_level)
+    return p.detach().clone(), q.detach().clone()
+
+
+def test_bitwise_reproducible_across_threads_levels_and_runs():
+    want = _run_sr(7)
+    for threads in (1, 2, 3):
+        for level in optirs.simd_levels():
+            got = _run_sr(7, threads, level)
+            for a, b in zip(got, want):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (threads, level)
+    other = _run_sr(8)
+    assert not torch.equal(other[0], want[0]), "another seed draws other bits"
+    master = _run_sr(None)
+    for threads in (1, 3):
+        for level in optirs.simd_levels():
+            got = _run_sr(None, threads, level)
+            for a, b in zip(got, master):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (threads, level)
+
+
+def test_default_seed_follows_manual_seed():
+    def seed_of() -> int:
+        p = nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+        return ot.SGD([p], lr=0.1, bf16_stochastic_round=True).param_groups[0]["seed"]
+
+    optirs.manual_seed(123)
+    a = [seed_of(), seed_of()]
+    optirs.manual_seed(123)
+    b = [seed_of(), seed_of()]
+    assert a == b and a[0] != a[1]
+    optirs.manual_seed(124)
+    assert seed_of() != a[0]
+    arr = np.zeros(2, BF16)
+    optirs.manual_seed(123)
+    assert optirs.SGD([arr], lr=0.1, bf16_stochastic_round=True).param_groups[0]["seed"] == a[0]
+
+
+def test_numpy_and_torch_apis_round_alike():
+    torch.manual_seed(1)
+    p0 = torch.randn(1000).to(torch.bfloat16)
+    grads = [(torch.randn(1000) * 1e-2).to(torch.bfloat16) for _ in range(3)]
+    p = nn.Parameter(p0.clone())
+    opt = ot.Adam([p], lr=1e-3, bf16_stochastic_round=True, seed=99)
+    a = p0.view(torch.int16).numpy().view(BF16).copy()
+    nopt = optirs.Adam([a], lr=1e-3, bf16_stochastic_round=True, seed=99)
+    for g in grads:
+        p.grad = g
+        opt.step()
+        nopt.step([g.view(torch.int16).numpy().view(BF16)])
+    assert np.array_equal(p.detach().view(torch.int16).numpy(), a.view(np.int16))
+    assert nopt.param_groups[0]["sr_step"] == 3
+
+
+# ---- every optimizer ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(_spec.SPECS))
+def test_every_optimizer_with_each_option(name):
+    cls = getattr(ot, name)
+    torch.manual_seed(2)
+    p0 = torch.randn(4, 33).to(torch.bfloat16)
+    grads = [(torch.randn(4, 33) * 1e-1).to(torch.bfloat16) for _ in range(3)]
+    lr = {"Adadelta": 1.0, "Rprop": 1e-2}.get(name, 1e-2)
+
+    plain = nn.Parameter(p0.clone())
+    o_plain = cls([plain], lr=lr)
+    sr = nn.Parameter(p0.clone())
+    o_sr = cls([sr], lr=lr, bf16_stochastic_round=True, seed=4)
+    m = nn.Parameter(p0.clone())
+    o_m = cls([m], lr=lr, master_weights=True)
+    # The master copy, stepped in float32 by the same optimizer over a float32 parameter with
+    # the bfloat16 gradients: the float32 step except that the state stays bfloat16 (the
+    # parameter's dtype), so compared loosely here; the kernels' tests compare bit for bit.
+    f32 = nn.Parameter(p0.float())
+    o_f32 = cls([f32], lr=lr)
+    for g in grads:
+        for q in (plain, sr, m):
+            q.grad = g.clone()
+        f32.grad = g.float()
+        for o in (o_plain, o_sr, o_m, o_f32):
+            o.step()
+    master = o_m.state[m]["master_param"]
+    assert master.dtype == torch.float32
+    assert torch.equal(master.to(torch.bfloat16), m.detach())
+    torch.testing.assert_close(master, f32.detach(), rtol=2e-2, atol=2e-3)
+    assert not torch.equal(sr.detach(), p0)
+    # Stochastic rounding moves elements round to nearest leaves or rounds elsewhere.
+    assert not torch.equal(sr.detach(), plain.detach())
+
+    # NumPy API, same seed: the same bits.
+    a = p0.view(torch.int16).numpy().view(BF16).copy()
+    nopt = getattr(optirs, name)([a], lr=lr, bf16_stochastic_round=True, seed=4)
+    for g in grads:
+        nopt.step([g.view(torch.int16).numpy().view(BF16)])
+    assert np.array_equal(a.view(np.int16), sr.detach().view(torch.int16).numpy())
+
+
+def test_float32_and_float64_parameters_are_left_alone_by_both_options():
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        p0 = torch.randn(50, dtype=dtype)
+        g = torch.randn(50, dtype=dtype)
+        outs = []
+        for kw in ({}, {"bf16_stochastic_round": True, "seed": 1}, {"master_weights": True}):
+            p = nn.Parameter(p0.clone())
+            p.grad = g.clone()
+            opt = ot.AdamW([p], lr=1e-2, **kw)
+            opt.step()
+            assert "master_param" not in opt.state[p]
+            outs.append(p.detach())
+        assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+# ---- state dicts ---------------------------------------------------------------------------
+
+
+def _train_steps(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("option", ["bf16_stochastic_round", "master_weights"])
+def test_state_dict_round_trip_restores_training_bit_for_bit(option):
+    torch.manual_seed(0)
+    shapes = [(40, 30), (30,)]
+    p0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    grads = [[(torch.randn(s) * 1e-2).to(torch.bfloat16) for s in shapes] for _ in range(6)]
+    kw = {option: True, **({"seed": 21} if option == "bf16_stochastic_round" else {})}
+
+    ps = [nn.Parameter(t.clone()) for t in p0]
+    opt = ot.AdamW(ps, lr=1e-3, **kw)
+    _train_steps(opt, ps, grads)
+    want = [p.detach().clone() for p in ps]
+
+    ps2 = [nn.Parameter(t.clone()) for t in p0]
+    opt2 = ot.AdamW(ps2, lr=1e-3, **kw)
+    _train_steps(opt2, ps2, grads[:3])
+    buf = io.BytesIO()
+    torch.save(opt2.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    if option == "master_weights":
+        assert saved["state"][0]["master_param"].dtype == torch.float32
+    else:
+        assert saved["param_groups"][0]["sr_step"] == 3
+    # Into torch.optim, which keeps the unknown group keys and state entries, and back.
+    t = torch.optim.AdamW([nn.Parameter(p.detach().clone()) for p in ps2], lr=1e-3)
+    t.load_state_dict(saved)
+    assert t.param_groups[0].get(option) is True
+    back = [nn.Parameter(p.detach().clone()) for p in ps2]
+    ot.AdamW(back, lr=1e-3).load_state_dict(t.state_dict())
+    if option == "bf16_stochastic_round":
+        # The seed and step count survive torch.optim: training goes on bit for bit.
+        saved = t.state_dict()
+    else:
+        # torch.optim's load_state_dict casts every state tensor to its parameter's dtype: the
+        # master copy comes back as the bfloat16 parameter's value, no longer bit for bit.
+        m = t.state[t.param_groups[0]["params"][0]]["master_param"]
+        assert m.dtype == torch.bfloat16
+    ps3 = [nn.Parameter(p.detach().clone()) for p in ps2]
+    opt3 = ot.AdamW(ps3, lr=1e-3, **{option: True})  # another seed: the loaded one wins
+    opt3.load_state_dict(saved)
+    if option == "master_weights":
+        assert opt3.state[ps3[0]]["master_param"].dtype == torch.float32
+        assert torch.equal(opt3.state[ps3[0]]["master_param"], opt2.state[ps2[0]]["master_param"])
+    _train_steps(opt3, ps3, grads[3:])
+    for a, b in zip(ps3, want):
+        assert torch.equal(a.detach().view(torch.int16), b.view(torch.int16))
+
+
+def test_loading_a_state_without_master_builds_it_from_the_parameter():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(10).to(torch.bfloat16))
+    plain = ot.AdamW([p], lr=1e-3)
+    p.grad = torch.randn(10).to(torch.bfloat16)
+    plain.step()
+    opt = ot.AdamW([p], lr=1e-3, master_weights=True)
+    opt.load_state_dict(plain.state_dict())
+    assert "master_param" not in opt.state[p]
+    assert opt.param_groups[0]["master_weights"] is True
+    before = p.detach().float().clone()
+    opt.step()
+    assert opt.state[p]["master_param"].dtype == torch.float32
+    assert not torch.equal(opt.state[p]["master_param"], before)
+
+    # The NumPy API likewise.
+    a = np.linspace(-1, 1, 10).astype(BF16)
+    nplain = optirs.AdamW([a], lr=1e-3)
+    nplain.step([np.full(10, 0.5, BF16)])
+    nopt = optirs.AdamW([a], lr=1e-3, master_weights=True)
+    nopt.load_state_dict(nplain.state_dict())
+    nopt.step([np.full(10, 0.5, BF16)])
+    m = nopt.state[a]["master_param"]
+    assert m.dtype == np.float32 and np.array_equal(m.astype(BF16), a)
+    sd = nopt.state_dict()
+    again = optirs.AdamW([a.copy()], lr=1e-3, master_weights=True)
+    again.load_state_dict(sd)
+    assert np.array_equal(next(iter(again.state.values()))["master_param"], m)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"bf16_stochastic_round": True, "seed": "1"}, TypeError, "seed must be an int"),
+        ({"bf16_stochastic_round": True, "seed": True}, TypeError, "seed must be an int"),
+        ({"bf16_stochastic_round": True, "seed": -1}, ValueError, r"seed must be in \[0"),
+        ({"bf16_stochastic_round": True, "seed": 1 << 64}, ValueError, r"seed must be in"),
+        ({"bf16_stochastic_round": 1}, TypeError, "bf16_stochastic_round must be a bool"),
+        ({"master_weights": "yes"}, TypeError, "master_weights must be a bool"),
+        ({"bf16_stochastic_round": True, "master_weights": True}, ValueError, "choose one"),
+    ],
+)
+def test_bad_options_refused_at_construction(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ot.AdamW([nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], **kw)
+    with pytest.raises(exc, match=match):
+        optirs.AdamW([np.zeros(2, BF16)], **kw)
+
+
+def test_float16_stochastic_rounding_refused_with_nothing_modified():
+    p = nn.Parameter(torch.ones(8, dtype=torch.float16))
+    q = nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    for t in (p, q):
+        t.grad = torch.ones_like(t)
+    opt = ot.Adam([q, p], lr=0.1, bf16_stochastic_round=True, seed=1)
+    with pytest.raises(ValueError, match=r"float16.*bf16_stochastic_round.*master_weights=True"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(8, dtype=torch.float16))
+    assert torch.equal(q.detach(), torch.ones(8, dtype=torch.bfloat16))
+    assert opt.state == {} or all(not s for s in opt.state.values())
+    assert opt.param_groups[0]["sr_step"] == 0
+    # float16 with master weights works.
+    p16 = nn.Parameter(torch.ones(8, dtype=torch.float16))
+    p16.grad = torch.full_like(p16, 1e-3)
+    o16 = ot.SGD([p16], lr=1e-3, master_weights=True)
+    for _ in range(3):
+        o16.step()
+    m = o16.state[p16]["master_param"]
+    assert torch.equal(m.to(torch.float16), p16.detach()) and float(m[0]) < 1.0
+
+
+def test_bad_group_entries_refused_at_step_with_nothing_modified():
+    a = np.ones(8, BF16)
+    opt = optirs.SGD([a], lr=0.1, bf16_stochastic_round=True, seed=1)
+    for key, value, exc in (
+        ("seed", "x", TypeError),
+        ("seed", -3, ValueError),
+        ("sr_step", 1.5, TypeError),
+        ("bf16_stochastic_round", "no", TypeError),
+    ):
+        group = opt.param_groups[0]
+        old = group[key]
+        group[key] = value
+        with pytest.raises(exc, match=key):
+            opt.step([np.ones(8, BF16)])
+        assert np.array_equal(a, np.ones(8, BF16))
+        assert group["sr_step"] == (0 if key != "sr_step" else 1.5)
+        group[key] = old
+    bad = optirs.SGD([np.ones(8, BF16)], lr=0.1, master_weights=True)
+    sd = bad.state_dict()
+    sd["param_groups"][0]["bf16_stochastic_round"] = True
+    sd["param_groups"][0]["seed"] = 1
+    with pytest.raises(ValueError, match="choose one"):
+        bad.load_state_dict(sd)
+    assert "bf16_stochastic_round" not in bad.param_groups[0]
+
+
+def test_eight_bit_adam_refuses_the_options():
+    with pytest.raises(TypeError):
+        optirs.AdamW8bit(
+            [np.zeros(64, np.float32)],
+            bf16_stochastic_round=True,  # type: ignore[call-arg]
+        )
+
+
+# ---- the digits MLP held in bfloat16 ---------------------------------------------------------
+
+STEPS = 600
+BATCH = 128
+
+
+def _digits_loss(dtype: torch.dtype, **options) -> float:
+    """Mean training loss over the last 100 of ``STEPS`` AdamW steps (lr 3e-4, torch's default
+    weight decay) of an MLP on scikit-learn's digits whose parameters are held in ``dtype``
+    (the issue's measurement). The forward and backward passes compute in float32 from the
+    held values, so that only how the parameters are stored differs between runs."""
+    datasets = pytest.importorskip("sklearn.datasets", reason="the digits run needs scikit-learn")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    ).to(dtype)
+    opt = ot.AdamW(model.parameters(), lr=3e-4, **options)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(STEPS):
+        idx = torch.randint(0, len(x), (BATCH,), generator=g)
+        model.zero_grad()
+        held = {n: p.float() for n, p in model.named_parameters()}
+        loss = nn.functional.cross_entropy(functional_call(model, held, (x[idx],)), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-100:]) / 100
+
+
+def test_bfloat16_training_with_each_remedy_ends_within_2_percent_of_float32():
+    base = _digits_loss(torch.float32)
+    plain = _digits_loss(torch.bfloat16)
+    master = _digits_loss(torch.bfloat16, master_weights=True)
+    # Stochastic rounding's result depends on its seed (measured 0.6% to 2.3% above float32
+    # over seeds 0 to 2): its expected loss is estimated over three seeds.
+    srs = [_digits_loss(torch.bfloat16, bf16_stochastic_round=True, seed=s) for s in range(3)]
+    sr = sum(srs) / len(srs)
+    print(
+        f"digits, last 100 steps: float32 {base:.4f} bfloat16 {plain:.4f} master {master:.4f} "
+        f"sr {sr:.4f} (seeds: {', '.join(f'{v:.4f}' for v in srs)})"
+    )
+    assert plain > 1.5 * base, (plain, base)  # round to nearest stalls
+    assert abs(master - base) <= 0.02 * base, (master, base)
+    assert abs(sr - base) <= 0.02 * base, (sr, base)
+
+
+def test_switching_master_weights_on_later_makes_the_copy():
+    a = np.linspace(-1, 1, 10).astype(BF16)
+    opt = optirs.AdamW([a], lr=1e-3)
+    for _ in range(3):
+        opt.step([np.full(10, 0.5, BF16)])
+    opt.param_groups[0]["master_weights"] = True
+    opt.step([np.full(10, 0.5, BF16)])
+    m = opt.state[a]["master_param"]
+    assert m.dtype == np.float32 and np.array_equal(m.astype(BF16), a)
+
+    p = nn.Parameter(torch.linspace(-1, 1, 10).to(torch.bfloat16))
+    p.grad = torch.full_like(p, 0.5)
+    topt = ot.AdamW([p], lr=1e-3)
+    for _ in range(3):
+        topt.step()
+    topt.param_groups[0]["master_weights"] = True
+    topt.step()
+    tm = topt.state[p]["master_param"]
+    assert tm.dtype == torch.float32 and torch.equal(tm.to(torch.bfloat16), p.detach())
+    assert np.array_equal(tm.numpy(), m)
