@@ -635,3 +635,45 @@ def test_flat_watch_sees_each_change_and_refuses_bad_input():
         _core.FlatWatch(ps, grads, [None, 3])
     with pytest.raises(ValueError, match="listed twice"):
         _core.FlatWatch([ps[0], ps[0]], [grads[0], grads[0]], [None, None])
+
+
+@pytest.mark.parametrize(
+    "rounding",
+    [{"master_weights": True}, {"bf16_stochastic_round": True, "seed": 7}],
+    ids=["master_weights", "stochastic_round"],
+)
+def test_rounding_options_step_flat_parameters_per_tensor(rounding, flat_steps):
+    """Master weights and stochastic rounding (whose random bits are keyed by each parameter's
+    index) step flat bfloat16 parameters per tensor, with the bits of the unflat run."""
+    kwargs = {"lr": 1e-2, **rounding}
+    ref, ref_opt = train(False, ot.AdamW, kwargs, torch.bfloat16)
+    got, opt = train(True, ot.AdamW, kwargs, torch.bfloat16)
+    assert_same(got, ref)
+    assert_same_state(opt, ref_opt)
+    assert flat_steps == [] and opt.__dict__.get("_optirs_flat_plan") is None
+
+
+@pytest.mark.parametrize("key", ["master_weights", "bf16_stochastic_round"])
+def test_a_rounding_option_switched_on_later_leaves_the_flat_path(key, flat_steps):
+    """Set on a group after flat steps, the option takes effect as unflat (the flat plan falls
+    back, and is not built again for that group)."""
+
+    def switch(i, model, opt):
+        if i == 3:
+            opt.param_groups[0][key] = True
+            if key == "bf16_stochastic_round":
+                opt.param_groups[0]["seed"] = 7
+
+    def run(flat: bool) -> tuple[nn.Module, Any]:
+        kwargs = {"lr": 1e-2}
+        if key == "bf16_stochastic_round":
+            kwargs.update(bf16_stochastic_round=False, seed=7)
+        return train(flat, ot.AdamW, kwargs, torch.bfloat16, steps=6, each=switch)
+
+    ref, ref_opt = run(False)
+    got, opt = run(True)
+    assert_same(got, ref)
+    assert_same_state(opt, ref_opt)
+    # Steps 1 and 2 flat; from step 3 on the plan falls back (once) and is not rebuilt.
+    assert flat_steps[:2] == [True, True] and None in flat_steps[2:]
+    assert all(s is None for s in flat_steps[2:])

@@ -582,37 +582,6 @@ class _Bridge:
             )
         return out
 
-
-def _rounds(group: dict[str, Any]) -> bool:
-    """Whether ``group`` asks for stochastic rounding or master weights (``_spec.ROUNDING_KEYS``)."""
-    return bool(group.get("bf16_stochastic_round")) or bool(group.get("master_weights"))
-
-
-def _saved_masters(
-    groups: list[dict[str, Any]], state_dict: Any
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each parameter's saved master copy (``master_weights``), matched by position as torch's
-    ``load_state_dict`` matches state; nothing for a state dict that is not one (torch's
-    ``load_state_dict`` raises for it)."""
-    if not isinstance(state_dict, dict):
-        return []
-    saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
-    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
-        return []
-    out = []
-    for g, sg in zip(groups, saved_groups):
-        if not isinstance(sg, dict):
-            return []
-        for p, i in zip(g["params"], sg.get("params", ())):
-            m = (
-                saved_state.get(i, {}).get(_spec.MASTER)
-                if isinstance(saved_state.get(i), dict)
-                else None
-            )
-            if isinstance(m, torch.Tensor):
-                out.append((p, m))
-    return out
-
     def _flat_slot(
         self, fb: _flat._FlatBuffer, k: int, name: str, dtype: torch.dtype, shape: Any
     ) -> torch.Tensor:
@@ -690,6 +659,37 @@ def _saved_masters(
                             slot.copy_(t)
                             entry[n] = slot
         self.__dict__.pop("_optirs_flat_plan", None)
+
+
+def _rounds(group: dict[str, Any]) -> bool:
+    """Whether ``group`` asks for stochastic rounding or master weights."""
+    return bool(group.get("bf16_stochastic_round")) or bool(group.get("master_weights"))
+
+
+def _saved_masters(
+    groups: list[dict[str, Any]], state_dict: Any
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter's saved master copy (``master_weights``), matched by position as torch's
+    ``load_state_dict`` matches state; nothing for a state dict that is not one (torch's
+    ``load_state_dict`` raises for it)."""
+    if not isinstance(state_dict, dict):
+        return []
+    saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+        return []
+    out = []
+    for g, sg in zip(groups, saved_groups):
+        if not isinstance(sg, dict):
+            return []
+        for p, i in zip(g["params"], sg.get("params", ())):
+            m = (
+                saved_state.get(i, {}).get(_spec.MASTER)
+                if isinstance(saved_state.get(i), dict)
+                else None
+            )
+            if isinstance(m, torch.Tensor):
+                out.append((p, m))
+    return out
 
 
 def _state_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
