@@ -202,6 +202,21 @@ class Workload:
         return max(math.prod(s) for s in self.shapes)
 
 
+def shapes_for(what: str, option: str) -> tuple[tuple[int, ...], ...]:
+    """The float32 shapes a ``--clip`` or ``--lowbit`` run steps.
+
+    Args:
+        what: ``"gpt2"`` for GPT-2 small's 148 shapes, else a number of elements (one tensor).
+        option: the command-line option, for the error message.
+    """
+    if what == "gpt2":
+        return gpt2_small_shapes()
+    n = int(float(what))
+    if n < 1:
+        raise SystemExit(f"{option} takes 'gpt2' or a positive element count, got {what!r}")
+    return ((n,),)
+
+
 def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
     """The 148 parameter shapes of GPT-2 small (124,439,808 parameters, tied LM head)."""
     d, ff = 768, 3072

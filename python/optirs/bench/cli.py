@@ -28,6 +28,7 @@ from .cases import (
     TrainModel,
     Workload,
     gpt2_small_shapes,
+    shapes_for,
 )
 from .harness import run
 from .metadata import available_cpus
@@ -333,12 +334,11 @@ def _run_all(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if args.clip:
         from .clip import run_clip
-        from .clip import shapes_for as clip_shapes
         from .timing import _import_torch
 
         extra["clip"] = run_clip(
             _import_torch(),
-            clip_shapes(args.clip),
+            shapes_for(args.clip, "--clip"),
             config.threads,
             config.repeats,
             config.sample_s,
@@ -347,12 +347,11 @@ def _run_all(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         )
     if getattr(args, "lowbit", None):
         from .lowbit import run_lowbit
-        from .lowbit import shapes_for as lowbit_shapes
         from .timing import _import_torch
 
         extra["lowbit"] = run_lowbit(
             _import_torch(),
-            lowbit_shapes(args.lowbit),
+            shapes_for(args.lowbit, "--lowbit"),
             config.threads,
             config.repeats,
             config.sample_s,

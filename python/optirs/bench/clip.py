@@ -26,7 +26,6 @@ from typing import Any
 
 import optirs
 
-from .cases import gpt2_small_shapes
 from .timing import _calibrate, _interleaved, _set_threads
 
 MAX_NORM = 1e-3
@@ -36,16 +35,6 @@ SHRINK = 0.999
 """The clip-alone runs clip each call to this fraction of the norm the previous call returned:
 a coefficient below 1 every time (so both scale every gradient), with the gradients shrinking
 by only this factor per call."""
-
-
-def shapes_for(what: str) -> tuple[tuple[int, ...], ...]:
-    """``"gpt2"``: GPT-2 small's 148 shapes; else a number of elements, as one tensor."""
-    if what == "gpt2":
-        return gpt2_small_shapes()
-    n = int(float(what))
-    if n < 1:
-        raise SystemExit(f"--clip takes 'gpt2' or a positive element count, got {what!r}")
-    return ((n,),)
 
 
 def _speedup(base: list[float], ours: list[float]) -> float:

@@ -36,7 +36,6 @@ import numpy as np
 
 import optirs
 
-from .cases import gpt2_small_shapes
 from .timing import _calibrate, _interleaved, _set_threads
 
 BLOCK = 256
@@ -47,16 +46,6 @@ MIN_8BIT = 4096
 
 BASE = "torch fused"
 """The row every speed-up is against."""
-
-
-def shapes_for(what: str) -> tuple[tuple[int, ...], ...]:
-    """``"gpt2"``: GPT-2 small's 148 shapes; else a number of elements, as one tensor."""
-    if what == "gpt2":
-        return gpt2_small_shapes()
-    n = int(float(what))
-    if n < 1:
-        raise SystemExit(f"--lowbit takes 'gpt2' or a positive element count, got {what!r}")
-    return ((n,),)
 
 
 def bytes_per_step(kind: str, sizes: list[int]) -> dict[str, int]:
