@@ -62,10 +62,11 @@ test-rust: $(DEPS) ## only the Rust tests (the core's run without Python: cargo 
 	cargo test --release --workspace --lib --tests
 
 # Both need a nightly toolchain (tools/nightly.sh installs it when missing, or says the check
-# was not run when it cannot). Times on the 2-core dev machine: miri 11 min, 9 of them the kernels (MIRI_SEEDS=0..16
-# scheduler seeds for the pool), tsan 4.5 min, loom 2 min.
+# was not run when it cannot). Times on the 2-core dev machine (clean-clone CI, 2026-12-06):
+# miri 18 min, 15 of them the kernels (Adafactor's and the rounding tests added 6), 2 the pool
+# under MIRI_SEEDS=0..16 scheduler seeds; tsan 5.5 min; loom 2.5 min.
 .PHONY: miri
-miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, baseline + AVX2 (~11 min)
+miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, baseline + AVX2 (~18 min)
 	tools/miri.sh
 
 .PHONY: tsan
