@@ -195,5 +195,55 @@ fn bench_norm(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, bench_16_bit, bench_norm);
+/// AdamW with 8-bit state (blocks of 256) over float32 parameters: bytes moved per element are
+/// the parameter's read and write, the gradient's read, and each moment's code read and written
+/// (absmaxes add 1/32 of a byte). The state starts from a few quantized steps, so that the codes
+/// spread over the maps as in training.
+fn bench_8_bit(c: &mut Criterion) {
+    use optirs_core::kernels::adam8bit::{update, Q8Slices};
+    let levels = levels();
+    let hyper = AdamHyper {
+        weight_decay: 1e-2,
+        decoupled: true,
+        ..AdamHyper::default()
+    };
+    let mut group = c.benchmark_group("adamw_8bit");
+    for n in sizes() {
+        if n >= 10_000_000 {
+            group.sample_size(10);
+        }
+        group.throughput(Throughput::Bytes(14 * n as u64));
+        let block = 256;
+        let mut p: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 997) as f32 * 2e-5 - 0.01)
+            .collect();
+        let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
+        let blocks = n.div_ceil(block);
+        let (mut am, mut av) = (vec![0f32; blocks], vec![0f32; blocks]);
+        for &level in &levels {
+            group.bench_with_input(BenchmarkId::new(level.name(), n), &n, |b, _| {
+                let mut t = 1.0;
+                b.iter(|| {
+                    let s = Q8Slices {
+                        param: &mut p,
+                        grad: &g,
+                        exp_avg: &mut m,
+                        exp_avg_sq: &mut v,
+                        exp_avg_absmax: &mut am,
+                        exp_avg_sq_absmax: &mut av,
+                        block,
+                    };
+                    update(level, &AdamScalars::new(&hyper, t), s);
+                    t += 1.0;
+                });
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_16_bit, bench_norm, bench_8_bit);
 criterion_main!(benches);
