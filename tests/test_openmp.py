@@ -10,7 +10,9 @@ test on both executors.)
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -213,3 +215,86 @@ def test_a_process_without_an_openmp_runtime_uses_the_own_pool() -> None:
     assert proc.returncode == 0, proc.stderr
     # NumPy's OpenBLAS uses pthreads, not OpenMP: nothing to borrow
     assert proc.stdout.strip() == "pool"
+
+
+def _other_runtimes() -> list[pytest.param]:
+    """Intel's (libiomp5, from the intel-openmp wheel requirements-dev.txt installs on Linux
+    x86-64) and LLVM's (libomp.so.5, where the system has it): the runtimes torch builds other
+    than PyPI's link instead of libgomp. Both export libgomp's ``GOMP_parallel``."""
+    iomp5 = os.path.join(sys.prefix, "lib", "libiomp5.so")
+    llvm = ctypes.util.find_library("omp")
+    return [
+        pytest.param(
+            iomp5,
+            marks=pytest.mark.skipif(
+                not (LINUX and platform.machine() == "x86_64"),
+                reason="intel-openmp has Linux x86-64 wheels only",
+            ),
+            id="intel-libiomp5",
+        ),
+        pytest.param(
+            llvm,
+            marks=pytest.mark.skipif(
+                not LINUX or llvm is None, reason="LLVM's libomp is not installed on this system"
+            ),
+            id="llvm-libomp",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("runtime", _other_runtimes())
+def test_intel_and_llvm_runtimes_give_the_same_bits_and_a_fork_uses_the_own_pool(
+    runtime: str,
+) -> None:
+    """A torch-free process that loaded Intel's or LLVM's OpenMP runtime steps on its team (two
+    threads), with the bits of the own pool, and a child forked after a step on the team
+    steps on the own pool with the parent's bits."""
+    # the wheel's file by path; the system's library by the name the loader finds
+    assert not os.path.isabs(runtime) or os.path.exists(runtime), (
+        f"{runtime} missing: pip install -r requirements-dev.txt"
+    )
+    proc = _script(
+        f"""
+        import ctypes, os, sys
+        lib = ctypes.CDLL({runtime!r}, mode=ctypes.RTLD_GLOBAL)
+        import numpy as np, optirs
+        assert "torch" not in sys.modules
+        optirs.set_num_threads(2)
+        assert lib.omp_get_max_threads() == 2
+
+        def run(openmp, opt=None, p=None):
+            optirs._core._set_openmp(openmp)
+            if opt is None:
+                p = np.linspace(-1, 1, 1 << 21, dtype=np.float32)
+                opt = optirs.AdamW([p], lr=1e-2)
+            for k in range(3):
+                opt.step([np.cos(p * (k + 1))])
+            return opt, p
+
+        opt, on_team = run(True)
+        assert optirs._core.executor() == "openmp", optirs._core.executor()
+        _, on_pool = run(False)
+        assert on_team.tobytes() == on_pool.tobytes()
+        optirs._core._set_openmp(True)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ok = optirs._core.executor() == "pool"
+                run(True, opt, on_team)
+                os.write(w, (b"1" if ok else b"e") + on_team.tobytes())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        run(True, opt, on_team)
+        assert data[:1] == b"1", data[:1]
+        assert data[1:] == on_team.tobytes()
+        print("ok")
+        """,
+        {"OMP_NUM_THREADS": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
