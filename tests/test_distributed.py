@@ -40,15 +40,13 @@ and ZeRO's result is bitwise DDP's (same all-reduced gradients, same kernels).
 
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import gloo_workers
 import numpy as np
 import optirs
 import optirs.torch
@@ -123,26 +121,6 @@ def reference(config: str, dtype: torch.dtype, skip: int = 0) -> tuple[list[torc
 # --------------------------------------------------------------------------------------------
 
 
-def _connect(rank: int, port_file: Path) -> Any:
-    """A TCPStore on 127.0.0.1: rank 0 binds a free port and writes it to ``port_file``."""
-    import torch.distributed as dist
-
-    timeout = timedelta(seconds=60)
-    if rank == 0:
-        store = dist.TCPStore("127.0.0.1", 0, WORLD, True, timeout=timeout, wait_for_workers=False)
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(store.port))
-        tmp.replace(port_file)
-        return store
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError("rank 0 did not publish its store port")
-        time.sleep(0.05)
-    port = int(port_file.read_text())
-    return dist.TCPStore("127.0.0.1", port, WORLD, False, timeout=timeout)
-
-
 def _train(rank: int, mode: str, config: str, dtype: torch.dtype, overlap_group: Any) -> dict:
     """Trains one (mode, config, dtype) on this rank; returns what the tests compare."""
     import torch.distributed as dist
@@ -199,7 +177,7 @@ def worker(rank: int, out_dir: Path) -> None:
     optirs.torch.register_functional_optimizers()  # for ZeRO's overlap_with_ddp=True
     torch.set_num_threads(1)
     optirs.set_num_threads(1)
-    store = _connect(rank, out_dir / "port")
+    store = gloo_workers.connect(rank, WORLD, out_dir / "port")
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
@@ -222,36 +200,8 @@ def worker(rank: int, out_dir: Path) -> None:
 def results(tmp_path_factory) -> list[dict]:
     """Launches the two workers once for the module; returns each rank's results."""
     out_dir = tmp_path_factory.mktemp("distributed")
-    env = dict(os.environ, PYTHONPATH=str(Path(optirs.__file__).resolve().parents[1]))
-    env.pop("OPTIRS_NUM_THREADS", None)
-    logs = [open(out_dir / f"rank{r}.log", "w") for r in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--rank", str(r), "--out", str(out_dir)],
-            stdout=logs[r],
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        text = "\n".join((out_dir / f"rank{r}.log").read_text()[-3000:] for r in failed)
-        pytest.fail(f"worker rank(s) {failed} failed or timed out:\n{text}")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = gloo_workers.launch(__file__, out_dir, WORLD, WORKER_TIMEOUT_S)
+    return results
 
 
 def assert_tensor_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -461,8 +411,4 @@ def test_functional_param_groups_are_live_and_validated():
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="a worker of test_distributed.py")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    worker(args.rank, args.out)
+    gloo_workers.main(worker, "a worker of test_distributed.py")

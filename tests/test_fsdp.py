@@ -33,16 +33,12 @@ not element-wise) are checked by their messages.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import subprocess
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import gloo_workers
 import optirs.torch
 import pytest
 import torch
@@ -151,26 +147,6 @@ def unsharded_run(config: str, steps: int = STEPS, clip: float | None = None) ->
 # --------------------------------------------------------------------------------------------
 # the worker (this file run as a script)
 # --------------------------------------------------------------------------------------------
-
-
-def _connect(rank: int, port_file: Path) -> Any:
-    """A TCPStore on 127.0.0.1: rank 0 binds a free port and writes it to ``port_file``."""
-    import torch.distributed as dist
-
-    timeout = timedelta(seconds=60)
-    if rank == 0:
-        store = dist.TCPStore("127.0.0.1", 0, WORLD, True, timeout=timeout, wait_for_workers=False)
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(store.port))
-        tmp.replace(port_file)
-        return store
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError("rank 0 did not publish its store port")
-        time.sleep(0.05)
-    port = int(port_file.read_text())
-    return dist.TCPStore("127.0.0.1", port, WORLD, False, timeout=timeout)
 
 
 def sharded_model(mesh: Any) -> nn.Module:
@@ -473,7 +449,7 @@ def worker(rank: int, out_dir: Path) -> None:
 
     torch.set_num_threads(1)
     optirs.set_num_threads(1)
-    store = _connect(rank, out_dir / "port")
+    store = gloo_workers.connect(rank, WORLD, out_dir / "port")
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
@@ -507,36 +483,8 @@ def run(tmp_path_factory) -> tuple[list[dict], Path]:
     """Launches the two workers once for the module; returns each rank's results and the
     directory holding the checkpoint."""
     out_dir = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ, PYTHONPATH=str(Path(optirs.__file__).resolve().parents[1]))
-    env.pop("OPTIRS_NUM_THREADS", None)
-    logs = [open(out_dir / f"rank{r}.log", "w") for r in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--rank", str(r), "--out", str(out_dir)],
-            stdout=logs[r],
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        text = "\n".join((out_dir / f"rank{r}.log").read_text()[-3000:] for r in failed)
-        pytest.fail(f"worker rank(s) {failed} failed or timed out:\n{text}")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out_dir
+    results = gloo_workers.launch(__file__, out_dir, WORLD, WORKER_TIMEOUT_S)
+    return results, out_dir
 
 
 @pytest.fixture(scope="module")
@@ -748,8 +696,4 @@ def test_skip_nonfinite_skips_on_every_rank(results):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="a worker of test_fsdp.py")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    worker(args.rank, args.out)
+    gloo_workers.main(worker, "a worker of test_fsdp.py")
