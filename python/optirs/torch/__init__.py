@@ -111,24 +111,7 @@ __all__ = [
 
 # The public names are documented, pickled and shown under the module users import them from;
 # pickles then keep loading if the private modules are reorganised.
-for _public in (
-    ASGD,
-    SGD,
-    Adadelta,
-    Adafactor,
-    Adagrad,
-    Adam,
-    Adam8bit,
-    AdamW,
-    AdamW8bit,
-    Adamax,
-    Lion,
-    NAdam,
-    RAdam,
-    RMSprop,
-    Rprop,
-    StepInBackward,
-    FlatParameters,
-):
-    _public.__module__ = __name__
+for _public in __all__:
+    if isinstance(globals()[_public], type):
+        globals()[_public].__module__ = __name__
 del _public
