@@ -246,6 +246,22 @@ def test_train_options_are_validated() -> None:
         main(["bench", "--sizes", "none", "--train", "--train-optimizers", "lbfgs"])
 
 
+def test_traffic_ceiling_streams_the_bytes_asked_for() -> None:
+    """Whole units stream exactly the bytes asked for (factor 1); a remainder under a unit
+    (8-bit absmaxes) is added by the factor, not streamed."""
+    from optirs.bench.timing import traffic_ceiling
+
+    for read, rw, factor in [
+        (8000, 12000, 1.0),  # clipped step: 2 read streams, 3 read-write
+        (4000, 4000, 1.0),  # clip alone
+        (4000, 6000, 1.0),  # 8-bit-like: half-gradient units
+        (4000, 6250, (4000 + 2 * 6250) / (2000 * (2 + 2 * 3))),
+    ]:
+        probe, got = traffic_ceiling({"read": read, "rw": rw})
+        probe()
+        assert got == pytest.approx(factor)
+
+
 def test_bench_clipping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--clip N``: the clipped step and the clip alone, optirs against torch, in the JSON."""
     out = tmp_path / "bench.json"
@@ -257,6 +273,11 @@ def test_bench_clipping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert r["elements"] == 50_000 and r["threads"] == 1
         assert _positive(r["torch_ms"]) and _positive(r["optirs_ms"]) and _positive(r["speedup"])
         assert len(r["times_s"]["torch"]) == len(r["times_s"]["optirs"]) == 2
+        assert len(r["times_s"]["ceiling"]) == 2
+        assert _positive(r["pct_of_ceiling"]) and _positive(r["bound"])
+    # optirs's bytes: the norm's read, then the step's (4 read, 12 read and written) or the
+    # scaling's (4 read and written)
+    assert [r["bytes_per_elem"] for r in rows] == [32, 12]
     assert "clipped step" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--clip takes"):
         main(["bench", "--sizes", "none", "--clip", "0"])

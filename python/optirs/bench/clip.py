@@ -15,6 +15,11 @@ leaves the gradients as they are; torch scales them in place, every call). The c
 runs clip each call just below the norm the previous call returned (``SHRINK``): repeated
 in-place clipping to one ``max_norm`` would reach a coefficient of exactly 1, where optirs skips
 the scaling pass that torch still makes.
+
+Each comparison also times, in the same rounds, a probe streaming the bytes optirs's side must
+move (``traffic``; 32 bytes per element for the clipped step, 12 for the clip alone), which
+gives optirs's % of that ceiling and the ``bound``: torch's time over the ceiling's, the largest
+speed-up any implementation moving those bytes could show in that run.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 import optirs
 
-from .timing import _calibrate, _interleaved, _set_threads
+from .timing import _calibrate, _interleaved, _set_threads, traffic_ceiling
 
 MAX_NORM = 1e-3
 """Far below the norm of the random gradients: every clipped step clips."""
@@ -35,6 +40,24 @@ SHRINK = 0.999
 """The clip-alone runs clip each call to this fraction of the norm the previous call returned:
 a coefficient below 1 every time (so both scale every gradient), with the gradients shrinking
 by only this factor per call."""
+
+
+def traffic(what: str, n: int) -> dict[str, int]:
+    """The bytes optirs's side of a comparison must move over ``n`` float32 elements.
+
+    Args:
+        what: ``"clipped step"`` (the norm reads every gradient; the AdamW step then reads the
+            gradient and reads and writes the parameter and both moments) or ``"clip alone"``
+            (the norm reads every gradient; the scaling reads and writes it).
+        n: the number of elements.
+
+    Returns:
+        ``{"read": bytes only read, "rw": bytes read and written back}`` (``traffic_ceiling``'s
+        argument).
+    """
+    if what == "clipped step":
+        return {"read": 8 * n, "rw": 12 * n}
+    return {"read": 4 * n, "rw": 4 * n}
 
 
 def _speedup(base: list[float], ours: list[float]) -> float:
@@ -103,15 +126,23 @@ def run_clip(
     n = sum(t.numel() for t in init)
     results = []
     print(f"\nclipping: {len(shapes)} float32 tensors, {n:,} elements, max_norm={MAX_NORM:g}")
-    print(f"{'threads':>7} {'what':<13} {'torch ms':>9} {'optirs ms':>10} {'speed-up':>9}")
+    print(
+        f"{'threads':>7} {'what':<13} {'torch ms':>9} {'optirs ms':>10} {'speed-up':>9} "
+        f"{'B/elem':>7} {'% ceil':>7} {'bound':>7}"
+    )
+    ceilings = {what: traffic_ceiling(traffic(what, n)) for what in ("clipped step", "clip alone")}
     try:
         for t in threads:
             _set_threads(torch, t)
             for what, steps in _implementations(torch, init, grads).items():
-                for f in steps.values():  # warm-up: state, pools, pages
+                probe, scale = ceilings[what]
+                timed = {**steps, "ceiling": probe}
+                for f in timed.values():  # warm-up: state, pools, pages
                     f()
-                batches = {k: _calibrate(f, sample_s) for k, f in steps.items()}
-                times = _interleaved(steps, batches, repeats, settle_s)
+                batches = {k: _calibrate(f, sample_s) for k, f in timed.items()}
+                times = _interleaved(timed, batches, repeats, settle_s)
+                ceil = [c * scale for c in times["ceiling"]]
+                moved = traffic(what, n)
                 row = {
                     "threads": t,
                     "what": what,
@@ -119,12 +150,16 @@ def run_clip(
                     "torch_ms": statistics.median(times["torch"]) * 1e3,
                     "optirs_ms": statistics.median(times["optirs"]) * 1e3,
                     "speedup": _speedup(times["torch"], times["optirs"]),
+                    "bytes_per_elem": (moved["read"] + 2 * moved["rw"]) / n,
+                    "pct_of_ceiling": 100 * _speedup(ceil, times["optirs"]),
+                    "bound": _speedup(times["torch"], ceil),
                     "times_s": times,
                 }
                 results.append(row)
                 print(
                     f"{t:>7} {what:<13} {row['torch_ms']:>9.2f} {row['optirs_ms']:>10.2f} "
-                    f"{row['speedup']:>8.2f}x"
+                    f"{row['speedup']:>8.2f}x {row['bytes_per_elem']:>7.0f} "
+                    f"{row['pct_of_ceiling']:>6.0f}% {row['bound']:>6.2f}x"
                 )
                 sys.stdout.flush()
     finally:

@@ -36,7 +36,7 @@ import numpy as np
 
 import optirs
 
-from .timing import _calibrate, _interleaved, _set_threads
+from .timing import _calibrate, _interleaved, _set_threads, traffic_ceiling
 
 BLOCK = 256
 """Elements per quantization block (bitsandbytes' and optirs's default)."""
@@ -69,31 +69,6 @@ def bytes_per_step(kind: str, sizes: list[int]) -> dict[str, int]:
         else:
             rw += 2 * n + 2 * 4 * math.ceil(n / BLOCK)  # codes, and the absmaxes
     return {"read": read, "rw": rw}
-
-
-def _ceiling(traffic: dict[str, int]) -> tuple[Callable[[], None], float]:
-    """A probe call streaming about ``traffic``'s bytes, and the factor that scales its time to
-    exactly them.
-
-    The probe takes streams of one size: the gradients' bytes (half of them for 8-bit state,
-    whose codes are half a gradient), one read-only stream per unit of reads and one read-write
-    stream per unit of what the step reads and writes back, so it streams as few, long
-    streams as the step does. The 8-bit absmaxes (under 0.1 byte an element) are not streamed;
-    the factor adds them.
-    """
-    read, rw = traffic["read"], traffic["rw"]
-    unit = read if rw % read == 0 else read // 2
-    n_read = read // unit
-    n_rw = max(1, round(rw / unit))
-    streams = [np.empty(unit, np.uint8) for _ in range(n_read + n_rw)]
-    for k, s in enumerate(streams):
-        s.fill(k + 1)  # maps every page before timing
-    ro, rw_streams = streams[:n_read], streams[n_read:]
-
-    def probe() -> None:
-        optirs._core.traffic(ro, rw_streams)
-
-    return probe, (read + 2 * rw) / (unit * (n_read + 2 * n_rw))
 
 
 def _bnb() -> Any:
@@ -213,7 +188,7 @@ def run_lowbit(
     sizes = [math.prod(s) for s in shapes]
     n = sum(sizes)
     traffic = {kind: bytes_per_step(kind, sizes) for kind in ("f32", "bf16", "8bit")}
-    ceilings = {kind: _ceiling(t) for kind, t in traffic.items()}
+    ceilings = {kind: traffic_ceiling(t) for kind, t in traffic.items()}
     rows = []
     print(f"\nlow-bit state: AdamW over {len(shapes)} float32 tensors, {n:,} elements")
     if bnb is None:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import numpy as np
+
 import optirs
 
 from .cases import MAX_BATCH, NO_TORCH_MESSAGE
@@ -80,3 +82,36 @@ def _set_threads(torch: Any, n: int) -> None:
     """Gives torch and optirs the same number of threads."""
     torch.set_num_threads(n)
     optirs.set_num_threads(n)
+
+
+def traffic_ceiling(traffic: dict[str, int]) -> tuple[Callable[[], None], float]:
+    """A probe call streaming about ``traffic``'s bytes, and the factor that scales its time to
+    exactly them: the time the machine needs to move those bytes, the bound of any pass that
+    moves them.
+
+    The probe takes streams of one size (the reads', or half of them when the read-written bytes
+    are no whole multiple: 8-bit codes are half a gradient), one read-only stream per unit of
+    reads and one read-write stream per unit of what is read and written back, so it streams as
+    few, long streams as a step does. A remainder under a unit (the 8-bit absmaxes) is not
+    streamed; the factor adds it.
+
+    Args:
+        traffic: ``{"read": bytes only read, "rw": bytes read and written back}``.
+
+    Returns:
+        ``(probe, factor)``: the probe's time times ``factor`` is the time of exactly
+        ``traffic``'s bytes.
+    """
+    read, rw = traffic["read"], traffic["rw"]
+    unit = read if rw % read == 0 else read // 2
+    n_read = read // unit
+    n_rw = max(1, round(rw / unit))
+    streams = [np.empty(unit, np.uint8) for _ in range(n_read + n_rw)]
+    for k, s in enumerate(streams):
+        s.fill(k + 1)  # maps every page before timing
+    ro, rw_streams = streams[:n_read], streams[n_read:]
+
+    def probe() -> None:
+        optirs._core.traffic(ro, rw_streams)
+
+    return probe, (read + 2 * rw) / (unit * (n_read + 2 * n_rw))
