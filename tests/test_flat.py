@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import subprocess
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import gloo_workers
 import optirs
 import optirs.torch as ot
 import pytest
@@ -521,32 +518,27 @@ def test_bad_input_changes_nothing():
 # --------------------------------------------------------------------------------------------
 
 
+#: (flatten_parameters, gradient_as_bucket_view) of each DDP run
+DDP_RUNS = ((False, False), (True, False), (True, True))
+
+
 def _ddp_worker(rank: int, out: Path) -> None:
     import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     optirs.set_num_threads(1)
-    port_file = out / "port"
-    timeout = timedelta(seconds=60)
-    if rank == 0:
-        store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timeout, wait_for_workers=False)
-        (out / "port.tmp").write_text(str(store.port))
-        (out / "port.tmp").replace(port_file)
-    else:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError("rank 0 did not publish its port")
-            time.sleep(0.05)
-        store = dist.TCPStore("127.0.0.1", int(port_file.read_text()), 2, False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timeout)
-    results = {}
-    for flat in (False, True):
+    store = gloo_workers.connect(rank, 2, out / "port")
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    results: dict[Any, Any] = {}
+    for flat, bucket_view in DDP_RUNS:
         model = make_model()
         if flat:
             ot.flatten_parameters(model)
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
         opt = ot.Adam(ddp.parameters(), lr=1e-2)
         for i in range(5):
             opt.zero_grad()
@@ -555,50 +547,43 @@ def _ddp_worker(rank: int, out: Path) -> None:
             (ddp(x) - y).pow(2).mean().backward()
             opt.step()
         plan = opt.__dict__.get("_optirs_flat_plan")
-        results[flat] = {
+        results[flat, bucket_view] = {
             "params": [p.detach().clone() for p in model.parameters()],
             "flat_plan": plan is not None and plan.watch.current(opt.state),
         }
+    # A DTensor parameter (as FSDP2 makes) is refused, the plain one beside it left alone.
+    mesh = init_device_mesh("cpu", (2,))
+    sharded = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Replicate()]))
+    plain = nn.Parameter(torch.ones(3))
+    before = plain.data_ptr()
+    try:
+        ot.flatten_parameters([plain, sharded])
+        results["dtensor"] = "accepted"
+    except ValueError as exc:
+        results["dtensor"] = str(exc)
+    results["dtensor_left_alone"] = plain.grad is None and plain.data_ptr() == before
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_ddp_flat_matches_ddp_unflat(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(optirs.__file__).resolve().parents[1]))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--ddp-rank", str(r), "--out", str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0].decode(errors="replace"))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            logs.append(p.communicate()[0].decode(errors="replace"))
-    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    """DDP over gloo, two ranks: flat parameters give the unflat bits; with DDP's default
+    (gradient_as_bucket_view=False) the steps are flat (DDP copies the averaged gradients into
+    the views), with gradient_as_bucket_view=True DDP's bucket views replace them and the steps
+    take the per-tensor path; a DTensor parameter is refused by name."""
+    r0, r1 = gloo_workers.launch(__file__, tmp_path, 2, 120)
     for r in (r0, r1):
-        assert r[True]["flat_plan"]  # DDP copies the averaged gradients into the views
-        for a, b in zip(r[True]["params"], r[False]["params"]):
+        assert r[True, False]["flat_plan"]
+        assert not r[True, True]["flat_plan"]
+        assert not r[False, False]["flat_plan"]
+        for run in DDP_RUNS[1:]:
+            for a, b in zip(r[run]["params"], r[False, False]["params"]):
+                assert torch.equal(a, b), run
+        assert r["dtensor"].startswith("flatten_parameters: params[1] is a DTensor"), r["dtensor"]
+        assert r["dtensor_left_alone"]
+    for run in DDP_RUNS:
+        for a, b in zip(r0[run]["params"], r1[run]["params"]):
             assert torch.equal(a, b)
-    for a, b in zip(r0[True]["params"], r1[True]["params"]):
-        assert torch.equal(a, b)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ddp-rank", type=int, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
-    _ddp_worker(a.ddp_rank, a.out)
 
 
 def test_flat_watch_sees_each_change_and_refuses_bad_input():
@@ -677,3 +662,7 @@ def test_a_rounding_option_switched_on_later_leaves_the_flat_path(key, flat_step
     # Steps 1 and 2 flat; from step 3 on the plan falls back (once) and is not rebuilt.
     assert flat_steps[:2] == [True, True] and None in flat_steps[2:]
     assert all(s is None for s in flat_steps[2:])
+
+
+if __name__ == "__main__":
+    gloo_workers.main(_ddp_worker, "a DDP worker of test_flat.py")
