@@ -151,8 +151,9 @@ impl FlatWatch {
             }
             let d = value.cast::<PyDict>().map_err(PyErr::from)?;
             let kept = &self.values[k];
-            if d.len() != kept.len() || !d.values().iter().zip(kept).all(|(v, w)| v.is(w.bind(py)))
-            {
+            // Walked in place: `values()` would build a list per parameter, 1000 a step, and
+            // their allocations alone set off the garbage collector every step.
+            if d.len() != kept.len() || !d.iter().zip(kept).all(|((_, v), w)| v.is(w.bind(py))) {
                 return Ok(false);
             }
             seen += 1;
