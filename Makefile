@@ -94,6 +94,11 @@ format: $(DEPS) ## apply cargo fmt and ruff format
 	cargo fmt --all
 	$(VENV)/bin/ruff format python tests
 
+.PHONY: docs
+docs: develop ## the API reference (Sphinx, from the docstrings; warnings are errors) into docs/_build/html
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "API reference: docs/_build/html/index.html"
+
 .PHONY: bench
 bench: develop ## comparative benchmark against torch.optim (quick default; BENCH_ARGS=...)
 	$(PY) -m optirs bench $(BENCH_ARGS)

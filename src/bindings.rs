@@ -386,6 +386,11 @@ pub mod _core {
     }
 
     /// Forces a SIMD level (clamped to what the CPU has); returns the level now in use.
+    /// Every level gives the same bits; lower ones are slower (``OPTIRS_SIMD`` sets it at
+    /// import).
+    ///
+    /// Args:
+    ///     level: ``"avx512"``, ``"avx2"`` or ``"baseline"`` (ValueError otherwise).
     #[pyfunction]
     fn set_simd_level(level: &str) -> PyResult<&'static str> {
         entry(|| match SimdLevel::parse(level) {
@@ -459,7 +464,11 @@ pub mod _core {
         })
     }
 
-    /// Sets the number of threads steps use (at least 1).
+    /// Sets the number of threads steps use, the calling thread included (default: the CPUs
+    /// this process may use, or ``OPTIRS_NUM_THREADS``). Results do not depend on it.
+    ///
+    /// Args:
+    ///     n: the thread count, at least 1 (ValueError otherwise).
     #[pyfunction]
     fn set_num_threads(n: usize) -> PyResult<()> {
         entry(|| {

@@ -31,6 +31,7 @@ from ._core import get_num_threads, set_num_threads, set_simd_level, simd_level,
 from ._plan import GroupsSnapshot, StepOptions, fork_safe
 from ._spec import manual_seed
 
+#: This optirs's version (as ``pip show optirs`` gives it).
 __version__: str = _core.__version__
 
 __all__ = [
@@ -182,7 +183,12 @@ class ParamState(MutableMapping):
         return len(self._items)
 
     def get(self, param: np.ndarray, default: Any = None) -> Any:
-        """The state of ``param``, or ``default`` when it has none."""
+        """The state of ``param``, or ``default`` when it has none.
+
+        Args:
+            param: a parameter array (looked up by identity, not by value).
+            default: what to return when ``param`` has no state.
+        """
         item = self._items.get(id(param))
         return default if item is None else item[1]
 
@@ -304,6 +310,15 @@ class Optimizer:
 
     Subclasses set ``_spec`` (the optimizer's declaration in ``optirs._spec``) and pass their
     defaults; each optimizer's constructor is made from its declaration (``_numpy_init``).
+
+    Args:
+        params: the arrays to update in place (C-contiguous, writeable ndarrays of float32,
+            float64 or ``ml_dtypes.bfloat16``), or param groups: dicts with ``params`` and
+            any hyperparameters of their own.
+        defaults: every hyperparameter's value for groups that do not give their own.
+        skip_nonfinite: skip a whole step, changing nothing, when any gradient holds NaN or
+            infinity (counted in ``skipped_steps``).
+        flush_denormals: flush denormal numbers to zero while a step runs (x86-64).
     """
 
     _spec: ClassVar[_spec.Spec]
@@ -385,6 +400,10 @@ class Optimizer:
         Raises TypeError/ValueError, changing nothing, for a group torch would refuse, a
         parameter that is not a float32/float64 C-contiguous writeable ndarray, or a parameter
         that is already in this optimizer.
+
+        Args:
+            param_group: a dict with ``params`` (an ndarray or a list of them) and any
+                hyperparameters of the group's own.
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {_tn(param_group)}")
@@ -467,6 +486,9 @@ class Optimizer:
         Steps of one optimizer are serialised: two threads stepping it take turns. With
         ``skip_nonfinite``, a step whose gradients hold NaN or infinity changes nothing and
         counts in ``skipped_steps``.
+
+        Args:
+            grads: one gradient (or ``None``) per parameter, in ``param_groups`` order.
         """
         coef = self.__dict__.pop("_clip_coef", None)
         with self._lock:
@@ -648,6 +670,10 @@ class Optimizer:
         invalid hyperparameters) raises ValueError or TypeError and changes nothing. The
         optimizer's own options (``skip_nonfinite``, ``flush_denormals``) and
         ``skipped_steps`` are not part of a state dict, and are kept.
+
+        Args:
+            state_dict: ``{"state": {index: {name: array}}, "param_groups": [{...,
+                "params": [index, ...]}]}``, torch's layout.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {_tn(state_dict)}")
@@ -848,17 +874,11 @@ def _numpy_init(spec: _spec.Spec) -> Callable[..., None]:
 
     doc = (
         f"Takes torch.optim.{spec.name}'s arguments, defaults and checks (TypeError/ValueError "
-        "in torch's words), then optirs's own options ``skip_nonfinite`` (skip a step whose "
-        "gradients hold NaN or infinity, changing nothing), ``flush_denormals`` and "
-        "``state_dtype`` (None: state in the parameter's dtype, as torch; ``'bfloat16'`` or "
-        "``ml_dtypes.bfloat16``: state kept as bfloat16, computed in float32 and rounded to "
-        "nearest even when stored; float32 and bfloat16 parameters only, a group may set its "
-        "own), ``bf16_stochastic_round`` (bfloat16 parameters rounded stochastically, keyed by "
-        "``seed``: an int, default drawn from ``optirs.manual_seed``'s seed or 0), and "
-        "``master_weights`` (a float32 ``master_param`` state entry per float16/bfloat16 "
-        "parameter); see the README's '16-bit parameters that learn'."
+        "in torch's words; the NumPy API applies them again at every step, to values changed "
+        "in ``param_groups``), without torch's implementation switches, then optirs's own "
+        "keyword-only options."
     )
-    return _spec.make_init(spec.name, __name__, spec.numpy_params, construct, doc)
+    return _spec.make_init(spec.name, __name__, spec.numpy_params, construct, doc, api="numpy")
 
 
 class SGD(Optimizer):

@@ -25,6 +25,15 @@ from . import _core, _spec
 NAMES = ("row_var", "col_var", "variance")
 
 
+def init_doc(intro: str, api: str) -> str:
+    """The constructor docstring of an Adafactor class in ``api`` (``"numpy"`` or
+    ``"torch"``): ``intro``, then each argument, in the signature's order."""
+    spec = _spec.ADAFACTOR
+    params = spec.params if api == "torch" else spec.numpy_params
+    own = tuple(p for p in _spec.OWN_OPTIONS if p.name in ("skip_nonfinite", "flush_denormals"))
+    return f"{intro}\n\n{_spec.args_doc((*params, *own), api)}"
+
+
 def state_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """The state entries (besides ``step``) a parameter of ``shape`` keeps, with their shapes,
     as torch.optim.Adafactor's ``_init_group`` makes them."""
@@ -52,22 +61,6 @@ def make_numpy_class(
         """Adafactor (Shazeer and Stern 2018) as ``torch.optim.Adafactor`` computes it (its
         for-loop path), over NumPy arrays of float32, float64 or bfloat16 (``ml_dtypes``;
         16-bit parameters are computed in float32 and rounded once when stored).
-
-        Args:
-            params: the arrays to update (or param groups: dicts with ``params``).
-            lr: the maximum relative step size, and the weight decay's factor (1e-2, >= 0).
-            beta2_decay: the second moment's decay, ``beta2_t = 1 - t ** beta2_decay``
-                (-0.8, <= 0).
-            eps: ``(eps1, eps2)``: ``eps1`` keeps the variance estimate away from zero (None:
-                the parameter dtype's machine epsilon), ``eps2`` is the smallest parameter
-                scale (``(None, 1e-3)``, each >= 0).
-            d: the update's clipping threshold on its RMS (1.0, >= 1).
-            weight_decay: decoupled weight decay, ``p *= 1 - lr * weight_decay`` (0.0, >= 0).
-            maximize: ascend instead of descend (keyword-only, False).
-            skip_nonfinite: skip a step whose gradients hold NaN or infinity, changing nothing
-                (keyword-only, False).
-            flush_denormals: flush denormals to zero while a step runs (x86-64; keyword-only,
-                False).
 
         State: ``step`` (0-d float32); ``row_var`` and ``col_var`` for a parameter of two or
         more dimensions, ``variance`` for the others, in the parameter's dtype. Checks and
@@ -259,6 +252,10 @@ def make_numpy_class(
     # Named as ``optirs.Adafactor``, so that pickle finds it there.
     Adafactor.__module__ = "optirs"
     Adafactor.__qualname__ = "Adafactor"
+    Adafactor.__init__.__doc__ = init_doc(
+        "torch.optim.Adafactor's arguments, defaults and checks, then optirs's own options.",
+        "numpy",
+    )
     return Adafactor
 
 

@@ -14,6 +14,7 @@ parameter's shape), ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` (float32, one p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -108,19 +109,54 @@ def check_8bit_entry(entry: Mapping[str, Any], shape: tuple[int, ...], block_siz
             )
 
 
+#: The 8-bit optimizers' own arguments, after Adam's (keyword-only in both APIs).
+OPTIONS: tuple[_spec.Param, ...] = (
+    _spec.Param(
+        "block_size",
+        256,
+        "int",
+        keyword_only=True,
+        doc="elements per quantization block: each block of a moment keeps one float32 absmax "
+        "(1 to 4096).",
+    ),
+    _spec.Param(
+        "min_8bit_size",
+        4096,
+        "int",
+        keyword_only=True,
+        doc="parameters with fewer elements keep float Adam state, in the parameter's dtype "
+        "(>= 0).",
+    ),
+)
+
+
+def init_doc(intro: str, spec: _spec.Spec, api: str) -> str:
+    """The constructor docstring of an 8-bit class over ``spec`` (Adam's or AdamW's) in ``api``
+    (``"numpy"`` or ``"torch"``): ``intro``, then each argument, in the signature's order."""
+    params = spec.params if api == "torch" else spec.numpy_params
+    params = tuple(
+        dataclasses.replace(p, doc="must be False: AMSGrad is not supported (ValueError).")
+        if p.name == "amsgrad"
+        else p
+        for p in params
+    )
+    own = tuple(p for p in _spec.OWN_OPTIONS if p.name in ("skip_nonfinite", "flush_denormals"))
+    return f"{intro}\n\n{_spec.args_doc((*params, *OPTIONS, *own), api)}"
+
+
 def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
     """``Adam8bit`` and ``AdamW8bit`` over the NumPy API's ``Optimizer``."""
 
     class Adam8bit(optimizer_base):  # type: ignore[misc,valid-type]
         """Adam (and, with ``decoupled_weight_decay=True``, AdamW) with 8-bit state:
         ``torch.optim.Adam``'s update over NumPy arrays, each moment kept in 8 bits per element
-        with float32 block absmaxes (see ``optirs._eightbit``). amsgrad is not supported.
+        with float32 block absmaxes (see the README's "Fewer bytes of state"). amsgrad is not
+        supported.
 
-        Arguments: torch.optim.Adam's (``lr``, ``betas``, ``eps``, ``weight_decay``,
-        ``amsgrad`` (must be False), ``maximize``, ``decoupled_weight_decay``), then
-        ``block_size`` (elements per absmax, default 256), ``min_8bit_size`` (parameters with
-        fewer elements keep float32 state, default 4096), ``skip_nonfinite`` and
-        ``flush_denormals``.
+        State of a parameter of ``min_8bit_size`` elements or more: ``step`` (0-d float32),
+        ``exp_avg`` and ``exp_avg_sq`` (uint8 codes, the parameter's shape),
+        ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` (float32, one per block); of a smaller
+        one, float Adam state (``step``, ``exp_avg``, ``exp_avg_sq``).
         """
 
         _spec = _spec.ADAM
@@ -231,7 +267,11 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             """Restores a ``state_dict()`` of this class (8-bit entries copied exactly, so a
             run continues bit for bit) or of float32 Adam (``torch.optim.Adam``,
             ``optirs.Adam``): float32 moments of a parameter with ``min_8bit_size`` elements or
-            more are quantized. A dict that does not fit raises and changes nothing."""
+            more are quantized. A dict that does not fit raises and changes nothing.
+
+            Args:
+                state_dict: a state dict in torch's layout.
+            """
             if not isinstance(state_dict, Mapping) or not isinstance(
                 state_dict.get("state"), Mapping
             ):
@@ -310,6 +350,18 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
                 flush_denormals=flush_denormals,
             )
 
+    Adam8bit.__init__.__doc__ = init_doc(
+        "torch.optim.Adam's arguments, defaults and checks, then the 8-bit options and "
+        "optirs's own.",
+        _spec.ADAM,
+        "numpy",
+    )
+    AdamW8bit.__init__.__doc__ = init_doc(
+        "torch.optim.AdamW's arguments, defaults and checks, then the 8-bit options and "
+        "optirs's own.",
+        _spec.ADAMW,
+        "numpy",
+    )
     Adam8bit.__module__ = AdamW8bit.__module__ = "optirs"
     return Adam8bit, AdamW8bit
 

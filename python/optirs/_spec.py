@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import textwrap
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -174,10 +175,46 @@ class Param:
     torch_only: bool = False
     #: how the NumPy API stores a value given for it
     convert: Callable[[Any], Any] | None = None
+    #: what it means, for the constructor's ``Args:`` section (``args_doc``)
+    doc: str = ""
+
+
+#: torch's implementation switches, as the torch bridge treats them.
+_SWITCH_DOCS = {
+    "foreach": "torch's choice of implementation: passed to torch's constructor and kept in the "
+    "param groups; optirs's step, a single native call, does not read it.",
+    "fused": "torch's choice of implementation: passed to torch's constructor and kept in the "
+    "param groups; optirs's step, a single native call, does not read it.",
+    "capturable": "must be False (ValueError otherwise): optirs steps outside CUDA graphs.",
+    "differentiable": "must be False (ValueError otherwise): optirs steps outside autograd.",
+}
 
 
 def _torch_switch(name: str, default: Any, annotation: str, keyword_only: bool = True) -> Param:
-    return Param(name, default, annotation, keyword_only=keyword_only, torch_only=True)
+    return Param(
+        name,
+        default,
+        annotation,
+        keyword_only=keyword_only,
+        torch_only=True,
+        doc=_SWITCH_DOCS[name],
+    )
+
+
+# What the arguments many optimizers share mean (torch's words, where torch documents them).
+_LR = "learning rate."
+_WD = "weight decay (L2 penalty): ``weight_decay * param`` is added to the gradient."
+_EPS = "term added to the denominator to improve numerical stability."
+_BETAS = "coefficients used for computing running averages of the gradient and its square."
+_MAXIMIZE = "maximize the objective with respect to the params, instead of minimizing."
+_DECOUPLED = (
+    "decouple the weight decay as AdamW does: the parameter is multiplied by "
+    "``1 - lr * weight_decay`` before the update instead of the decay being added to the gradient."
+)
+
+
+def _maximize() -> Param:
+    return Param("maximize", False, "bool", keyword_only=True, doc=_MAXIMIZE)
 
 
 @dataclass(frozen=True)
@@ -379,6 +416,10 @@ def _with_defaults(params: Sequence[Param], **defaults: Any) -> tuple[Param, ...
     )
 
 
+def _with_docs(params: Sequence[Param], **docs: str) -> tuple[Param, ...]:
+    return tuple(dataclasses.replace(p, doc=docs[p.name]) if p.name in docs else p for p in params)
+
+
 def _ordered(params: Sequence[Param], *names: str) -> tuple[Param, ...]:
     by_name = {p.name: p for p in params}
     return tuple(by_name[n] for n in names)
@@ -388,12 +429,17 @@ SGD = Spec(
     name="SGD",
     kind="sgd",
     params=(
-        Param("lr", 1e-3, "float"),
-        Param("momentum", 0, "float"),
-        Param("dampening", 0, "float"),
-        Param("weight_decay", 0, "float"),
-        Param("nesterov", False, "bool"),
-        Param("maximize", False, "bool", keyword_only=True),
+        Param("lr", 1e-3, "float", doc=_LR),
+        Param("momentum", 0, "float", doc="momentum factor (0: plain SGD, no momentum buffer)."),
+        Param("dampening", 0, "float", doc="dampening for momentum."),
+        Param("weight_decay", 0, "float", doc=_WD),
+        Param(
+            "nesterov",
+            False,
+            "bool",
+            doc="enables Nesterov momentum (needs a momentum and zero dampening).",
+        ),
+        _maximize(),
         _torch_switch("foreach", None, "bool | None"),
         _torch_switch("differentiable", False, "bool"),
         _torch_switch("fused", None, "bool | None"),
@@ -406,17 +452,29 @@ ADAM = Spec(
     name="Adam",
     kind="adam",
     params=(
-        Param("lr", 1e-3, "float"),
-        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
-        Param("eps", 1e-8, "float"),
-        Param("weight_decay", 0, "float"),
-        Param("amsgrad", False, "bool"),
+        Param("lr", 1e-3, "float", doc=_LR),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair, doc=_BETAS),
+        Param("eps", 1e-8, "float", doc=_EPS),
+        Param("weight_decay", 0, "float", doc=_WD + " Decoupled with decoupled_weight_decay."),
+        Param(
+            "amsgrad",
+            False,
+            "bool",
+            doc="use the AMSGrad variant: the running maximum of ``exp_avg_sq`` "
+            "(``max_exp_avg_sq``) takes its place in the denominator.",
+        ),
         _torch_switch("foreach", None, "bool | None"),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
         _torch_switch("capturable", False, "bool"),
         _torch_switch("differentiable", False, "bool"),
         _torch_switch("fused", None, "bool | None"),
-        Param("decoupled_weight_decay", False, "bool", keyword_only=True),
+        Param(
+            "decoupled_weight_decay",
+            False,
+            "bool",
+            keyword_only=True,
+            doc=_DECOUPLED + " True makes this AdamW.",
+        ),
     ),
     state=(
         Buffer("exp_avg", "m"),
@@ -433,7 +491,14 @@ ADAM = Spec(
 ADAMW = ADAM.derive(
     "AdamW",
     params=_ordered(
-        _with_defaults(ADAM.params, weight_decay=1e-2),
+        _with_defaults(
+            _with_docs(
+                ADAM.params,
+                weight_decay="decoupled weight decay coefficient: the parameter is multiplied "
+                "by ``1 - lr * weight_decay`` before the Adam update.",
+            ),
+            weight_decay=1e-2,
+        ),
         *("lr", "betas", "eps", "weight_decay", "amsgrad"),
         *("maximize", "foreach", "capturable", "differentiable", "fused"),
     ),
@@ -443,15 +508,26 @@ RMSPROP = Spec(
     name="RMSprop",
     kind="rmsprop",
     params=(
-        Param("lr", 1e-2, "float"),
-        Param("alpha", 0.99, "float"),
-        Param("eps", 1e-8, "float"),
-        Param("weight_decay", 0, "float"),
-        Param("momentum", 0, "float"),
-        Param("centered", False, "bool"),
+        Param("lr", 1e-2, "float", doc=_LR),
+        Param(
+            "alpha",
+            0.99,
+            "float",
+            doc="smoothing constant: the decay of the running average of the squared gradient.",
+        ),
+        Param("eps", 1e-8, "float", doc=_EPS),
+        Param("weight_decay", 0, "float", doc=_WD),
+        Param("momentum", 0, "float", doc="momentum factor (> 0 keeps a ``momentum_buffer``)."),
+        Param(
+            "centered",
+            False,
+            "bool",
+            doc="compute the centered RMSprop: the gradient is normalized by an estimate of its "
+            "variance (keeps ``grad_avg``).",
+        ),
         _torch_switch("capturable", False, "bool", keyword_only=False),
         _torch_switch("foreach", None, "bool | None", keyword_only=False),
-        Param("maximize", False, "bool"),
+        Param("maximize", False, "bool", doc=_MAXIMIZE),
         _torch_switch("differentiable", False, "bool", keyword_only=False),
     ),
     state=(
@@ -468,13 +544,23 @@ ADAGRAD = Spec(
     name="Adagrad",
     kind="adagrad",
     params=(
-        Param("lr", 1e-2, "float"),
-        Param("lr_decay", 0, "float"),
-        Param("weight_decay", 0, "float"),
-        Param("initial_accumulator_value", 0, "float"),
-        Param("eps", 1e-10, "float"),
+        Param("lr", 1e-2, "float", doc=_LR),
+        Param(
+            "lr_decay",
+            0,
+            "float",
+            doc="learning rate decay: step ``t`` uses ``lr / (1 + (t - 1) * lr_decay)``.",
+        ),
+        Param("weight_decay", 0, "float", doc=_WD),
+        Param(
+            "initial_accumulator_value",
+            0,
+            "float",
+            doc="initial value of the sum of squared gradients (``sum``).",
+        ),
+        Param("eps", 1e-10, "float", doc=_EPS),
         _torch_switch("foreach", None, "bool | None", keyword_only=False),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
         _torch_switch("differentiable", False, "bool"),
         _torch_switch("fused", None, "bool | None"),
     ),
@@ -488,13 +574,24 @@ ADADELTA = Spec(
     name="Adadelta",
     kind="adadelta",
     params=(
-        Param("lr", 1.0, "float"),
-        Param("rho", 0.9, "float"),
-        Param("eps", 1e-6, "float"),
-        Param("weight_decay", 0, "float"),
+        Param(
+            "lr",
+            1.0,
+            "float",
+            doc="coefficient that scales the delta before it is applied to the parameters.",
+        ),
+        Param(
+            "rho",
+            0.9,
+            "float",
+            doc="coefficient used for computing the running averages of squared gradients and "
+            "squared deltas.",
+        ),
+        Param("eps", 1e-6, "float", doc=_EPS),
+        Param("weight_decay", 0, "float", doc=_WD),
         _torch_switch("foreach", None, "bool | None", keyword_only=False),
         _torch_switch("capturable", False, "bool"),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
         _torch_switch("differentiable", False, "bool"),
     ),
     state=(Buffer("square_avg", "sq"), Buffer("acc_delta", "acc")),
@@ -507,13 +604,13 @@ RADAM = Spec(
     name="RAdam",
     kind="radam",
     params=(
-        Param("lr", 1e-3, "float"),
-        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
-        Param("eps", 1e-8, "float"),
-        Param("weight_decay", 0, "float"),
-        Param("decoupled_weight_decay", False, "bool"),
+        Param("lr", 1e-3, "float", doc=_LR),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair, doc=_BETAS),
+        Param("eps", 1e-8, "float", doc=_EPS),
+        Param("weight_decay", 0, "float", doc=_WD + " Decoupled with decoupled_weight_decay."),
+        Param("decoupled_weight_decay", False, "bool", doc=_DECOUPLED + " True makes it RAdamW."),
         _torch_switch("foreach", None, "bool | None"),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
         _torch_switch("capturable", False, "bool"),
         _torch_switch("differentiable", False, "bool"),
     ),
@@ -527,12 +624,25 @@ RPROP = Spec(
     name="Rprop",
     kind="rprop",
     params=(
-        Param("lr", 1e-2, "float"),
-        Param("etas", (0.5, 1.2), "tuple[float, float]", convert=_pair),
-        Param("step_sizes", (1e-6, 50), "tuple[float, float]", convert=_pair),
+        Param("lr", 1e-2, "float", doc="learning rate: each element's initial step size."),
+        Param(
+            "etas",
+            (0.5, 1.2),
+            "tuple[float, float]",
+            convert=_pair,
+            doc="``(etaminus, etaplus)``: the factors that decrease and increase an element's "
+            "step size when its gradient changes sign or keeps it.",
+        ),
+        Param(
+            "step_sizes",
+            (1e-6, 50),
+            "tuple[float, float]",
+            convert=_pair,
+            doc="the smallest and largest step sizes allowed.",
+        ),
         _torch_switch("capturable", False, "bool"),
         _torch_switch("foreach", None, "bool | None"),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
         _torch_switch("differentiable", False, "bool"),
     ),
     state=(
@@ -549,10 +659,23 @@ LION = Spec(
     name="Lion",
     kind="lion",
     params=(
-        Param("lr", 1e-4, "float"),
-        Param("betas", (0.9, 0.99), "tuple[float, float]", convert=_pair),
-        Param("weight_decay", 0.0, "float"),
-        Param("maximize", False, "bool", keyword_only=True),
+        Param("lr", 1e-4, "float", doc=_LR),
+        Param(
+            "betas",
+            (0.9, 0.99),
+            "tuple[float, float]",
+            convert=_pair,
+            doc="``beta1`` interpolates the update's direction between the momentum and the "
+            "gradient, ``beta2`` is the momentum's decay (each in [0, 1]).",
+        ),
+        Param(
+            "weight_decay",
+            0.0,
+            "float",
+            doc="decoupled weight decay: the parameter is multiplied by "
+            "``1 - lr * weight_decay`` before the update.",
+        ),
+        _maximize(),
     ),
     state=(Buffer("exp_avg", "m"),),
     counts_steps=False,
@@ -565,12 +688,19 @@ ADAMAX = Spec(
     name="Adamax",
     kind="adamax",
     params=(
-        Param("lr", 2e-3, "float"),
-        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
-        Param("eps", 1e-8, "float"),
-        Param("weight_decay", 0, "float"),
+        Param("lr", 2e-3, "float", doc=_LR),
+        Param(
+            "betas",
+            (0.9, 0.999),
+            "tuple[float, float]",
+            convert=_pair,
+            doc="coefficients used for computing running averages of the gradient and of its "
+            "infinity norm.",
+        ),
+        Param("eps", 1e-8, "float", doc=_EPS),
+        Param("weight_decay", 0, "float", doc=_WD),
         _torch_switch("foreach", None, "bool | None", keyword_only=False),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
         _torch_switch("differentiable", False, "bool"),
         _torch_switch("capturable", False, "bool"),
     ),
@@ -591,14 +721,14 @@ NADAM = Spec(
     name="NAdam",
     kind="nadam",
     params=(
-        Param("lr", 2e-3, "float"),
-        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair),
-        Param("eps", 1e-8, "float"),
-        Param("weight_decay", 0, "float"),
-        Param("momentum_decay", 4e-3, "float"),
-        Param("decoupled_weight_decay", False, "bool"),
+        Param("lr", 2e-3, "float", doc=_LR),
+        Param("betas", (0.9, 0.999), "tuple[float, float]", convert=_pair, doc=_BETAS),
+        Param("eps", 1e-8, "float", doc=_EPS),
+        Param("weight_decay", 0, "float", doc=_WD + " Decoupled with decoupled_weight_decay."),
+        Param("momentum_decay", 4e-3, "float", doc="momentum decay (psi)."),
+        Param("decoupled_weight_decay", False, "bool", doc=_DECOUPLED + " True makes it NAdamW."),
         _torch_switch("foreach", None, "bool | None"),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
         _torch_switch("capturable", False, "bool"),
         _torch_switch("differentiable", False, "bool"),
     ),
@@ -623,13 +753,13 @@ ASGD = Spec(
     name="ASGD",
     kind="asgd",
     params=(
-        Param("lr", 1e-2, "float"),
-        Param("lambd", 1e-4, "float"),
-        Param("alpha", 0.75, "float"),
-        Param("t0", 1e6, "float"),
-        Param("weight_decay", 0, "float"),
+        Param("lr", 1e-2, "float", doc=_LR),
+        Param("lambd", 1e-4, "float", doc="decay term."),
+        Param("alpha", 0.75, "float", doc="power for the ``eta`` update."),
+        Param("t0", 1e6, "float", doc="the step at which averaging starts (into ``ax``)."),
+        Param("weight_decay", 0, "float", doc=_WD),
         _torch_switch("foreach", None, "bool | None", keyword_only=False),
-        Param("maximize", False, "bool"),
+        Param("maximize", False, "bool", doc=_MAXIMIZE),
         _torch_switch("differentiable", False, "bool", keyword_only=False),
         _torch_switch("capturable", False, "bool", keyword_only=False),
     ),
@@ -651,13 +781,96 @@ SPECS: dict[str, Spec] = {
 #: ``skip_nonfinite`` and ``flush_denormals`` are the optimizer's; ``state_dtype`` goes into the
 #: defaults and so into every param group (a group may set its own).
 OWN_OPTIONS: tuple[Param, ...] = (
-    Param("skip_nonfinite", False, "bool", keyword_only=True),
-    Param("flush_denormals", False, "bool", keyword_only=True),
-    Param("state_dtype", None, "Any", keyword_only=True),
-    Param("bf16_stochastic_round", False, "bool", keyword_only=True),
-    Param("master_weights", False, "bool", keyword_only=True),
-    Param("seed", None, "Any", keyword_only=True),
+    Param(
+        "skip_nonfinite",
+        False,
+        "bool",
+        keyword_only=True,
+        doc="skip a whole step, changing nothing, when any gradient holds NaN or infinity; "
+        "counted in ``skipped_steps`` and ``last_step_skipped``. Kept by ``load_state_dict``.",
+    ),
+    Param(
+        "flush_denormals",
+        False,
+        "bool",
+        keyword_only=True,
+        doc="flush denormal numbers to zero while a step runs (x86-64): faster on some "
+        "processors, results change slightly.",
+    ),
+    Param(
+        "state_dtype",
+        None,
+        "Any",
+        keyword_only=True,
+        doc="None: the state in the parameter's dtype, as torch keeps it. ``'bfloat16'`` "
+        "(or ``torch.bfloat16``, ``ml_dtypes.bfloat16``): every state buffer but ``step`` kept "
+        "as bfloat16, computed in float32 and rounded to nearest even when stored (float32 and "
+        "16-bit parameters). A param group may set its own.",
+    ),
+    Param(
+        "bf16_stochastic_round",
+        False,
+        "bool",
+        keyword_only=True,
+        doc="round each new bfloat16 parameter value up or down at random, with probability "
+        "proportional to its distance from each neighbour, keyed by ``seed`` (bfloat16 "
+        "parameters; float16 ones are refused, float32/float64 ones left alone). A group option.",
+    ),
+    Param(
+        "master_weights",
+        False,
+        "bool",
+        keyword_only=True,
+        doc="keep a float32 copy of each float16/bfloat16 parameter (state ``master_param``), "
+        "step the copy and store it rounded to nearest in the parameter. Not with "
+        "``bf16_stochastic_round``. A group option.",
+    ),
+    Param(
+        "seed",
+        None,
+        "Any",
+        keyword_only=True,
+        doc="the stochastic rounding's seed, an int in ``[0, 2**64)``. None: drawn from "
+        "``optirs.manual_seed``'s seed if it was called, else from ``torch.initial_seed()`` "
+        "(``optirs.torch``) or 0 (the NumPy API).",
+    ),
 )
+
+#: The first argument of every optimizer, in each API.
+PARAMS_DOC = {
+    "numpy": "the arrays to update in place: C-contiguous, writeable ndarrays of float32, "
+    "float64 or ``ml_dtypes.bfloat16``; or param groups, dicts with ``params`` and any "
+    "hyperparameters of their own (the constructor's values fill the rest).",
+    "torch": "the tensors to optimize (``model.parameters()``), or param groups, dicts with "
+    "``params`` and any hyperparameters of their own, as torch.optim takes them.",
+}
+
+
+def args_doc(params: Sequence[Param], api: str) -> str:
+    """The ``Args:`` section of a constructor ``(params, <params>)`` (Google style, which
+    Sphinx's napoleon renders): each argument with its type, what it means and its default.
+
+    Args:
+        params: the arguments after ``params``, in the signature's order.
+        api: ``"numpy"`` or ``"torch"``: which API's ``params`` argument to describe.
+    """
+    lines = ["Args:"]
+
+    def item(head: str, text: str) -> None:
+        lines.append(
+            textwrap.fill(
+                f"{head}: {text}", width=92, initial_indent="    ", subsequent_indent="        "
+            )
+        )
+
+    item("params (iterable)", PARAMS_DOC[api])
+    for p in params:
+        kind = "" if p.annotation == "Any" else f" ({p.annotation})"
+        if not p.doc:
+            raise ValueError(f"argument {p.name} has no doc")
+        item(f"{p.name}{kind}", f"{p.doc} Default: ``{p.default!r}``.")
+    return "\n".join(lines)
+
 
 #: The state entry of a 16-bit parameter's float32 master copy (``master_weights=True``).
 MASTER = "master_param"
@@ -795,10 +1008,12 @@ def make_init(
     params: Sequence[Param],
     construct: Callable[[Any, Any, dict[str, Any]], None],
     doc: str,
+    api: str,
 ) -> Callable[..., None]:
-    """A constructor ``__init__(self, params, <params>, *, skip_nonfinite, flush_denormals)``
-    with exactly that signature (names, kinds, defaults, annotations), calling
-    ``construct(self, params, {name: value})``.
+    """A constructor ``__init__(self, params, <params>, *, <OWN_OPTIONS>)`` with exactly that
+    signature (names, kinds, defaults, annotations), calling
+    ``construct(self, params, {name: value})``; its docstring is ``doc`` followed by the
+    ``Args:`` section of ``api`` (``args_doc``).
 
     Written out and compiled rather than taking ``*args, **kwargs``, so that a call is bound by
     Python itself: the same errors for a wrong argument as a hand-written constructor, and the
@@ -830,7 +1045,7 @@ def make_init(
     exec(compile(source, f"<optirs {cls_name}.__init__>", "exec"), namespace)
     init: Callable[..., None] = namespace["__init__"]
     init.__qualname__ = f"{cls_name}.__init__"
-    init.__doc__ = doc
+    init.__doc__ = f"{doc}\n\n{args_doc(every, api)}"
     return init
 
 
@@ -885,13 +1100,36 @@ ADAFACTOR = Spec(
     name="Adafactor",
     kind="adafactor",
     params=(
-        Param("lr", 1e-2, "float"),
-        Param("beta2_decay", -0.8, "float"),
-        Param("eps", (None, 1e-3), "tuple[float | None, float]", convert=_pair),
-        Param("d", 1.0, "float"),
-        Param("weight_decay", 0.0, "float"),
+        Param(
+            "lr",
+            1e-2,
+            "float",
+            doc="the maximum relative step size, and the weight decay's factor (>= 0).",
+        ),
+        Param(
+            "beta2_decay",
+            -0.8,
+            "float",
+            doc="the second moment's decay: ``beta2_t = 1 - t ** beta2_decay`` (<= 0).",
+        ),
+        Param(
+            "eps",
+            (None, 1e-3),
+            "tuple[float | None, float]",
+            convert=_pair,
+            doc="``(eps1, eps2)``: ``eps1`` keeps the variance estimate away from zero (None: "
+            "the parameter dtype's machine epsilon), ``eps2`` is the smallest parameter scale "
+            "(each >= 0).",
+        ),
+        Param("d", 1.0, "float", doc="the update's clipping threshold on its RMS (>= 1)."),
+        Param(
+            "weight_decay",
+            0.0,
+            "float",
+            doc="decoupled weight decay: ``p *= 1 - lr * weight_decay`` (>= 0).",
+        ),
         _torch_switch("foreach", None, "bool | None"),
-        Param("maximize", False, "bool", keyword_only=True),
+        _maximize(),
     ),
     state=(
         Buffer("row_var", "r", when=_factored),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -71,32 +72,71 @@ def write_plot(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import LogLocator
     except ImportError:
         print(
             "note: the plot needs matplotlib, which is not installed: none written", file=sys.stderr
         )
         return None
-    sized, threads = _plot_runs(runs)
-    if not sized and not train:
+    fig = make_figure(runs, meta, train)
+    if fig is None:
         print(
             "note: the plot draws float32 single-tensor sizes and training loops; none were run",
             file=sys.stderr,
         )
         return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The layout keeps every artist inside the figure (make_figure); the tight box is a net
+    # for whatever a font or backend draws wider than measured.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
+    return path
+
+
+def make_figure(
+    runs: list[dict[str, Any]],
+    meta: dict[str, Any],
+    train: list[dict[str, Any]] | None = None,
+) -> Any:
+    """The figure ``write_plot`` saves (a matplotlib ``Figure``), or None when there is nothing
+    to draw. Its title, panels and legend all lie inside the figure, however few panels there
+    are: the legend takes as many rows as it needs, and the title is wrapped to the width.
+
+    Args:
+        runs: the benchmark's runs (``python -m optirs bench``'s JSON ``runs``).
+        meta: the run's metadata (versions, CPUs, load).
+        train: the training-loop results, drawn as one more panel; None for none.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator
+
+    sized, threads = _plot_runs(runs)
+    if not sized and not train:
+        return None
     names = list(dict.fromkeys(r["optimizer"] for r in sized))
     panels = len(names) + (1 if train else 0)
     cols = min(3, panels)
     nrows = math.ceil(panels / cols)
+    # Constrained layout makes room for the title and the legend below the panels.
     fig, axes = plt.subplots(
-        nrows, cols, figsize=(max(4.6 * cols, 7.5), 3.5 * nrows + 0.9), squeeze=False
+        nrows,
+        cols,
+        figsize=(max(4.6 * cols, 7.5), 3.5 * nrows + 0.9),
+        squeeze=False,
+        layout="constrained",
     )
     handles: dict[str, Any] = {}
     for ax, name in zip(axes.flat, names):
         mine = sorted((r for r in sized if r["optimizer"] == name), key=lambda r: r["numel"])
         xs = [r["numel"] for r in mine]
+        # Marked, so that a run of one size still shows its ceiling (a line needs two points).
         (line,) = ax.plot(
-            xs, [r["ceiling"]["gbps"] for r in mine], "k--", lw=1.4, label="ceiling (same traffic)"
+            xs,
+            [r["ceiling"]["gbps"] for r in mine],
+            "k--",
+            marker="_",
+            ms=12,
+            lw=1.4,
+            label="ceiling (same traffic)",
         )
         handles.setdefault("ceiling (same traffic)", line)
         for impl, style in PLOT_STYLE.items():
@@ -122,25 +162,44 @@ def write_plot(
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     load = meta.get("load_average_at_start")
-    fig.suptitle(
+    title = (
         f"optirs {meta['optirs_version']} vs torch {meta['torch_version']} CPU optimizers"
         + (f", float32, {threads} thread{'s' if threads != 1 else ''}" if sized else "")
         + f" ({meta['cpus_available']} CPUs available"
         + (f", load {load[0]:.2f}" if load else "")
-        + f")\n{meta['cpu_model'] or ''}",
-        fontsize=10,
+        + ")"
     )
+    _fit_title(fig, [title, meta["cpu_model"] or ""])
     if handles:
-        fig.legend(
+        _fit_legend(fig, handles)
+    return fig
+
+
+def _fit_title(fig: Any, lines: list[str]) -> None:
+    """The figure's title, each line wrapped where it would be wider than the figure."""
+    suptitle = fig.suptitle("\n".join(lines), fontsize=10)
+    renderer = fig.canvas.get_renderer()
+    width = suptitle.get_window_extent(renderer).width
+    limit = 0.95 * fig.bbox.width
+    if width > limit:
+        # Wrap at the share of characters that fits, measured on the widest line.
+        longest = max(len(line) for line in lines)
+        chars = max(20, int(longest * limit / width))
+        suptitle.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+
+
+def _fit_legend(fig: Any, handles: dict[str, Any]) -> None:
+    """One legend below the panels, in as few rows as fit the figure's width."""
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(6, len(handles)), 0, -1):
+        legend = fig.legend(
             list(handles.values()),
             list(handles),
-            loc="lower center",
-            ncol=min(6, len(handles)),
+            loc="outside lower center",
+            ncol=ncol,
             fontsize=8.5,
             frameon=False,
         )
-    fig.tight_layout(rect=(0, 0.05 if nrows > 1 else 0.09, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        if ncol == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            return
+        legend.remove()

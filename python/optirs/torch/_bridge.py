@@ -119,6 +119,9 @@ class _Bridge:
         group's own, so float32 state loaded into a bfloat16-state optimizer is rounded to
         nearest even. The way back: ``torch.optim.AdamW(...).load_state_dict(
         opt.state_dict())`` casts the bfloat16 state to the parameters' dtype.
+
+        Args:
+            state_dict: a state dict of this class or of ``torch.optim``'s of the same name.
         """
         kept = [g.get("state_dtype") for g in self.param_groups]
         kept_rounding = [
@@ -271,6 +274,10 @@ class _Bridge:
 
         Every parameter, gradient and state tensor is checked first; on any error nothing is
         modified.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (called with gradients
+                enabled, before the step), as torch.optim takes it.
         """
         loss = None
         if closure is not None:
@@ -374,6 +381,9 @@ class _Bridge:
 
         For updates made as gradients become ready (``optirs.torch.step_in_backward``): one
         call into the core for just these parameters, without looking at the others.
+
+        Args:
+            params: the parameters to step, each with its ``grad``.
         """
         owner = self._optirs_owners()
         groups = []
@@ -1167,27 +1177,12 @@ def _bridge_init(spec: _spec.Spec) -> Callable[..., None]:
         self._adopt_flat_state()  # Adagrad's constructor makes state
 
     doc = (
-        (
-            f"torch.optim.{spec.name}'s constructor (its arguments, defaults and checks), then "
-            if spec.in_torch
-            else f"optirs.{spec.name}'s arguments, defaults and checks, then "
-        )
-        + "optirs's own options ``skip_nonfinite``, ``flush_denormals`` and ``state_dtype`` "
-        "(None: state in the parameter's dtype, as torch; ``torch.bfloat16`` or "
-        "``'bfloat16'``: state kept as bfloat16, computed in float32 and rounded to nearest "
-        "even when stored; float32, float16 and bfloat16 parameters, a group may set its "
-        "own), ``bf16_stochastic_round`` (bfloat16 parameters rounded stochastically, keyed by "
-        "``seed``: an int, default drawn from ``optirs.manual_seed``'s seed or "
-        "``torch.initial_seed()``) and ``master_weights`` (a float32 ``master_param`` state "
-        "entry per float16/bfloat16 parameter); see the README's '16-bit parameters that "
-        "learn'."
-        + (
-            " " + ", ".join(f"``{n}=True``" for n in spec.refused) + " raise ValueError."
-            if spec.refused
-            else ""
-        )
-    )
-    return _spec.make_init(spec.name, "optirs.torch", spec.params, construct, doc)
+        f"torch.optim.{spec.name}'s constructor (its arguments, defaults and checks), then "
+        if spec.in_torch
+        else f"optirs.{spec.name}'s arguments, defaults and checks (ValueError in torch's "
+        "words), then "
+    ) + "optirs's own keyword-only options."
+    return _spec.make_init(spec.name, "optirs.torch", spec.params, construct, doc, api="torch")
 
 
 class SGD(_Bridge, torch.optim.SGD):
@@ -1426,7 +1421,11 @@ class _Bridge8bit(_Bridge):
         """Restores a ``state_dict()`` of this class (8-bit entries copied exactly: a run
         continues bit for bit) or of float32 Adam (``torch.optim.Adam``/``AdamW``): float
         moments of parameters with ``min_8bit_size`` elements or more are quantized. An 8-bit
-        entry that does not fit raises before anything changes."""
+        entry that does not fit raises before anything changes.
+
+        Args:
+            state_dict: a state dict of this class or of torch.optim's Adam/AdamW.
+        """
         params = [p for g in self.param_groups for p in g["params"]]
         saved_groups = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
         ids = [i for g in saved_groups if isinstance(g, dict) for i in g.get("params", ())]
@@ -1465,11 +1464,11 @@ class _Bridge8bit(_Bridge):
 
 
 class Adam8bit(_Bridge8bit, torch.optim.Adam):
-    """``torch.optim.Adam`` with 8-bit state (blockwise dynamic quantization; see
-    ``optirs._eightbit``), stepped by optirs. torch's arguments, then keyword-only
-    ``block_size`` (elements per float32 absmax, default 256), ``min_8bit_size`` (smaller
-    parameters keep float state, default 4096), ``skip_nonfinite`` and ``flush_denormals``.
-    ``amsgrad``, ``differentiable`` and ``capturable`` are refused."""
+    """``torch.optim.Adam`` with 8-bit state (bitsandbytes' blockwise dynamic quantization:
+    each moment one byte per element, with one float32 absmax per block), stepped by optirs.
+    torch's arguments, then keyword-only ``block_size``, ``min_8bit_size``,
+    ``skip_nonfinite`` and ``flush_denormals``. ``amsgrad``, ``differentiable`` and
+    ``capturable`` are refused. State as ``optirs.Adam8bit``'s."""
 
     _spec = _spec.ADAM
 
@@ -1539,6 +1538,20 @@ class AdamW8bit(_Bridge8bit, torch.optim.AdamW):
             torch.optim.AdamW, params, values, block_size, min_8bit_size, skip_nonfinite,
             flush_denormals,
         )  # fmt: skip
+
+
+Adam8bit.__init__.__doc__ = _eightbit.init_doc(
+    "torch.optim.Adam's constructor (its arguments, defaults and checks), then the 8-bit "
+    "options and optirs's own.",
+    _spec.ADAM,
+    "torch",
+)
+AdamW8bit.__init__.__doc__ = _eightbit.init_doc(
+    "torch.optim.AdamW's constructor (its arguments, defaults and checks), then the 8-bit "
+    "options and optirs's own.",
+    _spec.ADAMW,
+    "torch",
+)
 
 
 class Adamax(_Bridge, torch.optim.Adamax):
@@ -1705,3 +1718,10 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
                 for p, c in copies:
                     p.copy_(c)
         return applied
+
+
+Adafactor.__init__.__doc__ = _adafactor.init_doc(
+    "torch.optim.Adafactor's constructor (its arguments, defaults and checks), then optirs's "
+    "own options.",
+    "torch",
+)

@@ -71,7 +71,12 @@ class _FlatBuffer:
 
 
 class FlatParameters:
-    """What ``flatten_parameters`` made: the flat buffers and the parameters in them."""
+    """What ``flatten_parameters`` made: the flat buffers and the parameters in them.
+
+    Args:
+        buffers: the flat buffers, one per dtype and device (``flatten_parameters`` makes
+            this object; it is not meant to be constructed directly).
+    """
 
     def __init__(self, buffers: list[_FlatBuffer]) -> None:
         self._buffers = buffers
