@@ -60,9 +60,13 @@ def step_adam8bit(
     """One Adam/AdamW step (amsgrad off) with 8-bit state where a parameter's state tuple has
     four entries (``exp_avg``/``exp_avg_sq`` uint8 codes of the parameter's shape,
     ``exp_avg_absmax``/``exp_avg_sq_absmax`` float32, one per block of ``block_size``), float
-    Adam state in the parameter's dtype where it has two (``exp_avg``, ``exp_avg_sq``). Arguments
-    and validation as ``step`` (kind "adam"); float32, float16 and bfloat16 parameters for 8-bit
-    state. ``grad_unscale``/``grad_coef`` as ``step``. Returns whether the update was applied."""
+    Adam state in the parameter's dtype where it has two (``exp_avg``, ``exp_avg_sq``). Under a
+    group's ``master_weights`` a 16-bit parameter's float32 ``master_param`` follows: fifth
+    after the 8-bit entries, fourth after float state (``(exp_avg, exp_avg_sq, None,
+    master_param)``). ``bf16_stochastic_round``, ``seed`` and ``sr_step`` as ``step``.
+    Arguments and validation as ``step`` (kind "adam"); float32, float16 and bfloat16
+    parameters for 8-bit state. ``grad_unscale``/``grad_coef`` as ``step``. Returns whether the
+    update was applied."""
 
 def step_adafactor(
     groups: Sequence[Any],

@@ -23,6 +23,8 @@ from . import _core, _spec
 
 #: The state entries of an 8-bit parameter besides ``step``, in the order the core takes them.
 Q8_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+#: The state entries of a parameter that keeps float Adam state (under ``min_8bit_size``).
+_FLOAT = ("exp_avg", "exp_avg_sq")
 #: The moment each code array belongs to, and whether its map is signed.
 _MOMENTS = (("exp_avg", "exp_avg_absmax", True), ("exp_avg_sq", "exp_avg_sq_absmax", False))
 
@@ -119,8 +121,12 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
         Arguments: torch.optim.Adam's (``lr``, ``betas``, ``eps``, ``weight_decay``,
         ``amsgrad`` (must be False), ``maximize``, ``decoupled_weight_decay``), then
         ``block_size`` (elements per absmax, default 256), ``min_8bit_size`` (parameters with
-        fewer elements keep float32 state, default 4096), ``skip_nonfinite`` and
-        ``flush_denormals``.
+        fewer elements keep float32 state, default 4096), ``skip_nonfinite``,
+        ``flush_denormals``, ``bf16_stochastic_round`` (bfloat16 parameters rounded
+        stochastically, keyed by ``seed``: an int, default drawn from ``optirs.manual_seed``'s
+        seed or 0) and ``master_weights`` (a float32 ``master_param`` state entry per
+        float16/bfloat16 parameter), as the other optimizers take them (see the README's
+        '16-bit parameters that learn').
         """
 
         _spec = _spec.ADAM
@@ -140,6 +146,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             min_8bit_size: int = 4096,
             skip_nonfinite: bool = False,
             flush_denormals: bool = False,
+            bf16_stochastic_round: bool = False,
+            master_weights: bool = False,
+            seed: int | None = None,
         ) -> None:
             if amsgrad:
                 raise ValueError(f"{type(self).__name__} does not support amsgrad=True")
@@ -152,6 +161,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
                 "amsgrad": False,
                 "maximize": maximize,
                 "decoupled_weight_decay": decoupled_weight_decay,
+                **_spec.rounding_entries(
+                    bf16_stochastic_round, master_weights, seed, default_base=0
+                ),
                 **self._spec.fixed,
             }
             self._spec.validate(defaults)
@@ -171,6 +183,28 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
                 "exp_avg": np.zeros_like(p),
                 "exp_avg_sq": np.zeros_like(p),
             }
+
+        def _entry_for_step(
+            self, p: np.ndarray, group: Mapping[str, Any]
+        ) -> tuple[dict[str, Any] | None, tuple[Any, ...]]:
+            """The state entry made for this step (None when ``p``'s own is complete) and
+            ``p``'s state tuple for the core."""
+            entry = self.state.get(p)
+            made = None
+            if not entry:
+                entry = made = self._new_entry(p)
+            master = _spec.wants_master(group, p.dtype.itemsize == 2)
+            if master and entry.get(_spec.MASTER) is None:
+                # Switched on later, or loaded without one: made from the parameter.
+                entry = made = {**entry, _spec.MASTER: p.astype(np.float32)}
+            if is_8bit(entry):
+                names: tuple[str, ...] = Q8_NAMES
+            else:
+                names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if master else _FLOAT
+            states = tuple(entry.get(n) for n in names)
+            if master:
+                states += (entry[_spec.MASTER],)
+            return made, states
 
         def _step(self, grads: Iterable[Any]) -> bool:
             if grads is None or isinstance(grads, np.ndarray):
@@ -193,18 +227,17 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             states: list[Any] = []
             steps: list[Any] = []
             created = []
-            for p, g in zip(params, grads):
-                entry = self.state.get(p)
+            owners = [g for g in groups for _ in g["params"]]
+            for p, g, group in zip(params, grads, owners):
                 if g is None:
                     states.append(None)
                     steps.append(None)
                     continue
-                if not entry:
-                    entry = self._new_entry(p)
-                    created.append((p, entry))
-                names = Q8_NAMES if is_8bit(entry) else ("exp_avg", "exp_avg_sq")
-                states.append(tuple(entry.get(n) for n in names))
-                steps.append(entry.get("step"))
+                made, state = self._entry_for_step(p, group)
+                if made is not None:
+                    created.append((p, made))
+                states.append(state)
+                steps.append((made or self.state.get(p)).get("step"))
             applied: bool = _core.step_adam8bit(
                 groups,
                 params,
@@ -294,6 +327,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             min_8bit_size: int = 4096,
             skip_nonfinite: bool = False,
             flush_denormals: bool = False,
+            bf16_stochastic_round: bool = False,
+            master_weights: bool = False,
+            seed: int | None = None,
         ) -> None:
             super().__init__(
                 params,
@@ -308,6 +344,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
                 min_8bit_size=min_8bit_size,
                 skip_nonfinite=skip_nonfinite,
                 flush_denormals=flush_denormals,
+                bf16_stochastic_round=bf16_stochastic_round,
+                master_weights=master_weights,
+                seed=seed,
             )
 
     Adam8bit.__module__ = AdamW8bit.__module__ = "optirs"
