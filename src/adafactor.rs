@@ -161,6 +161,22 @@ pub(crate) fn run(
             return Ok(type_err!("param_groups must be a list of dicts")?);
         };
         hypers.push(hyper::adafactor(&group, gi)?);
+        // A group may carry them (set by hand, or loaded from another optimizer's state
+        // dict): refused rather than silently ignored.
+        let rounding = crate::step::Rounding::read(&group, gi)?;
+        if !rounding.is_plain() {
+            let arg = if rounding.master {
+                "master_weights"
+            } else {
+                "bf16_stochastic_round"
+            };
+            return Ok(value_err!(
+                "Adafactor does not support bf16_stochastic_round or master_weights yet; remove \
+                 '{arg}' from the group (use another optimizer for 16-bit parameters that keep \
+                 learning)"
+            )
+            .map_err(|e: CoreError| e.in_group(gi).arg(arg))?);
+        }
         group_of.extend((0..hyper::len_params(&group, gi)?).map(|index| (gi, index)));
     }
     if group_of.len() != n || grads.len() != n || states.len() != n || steps.len() != n {

@@ -676,3 +676,24 @@ def test_switching_master_weights_on_later_makes_the_copy():
     tm = topt.state[p]["master_param"]
     assert tm.dtype == torch.float32 and torch.equal(tm.to(torch.bfloat16), p.detach())
     assert np.array_equal(tm.numpy(), m)
+
+
+def test_adafactor_refuses_the_options_with_nothing_modified():
+    """Adafactor does not take them yet: as constructor arguments (TypeError), or set on a
+    group (a clear ValueError naming it, nothing modified), in both APIs."""
+    with pytest.raises(TypeError, match="master_weights"):
+        ot.Adafactor([nn.Parameter(torch.zeros(2, 2))], master_weights=True)  # type: ignore[call-arg]
+    for key, extra in (("master_weights", {}), ("bf16_stochastic_round", {"seed": 1})):
+        p = nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+        p.grad = torch.ones_like(p)
+        opt = ot.Adafactor([p])
+        opt.param_groups[0].update({key: True, **extra})
+        with pytest.raises(ValueError, match=f"Adafactor does not support.*'{key}'"):
+            opt.step()
+        assert torch.equal(p.detach(), torch.ones(4, 4, dtype=torch.bfloat16)) and not opt.state
+        a = np.ones((4, 4), BF16)
+        nopt = optirs.Adafactor([a])
+        nopt.param_groups[0].update({key: True, **extra})
+        with pytest.raises(ValueError, match=f"Adafactor does not support.*'{key}'"):
+            nopt.step([np.ones((4, 4), BF16)])
+        assert np.array_equal(a, np.ones((4, 4), BF16)) and not nopt.state
