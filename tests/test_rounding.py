@@ -109,7 +109,9 @@ def _run_sr(
     return p.detach().clone(), q.detach().clone()
 
 
-@pytest.mark.parametrize("cls", [ot.AdamW, ot.AdamW8bit], ids=["AdamW", "AdamW8bit"])
+@pytest.mark.parametrize(
+    "cls", [ot.AdamW, ot.AdamW8bit, ot.Adafactor], ids=["AdamW", "AdamW8bit", "Adafactor"]
+)
 def test_bitwise_reproducible_across_threads_levels_and_runs(cls):
     want = _run_sr(7, cls=cls)
     for threads in (1, 2, 3):
@@ -491,10 +493,13 @@ def test_eight_bit_numpy_and_torch_apis_round_alike():
     assert nopt.param_groups[0]["sr_step"] == opt.param_groups[0]["sr_step"] == 3
 
 
+@pytest.mark.parametrize("name", ["AdamW8bit", "Adafactor"])
 @pytest.mark.parametrize("option", ["bf16_stochastic_round", "master_weights"])
-def test_eight_bit_state_dict_round_trip_restores_training_bit_for_bit(option):
-    """8-bit (and, for the small parameter, float) state with either option: saved, loaded
-    into a new optimizer, training goes on bit for bit, in both APIs."""
+def test_own_state_dict_round_trip_restores_training_bit_for_bit(option, name):
+    """The optimizers with state of their own (8-bit, and for the small parameter float;
+    Adafactor's factors) with either option: saved, loaded into a new optimizer, training goes
+    on bit for bit, in both APIs, and both APIs give the same bits."""
+    tcls, ncls = getattr(ot, name), getattr(optirs, name)
     torch.manual_seed(0)
     shapes = [(80, 70), (30,)]
     p0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
@@ -502,12 +507,12 @@ def test_eight_bit_state_dict_round_trip_restores_training_bit_for_bit(option):
     kw = {option: True, **({"seed": 21} if option == "bf16_stochastic_round" else {})}
 
     ps = [nn.Parameter(t.clone()) for t in p0]
-    opt = ot.AdamW8bit(ps, lr=1e-3, **kw)
+    opt = tcls(ps, lr=1e-3, **kw)
     _train_steps(opt, ps, grads)
     want = [p.detach().clone() for p in ps]
 
     ps2 = [nn.Parameter(t.clone()) for t in p0]
-    opt2 = ot.AdamW8bit(ps2, lr=1e-3, **kw)
+    opt2 = tcls(ps2, lr=1e-3, **kw)
     _train_steps(opt2, ps2, grads[:3])
     buf = io.BytesIO()
     torch.save(opt2.state_dict(), buf)
@@ -516,10 +521,11 @@ def test_eight_bit_state_dict_round_trip_restores_training_bit_for_bit(option):
     if option == "master_weights":
         for i in (0, 1):
             assert saved["state"][i]["master_param"].dtype == torch.float32
-        deq = opt2.dequantized_state_dict()["state"][0]
-        assert torch.equal(deq["master_param"], opt2.state[ps2[0]]["master_param"])
+        if name == "AdamW8bit":
+            deq = opt2.dequantized_state_dict()["state"][0]
+            assert torch.equal(deq["master_param"], opt2.state[ps2[0]]["master_param"])
     ps3 = [nn.Parameter(p.detach().clone()) for p in ps2]
-    opt3 = ot.AdamW8bit(ps3, lr=1e-3, **{option: True})  # another seed: the loaded one wins
+    opt3 = tcls(ps3, lr=1e-3, **{option: True})  # another seed: the loaded one wins
     opt3.load_state_dict(saved)
     if option == "master_weights":
         for a, b in zip(ps3, ps2):
@@ -537,16 +543,16 @@ def test_eight_bit_state_dict_round_trip_restores_training_bit_for_bit(option):
         return [g.view(torch.int16).numpy().view(BF16) for g in gs]
 
     full = arrays()
-    nfull = optirs.AdamW8bit(full, lr=1e-3, **kw)
+    nfull = ncls(full, lr=1e-3, **kw)
     for gs in grads:
         nfull.step(np_grads(gs))
     half_way = arrays()
-    nhalf = optirs.AdamW8bit(half_way, lr=1e-3, **kw)
+    nhalf = ncls(half_way, lr=1e-3, **kw)
     for gs in grads[:3]:
         nhalf.step(np_grads(gs))
     sd = nhalf.state_dict()
     again = [x.copy() for x in half_way]
-    nagain = optirs.AdamW8bit(again, lr=1e-3, **{option: True})
+    nagain = ncls(again, lr=1e-3, **{option: True})
     nagain.load_state_dict(sd)
     for gs in grads[3:]:
         nagain.step(np_grads(gs))
@@ -678,22 +684,98 @@ def test_switching_master_weights_on_later_makes_the_copy():
     assert np.array_equal(tm.numpy(), m)
 
 
-def test_adafactor_refuses_the_options_with_nothing_modified():
-    """Adafactor does not take them yet: as constructor arguments (TypeError), or set on a
-    group (a clear ValueError naming it, nothing modified), in both APIs."""
-    with pytest.raises(TypeError, match="master_weights"):
-        ot.Adafactor([nn.Parameter(torch.zeros(2, 2))], master_weights=True)  # type: ignore[call-arg]
-    for key, extra in (("master_weights", {}), ("bf16_stochastic_round", {"seed": 1})):
-        p = nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
-        p.grad = torch.ones_like(p)
-        opt = ot.Adafactor([p])
-        opt.param_groups[0].update({key: True, **extra})
-        with pytest.raises(ValueError, match=f"Adafactor does not support.*'{key}'"):
-            opt.step()
-        assert torch.equal(p.detach(), torch.ones(4, 4, dtype=torch.bfloat16)) and not opt.state
-        a = np.ones((4, 4), BF16)
-        nopt = optirs.Adafactor([a])
-        nopt.param_groups[0].update({key: True, **extra})
-        with pytest.raises(ValueError, match=f"Adafactor does not support.*'{key}'"):
-            nopt.step([np.ones((4, 4), BF16)])
-        assert np.array_equal(a, np.ones((4, 4), BF16)) and not nopt.state
+def test_adafactor_stochastic_rounding_matches_the_definition():
+    """Each step: the float32 result (the master copy a master-weights Adafactor makes from the
+    parameter and steps, with the same state), rounded with each element's own random bits, as
+    written out in Python; over a vector and a matrix of several pieces each."""
+    torch.manual_seed(6)
+    seed = 5
+    ps = [
+        nn.Parameter(torch.randn(40_000).to(torch.bfloat16)),
+        nn.Parameter(torch.randn(300, 200).to(torch.bfloat16)),
+    ]
+    opt = ot.Adafactor(ps, lr=1e-2, bf16_stochastic_round=True, seed=seed)
+    for t in range(3):
+        grads = [(torch.randn(p.shape) * 1e-2).to(torch.bfloat16) for p in ps]
+        ref_ps = [nn.Parameter(p.detach().clone()) for p in ps]
+        ref = ot.Adafactor(ref_ps, lr=1e-2, master_weights=True)
+        sd = copy.deepcopy(opt.state_dict())
+        for g in sd["param_groups"]:
+            for k in ("bf16_stochastic_round", "seed", "sr_step"):
+                g.pop(k)
+        ref.load_state_dict(sd)
+        for p, r, g in zip(ps, ref_ps, grads):
+            p.grad, r.grad = g, g.clone()
+        ref.step()
+        opt.step()
+        for i, (p, r) in enumerate(zip(ps, ref_ps)):
+            x32 = ref.state[r]["master_param"]
+            # The master copy's value rounded to nearest is the plain step's result.
+            assert torch.equal(r.detach(), x32.to(torch.bfloat16))
+            want = _sr_reference(x32.numpy().reshape(-1), seed, t, i)
+            got = p.detach().view(torch.int16).numpy().reshape(-1).view(np.uint16)
+            assert np.array_equal(got, want), (t, i)
+            assert not torch.equal(p.detach(), r.detach()), "not round to nearest"
+    assert opt.param_groups[0]["sr_step"] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adafactor_master_weights_follow_float32(dtype):
+    """The master copy takes the float32 steps (loosely: the factors stay in the parameter's
+    dtype, as torch keeps them, and eps1 is its epsilon), the parameter is it rounded to
+    nearest, the NumPy API gives the same bits, and a copy is made when the option is
+    switched on later."""
+    torch.manual_seed(7)
+    shapes = [(64, 48), (100,)]
+    p0 = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [[(torch.randn(s) * 1e-1).to(dtype) for s in shapes] for _ in range(4)]
+    ps = [nn.Parameter(t.clone()) for t in p0]
+    opt = ot.Adafactor(ps, lr=1e-2, master_weights=True)
+    fs = [nn.Parameter(t.float()) for t in p0]
+    eps1 = torch.finfo(dtype).eps
+    ref = ot.Adafactor(fs, lr=1e-2, eps=(eps1, 1e-3))
+    _train_steps(opt, ps, grads)
+    _train_steps(ref, fs, [[g.float() for g in gs] for gs in grads])
+    for p, f in zip(ps, fs):
+        m = opt.state[p]["master_param"]
+        assert m.dtype == torch.float32 and torch.equal(m.to(dtype), p.detach())
+        torch.testing.assert_close(m, f.detach(), rtol=2e-2, atol=2e-3)
+        assert not torch.equal(m, p.detach().float()), "the copy keeps more than the parameter"
+    if dtype == torch.bfloat16:
+        arrays = [t.view(torch.int16).numpy().view(BF16).copy() for t in p0]
+        nopt = optirs.Adafactor(arrays, lr=1e-2, master_weights=True)
+        for gs in grads:
+            nopt.step([g.view(torch.int16).numpy().view(BF16) for g in gs])
+        for a, p in zip(arrays, ps):
+            assert np.array_equal(a.view(np.int16), p.detach().view(torch.int16).numpy())
+            assert np.array_equal(nopt.state[a]["master_param"], opt.state[p]["master_param"])
+    # Switched on later: the copy is the parameter's value, and training goes on.
+    q = nn.Parameter(p0[0].clone())
+    later = ot.Adafactor([q], lr=1e-2)
+    q.grad = grads[0][0]
+    later.step()
+    later.param_groups[0]["master_weights"] = True
+    later.step()
+    assert torch.equal(later.state[q]["master_param"].to(dtype), q.detach())
+
+
+def test_adafactor_bad_rounding_refused_with_nothing_modified():
+    with pytest.raises(ValueError, match="choose one"):
+        ot.Adafactor(
+            [nn.Parameter(torch.zeros(2))], bf16_stochastic_round=True, master_weights=True
+        )
+    p = nn.Parameter(torch.ones(4, 4, dtype=torch.float16))
+    p.grad = torch.ones_like(p)
+    opt = ot.Adafactor([p], bf16_stochastic_round=True, seed=1)
+    with pytest.raises(ValueError, match=r"float16.*bf16_stochastic_round.*master_weights=True"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, 4, dtype=torch.float16)) and not opt.state
+    assert opt.param_groups[0]["sr_step"] == 0
+    a = np.ones((4, 4), BF16)
+    nopt = optirs.Adafactor([a], master_weights=True)
+    nopt.step([np.ones((4, 4), BF16)])
+    nopt.state[a]["master_param"] = np.zeros((4, 4), np.float64)
+    before = a.copy()
+    with pytest.raises(TypeError, match=r"master_param.*float32"):
+        nopt.step([np.ones((4, 4), BF16)])
+    assert np.array_equal(a.view(np.int16), before.view(np.int16))

@@ -1604,7 +1604,9 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
     ``(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
     foreach=None, maximize=False)``, its checks and state (``step``; ``row_var``/``col_var``
     for parameters of two or more dimensions, ``variance`` for the others), then keyword-only
-    ``skip_nonfinite`` and ``flush_denormals``. ``foreach`` is accepted and ignored (one path).
+    ``skip_nonfinite``, ``flush_denormals``, ``bf16_stochastic_round`` (with ``seed``) and
+    ``master_weights`` (a float32 ``master_param`` per float16/bfloat16 parameter), as the other
+    optimizers take them. ``foreach`` is accepted and ignored (one path).
 
     As torch's Adafactor, it does not take GradScaler's scale (``_step_supports_amp_scaling``
     is False): ``GradScaler.step`` unscales the gradients and skips a step with an inf itself.
@@ -1628,7 +1630,16 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
         maximize: bool = False,
         skip_nonfinite: bool = False,
         flush_denormals: bool = False,
+        bf16_stochastic_round: bool = False,
+        master_weights: bool = False,
+        seed: int | None = None,
     ) -> None:
+        rounding = _spec.rounding_entries(
+            bf16_stochastic_round,
+            master_weights,
+            seed,
+            default_base=torch.initial_seed() & ((1 << 64) - 1),
+        )
         torch.optim.Adafactor.__init__(
             self,
             params,  # type: ignore[arg-type]
@@ -1640,6 +1651,12 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
             foreach=foreach,
             maximize=maximize,
         )
+        # As the other optimizers: present only when asked for.
+        if rounding:
+            self.defaults.update(rounding)
+            for group in self.param_groups:
+                for k, v in rounding.items():
+                    group.setdefault(k, v)
         self._after_init(skip_nonfinite, flush_denormals)
         self._step_supports_amp_scaling = False
 
@@ -1687,6 +1704,18 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
                     else:
                         state["variance"] = torch.zeros_like(g, memory_format=torch.preserve_format)
                     created.append((p, state))
+                master = _spec.wants_master(group, p.dtype in (torch.float16, torch.bfloat16))
+                if master and state.get(_spec.MASTER) is None:
+                    # Switched on later, or loaded without one: made from the parameter,
+                    # contiguous (the core steps the parameter in its shape's element order).
+                    copy = p.detach().to(
+                        torch.float32, memory_format=torch.contiguous_format, copy=True
+                    )
+                    if created and created[-1][0] is p:
+                        state[_spec.MASTER] = copy
+                    else:
+                        state = {**state, _spec.MASTER: copy}
+                        created.append((p, state))
                 if p.is_contiguous():
                     pv, gv = p, g
                     written.append(p)
@@ -1717,6 +1746,15 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
                         )
                     views.append(_numpy(t.detach(), what))
                     written.append(t)
+                if master:
+                    m = state[_spec.MASTER]
+                    what = f"state['{_spec.MASTER}'] of {where}"
+                    if not isinstance(m, torch.Tensor) or not m.is_contiguous():
+                        raise ValueError(f"{what} must be a contiguous torch.Tensor")
+                    views.append(_numpy(m.detach(), what))
+                    written.append(m)
+                else:
+                    views.append(None)
                 states.append(tuple(views))
                 step = state.get("step")
                 steps.append(None if step is None else _scalar_view(step, where))
