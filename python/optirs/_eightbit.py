@@ -10,6 +10,8 @@ non-finite handling). Smaller parameters keep float32 Adam state (in the paramet
 
 State of an 8-bit parameter: ``step`` (0-d float32), ``exp_avg`` and ``exp_avg_sq`` (uint8, the
 parameter's shape), ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` (float32, one per block).
+Under ``master_weights`` a float16/bfloat16 parameter (8-bit or not) also keeps
+``master_param`` (float32, its shape), which the step reads and updates in its block pass.
 """
 
 from __future__ import annotations
