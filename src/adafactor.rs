@@ -21,8 +21,10 @@ pub(crate) const NAMES: [&str; 3] = ["row_var", "col_var", "variance"];
 
 /// Validates one parameter and records its memory for the overlap check.
 #[allow(clippy::too_many_lines)] // one pass, each check by its array
+#[allow(clippy::too_many_arguments)]
 fn check<'py>(
     hyper: Hyper,
+    rounding: crate::step::Rounding,
     at: Location,
     dtypes: &Dtypes<'_>,
     objs: [&Bound<'py, PyAny>; 4],
@@ -114,11 +116,23 @@ fn check<'py>(
         role: Role::State("step"),
         at,
     });
+    // The master copy follows the three state entries.
+    let (sr_key, master) = crate::step::check_rounding(
+        NAMES.len(),
+        rounding,
+        dtype,
+        &shape,
+        at,
+        dtypes,
+        state,
+        spans,
+        keep,
+    )?;
     // SAFETY: the parameter, gradient and state are ndarrays of `dtype` of the shapes checked
     // above (the state of `factoring`'s sizes), C-contiguous and aligned, the written ones
     // writeable; the caller holds every one (`keep`, and its own argument lists) until the
     // work returns, and runs the overlap check over `spans` before it.
-    Ok(unsafe {
+    let mut checked = unsafe {
         Param::new(
             dtype,
             len,
@@ -130,7 +144,18 @@ fn check<'py>(
             count,
             hyper,
         )
-    })
+    };
+    if let Some(key) = sr_key {
+        checked = checked.with_stochastic_rounding(key);
+    }
+    if let Some(m) = master {
+        // SAFETY: a float32 ndarray of the parameter's shape (so `len` elements in its element
+        // order), C-contiguous and aligned (check_rounding's check_buffer), writeable, held
+        // (`keep`) until the work returns, its memory in `spans` for the overlap check; a
+        // 16-bit parameter (checked there).
+        checked = unsafe { checked.with_master(m) };
+    }
+    Ok(checked)
 }
 
 /// One Adafactor step; see `_core.step_adafactor` in the stubs. Each state tuple is
@@ -155,12 +180,14 @@ pub(crate) fn run(
         return Ok(type_err!("param_groups must be a list of dicts")?);
     };
     let mut hypers = Vec::with_capacity(n_groups);
+    let mut roundings = Vec::with_capacity(n_groups);
     let mut group_of = Vec::with_capacity(n);
     for gi in 0..n_groups {
         let Ok(group) = groups.get_item(gi) else {
             return Ok(type_err!("param_groups must be a list of dicts")?);
         };
         hypers.push(hyper::adafactor(&group, gi)?);
+        roundings.push(crate::step::Rounding::read(&group, gi)?);
         group_of.extend((0..hyper::len_params(&group, gi)?).map(|index| (gi, index)));
     }
     if group_of.len() != n || grads.len() != n || states.len() != n || steps.len() != n {
@@ -180,7 +207,18 @@ pub(crate) fn run(
         let (group, index) = group_of[flat];
         let at = Location { flat, group, index };
         let objs = [&params[flat], grad, &states[flat], &steps[flat]];
-        checked.push(check(hypers[group], at, &dtypes, objs, &mut spans, &mut keep).at(at)?);
+        checked.push(
+            check(
+                hypers[group],
+                roundings[group],
+                at,
+                &dtypes,
+                objs,
+                &mut spans,
+                &mut keep,
+            )
+            .at(at)?,
+        );
         located.push(at);
     }
     check_overlaps_reusing(&spans)?;
@@ -196,5 +234,8 @@ pub(crate) fn run(
     // `params`, `grads`, `steps` and `keep` hold every array alive until the work is done.
     let applied = py.detach(move || work.run()).map_err(locate)?;
     drop(keep);
+    if applied {
+        crate::step::count_sr_steps(groups, &roundings)?;
+    }
     Ok(applied)
 }

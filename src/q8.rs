@@ -37,6 +37,7 @@ fn is_u8(a: &Bound<'_, PyUntypedArray>) -> bool {
 #[allow(clippy::too_many_arguments, clippy::too_many_lines)] // one pass, each check by its array
 fn check_q8<'py>(
     hyper: &Hyper,
+    rounding: crate::step::Rounding,
     rules: &mut RuleMemo,
     at: Location,
     dtypes: &Dtypes<'_>,
@@ -154,12 +155,24 @@ fn check_q8<'py>(
     let RuleOf::F32(Rule::Adam(k)) = rules.get(at.group, hyper, dtype, count, false)? else {
         unreachable!("Adam hyperparameters give Adam's float32 scalars for a 16/32-bit dtype")
     };
+    // The master copy follows the four 8-bit entries.
+    let (sr_key, master) = crate::step::check_rounding(
+        Q8_NAMES.len(),
+        rounding,
+        dtype,
+        shape,
+        at,
+        dtypes,
+        state,
+        spans,
+        keep,
+    )?;
     // SAFETY: the parameter and gradient are ndarrays of `dtype` with `len` elements, the codes
     // uint8 arrays of the parameter's shape, the absmaxes float32 arrays of `blocks` elements,
     // all C-contiguous and aligned, the written ones writeable; the caller holds every one
     // (`keep`, and its own argument lists) until the work returns, and runs the overlap check
     // over `spans` before it.
-    Ok(unsafe {
+    let mut checked = unsafe {
         CheckedQ8::new(
             dtype,
             len,
@@ -171,7 +184,20 @@ fn check_q8<'py>(
             Some(slot),
             k,
         )
-    })
+    };
+    if let Some(key) = sr_key {
+        checked = checked.with_stochastic_rounding(key);
+    }
+    if let Some(m) = master {
+        // SAFETY: a float32 ndarray of the parameter's shape (so `len` elements), C-contiguous
+        // and aligned (check_rounding's check_buffer), writeable, held (`keep`) until the work
+        // returns, its memory in `spans` for the overlap check; a 16-bit parameter (checked
+        // there). Its data is 4-byte aligned, as a float32 array checked aligned.
+        #[allow(clippy::cast_ptr_alignment)]
+        let m = m.cast::<f32>();
+        checked = unsafe { checked.with_master(m) };
+    }
+    Ok(checked)
 }
 
 /// One 8-bit Adam step; see `_core.step_adam8bit` in the stubs. A state tuple of four entries
@@ -202,6 +228,7 @@ pub(crate) fn run(
         return Ok(type_err!("param_groups must be a list of dicts")?);
     };
     let mut hypers = Vec::with_capacity(n_groups);
+    let mut roundings = Vec::with_capacity(n_groups);
     let mut group_of = Vec::with_capacity(n);
     for gi in 0..n_groups {
         let Ok(group) = groups.get_item(gi) else {
@@ -214,12 +241,7 @@ pub(crate) fn run(
                     .map_err(|e: CoreError| e.in_group(gi).arg("amsgrad"))?);
             }
         }
-        if !crate::step::Rounding::read(&group, gi)?.is_plain() {
-            return Ok(value_err!(
-                "8-bit Adam does not support bf16_stochastic_round or master_weights yet"
-            )
-            .map_err(|e: CoreError| e.in_group(gi).arg("bf16_stochastic_round"))?);
-        }
+        roundings.push(crate::step::Rounding::read(&group, gi)?);
         hypers.push(h);
         group_of.extend((0..hyper::len_params(&group, gi)?).map(|index| (gi, index)));
     }
@@ -241,13 +263,17 @@ pub(crate) fn run(
         let (group, index) = group_of[flat];
         let at = Location { flat, group, index };
         let objs = [&params[flat], grad, &states[flat], &steps[flat]];
-        let eight = states[flat]
-            .cast::<PyTuple>()
-            .is_ok_and(|t| t.len() == Q8_NAMES.len());
+        // 8-bit state has its `exp_avg_absmax` third; float Adam state has nothing there (its
+        // `max_exp_avg_sq`, and amsgrad is refused), before a master copy fourth.
+        let eight = states[flat].cast::<PyTuple>().is_ok_and(|t| {
+            (Q8_NAMES.len()..=Q8_NAMES.len() + 1).contains(&t.len())
+                && t.get_item(2).is_ok_and(|x| !x.is_none())
+        });
         if eight {
             q8.push(
                 check_q8(
                     &hypers[group],
+                    roundings[group],
                     &mut rules,
                     at,
                     &dtypes,
@@ -264,7 +290,7 @@ pub(crate) fn run(
                     Kind::Adam,
                     &hypers[group],
                     None,
-                    crate::step::Rounding::default(),
+                    roundings[group],
                     &mut rules,
                     at,
                     &dtypes,
@@ -283,5 +309,8 @@ pub(crate) fn run(
     // `params`, `grads`, `steps` and `keep` hold every array alive until the work is done.
     let applied = py.detach(move || work.run());
     drop(keep);
+    if applied {
+        crate::step::count_sr_steps(groups, &roundings)?;
+    }
     Ok(applied)
 }

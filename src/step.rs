@@ -191,11 +191,11 @@ fn check_scalars<'py>(
 
 /// The parameter's rounding options checked: stochastic rounding's key (bfloat16 parameters;
 /// refused for float16, with master weights), and the float32 master copy's address (16-bit
-/// parameters under `master_weights`: the entry after the scalars in the state tuple, checked,
-/// its memory recorded for the overlap check and held in `keep`).
+/// parameters under `master_weights`: entry `master_at` of the state tuple, checked, its memory
+/// recorded for the overlap check and held in `keep`).
 #[allow(clippy::too_many_arguments)]
-fn check_rounding<'py>(
-    kind: Kind,
+pub(crate) fn check_rounding<'py>(
+    master_at: usize,
     rounding: Rounding,
     dtype: DType,
     shape: &[usize],
@@ -230,10 +230,9 @@ fn check_rounding<'py>(
     };
     // float32 and float64 parameters are their own master copy: the option leaves them alone.
     let master = if rounding.master && matches!(dtype, DType::F16 | DType::Bf16) {
-        let idx = kind.buffer_names().len() + kind.scalar_names().len();
         let what = || at.state(MASTER);
         let arg = format!("state['{MASTER}']");
-        let obj = match buffers.get_item(idx) {
+        let obj = match buffers.get_item(master_at) {
             Ok(obj) if !obj.is_none() => obj,
             _ => return value_err!("{} is missing", what()).arg(&arg),
         };
@@ -364,8 +363,10 @@ pub(crate) fn check_param<'py>(
     } else {
         (None, 0.0, None)
     };
+    // The master copy follows the buffers and the scalars.
+    let master_at = kind.buffer_names().len() + kind.scalar_names().len();
     let (sr_key, master) = check_rounding(
-        kind, rounding, dtype, shape, at, dtypes, buffers, spans, keep,
+        master_at, rounding, dtype, shape, at, dtypes, buffers, spans, keep,
     )?;
     let (scalar_ptrs, scalar_held) =
         check_scalars(kind, at, dtypes, buffers, spans, keep, plan.is_some())?;
@@ -558,14 +559,20 @@ pub(crate) fn run(
     let applied = run_detached(py, checked, options)?;
     drop(keep);
     if applied {
-        // The next step draws fresh bits: each group with stochastic rounding counts its steps.
-        for (gi, r) in roundings.iter().enumerate() {
-            if let Some((_, sr_step)) = r.stochastic {
-                groups
-                    .get_item(gi)?
-                    .set_item("sr_step", sr_step.wrapping_add(1))?;
-            }
-        }
+        count_sr_steps(groups, &roundings)?;
     }
     Ok((applied, plan))
+}
+
+/// After an applied step: the next step draws fresh bits, so each group with stochastic
+/// rounding counts its steps (`sr_step`).
+pub(crate) fn count_sr_steps(groups: &Bound<'_, PyAny>, roundings: &[Rounding]) -> PyResult<()> {
+    for (gi, r) in roundings.iter().enumerate() {
+        if let Some((_, sr_step)) = r.stochastic {
+            groups
+                .get_item(gi)?
+                .set_item("sr_step", sr_step.wrapping_add(1))?;
+        }
+    }
+    Ok(())
 }

@@ -344,3 +344,32 @@ def test_bench_lowbit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert bytes_per_step("8bit", [100]) == bytes_per_step("f32", [100])
     with pytest.raises(SystemExit, match="--lowbit takes"):
         main(["bench", "--sizes", "none", "--lowbit", "0"])
+
+
+def test_bench_rounding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--rounding N``: bfloat16 AdamW, torch's fused against optirs rounding to nearest,
+    stochastically and from a float32 master copy, each with its bytes and ceiling, in the
+    JSON and the printed table."""
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "none", "--rounding", "5e4", "--repeats", "1", "--sample-ms", "1"]
+    assert main(["bench", *args, "--threads", "1", "--json", str(out)]) == 0
+    rows = {r["what"]: r for r in json.loads(out.read_text())["rounding"]["steps"]}
+    assert rows.keys() == {
+        "torch fused",
+        "optirs nearest",
+        "optirs stochastic",
+        "optirs master",
+    }
+    # 14 bytes an element (2-byte parameter, moments and gradient); a master copy adds 8.
+    for name in ("torch fused", "optirs nearest", "optirs stochastic"):
+        assert rows[name]["bytes_per_elem"] == 14
+    assert rows["optirs master"]["bytes_per_elem"] == 22
+    for r in rows.values():
+        assert r["elements"] == 50_000 and r["threads"] == 1
+        assert _positive(r["ms"]) and _positive(r["speedup_vs_fused"])
+        assert _positive(r["pct_of_ceiling"]) and len(r["times_s"]) == 1
+    text = capsys.readouterr().out
+    assert "16-bit parameters" in text and "optirs stochastic" in text
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit, match="--rounding takes"):
+            main(["bench", "--sizes", "none", "--rounding", bad])

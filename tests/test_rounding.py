@@ -6,6 +6,7 @@ and back), every optimizer of both APIs, and bad input refused with nothing modi
 
 from __future__ import annotations
 
+import copy
 import io
 
 import ml_dtypes
@@ -81,14 +82,16 @@ def _run_sr(
     threads: int | None = None,
     level: str | None = None,
     n: int = 70_001,
+    cls: type = ot.AdamW,
 ):
-    """Five AdamW steps with stochastic rounding (``seed``; None: master weights instead) over
-    a parameter of several work items."""
+    """Five steps of ``cls`` with stochastic rounding (``seed``; None: master weights instead)
+    over a parameter of several work items (8-bit state in blocks, the last one partial, for
+    the 8-bit optimizers) and a small one (float state there)."""
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(n).to(torch.bfloat16))
     q = nn.Parameter(torch.randn(3, 5).to(torch.bfloat16))
     kw = {"master_weights": True} if seed is None else {"bf16_stochastic_round": True, "seed": seed}
-    opt = ot.AdamW([p, q], lr=1e-3, **kw)
+    opt = cls([p, q], lr=1e-3, **kw)
     g = torch.Generator().manual_seed(5)
     old_threads, old_level = optirs.get_num_threads(), optirs.simd_level()
     try:
@@ -106,19 +109,22 @@ def _run_sr(
     return p.detach().clone(), q.detach().clone()
 
 
-def test_bitwise_reproducible_across_threads_levels_and_runs():
-    want = _run_sr(7)
+@pytest.mark.parametrize(
+    "cls", [ot.AdamW, ot.AdamW8bit, ot.Adafactor], ids=["AdamW", "AdamW8bit", "Adafactor"]
+)
+def test_bitwise_reproducible_across_threads_levels_and_runs(cls):
+    want = _run_sr(7, cls=cls)
     for threads in (1, 2, 3):
         for level in optirs.simd_levels():
-            got = _run_sr(7, threads, level)
+            got = _run_sr(7, threads, level, cls=cls)
             for a, b in zip(got, want):
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (threads, level)
-    other = _run_sr(8)
+    other = _run_sr(8, cls=cls)
     assert not torch.equal(other[0], want[0]), "another seed draws other bits"
-    master = _run_sr(None)
+    master = _run_sr(None, cls=cls)
     for threads in (1, 3):
         for level in optirs.simd_levels():
-            got = _run_sr(None, threads, level)
+            got = _run_sr(None, threads, level, cls=cls)
             for a, b in zip(got, master):
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (threads, level)
 
@@ -375,12 +381,235 @@ def test_bad_group_entries_refused_at_step_with_nothing_modified():
     assert "bf16_stochastic_round" not in bad.param_groups[0]
 
 
-def test_eight_bit_adam_refuses_the_options():
-    with pytest.raises(TypeError):
-        optirs.AdamW8bit(
-            [np.zeros(64, np.float32)],
-            bf16_stochastic_round=True,  # type: ignore[call-arg]
-        )
+# ---- 8-bit Adam ------------------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def _sr_reference(x32: np.ndarray, seed: int, step: int, param: int) -> np.ndarray:
+    """The bfloat16 bits (as uint16) stochastic rounding gives float32 ``x32``, the parameter
+    of flat index ``param`` at group step ``step``, written out from the definition in
+    ``optirs_core::kernels::sr`` (each element's 32 random bits from its index within the
+    parameter) and torchao's rounding (the top 16 random bits added, then truncated)."""
+    z = _splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ param)
+    k0, k1 = np.uint32(z & 0xFFFFFFFF), np.uint32(z >> 32)
+    idx = np.arange(x32.size, dtype=np.uint64)
+    lo = (idx & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (idx >> np.uint64(32)).astype(np.uint32)
+    r = _lowbias32(_lowbias32(lo ^ k0) ^ hi ^ k1)
+    bits = x32.astype(np.float32).view(np.uint32)
+    return ((bits + (r >> np.uint32(16))) >> np.uint32(16)).astype(np.uint16)
+
+
+def test_eight_bit_stochastic_rounding_matches_the_definition():
+    """Each step: the float32 result (the same 8-bit state stepping the widened parameter),
+    rounded with each element's own random bits, as written out in Python."""
+    torch.manual_seed(4)
+    n, seed = 10_000, 77
+    p = nn.Parameter(torch.randn(n).to(torch.bfloat16))
+    opt = ot.AdamW8bit([p], lr=1e-2, bf16_stochastic_round=True, seed=seed)
+    for t in range(3):
+        g = (torch.randn(n) * 1e-2).to(torch.bfloat16)
+        wide = nn.Parameter(p.detach().float())
+        ref = ot.AdamW8bit([wide], lr=1e-2)
+        # A copy: torch's load_state_dict would share the step counter's tensor.
+        ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+        wide.grad = g.float()
+        ref.step()
+        p.grad = g
+        opt.step()
+        want = _sr_reference(wide.detach().numpy(), seed, t, 0)
+        got = p.detach().view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(got, want), t
+        for k in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+            assert torch.equal(opt.state[p][k], ref.state[wide][k]), (t, k)
+    assert opt.param_groups[0]["sr_step"] == 3
+    # Not round to nearest.
+    assert not torch.equal(p.detach(), wide.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_eight_bit_master_weights_are_the_float32_step(dtype):
+    """A 16-bit parameter's master copy takes exactly the steps a float32 parameter with the
+    same 8-bit state takes (the gradients widened), and the parameter is it rounded to
+    nearest; the 8-bit state is the same too."""
+    torch.manual_seed(5)
+    n = 9000
+    p0 = torch.randn(n).to(dtype)
+    grads = [(torch.randn(n) * 1e-2).to(dtype) for _ in range(4)]
+    p = nn.Parameter(p0.clone())
+    opt = ot.AdamW8bit([p], lr=1e-2, master_weights=True)
+    f = nn.Parameter(p0.float())
+    ref = ot.AdamW8bit([f], lr=1e-2)
+    for g in grads:
+        p.grad, f.grad = g, g.float()
+        opt.step()
+        ref.step()
+    master = opt.state[p]["master_param"]
+    assert master.dtype == torch.float32
+    assert torch.equal(master.view(torch.int32), f.detach().view(torch.int32))
+    assert torch.equal(p.detach().view(torch.int16), f.detach().to(dtype).view(torch.int16))
+    for k in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert torch.equal(opt.state[p][k], ref.state[f][k]), k
+    if dtype != torch.bfloat16:
+        return  # the NumPy API takes no float16 parameters
+    # The NumPy API, from the same start: the same bits.
+    a = p0.view(torch.int16).numpy().view(BF16).copy()
+    nopt = optirs.AdamW8bit([a], lr=1e-2, master_weights=True)
+    for g in grads:
+        nopt.step([g.view(torch.int16).numpy().view(BF16)])
+    assert np.array_equal(a.view(np.int16), p.detach().view(torch.int16).numpy())
+    assert np.array_equal(nopt.state[a]["master_param"], master.numpy())
+
+
+def test_eight_bit_numpy_and_torch_apis_round_alike():
+    torch.manual_seed(1)
+    p0 = torch.randn(5000).to(torch.bfloat16)
+    grads = [(torch.randn(5000) * 1e-2).to(torch.bfloat16) for _ in range(3)]
+    p = nn.Parameter(p0.clone())
+    opt = ot.Adam8bit([p], lr=1e-3, bf16_stochastic_round=True, seed=99)
+    a = p0.view(torch.int16).numpy().view(BF16).copy()
+    nopt = optirs.Adam8bit([a], lr=1e-3, bf16_stochastic_round=True, seed=99)
+    for g in grads:
+        p.grad = g
+        opt.step()
+        nopt.step([g.view(torch.int16).numpy().view(BF16)])
+    assert np.array_equal(p.detach().view(torch.int16).numpy(), a.view(np.int16))
+    assert nopt.param_groups[0]["sr_step"] == opt.param_groups[0]["sr_step"] == 3
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "Adafactor"])
+@pytest.mark.parametrize("option", ["bf16_stochastic_round", "master_weights"])
+def test_own_state_dict_round_trip_restores_training_bit_for_bit(option, name):
+    """The optimizers with state of their own (8-bit, and for the small parameter float;
+    Adafactor's factors) with either option: saved, loaded into a new optimizer, training goes
+    on bit for bit, in both APIs, and both APIs give the same bits."""
+    tcls, ncls = getattr(ot, name), getattr(optirs, name)
+    torch.manual_seed(0)
+    shapes = [(80, 70), (30,)]
+    p0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    grads = [[(torch.randn(s) * 1e-2).to(torch.bfloat16) for s in shapes] for _ in range(6)]
+    kw = {option: True, **({"seed": 21} if option == "bf16_stochastic_round" else {})}
+
+    ps = [nn.Parameter(t.clone()) for t in p0]
+    opt = tcls(ps, lr=1e-3, **kw)
+    _train_steps(opt, ps, grads)
+    want = [p.detach().clone() for p in ps]
+
+    ps2 = [nn.Parameter(t.clone()) for t in p0]
+    opt2 = tcls(ps2, lr=1e-3, **kw)
+    _train_steps(opt2, ps2, grads[:3])
+    buf = io.BytesIO()
+    torch.save(opt2.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    if option == "master_weights":
+        for i in (0, 1):
+            assert saved["state"][i]["master_param"].dtype == torch.float32
+        if name == "AdamW8bit":
+            deq = opt2.dequantized_state_dict()["state"][0]
+            assert torch.equal(deq["master_param"], opt2.state[ps2[0]]["master_param"])
+    ps3 = [nn.Parameter(p.detach().clone()) for p in ps2]
+    opt3 = tcls(ps3, lr=1e-3, **{option: True})  # another seed: the loaded one wins
+    opt3.load_state_dict(saved)
+    if option == "master_weights":
+        for a, b in zip(ps3, ps2):
+            m3, m2 = opt3.state[a]["master_param"], opt2.state[b]["master_param"]
+            assert m3.dtype == torch.float32 and torch.equal(m3, m2)
+    _train_steps(opt3, ps3, grads[3:])
+    for a, b in zip(ps3, want):
+        assert torch.equal(a.detach().view(torch.int16), b.view(torch.int16))
+
+    # The NumPy API.
+    def arrays() -> list[np.ndarray]:
+        return [t.view(torch.int16).numpy().view(BF16).copy() for t in p0]
+
+    def np_grads(gs: list[torch.Tensor]) -> list[np.ndarray]:
+        return [g.view(torch.int16).numpy().view(BF16) for g in gs]
+
+    full = arrays()
+    nfull = ncls(full, lr=1e-3, **kw)
+    for gs in grads:
+        nfull.step(np_grads(gs))
+    half_way = arrays()
+    nhalf = ncls(half_way, lr=1e-3, **kw)
+    for gs in grads[:3]:
+        nhalf.step(np_grads(gs))
+    sd = nhalf.state_dict()
+    again = [x.copy() for x in half_way]
+    nagain = ncls(again, lr=1e-3, **{option: True})
+    nagain.load_state_dict(sd)
+    for gs in grads[3:]:
+        nagain.step(np_grads(gs))
+    for x, y in zip(again, full):
+        assert np.array_equal(x.view(np.int16), y.view(np.int16))
+    for x, y in zip(full, want):
+        assert np.array_equal(x.view(np.int16), y.view(torch.int16).numpy())
+
+
+def test_eight_bit_master_made_from_the_parameter_when_missing():
+    """Switched on later, or loaded from a state dict without it: the copy is the parameter's
+    value at the next step, and the 8-bit state goes on."""
+    a = np.linspace(-1, 1, 5000).astype(BF16)
+    opt = optirs.AdamW8bit([a], lr=1e-3)
+    opt.step([np.full(5000, 0.5, BF16)])
+    opt.param_groups[0]["master_weights"] = True
+    opt.step([np.full(5000, 0.5, BF16)])
+    m = opt.state[a]["master_param"]
+    assert m.dtype == np.float32 and np.array_equal(m.astype(BF16), a)
+    assert float(opt.state[a]["step"]) == 2.0
+
+    p = nn.Parameter(torch.linspace(-1, 1, 5000).to(torch.bfloat16))
+    p.grad = torch.full_like(p, 0.5)
+    plain = ot.AdamW8bit([p], lr=1e-3)
+    plain.step()
+    topt = ot.AdamW8bit([p], lr=1e-3, master_weights=True)
+    topt.load_state_dict(plain.state_dict())
+    assert "master_param" not in topt.state[p]
+    topt.step()
+    tm = topt.state[p]["master_param"]
+    assert tm.dtype == torch.float32 and torch.equal(tm.to(torch.bfloat16), p.detach())
+    assert np.array_equal(tm.numpy(), m)
+
+
+def test_eight_bit_bad_rounding_refused_with_nothing_modified():
+    for cls in (ot.AdamW8bit, optirs.AdamW8bit):
+        with pytest.raises(ValueError, match="choose one"):
+            cls(
+                [nn.Parameter(torch.zeros(2))] if cls is ot.AdamW8bit else [np.zeros(2)],
+                bf16_stochastic_round=True,
+                master_weights=True,
+            )
+    p = nn.Parameter(torch.ones(5000, dtype=torch.float16))
+    p.grad = torch.ones_like(p)
+    opt = ot.AdamW8bit([p], lr=0.1, bf16_stochastic_round=True, seed=1)
+    with pytest.raises(ValueError, match=r"float16.*bf16_stochastic_round.*master_weights=True"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(5000, dtype=torch.float16))
+    assert not opt.state.get(p) and opt.param_groups[0]["sr_step"] == 0
+    a = np.ones(5000, BF16)
+    nopt = optirs.AdamW8bit([a], lr=0.1, master_weights=True)
+    nopt.step([np.ones(5000, BF16)])
+    nopt.state[a]["master_param"] = np.zeros(5000, np.float64)
+    before = a.copy()
+    with pytest.raises(TypeError, match=r"master_param.*float32"):
+        nopt.step([np.ones(5000, BF16)])
+    assert np.array_equal(a.view(np.int16), before.view(np.int16))
 
 
 # ---- the digits MLP held in bfloat16 ---------------------------------------------------------
@@ -453,3 +682,100 @@ def test_switching_master_weights_on_later_makes_the_copy():
     tm = topt.state[p]["master_param"]
     assert tm.dtype == torch.float32 and torch.equal(tm.to(torch.bfloat16), p.detach())
     assert np.array_equal(tm.numpy(), m)
+
+
+def test_adafactor_stochastic_rounding_matches_the_definition():
+    """Each step: the float32 result (the master copy a master-weights Adafactor makes from the
+    parameter and steps, with the same state), rounded with each element's own random bits, as
+    written out in Python; over a vector and a matrix of several pieces each."""
+    torch.manual_seed(6)
+    seed = 5
+    ps = [
+        nn.Parameter(torch.randn(40_000).to(torch.bfloat16)),
+        nn.Parameter(torch.randn(300, 200).to(torch.bfloat16)),
+    ]
+    opt = ot.Adafactor(ps, lr=1e-2, bf16_stochastic_round=True, seed=seed)
+    for t in range(3):
+        grads = [(torch.randn(p.shape) * 1e-2).to(torch.bfloat16) for p in ps]
+        ref_ps = [nn.Parameter(p.detach().clone()) for p in ps]
+        ref = ot.Adafactor(ref_ps, lr=1e-2, master_weights=True)
+        sd = copy.deepcopy(opt.state_dict())
+        for g in sd["param_groups"]:
+            for k in ("bf16_stochastic_round", "seed", "sr_step"):
+                g.pop(k)
+        ref.load_state_dict(sd)
+        for p, r, g in zip(ps, ref_ps, grads):
+            p.grad, r.grad = g, g.clone()
+        ref.step()
+        opt.step()
+        for i, (p, r) in enumerate(zip(ps, ref_ps)):
+            x32 = ref.state[r]["master_param"]
+            # The master copy's value rounded to nearest is the plain step's result.
+            assert torch.equal(r.detach(), x32.to(torch.bfloat16))
+            want = _sr_reference(x32.numpy().reshape(-1), seed, t, i)
+            got = p.detach().view(torch.int16).numpy().reshape(-1).view(np.uint16)
+            assert np.array_equal(got, want), (t, i)
+            assert not torch.equal(p.detach(), r.detach()), "not round to nearest"
+    assert opt.param_groups[0]["sr_step"] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adafactor_master_weights_follow_float32(dtype):
+    """The master copy takes the float32 steps (loosely: the factors stay in the parameter's
+    dtype, as torch keeps them, and eps1 is its epsilon), the parameter is it rounded to
+    nearest, the NumPy API gives the same bits, and a copy is made when the option is
+    switched on later."""
+    torch.manual_seed(7)
+    shapes = [(64, 48), (100,)]
+    p0 = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [[(torch.randn(s) * 1e-1).to(dtype) for s in shapes] for _ in range(4)]
+    ps = [nn.Parameter(t.clone()) for t in p0]
+    opt = ot.Adafactor(ps, lr=1e-2, master_weights=True)
+    fs = [nn.Parameter(t.float()) for t in p0]
+    eps1 = torch.finfo(dtype).eps
+    ref = ot.Adafactor(fs, lr=1e-2, eps=(eps1, 1e-3))
+    _train_steps(opt, ps, grads)
+    _train_steps(ref, fs, [[g.float() for g in gs] for gs in grads])
+    for p, f in zip(ps, fs):
+        m = opt.state[p]["master_param"]
+        assert m.dtype == torch.float32 and torch.equal(m.to(dtype), p.detach())
+        torch.testing.assert_close(m, f.detach(), rtol=2e-2, atol=2e-3)
+        assert not torch.equal(m, p.detach().float()), "the copy keeps more than the parameter"
+    if dtype == torch.bfloat16:
+        arrays = [t.view(torch.int16).numpy().view(BF16).copy() for t in p0]
+        nopt = optirs.Adafactor(arrays, lr=1e-2, master_weights=True)
+        for gs in grads:
+            nopt.step([g.view(torch.int16).numpy().view(BF16) for g in gs])
+        for a, p in zip(arrays, ps):
+            assert np.array_equal(a.view(np.int16), p.detach().view(torch.int16).numpy())
+            assert np.array_equal(nopt.state[a]["master_param"], opt.state[p]["master_param"])
+    # Switched on later: the copy is the parameter's value, and training goes on.
+    q = nn.Parameter(p0[0].clone())
+    later = ot.Adafactor([q], lr=1e-2)
+    q.grad = grads[0][0]
+    later.step()
+    later.param_groups[0]["master_weights"] = True
+    later.step()
+    assert torch.equal(later.state[q]["master_param"].to(dtype), q.detach())
+
+
+def test_adafactor_bad_rounding_refused_with_nothing_modified():
+    with pytest.raises(ValueError, match="choose one"):
+        ot.Adafactor(
+            [nn.Parameter(torch.zeros(2))], bf16_stochastic_round=True, master_weights=True
+        )
+    p = nn.Parameter(torch.ones(4, 4, dtype=torch.float16))
+    p.grad = torch.ones_like(p)
+    opt = ot.Adafactor([p], bf16_stochastic_round=True, seed=1)
+    with pytest.raises(ValueError, match=r"float16.*bf16_stochastic_round.*master_weights=True"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, 4, dtype=torch.float16)) and not opt.state
+    assert opt.param_groups[0]["sr_step"] == 0
+    a = np.ones((4, 4), BF16)
+    nopt = optirs.Adafactor([a], master_weights=True)
+    nopt.step([np.ones((4, 4), BF16)])
+    nopt.state[a]["master_param"] = np.zeros((4, 4), np.float64)
+    before = a.copy()
+    with pytest.raises(TypeError, match=r"master_param.*float32"):
+        nopt.step([np.ones((4, 4), BF16)])
+    assert np.array_equal(a.view(np.int16), before.view(np.int16))

@@ -30,7 +30,7 @@ def init_doc(intro: str, api: str) -> str:
     ``"torch"``): ``intro``, then each argument, in the signature's order."""
     spec = _spec.ADAFACTOR
     params = spec.params if api == "torch" else spec.numpy_params
-    own = tuple(p for p in _spec.OWN_OPTIONS if p.name in ("skip_nonfinite", "flush_denormals"))
+    own = tuple(p for p in _spec.OWN_OPTIONS if p.name != "state_dtype")
     return f"{intro}\n\n{_spec.args_doc((*params, *own), api)}"
 
 
@@ -63,7 +63,8 @@ def make_numpy_class(
         16-bit parameters are computed in float32 and rounded once when stored).
 
         State: ``step`` (0-d float32); ``row_var`` and ``col_var`` for a parameter of two or
-        more dimensions, ``variance`` for the others, in the parameter's dtype. Checks and
+        more dimensions, ``variance`` for the others, in the parameter's dtype; under
+        ``master_weights``, a 16-bit parameter's ``master_param`` (float32). Checks and
         messages are torch's constructor's (ValueError), at construction and every step.
         """
 
@@ -83,6 +84,9 @@ def make_numpy_class(
             maximize: bool = False,
             skip_nonfinite: bool = False,
             flush_denormals: bool = False,
+            bf16_stochastic_round: bool = False,
+            master_weights: bool = False,
+            seed: int | None = None,
         ) -> None:
             defaults = {
                 "lr": lr,
@@ -91,6 +95,9 @@ def make_numpy_class(
                 "d": d,
                 "weight_decay": weight_decay,
                 "maximize": maximize,
+                **_spec.rounding_entries(
+                    bf16_stochastic_round, master_weights, seed, default_base=0
+                ),
             }
             self._spec.validate(defaults)
             optimizer_base.__init__(
@@ -133,20 +140,29 @@ def make_numpy_class(
             states: list[Any] = []
             steps: list[Any] = []
             created = []
-            for p, g in zip(params, grads):
+            owners = [g for g in groups for _ in g["params"]]
+            for p, g, group in zip(params, grads, owners):
                 if g is None:
                     states.append(None)
                     steps.append(None)
                     continue
                 entry = self.state.get(p)
+                made = None
                 if not entry:
                     # torch makes it from the gradient's shape, which is the parameter's (a
                     # gradient of another shape is refused before anything is kept).
-                    entry = {"step": np.zeros((), np.float32)}
+                    entry = made = {"step": np.zeros((), np.float32)}
                     for n, s in state_shapes(tuple(np.shape(p))).items():
                         entry[n] = np.zeros(s, dtype=p.dtype)
-                    created.append((p, entry))
-                states.append(tuple(entry.get(n) for n in NAMES))
+                master = _spec.wants_master(group, np.asarray(p).dtype.itemsize == 2)
+                if master and entry.get(_spec.MASTER) is None:
+                    # Switched on later, or loaded without one: made from the parameter.
+                    entry = made = {**entry, _spec.MASTER: np.asarray(p).astype(np.float32)}
+                if made is not None:
+                    created.append((p, made))
+                states.append(
+                    (*(entry.get(n) for n in NAMES), entry.get(_spec.MASTER) if master else None)
+                )
                 steps.append(entry.get("step"))
             applied: bool = _core.step_adafactor(
                 groups,
@@ -199,6 +215,12 @@ def make_numpy_class(
                     for k, v in saved.items()
                     if k not in ("params", "foreach", "state_dtype")
                 }
+                # A state dict without them (torch.optim's) keeps the group's own rounding
+                # options; a saved seed and step count restore the stream.
+                for key in _spec.ROUNDING_KEYS:
+                    if key in group:
+                        new.setdefault(key, group[key])
+                _spec.check_rounding_group(new, f"loaded param_groups[{gi}]")
                 for name in self.defaults:
                     if name not in new:
                         raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
@@ -220,7 +242,7 @@ def make_numpy_class(
                 if not isinstance(saved, Mapping):
                     raise TypeError(f"{where} must be a mapping, got {_tn(saved)}")
                 shapes = state_shapes(p.shape)
-                known = {"step", *shapes}
+                known = {"step", *shapes, _spec.MASTER}
                 unknown = sorted(set(saved) - known, key=str)
                 if unknown:
                     raise ValueError(
@@ -231,6 +253,11 @@ def make_numpy_class(
                 for name, value in saved.items():
                     if name == "step":
                         entry[name] = _load_step(_as_numpy(value), where)
+                    elif name == _spec.MASTER:
+                        # float32 whatever the parameter's dtype, bit for bit.
+                        entry[name] = _load_buffer(
+                            _as_numpy(value), p, f"{where}['{name}']", np.dtype(np.float32)
+                        )
                     else:
                         arr = _as_numpy(value)
                         if np.shape(arr) != shapes[name]:
@@ -241,7 +268,8 @@ def make_numpy_class(
                         # Checked (a float array) and cast against a stand-in of its shape.
                         like = np.empty(shapes[name], dtype=p.dtype)
                         entry[name] = _load_buffer(arr, like, f"{where}['{name}']", p.dtype)
-                missing = sorted(known - set(entry))
+                # A master copy absent is made from the parameter at the next step.
+                missing = sorted(known - set(entry) - {_spec.MASTER})
                 if entry and missing:
                     raise ValueError(f"{where} is missing {missing}")
                 new_state[p] = entry

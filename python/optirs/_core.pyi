@@ -60,9 +60,13 @@ def step_adam8bit(
     """One Adam/AdamW step (amsgrad off) with 8-bit state where a parameter's state tuple has
     four entries (``exp_avg``/``exp_avg_sq`` uint8 codes of the parameter's shape,
     ``exp_avg_absmax``/``exp_avg_sq_absmax`` float32, one per block of ``block_size``), float
-    Adam state in the parameter's dtype where it has two (``exp_avg``, ``exp_avg_sq``). Arguments
-    and validation as ``step`` (kind "adam"); float32, float16 and bfloat16 parameters for 8-bit
-    state. ``grad_unscale``/``grad_coef`` as ``step``. Returns whether the update was applied."""
+    Adam state in the parameter's dtype where it has two (``exp_avg``, ``exp_avg_sq``). Under a
+    group's ``master_weights`` a 16-bit parameter's float32 ``master_param`` follows: fifth
+    after the 8-bit entries, fourth after float state (``(exp_avg, exp_avg_sq, None,
+    master_param)``). ``bf16_stochastic_round``, ``seed`` and ``sr_step`` as ``step``.
+    Arguments and validation as ``step`` (kind "adam"); float32, float16 and bfloat16
+    parameters for 8-bit state. ``grad_unscale``/``grad_coef`` as ``step``. Returns whether the
+    update was applied."""
 
 def step_adafactor(
     groups: Sequence[Any],
@@ -84,10 +88,12 @@ def step_adafactor(
     ``maximize``; each state tuple is ``(row_var, col_var, variance)`` in the parameter's dtype:
     ``row_var`` (the shape with the last dimension 1) and ``col_var`` (the next-to-last 1) for a
     parameter of two or more dimensions, ``variance`` (its shape) otherwise; an entry the
-    parameter does not use may be None. Validation, ``grad_unscale``/``grad_coef``, ``commit``
-    and ``then`` as ``step``; ZeroDivisionError (an empty parameter, ``d`` of 0),
-    OverflowError and RuntimeError where torch's step raises, nothing written. Returns whether
-    the update was applied."""
+    parameter does not use may be None. Under a group's ``master_weights`` a 16-bit
+    parameter's float32 ``master_param`` (C-contiguous, its shape) comes fourth;
+    ``bf16_stochastic_round``, ``seed`` and ``sr_step`` as ``step``. Validation,
+    ``grad_unscale``/``grad_coef``, ``commit`` and ``then`` as ``step``; ZeroDivisionError (an
+    empty parameter, ``d`` of 0), OverflowError and RuntimeError where torch's step raises,
+    nothing written. Returns whether the update was applied."""
 
 def code_map(signed: bool) -> list[float]:
     """The 256 values of the dynamic code map (signed: ``exp_avg``; unsigned: ``exp_avg_sq``),

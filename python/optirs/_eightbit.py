@@ -10,6 +10,8 @@ non-finite handling). Smaller parameters keep float32 Adam state (in the paramet
 
 State of an 8-bit parameter: ``step`` (0-d float32), ``exp_avg`` and ``exp_avg_sq`` (uint8, the
 parameter's shape), ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` (float32, one per block).
+Under ``master_weights`` a float16/bfloat16 parameter (8-bit or not) also keeps
+``master_param`` (float32, its shape), which the step reads and updates in its block pass.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from . import _core, _spec
 
 #: The state entries of an 8-bit parameter besides ``step``, in the order the core takes them.
 Q8_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+#: The state entries of a parameter that keeps float Adam state (under ``min_8bit_size``).
+_FLOAT = ("exp_avg", "exp_avg_sq")
 #: The moment each code array belongs to, and whether its map is signed.
 _MOMENTS = (("exp_avg", "exp_avg_absmax", True), ("exp_avg_sq", "exp_avg_sq_absmax", False))
 
@@ -140,7 +144,7 @@ def init_doc(intro: str, spec: _spec.Spec, api: str) -> str:
         else p
         for p in params
     )
-    own = tuple(p for p in _spec.OWN_OPTIONS if p.name in ("skip_nonfinite", "flush_denormals"))
+    own = tuple(p for p in _spec.OWN_OPTIONS if p.name != "state_dtype")
     return f"{intro}\n\n{_spec.args_doc((*params, *OPTIONS, *own), api)}"
 
 
@@ -156,7 +160,8 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
         State of a parameter of ``min_8bit_size`` elements or more: ``step`` (0-d float32),
         ``exp_avg`` and ``exp_avg_sq`` (uint8 codes, the parameter's shape),
         ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` (float32, one per block); of a smaller
-        one, float Adam state (``step``, ``exp_avg``, ``exp_avg_sq``).
+        one, float Adam state (``step``, ``exp_avg``, ``exp_avg_sq``); under
+        ``master_weights``, a 16-bit parameter's ``master_param`` (float32).
         """
 
         _spec = _spec.ADAM
@@ -176,6 +181,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             min_8bit_size: int = 4096,
             skip_nonfinite: bool = False,
             flush_denormals: bool = False,
+            bf16_stochastic_round: bool = False,
+            master_weights: bool = False,
+            seed: int | None = None,
         ) -> None:
             if amsgrad:
                 raise ValueError(f"{type(self).__name__} does not support amsgrad=True")
@@ -188,6 +196,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
                 "amsgrad": False,
                 "maximize": maximize,
                 "decoupled_weight_decay": decoupled_weight_decay,
+                **_spec.rounding_entries(
+                    bf16_stochastic_round, master_weights, seed, default_base=0
+                ),
                 **self._spec.fixed,
             }
             self._spec.validate(defaults)
@@ -207,6 +218,28 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
                 "exp_avg": np.zeros_like(p),
                 "exp_avg_sq": np.zeros_like(p),
             }
+
+        def _entry_for_step(
+            self, p: np.ndarray, group: Mapping[str, Any]
+        ) -> tuple[dict[str, Any] | None, tuple[Any, ...]]:
+            """The state entry made for this step (None when ``p``'s own is complete) and
+            ``p``'s state tuple for the core."""
+            entry = self.state.get(p)
+            made = None
+            if not entry:
+                entry = made = self._new_entry(p)
+            master = _spec.wants_master(group, p.dtype.itemsize == 2)
+            if master and entry.get(_spec.MASTER) is None:
+                # Switched on later, or loaded without one: made from the parameter.
+                entry = made = {**entry, _spec.MASTER: p.astype(np.float32)}
+            if is_8bit(entry):
+                names: tuple[str, ...] = Q8_NAMES
+            else:
+                names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if master else _FLOAT
+            states = tuple(entry.get(n) for n in names)
+            if master:
+                states += (entry[_spec.MASTER],)
+            return made, states
 
         def _step(self, grads: Iterable[Any]) -> bool:
             if grads is None or isinstance(grads, np.ndarray):
@@ -229,18 +262,17 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             states: list[Any] = []
             steps: list[Any] = []
             created = []
-            for p, g in zip(params, grads):
-                entry = self.state.get(p)
+            owners = [g for g in groups for _ in g["params"]]
+            for p, g, group in zip(params, grads, owners):
                 if g is None:
                     states.append(None)
                     steps.append(None)
                     continue
-                if not entry:
-                    entry = self._new_entry(p)
-                    created.append((p, entry))
-                names = Q8_NAMES if is_8bit(entry) else ("exp_avg", "exp_avg_sq")
-                states.append(tuple(entry.get(n) for n in names))
-                steps.append(entry.get("step"))
+                made, state = self._entry_for_step(p, group)
+                if made is not None:
+                    created.append((p, made))
+                states.append(state)
+                steps.append((made or self.state.get(p)).get("step"))
             applied: bool = _core.step_adam8bit(
                 groups,
                 params,
@@ -334,6 +366,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             min_8bit_size: int = 4096,
             skip_nonfinite: bool = False,
             flush_denormals: bool = False,
+            bf16_stochastic_round: bool = False,
+            master_weights: bool = False,
+            seed: int | None = None,
         ) -> None:
             super().__init__(
                 params,
@@ -348,6 +383,9 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
                 min_8bit_size=min_8bit_size,
                 skip_nonfinite=skip_nonfinite,
                 flush_denormals=flush_denormals,
+                bf16_stochastic_round=bf16_stochastic_round,
+                master_weights=master_weights,
+                seed=seed,
             )
 
     Adam8bit.__init__.__doc__ = init_doc(

@@ -235,6 +235,7 @@ fn bench_8_bit(c: &mut Criterion) {
                         exp_avg_absmax: &mut am,
                         exp_avg_sq_absmax: &mut av,
                         block,
+                        rounding: optirs_core::kernels::lanes::Rounding::Nearest,
                     };
                     update(level, &AdamScalars::new(&hyper, t), s);
                     t += 1.0;

@@ -13,6 +13,12 @@
 //! 5. write: `p = p * (1 - lr * weight_decay) - alpha / denom * u`, with `u` computed again
 //!    (the same bits: the same operations on the same inputs), and a vector's `variance`.
 //!
+//! A 16-bit parameter with a float32 master copy (`master_weights`) is read from the copy
+//! (pass 1's sum of squares too), the copy updated and the parameter written from it rounded
+//! to nearest; with stochastic rounding (`bf16_stochastic_round`) pass 5 rounds each new value
+//! with the random bits of its index within the parameter (`kernels::sr`), the piece's start
+//! plus its place in the piece, so that neither depends on the pieces or the threads.
+//!
 //! # What is computed
 //! torch's for-loop `_single_tensor_adafactor`, operation by operation, in the parameter's
 //! compute type (`f64` for float64, `f32` otherwise: bfloat16 and float16 are computed in
@@ -47,6 +53,7 @@ use crate::engine::{CounterSlot, Options, CHUNK_ELEMS};
 use crate::error::{panic_message, CoreError, ErrorKind, TorchRaises};
 use crate::fpenv::FlushGuard;
 use crate::kernels::float::{lerp, LerpWeight};
+use crate::kernels::sr::{self, SrKey};
 use crate::kernels::{simd, simd::SimdLevel, Float, Storage};
 use crate::pool;
 
@@ -101,6 +108,10 @@ pub struct Param {
     /// The step count once this step is applied (torch's `step_t.item()` after `+= 1`).
     count: f64,
     hyper: Hyper,
+    /// Stochastic rounding's key for this parameter and step (bfloat16 parameters only).
+    sr: Option<SrKey>,
+    /// The float32 master copy (`len` elements) of a 16-bit parameter.
+    master: Option<*mut u8>,
 }
 
 // SAFETY: the addresses are used as `Param::new`'s contract allows, each range by one thread at
@@ -154,7 +165,46 @@ impl Param {
             step,
             count,
             hyper,
+            sr: None,
+            master: None,
         }
+    }
+
+    /// The same parameter written with stochastic rounding drawn from `key` (its offset 0: each
+    /// piece's key is offset by where the piece begins).
+    ///
+    /// # Panics
+    /// For a parameter that is not bfloat16, or one with a master copy: the bindings refuse
+    /// those.
+    #[must_use]
+    pub fn with_stochastic_rounding(mut self, key: SrKey) -> Param {
+        assert!(
+            self.dtype == DType::Bf16 && self.master.is_none(),
+            "stochastic rounding is for bfloat16 parameters without a master copy"
+        );
+        self.sr = Some(key);
+        self
+    }
+
+    /// The same parameter with a float32 master copy at `master`: the step reads the
+    /// parameter's value from it (its norm too), updates it, and writes the parameter from it
+    /// rounded to nearest.
+    ///
+    /// # Safety
+    /// As [`Param::new`]: `master` points to `len` aligned float32 elements in the
+    /// parameter's element order, alive and unmoved until the step returns, which nothing else
+    /// of the step reads or writes.
+    ///
+    /// # Panics
+    /// For a parameter that is not float16 or bfloat16, or one with stochastic rounding.
+    #[must_use]
+    pub unsafe fn with_master(mut self, master: *mut u8) -> Param {
+        assert!(
+            matches!(self.dtype, DType::Bf16 | DType::F16) && self.sr.is_none(),
+            "a master copy is for float16 and bfloat16 parameters, without stochastic rounding"
+        );
+        self.master = Some(master);
+        self
     }
 }
 
@@ -373,13 +423,18 @@ fn total(acc: [f64; LANES]) -> f64 {
 #[inline(always)]
 fn reduce_inline<S: Storage>(
     p: &[S],
+    master: Option<&[S::Compute]>,
     g: &[S],
     cols: usize,
     read: GradRead<S::Compute>,
     rows_out: &mut [f64],
     cols_out: &mut [f64],
 ) -> f64 {
-    let psum = sum_sq(p, |x: S| x.load().to_f64());
+    // A master copy holds the parameter's value.
+    let psum = match master {
+        Some(m) => sum_sq(m, |x: S::Compute| x.to_f64()),
+        None => sum_sq(p, |x: S| x.load().to_f64()),
+    };
     if cols > 0 {
         // One read of each row for both sums; each accumulator adds in the order `sum_sq`
         // would.
@@ -410,7 +465,7 @@ fn reduce_inline<S: Storage>(
 }
 
 per_level!(reduce, reduce_inline, reduce_avx512, reduce_avx2,
-    (p: &[S], g: &[S], cols: usize, read: GradRead<S::Compute>, rows_out: &mut [f64], cols_out: &mut [f64]) -> f64);
+    (p: &[S], master: Option<&[S::Compute]>, g: &[S], cols: usize, read: GradRead<S::Compute>, rows_out: &mut [f64], cols_out: &mut [f64]) -> f64);
 
 /// A matrix piece's factors: its rows' `row_var` and its matrix's `col_var` and clamped mean
 /// of `row_var`, as compute-type values.
@@ -511,6 +566,7 @@ struct Apply {
 #[inline(always)]
 fn apply_inline<S: Storage>(
     p: &mut [S],
+    out: Out<'_, S::Compute>,
     g: &[S],
     var: Option<&mut [S]>,
     factors: Factors<'_>,
@@ -520,6 +576,18 @@ fn apply_inline<S: Storage>(
     let eps1_sq = S::Compute::from_f64(a.eps1_sq);
     let step = S::Compute::from_f64(a.step);
     let decay = a.decay.map_or(S::Compute::ONE, S::Compute::from_f64);
+    if !matches!(out, Out::Nearest) {
+        apply_rounded(
+            p,
+            out,
+            g,
+            var,
+            &factors,
+            read,
+            (decay, step, a.weight, eps1_sq),
+        );
+        return;
+    }
     if let Some(var) = var {
         let w = LerpWeight::<S::Compute>::new(a.weight);
         with_reader!(read, S, rd => {
@@ -548,8 +616,61 @@ fn apply_inline<S: Storage>(
     });
 }
 
+/// How pass 5 writes a piece of the parameter.
+enum Out<'a, C> {
+    /// Rounded to nearest, from the parameter's own value.
+    Nearest,
+    /// Rounded stochastically with the random bits of this key (its offset: the piece's first
+    /// element's index within the parameter).
+    Stochastic(SrKey),
+    /// From and to the piece of the master copy; the parameter rounded to nearest from it.
+    Master(&'a mut [C]),
+}
+
+/// [`apply_inline`] for a piece with stochastic rounding or a master copy: the same operations
+/// on each element (so the same float32 result), then written as `out` says. One element at a
+/// time, by index: each element's random bits are keyed by its index.
+#[inline(always)]
+fn apply_rounded<S: Storage>(
+    p: &mut [S],
+    mut out: Out<'_, S::Compute>,
+    g: &[S],
+    mut var: Option<&mut [S]>,
+    factors: &Factors<'_>,
+    read: GradRead<S::Compute>,
+    (decay, step, weight, eps1_sq): (S::Compute, S::Compute, f64, S::Compute),
+) {
+    let w = LerpWeight::<S::Compute>::new(weight);
+    let cols = factors.cols.len();
+    let mean = S::Compute::from_f64(factors.mean);
+    with_reader!(read, S, rd => {
+        for i in 0..p.len() {
+            let u = if let Some(var) = var.as_deref_mut() {
+                let (nv, u) = vector_u(var[i].load(), rd(g[i]), &w, eps1_sq);
+                var[i] = S::store(nv);
+                u
+            } else {
+                let r = S::Compute::from_f64(factors.rows[i / cols]);
+                let c = S::Compute::from_f64(factors.cols[i % cols]);
+                matrix_u(r, c, mean, eps1_sq, rd(g[i]))
+            };
+            match &mut out {
+                Out::Master(m) => {
+                    let x = m[i] * decay + step * u;
+                    m[i] = x;
+                    p[i] = S::store(x);
+                }
+                Out::Stochastic(key) => {
+                    p[i] = S::store_sr(p[i].load() * decay + step * u, sr::bits(*key, i));
+                }
+                Out::Nearest => p[i] = S::store(p[i].load() * decay + step * u),
+            }
+        }
+    });
+}
+
 per_level!(apply, apply_inline, apply_avx512, apply_avx2,
-    (p: &mut [S], g: &[S], var: Option<&mut [S]>, factors: Factors<'_>, read: GradRead<S::Compute>, a: Apply) -> ());
+    (p: &mut [S], out: Out<'_, S::Compute>, g: &[S], var: Option<&mut [S]>, factors: Factors<'_>, read: GradRead<S::Compute>, a: Apply) -> ());
 
 /// One piece of one parameter: elements `start..start + len`; for a matrix, rows
 /// `row0..row0 + len / cols` of the flattened `batch * rows` (all of matrix `batch_index`).
@@ -882,12 +1003,13 @@ fn reduce_pass(
         let _flush = FlushGuard::new(flush);
         let p = &params[piece.param];
         let cols = r.cols.len();
-        // SAFETY: `Param::new`'s contract; the piece lies within the parameter, and pass 1
-        // only reads.
+        // SAFETY: `Param::new`'s contract (and `with_master`'s for the master copy, `len`
+        // float32s); the piece lies within the parameter, and pass 1 only reads.
         r.psum = unsafe {
             by_dtype!(p.dtype, S => reduce::<S>(
                 level,
                 part::<S>(p.param, piece.start, piece.len),
+                p.master.map(|m| part::<<S as Storage>::Compute>(m, piece.start, piece.len)),
                 part::<S>(p.grad, piece.start, piece.len),
                 cols,
                 grad_read(options, p.hyper.maximize),
@@ -1062,12 +1184,22 @@ fn apply_pass(
         let _flush = FlushGuard::new(flush);
         let p = &params[piece.param];
         let factors = mids[piece.param].factors(&piece, p);
-        // SAFETY: `Param::new`'s contract; the pieces of one step never overlap, so each range
-        // of the parameter and of its `variance` is borrowed by this work item alone.
+        // SAFETY: `Param::new`'s contract (and `with_master`'s); the pieces of one step never
+        // overlap, so each range of the parameter, of its `variance` and of its master copy is
+        // borrowed by this work item alone.
         unsafe {
             by_dtype!(p.dtype, S => apply::<S>(
                 level,
                 part_mut::<S>(p.param, piece.start, piece.len),
+                match (p.sr, p.master) {
+                    (Some(key), _) => Out::Stochastic(key.advanced(piece.start)),
+                    (None, Some(m)) => Out::Master(part_mut::<<S as Storage>::Compute>(
+                        m,
+                        piece.start,
+                        piece.len,
+                    )),
+                    (None, None) => Out::Nearest,
+                },
                 part::<S>(p.grad, piece.start, piece.len),
                 match p.factoring {
                     Factoring::Vector => Some(part_mut::<S>(p.state[0], piece.start, piece.len)),

@@ -185,6 +185,10 @@ pub struct CheckedQ8 {
     absmax: [*mut f32; 2],
     step: Option<CounterSlot<'static>>,
     rule: AdamScalars<f32>,
+    /// Stochastic rounding's key for this parameter and step (bfloat16 parameters only).
+    sr: Option<SrKey>,
+    /// The float32 master copy (`len` elements) of a 16-bit parameter.
+    master: Option<*mut f32>,
 }
 
 impl CheckedQ8 {
@@ -231,7 +235,44 @@ impl CheckedQ8 {
             absmax,
             step,
             rule,
+            sr: None,
+            master: None,
         }
+    }
+
+    /// The same parameter written with stochastic rounding drawn from `key` (its offset 0: the
+    /// work items' keys are offset by where they begin).
+    ///
+    /// # Panics
+    /// For a parameter that is not bfloat16, or one with a master copy: the bindings refuse
+    /// those.
+    #[must_use]
+    pub fn with_stochastic_rounding(mut self, key: SrKey) -> CheckedQ8 {
+        assert!(
+            self.dtype == DType::Bf16 && self.master.is_none(),
+            "stochastic rounding is for bfloat16 parameters without a master copy"
+        );
+        self.sr = Some(key);
+        self
+    }
+
+    /// The same parameter with a float32 master copy at `master`: the step reads and writes
+    /// it, and writes the parameter from it rounded to nearest.
+    ///
+    /// # Safety
+    /// As [`CheckedQ8::new`]: `master` points to `len` aligned float32 elements, alive and
+    /// unmoved until the step returns, which nothing else of the step reads or writes.
+    ///
+    /// # Panics
+    /// For a parameter that is not float16 or bfloat16, or one with stochastic rounding.
+    #[must_use]
+    pub unsafe fn with_master(mut self, master: *mut f32) -> CheckedQ8 {
+        assert!(
+            matches!(self.dtype, DType::Bf16 | DType::F16) && self.sr.is_none(),
+            "a master copy is for float16 and bfloat16 parameters, without stochastic rounding"
+        );
+        self.master = Some(master);
+        self
     }
 
     /// # Safety
@@ -255,6 +296,11 @@ impl CheckedQ8 {
                 exp_avg_absmax: mk(self.absmax[0], blocks),
                 exp_avg_sq_absmax: mk(self.absmax[1], blocks),
                 block: self.block,
+                rounding: match (self.sr, self.master) {
+                    (Some(key), _) => Rounding::Stochastic(key),
+                    (None, Some(m)) => Rounding::Master(mk(m, self.len)),
+                    (None, None) => Rounding::Nearest,
+                },
             }
         }
     }

@@ -28,15 +28,15 @@ from backward when the step begins.
 
 ``--clip`` adds the clipping benchmark (``clip``): torch's ``clip_grad_norm_`` + fused AdamW
 against optirs's fused clip + step, and the drop-in ``clip_grad_norm_`` alone against torch's.
+``--lowbit`` adds AdamW with low-bit state (``lowbit``), ``--rounding`` bfloat16 AdamW with
+stochastic rounding and master weights against torch's fused step (``rounding``).
 
 torch is imported lazily: the benchmark needs it, the package does not.
 
 Modules, each importing only those before it: ``cases`` (what is run), ``metadata`` (machine
 and versions), ``timing`` (interleaved rounds), ``report`` (tables), ``plot`` (PNG), ``train``
-(the training loops), ``clip`` (the clipping benchmark), ``harness`` (the step-alone runs and
-the whole run), ``cli`` (the ``bench`` command's options). ``rounding`` (bfloat16 AdamW with
-stochastic rounding and master weights against torch's fused step) runs on its own:
-``python -m optirs.bench.rounding``.
+(the training loops), ``clip``, ``lowbit`` and ``rounding`` (the benchmarks above),
+``harness`` (the step-alone runs and the whole run), ``cli`` (the ``bench`` command's options).
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ class Workload:
 
 
 def shapes_for(what: str, option: str) -> tuple[tuple[int, ...], ...]:
-    """The float32 shapes a ``--clip`` or ``--lowbit`` run steps.
+    """The shapes a ``--clip``, ``--lowbit`` or ``--rounding`` run steps.
 
     Args:
         what: ``"gpt2"`` for GPT-2 small's 148 shapes, else a number of elements (one tensor).
@@ -211,7 +211,10 @@ def shapes_for(what: str, option: str) -> tuple[tuple[int, ...], ...]:
     """
     if what == "gpt2":
         return gpt2_small_shapes()
-    n = int(float(what))
+    try:
+        n = int(float(what))
+    except (ValueError, OverflowError):
+        n = 0
     if n < 1:
         raise SystemExit(f"{option} takes 'gpt2' or a positive element count, got {what!r}")
     return ((n,),)

@@ -181,6 +181,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "~5 GiB RAM) or one tensor of WHAT elements",
     )
     parser.add_argument(
+        "--rounding",
+        nargs="?",
+        const="gpt2",
+        default=None,
+        metavar="WHAT",
+        help="also time AdamW over bfloat16 parameters: torch's fused AdamW against optirs "
+        "rounding to nearest, with bf16_stochastic_round=True and with master_weights=True, "
+        "each against its own traffic ceiling; on GPT-2 small's shapes (default when given "
+        "without a value, ~3 GiB RAM) or one tensor of WHAT elements",
+    )
+    parser.add_argument(
         "--train-optimizers",
         type=_parse_optimizers,
         default=[CASES["adamw"]],
@@ -284,9 +295,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         and not args.train
         and not getattr(args, "clip", None)
         and not getattr(args, "lowbit", None)
+        and not getattr(args, "rounding", None)
     ):
         raise SystemExit(
-            "nothing to run: give --sizes, --many, --gpt2, --train, --clip or --lowbit"
+            "nothing to run: give --sizes, --many, --gpt2, --train, --clip, --lowbit or --rounding"
         )
     if (
         args.repeats < 1
@@ -326,8 +338,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _run_all(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """The step-alone and training runs, then the clipping and low-bit benchmarks when asked
-    for (each added to the JSON under its own key)."""
+    """The step-alone and training runs, then the clipping, low-bit and 16-bit rounding
+    benchmarks when asked for (each added to the JSON under its own key)."""
     results: dict[str, Any] = {}
     if config.workloads or config.train_models:
         results = run(config)
@@ -352,6 +364,19 @@ def _run_all(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         extra["lowbit"] = run_lowbit(
             _import_torch(),
             shapes_for(args.lowbit, "--lowbit"),
+            config.threads,
+            config.repeats,
+            config.sample_s,
+            config.settle_s,
+            config.seed,
+        )
+    if getattr(args, "rounding", None):
+        from .rounding import run_rounding
+        from .timing import _import_torch
+
+        extra["rounding"] = run_rounding(
+            _import_torch(),
+            shapes_for(args.rounding, "--rounding"),
             config.threads,
             config.repeats,
             config.sample_s,

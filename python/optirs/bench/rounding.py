@@ -1,13 +1,21 @@
-"""``python -m optirs.bench.rounding``: bfloat16 AdamW over GPT-2 small's shapes, optirs with
-each of its 16-bit remedies against torch's fused bfloat16 AdamW.
+"""The 16-bit parameter benchmark (``--rounding``): bfloat16 AdamW, optirs with each of its
+16-bit remedies against torch's fused bfloat16 AdamW.
 
-Rows: torch ``fused=True`` (round to nearest), optirs round to nearest, optirs
-``bf16_stochastic_round=True`` and optirs ``master_weights=True``. Each is timed in interleaved
-rounds (``timing``), medians over rounds; the ratio is torch's median time over the row's.
-Bytes per element per step: the parameter, ``exp_avg`` and ``exp_avg_sq`` read and written
-(2 bytes each, 12), the gradient read (2): 14; a master copy adds 4 read and 4 written: 22. The
-traffic ceiling of a row is its bytes over the machine's copy bandwidth, so master weights move
-1.57x the bytes of the others and cannot be faster than that ratio allows.
+Rows, over the same bfloat16 parameters and gradients, interleaved round by round in one process
+(see ``timing``), medians over rounds, speed-ups as the median over rounds of (torch fused time /
+row time) in the same round:
+
+- ``torch fused``: ``torch.optim.AdamW(fused=True)``, round to nearest;
+- ``optirs nearest``: ``optirs.torch.AdamW``, round to nearest;
+- ``optirs stochastic``: ``bf16_stochastic_round=True``;
+- ``optirs master``: ``master_weights=True``.
+
+Bytes per element per step: the parameter, ``exp_avg`` and ``exp_avg_sq`` read and written (2
+bytes each, 12), the gradient read (2): 14; a float32 master copy adds 4 read and 4 written: 22.
+Each row has its own memory-traffic ceiling, measured in the same rounds:
+``optirs._core.traffic`` streaming exactly that row's bytes (``lowbit``'s probe); the table
+prints % of it (the median over rounds of ceiling time / step time), so master weights, which
+move 1.57x the bytes, are judged against their own ceiling.
 
 Steps with either option run the full (validating) step each time: the core's step plans do not
 cover them.
@@ -15,84 +23,124 @@ cover them.
 
 from __future__ import annotations
 
-import argparse
+import math
 import statistics
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import optirs
 
-from .cases import gpt2_small_shapes
-from .timing import _calibrate, _import_torch, _interleaved, _set_threads
+from .timing import _calibrate, _interleaved, _set_threads, traffic_ceiling
 
-#: bytes moved per element per step: parameter and two moments read and written, gradient read
-BYTES = {"nearest": 14, "stochastic": 14, "master": 22}
+BASE = "torch fused"
+"""The row every speed-up is against."""
+
+#: Each optirs row's options.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "optirs nearest": {},
+    "optirs stochastic": {"bf16_stochastic_round": True, "seed": 0},
+    "optirs master": {"master_weights": True},
+}
+
+#: Whether each row keeps a float32 master copy (what its traffic depends on).
+MASTER = {BASE: False, "optirs nearest": False, "optirs stochastic": False, "optirs master": True}
 
 
-def run_rounding(threads: int, repeats: int, sample_s: float, scale: int) -> list[dict[str, Any]]:
-    """Median step time of each row over GPT-2 small's shapes (each divided in its first
-    dimension by ``scale`` to shrink the run), with ``threads`` threads."""
-    torch = _import_torch()
+def bytes_per_step(master: bool, n: int) -> dict[str, int]:
+    """Bytes one bfloat16 AdamW step over ``n`` elements reads only and reads and writes.
+
+    Args:
+        master: whether the step keeps a float32 master copy.
+        n: elements.
+
+    Returns:
+        ``{"read": bytes only read (the gradient), "rw": bytes read and written back}``.
+    """
+    return {"read": 2 * n, "rw": (10 if master else 6) * n}
+
+
+def run_rounding(
+    torch: Any,
+    shapes: tuple[tuple[int, ...], ...],
+    threads: list[int],
+    repeats: int,
+    sample_s: float,
+    settle_s: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Times every row at each thread count; prints a table.
+
+    Args:
+        torch: the torch module.
+        shapes: the parameter shapes (bfloat16).
+        threads: thread counts, set for torch and optirs alike.
+        repeats: timed rounds; results are medians over them.
+        sample_s: calls are batched so one timed sample lasts about this long.
+        settle_s: idle time before each sample (torch's OpenMP workers spin after a region).
+        seed: seed of the random data.
+
+    Returns:
+        ``{"steps": [one row per (threads, row)]}``.
+    """
     import optirs.torch as ot
 
-    _set_threads(torch, threads)
-    shapes = [(max(1, s[0] // scale), *s[1:]) for s in gpt2_small_shapes()]
-    gen = torch.Generator().manual_seed(0)
+    old_threads = (torch.get_num_threads(), optirs.get_num_threads())
+    gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
     grads = [(torch.randn(s, generator=gen) * 1e-3).to(torch.bfloat16) for s in shapes]
-    n = sum(t.numel() for t in init)
+    n = sum(math.prod(s) for s in shapes)
+    traffic = {m: bytes_per_step(m, n) for m in (False, True)}
+    ceilings = {m: traffic_ceiling(t) for m, t in traffic.items()}
 
-    def make(kind: str) -> Any:
+    def make(name: str) -> Callable[[], Any]:
         ps = [torch.nn.Parameter(t.clone()) for t in init]
         for p, g in zip(ps, grads):
             p.grad = g.clone()
-        if kind == "torch_fused":
-            return torch.optim.AdamW(ps, lr=1e-4, fused=True).step
-        options: dict[str, dict[str, Any]] = {
-            "nearest": {},
-            "stochastic": {"bf16_stochastic_round": True, "seed": 0},
-            "master": {"master_weights": True},
-        }
-        return ot.AdamW(ps, lr=1e-4, **options[kind]).step
+        opt: Any = (
+            torch.optim.AdamW(ps, lr=1e-4, fused=True)
+            if name == BASE
+            else ot.AdamW(ps, lr=1e-4, **OPTIONS[name])
+        )
+        step: Callable[[], Any] = opt.step
+        return step
 
-    steps = {k: make(k) for k in ("torch_fused", "nearest", "stochastic", "master")}
-    for s in steps.values():
-        s()  # the state
-    batches = {k: _calibrate(s, sample_s) for k, s in steps.items()}
-    times = _interleaved(steps, batches, repeats)
-    base = statistics.median(times["torch_fused"])
     rows = []
-    for k, ts in times.items():
-        t = statistics.median(ts)
-        b = 14 if k == "torch_fused" else BYTES[k]
-        rows.append(
-            {
-                "row": k,
-                "ms": t * 1e3,
-                "speedup_vs_torch_fused": base / t,
-                "bytes_per_elem": b,
-                "GB/s": n * b / t / 1e9,
-            }
-        )
-    return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Prints the table. Args: ``--threads``, ``--repeats``, ``--sample-s``, ``--scale``."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=optirs.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--sample-s", type=float, default=0.3)
-    ap.add_argument("--scale", type=int, default=1, help="divide each shape's first dimension")
-    a = ap.parse_args(argv)
-    rows = run_rounding(a.threads, a.repeats, a.sample_s, a.scale)
-    print(f"bfloat16 AdamW, GPT-2 small shapes / {a.scale}, {a.threads} threads")
-    print(f"{'row':<12} {'ms':>9} {'x torch fused':>14} {'B/elem':>7} {'GB/s':>7}")
-    for r in rows:
-        print(
-            f"{r['row']:<12} {r['ms']:9.2f} {r['speedup_vs_torch_fused']:14.2f} "
-            f"{r['bytes_per_elem']:7d} {r['GB/s']:7.1f}"
-        )
-
-
-if __name__ == "__main__":
-    main()
+    print(f"\n16-bit parameters: AdamW over {len(shapes)} bfloat16 tensors, {n:,} elements")
+    print(f"{'threads':>7} {'what':<18} {'ms':>9} {'vs fused':>9} {'B/elem':>7} {'% ceil':>7}")
+    try:
+        for t in threads:
+            _set_threads(torch, t)
+            steps = {name: make(name) for name in MASTER}
+            timed: dict[str, Callable[[], Any]] = dict(steps)
+            timed.update({f"ceiling {m}": probe for m, (probe, _) in ceilings.items()})
+            for f in timed.values():  # warm-up: state, pools, pages
+                f()
+            batches = {k: _calibrate(f, sample_s) for k, f in timed.items()}
+            times = _interleaved(timed, batches, repeats, settle_s)
+            for name in steps:
+                master = MASTER[name]
+                scale = ceilings[master][1]
+                ceil = [c * scale for c in times[f"ceiling {master}"]]
+                row = {
+                    "threads": t,
+                    "what": name,
+                    "elements": n,
+                    "ms": statistics.median(times[name]) * 1e3,
+                    "speedup_vs_fused": statistics.median(
+                        b / o for b, o in zip(times[BASE], times[name])
+                    ),
+                    "bytes_per_elem": (traffic[master]["read"] + 2 * traffic[master]["rw"]) / n,
+                    "pct_of_ceiling": 100
+                    * statistics.median(c / o for c, o in zip(ceil, times[name])),
+                    "times_s": times[name],
+                }
+                rows.append(row)
+                print(
+                    f"{t:>7} {name:<18} {row['ms']:>9.2f} {row['speedup_vs_fused']:>8.2f}x "
+                    f"{row['bytes_per_elem']:>7.2f} {row['pct_of_ceiling']:>6.0f}%"
+                )
+                sys.stdout.flush()
+    finally:
+        torch.set_num_threads(old_threads[0])
+        optirs.set_num_threads(old_threads[1])
+    return {"steps": rows}

@@ -1276,6 +1276,7 @@ class _Bridge8bit(_Bridge):
         min_8bit_size: int,
         skip_nonfinite: bool,
         flush_denormals: bool,
+        rounding: tuple[Any, Any, Any] = (False, False, None),
     ) -> None:
         name = type(self).__name__
         if values.get("amsgrad"):
@@ -1286,7 +1287,17 @@ class _Bridge8bit(_Bridge):
             capturable=bool(values.get("capturable")),
         )
         self.block_size, self.min_8bit_size = _eightbit.check_options(block_size, min_8bit_size)
+        entries = _spec.rounding_entries(
+            *rounding, default_base=torch.initial_seed() & ((1 << 64) - 1)
+        )
         torch_class.__init__(self, params, **values)
+        # As the other optimizers: the rounding options join the defaults and every group,
+        # present only when asked for.
+        if entries:
+            self.defaults.update(entries)
+            for group in self.param_groups:
+                for k, v in entries.items():
+                    group.setdefault(k, v)
         self._after_init(skip_nonfinite, flush_denormals)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1361,17 +1372,30 @@ class _Bridge8bit(_Bridge):
                 lp, lg = _dtensor.check_pair(p, g, where, type(self).__name__)
                 self._refuse_8bit_dtensor(p, where)
                 state = self.state.get(p) or {}
+                made = None
                 if not state:
-                    state = self._new_8bit_state(p)
-                    created.append((p, state))
+                    state = made = self._new_8bit_state(p)
+                master = _spec.wants_master(group, p.dtype in (torch.float16, torch.bfloat16))
+                if master and state.get(_spec.MASTER) is None:
+                    # Switched on later, or loaded without one: made from the parameter.
+                    copy = p.detach().to(
+                        torch.float32, memory_format=torch.preserve_format, copy=True
+                    )
+                    state = made = {**state, _spec.MASTER: copy}
+                if made is not None:
+                    created.append((p, made))
                 eight = _eightbit.is_8bit(state)
-                names = _eightbit.Q8_NAMES if eight else ("exp_avg", "exp_avg_sq")
+                names: tuple[str, ...] = _eightbit.Q8_NAMES if eight else ("exp_avg", "exp_avg_sq")
+                if master and not eight:
+                    names += ("max_exp_avg_sq",)  # None: the master copy comes fourth
+                if master:
+                    names += (_spec.MASTER,)
                 layout = _Layout(lp, where)
                 params.append(layout.view(lp, where))
                 grads.append(layout.view(lg, f"the gradient of {where}"))
                 views: list[Any] = []
                 for n in names:
-                    t = state.get(n)
+                    t = state.get(n) if n != "max_exp_avg_sq" else None
                     what = f"state['{n}'] of {where}"
                     if t is None:
                         views.append(None)
@@ -1412,9 +1436,8 @@ class _Bridge8bit(_Bridge):
             if _eightbit.is_8bit(e):
                 np_entry = {k: v.numpy() for k, v in e.items() if k in _eightbit.Q8_NAMES}
                 floats = _eightbit.to_float_entry(np_entry, self.block_size)
-                sd["state"][i] = {"step": e["step"]} | {
-                    k: torch.from_numpy(v) for k, v in floats.items()
-                }
+                kept = {k: v for k, v in e.items() if k not in _eightbit.Q8_NAMES}
+                sd["state"][i] = kept | {k: torch.from_numpy(v) for k, v in floats.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1446,7 +1469,9 @@ class _Bridge8bit(_Bridge):
                 _eightbit.check_8bit_entry(np_entry, tuple(by_id[i].shape), self.block_size, where)
                 exact[i] = {k: torch.from_numpy(v.copy()) for k, v in np_entry.items()}
                 f = _eightbit.to_float_entry(np_entry, self.block_size)
-                floats[i] = {"step": e.get("step")} | {k: torch.from_numpy(v) for k, v in f.items()}
+                # The step and any master copy as saved; the moments as float for torch.
+                kept = {k: v for k, v in e.items() if k not in _eightbit.Q8_NAMES}
+                floats[i] = kept | {k: torch.from_numpy(v) for k, v in f.items()}
         super().load_state_dict({**state_dict, "state": floats})
         for i, p in by_id.items():
             entry = self.state.get(p)
@@ -1467,8 +1492,9 @@ class Adam8bit(_Bridge8bit, torch.optim.Adam):
     """``torch.optim.Adam`` with 8-bit state (bitsandbytes' blockwise dynamic quantization:
     each moment one byte per element, with one float32 absmax per block), stepped by optirs.
     torch's arguments, then keyword-only ``block_size``, ``min_8bit_size``,
-    ``skip_nonfinite`` and ``flush_denormals``. ``amsgrad``, ``differentiable`` and
-    ``capturable`` are refused. State as ``optirs.Adam8bit``'s."""
+    ``skip_nonfinite``, ``flush_denormals``, ``bf16_stochastic_round``, ``master_weights``
+    and ``seed``. ``amsgrad``, ``differentiable`` and ``capturable`` are refused. State as
+    ``optirs.Adam8bit``'s."""
 
     _spec = _spec.ADAM
 
@@ -1491,6 +1517,9 @@ class Adam8bit(_Bridge8bit, torch.optim.Adam):
         min_8bit_size: int = 4096,
         skip_nonfinite: bool = False,
         flush_denormals: bool = False,
+        bf16_stochastic_round: bool = False,
+        master_weights: bool = False,
+        seed: int | None = None,
     ) -> None:
         values = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -1500,7 +1529,7 @@ class Adam8bit(_Bridge8bit, torch.optim.Adam):
         )  # fmt: skip
         self._init_8bit(
             torch.optim.Adam, params, values, block_size, min_8bit_size, skip_nonfinite,
-            flush_denormals,
+            flush_denormals, (bf16_stochastic_round, master_weights, seed),
         )  # fmt: skip
 
 
@@ -1528,6 +1557,9 @@ class AdamW8bit(_Bridge8bit, torch.optim.AdamW):
         min_8bit_size: int = 4096,
         skip_nonfinite: bool = False,
         flush_denormals: bool = False,
+        bf16_stochastic_round: bool = False,
+        master_weights: bool = False,
+        seed: int | None = None,
     ) -> None:
         values = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -1536,7 +1568,7 @@ class AdamW8bit(_Bridge8bit, torch.optim.AdamW):
         )  # fmt: skip
         self._init_8bit(
             torch.optim.AdamW, params, values, block_size, min_8bit_size, skip_nonfinite,
-            flush_denormals,
+            flush_denormals, (bf16_stochastic_round, master_weights, seed),
         )  # fmt: skip
 
 
@@ -1584,7 +1616,9 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
     ``(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
     foreach=None, maximize=False)``, its checks and state (``step``; ``row_var``/``col_var``
     for parameters of two or more dimensions, ``variance`` for the others), then keyword-only
-    ``skip_nonfinite`` and ``flush_denormals``. ``foreach`` is accepted and ignored (one path).
+    ``skip_nonfinite``, ``flush_denormals``, ``bf16_stochastic_round`` (with ``seed``) and
+    ``master_weights`` (a float32 ``master_param`` per float16/bfloat16 parameter), as the other
+    optimizers take them. ``foreach`` is accepted and ignored (one path).
 
     As torch's Adafactor, it does not take GradScaler's scale (``_step_supports_amp_scaling``
     is False): ``GradScaler.step`` unscales the gradients and skips a step with an inf itself.
@@ -1608,7 +1642,16 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
         maximize: bool = False,
         skip_nonfinite: bool = False,
         flush_denormals: bool = False,
+        bf16_stochastic_round: bool = False,
+        master_weights: bool = False,
+        seed: int | None = None,
     ) -> None:
+        rounding = _spec.rounding_entries(
+            bf16_stochastic_round,
+            master_weights,
+            seed,
+            default_base=torch.initial_seed() & ((1 << 64) - 1),
+        )
         torch.optim.Adafactor.__init__(
             self,
             params,  # type: ignore[arg-type]
@@ -1620,6 +1663,12 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
             foreach=foreach,
             maximize=maximize,
         )
+        # As the other optimizers: present only when asked for.
+        if rounding:
+            self.defaults.update(rounding)
+            for group in self.param_groups:
+                for k, v in rounding.items():
+                    group.setdefault(k, v)
         self._after_init(skip_nonfinite, flush_denormals)
         self._step_supports_amp_scaling = False
 
@@ -1667,6 +1716,18 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
                     else:
                         state["variance"] = torch.zeros_like(g, memory_format=torch.preserve_format)
                     created.append((p, state))
+                master = _spec.wants_master(group, p.dtype in (torch.float16, torch.bfloat16))
+                if master and state.get(_spec.MASTER) is None:
+                    # Switched on later, or loaded without one: made from the parameter,
+                    # contiguous (the core steps the parameter in its shape's element order).
+                    copy = p.detach().to(
+                        torch.float32, memory_format=torch.contiguous_format, copy=True
+                    )
+                    if created and created[-1][0] is p:
+                        state[_spec.MASTER] = copy
+                    else:
+                        state = {**state, _spec.MASTER: copy}
+                        created.append((p, state))
                 if p.is_contiguous():
                     pv, gv = p, g
                     written.append(p)
@@ -1697,6 +1758,15 @@ class Adafactor(_Bridge, torch.optim.Adafactor):
                         )
                     views.append(_numpy(t.detach(), what))
                     written.append(t)
+                if master:
+                    m = state[_spec.MASTER]
+                    what = f"state['{_spec.MASTER}'] of {where}"
+                    if not isinstance(m, torch.Tensor) or not m.is_contiguous():
+                        raise ValueError(f"{what} must be a contiguous torch.Tensor")
+                    views.append(_numpy(m.detach(), what))
+                    written.append(m)
+                else:
+                    views.append(None)
                 states.append(tuple(views))
                 step = state.get("step")
                 steps.append(None if step is None else _scalar_view(step, where))

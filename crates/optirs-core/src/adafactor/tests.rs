@@ -455,3 +455,80 @@ fn pieces_cover_every_element_once_in_order() {
         assert_eq!(at, p.len);
     }
 }
+
+/// Runs one step over bfloat16 `cases` (in place), each written from a master copy (`masters`,
+/// one per case) or stochastically with the key of (`seed`, step 1, its index).
+fn run_rounded(
+    cases: &mut [Case<half::bf16>],
+    masters: Option<&mut [Vec<f32>]>,
+    seed: u64,
+) -> Result<bool, (Option<usize>, CoreError)> {
+    let mut masters = masters.map(|m| m.iter_mut().map(Vec::as_mut_ptr).collect::<Vec<_>>());
+    let params = cases
+        .iter_mut()
+        .enumerate()
+        .map(|(k, c)| {
+            // SAFETY: as in `run`; each master copy has the case's length and outlives the step.
+            unsafe {
+                let (slot, _, new) = counter_at((&raw mut c.step).cast(), false);
+                let p = Param::new(
+                    DType::Bf16,
+                    c.p.len(),
+                    c.p.as_mut_ptr().cast(),
+                    c.g.as_ptr().cast(),
+                    factoring(&c.shape),
+                    [c.s0.as_mut_ptr().cast(), c.s1.as_mut_ptr().cast()],
+                    Some(slot),
+                    new,
+                    HYPER,
+                );
+                match masters.as_mut() {
+                    Some(m) => p.with_master(m[k].cast()),
+                    None => p.with_stochastic_rounding(SrKey::new(seed, 1, k as u64)),
+                }
+            }
+        })
+        .collect();
+    prepare(params, &options())?.run()
+}
+
+/// Stochastic rounding and a master copy, at every level and thread count: the master copy
+/// takes the float32 result that round to nearest rounds (the copy starts as the parameter, so
+/// the step's inputs are the same), and stochastic rounding rounds that result with each
+/// element's random bits, keyed by its index within its parameter across pieces.
+#[test]
+fn rounding_options_round_the_same_float32_result() {
+    let start: Vec<Case<half::bf16>> = shapes()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| case(s, i as u32))
+        .collect();
+    let mut nearest = start.clone();
+    assert!(run(&mut nearest, HYPER, &options()).unwrap());
+    let before = simd::active();
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+        simd::set_active(level);
+        for threads in [1, 3] {
+            pool::set_num_threads(threads);
+            let mut c = start.clone();
+            let mut m: Vec<Vec<f32>> = c
+                .iter()
+                .map(|c| c.p.iter().map(|x| x.load()).collect())
+                .collect();
+            assert!(run_rounded(&mut c, Some(&mut m), 0).unwrap());
+            let mut s = start.clone();
+            assert!(run_rounded(&mut s, None, 0xABCD).unwrap());
+            for (k, ((c, s), (m, n))) in c.iter().zip(&s).zip(m.iter().zip(&nearest)).enumerate() {
+                assert_eq!((&c.p, &c.s0, &c.s1), (&n.p, &n.s0, &n.s1), "{level:?} {k}");
+                assert_eq!((&s.s0, &s.s1), (&n.s0, &n.s1), "{level:?} {k}");
+                let key = SrKey::new(0xABCD, 1, k as u64);
+                for (i, (&x, (&pm, &ps))) in m.iter().zip(c.p.iter().zip(&s.p)).enumerate() {
+                    assert_eq!(pm, half::bf16::store(x), "{level:?} {k} {i}");
+                    let want = half::bf16::store_sr(x, sr::bits(key, i));
+                    assert_eq!(ps.to_bits(), want.to_bits(), "{level:?} {k} {i}");
+                }
+            }
+        }
+    }
+    simd::set_active(before);
+}

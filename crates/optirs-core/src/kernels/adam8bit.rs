@@ -8,10 +8,14 @@
 //! A step runs block by block, in one pass over the block's memory: dequantize both moments
 //! into block-sized float32 buffers on the stack, stream the float32 Adam element function
 //! ([`super::adam`]'s, unchanged) over the parameter, gradient and those buffers with the
-//! level's SIMD lanes (`lanes::stream`, as every float32 step), find each moment's new absmax
-//! and requantize to the nearest code. Work is only ever cut at block boundaries, so the result
-//! does not depend on the chunking or the thread count; `stream` gives the same bits at every
-//! level and the code search is exact, so it does not depend on the SIMD level either.
+//! level's SIMD lanes (`lanes::stream_param`, as every float32 step), find each moment's new
+//! absmax and requantize to the nearest code. The parameter is written as its
+//! [`Rounding`] says, in the same pass: to nearest, stochastically (bfloat16; each element's
+//! random bits keyed by its index within the parameter, the block's offset plus its place in
+//! the block), or from a float32 master copy that the step reads and updates in place of the
+//! 16-bit values. Work is only ever cut at block boundaries, so the result does not depend on
+//! the chunking or the thread count; `stream_param` gives the same bits at every level and the
+//! code search is exact, so it does not depend on the SIMD level either.
 //!
 //! # Code maps
 //! [`CodeMap::dynamic`] builds bitsandbytes' dynamic map (`create_dynamic_map(signed,
@@ -46,7 +50,7 @@ use std::sync::OnceLock;
 
 use super::adam::AdamScalars;
 use super::float::{Float, Storage};
-use super::lanes::{stream, StateLanes};
+use super::lanes::{stream_param, ParamOut, Rounding, StateLanes};
 
 /// The largest block the kernel takes (its per-block buffers live on the stack).
 pub const MAX_BLOCK: usize = 4096;
@@ -349,6 +353,10 @@ pub struct Q8Slices<'a, S> {
     pub exp_avg_absmax: &'a mut [f32],
     pub exp_avg_sq_absmax: &'a mut [f32],
     pub block: usize,
+    /// How the parameter's new values are written: round to nearest, stochastically (its key's
+    /// offset the index of `param`'s first element within the whole parameter), or from a
+    /// float32 master copy of `param`'s length.
+    pub rounding: Rounding<'a, f32>,
 }
 
 impl<'a, S> Q8Slices<'a, S> {
@@ -375,6 +383,7 @@ impl<'a, S> Q8Slices<'a, S> {
             && self.exp_avg_sq.len() == n
             && self.exp_avg_absmax.len() == blocks
             && self.exp_avg_sq_absmax.len() == blocks
+            && self.rounding.len_matches(n)
     }
 
     /// Cuts the update into pieces of whole blocks, at most `chunk` elements each (rounded down
@@ -395,6 +404,7 @@ impl<'a, S> Q8Slices<'a, S> {
             let (v0, v1) = s.exp_avg_sq.split_at_mut(n);
             let (am0, am1) = s.exp_avg_absmax.split_at_mut(per);
             let (av0, av1) = s.exp_avg_sq_absmax.split_at_mut(per);
+            let (r0, r1) = s.rounding.split_at(n);
             rest = Some(Q8Slices {
                 param: p1,
                 grad: g1,
@@ -403,6 +413,7 @@ impl<'a, S> Q8Slices<'a, S> {
                 exp_avg_absmax: am1,
                 exp_avg_sq_absmax: av1,
                 block,
+                rounding: r1,
             });
             Some(Q8Slices {
                 param: p0,
@@ -412,6 +423,7 @@ impl<'a, S> Q8Slices<'a, S> {
                 exp_avg_absmax: am0,
                 exp_avg_sq_absmax: av0,
                 block,
+                rounding: r0,
             })
         })
     }
@@ -473,16 +485,26 @@ pub(crate) unsafe fn update_inline<S, L, const GATHER: bool>(
         .zip(s.exp_avg_sq.chunks_mut(s.block))
         .zip(s.exp_avg_absmax.iter_mut())
         .zip(s.exp_avg_sq_absmax.iter_mut());
+    let mut rounding = s.rounding;
     for (((((p, g), mq), vq), am), av) in blocks {
         let n = p.len();
+        // This block's part of the rounding: a stochastic key offset to the block's first
+        // element, so each element draws its bits by its index within the parameter.
+        let (r, rest) = rounding.split_at(n);
+        rounding = rest;
         let (m, v) = (&mut new_m[..n], &mut new_v[..n]);
         // Plain code: AVX2's gathers measured no faster here.
         for ((x, &q), (y, &r)) in m.iter_mut().zip(&*mq).zip(v.iter_mut().zip(&*vq)) {
             *x = cm.decode(q, *am);
             *y = cv.decode(r, *av);
         }
-        // SAFETY: the caller's CPU has `L`'s instructions; `stream` checks the lengths.
-        unsafe { stream::<S, f32, L, _, 2>(k, p, g, [&mut *m, &mut *v]) };
+        let param = ParamOut {
+            values: p,
+            rounding: r,
+        };
+        // SAFETY: the caller's CPU has `L`'s instructions; `stream_param` checks the lengths
+        // (the master copy's too).
+        unsafe { stream_param::<S, f32, L, _, 2>(k, param, g, [&mut *m, &mut *v]) };
         let (a_m, a_v) = (absmax(m), absmax(v));
         // SAFETY: with `GATHER`, the caller's CPU has AVX2.
         unsafe {
@@ -754,6 +776,16 @@ mod tests {
         assert!(out[2].is_nan() && out[3].is_nan());
     }
 
+    /// Values in [-0.5, 0.5] from an xorshift generator started at `x`.
+    fn uniform(mut x: u32) -> impl FnMut() -> f32 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (f64::from(x) / f64::from(u32::MAX) - 0.5) as f32
+        }
+    }
+
     /// The kernel against the same steps written out: dequantize, the float32 Adam element
     /// function, absmax, nearest code; any chunking gives the same bits.
     #[test]
@@ -767,13 +799,7 @@ mod tests {
         let n: usize = if cfg!(miri) { 300 } else { 1000 };
         let block: usize = 64;
         let blocks = n.div_ceil(block);
-        let mut x = 0x1234_5678_u32;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (f64::from(x) / f64::from(u32::MAX) - 0.5) as f32
-        };
+        let mut rnd = uniform(0x1234_5678);
         let p0: Vec<f32> = (0..n).map(|_| rnd()).collect();
         let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rnd()).collect()).collect();
         let run = |chunk: usize, level: SimdLevel| {
@@ -790,6 +816,7 @@ mod tests {
                     exp_avg_absmax: &mut am,
                     exp_avg_sq_absmax: &mut av,
                     block,
+                    rounding: Rounding::Nearest,
                 };
                 for piece in s.chunks(chunk) {
                     update(level, &k, piece);
@@ -835,5 +862,113 @@ mod tests {
             assert_eq!(bits(&got.3), bits(&want.3), "chunk {chunk}");
             assert_eq!(bits(&got.4), bits(&want.4), "chunk {chunk}");
         }
+    }
+
+    /// Stochastic rounding and a float32 master copy over bfloat16 parameters: every level and
+    /// chunking gives the bits of the same steps written out: the float32 element function,
+    /// then the result rounded with the random bits of the element's index within the whole
+    /// parameter, or kept in the master copy and written to the parameter rounded to nearest.
+    #[test]
+    fn rounding_matches_reference_at_every_level_and_chunking() {
+        use super::super::sr::{self, SrKey};
+        use half::bf16;
+        let h = AdamHyper {
+            lr: 1e-3,
+            weight_decay: 0.1,
+            decoupled: true,
+            ..AdamHyper::default()
+        };
+        let n: usize = if cfg!(miri) { 300 } else { 1000 };
+        let block: usize = 64;
+        let blocks = n.div_ceil(block);
+        let mut rnd = uniform(0x0BAD_5EED);
+        let p0: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rnd())).collect();
+        let grads: Vec<Vec<bf16>> = (0..3)
+            .map(|_| (0..n).map(|_| bf16::from_f32(rnd())).collect())
+            .collect();
+        let key = |t: usize| SrKey::new(0x00C0_FFEE, t as u64, 3);
+        let widened = || p0.iter().map(|x| x.load()).collect::<Vec<f32>>();
+        // `master`: Some(true) a master copy, Some(false) stochastic, None round to nearest.
+        let run = |master: Option<bool>, chunk: usize, level: SimdLevel| {
+            let mut p = p0.clone();
+            let mut mw = widened();
+            let (mut mq, mut vq) = (vec![127u8; n], vec![0u8; n]);
+            let (mut am, mut av) = (vec![0f32; blocks], vec![0f32; blocks]);
+            for (t, g) in grads.iter().enumerate() {
+                let k = AdamScalars::<f32>::new(&h, (t + 1) as f64);
+                let s = Q8Slices {
+                    param: &mut p,
+                    grad: g,
+                    exp_avg: &mut mq,
+                    exp_avg_sq: &mut vq,
+                    exp_avg_absmax: &mut am,
+                    exp_avg_sq_absmax: &mut av,
+                    block,
+                    rounding: match master {
+                        Some(true) => Rounding::Master(&mut mw),
+                        Some(false) => Rounding::Stochastic(key(t)),
+                        None => Rounding::Nearest,
+                    },
+                };
+                for piece in s.chunks(chunk) {
+                    update(level, &k, piece);
+                }
+            }
+            (p, mw, mq, vq, am, av)
+        };
+        let want = |master: bool| {
+            let mut p = p0.clone();
+            let mut mw = widened();
+            let (mut mq, mut vq) = (vec![127u8; n], vec![0u8; n]);
+            let (mut am, mut av) = (vec![0f32; blocks], vec![0f32; blocks]);
+            for (t, g) in grads.iter().enumerate() {
+                let k = AdamScalars::<f32>::new(&h, (t + 1) as f64);
+                let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+                dequantize(signed_map(), &mq, &am, block, &mut m);
+                dequantize(unsigned_map(), &vq, &av, block, &mut v);
+                for j in 0..n {
+                    let x = if master { mw[j] } else { p[j].load() };
+                    let (pn, [mn, vn]) =
+                        Elementwise::<f32, 2>::elem::<f32>(&k, x, g[j].load(), [m[j], v[j]]);
+                    if master {
+                        mw[j] = pn;
+                        p[j] = bf16::store(pn);
+                    } else {
+                        p[j] = bf16::store_sr(pn, sr::bits(key(t), j));
+                    }
+                    (m[j], v[j]) = (mn, vn);
+                }
+                quantize(signed_map(), &m, block, &mut mq, &mut am);
+                quantize(unsigned_map(), &v, block, &mut vq, &mut av);
+            }
+            (p, mw, mq, vq, am, av)
+        };
+        let levels = SimdLevel::ALL.into_iter().filter(|l| l.supported());
+        let chunks: &[usize] = if cfg!(miri) {
+            &[64, 1 << 14]
+        } else {
+            &[1, 64, 100, 640, 1 << 14]
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let bits16 = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for master in [false, true] {
+            let w = want(master);
+            // The steps moved the parameter.
+            assert_ne!(bits16(&w.0), bits16(&p0));
+            for &chunk in chunks {
+                for level in levels.clone() {
+                    let got = run(Some(master), chunk, level);
+                    let at = format!("master {master} chunk {chunk} {level:?}");
+                    assert_eq!(bits16(&got.0), bits16(&w.0), "{at}");
+                    assert_eq!(bits(&got.1), bits(&w.1), "{at}");
+                    assert_eq!((&got.2, &got.3), (&w.2, &w.3), "{at}");
+                    assert_eq!(bits(&got.4), bits(&w.4), "{at}");
+                    assert_eq!(bits(&got.5), bits(&w.5), "{at}");
+                }
+            }
+        }
+        // Stochastic rounding is not round to nearest: some element rounded the other way.
+        let nearest = run(None, 1 << 14, SimdLevel::Baseline).0;
+        assert_ne!(bits16(&nearest), bits16(&want(false).0));
     }
 }
