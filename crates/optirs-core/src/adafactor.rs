@@ -328,7 +328,7 @@ macro_rules! per_level {
 
         #[allow(clippy::too_many_arguments)]
         fn $name<S: Storage>(level: SimdLevel, $($arg: $ty),*) -> $ret {
-            match level.min(SimdLevel::detect()) {
+            match level.clamped() {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU has the level's features (`detect`, clamped above).
                 SimdLevel::Avx512 => unsafe { $avx512::<S>($($arg),*) },
