@@ -717,7 +717,7 @@ pub fn prepare(params: Vec<Param>, options: &Options) -> Result<Work, (Option<us
             None,
             CoreError::new(
                 ErrorKind::Value,
-                "flush_denormals is only available on x86-64".to_owned(),
+                "flush_denormals is only available on x86-64 and aarch64".to_owned(),
             )
             .arg("flush_denormals"),
         ));
