@@ -64,13 +64,13 @@ test-rust: $(DEPS) ## only the Rust tests (the core's run without Python: cargo 
 # optirs-core's tests built for aarch64 and run under user-mode qemu: every kernel at the NEON
 # level against the scalar reference, bit for bit, and the 16-bit conversions on every input.
 # It installs nothing: each missing piece stops it with the command that provides it (Debian
-# names). About 15 min on the 2-core dev machine, most of it the exhaustive conversion sweeps;
+# names). 8 to 15 min on the 2-core dev machine, most of it the exhaustive conversion sweeps;
 # timings under qemu say nothing about aarch64 speed.
 AARCH64_TARGET := aarch64-unknown-linux-gnu
 AARCH64_CC ?= aarch64-linux-gnu-gcc
 AARCH64_SYSROOT ?= /usr/aarch64-linux-gnu
 .PHONY: test-aarch64
-test-aarch64: ## optirs-core's tests for aarch64 (NEON) under qemu-aarch64 (~15 min; needs the Rust target, qemu-user, a cross gcc)
+test-aarch64: ## optirs-core's tests for aarch64 (NEON) under qemu-aarch64 (~10 min; needs the Rust target, qemu-user, a cross gcc)
 	@test -d "$$(rustc --print sysroot)/lib/rustlib/$(AARCH64_TARGET)/lib" || { \
 		echo "test-aarch64: the Rust target is missing: rustup target add $(AARCH64_TARGET)" >&2; exit 1; }
 	@command -v qemu-aarch64 >/dev/null || { \

@@ -248,8 +248,9 @@ pub trait Element<Q: Storage<Compute = Self::Compute> = Self>: FactorElement {
 /// AVX-512 level too (criterion at 10^4 elements: Adam float32 133 -> 151 GiB/s, bfloat16
 /// 39 -> 50, float16 27 -> 61 where it ran the AVX2 vectors).
 ///
-/// A float32 or float16 parameter with bfloat16 state runs the bfloat16 pairs: they read the
-/// parameter's type in the same (even, odd) element order as the state.
+/// On x86-64, a float32 or float16 parameter with bfloat16 state runs the bfloat16 pairs: they
+/// read the parameter's type in the same (even, odd) element order as the state. The NEON lanes
+/// keep every type in element order, so one lanes type serves every pairing.
 macro_rules! element {
     ($($t:ty, $q:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
         impl Element<$q> for $t {
