@@ -367,7 +367,8 @@ pub mod _core {
         entry(|| Ok(crate::probe::traffic(py, &read_only, &read_write)?))
     }
 
-    /// The SIMD level in use: "avx512", "avx2" or the baseline ("sse2", "neon").
+    /// The SIMD level in use: "avx512", "avx2", "neon" or the baseline ("sse2" on x86-64,
+    /// "scalar" elsewhere).
     #[pyfunction]
     fn simd_level() -> PyResult<&'static str> {
         entry(|| Ok(simd::active().name()))
@@ -396,7 +397,8 @@ pub mod _core {
         entry(|| match SimdLevel::parse(level) {
             Some(l) => Ok(simd::set_active(l).name()),
             None => Err(CoreError::value_error(format!(
-                "unknown SIMD level {level:?}; expected one of 'avx512', 'avx2', 'baseline'"
+                "unknown SIMD level {level:?}; expected one of {}",
+                simd::LEVEL_NAMES
             ))
             .arg("level")
             .into()),

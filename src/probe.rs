@@ -190,7 +190,7 @@ unsafe fn words_avx2(r: &[u32], ws: &mut [&mut [u32]]) {
 }
 
 fn dispatch(level: SimdLevel, r: &[u32], ws: &mut [&mut [u32]]) {
-    match level.min(SimdLevel::detect()) {
+    match level.clamped() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the level (clamped by detect()).
         SimdLevel::Avx512 => unsafe { words_avx512(r, ws) },

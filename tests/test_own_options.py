@@ -25,8 +25,8 @@ import torch
 from conftest import FULL_STATE_KWARGS, OPTIMIZER_NAMES, optirs_class, torch_class
 from torch_helpers import bridge_class
 
-# flush_denormals is only available on x86-64 (elsewhere a step with it raises).
-FLUSH = platform.machine().lower() in ("x86_64", "amd64")
+# flush_denormals is only available on x86-64 and aarch64 (elsewhere a step with it raises).
+FLUSH = platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64")
 OPTIONS = {"skip_nonfinite": True, "flush_denormals": FLUSH}
 SHAPES = ((7,), (3, 5))
 

@@ -292,7 +292,10 @@ def traffic(read_only: list[Any], read_write: list[Any]) -> None:
     the same pool and chunking as a step. Arrays: C-contiguous, equal size in bytes."""
 
 def simd_level() -> str:
-    """The SIMD level in use: "avx512", "avx2" or the baseline ("sse2", "neon")."""
+    """The SIMD level in use: "avx512", "avx2", "neon" or the baseline.
+
+    The baseline is "sse2" on x86-64 and "scalar" elsewhere.
+    """
 
 def simd_levels() -> list[str]:
     """The levels this CPU can run, lowest first."""

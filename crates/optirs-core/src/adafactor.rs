@@ -378,7 +378,7 @@ macro_rules! per_level {
 
         #[allow(clippy::too_many_arguments)]
         fn $name<S: Storage>(level: SimdLevel, $($arg: $ty),*) -> $ret {
-            match level.min(SimdLevel::detect()) {
+            match level.clamped() {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU has the level's features (`detect`, clamped above).
                 SimdLevel::Avx512 => unsafe { $avx512::<S>($($arg),*) },
@@ -838,7 +838,7 @@ pub fn prepare(params: Vec<Param>, options: &Options) -> Result<Work, (Option<us
             None,
             CoreError::new(
                 ErrorKind::Value,
-                "flush_denormals is only available on x86-64".to_owned(),
+                "flush_denormals is only available on x86-64 and aarch64".to_owned(),
             )
             .arg("flush_denormals"),
         ));

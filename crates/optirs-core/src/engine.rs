@@ -723,7 +723,7 @@ pub fn prepare_with_q8(
 
     // Every check passed: from here on nothing can fail.
     if options.flush_denormals && !FlushGuard::supported() {
-        return value_err!("flush_denormals is only available on x86-64")
+        return value_err!("flush_denormals is only available on x86-64 and aarch64")
             .map_err(|e: CoreError| e.arg("flush_denormals"));
     }
     assert!(

@@ -31,11 +31,15 @@
 
 use crate::dtype::DType;
 use crate::engine::CHUNK_ELEMS;
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+use crate::kernels::lanes::{Arith, Wide8};
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+use crate::kernels::neon::Neon;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::{
-    lanes::Arith,
-    x86::{Avx2, Avx512, Wide8},
-};
+use crate::kernels::x86::{Avx2, Avx512};
 use crate::kernels::{
     simd::{FactorElement, SimdLevel},
     Float, Storage,
@@ -240,7 +244,10 @@ fn lanes<S: Storage>(xs: &[S], p: NormType, add: impl Fn(f64, f64) -> f64) -> [f
 /// memory's speed at 2 threads. Four vectors of 8 lanes are the 32 accumulators (lane `j` of
 /// vector `k` is accumulator `8k + j`, as in [`lanes`]), each lane's operation the scalar
 /// one's IEEE operation, so the bits are the baseline's; the tail runs the scalar operations.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
 #[inline(always)]
 fn piece_wide<S: Storage, L: Wide8<S>>(xs: &[S], p: NormType) -> f64 {
     let zero = L::V::splat(0.0);
@@ -268,7 +275,10 @@ fn piece_wide<S: Storage, L: Wide8<S>>(xs: &[S], p: NormType) -> f64 {
 
 /// The vector loop of [`piece_wide`]: `add` over whole groups of [`LANES`] elements, `add1`
 /// (the same operation on one lane) over the tail.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
 #[inline(always)]
 fn wide<S: Storage, L: Wide8<S>>(
     xs: &[S],
@@ -281,7 +291,7 @@ fn wide<S: Storage, L: Wide8<S>>(
     for c in &mut chunks {
         for (k, a) in acc.iter_mut().enumerate() {
             // SAFETY: `c` holds LANES = 8 * acc.len() elements; the caller runs with `L`'s
-            // instructions (the `target_feature` functions below).
+            // instructions (the `target_feature` functions below; NEON is baseline on aarch64).
             *a = add(*a, unsafe { L::load8(c.as_ptr().add(8 * k)) });
         }
     }
@@ -320,16 +330,30 @@ where
     Avx512: Wide8<S>,
     Avx2: Wide8<S>,
 {
-    match level.min(SimdLevel::detect()) {
+    match level.clamped() {
         // SAFETY: the CPU has the level's features (`detect`, clamped above).
         SimdLevel::Avx512 => unsafe { piece_avx512(xs, p) },
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { piece_avx2(xs, p) },
-        SimdLevel::Baseline => piece_inline(xs, p),
+        _ => piece_inline(xs, p),
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+fn piece<S: Storage>(level: SimdLevel, xs: &[S], p: NormType) -> f64
+where
+    Neon: Wide8<S>,
+{
+    match level.clamped() {
+        SimdLevel::Neon => piece_wide::<S, Neon>(xs, p),
+        _ => piece_inline(xs, p),
+    }
+}
+
+#[cfg(not(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+)))]
 fn piece<S: Storage>(_level: SimdLevel, xs: &[S], p: NormType) -> f64 {
     piece_inline(xs, p)
 }
@@ -355,7 +379,7 @@ fn scale_avx2<S: Storage>(xs: &mut [S], c: S::Compute) {
 }
 
 fn scale_piece<S: Storage>(level: SimdLevel, xs: &mut [S], c: S::Compute) {
-    match level.min(SimdLevel::detect()) {
+    match level.clamped() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the level's features (`detect`, clamped above).
         SimdLevel::Avx512 => unsafe { scale_avx512(xs, c) },

@@ -454,7 +454,7 @@ pub fn update<S: super::simd::Q8Element>(
         s.lengths_match(),
         "8-bit state does not match its parameter"
     );
-    S::run_q8(level.min(super::simd::SimdLevel::detect()), k, s);
+    S::run_q8(level.clamped(), k, s);
 }
 
 /// The body [`update`] compiles once per level: each block's moments dequantized into float32

@@ -2,11 +2,12 @@
 //!
 //! An update rule is written once, as a function of one element's values ([`Elementwise`]),
 //! generic over the arithmetic type [`Arith`]: a plain `f32`/`f64`, or a SIMD vector of them
-//! (`super::x86`). [`stream`] walks the arrays a vector of [`Lanes::W`] elements at a time,
-//! converting each array's storage type to the arithmetic type on the way in and back on the
-//! way out. With [`One`] (one element at a time, the baseline) the compiler vectorises the loop
-//! itself; the x86 lanes spell the vectors out, so that conversions the compiler cannot write
-//! (float16 through F16C) are one instruction, and nothing depends on the auto-vectoriser.
+//! (`super::x86`, `super::neon`). [`stream`] walks the arrays a vector of [`Lanes::W`] elements
+//! at a time, converting each array's storage type to the arithmetic type on the way in and back
+//! on the way out. With [`One`] (one element at a time, the baseline) the compiler vectorises the
+//! loop itself; the x86 and NEON lanes spell the vectors out, so that conversions the compiler
+//! cannot write (float16 through F16C or `fcvtl`/`fcvtn`) are one instruction, and nothing
+//! depends on the auto-vectoriser.
 //!
 //! Every operation is a correctly rounded IEEE operation, so a lane computes exactly what the
 //! scalar code computes, whatever the width. Products and sums are rounded one by one: the
@@ -175,6 +176,26 @@ impl<T: Float, V: Arith<T>> Arith<T> for Pair<V> {
             self.1.select_eq(other.1, then.1, otherwise.1),
         )
     }
+}
+
+/// Eight elements of a storage type read as `f64` lanes, for the gradient norms
+/// (`crate::norm`), which accumulate in `f64`, at the levels with vectors (`super::x86`,
+/// `super::neon`). Every conversion is exact (float32 and both
+/// 16-bit types widen without rounding), so a lane holds what `Storage::load` then
+/// `Float::to_f64` gives for its element.
+pub trait Wide8<S> {
+    /// Eight `f64` lanes.
+    type V: Arith<f64>;
+    /// Reads eight elements.
+    ///
+    /// # Safety
+    /// `src` points to 8 readable elements, and the CPU has this type's instructions.
+    unsafe fn load8(src: *const S) -> Self::V;
+    /// Writes the eight lanes.
+    ///
+    /// # Safety
+    /// `dst` points to 8 writable `f64`s, and the CPU has this type's instructions.
+    unsafe fn store8(dst: *mut f64, v: Self::V);
 }
 
 /// One update rule at one element position, with `B` state buffers: takes the parameter, the

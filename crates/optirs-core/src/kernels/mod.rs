@@ -18,6 +18,8 @@ pub mod float;
 pub mod lanes;
 pub mod lion;
 pub mod nadam;
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub(crate) mod neon;
 pub mod radam;
 pub mod rmsprop;
 pub mod rprop;

@@ -2,7 +2,8 @@
 //!
 //! The same update code ([`super::apply_inline`]) is compiled once per level with
 //! `#[target_feature]`, over that level's vectors; the wheel itself targets baseline x86-64.
-//! Because the kernels use only correctly rounded IEEE operations, and fuse a multiply-add in
+//! On aarch64, NEON is part of the baseline: its level needs no detection and no
+//! `#[target_feature]`, only its vectors (`super::neon`). Because the kernels use only correctly rounded IEEE operations, and fuse a multiply-add in
 //! exactly the same places at every level (`lanes::Arith::mul_add`), every level gives the same
 //! bits.
 
@@ -11,31 +12,53 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use super::adam::AdamScalars;
 use super::adam8bit::Q8Slices;
 use super::lanes::One;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
 use super::lanes::StateLanes;
 use super::{Rule, Slices, Storage};
 
 /// An instruction-set level the kernels are compiled for.
+///
+/// Every variant exists on every architecture, so that a level's name parses anywhere
+/// (`OPTIRS_SIMD=avx2` on aarch64 is a level this CPU lacks, not an unknown word), but only
+/// [`SimdLevel::ALL`]'s are compiled for and supported. The order is meaningful among one
+/// architecture's levels only: [`SimdLevel::clamped`] is the way down to a supported one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SimdLevel {
-    /// Whatever the build target guarantees (SSE2 on x86-64, NEON on aarch64).
+    /// The plain element loop, vectorised (or not) by the compiler for whatever the build
+    /// target guarantees: SSE2 on x86-64 ("sse2"), elsewhere "scalar" (on aarch64 the
+    /// compiler may use NEON in it; the `Neon` level spells the vectors out).
     Baseline = 1,
+    /// x86-64: AVX2 with FMA and F16C.
     Avx2 = 2,
+    /// x86-64: AVX-512F (with AVX2, FMA and F16C).
     Avx512 = 3,
+    /// aarch64: NEON (Advanced SIMD), part of the baseline there.
+    Neon = 4,
 }
 
 impl SimdLevel {
-    /// Every level, lowest first.
+    /// Every level compiled for this architecture, lowest first.
+    #[cfg(target_arch = "x86_64")]
     pub const ALL: [SimdLevel; 3] = [SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512];
+    /// Every level compiled for this architecture, lowest first.
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    pub const ALL: [SimdLevel; 2] = [SimdLevel::Baseline, SimdLevel::Neon];
+    /// Every level compiled for this architecture, lowest first.
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        all(target_arch = "aarch64", target_feature = "neon")
+    )))]
+    pub const ALL: [SimdLevel; 1] = [SimdLevel::Baseline];
 
     /// The name used by `optirs.simd_level()` and the `OPTIRS_SIMD` variable.
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
             SimdLevel::Baseline => {
-                if cfg!(target_arch = "aarch64") {
-                    "neon"
-                } else if cfg!(target_arch = "x86_64") {
+                if cfg!(target_arch = "x86_64") {
                     "sse2"
                 } else {
                     "scalar"
@@ -43,6 +66,7 @@ impl SimdLevel {
             }
             SimdLevel::Avx2 => "avx2",
             SimdLevel::Avx512 => "avx512",
+            SimdLevel::Neon => "neon",
         }
     }
 
@@ -50,9 +74,10 @@ impl SimdLevel {
     #[must_use]
     pub fn parse(s: &str) -> Option<SimdLevel> {
         match s.trim().to_ascii_lowercase().as_str() {
-            "baseline" | "scalar" | "sse2" | "neon" | "none" => Some(SimdLevel::Baseline),
+            "baseline" | "scalar" | "sse2" | "none" => Some(SimdLevel::Baseline),
             "avx2" => Some(SimdLevel::Avx2),
             "avx512" | "avx-512" | "avx512f" => Some(SimdLevel::Avx512),
+            "neon" => Some(SimdLevel::Neon),
             _ => None,
         }
     }
@@ -74,32 +99,56 @@ impl SimdLevel {
                 return SimdLevel::Avx2;
             }
         }
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        {
+            // Baseline on this target: every CPU that runs the build has it.
+            return SimdLevel::Neon;
+        }
+        #[allow(unreachable_code)] // on aarch64, after the return above
         SimdLevel::Baseline
     }
 
-    /// True when this CPU can run code compiled for `self`.
+    /// True when this CPU can run code compiled for `self` (a level of this architecture, at
+    /// most the best it has).
     #[must_use]
     pub fn supported(self) -> bool {
-        self <= SimdLevel::detect()
+        SimdLevel::ALL.contains(&self) && self <= SimdLevel::detect()
+    }
+
+    /// `self` where the CPU supports it, else the best level it has (a lower x86 level than
+    /// the one asked for, or, for another architecture's level, this one's best): what every
+    /// dispatch runs, so that no unsupported instruction ever executes.
+    #[must_use]
+    pub fn clamped(self) -> SimdLevel {
+        if self.supported() {
+            self
+        } else {
+            SimdLevel::detect()
+        }
     }
 }
+
+/// The level names `OPTIRS_SIMD` and `set_simd_level` take, for error messages.
+pub const LEVEL_NAMES: &str = "'avx512', 'avx2', 'neon', 'sse2', 'scalar' or 'baseline'";
 
 static ACTIVE: AtomicU8 = AtomicU8::new(0);
 
 /// The level in use: the best the CPU has, lowered by `OPTIRS_SIMD` when that names a lower
-/// one (a higher or unknown name is ignored: forcing an unsupported level would crash).
+/// one (a higher, another architecture's or an unknown name is ignored: forcing an unsupported
+/// level would crash).
 #[must_use]
 pub fn active() -> SimdLevel {
     match ACTIVE.load(Ordering::Relaxed) {
         1 => SimdLevel::Baseline,
         2 => SimdLevel::Avx2,
         3 => SimdLevel::Avx512,
+        4 => SimdLevel::Neon,
         _ => {
             let best = SimdLevel::detect();
             let chosen = std::env::var("OPTIRS_SIMD")
                 .ok()
                 .and_then(|v| SimdLevel::parse(&v))
-                .map_or(best, |wanted| wanted.min(best));
+                .map_or(best, SimdLevel::clamped);
             ACTIVE.store(chosen as u8, Ordering::Relaxed);
             chosen
         }
@@ -115,17 +164,16 @@ pub fn init() -> Option<String> {
     let raw = std::env::var_os("OPTIRS_SIMD");
     let wanted = raw.as_ref().map(|v| v.to_str().and_then(SimdLevel::parse));
     let chosen = match wanted {
-        Some(Some(w)) => w.min(best),
+        Some(Some(w)) => w.clamped(),
         _ => best,
     };
     ACTIVE.store(chosen as u8, Ordering::Relaxed);
     match (raw, wanted) {
         (Some(raw), Some(None)) => Some(format!(
-            "OPTIRS_SIMD={raw:?} names no SIMD level (one of 'avx512', 'avx2', 'baseline'); \
-             using {}",
+            "OPTIRS_SIMD={raw:?} names no SIMD level (one of {LEVEL_NAMES}); using {}",
             chosen.name()
         )),
-        (Some(raw), Some(Some(w))) if w > best => Some(format!(
+        (Some(raw), Some(Some(w))) if !w.supported() => Some(format!(
             "OPTIRS_SIMD={raw:?} asks for a level this CPU does not support; using {}",
             chosen.name()
         )),
@@ -136,7 +184,7 @@ pub fn init() -> Option<String> {
 /// Forces a level for the rest of the process (clamped to what the CPU supports) and returns
 /// the level now in use.
 pub fn set_active(level: SimdLevel) -> SimdLevel {
-    let chosen = level.min(SimdLevel::detect());
+    let chosen = level.clamped();
     ACTIVE.store(chosen as u8, Ordering::Relaxed);
     chosen
 }
@@ -163,6 +211,18 @@ where
     unsafe { super::apply_inline::<S, Q, L>(rule, s) }
 }
 
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+fn apply_neon<S, Q>(rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
+where
+    S: Storage,
+    Q: Storage<Compute = S::Compute>,
+    super::neon::Neon: StateLanes<S, Q>,
+{
+    // SAFETY: NEON is baseline on aarch64 (this build enables it for every function), so the
+    // CPU has the `Neon` lanes' instructions.
+    unsafe { super::apply_inline::<S, Q, super::neon::Neon>(rule, s) }
+}
+
 fn apply_baseline<S: Storage, Q: Storage<Compute = S::Compute>>(
     rule: &Rule<S::Compute>,
     s: Slices<'_, S, Q>,
@@ -181,14 +241,16 @@ pub trait Element<Q: Storage<Compute = Self::Compute> = Self>: FactorElement {
 }
 
 /// The lanes each level runs a storage type with: explicit vectors of that level's width
-/// (`super::x86`), bfloat16 two at a time (its conversions are cheaper that way). Explicit
+/// (`super::x86`), bfloat16 two at a time (its conversions are cheaper that way); on aarch64,
+/// `super::neon::Neon` for every type (two registers at a time, elements in order). Explicit
 /// vectors, not the one-element loop the compiler vectorises itself, because the compiler cannot
 /// write float16's F16C conversions, and because measured on Zen 5 they were faster at the
 /// AVX-512 level too (criterion at 10^4 elements: Adam float32 133 -> 151 GiB/s, bfloat16
 /// 39 -> 50, float16 27 -> 61 where it ran the AVX2 vectors).
 ///
-/// A float32 or float16 parameter with bfloat16 state runs the bfloat16 pairs: they read the
-/// parameter's type in the same (even, odd) element order as the state.
+/// On x86-64, a float32 or float16 parameter with bfloat16 state runs the bfloat16 pairs: they
+/// read the parameter's type in the same (even, odd) element order as the state. The NEON lanes
+/// keep every type in element order, so one lanes type serves every pairing.
 macro_rules! element {
     ($($t:ty, $q:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
         impl Element<$q> for $t {
@@ -201,6 +263,8 @@ macro_rules! element {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above.
                     SimdLevel::Avx2 => unsafe { apply_avx2::<Self, $q, $avx2>(rule, s) },
+                    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+                    SimdLevel::Neon => apply_neon::<Self, $q>(rule, s),
                     _ => apply_baseline(rule, s),
                 }
             }
@@ -273,7 +337,7 @@ macro_rules! factor_element {
                 unscale: Option<f64>,
                 coef: Option<f64>,
             ) {
-                match level.min(SimdLevel::detect()) {
+                match level.clamped() {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the CPU has the level's features (`detect`, clamped above).
                     SimdLevel::Avx512 => unsafe {
@@ -283,6 +347,11 @@ macro_rules! factor_element {
                     // SAFETY: as above.
                     SimdLevel::Avx2 => unsafe {
                         factor_avx2::<Self, $avx2>(src, dst, unscale, coef)
+                    },
+                    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+                    // SAFETY: NEON is baseline on aarch64.
+                    SimdLevel::Neon => unsafe {
+                        super::factor::apply::<Self, super::neon::Neon>(src, dst, unscale, coef)
                     },
                     // SAFETY: one element at a time, in plain code.
                     _ => unsafe { super::factor::apply::<Self, One>(src, dst, unscale, coef) },
@@ -319,7 +388,7 @@ where
         s.lengths_match(),
         "gradient and state buffers must match the parameter's length"
     );
-    <S as Element<Q>>::run(level.min(SimdLevel::detect()), rule, s);
+    <S as Element<Q>>::run(level.clamped(), rule, s);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -359,6 +428,12 @@ macro_rules! q8_element {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above.
                     SimdLevel::Avx2 => unsafe { q8_avx2::<Self, $avx2>(k, s) },
+                    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+                    // SAFETY: NEON is baseline on aarch64. The codebook lookup stays scalar
+                    // (`GATHER` false: NEON has no gathers).
+                    SimdLevel::Neon => unsafe {
+                        super::adam8bit::update_inline::<Self, super::neon::Neon, false>(k, s)
+                    },
                     // SAFETY: one element at a time, in plain code.
                     _ => unsafe { super::adam8bit::update_inline::<Self, One, false>(k, s) },
                 }

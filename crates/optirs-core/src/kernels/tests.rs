@@ -978,6 +978,60 @@ fn non_finite_gradients_propagate_as_reference_f64() {
     check::<f64>(true);
 }
 
+/// Every rule over denormal parameters and gradients (scaled by `tiny`) with flush-to-zero on
+/// (`crate::fpenv`, FTZ and DAZ on x86-64, FPCR.FZ on aarch64): the same bits at every level,
+/// since the flushing acts alike on scalar and vector instructions. Returns whether any case's
+/// bits differ from the same steps without flushing (they must, somewhere, or nothing was
+/// flushed).
+fn flushed_steps_agree<S: Element + 'static>(tiny: f64) -> bool {
+    let mut rng = Rng(0x5DEE_CE66);
+    let n = 67; // whole vectors of every width, and a tail
+    let scaled = |rng: &mut Rng| -> Vec<S> {
+        let v: Vec<S::Compute> = rng.values(n, false);
+        stored(v.into_iter().map(|x| x * t(tiny)).collect())
+    };
+    let mut any_flushed = false;
+    for case in cases() {
+        let init = scaled(&mut rng);
+        let grads: Vec<Vec<S>> = (0..STEPS).map(|_| scaled(&mut rng)).collect();
+        let run = |level: SimdLevel, flush: bool| {
+            let mut s = State {
+                p: init.clone(),
+                bufs: [None, None, None],
+                step: case.first_step(),
+            };
+            let _guard = crate::fpenv::FlushGuard::new(flush);
+            for g in &grads {
+                case.fused(&mut s, g, level, 1 << 14);
+            }
+            let mut all = bits(&s.p);
+            for b in s.bufs.iter().flatten() {
+                all.extend(bits(b));
+            }
+            all
+        };
+        let want = run(SimdLevel::Baseline, true);
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.supported()) {
+            assert_eq!(run(level, true), want, "{case:?} level={level:?}");
+        }
+        any_flushed |= run(SimdLevel::Baseline, false) != want;
+    }
+    any_flushed
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "Miri cannot run the guard's inline assembly")]
+fn flushed_steps_agree_at_every_level() {
+    if !crate::fpenv::FlushGuard::supported() {
+        return; // the option is refused on this platform (see `FlushGuard::supported`)
+    }
+    assert!(flushed_steps_agree::<f32>(1e-39));
+    assert!(flushed_steps_agree::<f64>(1e-309));
+    assert!(flushed_steps_agree::<half::bf16>(1e-39));
+    // float16 values are never float32 denormals, but their steps' intermediates can be.
+    flushed_steps_agree::<half::f16>(1e-7);
+}
+
 /// Centered RMSprop's first step on a gradient whose `grad_avg` squared overflows (3e38 in
 /// float32, 1e300 in float64), at every level and length: torch's fused addcmul keeps
 /// `square_avg`'s infinity (`inf - 9e72` is `inf`), `sqrt(inf)` makes the step `g / inf = 0`,
@@ -1126,7 +1180,10 @@ fn float16_conversions_match_half_on_every_bit_pattern() {
 
 /// Loads `src` as `A` and stores it into `out` as `B`, `W` elements at a time, with `L`'s vector
 /// conversions (`A` and `B` share `L`'s vector type); the lengths are multiples of `W`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
 #[inline(always)]
 unsafe fn through_lanes<A, B, L>(src: &[A], out: &mut [B])
 where
@@ -1147,7 +1204,10 @@ where
 ///
 /// # Safety
 /// The caller is compiled with `L`'s instructions enabled and the CPU has them.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
 #[inline(always)]
 unsafe fn conversions_agree<S: Storage<Compute = f32>, L>()
 where
@@ -1251,6 +1311,13 @@ fn vector_16_bit_conversions_match_the_scalar_ones_on_every_input() {
             unsafe { avx512_conversions_agree() };
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    // SAFETY: NEON is baseline on aarch64 (float16 through `fcvtl`/`fcvtn`, bfloat16 through
+    // integer rounding).
+    unsafe {
+        conversions_agree::<half::f16, super::neon::Neon>();
+        conversions_agree::<half::bf16, super::neon::Neon>();
+    }
 }
 
 #[test]
@@ -1302,7 +1369,40 @@ fn simd_level_names_round_trip() {
         assert_eq!(SimdLevel::parse(level.name()), Some(level));
     }
     assert_eq!(SimdLevel::parse("AVX2"), Some(SimdLevel::Avx2));
+    assert_eq!(SimdLevel::parse("Neon"), Some(SimdLevel::Neon));
+    assert_eq!(SimdLevel::parse("scalar"), Some(SimdLevel::Baseline));
     assert_eq!(SimdLevel::parse("sse4"), None);
+}
+
+#[test]
+fn levels_of_another_architecture_clamp_to_this_ones_best() {
+    let best = SimdLevel::detect();
+    assert!(best.supported() && SimdLevel::Baseline.supported());
+    for level in [
+        SimdLevel::Baseline,
+        SimdLevel::Avx2,
+        SimdLevel::Avx512,
+        SimdLevel::Neon,
+    ] {
+        let ours = SimdLevel::ALL.contains(&level);
+        assert_eq!(level.supported(), ours && level <= best, "{level:?}");
+        assert_eq!(
+            level.clamped(),
+            if level.supported() { level } else { best }
+        );
+        assert!(level.clamped().supported(), "{level:?}");
+    }
+    if cfg!(all(target_arch = "aarch64", target_feature = "neon")) {
+        assert_eq!(best, SimdLevel::Neon);
+        assert_eq!(SimdLevel::Avx512.clamped(), SimdLevel::Neon);
+        assert_eq!(SimdLevel::Baseline.name(), "scalar");
+    } else {
+        assert!(!SimdLevel::Neon.supported());
+    }
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!(SimdLevel::Neon.clamped(), best);
+        assert_eq!(SimdLevel::Baseline.name(), "sse2");
+    }
 }
 
 #[test]

@@ -43,7 +43,7 @@ use std::arch::x86_64::{
 };
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::lanes::{Arith, Lanes, Pair};
+use super::lanes::{Arith, Lanes, Pair, Wide8};
 use half::{bf16, f16};
 
 /// A vector newtype with its arithmetic, one intrinsic per operation.
@@ -542,25 +542,6 @@ impl Lanes<f16> for Avx512Pairs {
             _mm256_storeu_si256(dst.add(16).cast::<__m256i>(), b);
         }
     }
-}
-
-/// Eight elements of a storage type read as `f64` lanes, for the gradient norms
-/// (`crate::norm`), which accumulate in `f64`. Every conversion is exact (float32 and both
-/// 16-bit types widen without rounding), so a lane holds what `Storage::load` then
-/// `Float::to_f64` gives for its element.
-pub trait Wide8<S> {
-    /// Eight `f64` lanes.
-    type V: Arith<f64>;
-    /// Reads eight elements.
-    ///
-    /// # Safety
-    /// `src` points to 8 readable elements, and the CPU has this type's instructions.
-    unsafe fn load8(src: *const S) -> Self::V;
-    /// Writes the eight lanes.
-    ///
-    /// # Safety
-    /// `dst` points to 8 writable `f64`s, and the CPU has this type's instructions.
-    unsafe fn store8(dst: *mut f64, v: Self::V);
 }
 
 /// Eight bfloat16s as float32s: each one the high half of its float32.
