@@ -160,7 +160,11 @@ def _build_impls(
     if "torch-flat" in apis:
         import optirs.torch as bridge
 
-        tparams = tensors()
+        # Parameters as a model has them (leaves that require grad): flatten_parameters gives
+        # only those gradient views, and treats the others as frozen (never stepped flat).
+        tparams = [torch.nn.Parameter(t) for t in tensors()]
+        for tp, tg in zip(tparams, torch_grads):
+            tp.grad = tg
         # Copies the shared gradients' values into its flat gradient buffer, once.
         bridge.flatten_parameters(tparams)
         fopt = getattr(bridge, case.cls)(tparams, **case.kwargs)
@@ -179,6 +183,25 @@ def _build_impls(
             continue
         impls[path] = _Impl(path, topt.step, _torch_snapshot(tparams), topt)
     return impls, missing
+
+
+def _check_flat(impls: dict[str, _Impl]) -> None:
+    """Raises when the flat API's optimizer does not step through its flat plan after the
+    warm-up: it would be timing the per-tensor fallback under the flat row's name."""
+    impl = impls.get(APIS["torch-flat"])
+    if impl is None:
+        return
+    from optirs.torch._bridge import _steps_flat
+
+    opt = impl.keep
+    if not _steps_flat(opt):  # the 8-bit optimizers and Adafactor: per tensor by design
+        return
+    plan = opt.__dict__.get("_optirs_flat_plan")
+    if plan is None or not plan.watch.current(opt.state):
+        raise RuntimeError(
+            f"--api torch-flat: {type(opt).__name__} does not step flat after the warm-up "
+            "(its parameters fell back to the per-tensor path)"
+        )
 
 
 def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -324,6 +347,7 @@ def _run_case(
                 step()
         if i == 0:  # every implementation has taken the same number of steps so far
             ref, diffs = _check_agreement(impls, case, workload, dtype)
+        _check_flat(impls)
         batches = {name: _calibrate(step, config.sample_s) for name, step in steps.items()}
         times = _interleaved(steps, batches, config.repeats, config.settle_s)
         result = _summarize(case, workload, dtype, threads, apis, times, batches, ceiling)
