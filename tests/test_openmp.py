@@ -217,11 +217,27 @@ def test_a_process_without_an_openmp_runtime_uses_the_own_pool() -> None:
     assert proc.stdout.strip() == "pool"
 
 
+def _wheel_file(dist: str, name: str) -> str:
+    """Where the installed distribution ``dist`` put its file ``name`` (a wheel's data files
+    land in the prefix of the environment it was installed into, which need not be this
+    interpreter's: the wheel under test runs in a venv that sees the dev venv's packages)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        d = distribution(dist)
+    except PackageNotFoundError:
+        return f"<{dist} is not installed>"
+    for f in d.files or ():
+        if f.name == name:
+            return os.path.normpath(str(d.locate_file(f)))
+    return f"<{dist} has no {name}>"
+
+
 def _other_runtimes() -> list[pytest.param]:
     """Intel's (libiomp5, from the intel-openmp wheel requirements-dev.txt installs on Linux
     x86-64) and LLVM's (libomp.so.5, where the system has it): the runtimes torch builds other
     than PyPI's link instead of libgomp. Both export libgomp's ``GOMP_parallel``."""
-    iomp5 = os.path.join(sys.prefix, "lib", "libiomp5.so")
+    iomp5 = _wheel_file("intel-openmp", "libiomp5.so")
     llvm = ctypes.util.find_library("omp")
     return [
         pytest.param(
