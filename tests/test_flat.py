@@ -613,6 +613,13 @@ def test_flat_watch_sees_each_change_and_refuses_bad_input():
         assert not w.current(state)
         ps[0].data = old
         assert w.current(state)
+        # The walk learns the state's order on its first call and expects it after; another
+        # order, or keys that are no parameter's, are matched by identity all the same.
+        assert w.current({"other": {}, ps[1]: state[ps[1]], ps[0]: state[ps[0]]})
+        assert not w.current({ps[0]: state[ps[1]], ps[1]: state[ps[0]]})  # entries swapped
+        assert w.current(state)
+        state[ps[0]]["step"] = torch.tensor(0.0)  # a value replaced, the entry kept
+        assert not w.current(state)
         assert not w.current([])  # not a dict
     with pytest.raises(ValueError, match="same length"):
         _core.FlatWatch(ps, grads[:1], [None, None])
