@@ -358,3 +358,18 @@ def test_no_exchange_api_for_a_parameter_type_with_its_own(monkeypatch):
     assert full == ["adam"]
     assert not opt._optirs_plan.core.uses_exchange_api
     _assert_same(ours, theirs, opt, ref)
+
+
+def test_same_items_compares_identity_in_order_across_lists():
+    from optirs import _core
+
+    a, b = torch.zeros(2), torch.zeros(2)  # equal values, different objects
+    assert _core.same_items([[a], [b]], [a, b])
+    assert _core.same_items([[], [a, b], []], [a, b])
+    assert _core.same_items([], [])
+    assert not _core.same_items([[a, b]], [b, a])  # order
+    assert not _core.same_items([[a, a]], [a, b])  # equal, not identical
+    assert not _core.same_items([[a]], [a, b])  # fewer
+    assert not _core.same_items([[a, b]], [a])  # more
+    with pytest.raises(TypeError):
+        _core.same_items([(a,)], [a])  # a tuple, not a list

@@ -314,6 +314,10 @@ def executor() -> str:
 def _set_openmp(on: bool) -> None:
     """Whether large steps may run on a loaded OpenMP runtime's team (tests use both)."""
 
+def same_items(lists: list[list[Any]], items: list[Any]) -> bool:
+    """Whether the lists of ``lists``, one after another, hold the objects of ``items`` and
+    nothing else, in order, compared by identity (never ``==``)."""
+
 def get_num_threads() -> int:
     """The number of threads a step uses."""
 

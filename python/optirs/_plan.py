@@ -6,13 +6,13 @@ notice when the param groups they were built from have changed shape.
 
 from __future__ import annotations
 
-import operator
 import os
 import weakref
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any, TypedDict
 
+from . import _core
 from ._spec import Spec
 
 
@@ -69,7 +69,7 @@ class GroupsSnapshot:
                 or bool(g.get("master_weights")) != m
             ):
                 return False
-        return all(map(operator.is_, chain.from_iterable(self.lists), self.params))
+        return _core.same_items(self.lists, self.params)
 
 
 #: Optimizers whose step lock exists: a forked child gets each a fresh one (see ``fork_safe``).
