@@ -84,11 +84,11 @@ test-aarch64: ## optirs-core's tests for aarch64 (NEON) under qemu-aarch64 (~10 
 		cargo test -p optirs-core --target $(AARCH64_TARGET) --release
 
 # Both need a nightly toolchain (tools/nightly.sh installs it when missing, or says the check
-# was not run when it cannot). Times on the 2-core dev machine (clean-clone CI, 2026-12-06):
-# miri 18 min, 15 of them the kernels (Adafactor's and the rounding tests added 6), 2 the pool
-# under MIRI_SEEDS=0..16 scheduler seeds; tsan 5.5 min; loom 2.5 min.
+# was not run when it cannot). Times on the 2-core dev machine (clean-clone CI, 2026-12-07):
+# miri 26 min, 22 of them the kernels (the 8-bit and Adafactor rounding tests added about 7),
+# 2 the pool under MIRI_SEEDS=0..16 scheduler seeds; tsan 6 min; loom 3.5 min.
 .PHONY: miri
-miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, baseline + AVX2 (~18 min)
+miri: $(DEPS) ## Miri over optirs-core: pool, step engine, kernels' loops, baseline + AVX2 (~26 min)
 	tools/miri.sh
 
 .PHONY: tsan
