@@ -676,14 +676,8 @@ class Optimizer:
             # its float32 state is converted to the dtype this optimizer keeps.
             new.setdefault("state_dtype", group.get("state_dtype"))
             new["state_dtype"] = _checked_state_dtype(new["state_dtype"], group["params"])
-            # Likewise the rounding options: a saved seed and step count restore the stream.
-            for key in _spec.ROUNDING_KEYS:
-                if key in group:
-                    new.setdefault(key, group[key])
-            _spec.check_rounding_group(new, f"loaded param_groups[{gi}]")
-            for name in self.defaults:
-                if name not in new:
-                    raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
+            # Likewise the rounding options.
+            _spec.complete_loaded_group(new, group, self.defaults, gi)
             if isinstance(new.get("betas"), list):
                 new["betas"] = tuple(new["betas"])
             new["params"] = group["params"]

@@ -188,15 +188,7 @@ def make_numpy_class(
                     for k, v in saved.items()
                     if k not in ("params", "foreach", "state_dtype")
                 }
-                # A state dict without them (torch.optim's) keeps the group's own rounding
-                # options; a saved seed and step count restore the stream.
-                for key in _spec.ROUNDING_KEYS:
-                    if key in group:
-                        new.setdefault(key, group[key])
-                _spec.check_rounding_group(new, f"loaded param_groups[{gi}]")
-                for name in self.defaults:
-                    if name not in new:
-                        raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
+                _spec.complete_loaded_group(new, group, self.defaults, gi)
                 if isinstance(new.get("eps"), list):
                     new["eps"] = tuple(new["eps"])
                 new["params"] = group["params"]

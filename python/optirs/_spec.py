@@ -942,6 +942,27 @@ def loaded_parts(
     return saved_groups, saved_state
 
 
+def complete_loaded_group(
+    new: dict[str, Any], group: Mapping[str, Any], defaults: Iterable[str], gi: int
+) -> None:
+    """Completes and checks ``new``, the copy of saved group ``gi`` that ``load_state_dict``
+    will install over the optimizer's ``group``: a state dict without the rounding options
+    (torch.optim's) keeps the group's own, while a saved seed and step count restore the
+    stream; then the rounding options are checked, and every name in ``defaults`` must be
+    there.
+
+    Raises:
+        TypeError, ValueError: a rounding option is invalid, or a hyperparameter is missing.
+    """
+    for key in ROUNDING_KEYS:
+        if key in group:
+            new.setdefault(key, group[key])
+    check_rounding_group(new, f"loaded param_groups[{gi}]")
+    for name in defaults:
+        if name not in new:
+            raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
+
+
 #: The state entry of a 16-bit parameter's float32 master copy (``master_weights=True``).
 MASTER = "master_param"
 
