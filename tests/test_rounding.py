@@ -19,6 +19,7 @@ import torch
 from optirs import _spec
 from torch import nn
 from torch.func import functional_call
+from torch_helpers import digits_mlp
 
 BF16 = ml_dtypes.bfloat16
 
@@ -613,13 +614,8 @@ def _digits_loss(dtype: torch.dtype, **options) -> float:
     (the issue's measurement). The forward and backward passes compute in float32 from the
     held values, so that only how the parameters are stored differs between runs."""
     datasets = pytest.importorskip("sklearn.datasets", reason="the digits run needs scikit-learn")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-    ).to(dtype)
+    x, y, model = digits_mlp(datasets)
+    model.to(dtype)
     opt = ot.AdamW(model.parameters(), lr=3e-4, **options)
     g = torch.Generator().manual_seed(1)
     losses = []
