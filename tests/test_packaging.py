@@ -184,17 +184,6 @@ def test_wheel_contents_and_size():
     assert os.path.getsize(WHEEL) <= MAX_WHEEL_BYTES
 
 
-def test_stubs_match_the_extension():
-    """mypy's stubtest compares optirs/_core.pyi with the compiled module as installed."""
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "optirs._core"],
-        capture_output=True,
-        text=True,
-        cwd=Path(optirs.__file__).parents[1],
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_release_workflow_passes_actionlint():
     """The release workflow cannot run here, so actionlint is what keeps it valid: unknown
     runner labels, retired action runtimes, bad expressions, shellcheck on `run:` scripts."""

@@ -128,12 +128,13 @@ class Reference:
             d_p = d_p + c(h["momentum"]) * buf if h["nesterov"] else buf
         return p + c(-h["lr"]) * d_p
 
-    def _adam(self, h, p, grad, st):
+    def _adam_moments(self, h, p, grad, st):
+        """Adam's and RAdam's shared start: the state made on the first step, the step counted,
+        the weight decay (decoupled or added to the gradient) and both moments updated.
+        Returns the parameter (decayed when decoupled) and the step count."""
         c = p.dtype.type
         if not st:
             st.update(step=np.float32(0), exp_avg=np.zeros_like(p), exp_avg_sq=np.zeros_like(p))
-            if h["amsgrad"]:
-                st["max_exp_avg_sq"] = np.zeros_like(p)
         st["step"] = np.float32(st["step"] + np.float32(1))
         lr, (beta1, beta2), wd = h["lr"], h["betas"], h["weight_decay"]
         g = -grad if h["maximize"] else grad
@@ -144,7 +145,15 @@ class Reference:
                 g = g + c(wd) * p
         st["exp_avg"] = _lerp(st["exp_avg"], g, c(1 - beta1))
         st["exp_avg_sq"] = st["exp_avg_sq"] * c(beta2) + (c(1 - beta2) * g) * g
-        step = float(st["step"])
+        return p, float(st["step"])
+
+    def _adam(self, h, p, grad, st):
+        c = p.dtype.type
+        first = not st
+        p, step = self._adam_moments(h, p, grad, st)
+        if first and h["amsgrad"]:
+            st["max_exp_avg_sq"] = np.zeros_like(p)
+        lr, (beta1, beta2) = h["lr"], h["betas"]
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         step_size = lr / bias_correction1
@@ -212,19 +221,8 @@ class Reference:
 
     def _radam(self, h, p, grad, st):
         c = p.dtype.type
-        if not st:
-            st.update(step=np.float32(0), exp_avg=np.zeros_like(p), exp_avg_sq=np.zeros_like(p))
-        st["step"] = np.float32(st["step"] + np.float32(1))
-        lr, (beta1, beta2), wd = h["lr"], h["betas"], h["weight_decay"]
-        g = -grad if h["maximize"] else grad
-        if wd != 0:
-            if h["decoupled_weight_decay"]:
-                p = p * c(1 - lr * wd)
-            else:
-                g = g + c(wd) * p
-        st["exp_avg"] = _lerp(st["exp_avg"], g, c(1 - beta1))
-        st["exp_avg_sq"] = st["exp_avg_sq"] * c(beta2) + (c(1 - beta2) * g) * g
-        step = float(st["step"])
+        p, step = self._adam_moments(h, p, grad, st)
+        lr, (beta1, beta2) = h["lr"], h["betas"]
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         corrected = st["exp_avg"] / c(bias_correction1)

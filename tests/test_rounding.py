@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from optirs import _spec
 from torch import nn
 from torch.func import functional_call
+from torch_helpers import digits_mlp
 
 BF16 = ml_dtypes.bfloat16
 
@@ -146,20 +148,25 @@ def test_default_seed_follows_manual_seed():
     assert optirs.SGD([arr], lr=0.1, bf16_stochastic_round=True).param_groups[0]["seed"] == a[0]
 
 
-def test_numpy_and_torch_apis_round_alike():
+@pytest.mark.parametrize(
+    ("name", "n"),
+    [("Adam", 1000), ("Adam8bit", 5000)],  # 8-bit: over min_8bit_size (4096), 8-bit state
+    ids=["Adam", "Adam8bit"],
+)
+def test_numpy_and_torch_apis_round_alike(name, n):
     torch.manual_seed(1)
-    p0 = torch.randn(1000).to(torch.bfloat16)
-    grads = [(torch.randn(1000) * 1e-2).to(torch.bfloat16) for _ in range(3)]
+    p0 = torch.randn(n).to(torch.bfloat16)
+    grads = [(torch.randn(n) * 1e-2).to(torch.bfloat16) for _ in range(3)]
     p = nn.Parameter(p0.clone())
-    opt = ot.Adam([p], lr=1e-3, bf16_stochastic_round=True, seed=99)
+    opt = getattr(ot, name)([p], lr=1e-3, bf16_stochastic_round=True, seed=99)
     a = p0.view(torch.int16).numpy().view(BF16).copy()
-    nopt = optirs.Adam([a], lr=1e-3, bf16_stochastic_round=True, seed=99)
+    nopt = getattr(optirs, name)([a], lr=1e-3, bf16_stochastic_round=True, seed=99)
     for g in grads:
         p.grad = g
         opt.step()
         nopt.step([g.view(torch.int16).numpy().view(BF16)])
     assert np.array_equal(p.detach().view(torch.int16).numpy(), a.view(np.int16))
-    assert nopt.param_groups[0]["sr_step"] == 3
+    assert nopt.param_groups[0]["sr_step"] == opt.param_groups[0]["sr_step"] == 3
 
 
 # ---- every optimizer ---------------------------------------------------------------------------
@@ -232,26 +239,42 @@ def _train_steps(opt, params, grads):
         opt.step()
 
 
-@pytest.mark.parametrize("option", ["bf16_stochastic_round", "master_weights"])
-def test_state_dict_round_trip_restores_training_bit_for_bit(option):
+class _HalfTrained(NamedTuple):
+    p0: list[torch.Tensor]  # the starting bfloat16 values
+    grads: list[list[torch.Tensor]]  # six steps' gradients
+    kw: dict[str, Any]  # the option (and seed) both optimizers were built with
+    want: list[torch.Tensor]  # the parameters after all six steps
+    params: list[nn.Parameter]  # the half-trained optimizer's, after three steps
+    opt: Any  # the optimizer trained three steps
+    saved: dict[str, Any]  # its state dict through torch.save and torch.load (weights only)
+
+
+def _half_trained(cls: type, option: str, shapes: list[tuple[int, ...]]) -> _HalfTrained:
+    """``cls`` with ``option`` over bfloat16 parameters of ``shapes``: trained six steps (the
+    parameters to reach), and another trained three steps, its state dict saved and loaded."""
     torch.manual_seed(0)
-    shapes = [(40, 30), (30,)]
     p0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
     grads = [[(torch.randn(s) * 1e-2).to(torch.bfloat16) for s in shapes] for _ in range(6)]
     kw = {option: True, **({"seed": 21} if option == "bf16_stochastic_round" else {})}
 
     ps = [nn.Parameter(t.clone()) for t in p0]
-    opt = ot.AdamW(ps, lr=1e-3, **kw)
+    opt = cls(ps, lr=1e-3, **kw)
     _train_steps(opt, ps, grads)
     want = [p.detach().clone() for p in ps]
 
     ps2 = [nn.Parameter(t.clone()) for t in p0]
-    opt2 = ot.AdamW(ps2, lr=1e-3, **kw)
+    opt2 = cls(ps2, lr=1e-3, **kw)
     _train_steps(opt2, ps2, grads[:3])
     buf = io.BytesIO()
     torch.save(opt2.state_dict(), buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
+    return _HalfTrained(p0, grads, kw, want, ps2, opt2, saved)
+
+
+@pytest.mark.parametrize("option", ["bf16_stochastic_round", "master_weights"])
+def test_state_dict_round_trip_restores_training_bit_for_bit(option):
+    _, grads, _, want, ps2, opt2, saved = _half_trained(ot.AdamW, option, [(40, 30), (30,)])
     if option == "master_weights":
         assert saved["state"][0]["master_param"].dtype == torch.float32
     else:
@@ -477,22 +500,6 @@ def test_eight_bit_master_weights_are_the_float32_step(dtype):
     assert np.array_equal(nopt.state[a]["master_param"], master.numpy())
 
 
-def test_eight_bit_numpy_and_torch_apis_round_alike():
-    torch.manual_seed(1)
-    p0 = torch.randn(5000).to(torch.bfloat16)
-    grads = [(torch.randn(5000) * 1e-2).to(torch.bfloat16) for _ in range(3)]
-    p = nn.Parameter(p0.clone())
-    opt = ot.Adam8bit([p], lr=1e-3, bf16_stochastic_round=True, seed=99)
-    a = p0.view(torch.int16).numpy().view(BF16).copy()
-    nopt = optirs.Adam8bit([a], lr=1e-3, bf16_stochastic_round=True, seed=99)
-    for g in grads:
-        p.grad = g
-        opt.step()
-        nopt.step([g.view(torch.int16).numpy().view(BF16)])
-    assert np.array_equal(p.detach().view(torch.int16).numpy(), a.view(np.int16))
-    assert nopt.param_groups[0]["sr_step"] == opt.param_groups[0]["sr_step"] == 3
-
-
 @pytest.mark.parametrize("name", ["AdamW8bit", "Adafactor"])
 @pytest.mark.parametrize("option", ["bf16_stochastic_round", "master_weights"])
 def test_own_state_dict_round_trip_restores_training_bit_for_bit(option, name):
@@ -500,24 +507,7 @@ def test_own_state_dict_round_trip_restores_training_bit_for_bit(option, name):
     Adafactor's factors) with either option: saved, loaded into a new optimizer, training goes
     on bit for bit, in both APIs, and both APIs give the same bits."""
     tcls, ncls = getattr(ot, name), getattr(optirs, name)
-    torch.manual_seed(0)
-    shapes = [(80, 70), (30,)]
-    p0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
-    grads = [[(torch.randn(s) * 1e-2).to(torch.bfloat16) for s in shapes] for _ in range(6)]
-    kw = {option: True, **({"seed": 21} if option == "bf16_stochastic_round" else {})}
-
-    ps = [nn.Parameter(t.clone()) for t in p0]
-    opt = tcls(ps, lr=1e-3, **kw)
-    _train_steps(opt, ps, grads)
-    want = [p.detach().clone() for p in ps]
-
-    ps2 = [nn.Parameter(t.clone()) for t in p0]
-    opt2 = tcls(ps2, lr=1e-3, **kw)
-    _train_steps(opt2, ps2, grads[:3])
-    buf = io.BytesIO()
-    torch.save(opt2.state_dict(), buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    p0, grads, kw, want, ps2, opt2, saved = _half_trained(tcls, option, [(80, 70), (30,)])
     if option == "master_weights":
         for i in (0, 1):
             assert saved["state"][i]["master_param"].dtype == torch.float32
@@ -624,13 +614,8 @@ def _digits_loss(dtype: torch.dtype, **options) -> float:
     (the issue's measurement). The forward and backward passes compute in float32 from the
     held values, so that only how the parameters are stored differs between runs."""
     datasets = pytest.importorskip("sklearn.datasets", reason="the digits run needs scikit-learn")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-    ).to(dtype)
+    x, y, model = digits_mlp(datasets)
+    model.to(dtype)
     opt = ot.AdamW(model.parameters(), lr=3e-4, **options)
     g = torch.Generator().manual_seed(1)
     losses = []

@@ -8,6 +8,7 @@ import optirs.torch as ot
 import pytest
 import torch
 from torch import nn
+from torch_helpers import digits_mlp
 
 datasets = pytest.importorskip("sklearn.datasets", reason="the quality test needs scikit-learn")
 
@@ -18,13 +19,7 @@ BATCH = 128
 def _train(eight_bit: bool = False, **state_options) -> float:
     """Final mean cross-entropy over the whole training set after ``STEPS`` AdamW steps (with
     ``eight_bit``, ``optirs.AdamW8bit`` stepping NumPy views of the model's tensors)."""
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-    )
+    x, y, model = digits_mlp(datasets)
     params = list(model.parameters())
     if eight_bit:
         q8 = optirs.AdamW8bit([p.detach().numpy() for p in params], lr=1e-3, weight_decay=1e-2)

@@ -49,19 +49,20 @@ BASE = {
     "ASGD": {"lr": 0.01, "t0": 2.0, "weight_decay": 0.1},
 }
 
+# What the constructors of Adam, Adamax and NAdam all refuse.
+_ADAM_LIKE_REFUSED = [
+    {"lr": -0.01},
+    {"lr": NAN},
+    {"eps": -1e-3},
+    {"betas": (0.9, 1.0)},
+    {"betas": (-0.5, 0.999)},
+    {"betas": (1.5, 0.999)},
+    {"weight_decay": -0.1},
+]
 # Values torch.optim's constructor refuses (checked below) and its step takes.
 REFUSED_BY_CONSTRUCTOR = {
     "SGD": [{"lr": -0.01}, {"momentum": -0.5}, {"weight_decay": -0.1}],
-    "Adam": [
-        {"lr": -0.01},
-        {"lr": NAN},
-        {"eps": -1e-3},
-        {"betas": (0.9, 1.0)},
-        {"betas": (-0.5, 0.999)},
-        {"betas": (1.5, 0.999)},
-        {"betas": (0.9, -0.5)},
-        {"weight_decay": -0.1},
-    ],
+    "Adam": [*_ADAM_LIKE_REFUSED, {"betas": (0.9, -0.5)}],
     "AdamW": [
         {"lr": -0.01},
         {"lr": NAN},
@@ -112,26 +113,8 @@ REFUSED_BY_CONSTRUCTOR = {
         {"etas": (0.5, 0.9)},
         {"etas": (0.0, 1.2)},
     ],
-    "Adamax": [
-        {"lr": -0.01},
-        {"lr": NAN},
-        {"eps": -1e-3},
-        {"betas": (0.9, 1.0)},
-        {"betas": (-0.5, 0.999)},
-        {"betas": (1.5, 0.999)},
-        {"weight_decay": -0.1},
-    ],
-    "NAdam": [
-        {"lr": -0.01},
-        {"lr": NAN},
-        {"eps": -1e-3},
-        {"betas": (0.9, 1.0)},
-        {"betas": (-0.5, 0.999)},
-        {"betas": (1.5, 0.999)},
-        {"weight_decay": -0.1},
-        {"momentum_decay": -0.01},
-        {"momentum_decay": -100.0},
-    ],
+    "Adamax": _ADAM_LIKE_REFUSED,
+    "NAdam": [*_ADAM_LIKE_REFUSED, {"momentum_decay": -0.01}, {"momentum_decay": -100.0}],
     "ASGD": [
         {"lr": -0.01},
         {"lr": NAN},

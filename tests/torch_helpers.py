@@ -32,6 +32,24 @@ def bridge_class(name: str) -> type:
     return getattr(optirs.torch, name)
 
 
+def digits_mlp(datasets: Any) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Sequential]:
+    """scikit-learn's digits (pixels scaled to [0, 1], and the labels) and the float32 MLP the
+    training-quality tests fit to them, initialised after ``torch.manual_seed(0)``.
+
+    Args:
+        datasets: ``sklearn.datasets`` (each caller imports it, or skips, with its own reason).
+    """
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    return x, y, model
+
+
 def all_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in opt.param_groups for p in group["params"]]
 

@@ -557,14 +557,7 @@ class Optimizer:
         return float(norm)
 
     def _step(self, grads: Iterable[Any]) -> bool:
-        if grads is None or isinstance(grads, np.ndarray):
-            raise TypeError(
-                "grads must be a sequence with one gradient (or None) per parameter, got "
-                f"{_tn(grads)}"
-            )
-        # A copy even of a list: another thread may change the caller's list while this
-        # step reads it.
-        grads = list(grads)
+        grads = _spec.step_grads(grads, _tn)
         spec = self._spec
         groups = self.param_groups
         for group in groups:
@@ -572,11 +565,7 @@ class Optimizer:
         plan = self._plan
         if plan is None or len(grads) != len(plan.params) or not plan.fits(self, groups, grads):
             plan = self._plan = _Plan(self, groups)
-            if len(grads) != len(plan.params):
-                raise ValueError(
-                    f"expected {len(plan.params)} gradients (one per parameter, in param_groups "
-                    f"order; None for a parameter without a gradient), got {len(grads)}"
-                )
+            _spec.check_grad_count(len(grads), len(plan.params))
             if any(grads[i] is not None for i in plan.missing):
                 return self._step_creating_state(groups, plan, grads)
         options = self._options()
@@ -675,26 +664,8 @@ class Optimizer:
             state_dict: ``{"state": {index: {name: array}}, "param_groups": [{...,
                 "params": [index, ...]}]}``, torch's layout.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping, got {_tn(state_dict)}")
-        for key in ("state", "param_groups"):
-            if key not in state_dict:
-                raise ValueError(f"loaded state dict has no '{key}' entry")
-        saved_groups = state_dict["param_groups"]
-        saved_state = state_dict["state"]
-        if not isinstance(saved_state, Mapping):
-            raise TypeError(f"state_dict['state'] must be a mapping, got {_tn(saved_state)}")
         groups = self.param_groups
-        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(
-            not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"])
-            for g, s in zip(groups, saved_groups)
-        ):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of "
-                "optimizer's group"
-            )
+        saved_groups, saved_state = _spec.loaded_parts(state_dict, groups, _tn)
 
         spec = self._spec
         new_groups: list[dict[str, Any]] = []
@@ -705,14 +676,8 @@ class Optimizer:
             # its float32 state is converted to the dtype this optimizer keeps.
             new.setdefault("state_dtype", group.get("state_dtype"))
             new["state_dtype"] = _checked_state_dtype(new["state_dtype"], group["params"])
-            # Likewise the rounding options: a saved seed and step count restore the stream.
-            for key in _spec.ROUNDING_KEYS:
-                if key in group:
-                    new.setdefault(key, group[key])
-            _spec.check_rounding_group(new, f"loaded param_groups[{gi}]")
-            for name in self.defaults:
-                if name not in new:
-                    raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
+            # Likewise the rounding options.
+            _spec.complete_loaded_group(new, group, self.defaults, gi)
             if isinstance(new.get("betas"), list):
                 new["betas"] = tuple(new["betas"])
             new["params"] = group["params"]

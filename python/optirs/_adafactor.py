@@ -122,21 +122,12 @@ def make_numpy_class(
             self.param_groups[-1].pop("state_dtype", None)
 
         def _step(self, grads: Iterable[Any]) -> bool:
-            if grads is None or isinstance(grads, np.ndarray):
-                raise TypeError(
-                    "grads must be a sequence with one gradient (or None) per parameter, got "
-                    f"{_tn(grads)}"
-                )
-            grads = list(grads)
+            grads = _spec.step_grads(grads, _tn)
             groups = self.param_groups
             for group in groups:
                 self._spec.validate(group)
             params = [p for g in groups for p in g["params"]]
-            if len(grads) != len(params):
-                raise ValueError(
-                    f"expected {len(params)} gradients (one per parameter, in param_groups "
-                    f"order; None for a parameter without a gradient), got {len(grads)}"
-                )
+            _spec.check_grad_count(len(grads), len(params))
             states: list[Any] = []
             steps: list[Any] = []
             created = []
@@ -186,26 +177,8 @@ def make_numpy_class(
                 state_dict: the mapping ``state_dict()`` returns (torch tensors are accepted
                     as values where they convert to NumPy arrays).
             """
-            if not isinstance(state_dict, Mapping):
-                raise TypeError(f"state_dict must be a mapping, got {_tn(state_dict)}")
-            for key in ("state", "param_groups"):
-                if key not in state_dict:
-                    raise ValueError(f"loaded state dict has no '{key}' entry")
-            saved_groups = state_dict["param_groups"]
-            saved_state = state_dict["state"]
-            if not isinstance(saved_state, Mapping):
-                raise TypeError(f"state_dict['state'] must be a mapping, got {_tn(saved_state)}")
             groups = self.param_groups
-            if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
-                raise ValueError("loaded state dict has a different number of parameter groups")
-            if any(
-                not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"])
-                for g, s in zip(groups, saved_groups)
-            ):
-                raise ValueError(
-                    "loaded state dict contains a parameter group that doesn't match the size "
-                    "of optimizer's group"
-                )
+            saved_groups, saved_state = _spec.loaded_parts(state_dict, groups, _tn)
             new_groups: list[dict[str, Any]] = []
             by_index: dict[Any, np.ndarray] = {}
             for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
@@ -215,15 +188,7 @@ def make_numpy_class(
                     for k, v in saved.items()
                     if k not in ("params", "foreach", "state_dtype")
                 }
-                # A state dict without them (torch.optim's) keeps the group's own rounding
-                # options; a saved seed and step count restore the stream.
-                for key in _spec.ROUNDING_KEYS:
-                    if key in group:
-                        new.setdefault(key, group[key])
-                _spec.check_rounding_group(new, f"loaded param_groups[{gi}]")
-                for name in self.defaults:
-                    if name not in new:
-                        raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
+                _spec.complete_loaded_group(new, group, self.defaults, gi)
                 if isinstance(new.get("eps"), list):
                     new["eps"] = tuple(new["eps"])
                 new["params"] = group["params"]

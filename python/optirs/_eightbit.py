@@ -242,23 +242,14 @@ def make_numpy_classes(optimizer_base: Any) -> tuple[type, type]:
             return made, states
 
         def _step(self, grads: Iterable[Any]) -> bool:
-            if grads is None or isinstance(grads, np.ndarray):
-                raise TypeError(
-                    "grads must be a sequence with one gradient (or None) per parameter, got "
-                    f"{type(grads).__name__}"
-                )
-            grads = list(grads)
+            grads = _spec.step_grads(grads, lambda x: type(x).__name__)
             groups = self.param_groups
             for group in groups:
                 self._spec.validate(group)
                 if group.get("amsgrad"):
                     raise ValueError(f"{type(self).__name__} does not support amsgrad=True")
             params = [p for g in groups for p in g["params"]]
-            if len(grads) != len(params):
-                raise ValueError(
-                    f"expected {len(params)} gradients (one per parameter, in param_groups "
-                    f"order; None for a parameter without a gradient), got {len(grads)}"
-                )
+            _spec.check_grad_count(len(grads), len(params))
             states: list[Any] = []
             steps: list[Any] = []
             created = []

@@ -27,6 +27,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 
@@ -870,6 +872,95 @@ def args_doc(params: Sequence[Param], api: str) -> str:
             raise ValueError(f"argument {p.name} has no doc")
         item(f"{p.name}{kind}", f"{p.doc} Default: ``{p.default!r}``.")
     return "\n".join(lines)
+
+
+# ---- the NumPy API's step and load_state_dict input, shared by its optimizer classes ----------
+
+
+def step_grads(grads: Any, type_name: Callable[[Any], str]) -> list[Any]:
+    """The gradients a NumPy-API ``step`` was given, as a list of its own: a copy even of a
+    list, since another thread may change the caller's list while the step reads it.
+
+    Args:
+        grads: one gradient (or None) per parameter.
+        type_name: names a wrong ``grads``'s type in the error (each class's own wording).
+
+    Raises:
+        TypeError: ``grads`` is None or one array.
+    """
+    if grads is None or isinstance(grads, np.ndarray):
+        raise TypeError(
+            "grads must be a sequence with one gradient (or None) per parameter, got "
+            f"{type_name(grads)}"
+        )
+    return list(grads)
+
+
+def check_grad_count(n_grads: int, n_params: int) -> None:
+    """Raises ValueError unless a step has one gradient per parameter."""
+    if n_grads != n_params:
+        raise ValueError(
+            f"expected {n_params} gradients (one per parameter, in param_groups "
+            f"order; None for a parameter without a gradient), got {n_grads}"
+        )
+
+
+def loaded_parts(
+    state_dict: Any, groups: Sequence[Mapping[str, Any]], type_name: Callable[[Any], str]
+) -> tuple[Sequence[Mapping[str, Any]], Mapping[Any, Any]]:
+    """The ``param_groups`` and ``state`` of a state dict to load, once its layout fits:
+    a mapping with both entries, ``state`` a mapping, as many groups as ``groups`` with as
+    many parameters each (torch's messages).
+
+    Args:
+        state_dict: what ``load_state_dict`` was given.
+        groups: the optimizer's param groups.
+        type_name: names a wrong type in the errors (each class's own wording).
+
+    Raises:
+        TypeError, ValueError: the layout does not fit.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type_name(state_dict)}")
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"loaded state dict has no '{key}' entry")
+    saved_groups = state_dict["param_groups"]
+    saved_state = state_dict["state"]
+    if not isinstance(saved_state, Mapping):
+        raise TypeError(f"state_dict['state'] must be a mapping, got {type_name(saved_state)}")
+    if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(
+        not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"])
+        for g, s in zip(groups, saved_groups)
+    ):
+        raise ValueError(
+            "loaded state dict contains a parameter group that doesn't match the size of "
+            "optimizer's group"
+        )
+    return saved_groups, saved_state
+
+
+def complete_loaded_group(
+    new: dict[str, Any], group: Mapping[str, Any], defaults: Iterable[str], gi: int
+) -> None:
+    """Completes and checks ``new``, the copy of saved group ``gi`` that ``load_state_dict``
+    will install over the optimizer's ``group``: a state dict without the rounding options
+    (torch.optim's) keeps the group's own, while a saved seed and step count restore the
+    stream; then the rounding options are checked, and every name in ``defaults`` must be
+    there.
+
+    Raises:
+        TypeError, ValueError: a rounding option is invalid, or a hyperparameter is missing.
+    """
+    for key in ROUNDING_KEYS:
+        if key in group:
+            new.setdefault(key, group[key])
+    check_rounding_group(new, f"loaded param_groups[{gi}]")
+    for name in defaults:
+        if name not in new:
+            raise ValueError(f"loaded param_groups[{gi}] has no '{name}' entry")
 
 
 #: The state entry of a 16-bit parameter's float32 master copy (``master_weights=True``).

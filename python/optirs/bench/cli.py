@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .cases import (
     _DTYPE_ALIASES,
@@ -30,8 +30,20 @@ from .cases import (
     gpt2_small_shapes,
     shapes_for,
 )
+from .clip import run_clip
 from .harness import run
+from .lowbit import run_lowbit
 from .metadata import available_cpus
+from .rounding import run_rounding
+from .timing import _import_torch
+
+#: The benchmarks beside the step-alone and training runs, by option (and JSON key), in the order
+#: they run.
+_EXTRAS: dict[str, Callable[..., Any]] = {
+    "clip": run_clip,
+    "lowbit": run_lowbit,
+    "rounding": run_rounding,
+}
 
 
 def _fmt_count(n: int) -> str:
@@ -344,45 +356,18 @@ def _run_all(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     if config.workloads or config.train_models:
         results = run(config)
     extra: dict[str, Any] = {}
-    if args.clip:
-        from .clip import run_clip
-        from .timing import _import_torch
-
-        extra["clip"] = run_clip(
-            _import_torch(),
-            shapes_for(args.clip, "--clip"),
-            config.threads,
-            config.repeats,
-            config.sample_s,
-            config.settle_s,
-            config.seed,
-        )
-    if getattr(args, "lowbit", None):
-        from .lowbit import run_lowbit
-        from .timing import _import_torch
-
-        extra["lowbit"] = run_lowbit(
-            _import_torch(),
-            shapes_for(args.lowbit, "--lowbit"),
-            config.threads,
-            config.repeats,
-            config.sample_s,
-            config.settle_s,
-            config.seed,
-        )
-    if getattr(args, "rounding", None):
-        from .rounding import run_rounding
-        from .timing import _import_torch
-
-        extra["rounding"] = run_rounding(
-            _import_torch(),
-            shapes_for(args.rounding, "--rounding"),
-            config.threads,
-            config.repeats,
-            config.sample_s,
-            config.settle_s,
-            config.seed,
-        )
+    for key, run_extra in _EXTRAS.items():
+        what = getattr(args, key, None)
+        if what:
+            extra[key] = run_extra(
+                _import_torch(),
+                shapes_for(what, f"--{key}"),
+                config.threads,
+                config.repeats,
+                config.sample_s,
+                config.settle_s,
+                config.seed,
+            )
     if extra and config.json_path is not None:
         # Added to the JSON the step-alone runs wrote, or a JSON of its own.
         path = config.json_path

@@ -29,9 +29,13 @@ import statistics
 import sys
 from typing import Any
 
-import optirs
-
-from .timing import _calibrate, _interleaved, _set_threads, traffic_ceiling
+from .timing import (
+    _median_ratio,
+    _set_threads,
+    _threads_restored,
+    _warm_and_time,
+    traffic_ceiling,
+)
 
 MAX_NORM = 1e-3
 """Far below the norm of the random gradients: every clipped step clips."""
@@ -58,10 +62,6 @@ def traffic(what: str, n: int) -> dict[str, int]:
     if what == "clipped step":
         return {"read": 8 * n, "rw": 12 * n}
     return {"read": 4 * n, "rw": 4 * n}
-
-
-def _speedup(base: list[float], ours: list[float]) -> float:
-    return statistics.median(b / o for b, o in zip(base, ours))
 
 
 def _implementations(torch: Any, init: list[Any], grads: list[Any]) -> dict[str, dict[str, Any]]:
@@ -119,7 +119,6 @@ def run_clip(
         settle_s: idle time before each sample (torch's OpenMP workers spin after a region).
         seed: seed of the random data.
     """
-    old_threads = (torch.get_num_threads(), optirs.get_num_threads())
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
@@ -131,16 +130,12 @@ def run_clip(
         f"{'B/elem':>7} {'% ceil':>7} {'bound':>7}"
     )
     ceilings = {what: traffic_ceiling(traffic(what, n)) for what in ("clipped step", "clip alone")}
-    try:
+    with _threads_restored(torch):
         for t in threads:
             _set_threads(torch, t)
             for what, steps in _implementations(torch, init, grads).items():
                 probe, scale = ceilings[what]
-                timed = {**steps, "ceiling": probe}
-                for f in timed.values():  # warm-up: state, pools, pages
-                    f()
-                batches = {k: _calibrate(f, sample_s) for k, f in timed.items()}
-                times = _interleaved(timed, batches, repeats, settle_s)
+                times = _warm_and_time({**steps, "ceiling": probe}, repeats, sample_s, settle_s)
                 ceil = [c * scale for c in times["ceiling"]]
                 moved = traffic(what, n)
                 row = {
@@ -149,10 +144,10 @@ def run_clip(
                     "elements": n,
                     "torch_ms": statistics.median(times["torch"]) * 1e3,
                     "optirs_ms": statistics.median(times["optirs"]) * 1e3,
-                    "speedup": _speedup(times["torch"], times["optirs"]),
+                    "speedup": _median_ratio(times["torch"], times["optirs"]),
                     "bytes_per_elem": (moved["read"] + 2 * moved["rw"]) / n,
-                    "pct_of_ceiling": 100 * _speedup(ceil, times["optirs"]),
-                    "bound": _speedup(times["torch"], ceil),
+                    "pct_of_ceiling": 100 * _median_ratio(ceil, times["optirs"]),
+                    "bound": _median_ratio(times["torch"], ceil),
                     "times_s": times,
                 }
                 results.append(row)
@@ -162,7 +157,4 @@ def run_clip(
                     f"{row['pct_of_ceiling']:>6.0f}% {row['bound']:>6.2f}x"
                 )
                 sys.stdout.flush()
-    finally:
-        torch.set_num_threads(old_threads[0])
-        optirs.set_num_threads(old_threads[1])
     return results

@@ -28,7 +28,6 @@ the share of codes the two agree on.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 from typing import Any, Callable
 
@@ -36,7 +35,7 @@ import numpy as np
 
 import optirs
 
-from .timing import _calibrate, _interleaved, _set_threads, traffic_ceiling
+from .timing import _rows_against_ceilings, _threads_restored
 
 BLOCK = 256
 """Elements per quantization block (bitsandbytes' and optirs's default)."""
@@ -181,14 +180,12 @@ def run_lowbit(
         ``{"steps": [one row per (threads, implementation)], "quantization": [...]}``.
     """
     bnb = _bnb()
-    old_threads = (torch.get_num_threads(), optirs.get_num_threads())
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
     sizes = [math.prod(s) for s in shapes]
     n = sum(sizes)
     traffic = {kind: bytes_per_step(kind, sizes) for kind in ("f32", "bf16", "8bit")}
-    ceilings = {kind: traffic_ceiling(t) for kind, t in traffic.items()}
     rows = []
     print(f"\nlow-bit state: AdamW over {len(shapes)} float32 tensors, {n:,} elements")
     if bnb is None:
@@ -197,46 +194,29 @@ def run_lowbit(
         f"{'threads':>7} {'what':<12} {'ms':>9} {'vs fused':>9} {'B/elem':>7} {'state B/el':>10} "
         f"{'% ceil':>7}"
     )
-    try:
-        for t in threads:
-            _set_threads(torch, t)
-            steps = _steps(torch, init, grads, bnb)
-            timed: dict[str, Callable[[], Any]] = dict(steps)
-            timed.update({f"ceiling {k}": probe for k, (probe, _) in ceilings.items()})
-            for f in timed.values():  # warm-up: state, pools, pages
-                f()
-            batches = {k: _calibrate(f, sample_s) for k, f in timed.items()}
-            times = _interleaved(timed, batches, repeats, settle_s)
-            for name in steps:
-                kind = STATE_KIND[name]
-                scale = ceilings[kind][1]
-                ceil = [c * scale for c in times[f"ceiling {kind}"]]
-                moved = traffic[kind]["read"] + 2 * traffic[kind]["rw"]
-                state_bytes = (traffic[kind]["rw"] - 4 * n) / n
-                row = {
-                    "threads": t,
-                    "what": name,
-                    "elements": n,
-                    "ms": statistics.median(times[name]) * 1e3,
-                    "speedup_vs_fused": statistics.median(
-                        b / o for b, o in zip(times[BASE], times[name])
-                    ),
-                    "bytes_per_elem": moved / n,
-                    "state_bytes_per_elem": state_bytes,
-                    "pct_of_ceiling": 100
-                    * statistics.median(c / o for c, o in zip(ceil, times[name])),
-                    "times_s": times[name],
-                }
-                rows.append(row)
-                print(
-                    f"{t:>7} {name:<12} {row['ms']:>9.2f} {row['speedup_vs_fused']:>8.2f}x "
-                    f"{row['bytes_per_elem']:>7.2f} {state_bytes:>10.3f} "
-                    f"{row['pct_of_ceiling']:>6.0f}%"
-                )
-                sys.stdout.flush()
-    finally:
-        torch.set_num_threads(old_threads[0])
-        optirs.set_num_threads(old_threads[1])
+    with _threads_restored(torch):
+        for row in _rows_against_ceilings(
+            torch,
+            threads,
+            lambda: _steps(torch, init, grads, bnb),
+            STATE_KIND,
+            traffic,
+            n,
+            BASE,
+            repeats,
+            sample_s,
+            settle_s,
+        ):
+            # The state's bytes: all read and written back but the parameter's 4.
+            state_bytes = (traffic[STATE_KIND[row["what"]]]["rw"] - 4 * n) / n
+            row["state_bytes_per_elem"] = state_bytes
+            rows.append(row)
+            print(
+                f"{row['threads']:>7} {row['what']:<12} {row['ms']:>9.2f} "
+                f"{row['speedup_vs_fused']:>8.2f}x {row['bytes_per_elem']:>7.2f} "
+                f"{state_bytes:>10.3f} {row['pct_of_ceiling']:>6.0f}%"
+            )
+            sys.stdout.flush()
     quant = quantization_report(torch, min(n, 1 << 20), seed, bnb)
     print("\n8-bit round trip (error relative to the block's absmax)")
     print(f"{'tensor':<22} {'impl':<13} {'mean':>10} {'max':>10} {'same codes':>11}")

@@ -24,13 +24,10 @@ cover them.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 from typing import Any, Callable
 
-import optirs
-
-from .timing import _calibrate, _interleaved, _set_threads, traffic_ceiling
+from .timing import _rows_against_ceilings, _threads_restored
 
 BASE = "torch fused"
 """The row every speed-up is against."""
@@ -84,13 +81,11 @@ def run_rounding(
     """
     import optirs.torch as ot
 
-    old_threads = (torch.get_num_threads(), optirs.get_num_threads())
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
     grads = [(torch.randn(s, generator=gen) * 1e-3).to(torch.bfloat16) for s in shapes]
     n = sum(math.prod(s) for s in shapes)
     traffic = {m: bytes_per_step(m, n) for m in (False, True)}
-    ceilings = {m: traffic_ceiling(t) for m, t in traffic.items()}
 
     def make(name: str) -> Callable[[], Any]:
         ps = [torch.nn.Parameter(t.clone()) for t in init]
@@ -107,40 +102,24 @@ def run_rounding(
     rows = []
     print(f"\n16-bit parameters: AdamW over {len(shapes)} bfloat16 tensors, {n:,} elements")
     print(f"{'threads':>7} {'what':<18} {'ms':>9} {'vs fused':>9} {'B/elem':>7} {'% ceil':>7}")
-    try:
-        for t in threads:
-            _set_threads(torch, t)
-            steps = {name: make(name) for name in MASTER}
-            timed: dict[str, Callable[[], Any]] = dict(steps)
-            timed.update({f"ceiling {m}": probe for m, (probe, _) in ceilings.items()})
-            for f in timed.values():  # warm-up: state, pools, pages
-                f()
-            batches = {k: _calibrate(f, sample_s) for k, f in timed.items()}
-            times = _interleaved(timed, batches, repeats, settle_s)
-            for name in steps:
-                master = MASTER[name]
-                scale = ceilings[master][1]
-                ceil = [c * scale for c in times[f"ceiling {master}"]]
-                row = {
-                    "threads": t,
-                    "what": name,
-                    "elements": n,
-                    "ms": statistics.median(times[name]) * 1e3,
-                    "speedup_vs_fused": statistics.median(
-                        b / o for b, o in zip(times[BASE], times[name])
-                    ),
-                    "bytes_per_elem": (traffic[master]["read"] + 2 * traffic[master]["rw"]) / n,
-                    "pct_of_ceiling": 100
-                    * statistics.median(c / o for c, o in zip(ceil, times[name])),
-                    "times_s": times[name],
-                }
-                rows.append(row)
-                print(
-                    f"{t:>7} {name:<18} {row['ms']:>9.2f} {row['speedup_vs_fused']:>8.2f}x "
-                    f"{row['bytes_per_elem']:>7.2f} {row['pct_of_ceiling']:>6.0f}%"
-                )
-                sys.stdout.flush()
-    finally:
-        torch.set_num_threads(old_threads[0])
-        optirs.set_num_threads(old_threads[1])
+    with _threads_restored(torch):
+        for row in _rows_against_ceilings(
+            torch,
+            threads,
+            lambda: {name: make(name) for name in MASTER},
+            MASTER,
+            traffic,
+            n,
+            BASE,
+            repeats,
+            sample_s,
+            settle_s,
+        ):
+            rows.append(row)
+            print(
+                f"{row['threads']:>7} {row['what']:<18} {row['ms']:>9.2f} "
+                f"{row['speedup_vs_fused']:>8.2f}x {row['bytes_per_elem']:>7.2f} "
+                f"{row['pct_of_ceiling']:>6.0f}%"
+            )
+            sys.stdout.flush()
     return {"steps": rows}

@@ -1,15 +1,18 @@
-"""Timing primitives shared by the step-alone harness and the training-loop benchmark.
+"""Timing primitives shared by the step-alone harness, the training-loop benchmark and the
+clipping, low-bit and 16-bit benchmarks.
 
-Both time implementations side by side in one process: each round runs every implementation
+All time implementations side by side in one process: each round runs every implementation
 once, in an order that rotates from round to round, and results are medians over rounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import statistics
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -82,6 +85,94 @@ def _set_threads(torch: Any, n: int) -> None:
     """Gives torch and optirs the same number of threads."""
     torch.set_num_threads(n)
     optirs.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _threads_restored(torch: Any) -> Iterator[None]:
+    """Gives torch and optirs back the thread counts they had on entry, however the block ends
+    (the runs inside set their own with ``_set_threads``)."""
+    old = (torch.get_num_threads(), optirs.get_num_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old[0])
+        optirs.set_num_threads(old[1])
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    """The median over rounds of ``num[i] / den[i]``: two rows' times compared round by round
+    (a speed-up is the base's time over the other's)."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def _warm_and_time(
+    timed: dict[str, Callable[[], Any]], repeats: int, sample_s: float, settle_s: float
+) -> dict[str, list[float]]:
+    """One untimed call of each of ``timed`` (state, pools, pages), a batch size for each, then
+    ``repeats`` interleaved rounds (``_interleaved``'s result)."""
+    for f in timed.values():
+        f()
+    batches = {k: _calibrate(f, sample_s) for k, f in timed.items()}
+    return _interleaved(timed, batches, repeats, settle_s)
+
+
+_K = TypeVar("_K")
+
+
+def _rows_against_ceilings(
+    torch: Any,
+    threads: list[int],
+    make_steps: Callable[[], dict[str, Callable[[], Any]]],
+    kind_of: Mapping[str, _K],
+    traffic: Mapping[_K, dict[str, int]],
+    n: int,
+    base: str,
+    repeats: int,
+    sample_s: float,
+    settle_s: float,
+) -> Iterator[dict[str, Any]]:
+    """Times the steps ``make_steps()`` builds at each thread count, each against the traffic
+    ceiling of its kind, all interleaved in the same rounds; one result per (threads, step).
+
+    Args:
+        torch: the torch module.
+        threads: thread counts, set for torch and optirs alike (the caller restores them).
+        make_steps: fresh steps by row name, built again at each thread count.
+        kind_of: each row's kind: what its bytes depend on.
+        traffic: each kind's bytes (``traffic_ceiling``'s argument).
+        n: elements per step.
+        base: the row every speed-up is against.
+        repeats: timed rounds; results are medians over them.
+        sample_s: calls are batched so one timed sample lasts about this long.
+        settle_s: idle time before each sample.
+
+    Yields:
+        ``{"threads", "what", "elements", "ms", "speedup_vs_fused", "bytes_per_elem",
+        "pct_of_ceiling", "times_s"}``: the median step time, the median over rounds of (base
+        time / row time), the bytes moved per element, the median over rounds of (ceiling time /
+        row time) in %, and the row's per-step seconds in each round.
+    """
+    ceilings = {kind: traffic_ceiling(t) for kind, t in traffic.items()}
+    for t in threads:
+        _set_threads(torch, t)
+        steps = make_steps()
+        timed = dict(steps)
+        timed.update({f"ceiling {kind}": probe for kind, (probe, _) in ceilings.items()})
+        times = _warm_and_time(timed, repeats, sample_s, settle_s)
+        for name in steps:
+            kind = kind_of[name]
+            scale = ceilings[kind][1]
+            ceil = [c * scale for c in times[f"ceiling {kind}"]]
+            yield {
+                "threads": t,
+                "what": name,
+                "elements": n,
+                "ms": statistics.median(times[name]) * 1e3,
+                "speedup_vs_fused": _median_ratio(times[base], times[name]),
+                "bytes_per_elem": (traffic[kind]["read"] + 2 * traffic[kind]["rw"]) / n,
+                "pct_of_ceiling": 100 * _median_ratio(ceil, times[name]),
+                "times_s": times[name],
+            }
 
 
 def traffic_ceiling(traffic: dict[str, int]) -> tuple[Callable[[], None], float]:
