@@ -2,7 +2,7 @@
 //! counter checked, and every written range apart from every other, before anything is
 //! written; then `optirs_core::adafactor`'s passes with the interpreter released.
 
-use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use numpy::PyUntypedArrayMethods;
 use pyo3::prelude::*;
 
 use optirs_core::adafactor::{self, Factoring, Hyper, Param};
@@ -11,8 +11,10 @@ use optirs_core::{CoreError, Locate, Location, Options};
 
 use crate::errors::Result;
 use crate::hyper;
-use crate::ndarray::{as_array, check_buffer, check_writeable, data_ptr, span, Dtypes};
-use crate::step::{check_one_each, check_param_array, check_step, read_groups, required, UPDATES};
+use crate::ndarray::{as_array, check_buffer, check_writeable, data_ptr, Dtypes};
+use crate::step::{
+    check_one_each, check_param_array, check_step, read_groups, record, required, UPDATES,
+};
 
 /// The state entries, in the order a state tuple holds them (torch's `_init_group` order).
 pub(crate) const NAMES: [&str; 3] = ["row_var", "col_var", "variance"];
@@ -35,20 +37,8 @@ fn check<'py>(
     let len = param.len();
     let grad = as_array(grad, &|| at.grad()).arg("grad")?;
     check_buffer(grad, dtypes, dtype, &shape, &|| at.grad(), at).arg("grad")?;
-    let mut add = |a: &Bound<'_, PyUntypedArray>, writes: bool, role: Role| {
-        let (start, end) = span(a, dtype);
-        if end > start {
-            spans.push(Span {
-                start,
-                end,
-                writes,
-                role,
-                at,
-            });
-        }
-    };
-    add(param, true, Role::Param);
-    add(grad, false, Role::Grad);
+    record(spans, at, param, dtype.size(), true, Role::Param);
+    record(spans, at, grad, dtype.size(), false, Role::Grad);
 
     // As torch's `_init_group`: factored over the last two dimensions when the gradient has
     // more than one.
@@ -79,7 +69,7 @@ fn check<'py>(
         check_buffer(arr, dtypes, dtype, &want, &what, at).arg(&arg)?;
         check_writeable(arr, &what).arg(&arg)?;
         ptrs[k] = data_ptr(arr);
-        add(arr, true, Role::State(name));
+        record(spans, at, arr, dtype.size(), true, Role::State(name));
         keep.push(obj.clone());
     }
     let (_, slot, count, _) = check_step(step, dtypes, at, spans)?;

@@ -20,7 +20,7 @@ use crate::ndarray::{
     as_array, check_buffer, check_layout, check_writeable, data_ptr, dtype_str, Dtypes,
 };
 use crate::step::{
-    check_one_each, check_param, check_param_array, check_step, read_groups, required,
+    check_one_each, check_param, check_param_array, check_step, read_groups, record, required,
 };
 
 /// The 8-bit state entries, in the order a state tuple holds them.
@@ -61,20 +61,8 @@ fn check_q8<'py>(
     let blocks = len.div_ceil(block);
     let grad = as_array(grad, &|| at.grad()).arg("grad")?;
     check_buffer(grad, dtypes, dtype, shape, &|| at.grad(), at).arg("grad")?;
-    let mut add = |a: &Bound<'_, PyUntypedArray>, bytes: usize, writes: bool, role: Role| {
-        let start = data_ptr(a) as usize;
-        if bytes > 0 {
-            spans.push(Span {
-                start,
-                end: start + bytes,
-                writes,
-                role,
-                at,
-            });
-        }
-    };
-    add(param, len * dtype.size(), true, Role::Param);
-    add(grad, len * dtype.size(), false, Role::Grad);
+    record(spans, at, param, dtype.size(), true, Role::Param);
+    record(spans, at, grad, dtype.size(), false, Role::Grad);
 
     let mut codes = [std::ptr::null_mut(); 2];
     let mut absmax = [std::ptr::null_mut(); 2];
@@ -117,10 +105,12 @@ fn check_q8<'py>(
         check_writeable(arr, &what).arg(&arg)?;
         let ptr = data_ptr(arr);
         if i < 2 {
-            add(arr, len, true, Role::State(name));
+            // `len` codes (the parameter's shape, checked above).
+            record(spans, at, arr, 1, true, Role::State(name));
             codes[i] = ptr;
         } else {
-            add(arr, blocks * 4, true, Role::State(name));
+            // `blocks` float32s (checked above).
+            record(spans, at, arr, 4, true, Role::State(name));
             // A float32 array checked aligned (check_layout): its data is 4-byte aligned.
             #[allow(clippy::cast_ptr_alignment)]
             let f = ptr.cast::<f32>();

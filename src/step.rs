@@ -73,6 +73,29 @@ pub(crate) fn check_counter(
     Ok((slot, new, counter_dtype))
 }
 
+/// Records the memory of `a`, an array of `itemsize`-byte elements of the parameter at `at`,
+/// for the overlap check; an empty array has none to record.
+pub(crate) fn record(
+    spans: &mut Vec<Span>,
+    at: Location,
+    a: &Bound<'_, PyUntypedArray>,
+    itemsize: usize,
+    writes: bool,
+    role: Role,
+) {
+    let start = data_ptr(a) as usize;
+    let end = start + a.len() * itemsize;
+    if end > start {
+        spans.push(Span {
+            start,
+            end,
+            writes,
+            role,
+            at,
+        });
+    }
+}
+
 /// The step counter `state['step']` of the parameter at `at`: there, and as
 /// [`check_counter`] checks it; its memory recorded for the overlap check. Returns the array,
 /// then what [`check_counter`] returns.
@@ -97,14 +120,15 @@ pub(crate) fn check_step<'a, 'py>(
     }
     let s = as_array(step, &what).arg("state['step']")?;
     let (slot, count, counter_dtype) = check_counter(s, dtypes, &what).arg("state['step']")?;
-    let (start, end) = span(s, counter_dtype);
-    spans.push(Span {
-        start,
-        end,
-        writes: true,
-        role: Role::State("step"),
+    // A 0-d array: never empty, always recorded.
+    record(
+        spans,
         at,
-    });
+        s,
+        counter_dtype.size(),
+        true,
+        Role::State("step"),
+    );
     Ok((s, slot, count, counter_dtype))
 }
 
@@ -277,14 +301,8 @@ fn check_scalars<'py>(
         let obj = required(buffers.get_item(first + j), &what, &arg)?;
         let arr = as_array(&obj, &what).arg(&arg)?.clone();
         let dt = check_scalar(&arr, dtypes, &what).arg(&arg)?;
-        let (start, end) = span(&arr, dt);
-        spans.push(Span {
-            start,
-            end,
-            writes: true,
-            role: Role::State(name),
-            at,
-        });
+        // A 0-d array: never empty, always recorded.
+        record(spans, at, &arr, dt.size(), true, Role::State(name));
         keep.push(obj);
         ptrs[j] = Some((data_ptr(&arr), dt));
         held[j] = hold.then_some((arr, dt));
@@ -392,20 +410,8 @@ pub(crate) fn check_param<'py>(
     let grad = as_array(grad, &|| at.grad()).arg("grad")?;
     check_buffer(grad, dtypes, dtype, shape, &|| at.grad(), at).arg("grad")?;
 
-    let mut add = |a: &Bound<'_, PyUntypedArray>, dt: DType, writes: bool, role: Role| {
-        let (start, end) = span(a, dt);
-        if end > start {
-            spans.push(Span {
-                start,
-                end,
-                writes,
-                role,
-                at,
-            });
-        }
-    };
-    add(param, dtype, true, Role::Param);
-    add(grad, dtype, false, Role::Grad);
+    record(spans, at, param, dtype.size(), true, Role::Param);
+    record(spans, at, grad, dtype.size(), false, Role::Grad);
     // The state of one parameter usually comes as a tuple: index it directly.
     let tuple = buffers.cast::<PyTuple>().ok();
 
@@ -423,7 +429,7 @@ pub(crate) fn check_param<'py>(
         check_state_dtype(arr, dtypes, dtype, state_dtype, &what, at).arg(&arg)?;
         check_buffer(arr, dtypes, state_dtype, shape, &what, at).arg(&arg)?;
         check_writeable(arr, &what).arg(&arg)?;
-        add(arr, state_dtype, true, Role::State(name));
+        record(spans, at, arr, state_dtype.size(), true, Role::State(name));
         bufs[i] = Some(data_ptr(arr));
         held[i] = plan.is_some().then(|| arr.clone());
         // `buffers` may be a list another thread empties while the GIL is released: the step
