@@ -2,19 +2,19 @@
 //! counter checked, and every written range apart from every other, before anything is
 //! written; then `optirs_core::adafactor`'s passes with the interpreter released.
 
-use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use numpy::PyUntypedArrayMethods;
 use pyo3::prelude::*;
 
 use optirs_core::adafactor::{self, Factoring, Hyper, Param};
 use optirs_core::overlap::{check_overlaps_reusing, Role, Span};
 use optirs_core::{CoreError, Locate, Location, Options};
 
-use crate::errors::{type_err, value_err, Result};
+use crate::errors::Result;
 use crate::hyper;
-use crate::ndarray::{
-    as_array, check_buffer, check_layout, data_ptr, dtype_str, is_writeable, span, Dtypes,
+use crate::ndarray::{as_array, check_buffer, check_writeable, data_ptr, Dtypes};
+use crate::step::{
+    check_one_each, check_param_array, check_step, read_groups, record, required, UPDATES,
 };
-use crate::step::check_counter;
 
 /// The state entries, in the order a state tuple holds them (torch's `_init_group` order).
 pub(crate) const NAMES: [&str; 3] = ["row_var", "col_var", "variance"];
@@ -32,38 +32,13 @@ fn check<'py>(
     keep: &mut Vec<Bound<'py, PyAny>>,
 ) -> std::result::Result<Param, CoreError> {
     let [param, grad, state, step] = objs;
-    let param = as_array(param, &|| at.param()).arg("param")?;
-    let Some(dtype) = dtypes.of(param) else {
-        return type_err!(
-            "{} has dtype {}; optirs updates float32, float64, float16 and bfloat16 arrays",
-            at.param(),
-            dtype_str(param)
-        )
-        .arg("param");
-    };
-    check_layout(param, &|| at.param()).arg("param")?;
-    if !is_writeable(param) {
-        return value_err!("{} is read-only (its writeable flag is False)", at.param())
-            .arg("param");
-    }
+    let (param, dtype) = check_param_array(param, dtypes, at, |_| true, UPDATES)?;
     let shape = param.shape().to_vec();
     let len = param.len();
     let grad = as_array(grad, &|| at.grad()).arg("grad")?;
     check_buffer(grad, dtypes, dtype, &shape, &|| at.grad(), at).arg("grad")?;
-    let mut add = |a: &Bound<'_, PyUntypedArray>, writes: bool, role: Role| {
-        let (start, end) = span(a, dtype);
-        if end > start {
-            spans.push(Span {
-                start,
-                end,
-                writes,
-                role,
-                at,
-            });
-        }
-    };
-    add(param, true, Role::Param);
-    add(grad, false, Role::Grad);
+    record(spans, at, param, dtype.size(), true, Role::Param);
+    record(spans, at, grad, dtype.size(), false, Role::Grad);
 
     // As torch's `_init_group`: factored over the last two dimensions when the gradient has
     // more than one.
@@ -89,33 +64,15 @@ fn check<'py>(
         let name = NAMES[i];
         let what = || at.state(name);
         let arg = format!("state['{name}']");
-        let obj = match state.get_item(i) {
-            Ok(obj) if !obj.is_none() => obj,
-            _ => return value_err!("{} is missing", what()).arg(&arg),
-        };
+        let obj = required(state.get_item(i), &what, &arg)?;
         let arr = as_array(&obj, &what).arg(&arg)?;
         check_buffer(arr, dtypes, dtype, &want, &what, at).arg(&arg)?;
-        if !is_writeable(arr) {
-            return value_err!("{} is read-only (its writeable flag is False)", what()).arg(&arg);
-        }
+        check_writeable(arr, &what).arg(&arg)?;
         ptrs[k] = data_ptr(arr);
-        add(arr, true, Role::State(name));
+        record(spans, at, arr, dtype.size(), true, Role::State(name));
         keep.push(obj.clone());
     }
-    let what = || at.state("step");
-    if step.is_none() {
-        return value_err!("{} is missing", what()).arg("state['step']");
-    }
-    let s = as_array(step, &what).arg("state['step']")?;
-    let (slot, count, counter_dtype) = check_counter(s, dtypes, &what).arg("state['step']")?;
-    let (start, end) = span(s, counter_dtype);
-    spans.push(Span {
-        start,
-        end,
-        writes: true,
-        role: Role::State("step"),
-        at,
-    });
+    let (_, slot, count, _) = check_step(step, dtypes, at, spans)?;
     // The master copy follows the three state entries.
     let (sr_key, master) = crate::step::check_rounding(
         NAMES.len(),
@@ -176,25 +133,8 @@ pub(crate) fn run(
     bf16_bits: bool,
 ) -> Result<bool> {
     let n = params.len();
-    let Ok(n_groups) = groups.len() else {
-        return Ok(type_err!("param_groups must be a list of dicts")?);
-    };
-    let mut hypers = Vec::with_capacity(n_groups);
-    let mut roundings = Vec::with_capacity(n_groups);
-    let mut group_of = Vec::with_capacity(n);
-    for gi in 0..n_groups {
-        let Ok(group) = groups.get_item(gi) else {
-            return Ok(type_err!("param_groups must be a list of dicts")?);
-        };
-        hypers.push(hyper::adafactor(&group, gi)?);
-        roundings.push(crate::step::Rounding::read(&group, gi)?);
-        group_of.extend((0..hyper::len_params(&group, gi)?).map(|index| (gi, index)));
-    }
-    if group_of.len() != n || grads.len() != n || states.len() != n || steps.len() != n {
-        return Ok(value_err!(
-            "expected one gradient, state tuple and step counter per parameter ({n})"
-        )?);
-    }
+    let (hypers, roundings, group_of) = read_groups(groups, n, hyper::adafactor)?;
+    check_one_each(n, group_of.len(), [grads.len(), states.len(), steps.len()])?;
     let dtypes = Dtypes::new(py, bf16_bits);
     let mut checked = Vec::new();
     let mut located = Vec::new();

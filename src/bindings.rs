@@ -233,14 +233,10 @@ pub mod _core {
             grad_coef,
             None,
         );
-        entry(|| {
-            let applied = crate::q8::run(
+        step_and_finish(commit, then.as_ref(), || {
+            crate::q8::run(
                 py, groups, params, grads, states, steps, block_size, &options, bf16_bits,
-            )?;
-            if applied {
-                crate::bindings::finish(&commit.unwrap_or_default(), then.as_ref())?;
-            }
-            Ok(applied)
+            )
         })
     }
 
@@ -278,12 +274,24 @@ pub mod _core {
             grad_coef,
             None,
         );
-        entry(|| {
-            let applied = crate::adafactor::run(
+        step_and_finish(commit, then.as_ref(), || {
+            crate::adafactor::run(
                 py, groups, params, grads, states, steps, &options, bf16_bits,
-            )?;
+            )
+        })
+    }
+
+    /// Runs a step that makes no plan through the panic boundary, then its bookkeeping
+    /// (`finish`) once it is applied.
+    fn step_and_finish(
+        commit: Option<Vec<crate::bindings::Commit<'_>>>,
+        then: Option<&crate::bindings::Then<'_>>,
+        step: impl FnOnce() -> crate::errors::Result<bool>,
+    ) -> PyResult<bool> {
+        entry(|| {
+            let applied = step()?;
             if applied {
-                crate::bindings::finish(&commit.unwrap_or_default(), then.as_ref())?;
+                crate::bindings::finish(&commit.unwrap_or_default(), then)?;
             }
             Ok(applied)
         })

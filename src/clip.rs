@@ -14,7 +14,7 @@ use optirs_core::norm::{self, GradRef, NormType};
 use optirs_core::{CoreError, DType, ErrorKind, TorchRaises};
 
 use crate::errors::{type_err, value_err};
-use crate::ndarray::{as_array, check_layout, data_ptr, dtype_str, is_writeable, span, Dtypes};
+use crate::ndarray::{as_array, check_layout, check_writeable, data_ptr, dtype_str, span, Dtypes};
 
 /// A gradient as the core reads it, and the bytes it covers.
 type Held = (GradRef, (usize, usize));
@@ -37,8 +37,8 @@ fn check(
             );
         };
         check_layout(a, &what)?;
-        if writes && !is_writeable(a) {
-            return value_err!("{} is read-only (its writeable flag is False)", what());
+        if writes {
+            check_writeable(a, &what)?;
         }
         // SAFETY: a contiguous, aligned array of `dtype` with `a.len()` elements, held by the
         // caller's argument vector until the pass returns (see the module's documentation;

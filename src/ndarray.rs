@@ -103,6 +103,18 @@ pub(crate) fn is_writeable(a: &Bound<'_, PyUntypedArray>) -> bool {
     flags(a) & NPY_ARRAY_WRITEABLE != 0
 }
 
+/// Refuses an array the step writes that NumPy marks read-only.
+pub(crate) fn check_writeable(
+    a: &Bound<'_, PyUntypedArray>,
+    what: &dyn Fn() -> String,
+) -> Result<(), CoreError> {
+    if is_writeable(a) {
+        Ok(())
+    } else {
+        value_err!("{} is read-only (its writeable flag is False)", what())
+    }
+}
+
 pub(crate) fn data_ptr(a: &Bound<'_, PyUntypedArray>) -> *mut u8 {
     // SAFETY: as above, a plain field read.
     unsafe { (*a.as_array_ptr()).fields.data.cast() }

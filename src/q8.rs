@@ -17,9 +17,11 @@ use optirs_core::{
 use crate::errors::{type_err, value_err, Result};
 use crate::hyper;
 use crate::ndarray::{
-    as_array, check_buffer, check_layout, data_ptr, dtype_str, is_writeable, span, Dtypes,
+    as_array, check_buffer, check_layout, check_writeable, data_ptr, dtype_str, Dtypes,
 };
-use crate::step::{check_counter, check_param};
+use crate::step::{
+    check_one_each, check_param, check_param_array, check_step, read_groups, record, required,
+};
 
 /// The 8-bit state entries, in the order a state tuple holds them.
 pub(crate) const Q8_NAMES: [&str; 4] = [
@@ -47,49 +49,27 @@ fn check_q8<'py>(
     keep: &mut Vec<Bound<'py, PyAny>>,
 ) -> std::result::Result<CheckedQ8, CoreError> {
     let [param, grad, state, step] = objs;
-    let param = as_array(param, &|| at.param()).arg("param")?;
-    let Some(dtype @ (DType::F32 | DType::F16 | DType::Bf16)) = dtypes.of(param) else {
-        return type_err!(
-            "{} has dtype {}; 8-bit Adam updates float32, float16 and bfloat16 arrays",
-            at.param(),
-            dtype_str(param)
-        )
-        .arg("param");
-    };
-    check_layout(param, &|| at.param()).arg("param")?;
-    if !is_writeable(param) {
-        return value_err!("{} is read-only (its writeable flag is False)", at.param())
-            .arg("param");
-    }
+    let (param, dtype) = check_param_array(
+        param,
+        dtypes,
+        at,
+        |d| d != DType::F64,
+        "8-bit Adam updates float32, float16 and bfloat16 arrays",
+    )?;
     let shape = param.shape();
     let len = param.len();
     let blocks = len.div_ceil(block);
     let grad = as_array(grad, &|| at.grad()).arg("grad")?;
     check_buffer(grad, dtypes, dtype, shape, &|| at.grad(), at).arg("grad")?;
-    let mut add = |a: &Bound<'_, PyUntypedArray>, bytes: usize, writes: bool, role: Role| {
-        let start = data_ptr(a) as usize;
-        if bytes > 0 {
-            spans.push(Span {
-                start,
-                end: start + bytes,
-                writes,
-                role,
-                at,
-            });
-        }
-    };
-    add(param, len * dtype.size(), true, Role::Param);
-    add(grad, len * dtype.size(), false, Role::Grad);
+    record(spans, at, param, dtype.size(), true, Role::Param);
+    record(spans, at, grad, dtype.size(), false, Role::Grad);
 
     let mut codes = [std::ptr::null_mut(); 2];
     let mut absmax = [std::ptr::null_mut(); 2];
     for (i, name) in Q8_NAMES.iter().enumerate() {
         let what = || at.state(name);
         let arg = format!("state['{name}']");
-        let obj = match state.get_item(i) {
-            Ok(obj) if !obj.is_none() => obj,
-            _ => return value_err!("{} is missing", what()).arg(&arg),
-        };
+        let obj = required(state.get_item(i), &what, &arg)?;
         let arr = as_array(&obj, &what).arg(&arg)?;
         if i < 2 {
             if !is_u8(arr) {
@@ -122,15 +102,15 @@ fn check_q8<'py>(
             }
         }
         check_layout(arr, &what).arg(&arg)?;
-        if !is_writeable(arr) {
-            return value_err!("{} is read-only (its writeable flag is False)", what()).arg(&arg);
-        }
+        check_writeable(arr, &what).arg(&arg)?;
         let ptr = data_ptr(arr);
         if i < 2 {
-            add(arr, len, true, Role::State(name));
+            // `len` codes (the parameter's shape, checked above).
+            record(spans, at, arr, 1, true, Role::State(name));
             codes[i] = ptr;
         } else {
-            add(arr, blocks * 4, true, Role::State(name));
+            // `blocks` float32s (checked above).
+            record(spans, at, arr, 4, true, Role::State(name));
             // A float32 array checked aligned (check_layout): its data is 4-byte aligned.
             #[allow(clippy::cast_ptr_alignment)]
             let f = ptr.cast::<f32>();
@@ -138,20 +118,7 @@ fn check_q8<'py>(
         }
         keep.push(obj.clone());
     }
-    let what = || at.state("step");
-    if step.is_none() {
-        return value_err!("{} is missing", what()).arg("state['step']");
-    }
-    let s = as_array(step, &what).arg("state['step']")?;
-    let (slot, count, counter_dtype) = check_counter(s, dtypes, &what).arg("state['step']")?;
-    let (start, end) = span(s, counter_dtype);
-    spans.push(Span {
-        start,
-        end,
-        writes: true,
-        role: Role::State("step"),
-        at,
-    });
+    let (_, slot, count, _) = check_step(step, dtypes, at, spans)?;
     let RuleOf::F32(Rule::Adam(k)) = rules.get(at.group, hyper, dtype, count, false)? else {
         unreachable!("Adam hyperparameters give Adam's float32 scalars for a 16/32-bit dtype")
     };
@@ -224,32 +191,17 @@ pub(crate) fn run(
         )?);
     }
     let n = params.len();
-    let Ok(n_groups) = groups.len() else {
-        return Ok(type_err!("param_groups must be a list of dicts")?);
-    };
-    let mut hypers = Vec::with_capacity(n_groups);
-    let mut roundings = Vec::with_capacity(n_groups);
-    let mut group_of = Vec::with_capacity(n);
-    for gi in 0..n_groups {
-        let Ok(group) = groups.get_item(gi) else {
-            return Ok(type_err!("param_groups must be a list of dicts")?);
-        };
-        let h = hyper::read(Kind::Adam, &group, gi)?;
+    let (hypers, roundings, group_of) = read_groups(groups, n, |group, gi| {
+        let h = hyper::read(Kind::Adam, group, gi)?;
         if let Hyper::Adam(a, _) = &h {
             if a.amsgrad {
-                return Ok(value_err!("8-bit Adam does not support amsgrad=True")
-                    .map_err(|e: CoreError| e.in_group(gi).arg("amsgrad"))?);
+                return value_err!("8-bit Adam does not support amsgrad=True")
+                    .map_err(|e: CoreError| e.in_group(gi).arg("amsgrad"));
             }
         }
-        roundings.push(crate::step::Rounding::read(&group, gi)?);
-        hypers.push(h);
-        group_of.extend((0..hyper::len_params(&group, gi)?).map(|index| (gi, index)));
-    }
-    if group_of.len() != n || grads.len() != n || states.len() != n || steps.len() != n {
-        return Ok(value_err!(
-            "expected one gradient, state tuple and step counter per parameter ({n})"
-        )?);
-    }
+        Ok(h)
+    })?;
+    check_one_each(n, group_of.len(), [grads.len(), states.len(), steps.len()])?;
     let dtypes = Dtypes::new(py, bf16_bits);
     let mut rules = RuleMemo::default();
     let mut checked = Vec::new();

@@ -38,7 +38,7 @@ use crate::course::run_detached;
 use crate::errors::{type_err, value_err, Result};
 use crate::hyper;
 use crate::ndarray::{
-    as_array, check_buffer, check_layout, data_ptr, dtype_str, is_writeable, span, Dtypes,
+    as_array, check_buffer, check_layout, check_writeable, data_ptr, dtype_str, span, Dtypes,
 };
 
 /// Checks a step counter; returns where its new value goes and that value as torch reads it
@@ -60,9 +60,7 @@ pub(crate) fn check_counter(
         );
     };
     check_layout(s, what)?;
-    if !is_writeable(s) {
-        return value_err!("{} is read-only (its writeable flag is False)", what());
-    }
+    check_writeable(s, what)?;
     // SAFETY: a 0-d array of that dtype, aligned (check_layout), holds exactly one element;
     // the overlap check keeps any other array of the step away from it, and the step holds
     // the array (`steps`) until it returns.
@@ -73,6 +71,140 @@ pub(crate) fn check_counter(
         return value_err!("{} must be a finite step count >= 0, got {old}", what());
     }
     Ok((slot, new, counter_dtype))
+}
+
+/// Records the memory of `a`, an array of `itemsize`-byte elements of the parameter at `at`,
+/// for the overlap check; an empty array has none to record.
+pub(crate) fn record(
+    spans: &mut Vec<Span>,
+    at: Location,
+    a: &Bound<'_, PyUntypedArray>,
+    itemsize: usize,
+    writes: bool,
+    role: Role,
+) {
+    let start = data_ptr(a) as usize;
+    let end = start + a.len() * itemsize;
+    if end > start {
+        spans.push(Span {
+            start,
+            end,
+            writes,
+            role,
+            at,
+        });
+    }
+}
+
+/// The step counter `state['step']` of the parameter at `at`: there, and as
+/// [`check_counter`] checks it; its memory recorded for the overlap check. Returns the array,
+/// then what [`check_counter`] returns.
+#[allow(clippy::type_complexity)]
+pub(crate) fn check_step<'a, 'py>(
+    step: &'a Bound<'py, PyAny>,
+    dtypes: &Dtypes<'_>,
+    at: Location,
+    spans: &mut Vec<Span>,
+) -> std::result::Result<
+    (
+        &'a Bound<'py, PyUntypedArray>,
+        CounterSlot<'static>,
+        f64,
+        DType,
+    ),
+    optirs_core::CoreError,
+> {
+    let what = || at.state("step");
+    if step.is_none() {
+        return value_err!("{} is missing", what()).arg("state['step']");
+    }
+    let s = as_array(step, &what).arg("state['step']")?;
+    let (slot, count, counter_dtype) = check_counter(s, dtypes, &what).arg("state['step']")?;
+    // A 0-d array: never empty, always recorded.
+    record(
+        spans,
+        at,
+        s,
+        counter_dtype.size(),
+        true,
+        Role::State("step"),
+    );
+    Ok((s, slot, count, counter_dtype))
+}
+
+/// A parameter's own array: an ndarray whose dtype `accept` takes (else a TypeError naming
+/// the dtypes, `takes`, that the step updates), C-contiguous, aligned and writeable. Every
+/// error names the argument `param`.
+pub(crate) fn check_param_array<'a, 'py>(
+    param: &'a Bound<'py, PyAny>,
+    dtypes: &Dtypes<'_>,
+    at: Location,
+    accept: fn(DType) -> bool,
+    takes: &str,
+) -> std::result::Result<(&'a Bound<'py, PyUntypedArray>, DType), optirs_core::CoreError> {
+    let what = || at.param();
+    let param = as_array(param, &what).arg("param")?;
+    let Some(dtype) = dtypes.of(param).filter(|d| accept(*d)) else {
+        return type_err!("{} has dtype {}; {takes}", what(), dtype_str(param)).arg("param");
+    };
+    check_layout(param, &what).arg("param")?;
+    check_writeable(param, &what).arg("param")?;
+    Ok((param, dtype))
+}
+
+/// Entry `got` of a parameter's state, which must be there and not None (a ValueError naming
+/// `arg` otherwise).
+pub(crate) fn required<'py>(
+    got: PyResult<Bound<'py, PyAny>>,
+    what: &dyn Fn() -> String,
+    arg: &str,
+) -> std::result::Result<Bound<'py, PyAny>, optirs_core::CoreError> {
+    match got {
+        Ok(obj) if !obj.is_none() => Ok(obj),
+        _ => value_err!("{} is missing", what()).arg(arg),
+    }
+}
+
+/// Each group's hyperparameters (as `read` reads them from the group's dict and index) and
+/// rounding options, and each flat parameter's `(group, index)`, in `param_groups` order.
+#[allow(clippy::type_complexity)]
+pub(crate) fn read_groups<H>(
+    groups: &Bound<'_, PyAny>,
+    n: usize,
+    mut read: impl FnMut(&Bound<'_, PyAny>, usize) -> std::result::Result<H, optirs_core::CoreError>,
+) -> std::result::Result<(Vec<H>, Vec<Rounding>, Vec<(usize, usize)>), optirs_core::CoreError> {
+    let Ok(n_groups) = groups.len() else {
+        return type_err!("param_groups must be a list of dicts");
+    };
+    let mut hypers = Vec::with_capacity(n_groups);
+    let mut roundings = Vec::with_capacity(n_groups);
+    let mut group_of = Vec::with_capacity(n);
+    for gi in 0..n_groups {
+        let Ok(group) = groups.get_item(gi) else {
+            return type_err!("param_groups must be a list of dicts");
+        };
+        hypers.push(read(&group, gi)?);
+        roundings.push(Rounding::read(&group, gi)?);
+        let len = hyper::len_params(&group, gi)?;
+        group_of.extend((0..len).map(|index| (gi, index)));
+    }
+    Ok((hypers, roundings, group_of))
+}
+
+/// Refuses argument lists that do not hold one entry per parameter of `param_groups` (`n`
+/// parameters in the lists, `in_groups` in the groups), for the steps that take a gradient, a
+/// state tuple and a step counter per parameter.
+pub(crate) fn check_one_each(
+    n: usize,
+    in_groups: usize,
+    lens: [usize; 3],
+) -> std::result::Result<(), optirs_core::CoreError> {
+    if in_groups != n || lens.iter().any(|&len| len != n) {
+        return value_err!(
+            "expected one gradient, state tuple and step counter per parameter ({n})"
+        );
+    }
+    Ok(())
 }
 
 /// The dtype a parameter of `dtype` keeps its state buffers in: its group's `state_dtype`,
@@ -136,9 +268,7 @@ fn check_scalar(
         );
     };
     check_layout(s, what)?;
-    if !is_writeable(s) {
-        return value_err!("{} is read-only (its writeable flag is False)", what());
-    }
+    check_writeable(s, what)?;
     Ok(dtype)
 }
 
@@ -168,20 +298,11 @@ fn check_scalars<'py>(
     for (j, name) in kind.scalar_names().iter().enumerate() {
         let what = || at.state(name);
         let arg = format!("state['{name}']");
-        let obj = match buffers.get_item(first + j) {
-            Ok(obj) if !obj.is_none() => obj,
-            _ => return value_err!("{} is missing", what()).arg(&arg),
-        };
+        let obj = required(buffers.get_item(first + j), &what, &arg)?;
         let arr = as_array(&obj, &what).arg(&arg)?.clone();
         let dt = check_scalar(&arr, dtypes, &what).arg(&arg)?;
-        let (start, end) = span(&arr, dt);
-        spans.push(Span {
-            start,
-            end,
-            writes: true,
-            role: Role::State(name),
-            at,
-        });
+        // A 0-d array: never empty, always recorded.
+        record(spans, at, &arr, dt.size(), true, Role::State(name));
         keep.push(obj);
         ptrs[j] = Some((data_ptr(&arr), dt));
         held[j] = hold.then_some((arr, dt));
@@ -232,10 +353,7 @@ pub(crate) fn check_rounding<'py>(
     let master = if rounding.master && matches!(dtype, DType::F16 | DType::Bf16) {
         let what = || at.state(MASTER);
         let arg = format!("state['{MASTER}']");
-        let obj = match buffers.get_item(master_at) {
-            Ok(obj) if !obj.is_none() => obj,
-            _ => return value_err!("{} is missing", what()).arg(&arg),
-        };
+        let obj = required(buffers.get_item(master_at), &what, &arg)?;
         let arr = as_array(&obj, &what).arg(&arg)?;
         let got = dtypes.of(arr);
         if got != Some(DType::F32) {
@@ -247,9 +365,7 @@ pub(crate) fn check_rounding<'py>(
             .arg(&arg);
         }
         check_buffer(arr, dtypes, DType::F32, shape, &what, at).arg(&arg)?;
-        if !is_writeable(arr) {
-            return value_err!("{} is read-only (its writeable flag is False)", what()).arg(&arg);
-        }
+        check_writeable(arr, &what).arg(&arg)?;
         let (start, end) = span(arr, DType::F32);
         spans.push(Span {
             start,
@@ -288,39 +404,14 @@ pub(crate) fn check_param<'py>(
 ) -> std::result::Result<Checked, optirs_core::CoreError> {
     let [param, grad, buffers, step] = objs;
     let group = at.group;
-    let param = as_array(param, &|| at.param()).arg("param")?;
-    let Some(dtype) = dtypes.of(param) else {
-        return type_err!(
-            "{} has dtype {}; optirs updates float32, float64, float16 and bfloat16 arrays",
-            at.param(),
-            dtype_str(param)
-        )
-        .arg("param");
-    };
-    check_layout(param, &|| at.param()).arg("param")?;
-    if !is_writeable(param) {
-        return value_err!("{} is read-only (its writeable flag is False)", at.param())
-            .arg("param");
-    }
+    let (param, dtype) = check_param_array(param, dtypes, at, |_| true, UPDATES)?;
     let shape = param.shape();
     let state_dtype = resolve_state_dtype(state_dtype, dtype, at).arg("state_dtype")?;
     let grad = as_array(grad, &|| at.grad()).arg("grad")?;
     check_buffer(grad, dtypes, dtype, shape, &|| at.grad(), at).arg("grad")?;
 
-    let mut add = |a: &Bound<'_, PyUntypedArray>, dt: DType, writes: bool, role: Role| {
-        let (start, end) = span(a, dt);
-        if end > start {
-            spans.push(Span {
-                start,
-                end,
-                writes,
-                role,
-                at,
-            });
-        }
-    };
-    add(param, dtype, true, Role::Param);
-    add(grad, dtype, false, Role::Grad);
+    record(spans, at, param, dtype.size(), true, Role::Param);
+    record(spans, at, grad, dtype.size(), false, Role::Grad);
     // The state of one parameter usually comes as a tuple: index it directly.
     let tuple = buffers.cast::<PyTuple>().ok();
 
@@ -332,17 +423,13 @@ pub(crate) fn check_param<'py>(
         }
         let what = || at.state(name);
         let arg = format!("state['{name}']");
-        let obj = match tuple.map_or_else(|| buffers.get_item(i), |t| t.get_item(i)) {
-            Ok(obj) if !obj.is_none() => obj,
-            _ => return value_err!("{} is missing", what()).arg(&arg),
-        };
+        let got = tuple.map_or_else(|| buffers.get_item(i), |t| t.get_item(i));
+        let obj = required(got, &what, &arg)?;
         let arr = as_array(&obj, &what).arg(&arg)?;
         check_state_dtype(arr, dtypes, dtype, state_dtype, &what, at).arg(&arg)?;
         check_buffer(arr, dtypes, state_dtype, shape, &what, at).arg(&arg)?;
-        if !is_writeable(arr) {
-            return value_err!("{} is read-only (its writeable flag is False)", what()).arg(&arg);
-        }
-        add(arr, state_dtype, true, Role::State(name));
+        check_writeable(arr, &what).arg(&arg)?;
+        record(spans, at, arr, state_dtype.size(), true, Role::State(name));
         bufs[i] = Some(data_ptr(arr));
         held[i] = plan.is_some().then(|| arr.clone());
         // `buffers` may be a list another thread empties while the GIL is released: the step
@@ -351,15 +438,9 @@ pub(crate) fn check_param<'py>(
     }
 
     let (step, count, counter_held) = if kind.counts_steps() {
-        let what = || at.state("step");
-        if step.is_none() {
-            return value_err!("{} is missing", what()).arg("state['step']");
-        }
-        let s = as_array(step, &what).arg("state['step']")?;
-        let counter = check_counter(s, dtypes, &what).arg("state['step']")?;
-        add(s, counter.2, true, Role::State("step"));
-        let wide = counter.2 == DType::F64;
-        (Some(counter.0), counter.1, Some((s.clone(), wide)))
+        let (s, slot, count, counter_dtype) = check_step(step, dtypes, at, spans)?;
+        let wide = counter_dtype == DType::F64;
+        (Some(slot), count, Some((s.clone(), wide)))
     } else {
         (None, 0.0, None)
     };
@@ -418,6 +499,9 @@ pub(crate) fn check_param<'py>(
     Ok(checked)
 }
 
+/// What a parameter of the wrong dtype is told the step updates.
+pub(crate) const UPDATES: &str = "optirs updates float32, float64, float16 and bfloat16 arrays";
+
 /// The state entry of a 16-bit parameter's float32 master copy (`master_weights`).
 pub(crate) const MASTER: &str = "master_param";
 
@@ -470,23 +554,13 @@ pub(crate) fn run(
     let n = params.len();
 
     // Hyperparameters, and which group each flat parameter index belongs to.
-    let Ok(n_groups) = groups.len() else {
-        return Ok(type_err!("param_groups must be a list of dicts")?);
-    };
-    let mut hypers = Vec::with_capacity(n_groups);
-    let mut state_dtypes = Vec::with_capacity(n_groups);
-    let mut roundings: Vec<Rounding> = Vec::with_capacity(n_groups);
-    let mut group_of = Vec::with_capacity(n);
-    for gi in 0..n_groups {
-        let Ok(group) = groups.get_item(gi) else {
-            return Ok(type_err!("param_groups must be a list of dicts")?);
-        };
-        hypers.push(hyper::read(kind, &group, gi)?);
-        state_dtypes.push(hyper::state_dtype(&group, gi)?);
-        roundings.push(Rounding::read(&group, gi)?);
-        let len = hyper::len_params(&group, gi)?;
-        group_of.extend((0..len).map(|index| (gi, index)));
-    }
+    let (read, roundings, group_of) = read_groups(groups, n, |group, gi| {
+        Ok((
+            hyper::read(kind, group, gi)?,
+            hyper::state_dtype(group, gi)?,
+        ))
+    })?;
+    let (hypers, state_dtypes): (Vec<_>, Vec<_>) = read.into_iter().unzip();
     if group_of.len() != n {
         return Ok(value_err!(
             "param_groups hold {} parameters but {n} arrays were passed",

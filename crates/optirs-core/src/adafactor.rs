@@ -49,7 +49,7 @@
 use std::panic::AssertUnwindSafe;
 
 use crate::dtype::DType;
-use crate::engine::{CounterSlot, Options, CHUNK_ELEMS};
+use crate::engine::{CounterSlot, Options, WriteMode, CHUNK_ELEMS};
 use crate::error::{panic_message, CoreError, ErrorKind, TorchRaises};
 use crate::fpenv::FlushGuard;
 use crate::kernels::float::{lerp, LerpWeight};
@@ -108,10 +108,8 @@ pub struct Param {
     /// The step count once this step is applied (torch's `step_t.item()` after `+= 1`).
     count: f64,
     hyper: Hyper,
-    /// Stochastic rounding's key for this parameter and step (bfloat16 parameters only).
-    sr: Option<SrKey>,
-    /// The float32 master copy (`len` elements) of a 16-bit parameter.
-    master: Option<*mut u8>,
+    /// How the new values are written: rounded to nearest, stochastically, or from a master copy.
+    write: WriteMode<u8>,
 }
 
 // SAFETY: the addresses are used as `Param::new`'s contract allows, each range by one thread at
@@ -165,8 +163,7 @@ impl Param {
             step,
             count,
             hyper,
-            sr: None,
-            master: None,
+            write: WriteMode::Nearest,
         }
     }
 
@@ -178,11 +175,7 @@ impl Param {
     /// those.
     #[must_use]
     pub fn with_stochastic_rounding(mut self, key: SrKey) -> Param {
-        assert!(
-            self.dtype == DType::Bf16 && self.master.is_none(),
-            "stochastic rounding is for bfloat16 parameters without a master copy"
-        );
-        self.sr = Some(key);
+        self.write = self.write.stochastic(self.dtype, key);
         self
     }
 
@@ -199,11 +192,7 @@ impl Param {
     /// For a parameter that is not float16 or bfloat16, or one with stochastic rounding.
     #[must_use]
     pub unsafe fn with_master(mut self, master: *mut u8) -> Param {
-        assert!(
-            matches!(self.dtype, DType::Bf16 | DType::F16) && self.sr.is_none(),
-            "a master copy is for float16 and bfloat16 parameters, without stochastic rounding"
-        );
-        self.master = Some(master);
+        self.write = self.write.master(self.dtype, master);
         self
     }
 }
@@ -1009,7 +998,9 @@ fn reduce_pass(
             by_dtype!(p.dtype, S => reduce::<S>(
                 level,
                 part::<S>(p.param, piece.start, piece.len),
-                p.master.map(|m| part::<<S as Storage>::Compute>(m, piece.start, piece.len)),
+                p.write
+                    .master_copy()
+                    .map(|m| part::<<S as Storage>::Compute>(m, piece.start, piece.len)),
                 part::<S>(p.grad, piece.start, piece.len),
                 cols,
                 grad_read(options, p.hyper.maximize),
@@ -1191,14 +1182,14 @@ fn apply_pass(
             by_dtype!(p.dtype, S => apply::<S>(
                 level,
                 part_mut::<S>(p.param, piece.start, piece.len),
-                match (p.sr, p.master) {
-                    (Some(key), _) => Out::Stochastic(key.advanced(piece.start)),
-                    (None, Some(m)) => Out::Master(part_mut::<<S as Storage>::Compute>(
+                match p.write {
+                    WriteMode::Stochastic(key) => Out::Stochastic(key.advanced(piece.start)),
+                    WriteMode::Master(m) => Out::Master(part_mut::<<S as Storage>::Compute>(
                         m,
                         piece.start,
                         piece.len,
                     )),
-                    (None, None) => Out::Nearest,
+                    WriteMode::Nearest => Out::Nearest,
                 },
                 part::<S>(p.grad, piece.start, piece.len),
                 match p.factoring {

@@ -61,10 +61,8 @@ pub struct Checked {
     /// Where the rule's per-parameter scalar state (`RuleSpec::scalars`) gets its new values.
     scalars: [Option<CounterSlot<'static>>; MAX_SCALARS],
     rule: RuleOf,
-    /// Stochastic rounding's key for this parameter and step (bfloat16 parameters only).
-    sr: Option<SrKey>,
-    /// The float32 master copy (`len` elements) of a 16-bit parameter.
-    master: Option<*mut u8>,
+    /// How the new values are written: rounded to nearest, stochastically, or from a master copy.
+    write: WriteMode<u8>,
 }
 
 impl Checked {
@@ -98,8 +96,7 @@ impl Checked {
             step,
             scalars: [None, None],
             rule,
-            sr: None,
-            master: None,
+            write: WriteMode::Nearest,
         }
     }
 
@@ -144,11 +141,7 @@ impl Checked {
     /// those.
     #[must_use]
     pub fn with_stochastic_rounding(mut self, key: SrKey) -> Checked {
-        assert!(
-            self.dtype == DType::Bf16 && self.master.is_none(),
-            "stochastic rounding is for bfloat16 parameters without a master copy"
-        );
-        self.sr = Some(key);
+        self.write = self.write.stochastic(self.dtype, key);
         self
     }
 
@@ -163,12 +156,55 @@ impl Checked {
     /// For a parameter that is not float16 or bfloat16, or one with stochastic rounding.
     #[must_use]
     pub unsafe fn with_master(mut self, master: *mut u8) -> Checked {
+        self.write = self.write.master(self.dtype, master);
+        self
+    }
+}
+
+/// How a parameter's new values are written, shared by [`Checked`], [`CheckedQ8`] and
+/// Adafactor's `Param`: rounded to nearest, with stochastic rounding drawn from a key
+/// (bfloat16 only), or through a float32 master copy of `M`s at the address given (float16
+/// and bfloat16 only). The address is only held here: the `with_master` constructor that
+/// takes it is `unsafe` and states what it must point to.
+#[derive(Clone, Copy)]
+pub(crate) enum WriteMode<M> {
+    Nearest,
+    Stochastic(SrKey),
+    Master(*mut M),
+}
+
+impl<M> WriteMode<M> {
+    /// Stochastic rounding drawn from `key`, for a parameter of `dtype`.
+    ///
+    /// # Panics
+    /// For a parameter that is not bfloat16, or one with a master copy: the bindings refuse
+    /// those.
+    pub(crate) fn stochastic(self, dtype: DType, key: SrKey) -> WriteMode<M> {
         assert!(
-            matches!(self.dtype, DType::Bf16 | DType::F16) && self.sr.is_none(),
+            dtype == DType::Bf16 && !matches!(self, WriteMode::Master(_)),
+            "stochastic rounding is for bfloat16 parameters without a master copy"
+        );
+        WriteMode::Stochastic(key)
+    }
+
+    /// The master copy at `master`, for a parameter of `dtype`.
+    ///
+    /// # Panics
+    /// For a parameter that is not float16 or bfloat16, or one with stochastic rounding.
+    pub(crate) fn master(self, dtype: DType, master: *mut M) -> WriteMode<M> {
+        assert!(
+            matches!(dtype, DType::Bf16 | DType::F16) && !matches!(self, WriteMode::Stochastic(_)),
             "a master copy is for float16 and bfloat16 parameters, without stochastic rounding"
         );
-        self.master = Some(master);
-        self
+        WriteMode::Master(master)
+    }
+
+    /// The master copy's address, if there is one.
+    pub(crate) fn master_copy(self) -> Option<*mut M> {
+        match self {
+            WriteMode::Master(m) => Some(m),
+            WriteMode::Nearest | WriteMode::Stochastic(_) => None,
+        }
     }
 }
 
@@ -185,10 +221,8 @@ pub struct CheckedQ8 {
     absmax: [*mut f32; 2],
     step: Option<CounterSlot<'static>>,
     rule: AdamScalars<f32>,
-    /// Stochastic rounding's key for this parameter and step (bfloat16 parameters only).
-    sr: Option<SrKey>,
-    /// The float32 master copy (`len` elements) of a 16-bit parameter.
-    master: Option<*mut f32>,
+    /// How the new values are written: rounded to nearest, stochastically, or from a master copy.
+    write: WriteMode<f32>,
 }
 
 impl CheckedQ8 {
@@ -235,8 +269,7 @@ impl CheckedQ8 {
             absmax,
             step,
             rule,
-            sr: None,
-            master: None,
+            write: WriteMode::Nearest,
         }
     }
 
@@ -248,11 +281,7 @@ impl CheckedQ8 {
     /// those.
     #[must_use]
     pub fn with_stochastic_rounding(mut self, key: SrKey) -> CheckedQ8 {
-        assert!(
-            self.dtype == DType::Bf16 && self.master.is_none(),
-            "stochastic rounding is for bfloat16 parameters without a master copy"
-        );
-        self.sr = Some(key);
+        self.write = self.write.stochastic(self.dtype, key);
         self
     }
 
@@ -267,11 +296,7 @@ impl CheckedQ8 {
     /// For a parameter that is not float16 or bfloat16, or one with stochastic rounding.
     #[must_use]
     pub unsafe fn with_master(mut self, master: *mut f32) -> CheckedQ8 {
-        assert!(
-            matches!(self.dtype, DType::Bf16 | DType::F16) && self.sr.is_none(),
-            "a master copy is for float16 and bfloat16 parameters, without stochastic rounding"
-        );
-        self.master = Some(master);
+        self.write = self.write.master(self.dtype, master);
         self
     }
 
@@ -296,10 +321,10 @@ impl CheckedQ8 {
                 exp_avg_absmax: mk(self.absmax[0], blocks),
                 exp_avg_sq_absmax: mk(self.absmax[1], blocks),
                 block: self.block,
-                rounding: match (self.sr, self.master) {
-                    (Some(key), _) => Rounding::Stochastic(key),
-                    (None, Some(m)) => Rounding::Master(mk(m, self.len)),
-                    (None, None) => Rounding::Nearest,
+                rounding: match self.write {
+                    WriteMode::Stochastic(key) => Rounding::Stochastic(key),
+                    WriteMode::Master(m) => Rounding::Master(mk(m, self.len)),
+                    WriteMode::Nearest => Rounding::Nearest,
                 },
             }
         }
@@ -593,10 +618,10 @@ unsafe fn slices<'a, S: Storage, Q>(c: &Checked) -> Slices<'a, S, Q> {
                 std::slice::from_raw_parts(c.grad.cast(), c.len)
             },
             bufs: c.bufs.map(|b| b.map(|p| mk(p, c.len))),
-            rounding: match (c.sr, c.master) {
-                (Some(key), _) => Rounding::Stochastic(key),
-                (None, Some(m)) => Rounding::Master(mk::<S::Compute>(m, c.len)),
-                (None, None) => Rounding::Nearest,
+            rounding: match c.write {
+                WriteMode::Stochastic(key) => Rounding::Stochastic(key),
+                WriteMode::Master(m) => Rounding::Master(mk::<S::Compute>(m, c.len)),
+                WriteMode::Nearest => Rounding::Nearest,
             },
         }
     }

@@ -78,8 +78,7 @@ impl<S: Storage> Arrays<S> {
             }),
             scalars: [None, None],
             rule,
-            sr: None,
-            master: None,
+            write: WriteMode::Nearest,
         }
     }
 

@@ -26,6 +26,11 @@ pub mod rprop;
 pub mod sgd;
 pub mod simd;
 pub mod sr;
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+mod vector;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 

@@ -38,104 +38,16 @@ use std::arch::aarch64::{
     vreinterpretq_u32_f32, vshll_high_n_u16, vshll_n_u16, vshrq_n_u32, vsqrtq_f32, vsqrtq_f64,
     vst1q_f32, vst1q_f64, vst1q_u16, vsubq_f32, vsubq_f64, vuzp2q_u16,
 };
-use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::lanes::{Arith, Lanes, Pair, Wide8};
+use super::lanes::{Lanes, Pair, Wide8};
+use super::vector::vector;
 use half::{bf16, f16};
 
-/// A vector newtype with its arithmetic, one instruction per operation.
-///
-/// SAFETY of every intrinsic call in the impls: the intrinsics only need NEON, which is
-/// baseline on aarch64 (this module is compiled only where the target enables it).
-macro_rules! vector {
-    (
-        $name:ident($raw:ty, $t:ty),
-        add = $add:ident, sub = $sub:ident, mul = $mul:ident, div = $div:ident,
-        sqrt = $sqrt:ident, fma = $fma:ident, splat = $splat:ident, neg = $neg:ident,
-        bsl = $bsl:ident, gt = $gt:ident, eq = $eq:ident
-    ) => {
-        #[derive(Clone, Copy)]
-        #[repr(transparent)]
-        pub struct $name($raw);
-
-        impl Add for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn add(self, o: Self) -> Self {
-                // SAFETY: see the macro's documentation.
-                $name(unsafe { $add(self.0, o.0) })
-            }
-        }
-        impl Sub for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn sub(self, o: Self) -> Self {
-                // SAFETY: see the macro's documentation.
-                $name(unsafe { $sub(self.0, o.0) })
-            }
-        }
-        impl Mul for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn mul(self, o: Self) -> Self {
-                // SAFETY: see the macro's documentation.
-                $name(unsafe { $mul(self.0, o.0) })
-            }
-        }
-        impl Div for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn div(self, o: Self) -> Self {
-                // SAFETY: see the macro's documentation.
-                $name(unsafe { $div(self.0, o.0) })
-            }
-        }
-        impl Neg for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn neg(self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $neg(self.0) })
-            }
-        }
-        impl Arith<$t> for $name {
-            #[inline(always)]
-            fn splat(x: $t) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $splat(x) })
-            }
-            #[inline(always)]
-            fn sqrt(self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $sqrt(self.0) })
-            }
-            #[inline(always)]
-            fn maximum(self, other: Self) -> Self {
-                let (a, b) = (self.0, other.0);
-                // b where b > a; else a where b is a number (b == b), b (NaN) where it is not.
-                // SAFETY: as above.
-                $name(unsafe { $bsl($gt(b, a), b, $bsl($eq(b, b), a, b)) })
-            }
-            #[inline(always)]
-            fn mul_add(self, a: Self, b: Self) -> Self {
-                // `fmla`: its first operand is the addend, `b + self * a` with one rounding.
-                // SAFETY: as above.
-                $name(unsafe { $fma(b.0, self.0, a.0) })
-            }
-            #[inline(always)]
-            fn select_gt(self, other: Self, then: Self, otherwise: Self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $bsl($gt(self.0, other.0), then.0, otherwise.0) })
-            }
-            #[inline(always)]
-            fn select_eq(self, other: Self, then: Self, otherwise: Self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $bsl($eq(self.0, other.0), then.0, otherwise.0) })
-            }
-        }
-    };
-}
-
+// SAFETY of the intrinsics each `vector!` below names: they only need NEON, which is baseline
+// on aarch64 (this module is compiled only where the target enables it).
+//
+// `maximum(a, b)`: b where b > a; else a where b is a number (b == b), b (NaN) where it is not.
+// `mul_add`: `fmla`'s first operand is the addend, `b + self * a` with one rounding.
 vector!(
     F32x4(float32x4_t, f32),
     add = vaddq_f32,
@@ -143,12 +55,13 @@ vector!(
     mul = vmulq_f32,
     div = vdivq_f32,
     sqrt = vsqrtq_f32,
-    fma = vfmaq_f32,
+    fma = |s, a, b| vfmaq_f32(b, s, a),
     splat = vdupq_n_f32,
-    neg = vnegq_f32,
-    bsl = vbslq_f32,
-    gt = vcgtq_f32,
-    eq = vceqq_f32
+    neg = |x| vnegq_f32(x),
+    max = |a, b| vbslq_f32(vcgtq_f32(b, a), b, vbslq_f32(vceqq_f32(b, b), a, b)),
+    select = |m, t, f| vbslq_f32(m, t, f),
+    gt = |a, b| vcgtq_f32(a, b),
+    eq = |a, b| vceqq_f32(a, b)
 );
 vector!(
     F64x2(float64x2_t, f64),
@@ -157,12 +70,13 @@ vector!(
     mul = vmulq_f64,
     div = vdivq_f64,
     sqrt = vsqrtq_f64,
-    fma = vfmaq_f64,
+    fma = |s, a, b| vfmaq_f64(b, s, a),
     splat = vdupq_n_f64,
-    neg = vnegq_f64,
-    bsl = vbslq_f64,
-    gt = vcgtq_f64,
-    eq = vceqq_f64
+    neg = |x| vnegq_f64(x),
+    max = |a, b| vbslq_f64(vcgtq_f64(b, a), b, vbslq_f64(vceqq_f64(b, b), a, b)),
+    select = |m, t, f| vbslq_f64(m, t, f),
+    gt = |a, b| vcgtq_f64(a, b),
+    eq = |a, b| vceqq_f64(a, b)
 );
 
 /// NEON, two registers at a time: 8 `f32` (float32, bfloat16 and float16 storage, in element

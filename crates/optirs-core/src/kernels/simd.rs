@@ -189,27 +189,37 @@ pub fn set_active(level: SimdLevel) -> SimdLevel {
     chosen
 }
 
+/// `fn $avx512 | $avx2 [generics] (arguments) { body }`: the body compiled twice, with each x86
+/// level's `#[target_feature]` (AVX-512F, and AVX2, both with FMA and F16C), so that the
+/// element loop it inlines runs on that level's instructions. The features of each level are
+/// written here once.
+///
+/// Safety of each function made: the CPU has the level's features (its callers clamp the level
+/// to what `detect` found), and the body's own call gets what its documentation asks, `L` being
+/// that level's lanes.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn apply_avx512<S, Q, L>(rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
-where
-    S: Storage,
-    Q: Storage<Compute = S::Compute>,
-    L: StateLanes<S, Q>,
-{
-    unsafe { super::apply_inline::<S, Q, L>(rule, s) }
+macro_rules! x86_levels {
+    (
+        fn $avx512:ident | $avx2:ident [$($generics:tt)*] ($($arg:ident: $ty:ty),* $(,)?)
+        $body:block
+    ) => {
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn $avx512<$($generics)*>($($arg: $ty),*) $body
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $avx2<$($generics)*>($($arg: $ty),*) $body
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn apply_avx2<S, Q, L>(rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
-where
-    S: Storage,
-    Q: Storage<Compute = S::Compute>,
-    L: StateLanes<S, Q>,
-{
-    unsafe { super::apply_inline::<S, Q, L>(rule, s) }
-}
+x86_levels!(
+    fn apply_avx512 | apply_avx2
+    [S: Storage, Q: Storage<Compute = S::Compute>, L: StateLanes<S, Q>]
+    (rule: &Rule<S::Compute>, s: Slices<'_, S, Q>) {
+        // SAFETY: the CPU has `L`'s instructions (the macro's documentation).
+        unsafe { super::apply_inline::<S, Q, L>(rule, s) }
+    }
+);
 
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 fn apply_neon<S, Q>(rule: &Rule<S::Compute>, s: Slices<'_, S, Q>)
@@ -306,26 +316,14 @@ pub trait FactorElement: Storage {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn factor_avx512<S: Storage, L: StateLanes<S, S>>(
-    src: &[S],
-    dst: &mut [S],
-    unscale: Option<f64>,
-    coef: Option<f64>,
-) {
-    unsafe { super::factor::apply::<S, L>(src, dst, unscale, coef) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn factor_avx2<S: Storage, L: StateLanes<S, S>>(
-    src: &[S],
-    dst: &mut [S],
-    unscale: Option<f64>,
-    coef: Option<f64>,
-) {
-    unsafe { super::factor::apply::<S, L>(src, dst, unscale, coef) }
-}
+x86_levels!(
+    fn factor_avx512 | factor_avx2
+    [S: Storage, L: StateLanes<S, S>]
+    (src: &[S], dst: &mut [S], unscale: Option<f64>, coef: Option<f64>) {
+        // SAFETY: the CPU has `L`'s instructions (the macro's documentation).
+        unsafe { super::factor::apply::<S, L>(src, dst, unscale, coef) }
+    }
+);
 
 macro_rules! factor_element {
     ($($t:ty => $avx2:ty, $avx512:ty);* $(;)?) => {$(
@@ -392,22 +390,15 @@ where
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn q8_avx512<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
-    k: &AdamScalars<f32>,
-    s: Q8Slices<'_, S>,
-) {
-    unsafe { super::adam8bit::update_inline::<S, L, true>(k, s) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_avx2<S: Storage<Compute = f32>, L: StateLanes<S, f32>>(
-    k: &AdamScalars<f32>,
-    s: Q8Slices<'_, S>,
-) {
-    unsafe { super::adam8bit::update_inline::<S, L, true>(k, s) }
-}
+x86_levels!(
+    fn q8_avx512 | q8_avx2
+    [S: Storage<Compute = f32>, L: StateLanes<S, f32>]
+    (k: &AdamScalars<f32>, s: Q8Slices<'_, S>) {
+        // SAFETY: the CPU has `L`'s instructions, and the caller checked the lengths (the
+        // macro's documentation).
+        unsafe { super::adam8bit::update_inline::<S, L, true>(k, s) }
+    }
+);
 
 /// A parameter type 8-bit Adam is compiled for at every level (float32, float16, bfloat16):
 /// the lanes that read it and float32 (the dequantized moments) alike.

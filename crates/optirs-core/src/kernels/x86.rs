@@ -41,117 +41,15 @@ use std::arch::x86_64::{
     _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_pd, _mm512_sub_ps, _mm512_ternarylogic_epi32,
     _mm512_xor_si512,
 };
-use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::lanes::{Arith, Lanes, Pair, Wide8};
+use super::lanes::{Lanes, Pair, Wide8};
+use super::vector::vector;
 use half::{bf16, f16};
 
-/// A vector newtype with its arithmetic, one intrinsic per operation.
-///
-/// Safety of the operator impls: this module is private to the kernels, which use these types
-/// only inside element loops run with the `Lanes` impls below, whose callers guarantee that the
-/// CPU has the instruction set (see `lanes::stream`).
-macro_rules! vector {
-    (
-        $name:ident($raw:ty, $t:ty),
-        add = $add:ident, sub = $sub:ident, mul = $mul:ident, div = $div:ident,
-        sqrt = $sqrt:ident, fma = $fma:ident, splat = $splat:ident, neg = |$x:ident| $neg:expr,
-        max = |$a:ident, $b:ident| $max:expr,
-        select = |$m:ident, $st:ident, $sf:ident| $select:expr,
-        gt = |$ga:ident, $gb:ident| $gt:expr,
-        eq = |$ea:ident, $eb:ident| $eq:expr
-    ) => {
-        #[derive(Clone, Copy)]
-        #[repr(transparent)]
-        pub struct $name($raw);
-
-        impl Add for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn add(self, o: Self) -> Self {
-                // SAFETY: see the macro's documentation.
-                $name(unsafe { $add(self.0, o.0) })
-            }
-        }
-        impl Sub for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn sub(self, o: Self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $sub(self.0, o.0) })
-            }
-        }
-        impl Mul for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn mul(self, o: Self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $mul(self.0, o.0) })
-            }
-        }
-        impl Div for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn div(self, o: Self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $div(self.0, o.0) })
-            }
-        }
-        impl Neg for $name {
-            type Output = Self;
-            #[inline(always)]
-            fn neg(self) -> Self {
-                let $x = self.0;
-                // SAFETY: as above.
-                $name(unsafe { $neg })
-            }
-        }
-        impl Arith<$t> for $name {
-            #[inline(always)]
-            fn splat(x: $t) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $splat(x) })
-            }
-            #[inline(always)]
-            fn sqrt(self) -> Self {
-                // SAFETY: as above.
-                $name(unsafe { $sqrt(self.0) })
-            }
-            #[inline(always)]
-            fn maximum(self, other: Self) -> Self {
-                let ($a, $b) = (self.0, other.0);
-                // SAFETY: as above.
-                $name(unsafe { $max })
-            }
-            #[inline(always)]
-            fn mul_add(self, a: Self, b: Self) -> Self {
-                // SAFETY: as above (each level that runs these vectors has FMA, see
-                // `simd::SimdLevel::detect`).
-                $name(unsafe { $fma(self.0, a.0, b.0) })
-            }
-            #[inline(always)]
-            fn select_gt(self, other: Self, then: Self, otherwise: Self) -> Self {
-                let ($ga, $gb) = (self.0, other.0);
-                let ($st, $sf) = (then.0, otherwise.0);
-                // SAFETY: as above.
-                $name(unsafe {
-                    let $m = $gt;
-                    $select
-                })
-            }
-            #[inline(always)]
-            fn select_eq(self, other: Self, then: Self, otherwise: Self) -> Self {
-                let ($ea, $eb) = (self.0, other.0);
-                let ($st, $sf) = (then.0, otherwise.0);
-                // SAFETY: as above.
-                $name(unsafe {
-                    let $m = $eq;
-                    $select
-                })
-            }
-        }
-    };
-}
+// SAFETY of the intrinsics each `vector!` below names: this module is private to the kernels,
+// which use these types only inside element loops run with the `Lanes` impls below, whose
+// callers guarantee that the CPU has the instruction set (see `lanes::stream`); each level that
+// runs these vectors has FMA (see `simd::SimdLevel::detect`).
 
 // `maximum(a, b)`: b where `b > a` or b is NaN, else a (the scalar code's test, lane by lane).
 vector!(
@@ -161,7 +59,7 @@ vector!(
     mul = _mm256_mul_ps,
     div = _mm256_div_ps,
     sqrt = _mm256_sqrt_ps,
-    fma = _mm256_fmadd_ps,
+    fma = |s, a, b| _mm256_fmadd_ps(s, a, b),
     splat = _mm256_set1_ps,
     neg = |x| _mm256_xor_ps(x, _mm256_set1_ps(-0.0)),
     max = |a, b| _mm256_blendv_ps(
@@ -183,7 +81,7 @@ vector!(
     mul = _mm256_mul_pd,
     div = _mm256_div_pd,
     sqrt = _mm256_sqrt_pd,
-    fma = _mm256_fmadd_pd,
+    fma = |s, a, b| _mm256_fmadd_pd(s, a, b),
     splat = _mm256_set1_pd,
     neg = |x| _mm256_xor_pd(x, _mm256_set1_pd(-0.0)),
     max = |a, b| _mm256_blendv_pd(
@@ -380,7 +278,7 @@ vector!(
     mul = _mm512_mul_ps,
     div = _mm512_div_ps,
     sqrt = _mm512_sqrt_ps,
-    fma = _mm512_fmadd_ps,
+    fma = |s, a, b| _mm512_fmadd_ps(s, a, b),
     splat = _mm512_set1_ps,
     neg = |x| _mm512_castsi512_ps(_mm512_xor_si512(
         _mm512_castps_si512(x),
@@ -402,7 +300,7 @@ vector!(
     mul = _mm512_mul_pd,
     div = _mm512_div_pd,
     sqrt = _mm512_sqrt_pd,
-    fma = _mm512_fmadd_pd,
+    fma = |s, a, b| _mm512_fmadd_pd(s, a, b),
     splat = _mm512_set1_pd,
     neg = |x| _mm512_castsi512_pd(_mm512_xor_si512(
         _mm512_castpd_si512(x),
