@@ -20,6 +20,7 @@ __all__ = [
     "get_num_threads",
     "grad_norm",
     "quantize_8bit",
+    "same_items",
     "scale_grads",
     "set_num_threads",
     "set_simd_level",
