@@ -464,8 +464,15 @@ pub mod _core {
     fn same_items(lists: &Bound<'_, PyList>, items: &Bound<'_, PyList>) -> PyResult<bool> {
         entry(|| {
             let mut want = items.iter();
-            for list in lists.iter() {
-                let list = list.cast::<PyList>().map_err(PyErr::from)?;
+            for (i, list) in lists.iter().enumerate() {
+                let Ok(list) = list.cast::<PyList>() else {
+                    return Err(CoreError::type_error(format!(
+                        "same_items: lists[{i}] must be a list, got {}",
+                        list.get_type().name()?
+                    ))
+                    .arg("lists")
+                    .into());
+                };
                 for x in list.iter() {
                     if !want.next().is_some_and(|w| w.is(&x)) {
                         return Ok(false);

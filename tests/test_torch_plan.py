@@ -371,5 +371,5 @@ def test_same_items_compares_identity_in_order_across_lists():
     assert not _core.same_items([[a, a]], [a, b])  # equal, not identical
     assert not _core.same_items([[a]], [a, b])  # fewer
     assert not _core.same_items([[a, b]], [a])  # more
-    with pytest.raises(TypeError):
-        _core.same_items([(a,)], [a])  # a tuple, not a list
+    with pytest.raises(TypeError, match=r"same_items: lists\[1\] must be a list, got tuple"):
+        _core.same_items([[a], (b,)], [a, b])
