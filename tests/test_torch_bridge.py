@@ -812,6 +812,104 @@ def test_step_hooks_fire(name):
     assert len(events) == 2 and len(global_events) == 2
 
 
+def test_step_hooks_as_torch_wraps_them():
+    """The bridge's own step wrapper (``_hooks.hooked``) keeps torch's contract: a pre-hook may
+    replace the arguments, anything else it returns is refused with torch's message, hooks run
+    with autograd as the caller has it and the step without, the caller's mode comes back
+    (after an error too), and a subclass that overrides ``step`` is wrapped as torch wraps it."""
+    p = nn.Parameter(torch.linspace(-1, 1, 7))
+    p.grad = torch.ones(7)
+    opt = optirs.torch.Adam([p], lr=0.1)
+    seen = []
+
+    def closure():
+        seen.append(("closure", torch.is_grad_enabled()))
+        return 1.5
+
+    def pre(o, args, kwargs):
+        seen.append(("pre", torch.is_grad_enabled()))
+        return args, {"closure": closure}
+
+    handle = opt.register_step_pre_hook(pre)
+    assert opt.step() == 1.5
+    assert seen == [("pre", True), ("closure", True)]
+    handle.remove()
+
+    handle = opt.register_step_pre_hook(lambda o, a, k: "not a tuple")
+    before = p.detach().clone()
+    torch_message = r"must return None or a tuple of \(new_args, new_kwargs\), but got not a tuple"
+    with pytest.raises(RuntimeError, match=torch_message):
+        opt.step()
+    handle.remove()
+    assert torch.equal(p.detach(), before)
+
+    def inside(o, args, kwargs):
+        seen.append(("post", torch.is_grad_enabled()))
+
+    opt.register_step_post_hook(inside)
+    seen.clear()
+    with torch.no_grad():
+        opt.step()
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and seen == [("post", False)]
+
+    def fails():
+        raise ValueError("from the closure")
+
+    with torch.no_grad(), pytest.raises(ValueError, match="from the closure"):
+        opt.step(fails)
+    assert torch.is_grad_enabled()
+    with pytest.raises(ValueError, match="from the closure"):
+        opt.step(fails)
+    assert torch.is_grad_enabled()
+
+    # A subclass that overrides step: torch wraps each class's step once, when the class is
+    # first instantiated, so with the parent's already wrapped the hooks run twice, in torch
+    # as here.
+    orders = []
+    for base in (torch.optim.Adam, optirs.torch.Adam):
+        base([nn.Parameter(torch.ones(3))])
+
+        order: list[str] = []
+
+        class Mine(base):  # type: ignore[misc,valid-type]
+            def step(self, closure=None, order=order):
+                order.append("mine")
+                return super().step(closure)
+
+        q = nn.Parameter(torch.ones(3))
+        q.grad = torch.ones(3)
+        mine = Mine([q])
+        mine.register_step_pre_hook(lambda o, a, k, order=order: order.append("pre"))
+        mine.step()
+        orders.append(order)
+    assert orders == [["pre", "mine", "pre"]] * 2
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["tensors", "flat"])
+def test_profiler_sees_step_and_zero_grad(flat):
+    """torch.profiler shows the ranges torch.optim opens: ``Optimizer.step#Adam.step`` and
+    ``Optimizer.zero_grad#Adam.zero_grad``, on the flat path too."""
+    params = [nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(3))]
+    if flat:
+        optirs.torch.flatten_parameters(params)
+    opt = optirs.torch.Adam(params)
+    for p in params:
+        if flat:  # the gradient views flatten_parameters put there
+            p.grad.fill_(1.0)
+        else:
+            p.grad = torch.ones_like(p)
+    opt.step()  # the flat plan is built after a first step
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for p in params:
+            p.grad.fill_(0.5)
+        opt.step()
+        opt.zero_grad()
+    names = {e.key for e in prof.key_averages()}
+    assert {"Optimizer.step#Adam.step", "Optimizer.zero_grad#Adam.zero_grad"} <= names
+    assert (opt.__dict__.get("_optirs_flat_plan") is not None) == flat
+
+
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_add_param_group(name, rng):
     pair = TorchPair(name, [{"params": tensors(rng, [(7,), (3, 5)])}], **FULL_STATE_KWARGS[name])

@@ -19,7 +19,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _adafactor, _core, _eightbit, _spec
 from .._plan import GroupsSnapshot, StepOptions, fork_safe
-from . import _clip, _dtensor, _flat
+from . import _clip, _dtensor, _flat, _hooks
 
 __all__ = [
     "ASGD",
@@ -220,29 +220,34 @@ class _Bridge:
         if not self._optirs_has_flat():
             super().zero_grad(set_to_none)  # type: ignore[misc]
             return
+        # torch's profiler range, as its zero_grad opens it.
+        name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        with _hooks.ProfilerRange(name), _hooks.NoGrad():
+            self._zero_flat(set_to_none)
+
+    def _zero_flat(self, set_to_none: bool) -> None:
         flat = self.__dict__.get("_optirs_flat_plan")
         if flat is not None and flat.zero_grad(self, set_to_none):
             return
         # Flat parameters get their gradient view back, zeroed (whatever set_to_none says:
         # dropping the view would make backward allocate a new gradient); the others as torch.
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    own = _flat.owner(p)
-                    g = None if own is None else own[0].grad_views[own[1]]
-                    if g is not None:
-                        g.zero_()
-                        if p.grad is not g:
-                            p.grad = g
-                    elif p.grad is not None:
-                        if set_to_none:
-                            p.grad = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                own = _flat.owner(p)
+                g = None if own is None else own[0].grad_views[own[1]]
+                if g is not None:
+                    g.zero_()
+                    if p.grad is not g:
+                        p.grad = g
+                elif p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        if p.grad.grad_fn is not None:
+                            p.grad.detach_()
                         else:
-                            if p.grad.grad_fn is not None:
-                                p.grad.detach_()
-                            else:
-                                p.grad.requires_grad_(False)
-                            p.grad.zero_()
+                            p.grad.requires_grad_(False)
+                        p.grad.zero_()
 
     def _optirs_has_flat(self) -> bool:
         """Whether any of this optimizer's parameters is flat, remembered while the groups'
@@ -268,7 +273,13 @@ class _Bridge:
         # In a forked child: the parent's lock may have been held by a thread the child lacks.
         self.__dict__.pop("_optirs_lock", None)
 
-    @torch.no_grad()
+    def _patch_step_function(self) -> None:
+        # torch's, with torch's hooks and profiler range around step() from `_hooks.hooked`
+        # instead of `Optimizer.profile_hook_step`: the same calls, cheaper (see _hooks).
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        if not getattr(type(self).step, "hooked", None):
+            type(self).step = _hooks.hooked(type(self).step)  # type: ignore[method-assign]
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step; returns the closure's loss, as torch.optim does.
 
@@ -279,6 +290,11 @@ class _Bridge:
             closure: re-evaluates the model and returns the loss (called with gradients
                 enabled, before the step), as torch.optim takes it.
         """
+        # Without autograd, as torch.optim's steps (`torch.no_grad()`, in two C calls).
+        with _hooks.NoGrad():
+            return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1012,7 +1028,7 @@ class _FlatPlan:
         if not self.groups.unchanged(opt._spec, opt.param_groups):
             return False
         covered = {id(fb) for fb in self.covered}
-        with torch.no_grad():
+        with _hooks.NoGrad():
             for fb in self.covered:
                 fb.grad.zero_()
             for r in self.runs:
