@@ -220,9 +220,10 @@ class _Bridge:
         if not self._optirs_has_flat():
             super().zero_grad(set_to_none)  # type: ignore[misc]
             return
-        # torch's profiler range, as its zero_grad opens it.
-        name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
-        with _hooks.ProfilerRange(name), _hooks.NoGrad():
+        # torch's profiler range, named as its zero_grad names it (`_patch_step_function`).
+        if not hasattr(self, "_zero_grad_profile_name"):
+            self._patch_step_function()
+        with _hooks.ProfilerRange(self._zero_grad_profile_name), _hooks.NoGrad():
             self._zero_flat(set_to_none)
 
     def _zero_flat(self, set_to_none: bool) -> None:
@@ -1024,16 +1025,16 @@ class _FlatPlan:
     def zero_grad(self, opt: _Bridge, set_to_none: bool) -> bool:
         """Zeros the gradients of a flat optimizer; False (nothing done) when the plan no longer
         describes the optimizer's parameters. A frozen parameter given a gradient since is
-        treated as torch would (``set_to_none``)."""
+        treated as torch would (``set_to_none``). Called with autograd off (``_Bridge.zero_grad``).
+        """
         if not self.groups.unchanged(opt._spec, opt.param_groups):
             return False
         covered = {id(fb) for fb in self.covered}
-        with _hooks.NoGrad():
-            for fb in self.covered:
-                fb.grad.zero_()
-            for r in self.runs:
-                if id(r.fb) not in covered:
-                    r.fb.grad[r.fb.starts[r.k0] : r.fb.starts[r.k1]].zero_()
+        for fb in self.covered:
+            fb.grad.zero_()
+        for r in self.runs:
+            if id(r.fb) not in covered:
+                r.fb.grad[r.fb.starts[r.k0] : r.fb.starts[r.k1]].zero_()
         stray = self.watch.stray_grads()
         if stray:
             params = self.groups.params
