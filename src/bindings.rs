@@ -101,8 +101,10 @@ pub mod _core {
     /// applied, and with `plan` the plan of the steps after it: `(applied, ArrayPlan)`. Once
     /// the update is applied, and before returning, `mapping[key] = value` for each triple of
     /// `commit` (the state the step created) and then `then[0](then[1])`, so that an
-    /// interrupt (Ctrl-C) cannot come between the update and its bookkeeping. With
-    /// `bf16_bits` (the torch bridge), uint16 arrays are bfloat16 bit patterns; otherwise
+    /// interrupt (Ctrl-C) cannot come between the update and its bookkeeping. `before`, the
+    /// caller's go-ahead, is called as `before[0](before[1])` once everything is validated,
+    /// right before the update: a false result makes the step return None, nothing written.
+    /// With `bf16_bits` (the torch bridge), uint16 arrays are bfloat16 bit patterns; otherwise
     /// integer arrays are refused and bfloat16 is `ml_dtypes.bfloat16`. A panic (a bug, never
     /// a user's mistake) surfaces as `RuntimeError`.
     #[pyfunction]
@@ -110,7 +112,7 @@ pub mod _core {
         kind, groups, params, grads, buffers, steps, fresh, *,
         skip_nonfinite = false, flush_denormals = false,
         grad_unscale = None, grad_coef = None, plan = false, bf16_bits = false,
-        commit = None, then = None, _panic_for_tests = None
+        commit = None, then = None, before = None, _panic_for_tests = None
     ))]
     // The leading underscore keeps the test-only keyword out of sight in Python.
     #[allow(
@@ -136,6 +138,7 @@ pub mod _core {
         bf16_bits: bool,
         commit: Option<Vec<crate::bindings::Commit<'_>>>,
         then: Option<crate::bindings::Then<'_>>,
+        before: Option<crate::bindings::Then<'_>>,
         _panic_for_tests: Option<String>,
     ) -> PyResult<Py<PyAny>> {
         let options = crate::course::options(
@@ -146,9 +149,24 @@ pub mod _core {
             _panic_for_tests,
         );
         entry(|| {
-            let (applied, made) = stepper::run(
-                py, kind, groups, params, grads, buffers, steps, fresh, &options, plan, bf16_bits,
-            )?;
+            let Some((applied, made)) = stepper::run(
+                py,
+                kind,
+                groups,
+                params,
+                grads,
+                buffers,
+                steps,
+                fresh,
+                &options,
+                plan,
+                bf16_bits,
+                before.as_ref(),
+            )?
+            else {
+                // `before` declined: nothing was written.
+                return Ok(py.None());
+            };
             if applied {
                 crate::bindings::finish(&commit.unwrap_or_default(), then.as_ref())?;
             }

@@ -5,7 +5,7 @@
 
 use pyo3::prelude::*;
 
-use optirs_core::{Checked, CoreError, Options};
+use optirs_core::{Checked, Options};
 
 use crate::boundary;
 use crate::errors::Result;
@@ -30,17 +30,25 @@ pub(crate) fn options(
     }
 }
 
-/// Runs checked work with the interpreter released; returns whether the update was applied.
+/// Runs checked work with the interpreter released; returns whether the update was applied,
+/// or None when `go`, asked once the work is prepared (the last thing that can refuse it),
+/// said no: nothing is written then.
 ///
 /// The caller holds, until this returns, every Python object whose memory `checked` points to
-/// (see `Checked::new`'s contract, which the caller met when it built each entry).
+/// (see `Checked::new`'s contract, which the caller met when it built each entry). `go` may
+/// run Python code, and so may any other thread while the update runs: the references the
+/// caller holds are what keep the memory valid, in both cases.
 pub(crate) fn run_detached(
     py: Python<'_>,
     checked: Vec<Checked>,
     options: &Options,
-) -> std::result::Result<bool, CoreError> {
+    go: impl FnOnce() -> Result<bool>,
+) -> Result<Option<bool>> {
     let work = optirs_core::prepare(checked, options)?;
-    Ok(py.detach(move || work.run()))
+    if !go()? {
+        return Ok(None);
+    }
+    Ok(Some(py.detach(move || work.run())))
 }
 
 /// A cached plan of the steps after a full one.
@@ -82,7 +90,9 @@ pub(crate) fn plan_step<P: Plan>(
             return Ok(None);
         };
         // `keep` and the plan hold every array stepped until the work is done.
-        let applied = run_detached(py, checked, options)?;
+        let Some(applied) = run_detached(py, checked, options, || Ok(true))? else {
+            return Ok(None);
+        };
         plan.after(py, applied, keep)?;
         Ok(Some(applied))
     })

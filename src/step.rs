@@ -549,7 +549,8 @@ pub(crate) fn run(
     options: &Options,
     plan: bool,
     bf16_bits: bool,
-) -> Result<(bool, Option<ArrayPlan>)> {
+    before: Option<&crate::bindings::Then<'_>>,
+) -> Result<Option<(bool, Option<ArrayPlan>)>> {
     let kind = Kind::parse(kind)?;
     let n = params.len();
 
@@ -629,13 +630,21 @@ pub(crate) fn run(
         ArrayPlan::new(kind, n, stepped, written)
     });
     // `params`, `grads` and `steps` (owned lists of references) and `keep` (each state
-    // array) hold every array alive until the work is done.
-    let applied = run_detached(py, checked, options)?;
+    // array) hold every array alive until the work is done. Last, with everything validated:
+    // the caller's own go-ahead (the flat step's check of its tensors, and its version bumps
+    // while those tensors are still in cache).
+    let go = || match before {
+        Some((call, arg)) => Ok(call.call1((arg,))?.is_truthy()?),
+        None => Ok(true),
+    };
+    let Some(applied) = run_detached(py, checked, options, go)? else {
+        return Ok(None);
+    };
     drop(keep);
     if applied {
         count_sr_steps(groups, &roundings)?;
     }
-    Ok((applied, plan))
+    Ok(Some((applied, plan)))
 }
 
 /// After an applied step: the next step draws fresh bits, so each group with stochastic

@@ -621,12 +621,105 @@ def test_flat_watch_sees_each_change_and_refuses_bad_input():
         state[ps[0]]["step"] = torch.tensor(0.0)  # a value replaced, the entry kept
         assert not w.current(state)
         assert not w.current([])  # not a dict
+    # admit: the check, and the bump only where it holds.
+    state = {p: {"step": torch.tensor(0.0)} for p in ps}
+    bumped: list[Any] = []
+    w = _core.FlatWatch(ps, grads, [state[p] for p in ps], bump=(bumped.append, "bump"))
+    assert w.admit(state) and bumped == ["bump"]
+    ps[0].grad = None
+    assert not w.admit(state) and bumped == ["bump"]
+    ps[0].grad = grads[0]
+    assert w.admit(state) and bumped == ["bump"] * 2
+    w = _core.FlatWatch(ps, grads, [state[p] for p in ps])  # no bump given: the check alone
+    assert w.admit(state)
     with pytest.raises(ValueError, match="same length"):
         _core.FlatWatch(ps, grads[:1], [None, None])
     with pytest.raises(ValueError, match="dicts or None"):
         _core.FlatWatch(ps, grads, [None, 3])
     with pytest.raises(ValueError, match="listed twice"):
         _core.FlatWatch([ps[0], ps[0]], [grads[0], grads[0]], [None, None])
+
+
+def test_step_before_has_the_last_word():
+    """``_core.step(before=...)``: called once everything is validated, right before the
+    update; a false result returns None with nothing written, an exception propagates with
+    nothing written, a true one lets the step run."""
+    import numpy as np
+    from optirs import _core
+
+    p = np.zeros(4, np.float32)
+    g = np.ones(4, np.float32)
+    groups = [
+        {
+            "params": [p],
+            "lr": 0.5,
+            "momentum": 0.0,
+            "dampening": 0.0,
+            "weight_decay": 0.0,
+            "nesterov": False,
+            "maximize": False,
+        }
+    ]
+    calls: list[Any] = []
+
+    def answer(value: Any) -> Any:
+        calls.append(value)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    args = ("sgd", groups, [p], [g], [(None,)], [None], [False])
+    assert _core.step(*args, before=(answer, False)) is None
+    assert _core.step(*args, before=(answer, 0), plan=True) is None
+    with pytest.raises(KeyError, match="mine"):
+        _core.step(*args, before=(answer, KeyError("mine")))
+    assert np.all(p == 0.0) and len(calls) == 3
+    # Validation comes first: a bad gradient is refused before ``before`` is asked.
+    with pytest.raises(ValueError, match="grads"):
+        _core.step("sgd", groups, [p], [np.ones(3, np.float32)], *args[4:], before=(answer, 1))
+    assert len(calls) == 3
+    assert _core.step(*args, before=(answer, True)) is True
+    assert calls[-1] is True and np.all(p == -0.5)
+
+
+def test_a_refused_flat_step_bumps_no_version(flat_steps):
+    """The flat step bumps the version counters once it is validated and its check has
+    passed, right before the update: a hyperparameter refused at step time leaves both the
+    values and the versions as they were; the next good step bumps every parameter."""
+    model, opt = train(True, ot.Adam, {"lr": 1e-2}, steps=2)
+    loss_of(model, 5, torch.float32).backward()
+    params = list(model.parameters())
+    values = [p.detach().clone() for p in params]
+    versions = [p._version for p in params]
+    opt.param_groups[0]["lr"] = "fast"
+    with pytest.raises(TypeError, match="lr"):
+        opt.step()
+    assert [p._version for p in params] == versions
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    opt.param_groups[0]["lr"] = 1e-2
+    opt.step()
+    assert flat_steps[-1] is True
+    assert all(p._version > v for p, v in zip(params, versions))
+    assert not any(torch.equal(p, v) for p, v in zip(params, values))
+
+
+def test_a_flat_step_skipped_for_a_nonfinite_gradient_changes_no_value(flat_steps):
+    """``skip_nonfinite``: the flat step finds the infinity in its one pass and writes
+    nothing; the version counters were bumped right before the update (README says so)."""
+    model, opt = train(True, ot.Adam, {"lr": 1e-2, "skip_nonfinite": True}, steps=2)
+    opt.zero_grad()
+    loss_of(model, 5, torch.float32).backward()
+    params = list(model.parameters())
+    params[3].grad[0] = float("inf")
+    values = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    versions = [p._version for p in params]
+    opt.step()
+    assert flat_steps[-1] is False and opt.last_step_skipped and opt.skipped_steps == 1
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    for a, b in zip(opt.state_dict()["state"].values(), state["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p._version > v for p, v in zip(params, versions))
 
 
 @pytest.mark.parametrize(

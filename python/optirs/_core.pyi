@@ -124,6 +124,7 @@ def step(
     bf16_bits: bool = False,
     commit: list[tuple[Any, Any, Any]] | None = None,
     then: tuple[Any, Any] | None = None,
+    before: None = None,
     _panic_for_tests: str | None = None,
 ) -> bool:
     """Runs one optimizer step over every parameter of every group, in place.
@@ -155,7 +156,10 @@ def step(
     arrays are refused and bfloat16 arrays are ``ml_dtypes.bfloat16``. Once the update is
     applied, before returning: ``mapping[key] = value`` for each triple of ``commit`` and then
     ``then[0](then[1])``, each completed even if a signal handler raises inside it (that
-    exception is raised afterwards). ``_panic_for_tests`` ("validation", "worker" or
+    exception is raised afterwards). ``before``, the caller's go-ahead, is called as
+    ``before[0](before[1])`` once everything is validated, right before the update: a false
+    result makes the step return None (whatever ``plan``), nothing written; an exception it
+    raises propagates, nothing written. ``_panic_for_tests`` ("validation", "worker" or
     "after_write") makes the step panic, for tests: a panic surfaces as RuntimeError.
     """
 
@@ -177,8 +181,30 @@ def step(
     bf16_bits: bool = False,
     commit: list[tuple[Any, Any, Any]] | None = None,
     then: tuple[Any, Any] | None = None,
+    before: None = None,
     _panic_for_tests: str | None = None,
 ) -> tuple[bool, ArrayPlan | None]: ...
+@overload
+def step(
+    kind: str,
+    groups: Sequence[Any],
+    params: list[Any],
+    grads: list[Any],
+    buffers: list[Any],
+    steps: list[Any],
+    fresh: list[bool],
+    *,
+    skip_nonfinite: bool = False,
+    flush_denormals: bool = False,
+    grad_unscale: float | None = None,
+    grad_coef: float | None = None,
+    plan: Literal[False] = False,
+    bf16_bits: bool = False,
+    commit: list[tuple[Any, Any, Any]] | None = None,
+    then: tuple[Any, Any] | None = None,
+    before: tuple[Any, Any],
+    _panic_for_tests: str | None = None,
+) -> bool | None: ...
 
 @final
 class ArrayPlan:
@@ -215,17 +241,24 @@ class FlatWatch:
         grads: list[Any],
         entries: list[Any],
         exchange_api: Any = None,
+        bump: tuple[Any, Any] | None = None,
     ) -> FlatWatch:
         """``params``, the gradient views each must keep as ``p.grad`` (None: a frozen
         parameter that must stay without a gradient), and each parameter's
         state dict (its values kept as they are now; None for a parameter without state).
         ``exchange_api``: torch's DLPack exchange API capsule, through which the layouts are
-        read when given (else ``data_ptr()`` and ``shape``)."""
+        read when given (else ``data_ptr()`` and ``shape``). ``bump``: ``(callable,
+        argument)``, called by ``admit``."""
 
     def current(self, state: Any) -> bool:
         """Whether ``state`` holds each parameter's entry with the same values in the same
         order, each ``p.grad`` is its view, and every parameter and gradient keeps its layout
         and data pointer."""
+
+    def admit(self, state: Any) -> bool:
+        """``current(state)``, and where it holds, ``bump[0](bump[1])`` right away, while the
+        tensors just read are still in cache (the flat step's version bumps, handed to
+        ``step(before=...)``)."""
 
     def stray_grads(self) -> list[int]:
         """Indices of the parameters whose ``p.grad`` is not their view."""

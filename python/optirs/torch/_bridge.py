@@ -957,7 +957,6 @@ class _FlatPlan:
         plan.state = opt.state
         plan.groups = snapshot
         plan.runs = runs
-        plan.watch = _core.FlatWatch(params, grads, entries, _EXCHANGE_API)
         fbs = {id(r.fb): r.fb for r in runs}
         # Flat buffers all of whose parameters this optimizer steps: zero_grad zeros them whole.
         counts: dict[int, int] = {}
@@ -968,6 +967,10 @@ class _FlatPlan:
         # ops would. A parameter has its own counter (``p.data = view`` keeps it); the state
         # views share their flat buffer's.
         plan.written = [*params, *(fb.data for fb in fbs.values()), *bases.values()]
+        # The check and those bumps run together, right before the update (``admit``).
+        plan.watch = _core.FlatWatch(
+            params, grads, entries, _EXCHANGE_API, bump=(increment_version, plan.written)
+        )
         return plan
 
     def step(self, opt: _Bridge) -> bool | None:
@@ -977,8 +980,6 @@ class _FlatPlan:
         if opt.state is not self.state or not self.groups.unchanged(spec, groups):
             return None
         if any(map(_rounds, groups)):  # switched on since the plan was built: per tensor
-            return None
-        if not self.watch.current(opt.state):
             return None
         members: list[list[Any]] = [[] for _ in groups]
         params: list[Any] = []
@@ -1013,9 +1014,14 @@ class _FlatPlan:
             steps,
             [],
             bf16_bits=True,
-            then=(increment_version, self.written),
+            # Once the call is validated: the check that everything still lines up, and the
+            # version bumps (right before the update: a step that ``skip_nonfinite`` then
+            # skips has bumped them too, with no value changed).
+            before=(self.watch.admit, opt.state),
             **opt._options(),
         )
+        if applied is None:  # something no longer lines up: nothing written
+            return None
         if applied:
             for r, k0, k1 in done:
                 for s in r.scalars:
