@@ -14,8 +14,9 @@
 //!   items a step for 1000 Adam parameters): sound because the GIL is held for the whole walk
 //!   and the code run per item compares pointers and reads dict sizes and types only, so no
 //!   Python code runs that could change a dict or drop what it holds.
-//! - [`prefetch`] issues the CPU's prefetch instruction, a hint that cannot fault for any
-//!   address: the addresses ([`Hints`]) are never dereferenced.
+//! - [`prefetch`] issues the CPU's prefetch instruction (x86-64's PREFETCHT0, aarch64's PRFM),
+//!   a hint that cannot fault for any address: the addresses ([`Hints`]) are never
+//!   dereferenced.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -93,7 +94,8 @@ impl Hints {
     }
 }
 
-/// Asks the CPU to start loading the cache line at `addr` (nothing on other architectures).
+/// Asks the CPU to start loading the cache line at `addr` (x86-64 and aarch64; nothing
+/// elsewhere).
 #[inline(always)]
 fn prefetch(addr: usize) {
     if addr == 0 {
@@ -106,6 +108,19 @@ fn prefetch(addr: usize) {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         _mm_prefetch::<_MM_HINT_T0>(addr as *const i8);
     }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: PRFM is a hint: the architecture makes a prefetch of any address, mapped or
+    // not, raise no fault; it writes no register and no memory, and reads nothing into the
+    // program.
+    unsafe {
+        core::arch::asm!(
+            "prfm pldl1keep, [{0}]",
+            in(reg) addr,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = addr;
 }
 
 fn same(a: &Place, b: &Place, py: Python<'_>) -> Result<bool> {
