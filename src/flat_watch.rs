@@ -197,21 +197,23 @@ impl FlatWatch {
             hints: Vec::with_capacity(n),
             bump: bump.map(|(c, a)| (c.unbind(), a.unbind())),
         };
-        // `_cdata` is the address of the C++ tensor behind a torch tensor (0: not a torch
-        // tensor, or a torch without it).
-        let cdata = |t: &Bound<'_, PyAny>| -> usize {
+        // A tensor's object, and the address of the C++ tensor behind it (`_cdata`); 0 for
+        // None (a frozen parameter's gradient) and where torch gives no address.
+        let hint = |t: &Bound<'_, PyAny>| -> (usize, usize) {
             if t.is_none() {
-                return 0;
+                return (0, 0);
             }
-            t.getattr(intern!(t.py(), "_cdata"))
-                .and_then(|v| v.extract())
-                .unwrap_or(0)
+            let cdata = t.getattr(intern!(t.py(), "_cdata"));
+            (
+                t.as_ptr() as usize,
+                cdata.and_then(|v| v.extract()).unwrap_or(0),
+            )
         };
         for (p, g) in params.iter().zip(grads.iter()) {
-            let objects = [p.as_ptr() as usize, g.as_ptr() as usize];
+            let ((po, pt), (go, gt)) = (hint(&p), hint(&g));
             watch.hints.push(Hints {
-                objects,
-                tensors: [cdata(&p), cdata(&g)],
+                objects: [po, go],
+                tensors: [pt, gt],
             });
         }
         for t in params.iter().chain(grads.iter()) {

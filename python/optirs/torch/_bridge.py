@@ -863,13 +863,12 @@ class _FlatPlan:
     replaced, groups changed) returns None and the per-tensor step runs: slower, never wrong.
     """
 
-    __slots__ = ("covered", "groups", "runs", "state", "watch", "written")
+    __slots__ = ("covered", "groups", "runs", "state", "watch")
     covered: list[_flat._FlatBuffer]
     groups: GroupsSnapshot
     runs: list[_Run]
     state: Any
     watch: Any
-    written: list[torch.Tensor]
 
     @staticmethod
     def build(opt: _Bridge, groups: list[dict[str, Any]]) -> _FlatPlan | None:
@@ -966,10 +965,10 @@ class _FlatPlan:
         # The core writes behind autograd's back: version counters are bumped as torch's in-place
         # ops would. A parameter has its own counter (``p.data = view`` keeps it); the state
         # views share their flat buffer's.
-        plan.written = [*params, *(fb.data for fb in fbs.values()), *bases.values()]
+        written = [*params, *(fb.data for fb in fbs.values()), *bases.values()]
         # The check and those bumps run together, right before the update (``admit``).
         plan.watch = _core.FlatWatch(
-            params, grads, entries, _EXCHANGE_API, bump=(increment_version, plan.written)
+            params, grads, entries, _EXCHANGE_API, bump=(increment_version, written)
         )
         return plan
 
